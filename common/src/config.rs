@@ -1,0 +1,298 @@
+//! Cluster configuration (`D/cluster.toml`) and the layout of a cluster directory.
+
+use crate::ids::IomId;
+use crate::layout::Layout;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Version of the cluster directory format written by `iomfs init`.
+pub const CLUSTER_FORMAT_VERSION: u32 = 1;
+pub const CONFIG_FILE: &str = "cluster.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no cluster config at {0}: run `iomfs init --dir DIR` first, or pass the right --dir")]
+    Missing(PathBuf),
+    #[error("cannot read {path}: {err}")]
+    Read { path: PathBuf, err: std::io::Error },
+    #[error("bad cluster config {path}: {msg}")]
+    Parse { path: PathBuf, msg: String },
+    #[error("cluster directory {path} has format version {found}; this build of iomfs reads version {supported}")]
+    Version { path: PathBuf, found: u32, supported: u32 },
+    #[error("bad cluster config {path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+    #[error("IOM {0} is not in this cluster's config")]
+    UnknownIom(u32),
+}
+
+/// Transport tuning profile (see docs/operations.md and LIMITS.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportProfile {
+    /// Loopback or jumbo-frame datacentre links: 64 KB packets, big windows, GSO off.
+    #[default]
+    Loopback,
+    /// Ordinary 1500-byte Ethernet: MTU discovery up to 9000, big windows.
+    Lan,
+    /// quinn's internet defaults.
+    Wan,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tuning {
+    /// IOM buffer cache, MiB.
+    pub cache_mib: u64,
+    /// Longest a journal record waits before a background flush, milliseconds.
+    pub journal_flush_ms: u64,
+    /// Heartbeat period between IOMs, milliseconds.
+    pub heartbeat_ms: u64,
+    /// An IOM silent this long is suspected down, milliseconds.
+    pub failure_timeout_ms: u64,
+    /// Background rebuild rate limit, MiB/s (0 = unlimited).
+    pub rebuild_mib_s: u64,
+    /// How long a client waits for a stopped cluster before EIO, seconds.
+    pub stopped_wait_s: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            cache_mib: 128,
+            journal_flush_ms: 20,
+            heartbeat_ms: 100,
+            failure_timeout_ms: 800,
+            rebuild_mib_s: 0,
+            stopped_wait_s: 60,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IomConfig {
+    pub id: u32,
+    /// host:port (UDP) this IOM listens on.
+    pub addr: String,
+    /// Storage directory; default `D/iom-<id>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Separate journal directory (e.g. on NVRAM); default inside data_dir.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal_dir: Option<PathBuf>,
+    /// Capacity of the block store in bytes; default: the free space of data_dir's filesystem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub format_version: u32,
+    pub cluster_id: String,
+    pub block_size: u32,
+    /// The IOM that is home of the namespace; its proxy mirrors it.
+    #[serde(default)]
+    pub meta_home: u32,
+    #[serde(default)]
+    pub transport: TransportProfile,
+    #[serde(default)]
+    pub tuning: Tuning,
+    #[serde(rename = "iom")]
+    pub ioms: Vec<IomConfig>,
+}
+
+impl ClusterConfig {
+    pub fn layout(&self) -> Layout {
+        Layout::new(self.ioms.len() as u32, self.block_size).expect("validated at load")
+    }
+    pub fn width(&self) -> u32 {
+        self.ioms.len() as u32
+    }
+    pub fn iom(&self, id: IomId) -> Result<&IomConfig, ConfigError> {
+        self.ioms.get(id.0 as usize).ok_or(ConfigError::UnknownIom(id.0))
+    }
+
+    /// Checks invariants; `path` names the file in messages.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |msg: String| ConfigError::Invalid { path: path.to_path_buf(), msg };
+        if self.format_version != CLUSTER_FORMAT_VERSION {
+            return Err(ConfigError::Version {
+                path: path.to_path_buf(),
+                found: self.format_version,
+                supported: CLUSTER_FORMAT_VERSION,
+            });
+        }
+        if Layout::new(self.ioms.len() as u32, self.block_size).is_none() {
+            return Err(bad(format!(
+                "{} IOMs with block_size {}: need 3..=64 IOMs and a power-of-two block size from 4 KiB to 4 MiB",
+                self.ioms.len(),
+                self.block_size
+            )));
+        }
+        for (i, iom) in self.ioms.iter().enumerate() {
+            if iom.id as usize != i {
+                return Err(bad(format!("[[iom]] entry {i} has id {}; ids must be 0,1,2,... in order", iom.id)));
+            }
+            if iom.addr.parse::<std::net::SocketAddr>().is_err() && !iom.addr.contains(':') {
+                return Err(bad(format!("IOM {} address '{}' is not host:port", iom.id, iom.addr)));
+            }
+        }
+        if self.meta_home as usize >= self.ioms.len() {
+            return Err(bad(format!("meta_home {} is not an IOM id", self.meta_home)));
+        }
+        if self.cluster_id.is_empty() {
+            return Err(bad("empty cluster_id".into()));
+        }
+        Ok(())
+    }
+
+    pub fn load(dir: &Path) -> Result<ClusterConfig, ConfigError> {
+        let path = ClusterPaths::new(dir).config();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ConfigError::Missing(path)),
+            Err(err) => return Err(ConfigError::Read { path, err }),
+        };
+        Self::parse(&text, &path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<ClusterConfig, ConfigError> {
+        // Read the version first so a newer format gets a version error, not a parse error.
+        #[derive(Deserialize)]
+        struct VersionOnly {
+            format_version: Option<u32>,
+        }
+        if let Ok(VersionOnly { format_version: Some(v) }) = toml::from_str::<VersionOnly>(text) {
+            if v != CLUSTER_FORMAT_VERSION {
+                return Err(ConfigError::Version {
+                    path: path.to_path_buf(),
+                    found: v,
+                    supported: CLUSTER_FORMAT_VERSION,
+                });
+            }
+        }
+        let cfg: ClusterConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), msg: e.to_string() })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+/// Where things live inside a cluster directory D.
+#[derive(Clone, Debug)]
+pub struct ClusterPaths {
+    pub dir: PathBuf,
+}
+
+impl ClusterPaths {
+    pub fn new(dir: &Path) -> ClusterPaths {
+        ClusterPaths { dir: dir.to_path_buf() }
+    }
+    pub fn config(&self) -> PathBuf {
+        self.dir.join(CONFIG_FILE)
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca.key")
+    }
+    pub fn client_cert(&self) -> PathBuf {
+        self.dir.join("client.pem")
+    }
+    pub fn client_key(&self) -> PathBuf {
+        self.dir.join("client.key")
+    }
+    /// `D/iom-<id>`: certificates, pid file and (by default) storage of one IOM.
+    pub fn iom_dir(&self, id: IomId) -> PathBuf {
+        self.dir.join(format!("iom-{}", id.0))
+    }
+    pub fn node_cert(&self, id: IomId) -> PathBuf {
+        self.iom_dir(id).join("node.pem")
+    }
+    pub fn node_key(&self, id: IomId) -> PathBuf {
+        self.iom_dir(id).join("node.key")
+    }
+    pub fn pid(&self, id: IomId) -> PathBuf {
+        self.iom_dir(id).join("pid")
+    }
+    pub fn log(&self, id: IomId) -> PathBuf {
+        self.iom_dir(id).join("iom.log")
+    }
+    /// Storage directory of an IOM, honouring `data_dir`.
+    pub fn data_dir(&self, cfg: &IomConfig) -> PathBuf {
+        match &cfg.data_dir {
+            Some(p) if p.is_absolute() => p.clone(),
+            Some(p) => self.dir.join(p),
+            None => self.iom_dir(IomId(cfg.id)),
+        }
+    }
+    pub fn journal_dir(&self, cfg: &IomConfig) -> PathBuf {
+        match &cfg.journal_dir {
+            Some(p) if p.is_absolute() => p.clone(),
+            Some(p) => self.dir.join(p),
+            None => self.data_dir(cfg).join("journal"),
+        }
+    }
+    /// State of a local cluster started by `iomfs local` (mount point, client pid).
+    pub fn local_state(&self) -> PathBuf {
+        self.dir.join("local.toml")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ClusterConfig {
+        ClusterConfig {
+            format_version: CLUSTER_FORMAT_VERSION,
+            cluster_id: "c1".into(),
+            block_size: 65536,
+            meta_home: 0,
+            transport: TransportProfile::Loopback,
+            tuning: Tuning::default(),
+            ioms: (0..5)
+                .map(|i| IomConfig {
+                    id: i,
+                    addr: format!("127.0.0.1:{}", 7000 + i),
+                    data_dir: None,
+                    journal_dir: None,
+                    capacity: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn roundtrip() {
+        let c = sample();
+        let t = c.to_toml();
+        let back = ClusterConfig::parse(&t, Path::new("x")).unwrap();
+        assert_eq!(c, back);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let p = Path::new("/d/cluster.toml");
+        let e = ClusterConfig::parse("format_version = 9\n", p).unwrap_err().to_string();
+        assert!(e.contains("format version 9"), "{e}");
+        let e = ClusterConfig::parse("format_version = 1\nblock_size = \"x\"", p).unwrap_err().to_string();
+        assert!(e.contains("/d/cluster.toml"), "{e}");
+        let mut c = sample();
+        c.ioms.truncate(2);
+        let e = ClusterConfig::parse(&c.to_toml(), p).unwrap_err().to_string();
+        assert!(e.contains("2 IOMs"), "{e}");
+        let mut c = sample();
+        c.ioms[3].id = 7;
+        let e = ClusterConfig::parse(&c.to_toml(), p).unwrap_err().to_string();
+        assert!(e.contains("ids must be"), "{e}");
+        let e = ClusterConfig::load(Path::new("/nonexistent-dir")).unwrap_err().to_string();
+        assert!(e.contains("iomfs init"), "{e}");
+    }
+}

@@ -1,0 +1,411 @@
+//! The wire protocol between clients and IOMs and between IOMs.
+//!
+//! Every message travels on a QUIC stream as a frame:
+//! `[u32 header_len][u32 payload_len][header][payload]`, little endian.
+//! The header is a [`Request`], [`Reply`], [`ParityMsg`] or [`ParityAck`]
+//! encoded by [`crate::codec`]; the payload carries block bytes untouched,
+//! so they are never copied through the encoder. A connection starts with a
+//! [`Request::Hello`] that names the protocol version and the cluster.
+//!
+//! All enums here are append-only: a golden-bytes test pins their encoding.
+
+use crate::cluster::ClusterMap;
+use crate::ids::{BlockKey, Epoch, GroupKey, GroupNo, IomId, ObjectId, TxRef, Version};
+use crate::meta::{MetaReq, MetaResp};
+use crate::toughness::Toughness;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Version of this protocol; checked by the Hello exchange on every connection.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// TLS ALPN token of iomfs connections.
+pub const ALPN: &[u8] = b"iomfs";
+/// Largest frame header accepted.
+pub const MAX_HEADER: usize = 1 << 20;
+/// Largest frame payload accepted.
+pub const MAX_PAYLOAD: usize = 16 << 20;
+/// Size of the fixed frame prefix.
+pub const FRAME_PREFIX: usize = 8;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerKind {
+    Client,
+    Iom(IomId),
+    Admin,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u32,
+    pub cluster_id: String,
+    pub peer: PeerKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloOk {
+    pub protocol: u32,
+    pub iom: IomId,
+    pub map: ClusterMap,
+}
+
+/// Which role a data request addresses, under which epoch. The receiver
+/// serves it if it holds that role in its current map (itself, or as proxy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub epoch: Epoch,
+    pub target: IomId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    Hello(Hello),
+    Data(DataReq),
+    /// Opens the long-lived parity channel from data IOM `from` to this IOM;
+    /// [`ParityMsg`] frames follow on the stream, [`ParityAck`] frames come back.
+    ParityChannel { from: IomId, epoch: Epoch },
+    Member(MemberReq),
+    Meta(MetaReq),
+    Admin(AdminReq),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Hello(HelloOk),
+    Data(DataResp),
+    Member(MemberResp),
+    Meta(MetaResp),
+    Admin(AdminResp),
+    Error(WireError),
+}
+
+// ---------------------------------------------------------------- data path
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataReq {
+    /// Read `len` bytes at `offset` of the current version of a block.
+    Read { route: Route, key: BlockKey, offset: u32, len: u32 },
+    /// Write the payload at `offset` of a block (a1–a14).
+    /// `group_hint`: how many blocks of this block's group the same client
+    /// request writes, so the parity IOM can coalesce their deltas.
+    Write { route: Route, key: BlockKey, offset: u32, toughness: Toughness, group_hint: u8 },
+    /// Keep bytes `[0, keep)` of a block; `keep == 0` deletes it. Same protocol as a write.
+    Truncate { route: Route, key: BlockKey, keep: u32, toughness: Toughness },
+    /// Durability barrier: every write answered so far by this IOM is on stable storage.
+    Flush { route: Route },
+    /// Drop every data and parity block of `object` in groups >= `from` (GC of dead objects).
+    DropObject { route: Route, object: ObjectId, from: GroupNo },
+    /// A specific version of a block (for reconstruction and scrub).
+    ReadVersion { route: Route, key: BlockKey, version: Version },
+    /// The parity block of a group with the member versions it covers.
+    ReadParity { route: Route, group: GroupKey },
+    /// Data blocks held, in key order after `after` (scrub).
+    ListBlocks { after: Option<BlockKey>, limit: u32 },
+    /// Parity blocks held, in key order after `after` (scrub).
+    ListGroups { after: Option<GroupKey>, limit: u32 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockInfo {
+    pub key: BlockKey,
+    pub version: Version,
+    pub len: u32,
+    pub crc: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    pub key: GroupKey,
+    pub versions: Vec<Version>,
+    pub len: u32,
+    pub crc: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataResp {
+    /// Payload: the stored bytes of the range; bytes past the payload are zeros.
+    Read { version: Version },
+    Written { version: Version },
+    Flushed,
+    Dropped,
+    /// Payload: the block's stored bytes at that version (zeros past it).
+    Version { version: Version },
+    /// Payload: the parity block's stored bytes; `versions[j]` is the version of member j it covers.
+    Parity { versions: Vec<Version> },
+    Blocks(Vec<BlockInfo>),
+    Groups(Vec<GroupInfo>),
+}
+
+// ------------------------------------------------------------ parity channel
+
+/// "Update parity" (a6) with its delta (a8) as payload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParityUpdate {
+    pub tx: TxRef,
+    pub group: GroupKey,
+    /// Member index of the block inside its group.
+    pub index: u32,
+    pub old: Version,
+    pub new: Version,
+    /// Offset of the delta payload inside the block (bytes outside are zero).
+    pub delta_offset: u32,
+    /// Deltas of this group expected together from one client request.
+    pub hint: u8,
+    /// The data IOM whose block this is, when a proxy sends on its behalf.
+    pub data_iom: IomId,
+}
+
+/// Data IOM to parity IOM, on the parity channel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ParityMsg {
+    Update(ParityUpdate),
+    /// a13: the data IOM's write completed (map switched, data durable).
+    WriteDone { tx: TxRef },
+}
+
+/// Parity IOM to data IOM, on the parity channel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ParityAck {
+    /// b4: the delta is held and "update parity received" journaled.
+    Held { tx: TxRef },
+    /// b12: parity update completed (new parity durable, journaled).
+    Done { tx: TxRef },
+    Failed { tx: TxRef, error: WireError },
+}
+
+// ---------------------------------------------------------------- membership
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Ballot {
+    pub epoch: Epoch,
+    pub proposer: IomId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberReq {
+    Ping { from: IomId, epoch: Epoch },
+    GetMap,
+    /// Proposes `map` (epoch = ballot.epoch); voters check their own view of `changed`.
+    Propose { ballot: Ballot, map: ClusterMap, changed: IomId },
+    Commit { map: ClusterMap },
+    /// Unfinished transactions this IOM has with `about` (published to its proxy).
+    Unfinished { about: IomId },
+    /// Asks a stand-in for the blocks it marked for rebuild of `about`.
+    RebuildMarks { about: IomId, after: Option<BlockKey>, limit: u32 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberResp {
+    Pong { epoch: Epoch, reachable: Vec<IomId> },
+    Map(ClusterMap),
+    Vote { granted: bool, map: ClusterMap },
+    Ack,
+    Unfinished(Vec<u8>),
+    Marks(Vec<u8>),
+}
+
+// --------------------------------------------------------------------- admin
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminReq {
+    Stats,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct IomStats {
+    pub iom: u32,
+    pub epoch: u64,
+    pub block_size: u32,
+    pub slots_used: u64,
+    pub slots_total: u64,
+    pub data_blocks: u64,
+    pub parity_blocks: u64,
+    pub journal_records: u64,
+    pub journal_flushes: u64,
+    pub journal_bytes: u64,
+    pub cache_bytes: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub parity_writes: u64,
+    pub parity_deltas: u64,
+    pub rss_bytes: u64,
+    pub open_txs: u64,
+    pub rebuild_done: u64,
+    pub rebuild_total: u64,
+    pub rebuild_bytes_per_s: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminResp {
+    Stats(IomStats),
+}
+
+// -------------------------------------------------------------------- errors
+
+/// Error codes that cross the wire. The client maps them to errno in one place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// Peer speaks another protocol version.
+    VersionMismatch,
+    /// Peer belongs to another cluster.
+    WrongCluster,
+    /// A frame could not be decoded.
+    Malformed,
+    /// A frame is larger than allowed.
+    TooLarge,
+    /// Connection must start with Hello.
+    NoHello,
+    /// The receiver does not serve this role in its epoch; refresh the map and retry.
+    NotServing,
+    /// More than one IOM is down: no I/O until recovery.
+    ClusterStopped,
+    /// This IOM is cut off from the majority and refuses writes.
+    NoQuorum,
+    /// A peer needed for the operation is unreachable; retry.
+    Unavailable,
+    /// Checksum mismatch: the stored data is damaged.
+    Corrupt,
+    /// The requested block version is gone (superseded); retry the snapshot.
+    VersionGone,
+    NoSpace,
+    Io,
+    Internal,
+    Shutdown,
+    // namespace errors
+    NotFound,
+    Exists,
+    NotEmpty,
+    NotDir,
+    IsDir,
+    NameTooLong,
+    Invalid,
+    NoData,
+    Range,
+    Perm,
+    Access,
+    Stale,
+    Unsupported,
+    TooBig,
+    TooManyLinks,
+    CrossDevice,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    pub code: ErrorCode,
+    pub detail: String,
+}
+
+impl WireError {
+    pub fn new(code: ErrorCode, detail: impl Into<String>) -> WireError {
+        WireError { code, detail: detail.into() }
+    }
+    /// Whether a client should refresh its map and try again.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.code,
+            ErrorCode::NotServing
+                | ErrorCode::ClusterStopped
+                | ErrorCode::NoQuorum
+                | ErrorCode::Unavailable
+                | ErrorCode::Shutdown
+                | ErrorCode::VersionGone
+        )
+    }
+}
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.detail)
+    }
+}
+
+impl std::error::Error for WireError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode};
+    use crate::ids::{BlockNo, TxId};
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// Golden bytes: these encodings are the protocol. If this test fails,
+    /// the wire format changed: bump PROTOCOL_VERSION instead of editing it.
+    #[test]
+    fn golden_bytes() {
+        let hello = Request::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            cluster_id: "c".into(),
+            peer: PeerKind::Iom(IomId(3)),
+        });
+        assert_eq!(hex(&encode(&hello).unwrap()), "000101630103");
+
+        let w = Request::Data(DataReq::Write {
+            route: Route { epoch: Epoch(2), target: IomId(1) },
+            key: BlockKey { object: ObjectId(300), block: BlockNo(5) },
+            offset: 4096,
+            toughness: Toughness::Durable,
+            group_hint: 4,
+        });
+        assert_eq!(hex(&encode(&w).unwrap()), "01010201fb2c0105fb00100204");
+
+        let u = ParityMsg::Update(ParityUpdate {
+            tx: TxRef { iom: IomId(1), tx: TxId(9) },
+            group: GroupKey { object: ObjectId(7), group: GroupNo(2) },
+            index: 3,
+            old: Version(4),
+            new: Version(5),
+            delta_offset: 0,
+            hint: 1,
+            data_iom: IomId(1),
+        });
+        assert_eq!(hex(&encode(&u).unwrap()), "0001090702030405000101");
+
+        let e = Reply::Error(WireError::new(ErrorCode::NotServing, "x"));
+        assert_eq!(hex(&encode(&e).unwrap()), "05050178");
+
+        let a = ParityAck::Done { tx: TxRef { iom: IomId(2), tx: TxId(300) } };
+        assert_eq!(hex(&encode(&a).unwrap()), "0102fb2c01");
+    }
+
+    #[test]
+    fn roundtrip_all_data_requests() {
+        let route = Route { epoch: Epoch(1), target: IomId(0) };
+        let key = BlockKey { object: ObjectId(1), block: BlockNo(2) };
+        let reqs = vec![
+            DataReq::Read { route, key, offset: 1, len: 2 },
+            DataReq::Truncate { route, key, keep: 0, toughness: Toughness::Fast },
+            DataReq::Flush { route },
+            DataReq::DropObject { route, object: ObjectId(1), from: GroupNo(0) },
+            DataReq::ReadVersion { route, key, version: Version(3) },
+            DataReq::ReadParity { route, group: GroupKey { object: ObjectId(1), group: GroupNo(0) } },
+            DataReq::ListBlocks { after: Some(key), limit: 10 },
+            DataReq::ListGroups { after: None, limit: 10 },
+        ];
+        for r in reqs {
+            let req = Request::Data(r);
+            let back: Request = decode(&encode(&req).unwrap()).unwrap();
+            assert_eq!(back, req);
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for seed in 0u64..2000 {
+            let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+            let len = (seed % 64) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let _ = decode::<Request>(&bytes);
+            let _ = decode::<ParityMsg>(&bytes);
+        }
+    }
+}

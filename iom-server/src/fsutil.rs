@@ -1,0 +1,58 @@
+//! Durable file replacement: temp file, fsync, rename, fsync the directory.
+
+use crate::Error;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+const TMP_SUFFIX: &str = ".tmp";
+
+pub fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("fsync directory {}", dir.display()), e))
+}
+
+/// Replaces `path` with `data` so that after a crash it holds either the old
+/// or the new contents, never a mix.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension(format!(
+        "{}{TMP_SUFFIX}",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    let res = (|| -> std::io::Result<()> {
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    res.map_err(|e| Error::io(format!("replace {}", path.display()), e))?;
+    sync_dir(dir)
+}
+
+/// Removes temp files left by a crash during [`write_atomic`].
+pub fn sweep_temp(dir: &Path) {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().ends_with(TMP_SUFFIX) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn replace() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("snap.bin");
+        super::write_atomic(&p, b"one").unwrap();
+        super::write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        std::fs::write(d.path().join("x.bin.tmp"), b"junk").unwrap();
+        super::sweep_temp(d.path());
+        assert!(!d.path().join("x.bin.tmp").exists());
+    }
+}

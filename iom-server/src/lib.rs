@@ -1,0 +1,90 @@
+//! The IOM: one storage server of an iomfs cluster.
+//!
+//! Each IOM owns its slice of storage: a block file whose slots are never
+//! overwritten in place ([`store`]), a buffer cache ([`cache`]), a
+//! write-ahead journal with group commit ([`journal`]) and a block map with
+//! the unfinished transactions of both protocol sides ([`map`]). It runs the
+//! data side of a write (a1–a14, [`write_path`]) and the parity side
+//! (b1–b13, [`parity`]) over QUIC ([`service`], [`links`]).
+//!
+//! Invariants: a block version's slot is freed only after the record that
+//! makes its successor permanent is durable; every in-memory change of the
+//! map is made by applying a journal record, before that record is
+//! appended, so replay reproduces the map; records that point at data
+//! (a11, b11) reach the disk only after that data.
+
+pub mod cache;
+pub mod failpoint;
+pub mod fsutil;
+pub mod journal;
+pub mod links;
+pub mod locks;
+pub mod map;
+pub mod membership;
+pub mod membership_state;
+pub mod parity;
+pub mod read_path;
+pub mod records;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod write_path;
+
+pub use server::{Iom, StartOptions};
+
+use common::config::ConfigError;
+use common::wire::{ErrorCode, WireError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {err}")]
+    Io { what: String, err: std::io::Error },
+    #[error("{0}")]
+    Format(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("the block store is full")]
+    NoSpace,
+    #[error("checksum mismatch: {0}")]
+    Corrupt(String),
+    #[error("block version gone: {0}")]
+    VersionGone(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Wire(WireError),
+    #[error(transparent)]
+    Net(#[from] net::NetError),
+    #[error("shutting down")]
+    Shutdown,
+}
+
+impl Error {
+    pub fn io(what: impl Into<String>, err: std::io::Error) -> Error {
+        Error::Io { what: what.into(), err }
+    }
+
+    pub fn to_wire(&self) -> WireError {
+        let code = match self {
+            Error::Io { .. } => ErrorCode::Io,
+            Error::Format(_) | Error::Config(_) => ErrorCode::Internal,
+            Error::NoSpace => ErrorCode::NoSpace,
+            Error::Corrupt(_) => ErrorCode::Corrupt,
+            Error::VersionGone(_) => ErrorCode::VersionGone,
+            Error::BadRequest(_) => ErrorCode::Invalid,
+            Error::Wire(w) => return w.clone(),
+            Error::Net(n) => match n.remote() {
+                Some(w) => return w.clone(),
+                None => ErrorCode::Unavailable,
+            },
+            Error::Shutdown => ErrorCode::Shutdown,
+        };
+        WireError::new(code, self.to_string())
+    }
+}
+
+impl From<WireError> for Error {
+    fn from(w: WireError) -> Error {
+        Error::Wire(w)
+    }
+}

@@ -1,0 +1,217 @@
+//! Parity channels, data side: one long-lived QUIC stream from this IOM to
+//! whoever serves each parity role, carrying "update parity" with its delta
+//! (a6/a8) and "write completed" (a13); "delta held" (b4) and "parity
+//! completed" (b12) come back on the same stream.
+//!
+//! Updates stay here until the parity IOM completes them, so a broken
+//! stream is reopened (to the role's current server: itself, or its proxy
+//! after a failure) and everything unfinished is sent again, in transaction
+//! order. The parity side ignores what it already has.
+
+use crate::Iom;
+use bytes::Bytes;
+use common::wire::{MemberResp, ParityAck, ParityMsg, ParityUpdate, Reply, Request};
+use common::{IomId, TxId, TxRef};
+use net::frame::{read_frame, write_frame};
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+struct PendingUpdate {
+    upd: ParityUpdate,
+    delta: Bytes,
+    held: Option<oneshot::Sender<()>>,
+    done: Option<oneshot::Sender<()>>,
+}
+
+enum Out {
+    Msg(ParityMsg, Bytes),
+}
+
+#[derive(Default)]
+struct LinkState {
+    pending: BTreeMap<TxId, PendingUpdate>,
+    out: Option<mpsc::UnboundedSender<Out>>,
+    /// "write completed" notices not yet sent (stream down).
+    backlog: Vec<TxRef>,
+}
+
+#[derive(Default)]
+struct Link {
+    state: Mutex<LinkState>,
+    started: AtomicBool,
+}
+
+pub struct Links {
+    links: Vec<Link>,
+}
+
+impl Links {
+    pub fn new(width: u32) -> Links {
+        Links { links: (0..width).map(|_| Link::default()).collect() }
+    }
+
+    /// a6/a8: queues an update for the parity role `role`; returns receivers
+    /// for "held" (b4) and "completed" (b12).
+    pub fn send_update(
+        &self,
+        iom: &Arc<Iom>,
+        role: IomId,
+        upd: ParityUpdate,
+        delta: Bytes,
+    ) -> (oneshot::Receiver<()>, oneshot::Receiver<()>) {
+        let (ht, hr) = oneshot::channel();
+        let (dt, dr) = oneshot::channel();
+        let link = &self.links[role.0 as usize];
+        {
+            let mut s = link.state.lock();
+            if let Some(out) = &s.out {
+                let _ = out.send(Out::Msg(ParityMsg::Update(upd.clone()), delta.clone()));
+            }
+            s.pending.insert(upd.tx.tx, PendingUpdate { upd, delta, held: Some(ht), done: Some(dt) });
+        }
+        self.ensure_started(iom, role);
+        (hr, dr)
+    }
+
+    /// a13: tells the parity role the write completed.
+    pub fn send_write_done(&self, iom: &Arc<Iom>, role: IomId, tx: TxRef) {
+        let link = &self.links[role.0 as usize];
+        let mut s = link.state.lock();
+        s.pending.remove(&tx.tx);
+        match &s.out {
+            Some(out) if out.send(Out::Msg(ParityMsg::WriteDone { tx }, Bytes::new())).is_ok() => {}
+            _ => s.backlog.push(tx),
+        }
+        drop(s);
+        self.ensure_started(iom, role);
+    }
+
+    /// Updates not yet completed by the parity role (for recovery and status).
+    pub fn unfinished(&self, role: IomId) -> Vec<TxRef> {
+        self.links[role.0 as usize].state.lock().pending.values().map(|p| p.upd.tx).collect()
+    }
+
+    /// Forgets updates recovery resolved another way; their waiters see failure.
+    pub fn forget(&self, role: IomId, txs: &[TxId]) {
+        let mut s = self.links[role.0 as usize].state.lock();
+        for t in txs {
+            s.pending.remove(t);
+        }
+    }
+
+    fn ensure_started(&self, iom: &Arc<Iom>, role: IomId) {
+        let link = &self.links[role.0 as usize];
+        if !link.started.swap(true, Ordering::AcqRel) {
+            let iom = iom.clone();
+            tokio::spawn(async move { supervise(iom, role).await });
+        }
+    }
+}
+
+/// Keeps the channel to `role` open for as long as the IOM runs.
+async fn supervise(iom: Arc<Iom>, role: IomId) {
+    let mut backoff = Duration::from_millis(20);
+    let mut epochs = iom.member.subscribe();
+    loop {
+        if iom.shutdown.is_cancelled() && iom.inflight.is_empty() {
+            return;
+        }
+        let Some(server) = iom.member.server_for(role) else {
+            tokio::select! {
+                _ = epochs.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            continue;
+        };
+        match run_stream(&iom, role, server, &mut epochs).await {
+            Ok(()) => backoff = Duration::from_millis(20),
+            Err(e) => {
+                tracing::debug!(iom = iom.id.0, role = role.0, server = server.0, "parity channel: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+async fn run_stream(
+    iom: &Arc<Iom>,
+    role: IomId,
+    server: IomId,
+    epochs: &mut tokio::sync::watch::Receiver<common::Epoch>,
+) -> Result<(), String> {
+    let link = &iom.links.links[role.0 as usize];
+    let conn = iom.pool.conn(server).await.map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let open = Request::ParityChannel { from: iom.id, epoch: iom.member.epoch() };
+    write_frame(&mut send, &open, Bytes::new()).await.map_err(|e| e.to_string())?;
+    match read_frame::<Reply>(&mut recv).await.map_err(|e| e.to_string())? {
+        Some((Reply::Member(MemberResp::Ack), _)) => {}
+        Some((Reply::Error(e), _)) => return Err(format!("refused: {e}")),
+        other => return Err(format!("unexpected channel reply {other:?}")),
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
+    {
+        let mut s = link.state.lock();
+        for p in s.pending.values() {
+            let _ = tx.send(Out::Msg(ParityMsg::Update(p.upd.clone()), p.delta.clone()));
+        }
+        for t in std::mem::take(&mut s.backlog) {
+            let _ = tx.send(Out::Msg(ParityMsg::WriteDone { tx: t }, Bytes::new()));
+        }
+        s.out = Some(tx);
+    }
+    let writer = tokio::spawn(async move {
+        while let Some(Out::Msg(m, payload)) = rx.recv().await {
+            if write_frame(&mut send, &m, payload).await.is_err() {
+                return;
+            }
+        }
+        let _ = send.finish();
+    });
+    let result = loop {
+        tokio::select! {
+            f = read_frame::<ParityAck>(&mut recv) => match f {
+                Ok(Some((ack, _))) => on_ack(link, ack),
+                Ok(None) => break Err("parity IOM closed the channel".to_string()),
+                Err(e) => break Err(e.to_string()),
+            },
+            _ = epochs.changed() => {
+                if iom.member.server_for(role) != Some(server) {
+                    break Ok(());
+                }
+            }
+        }
+    };
+    link.state.lock().out = None;
+    writer.abort();
+    result
+}
+
+fn on_ack(link: &Link, ack: ParityAck) {
+    let mut s = link.state.lock();
+    match ack {
+        ParityAck::Held { tx } => {
+            if let Some(h) = s.pending.get_mut(&tx.tx).and_then(|p| p.held.take()) {
+                let _ = h.send(());
+            }
+        }
+        ParityAck::Done { tx } => {
+            if let Some(p) = s.pending.get_mut(&tx.tx) {
+                if let Some(h) = p.held.take() {
+                    let _ = h.send(());
+                }
+                if let Some(d) = p.done.take() {
+                    let _ = d.send(());
+                }
+            }
+        }
+        ParityAck::Failed { tx, error } => {
+            tracing::warn!(tx = ?tx, "parity update refused: {error}");
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! `iom-server --dir D --id I`: runs IOM I of the cluster in D.
+
+use anyhow::Context;
+use clap::Parser;
+use common::IomId;
+use iom_server::{Iom, StartOptions};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "iom-server", version, about = "iomfs storage server (IOM)")]
+struct Args {
+    /// Cluster directory made by `iomfs init`.
+    #[arg(long)]
+    dir: PathBuf,
+    /// This IOM's id (0-based index in the cluster config).
+    #[arg(long)]
+    id: u32,
+    /// Put the journal on a separate (faster, e.g. NVRAM) path.
+    #[arg(long)]
+    journal_dir: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("IOMFS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("iom")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("iom-server: cannot start runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("iom-server: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    #[cfg(feature = "failpoints")]
+    let _scenario = fail::FailScenario::setup();
+    let id = IomId(args.id);
+    let iom = Iom::start(StartOptions { dir: args.dir.clone(), id, journal_dir: args.journal_dir })
+        .await
+        .with_context(|| format!("IOM {} of cluster {}", args.id, args.dir.display()))?;
+    let pid_path = iom.paths.pid(id);
+    std::fs::write(&pid_path, format!("{}\n", std::process::id()))
+        .with_context(|| format!("write pid file {}", pid_path.display()))?;
+    tracing::info!(iom = args.id, addr = %iom.endpoint.local_addr()?, "serving");
+    let server = tokio::spawn(iom_server::service::serve(iom.clone()));
+    tokio::spawn(iom.clone().checkpoint_worker());
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!(iom = args.id, "stopping");
+    iom.stop().await;
+    server.abort();
+    let _ = std::fs::remove_file(&pid_path);
+    tracing::info!(iom = args.id, "stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,618 @@
+//! The block map of one IOM: (object, block) → data versions and
+//! (object, group) → parity versions, plus the tables of unfinished
+//! transactions on both sides.
+//!
+//! All changes go through [`BlockMap::apply`] with a journal [`Record`]: the
+//! live path applies a record to memory and then appends it to the journal,
+//! and replay applies the same records in the same way, so the map after a
+//! restart is the map before it. `apply` is idempotent, so records also
+//! covered by a checkpoint can be replayed again.
+
+use crate::records::{PVerRef, Record, VerRef};
+use crate::Error;
+use common::codec;
+use common::{BlockKey, DiskAddr, GroupKey, IomId, Layout, TxId, TxRef, Version};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const SHARDS: usize = 64;
+pub const SNAPSHOT_FILE: &str = "map.snap";
+const SNAP_MAGIC: &[u8; 8] = b"IOMFSMAP";
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+
+/// Versions of one data block that are still referenced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataEntry {
+    /// The version the map points at (switched, a11).
+    pub pointer: Version,
+    /// Live versions, ascending; the last is the newest written (head).
+    pub versions: Vec<VerRef>,
+}
+
+impl DataEntry {
+    fn new(base: VerRef) -> DataEntry {
+        DataEntry { pointer: base.version, versions: vec![base] }
+    }
+    pub fn head(&self) -> VerRef {
+        *self.versions.last().expect("entry has a version")
+    }
+    pub fn get(&self, v: Version) -> Option<VerRef> {
+        self.versions.iter().find(|x| x.version == v).copied()
+    }
+    pub fn pointed(&self) -> VerRef {
+        self.get(self.pointer).unwrap_or_else(|| self.head())
+    }
+    fn insert(&mut self, v: VerRef) {
+        match self.versions.binary_search_by_key(&v.version, |x| x.version) {
+            Ok(_) => {}
+            Err(i) => self.versions.insert(i, v),
+        }
+    }
+    fn remove(&mut self, v: Version) -> Option<VerRef> {
+        let i = self.versions.iter().position(|x| x.version == v)?;
+        if self.versions.len() == 1 {
+            return None;
+        }
+        Some(self.versions.remove(i))
+    }
+}
+
+/// Parity versions of one group: the head and older ones awaiting b13.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParityEntry {
+    pub head: PVerRef,
+    pub old: Vec<PVerRef>,
+}
+
+/// A data-side transaction between a5 and a14.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DTx {
+    pub key: BlockKey,
+    pub old: VerRef,
+    pub new: VerRef,
+    pub parity: IomId,
+    pub switched: bool,
+}
+
+/// A parity-side transaction between b1 and b13.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PTx {
+    pub group: GroupKey,
+    pub index: u32,
+    pub old: Version,
+    pub new: Version,
+    /// Set once applied (b11): the parity seq freed when its batch completes.
+    pub applied: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    replay_from: u64,
+    next_tx: u64,
+    next_pseq: u64,
+    data: Vec<(BlockKey, DataEntry)>,
+    parity: Vec<(GroupKey, ParityEntry)>,
+    dtx: Vec<(TxId, DTx)>,
+    ptx: Vec<(TxRef, PTx)>,
+    awaiting: Vec<((GroupKey, u64), Vec<TxRef>)>,
+    marks: Vec<(IomId, Vec<(BlockKey, Version)>, Vec<GroupKey>)>,
+}
+
+/// Blocks and groups a stand-in marked for rebuild of a failed IOM.
+#[derive(Clone, Debug, Default)]
+pub struct Marks {
+    pub blocks: BTreeMap<BlockKey, Version>,
+    pub groups: BTreeSet<GroupKey>,
+}
+
+pub struct BlockMap {
+    layout: Layout,
+    data: Vec<Mutex<BTreeMap<BlockKey, DataEntry>>>,
+    parity: Vec<Mutex<BTreeMap<GroupKey, ParityEntry>>>,
+    pub dtx: Mutex<BTreeMap<TxId, DTx>>,
+    pub ptx: Mutex<HashMap<TxRef, PTx>>,
+    /// Parity batches waiting for "write completed" from their data IOMs.
+    pub awaiting: Mutex<HashMap<(GroupKey, u64), BTreeSet<TxRef>>>,
+    pub marks: Mutex<BTreeMap<IomId, Marks>>,
+    next_tx: AtomicU64,
+    next_pseq: AtomicU64,
+}
+
+fn shard_of<K: Hash>(k: &K) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    k.hash(&mut h);
+    h.finish() as usize % SHARDS
+}
+
+impl BlockMap {
+    pub fn new(layout: Layout) -> BlockMap {
+        BlockMap {
+            layout,
+            data: (0..SHARDS).map(|_| Mutex::new(BTreeMap::new())).collect(),
+            parity: (0..SHARDS).map(|_| Mutex::new(BTreeMap::new())).collect(),
+            dtx: Mutex::new(BTreeMap::new()),
+            ptx: Mutex::new(HashMap::new()),
+            awaiting: Mutex::new(HashMap::new()),
+            marks: Mutex::new(BTreeMap::new()),
+            next_tx: AtomicU64::new(1),
+            next_pseq: AtomicU64::new(1),
+        }
+    }
+
+    pub fn next_tx(&self) -> TxId {
+        TxId(self.next_tx.fetch_add(1, Ordering::Relaxed))
+    }
+    pub fn next_pseq(&self) -> u64 {
+        self.next_pseq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The newest version of a block (what reads return).
+    pub fn head(&self, key: &BlockKey) -> VerRef {
+        self.data[shard_of(key)].lock().get(key).map(|e| e.head()).unwrap_or(VerRef::ABSENT)
+    }
+
+    pub fn entry(&self, key: &BlockKey) -> Option<DataEntry> {
+        self.data[shard_of(key)].lock().get(key).cloned()
+    }
+
+    pub fn version(&self, key: &BlockKey, v: Version) -> Option<VerRef> {
+        if v == Version(0) {
+            return Some(VerRef::ABSENT);
+        }
+        self.data[shard_of(key)].lock().get(key).and_then(|e| e.get(v))
+    }
+
+    pub fn parity_head(&self, g: &GroupKey) -> PVerRef {
+        self.parity[shard_of(g)]
+            .lock()
+            .get(g)
+            .map(|e| e.head.clone())
+            .unwrap_or_else(|| PVerRef::empty(self.layout.n()))
+    }
+
+    pub fn parity_entry(&self, g: &GroupKey) -> Option<ParityEntry> {
+        self.parity[shard_of(g)].lock().get(g).cloned()
+    }
+
+    pub fn counts(&self) -> (u64, u64) {
+        let d = self.data.iter().map(|s| s.lock().len() as u64).sum();
+        let p = self.parity.iter().map(|s| s.lock().len() as u64).sum();
+        (d, p)
+    }
+
+    /// Data blocks in key order after `after`, at most `limit`.
+    pub fn list_data(&self, after: Option<BlockKey>, limit: usize) -> Vec<(BlockKey, DataEntry)> {
+        let mut all = Vec::new();
+        for s in &self.data {
+            let s = s.lock();
+            let it: Box<dyn Iterator<Item = (&BlockKey, &DataEntry)>> = match after {
+                Some(a) => Box::new(s.range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))),
+                None => Box::new(s.iter()),
+            };
+            all.extend(it.take(limit).map(|(k, v)| (*k, v.clone())));
+        }
+        all.sort_by_key(|(k, _)| *k);
+        all.truncate(limit);
+        all
+    }
+
+    pub fn list_parity(&self, after: Option<GroupKey>, limit: usize) -> Vec<(GroupKey, ParityEntry)> {
+        let mut all = Vec::new();
+        for s in &self.parity {
+            let s = s.lock();
+            let it: Box<dyn Iterator<Item = (&GroupKey, &ParityEntry)>> = match after {
+                Some(a) => Box::new(s.range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))),
+                None => Box::new(s.iter()),
+            };
+            all.extend(it.take(limit).map(|(k, v)| (*k, v.clone())));
+        }
+        all.sort_by_key(|(k, _)| *k);
+        all.truncate(limit);
+        all
+    }
+
+    /// Applies one record to memory; returns the disk addresses it frees.
+    /// Idempotent: applying a record twice has the effect of applying it once.
+    pub fn apply(&self, rec: &Record) -> Vec<DiskAddr> {
+        let mut freed = Vec::new();
+        match rec {
+            Record::Issued { tx, key, old, new, parity } => {
+                self.bump_tx(*tx);
+                self.dtx.lock().entry(*tx).or_insert(DTx {
+                    key: *key,
+                    old: *old,
+                    new: *new,
+                    parity: *parity,
+                    switched: false,
+                });
+                let mut s = self.data[shard_of(key)].lock();
+                let e = s.entry(*key).or_insert_with(|| DataEntry::new(*old));
+                e.insert(*old);
+                e.insert(*new);
+            }
+            Record::Switched { tx } => {
+                let key_new = self.dtx.lock().get_mut(tx).map(|t| {
+                    t.switched = true;
+                    (t.key, t.new.version)
+                });
+                if let Some((key, v)) = key_new {
+                    if let Some(e) = self.data[shard_of(&key)].lock().get_mut(&key) {
+                        e.pointer = e.pointer.max(v);
+                    }
+                }
+            }
+            Record::Completed { tx } => {
+                if let Some(t) = self.dtx.lock().remove(tx) {
+                    let mut s = self.data[shard_of(&t.key)].lock();
+                    if let Some(e) = s.get_mut(&t.key) {
+                        e.pointer = e.pointer.max(t.new.version);
+                        if t.old.version < e.pointer {
+                            if let Some(o) = e.remove(t.old.version) {
+                                freed.extend(o.addr);
+                            }
+                        }
+                    }
+                }
+            }
+            Record::RolledBack { tx } => {
+                if let Some(t) = self.dtx.lock().remove(tx) {
+                    let mut s = self.data[shard_of(&t.key)].lock();
+                    if let Some(e) = s.get_mut(&t.key) {
+                        if let Some(n) = e.remove(t.new.version) {
+                            freed.extend(n.addr);
+                        }
+                        if e.pointer >= t.new.version {
+                            e.pointer = t.old.version;
+                        }
+                        if e.versions.len() == 1 && e.head().addr.is_none() && e.head().version == Version(0) {
+                            s.remove(&t.key);
+                        }
+                    }
+                }
+            }
+            Record::Received { tx, group, index, old, new } => {
+                self.ptx.lock().entry(*tx).or_insert(PTx {
+                    group: *group,
+                    index: *index,
+                    old: *old,
+                    new: *new,
+                    applied: None,
+                });
+            }
+            Record::ParityDone { group, old, new, txs } => {
+                self.bump_pseq(new.seq);
+                {
+                    let mut s = self.parity[shard_of(group)].lock();
+                    let e = s.entry(*group).or_insert_with(|| ParityEntry { head: old.clone(), old: Vec::new() });
+                    if e.head.seq < new.seq {
+                        let prev = std::mem::replace(&mut e.head, new.clone());
+                        if prev.addr.is_some() && !e.old.iter().any(|o| o.seq == prev.seq) {
+                            e.old.push(prev);
+                        }
+                    }
+                }
+                let mut p = self.ptx.lock();
+                for t in txs {
+                    if let Some(x) = p.get_mut(t) {
+                        x.applied = Some(old.seq);
+                    }
+                }
+                drop(p);
+                self.awaiting.lock().entry((*group, old.seq)).or_default().extend(txs.iter().copied());
+            }
+            Record::ParityFreed { group, seq } => {
+                let txs = self.awaiting.lock().remove(&(*group, *seq)).unwrap_or_default();
+                let mut p = self.ptx.lock();
+                for t in &txs {
+                    p.remove(t);
+                }
+                p.retain(|_, x| !(x.group == *group && x.applied == Some(*seq)));
+                drop(p);
+                let mut s = self.parity[shard_of(group)].lock();
+                if let Some(e) = s.get_mut(group) {
+                    if let Some(i) = e.old.iter().position(|o| o.seq == *seq) {
+                        freed.extend(e.old.remove(i).addr);
+                    }
+                }
+            }
+            Record::Discarded { tx } => {
+                self.ptx.lock().remove(tx);
+            }
+            Record::Dropped { object, from } => {
+                let n = self.layout.n() as u64;
+                for s in &self.data {
+                    let mut s = s.lock();
+                    let keys: Vec<BlockKey> = s
+                        .range(BlockKey { object: *object, block: common::BlockNo(from.0 * n) }..)
+                        .take_while(|(k, _)| k.object == *object)
+                        .map(|(k, _)| *k)
+                        .collect();
+                    for k in keys {
+                        if let Some(e) = s.remove(&k) {
+                            freed.extend(e.versions.iter().filter_map(|v| v.addr));
+                        }
+                    }
+                }
+                for s in &self.parity {
+                    let mut s = s.lock();
+                    let keys: Vec<GroupKey> = s
+                        .range(GroupKey { object: *object, group: *from }..)
+                        .take_while(|(k, _)| k.object == *object)
+                        .map(|(k, _)| *k)
+                        .collect();
+                    for k in keys {
+                        if let Some(e) = s.remove(&k) {
+                            freed.extend(e.head.addr);
+                            freed.extend(e.old.iter().filter_map(|o| o.addr));
+                        }
+                    }
+                }
+                self.marks.lock().values_mut().for_each(|m| {
+                    m.blocks.retain(|k, _| !(k.object == *object && k.block.0 >= from.0 * n));
+                    m.groups.retain(|g| !(g.object == *object && g.group >= *from));
+                });
+            }
+            Record::DataSet { key, ver, .. } => {
+                let mut s = self.data[shard_of(key)].lock();
+                let e = s.entry(*key).or_insert_with(|| DataEntry::new(*ver));
+                let pinned: BTreeSet<Version> = self
+                    .dtx
+                    .lock()
+                    .values()
+                    .filter(|t| t.key == *key)
+                    .flat_map(|t| [t.old.version, t.new.version])
+                    .collect();
+                for v in std::mem::take(&mut e.versions) {
+                    if v.version == ver.version || pinned.contains(&v.version) {
+                        continue;
+                    }
+                    freed.extend(v.addr);
+                }
+                e.versions = vec![*ver];
+                e.pointer = ver.version;
+            }
+            Record::ParitySet { group, ver, .. } => {
+                self.bump_pseq(ver.seq);
+                let mut s = self.parity[shard_of(group)].lock();
+                match s.get_mut(group) {
+                    Some(e) if e.head.seq != ver.seq => {
+                        let prev = std::mem::replace(&mut e.head, ver.clone());
+                        freed.extend(prev.addr);
+                    }
+                    Some(_) => {}
+                    None => {
+                        s.insert(*group, ParityEntry { head: ver.clone(), old: Vec::new() });
+                    }
+                }
+            }
+            Record::Marked { owner, key, version } => {
+                let mut m = self.marks.lock();
+                let e = m.entry(*owner).or_default().blocks.entry(*key).or_insert(*version);
+                *e = (*e).max(*version);
+            }
+            Record::MarkedGroup { owner, group } => {
+                self.marks.lock().entry(*owner).or_default().groups.insert(*group);
+            }
+            Record::MarksCleared { owner } => {
+                self.marks.lock().remove(owner);
+            }
+        }
+        freed
+    }
+
+    fn bump_tx(&self, tx: TxId) {
+        self.next_tx.fetch_max(tx.0 + 1, Ordering::Relaxed);
+    }
+    fn bump_pseq(&self, seq: u64) {
+        self.next_pseq.fetch_max(seq + 1, Ordering::Relaxed);
+    }
+
+    /// Every disk address referenced by the map or an unfinished transaction.
+    pub fn live_addrs(&self) -> Vec<DiskAddr> {
+        let mut v = Vec::new();
+        for s in &self.data {
+            for e in s.lock().values() {
+                v.extend(e.versions.iter().filter_map(|x| x.addr));
+            }
+        }
+        for s in &self.parity {
+            for e in s.lock().values() {
+                v.extend(e.head.addr);
+                v.extend(e.old.iter().filter_map(|o| o.addr));
+            }
+        }
+        for t in self.dtx.lock().values() {
+            v.extend(t.old.addr);
+            v.extend(t.new.addr);
+        }
+        v
+    }
+
+    /// Writes a checkpoint: the whole map plus unfinished transactions, valid
+    /// for replay from journal segment `replay_from`.
+    pub fn write_snapshot(&self, dir: &Path, replay_from: u64) -> Result<(), Error> {
+        let snap = Snapshot {
+            replay_from,
+            next_tx: self.next_tx.load(Ordering::Relaxed),
+            next_pseq: self.next_pseq.load(Ordering::Relaxed),
+            data: self.data.iter().flat_map(|s| s.lock().iter().map(|(k, v)| (*k, v.clone())).collect::<Vec<_>>()).collect(),
+            parity: self
+                .parity
+                .iter()
+                .flat_map(|s| s.lock().iter().map(|(k, v)| (*k, v.clone())).collect::<Vec<_>>())
+                .collect(),
+            dtx: self.dtx.lock().iter().map(|(k, v)| (*k, v.clone())).collect(),
+            ptx: self.ptx.lock().iter().map(|(k, v)| (*k, v.clone())).collect(),
+            awaiting: self.awaiting.lock().iter().map(|(k, v)| (*k, v.iter().copied().collect())).collect(),
+            marks: self
+                .marks
+                .lock()
+                .iter()
+                .map(|(o, m)| {
+                    (*o, m.blocks.iter().map(|(k, v)| (*k, *v)).collect(), m.groups.iter().copied().collect())
+                })
+                .collect(),
+        };
+        let body = codec::encode_large(&snap).map_err(|e| Error::Format(e.to_string()))?;
+        let mut out = Vec::with_capacity(body.len() + 16);
+        out.extend_from_slice(SNAP_MAGIC);
+        out.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&codec::crc(&body).to_le_bytes());
+        out.extend_from_slice(&body);
+        crate::fsutil::write_atomic(&dir.join(SNAPSHOT_FILE), &out)
+    }
+
+    /// Loads a checkpoint if there is one; returns the journal segment to replay from.
+    pub fn load_snapshot(&self, dir: &Path) -> Result<u64, Error> {
+        let path = dir.join(SNAPSHOT_FILE);
+        let buf = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
+        };
+        let bad = |m: String| Error::Format(format!("{}: {m}", path.display()));
+        if buf.len() < 16 || &buf[..8] != SNAP_MAGIC {
+            return Err(bad("not an iomfs map checkpoint".into()));
+        }
+        let ver = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
+        if ver != SNAPSHOT_FORMAT_VERSION {
+            return Err(bad(format!("format version {ver}; this build reads {SNAPSHOT_FORMAT_VERSION}")));
+        }
+        let crc = u32::from_le_bytes(buf[12..16].try_into().expect("4 bytes"));
+        if codec::crc(&buf[16..]) != crc {
+            return Err(bad("checksum mismatch".into()));
+        }
+        let s: Snapshot = codec::decode_large(&buf[16..]).map_err(|e| bad(e.to_string()))?;
+        self.next_tx.store(s.next_tx, Ordering::Relaxed);
+        self.next_pseq.store(s.next_pseq, Ordering::Relaxed);
+        for (k, e) in s.data {
+            self.data[shard_of(&k)].lock().insert(k, e);
+        }
+        for (k, e) in s.parity {
+            self.parity[shard_of(&k)].lock().insert(k, e);
+        }
+        *self.dtx.lock() = s.dtx.into_iter().collect();
+        *self.ptx.lock() = s.ptx.into_iter().collect();
+        *self.awaiting.lock() = s.awaiting.into_iter().map(|(k, v)| (k, v.into_iter().collect())).collect();
+        *self.marks.lock() = s
+            .marks
+            .into_iter()
+            .map(|(o, b, g)| (o, Marks { blocks: b.into_iter().collect(), groups: g.into_iter().collect() }))
+            .collect();
+        Ok(s.replay_from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::{BlockNo, GroupNo, ObjectId};
+
+    fn layout() -> Layout {
+        Layout::new(5, 4096).unwrap()
+    }
+    fn key(b: u64) -> BlockKey {
+        BlockKey { object: ObjectId(1), block: BlockNo(b) }
+    }
+    fn ver(v: u64, a: u64) -> VerRef {
+        VerRef { version: Version(v), addr: Some(DiskAddr(a)), len: 10, crc: v as u32 }
+    }
+
+    fn write_cycle(m: &BlockMap, tx: u64, k: BlockKey, old: VerRef, new: VerRef) -> Vec<Record> {
+        vec![
+            Record::Issued { tx: TxId(tx), key: k, old, new, parity: IomId(0) },
+            Record::Switched { tx: TxId(tx) },
+            Record::Completed { tx: TxId(tx) },
+        ]
+        .into_iter()
+        .inspect(|r| {
+            m.apply(r);
+        })
+        .collect()
+    }
+
+    #[test]
+    fn replay_of_a_clean_history_rebuilds_the_map() {
+        let m = BlockMap::new(layout());
+        let mut log = Vec::new();
+        log.extend(write_cycle(&m, 1, key(0), VerRef::ABSENT, ver(1, 10)));
+        log.extend(write_cycle(&m, 2, key(0), ver(1, 10), ver(2, 11)));
+        log.extend(write_cycle(&m, 3, key(5), VerRef::ABSENT, ver(1, 12)));
+        let g = GroupKey { object: ObjectId(1), group: GroupNo(0) };
+        let t = TxRef { iom: IomId(2), tx: TxId(9) };
+        for r in [
+            Record::Received { tx: t, group: g, index: 1, old: Version(0), new: Version(1) },
+            Record::ParityDone {
+                group: g,
+                old: PVerRef::empty(4),
+                new: PVerRef { seq: 1, addr: Some(DiskAddr(13)), len: 10, crc: 0, members: vec![Version(0), Version(1), Version(0), Version(0)] },
+                txs: vec![t],
+            },
+            Record::ParityFreed { group: g, seq: 0 },
+        ] {
+            m.apply(&r);
+            log.push(r);
+        }
+        assert_eq!(m.head(&key(0)), ver(2, 11));
+        assert!(m.dtx.lock().is_empty() && m.ptx.lock().is_empty());
+
+        // replay twice (idempotence) into a fresh map
+        let m2 = BlockMap::new(layout());
+        for r in log.iter().chain(log.iter()) {
+            m2.apply(r);
+        }
+        assert_eq!(m2.head(&key(0)), ver(2, 11));
+        assert_eq!(m2.entry(&key(0)).unwrap().versions.len(), 1);
+        assert_eq!(m2.head(&key(5)), ver(1, 12));
+        assert_eq!(m2.parity_head(&g).addr, Some(DiskAddr(13)));
+        let mut live = m2.live_addrs();
+        live.sort();
+        assert_eq!(live, vec![DiskAddr(11), DiskAddr(12), DiskAddr(13)]);
+
+        // snapshot round trip
+        let d = tempfile::tempdir().unwrap();
+        m2.write_snapshot(d.path(), 7).unwrap();
+        let m3 = BlockMap::new(layout());
+        assert_eq!(m3.load_snapshot(d.path()).unwrap(), 7);
+        assert_eq!(m3.head(&key(0)), ver(2, 11));
+        assert_eq!(m3.parity_head(&g), m2.parity_head(&g));
+        assert!(m3.next_tx().0 >= 4);
+    }
+
+    #[test]
+    fn unfinished_tx_keeps_both_versions_and_rollback_restores_old() {
+        let m = BlockMap::new(layout());
+        m.apply(&Record::Issued { tx: TxId(1), key: key(0), old: VerRef::ABSENT, new: ver(1, 5), parity: IomId(0) });
+        m.apply(&Record::Switched { tx: TxId(1) });
+        m.apply(&Record::Completed { tx: TxId(1) });
+        m.apply(&Record::Issued { tx: TxId(2), key: key(0), old: ver(1, 5), new: ver(2, 6), parity: IomId(0) });
+        m.apply(&Record::Switched { tx: TxId(2) });
+        let e = m.entry(&key(0)).unwrap();
+        assert_eq!(e.pointer, Version(2));
+        assert_eq!(e.versions.len(), 2);
+        let mut live = m.live_addrs();
+        live.sort();
+        live.dedup();
+        assert_eq!(live, vec![DiskAddr(5), DiskAddr(6)]);
+        let freed = m.apply(&Record::RolledBack { tx: TxId(2) });
+        assert_eq!(freed, vec![DiskAddr(6)]);
+        assert_eq!(m.head(&key(0)), ver(1, 5));
+        assert_eq!(m.entry(&key(0)).unwrap().pointer, Version(1));
+    }
+
+    #[test]
+    fn dropped_removes_object_tail() {
+        let m = BlockMap::new(layout());
+        for b in 0..12 {
+            write_cycle(&m, b + 1, key(b), VerRef::ABSENT, ver(1, 100 + b));
+        }
+        let freed = m.apply(&Record::Dropped { object: ObjectId(1), from: GroupNo(1) });
+        assert_eq!(freed.len(), 8);
+        assert_eq!(m.counts().0, 4);
+        assert_eq!(m.head(&key(7)), VerRef::ABSENT);
+    }
+}

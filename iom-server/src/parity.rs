@@ -1,0 +1,353 @@
+//! The parity side of a write: steps b1–b13 of DESIGN §3, run on the IOM
+//! that holds a group's parity block.
+//!
+//! Deltas for one group are queued; one worker per busy group takes every
+//! delta that can be applied (each member's updates in version order) and
+//! folds them into one new parity version — so deltas of a stripe written
+//! together by several data IOMs cost one parity write. Every transaction is
+//! still journaled (b1) on its own.
+
+use crate::cache::CacheKey;
+use crate::crash_point;
+use crate::journal::Wait;
+use crate::records::{PVerRef, Record};
+use crate::write_path::xor_into;
+use crate::{Error, Iom};
+use bytes::{Bytes, BytesMut};
+use common::wire::{ErrorCode, MemberResp, ParityAck, ParityMsg, ParityUpdate, Reply, WireError};
+use common::{codec, GroupKey, IomId, TxRef};
+use net::frame::{read_frame, write_frame};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+type AckTx = mpsc::UnboundedSender<ParityAck>;
+
+struct Delta {
+    upd: ParityUpdate,
+    delta: Bytes,
+    acks: AckTx,
+}
+
+#[derive(Default)]
+struct GroupQueue {
+    queue: Vec<Delta>,
+    busy: bool,
+}
+
+enum Next {
+    Wait,
+    Idle,
+    Batch(PVerRef, Vec<common::Version>, Vec<Delta>),
+}
+
+#[derive(Default)]
+pub struct ParitySide {
+    groups: Mutex<HashMap<GroupKey, GroupQueue>>,
+    /// Parity versions written (b8).
+    pub writes: AtomicU64,
+    /// Deltas received (b1).
+    pub deltas: AtomicU64,
+}
+
+impl ParitySide {
+    /// Transactions whose delta is held in memory, not yet applied.
+    pub fn queued(&self) -> usize {
+        self.groups.lock().values().map(|q| q.queue.len()).sum()
+    }
+}
+
+/// Serves one parity channel opened by data IOM `from`.
+pub async fn run_channel(iom: Arc<Iom>, from: IomId, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    if write_frame(&mut send, &Reply::Member(MemberResp::Ack), Bytes::new()).await.is_err() {
+        return;
+    }
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<ParityAck>();
+    let writer = tokio::spawn(async move {
+        while let Some(a) = ack_rx.recv().await {
+            if write_frame(&mut send, &a, Bytes::new()).await.is_err() {
+                return;
+            }
+        }
+    });
+    loop {
+        match read_frame::<ParityMsg>(&mut recv).await {
+            Ok(Some((ParityMsg::Update(u), delta))) => {
+                if let Err(e) = iom.receive_update(u.clone(), delta, ack_tx.clone()) {
+                    let _ = ack_tx.send(ParityAck::Failed { tx: u.tx, error: e.to_wire() });
+                }
+            }
+            Ok(Some((ParityMsg::WriteDone { tx }, _))) => iom.write_done(tx),
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(iom = iom.id.0, from = from.0, "parity channel closed: {e}");
+                break;
+            }
+        }
+    }
+    drop(ack_tx);
+    let _ = writer.await;
+}
+
+impl Iom {
+    /// b1–b4: journal the update, hold its delta, confirm receipt.
+    fn receive_update(self: &Arc<Self>, u: ParityUpdate, delta: Bytes, acks: AckTx) -> Result<(), Error> {
+        let n = self.layout.n();
+        let role = self.layout.parity_iom(u.group.object, u.group.group);
+        if role != self.id && !self.member.is_standin_for(role) {
+            return Err(Error::Wire(WireError::new(
+                ErrorCode::NotServing,
+                format!("IOM {} does not hold parity of group {:?}", self.id, u.group),
+            )));
+        }
+        if u.index >= n
+            || u.new != u.old.next()
+            || u.delta_offset as usize + delta.len() > self.cfg.block_size as usize
+        {
+            return Err(Error::BadRequest(format!("malformed parity update {u:?}")));
+        }
+        self.parity.deltas.fetch_add(1, Ordering::Relaxed);
+
+        // A resent update: answer from what is known.
+        let known = self.map.ptx.lock().get(&u.tx).cloned();
+        if let Some(pt) = known {
+            if pt.applied.is_some() {
+                let me = self.clone();
+                let tx = u.tx;
+                tokio::spawn(async move {
+                    me.journal.flush().await;
+                    let _ = acks.send(ParityAck::Held { tx });
+                    let _ = acks.send(ParityAck::Done { tx });
+                });
+                return Ok(());
+            }
+            let mut groups = self.parity.groups.lock();
+            let q = groups.entry(u.group).or_default();
+            if q.queue.iter().any(|d| d.upd.tx == u.tx) {
+                let _ = acks.send(ParityAck::Held { tx: u.tx });
+                return Ok(());
+            }
+            // Journaled before a restart but its delta was lost: hold it again.
+            let _ = acks.send(ParityAck::Held { tx: u.tx });
+            self.enqueue(q, u.group, Delta { upd: u, delta, acks });
+            return Ok(());
+        }
+
+        // b1: journal "update parity received".
+        let rec = Record::Received { tx: u.tx, group: u.group, index: u.index, old: u.old, new: u.new };
+        let written = self.commit(&rec, false, Wait::Written);
+        crate::crash_point_sync!(self, "parity::after-b1");
+        // b2: the delta came with the request (pushed by D, DESIGN a8).
+        // b4: hold the delta and confirm receipt once b1 is written.
+        let tx = u.tx;
+        let ack = acks.clone();
+        let me4 = self.clone();
+        tokio::spawn(async move {
+            if let Some(w) = written {
+                let _ = w.await;
+            }
+            let _ = ack.send(ParityAck::Held { tx });
+            crash_point!(&me4, "parity::after-b4");
+        });
+        let group = u.group;
+        crate::crash_point_sync!(self, "parity::after-b2");
+        let mut groups = self.parity.groups.lock();
+        let q = groups.entry(group).or_default();
+        self.enqueue(q, group, Delta { upd: u, delta, acks });
+        Ok(())
+    }
+
+    fn enqueue(self: &Arc<Self>, q: &mut GroupQueue, group: GroupKey, d: Delta) {
+        q.queue.push(d);
+        if !q.busy {
+            q.busy = true;
+            let me = self.clone();
+            tokio::spawn(async move { me.group_worker(group).await });
+        }
+    }
+
+    /// Bytes of a parity version (cache, else disk with checksum, else zeros).
+    pub async fn parity_bytes(&self, g: GroupKey, p: &PVerRef) -> Result<Bytes, Error> {
+        let Some(addr) = p.addr else { return Ok(Bytes::new()) };
+        let ck = CacheKey::Parity(g, p.seq);
+        if let Some(b) = self.cache.get(&ck) {
+            return Ok(b);
+        }
+        let store = self.store.clone();
+        let len = p.len;
+        let buf = tokio::task::spawn_blocking(move || store.read(addr, len))
+            .await
+            .map_err(|e| Error::Format(format!("read task: {e}")))??;
+        if codec::crc(&buf) != p.crc {
+            return Err(Error::Corrupt(format!(
+                "parity of object {} group {} on IOM {} (slot {})",
+                g.object, g.group, self.id, addr.0
+            )));
+        }
+        let b = Bytes::from(buf);
+        self.cache.put(ck, b.clone());
+        Ok(b)
+    }
+
+    /// b3–b12 for one group, batch after batch, until nothing can be applied.
+    async fn group_worker(self: Arc<Self>, g: GroupKey) {
+        let mut waited = false;
+        loop {
+            match self.next_batch(g, waited) {
+                Next::Wait => {
+                    // Deltas of one stripe usually arrive together: give the
+                    // rest a moment so they share one parity write.
+                    waited = true;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Next::Idle => return,
+                Next::Batch(head, members, batch) => {
+                    waited = true;
+                    if let Err(e) = self.apply_batch(g, head, members, batch).await {
+                        tracing::error!(iom = self.id.0, group = ?g, "parity update failed: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes every queued delta that can be applied now: each member's
+    /// updates in version order, starting from the parity head.
+    fn next_batch(&self, g: GroupKey, waited: bool) -> Next {
+        let mut groups = self.parity.groups.lock();
+        let Some(q) = groups.get_mut(&g) else { return Next::Idle };
+        let want = q.queue.iter().map(|d| d.upd.hint.max(1) as usize).max().unwrap_or(1);
+        if !waited && q.queue.len() < want {
+            return Next::Wait;
+        }
+        let head = self.map.parity_head(&g);
+        let mut members = head.members.clone();
+        q.queue.sort_by_key(|d| (d.upd.index, d.upd.old));
+        let mut batch = Vec::new();
+        let mut rest = Vec::new();
+        let mut stale = Vec::new();
+        for d in q.queue.drain(..) {
+            let j = d.upd.index as usize;
+            if d.upd.old == members[j] {
+                members[j] = d.upd.new;
+                batch.push(d);
+            } else if d.upd.old < members[j] {
+                stale.push(d);
+            } else {
+                rest.push(d);
+            }
+        }
+        q.queue = rest;
+        if batch.is_empty() {
+            q.busy = false;
+            if q.queue.is_empty() {
+                groups.remove(&g);
+            }
+        }
+        drop(groups);
+        for d in stale {
+            // Already applied (a resend that raced its original).
+            let _ = d.acks.send(ParityAck::Held { tx: d.upd.tx });
+            let _ = d.acks.send(ParityAck::Done { tx: d.upd.tx });
+        }
+        if batch.is_empty() {
+            Next::Idle
+        } else {
+            Next::Batch(head, members, batch)
+        }
+    }
+
+    async fn apply_batch(
+        self: &Arc<Self>,
+        g: GroupKey,
+        old: PVerRef,
+        members: Vec<common::Version>,
+        batch: Vec<Delta>,
+    ) -> Result<(), Error> {
+        // b3: the old parity block, from the buffer or the disk (zeros if none).
+        let old_bytes = match self.parity_bytes(g, &old).await {
+            Ok(b) => b,
+            Err(e) => {
+                for d in &batch {
+                    let _ = d.acks.send(ParityAck::Failed { tx: d.upd.tx, error: e.to_wire() });
+                }
+                return Err(e);
+            }
+        };
+        crash_point!(self, "parity::after-b3");
+        // b5: a new parity address and buffer.
+        let addr = self.store.alloc()?;
+        let len = batch
+            .iter()
+            .map(|d| d.upd.delta_offset as usize + d.delta.len())
+            .chain(std::iter::once(old_bytes.len()))
+            .max()
+            .unwrap_or(0);
+        let mut buf = BytesMut::zeroed(len);
+        buf[..old_bytes.len()].copy_from_slice(&old_bytes);
+        crash_point!(self, "parity::after-b5");
+        // b6: new parity = old parity XOR every delta.
+        for d in &batch {
+            let off = d.upd.delta_offset as usize;
+            xor_into(&mut buf[off..off + d.delta.len()], &d.delta);
+        }
+        crash_point!(self, "parity::after-b6");
+        // b7: old-parity and delta buffers released.
+        drop(old_bytes);
+        let txs: Vec<TxRef> = batch.iter().map(|d| d.upd.tx).collect();
+        let acks: Vec<(TxRef, AckTx)> = batch.into_iter().map(|d| (d.upd.tx, d.acks)).collect();
+        crash_point!(self, "parity::after-b7");
+        // b8: issue the write of the new parity at the new address.
+        let bytes = buf.freeze();
+        self.store.write(addr, &bytes)?;
+        self.parity.writes.fetch_add(1, Ordering::Relaxed);
+        crash_point!(self, "parity::after-b8");
+        let new = PVerRef { seq: self.map.next_pseq(), addr: Some(addr), len: bytes.len() as u32, crc: codec::crc(&bytes), members };
+        self.cache.put(CacheKey::Parity(g, new.seq), bytes);
+        // b9 + b10 + b11: the write completes (block file synced before the
+        // record), the parity map switches, "update parity completed" is journaled.
+        let rec = Record::ParityDone { group: g, old, new, txs };
+        let durable = self.commit(&rec, true, Wait::Durable);
+        crash_point!(self, "parity::after-b10");
+        // b12: tell each data IOM, once the record is durable.
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Some(d) = durable {
+                let _ = d.await;
+            }
+            crash_point!(&me, "parity::after-b11");
+            for (tx, a) in acks {
+                let _ = a.send(ParityAck::Done { tx });
+            }
+            crash_point!(&me, "parity::after-b12");
+        });
+        Ok(())
+    }
+
+    /// b13: a data IOM's write completed; free the old parity once every
+    /// transaction of its batch has.
+    pub fn write_done(self: &Arc<Self>, tx: TxRef) {
+        let Some((g, seq)) = self.map.ptx.lock().get(&tx).and_then(|p| p.applied.map(|s| (p.group, s))) else {
+            return;
+        };
+        let complete = {
+            let mut a = self.map.awaiting.lock();
+            match a.get_mut(&(g, seq)) {
+                Some(set) => {
+                    set.remove(&tx);
+                    set.is_empty()
+                }
+                None => false,
+            }
+        };
+        if complete {
+            crate::crash_point_sync!(self, "parity::before-b13");
+            self.commit(&Record::ParityFreed { group: g, seq }, false, Wait::Nothing);
+            crate::crash_point_sync!(self, "parity::after-b13");
+            self.cache.remove(&CacheKey::Parity(g, seq));
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Reads, snapshot reads for reconstruction and scrub, durability barriers
+//! and dropping the data of dead objects.
+
+use crate::journal::Wait;
+use crate::records::Record;
+use crate::{Error, Iom};
+use bytes::Bytes;
+use common::wire::{BlockInfo, GroupInfo};
+use common::{BlockKey, GroupKey, GroupNo, ObjectId, Version};
+use std::sync::Arc;
+use std::time::Duration;
+
+impl Iom {
+    /// The newest version of a block, `[offset, offset+len)`; bytes past
+    /// the returned payload are zeros. Never touches parity.
+    pub async fn read_block(&self, key: BlockKey, offset: u32, len: u32) -> Result<(Version, Bytes), Error> {
+        let mut tries = 0;
+        loop {
+            let head = self.map.head(&key);
+            match self.version_bytes(key, head).await {
+                Ok(b) => {
+                    let start = (offset as usize).min(b.len());
+                    let end = (offset as usize + len as usize).min(b.len());
+                    return Ok((head.version, b.slice(start..end)));
+                }
+                // The version may have been superseded and its slot reused
+                // while we read it: try again with the new head.
+                Err(Error::Corrupt(m)) if tries < 3 && self.map.head(&key).version != head.version => {
+                    tries += 1;
+                    tracing::debug!("read raced a write: {m}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A specific version of a block, if it is still kept.
+    pub async fn read_version(&self, key: BlockKey, v: Version) -> Result<Bytes, Error> {
+        let Some(vr) = self.map.version(&key, v) else {
+            return Err(Error::VersionGone(format!("object {} block {} version {}", key.object, key.block, v.0)));
+        };
+        self.version_bytes(key, vr).await
+    }
+
+    /// The parity block of a group and the member versions it covers.
+    pub async fn read_parity(&self, g: GroupKey) -> Result<(Vec<Version>, Bytes), Error> {
+        let head = self.map.parity_head(&g);
+        let b = self.parity_bytes(g, &head).await?;
+        Ok((head.members, b))
+    }
+
+    /// Durability barrier: every write answered so far is on stable storage.
+    pub async fn flush(&self) -> Result<(), Error> {
+        self.inflight.wait_durable().await?;
+        self.journal.flush().await;
+        Ok(())
+    }
+
+    /// Drops this IOM's data and parity blocks of `object` in groups >= `from`.
+    pub async fn drop_object(self: &Arc<Self>, object: ObjectId, from: GroupNo) -> Result<(), Error> {
+        // Let transactions on the object finish first, so no slot is freed twice.
+        for _ in 0..500 {
+            let busy = self.map.dtx.lock().values().any(|t| t.key.object == object)
+                || self.map.ptx.lock().values().any(|t| t.group.object == object && t.applied.is_none());
+            if !busy {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let w = self.commit(&Record::Dropped { object, from }, false, Wait::Written);
+        if let Some(w) = w {
+            let _ = w.await;
+        }
+        Ok(())
+    }
+
+    pub fn list_blocks(&self, after: Option<BlockKey>, limit: u32) -> Vec<BlockInfo> {
+        self.map
+            .list_data(after, limit.min(10_000) as usize)
+            .into_iter()
+            .map(|(key, e)| {
+                let h = e.head();
+                BlockInfo { key, version: h.version, len: h.len, crc: h.crc }
+            })
+            .collect()
+    }
+
+    pub fn list_groups(&self, after: Option<GroupKey>, limit: u32) -> Vec<GroupInfo> {
+        self.map
+            .list_parity(after, limit.min(10_000) as usize)
+            .into_iter()
+            .map(|(key, e)| GroupInfo { key, versions: e.head.members, len: e.head.len, crc: e.head.crc })
+            .collect()
+    }
+}

@@ -1,0 +1,305 @@
+//! Wiring of one IOM: start-up (replay, allocator), the shared state every
+//! handler uses, checkpoints and orderly shutdown.
+
+use crate::cache::{Cache, CacheKey};
+use crate::journal::{Journal, Wait};
+use crate::links::Links;
+use crate::locks::KeyLocks;
+use crate::map::BlockMap;
+use crate::membership::Membership;
+use crate::parity::ParitySide;
+use crate::records::Record;
+use crate::store::{Allocator, Store};
+use crate::write_path::Inflight;
+use crate::Error;
+use common::cluster::ClusterMap;
+use common::config::{ClusterConfig, ClusterPaths};
+use common::wire::{Hello, IomStats, PeerKind, PROTOCOL_VERSION};
+use common::{codec, BlockKey, DiskAddr, IomId, Layout};
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+/// Journal bytes since the last checkpoint that trigger a new one.
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+
+pub struct StartOptions {
+    pub dir: PathBuf,
+    pub id: IomId,
+    /// Overrides the config's journal directory (NVRAM case).
+    pub journal_dir: Option<PathBuf>,
+}
+
+pub struct Iom {
+    pub id: IomId,
+    pub cfg: ClusterConfig,
+    pub paths: ClusterPaths,
+    pub layout: Layout,
+    pub data_dir: PathBuf,
+    pub journal_dir: PathBuf,
+    pub store: Arc<Store>,
+    pub cache: Arc<Cache>,
+    pub journal: Journal,
+    pub map: BlockMap,
+    pub locks: KeyLocks<BlockKey>,
+    pub pool: net::Pool,
+    pub links: Links,
+    pub parity: ParitySide,
+    pub inflight: Inflight,
+    pub member: Membership,
+    pub shutdown: CancellationToken,
+    pub endpoint: quinn::Endpoint,
+    _lock: File,
+}
+
+fn lock_dir(dir: &std::path::Path) -> Result<File, Error> {
+    let p = dir.join("lock");
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(|e| Error::io(format!("open {}", p.display()), e))?;
+    // SAFETY: flock on a valid descriptor we own.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        return Err(Error::Format(format!(
+            "{} is locked: another iom-server is already running on this directory",
+            dir.display()
+        )));
+    }
+    Ok(f)
+}
+
+impl Iom {
+    /// Opens storage, replays the journal and binds the QUIC endpoint.
+    pub async fn start(opts: StartOptions) -> Result<Arc<Iom>, Error> {
+        let cfg = ClusterConfig::load(&opts.dir)?;
+        let paths = ClusterPaths::new(&opts.dir);
+        let icfg = cfg.iom(opts.id)?.clone();
+        let layout = cfg.layout();
+        let data_dir = paths.data_dir(&icfg);
+        let journal_dir = opts.journal_dir.clone().unwrap_or_else(|| paths.journal_dir(&icfg));
+        std::fs::create_dir_all(&data_dir).map_err(|e| Error::io(format!("create {}", data_dir.display()), e))?;
+        let lock = lock_dir(&data_dir)?;
+        crate::fsutil::sweep_temp(&data_dir);
+
+        let (store, fresh) = Store::open(&data_dir, cfg.block_size, opts.id.0, &cfg.cluster_id)?;
+        let store = Arc::new(store);
+        let map = BlockMap::new(layout);
+        let from = map.load_snapshot(&data_dir)?;
+        let (journal, replayed) = Journal::open(
+            &journal_dir,
+            from,
+            store.file(),
+            Duration::from_millis(cfg.tuning.journal_flush_ms.max(1)),
+        )?;
+        let n = replayed.records.len();
+        for (i, raw) in replayed.records.iter().enumerate() {
+            let rec: Record = codec::decode(raw)
+                .map_err(|e| Error::Format(format!("journal record {i} of {n} cannot be decoded: {e}")))?;
+            map.apply(&rec);
+        }
+        let capacity = match icfg.capacity {
+            Some(c) => c / cfg.block_size as u64,
+            None => fs_capacity(&data_dir, cfg.block_size),
+        };
+        store.set_allocator(Allocator::from_live(capacity + 1, map.live_addrs()));
+        let (open_d, open_p) = (map.dtx.lock().len(), map.ptx.lock().len());
+        tracing::info!(
+            iom = opts.id.0,
+            fresh,
+            replayed = n,
+            open_data_txs = open_d,
+            open_parity_txs = open_p,
+            "storage opened"
+        );
+
+        let state_map = crate::membership_state::load(&data_dir)?
+            .unwrap_or_else(|| ClusterMap::initial(cfg.width(), IomId(cfg.meta_home)));
+        let member = Membership::new(opts.id, state_map);
+
+        let bind: SocketAddr = tokio::net::lookup_host(&icfg.addr)
+            .await
+            .map_err(|e| Error::Format(format!("IOM {} address '{}' does not resolve: {e}", opts.id, icfg.addr)))?
+            .next()
+            .ok_or_else(|| Error::Format(format!("IOM {} address '{}' does not resolve", opts.id, icfg.addr)))?;
+        let ident = net::tls::Identity::load_iom(&paths, opts.id).map_err(|e| Error::Format(e.to_string()))?;
+        let sc = net::tls::server_config(&ident, cfg.transport).map_err(|e| Error::Format(e.to_string()))?;
+        let cc = net::tls::client_config(&ident, cfg.transport).map_err(|e| Error::Format(e.to_string()))?;
+        let endpoint = net::tls::make_endpoint(bind, Some(sc), cfg.transport).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                Error::Format(format!("UDP port {bind} is in use: is IOM {} already running, or another program on that port?", opts.id))
+            } else {
+                Error::io(format!("bind {bind}"), e)
+            }
+        })?;
+        let pool = net::Pool::new(
+            endpoint.clone(),
+            cc,
+            Hello { protocol: PROTOCOL_VERSION, cluster_id: cfg.cluster_id.clone(), peer: PeerKind::Iom(opts.id) },
+            cfg.ioms.iter().map(|i| i.addr.clone()).collect(),
+        );
+        let cache = Arc::new(Cache::new((cfg.tuning.cache_mib as usize) << 20));
+        let iom = Arc::new(Iom {
+            id: opts.id,
+            links: Links::new(cfg.width()),
+            parity: ParitySide::default(),
+            inflight: Inflight::default(),
+            locks: KeyLocks::default(),
+            shutdown: CancellationToken::new(),
+            cfg,
+            paths,
+            layout,
+            data_dir,
+            journal_dir,
+            store,
+            cache,
+            journal,
+            map,
+            pool,
+            member,
+            endpoint,
+            _lock: lock,
+        });
+        Ok(iom)
+    }
+
+    /// Applies `rec` to the map, then appends it to the journal (the order
+    /// checkpoints rely on). Slots the record frees return to the allocator
+    /// once it is durable.
+    pub fn commit(&self, rec: &Record, after_data_sync: bool, wait: Wait) -> Option<oneshot::Receiver<()>> {
+        let freed = self.map.apply(rec);
+        self.uncache(rec);
+        let payload = codec::encode(rec).expect("journal records encode");
+        let cb = self.free_on_durable(freed);
+        self.journal.append(payload, after_data_sync, wait, cb)
+    }
+
+    fn uncache(&self, rec: &Record) {
+        if let Record::Dropped { object, from } = rec {
+            // Versions of a dropped block restart at 1: forget cached ones.
+            let first = from.0 * self.layout.n() as u64;
+            let (o, g) = (*object, *from);
+            self.cache.retain(|k| match k {
+                CacheKey::Data(b, _) => !(b.object == o && b.block.0 >= first),
+                CacheKey::Parity(p, _) => !(p.object == o && p.group >= g),
+            });
+        }
+    }
+
+    pub fn free_on_durable(&self, freed: Vec<DiskAddr>) -> Option<Box<dyn FnOnce() + Send>> {
+        if freed.is_empty() {
+            return None;
+        }
+        let store = self.store.clone();
+        Some(Box::new(move || {
+            for a in freed {
+                store.free(a);
+            }
+        }))
+    }
+
+    /// Makes a cache key for a data version.
+    pub fn data_cache_key(key: BlockKey, v: common::Version) -> CacheKey {
+        CacheKey::Data(key, v)
+    }
+
+    /// Writes a checkpoint of the map and drops the journal segments it covers.
+    pub async fn checkpoint(&self) -> Result<(), Error> {
+        let seg = self.journal.rotate().await;
+        if seg == 0 {
+            return Ok(());
+        }
+        self.map.write_snapshot(&self.data_dir, seg)?;
+        Journal::remove_before(&self.journal_dir, seg)?;
+        tracing::info!(iom = self.id.0, segment = seg, "checkpoint written");
+        Ok(())
+    }
+
+    /// Background: checkpoint when the journal has grown enough.
+    pub async fn checkpoint_worker(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+            if self.journal.stats.bytes_since_rotate.load(Ordering::Relaxed) > CHECKPOINT_BYTES {
+                if let Err(e) = self.checkpoint().await {
+                    tracing::error!(iom = self.id.0, "checkpoint failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// Orderly stop: no new requests, in-flight writes drained (bounded),
+    /// checkpoint, journal flushed and closed.
+    pub async fn stop(&self) {
+        self.shutdown.cancel();
+        self.endpoint.set_server_config(None);
+        let drained = tokio::time::timeout(Duration::from_secs(3), self.inflight.wait_all()).await.is_ok();
+        if !drained {
+            tracing::warn!(iom = self.id.0, "stopping with unfinished writes; recovery will finish them");
+        }
+        if let Err(e) = self.checkpoint().await {
+            tracing::error!(iom = self.id.0, "final checkpoint failed: {e}");
+        }
+        self.journal.flush().await;
+        self.journal.stop().await;
+        self.pool.close();
+        self.endpoint.close(0u32.into(), b"shutdown");
+    }
+
+    pub fn stats(&self) -> IomStats {
+        let (used, total) = self.store.usage();
+        let (d, p) = self.map.counts();
+        let js = &self.journal.stats;
+        IomStats {
+            iom: self.id.0,
+            epoch: self.member.epoch().0,
+            block_size: self.cfg.block_size,
+            slots_used: used,
+            slots_total: total,
+            data_blocks: d,
+            parity_blocks: p,
+            journal_records: js.records.load(Ordering::Relaxed),
+            journal_flushes: js.flushes.load(Ordering::Relaxed),
+            journal_bytes: js.bytes.load(Ordering::Relaxed),
+            cache_bytes: self.cache.bytes(),
+            cache_hits: self.cache.hits.load(Ordering::Relaxed),
+            cache_misses: self.cache.misses.load(Ordering::Relaxed),
+            parity_writes: self.parity.writes.load(Ordering::Relaxed),
+            parity_deltas: self.parity.deltas.load(Ordering::Relaxed),
+            rss_bytes: rss_bytes(),
+            open_txs: self.map.dtx.lock().len() as u64,
+            ..Default::default()
+        }
+    }
+}
+
+/// Slots the filesystem under `dir` can hold (free space plus what the block file uses).
+fn fs_capacity(dir: &std::path::Path, block_size: u32) -> u64 {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap_or_default();
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return 1 << 24;
+    }
+    let free = s.f_bavail as u64 * s.f_frsize as u64;
+    let used = std::fs::metadata(dir.join(crate::store::BLOCK_FILE)).map(|m| m.len()).unwrap_or(0);
+    (free + used) / block_size as u64
+}
+
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|x| x.parse::<u64>().ok()))
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}

@@ -1,0 +1,385 @@
+//! The data side of a write: steps a1–a14 of DESIGN §3, run on the IOM that
+//! holds the block.
+//!
+//! The request is answered at the point its toughness names: `fast` after
+//! a4, `atomic` once the a5 record is written and the parity IOM confirmed
+//! it holds the delta (b4), `durable` once a11 is durable and the parity
+//! IOM completed (b12). The rest of the protocol finishes in the background.
+
+use crate::cache::CacheKey;
+use crate::crash_point;
+use crate::journal::Wait;
+use crate::records::{Record, VerRef};
+use crate::{Error, Iom};
+use bytes::{Bytes, BytesMut};
+use common::wire::ParityUpdate;
+use common::{codec, BlockKey, TxId, TxRef, Toughness, Version};
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio::sync::{oneshot, watch};
+
+/// How far a data-side transaction has come.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Progress {
+    /// a4 done (data write issued).
+    Issued,
+    /// a5 written and b4 received: the parity IOM holds the delta.
+    Held,
+    /// a11 durable and b12 received: new data and parity on stable storage.
+    Durable,
+    /// a14 done.
+    Done,
+    /// The transaction cannot finish here (peer lost); recovery owns it.
+    Failed,
+}
+
+/// Data-side transactions in flight, for durability barriers and shutdown.
+#[derive(Default)]
+pub struct Inflight {
+    txs: Mutex<BTreeMap<TxId, watch::Receiver<Progress>>>,
+}
+
+impl Inflight {
+    fn register(&self, tx: TxId) -> watch::Sender<Progress> {
+        let (s, r) = watch::channel(Progress::Issued);
+        self.txs.lock().insert(tx, r);
+        s
+    }
+    fn remove(&self, tx: TxId) {
+        self.txs.lock().remove(&tx);
+    }
+    pub fn len(&self) -> usize {
+        self.txs.lock().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits until every transaction in flight now is durable (or failed).
+    pub async fn wait_durable(&self) -> Result<(), Error> {
+        let now: Vec<_> = self.txs.lock().values().cloned().collect();
+        for mut r in now {
+            let res = r.wait_for(|p| *p >= Progress::Durable).await.map(|g| *g);
+            let p = res.unwrap_or_else(|_| *r.borrow());
+            if p == Progress::Failed {
+                return Err(Error::Wire(common::wire::WireError::new(
+                    common::wire::ErrorCode::Unavailable,
+                    "a write could not reach its parity IOM; it will be resolved by recovery",
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until nothing is in flight.
+    pub async fn wait_all(&self) {
+        loop {
+            let now: Vec<_> = self.txs.lock().values().cloned().collect();
+            if now.is_empty() {
+                return;
+            }
+            for mut r in now {
+                let _ = r.wait_for(|p| *p >= Progress::Done).await;
+            }
+        }
+    }
+}
+
+/// What a data transaction does to the block.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// Merge `data` at `offset`.
+    Write { offset: u32, data: Bytes },
+    /// Keep `[0, keep)`; `keep == 0` deletes the block.
+    Truncate { keep: u32 },
+}
+
+/// a3 + a7: the new block (old block with the request merged in) and the
+/// delta (old XOR new) over the only range that can differ.
+pub fn build_new(old: &Bytes, op: &Op) -> (Bytes, u32, Bytes) {
+    match op {
+        Op::Write { offset, data } => {
+            let off = *offset as usize;
+            let end = off + data.len();
+            let new = if off == 0 && data.len() >= old.len() {
+                data.clone()
+            } else {
+                let mut b = BytesMut::zeroed(old.len().max(end));
+                b[..old.len()].copy_from_slice(old);
+                b[off..end].copy_from_slice(data);
+                b.freeze()
+            };
+            let delta = if off >= old.len() {
+                data.clone()
+            } else {
+                let mut d = BytesMut::from(&data[..]);
+                let o = &old[off..old.len().min(end)];
+                xor_into(&mut d[..o.len()], o);
+                d.freeze()
+            };
+            (new, *offset, delta)
+        }
+        Op::Truncate { keep } => {
+            let keep = (*keep as usize).min(old.len());
+            (old.slice(..keep), keep as u32, old.slice(keep..))
+        }
+    }
+}
+
+/// `dst ^= src` over `src.len()` bytes.
+pub fn xor_into(dst: &mut [u8], src: &[u8]) {
+    let n = src.len().min(dst.len());
+    let (d8, s8) = (&mut dst[..n], &src[..n]);
+    let mut dc = d8.chunks_exact_mut(8);
+    let mut sc = s8.chunks_exact(8);
+    for (d, s) in (&mut dc).zip(&mut sc) {
+        let x = u64::from_ne_bytes(d.try_into().expect("8")) ^ u64::from_ne_bytes(s.try_into().expect("8"));
+        d.copy_from_slice(&x.to_ne_bytes());
+    }
+    for (d, s) in dc.into_remainder().iter_mut().zip(sc.remainder()) {
+        *d ^= *s;
+    }
+}
+
+struct Pending {
+    tx: TxId,
+    key: BlockKey,
+    old: VerRef,
+    new: VerRef,
+    progress: watch::Sender<Progress>,
+    written: Option<oneshot::Receiver<()>>,
+    held: oneshot::Receiver<()>,
+    done: oneshot::Receiver<()>,
+}
+
+impl Iom {
+    /// Bytes of a block version: buffer cache, else the disk (checksum
+    /// verified), else zeros (an absent version is empty).
+    pub async fn version_bytes(&self, key: BlockKey, v: VerRef) -> Result<Bytes, Error> {
+        let Some(addr) = v.addr else { return Ok(Bytes::new()) };
+        let ck = CacheKey::Data(key, v.version);
+        if let Some(b) = self.cache.get(&ck) {
+            return Ok(b);
+        }
+        let store = self.store.clone();
+        let buf = tokio::task::spawn_blocking(move || store.read(addr, v.len))
+            .await
+            .map_err(|e| Error::Format(format!("read task: {e}")))??;
+        if codec::crc(&buf) != v.crc {
+            return Err(Error::Corrupt(format!(
+                "object {} block {} version {} on IOM {} (slot {})",
+                key.object, key.block, v.version.0, self.id, addr.0
+            )));
+        }
+        let b = Bytes::from(buf);
+        self.cache.put(ck, b.clone());
+        Ok(b)
+    }
+
+    /// Runs one data transaction and answers at the point `toughness` names.
+    #[tracing::instrument(level = "debug", skip(self, op), fields(iom = self.id.0, object = key.object.0, block = key.block.0))]
+    pub async fn write_block(
+        self: &Arc<Self>,
+        key: BlockKey,
+        op: Op,
+        toughness: Toughness,
+        hint: u8,
+    ) -> Result<Version, Error> {
+        if self.shutdown.is_cancelled() {
+            return Err(Error::Shutdown);
+        }
+        let bs = self.cfg.block_size;
+        if let Op::Write { offset, data } = &op {
+            if *offset as u64 + data.len() as u64 > bs as u64 || data.is_empty() {
+                return Err(Error::BadRequest(format!(
+                    "write of {} bytes at offset {offset} does not fit a {bs}-byte block",
+                    data.len()
+                )));
+            }
+        }
+        let guard = self.locks.lock(key).await;
+        let mut p = self.issue(key, &op, hint).await?;
+        drop(guard);
+        let version = p.new.version;
+        let mut watch = p.progress.subscribe();
+        let written = p.written.take();
+        let me = self.clone();
+        tokio::spawn(async move { me.finish(p, written).await });
+        let want = match toughness {
+            Toughness::Fast => return Ok(version),
+            Toughness::Atomic => Progress::Held,
+            Toughness::Durable => Progress::Durable,
+        };
+        let got = *watch.wait_for(|s| *s >= want).await.map_err(|_| Error::Shutdown)?;
+        if got == Progress::Failed {
+            return Err(Error::Wire(common::wire::WireError::new(
+                common::wire::ErrorCode::Unavailable,
+                "parity IOM unreachable; retry after the cluster map changes",
+            )));
+        }
+        Ok(version)
+    }
+
+    /// a1–a8 under the block's lock: from the old version to the delta on its way.
+    async fn issue(self: &Arc<Self>, key: BlockKey, op: &Op, hint: u8) -> Result<Pending, Error> {
+        // a1: the old block, from the buffer cache or the disk (zeros if it never existed).
+        let old = self.map.head(&key);
+        let old_bytes = self.version_bytes(key, old).await?;
+        crash_point!(self, "write::after-a1");
+
+        // a3: the new block in a second buffer; a7's delta computed alongside.
+        let (new_bytes, delta_offset, delta) = build_new(&old_bytes, op);
+
+        // a2: a new disk address (none when the block is deleted).
+        let addr = if new_bytes.is_empty() && old.addr.is_none() && matches!(op, Op::Truncate { .. }) {
+            // Truncating an absent block: nothing to do, but keep the protocol uniform.
+            None
+        } else if new_bytes.is_empty() && matches!(op, Op::Truncate { keep: 0 }) {
+            None
+        } else {
+            Some(self.store.alloc()?)
+        };
+        crash_point!(self, "write::after-a2");
+        crash_point!(self, "write::after-a3");
+
+        // a4: issue the write of the new block at the new address.
+        if let Some(a) = addr {
+            self.store.write(a, &new_bytes)?;
+        }
+        let new = VerRef {
+            version: old.version.next(),
+            addr,
+            len: new_bytes.len() as u32,
+            crc: codec::crc(&new_bytes),
+        };
+        if addr.is_some() {
+            self.cache.put(CacheKey::Data(key, new.version), new_bytes);
+        }
+        crash_point!(self, "write::after-a4");
+
+        // a5: journal "write issued" with old and new addresses.
+        let tx = self.map.next_tx();
+        let group = self.layout.group_key(key);
+        let parity = self.layout.parity_iom(key.object, group.group);
+        let rec = Record::Issued { tx, key, old, new, parity };
+        let written = self.commit(&rec, false, Wait::Written);
+        let progress = self.inflight.register(tx);
+        crash_point!(self, "write::after-a5");
+
+        // a6 + a8: "update parity" to P with the delta pushed along (a7 above).
+        let upd = ParityUpdate {
+            tx: TxRef { iom: self.id, tx },
+            group,
+            index: self.layout.index_in_group(key.block),
+            old: old.version,
+            new: new.version,
+            delta_offset,
+            hint,
+            data_iom: self.id,
+        };
+        let (held, done) = self.links.send_update(self, parity, upd, delta);
+        crash_point!(self, "write::after-a6");
+        Ok(Pending { tx, key, old, new, progress, written, held, done })
+    }
+
+    /// a8 confirmation through a14, in the background.
+    async fn finish(self: Arc<Self>, p: Pending, written: Option<oneshot::Receiver<()>>) {
+        let Pending { tx, key, old, new, progress, held, done, .. } = p;
+        let fail = |progress: &watch::Sender<Progress>| {
+            progress.send_replace(Progress::Failed);
+        };
+        // a8: P confirms it holds the delta (b4); a5 is written by then too.
+        if let Some(w) = written {
+            let _ = w.await;
+        }
+        if held.await.is_err() {
+            fail(&progress);
+            self.inflight.remove(tx);
+            return;
+        }
+        crash_point!(&self, "write::after-a8");
+        // a9: the old-block buffer is released (dropped with the delta).
+        crash_point!(&self, "write::after-a9");
+        progress.send_replace(Progress::Held);
+
+        // a10 + a11: the new block's write completes (block file synced by the
+        // journal writer before this record) and the map switches to it.
+        let rec = Record::Switched { tx };
+        let switched = self.commit(&rec, true, Wait::Durable);
+        if let Some(s) = switched {
+            let _ = s.await;
+        }
+        crash_point!(&self, "write::after-a10");
+        crash_point!(&self, "write::after-a11");
+        // a12: the new-block buffer is released (it stays in the cache as the next write's old block).
+        crash_point!(&self, "write::after-a12");
+
+        // b12 from P: parity update completed.
+        if done.await.is_err() {
+            fail(&progress);
+            self.inflight.remove(tx);
+            return;
+        }
+        progress.send_replace(Progress::Durable);
+
+        // a13: tell P the write completed.
+        self.links.send_write_done(&self, new_parity_role(&self, key), TxRef { iom: self.id, tx });
+        crash_point!(&self, "write::after-a13");
+
+        // a14: free the old address (once this record is durable), journal "write completed".
+        let _ = old;
+        let _ = new;
+        self.commit(&Record::Completed { tx }, false, Wait::Nothing);
+        crash_point!(&self, "write::after-a14");
+        progress.send_replace(Progress::Done);
+        self.inflight.remove(tx);
+    }
+}
+
+fn new_parity_role(iom: &Iom, key: BlockKey) -> common::IomId {
+    iom.layout.parity_iom(key.object, iom.layout.group_of(key.block))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn xor(a: &[u8], b: &[u8]) -> Vec<u8> {
+        let n = a.len().max(b.len());
+        (0..n).map(|i| a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0)).collect()
+    }
+
+    #[test]
+    fn merge_and_delta_agree() {
+        let old = Bytes::from(vec![7u8; 100]);
+        for (off, len) in [(0usize, 100usize), (0, 150), (10, 20), (90, 30), (120, 10), (0, 5)] {
+            let data = Bytes::from((0..len).map(|i| (i * 13 + 1) as u8).collect::<Vec<_>>());
+            let (new, doff, delta) = build_new(&old, &Op::Write { offset: off as u32, data: data.clone() });
+            let mut expect = old.to_vec();
+            if expect.len() < off + len {
+                expect.resize(off + len, 0);
+            }
+            expect[off..off + len].copy_from_slice(&data);
+            assert_eq!(&new[..], &expect[..]);
+            // old XOR new == delta placed at doff
+            let full = xor(&old, &new);
+            let mut placed = vec![0u8; full.len()];
+            placed[doff as usize..doff as usize + delta.len()].copy_from_slice(&delta);
+            assert_eq!(full, placed, "off {off} len {len}");
+        }
+        let (new, doff, delta) = build_new(&old, &Op::Truncate { keep: 40 });
+        assert_eq!(new.len(), 40);
+        assert_eq!((doff, delta.len()), (40, 60));
+        let (new, _, delta) = build_new(&Bytes::new(), &Op::Write { offset: 5, data: Bytes::from_static(b"ab") });
+        assert_eq!(&new[..], b"\0\0\0\0\0ab");
+        assert_eq!(&delta[..], b"ab");
+    }
+
+    #[test]
+    fn xor_into_works_on_odd_lengths() {
+        let mut a = vec![0xffu8; 13];
+        xor_into(&mut a, &[0x0f; 13]);
+        assert!(a.iter().all(|&x| x == 0xf0));
+    }
+}

@@ -1,0 +1,66 @@
+//! Transport of iomfs: the cluster PKI, mutual-TLS QUIC endpoints tuned for
+//! datacentre links, frames on streams and pooled RPC connections.
+//!
+//! Invariants: every connection is TLS 1.3 with a certificate signed by the
+//! cluster CA on both ends; a connection is usable only after its Hello
+//! exchange agreed on protocol version and cluster id; frames larger than
+//! the protocol limits are refused before any allocation of their size.
+
+pub mod frame;
+pub mod pki;
+pub mod pool;
+pub mod tls;
+
+pub use pool::Pool;
+
+use common::wire::WireError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("connecting to {addr}: {msg}")]
+    Connect { addr: String, msg: String },
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream read: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("stream closed: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+    #[error("encode: {0}")]
+    Codec(String),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("frame of {0} bytes is larger than the protocol allows")]
+    TooLarge(usize),
+    #[error("no reply within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("handshake refused: {0}")]
+    Handshake(String),
+    #[error("unexpected reply: {0}")]
+    Unexpected(String),
+    #[error("{0}")]
+    Remote(#[from] WireError),
+}
+
+impl NetError {
+    /// Whether the failure says nothing about the request itself (the peer
+    /// may be down or restarting): refresh the map and retry.
+    pub fn is_transport(&self) -> bool {
+        matches!(
+            self,
+            NetError::Connect { .. }
+                | NetError::Connection(_)
+                | NetError::Write(_)
+                | NetError::Read(_)
+                | NetError::Closed(_)
+                | NetError::Timeout(_)
+        )
+    }
+    pub fn remote(&self) -> Option<&WireError> {
+        match self {
+            NetError::Remote(e) => Some(e),
+            _ => None,
+        }
+    }
+}

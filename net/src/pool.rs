@@ -1,0 +1,214 @@
+//! Pooled connections to the IOMs of a cluster: one QUIC connection per
+//! peer, opened lazily, checked by a Hello exchange, replaced when it dies.
+//! Each call runs on its own bidirectional stream.
+
+use crate::frame::{read_frame, write_frame};
+use crate::NetError;
+use bytes::Bytes;
+use common::cluster::ClusterMap;
+use common::wire::{Hello, Reply, Request, PROTOCOL_VERSION};
+use common::IomId;
+use parking_lot::{Mutex, RwLock};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+type MapHook = Arc<dyn Fn(&ClusterMap) + Send + Sync>;
+
+struct Slot {
+    cur: RwLock<Option<quinn::Connection>>,
+    connecting: tokio::sync::Mutex<()>,
+    last_failure: Mutex<Option<Instant>>,
+}
+
+pub struct Pool {
+    endpoint: quinn::Endpoint,
+    client_cfg: quinn::ClientConfig,
+    hello: Hello,
+    addrs: Vec<String>,
+    slots: Vec<Slot>,
+    on_map: RwLock<Option<MapHook>>,
+    pub connect_timeout: Duration,
+    /// After a failed connect, calls fail fast for this long.
+    pub retry_backoff: Duration,
+}
+
+/// Opens a bi stream, sends one request frame, finishes, reads one reply frame.
+pub async fn call_on(
+    conn: &quinn::Connection,
+    req: &Request,
+    payload: Bytes,
+) -> Result<(Reply, Bytes), NetError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, req, payload).await?;
+    send.finish()?;
+    match read_frame::<Reply>(&mut recv).await? {
+        Some((Reply::Error(e), _)) => Err(NetError::Remote(e)),
+        Some((r, p)) => Ok((r, p)),
+        None => Err(NetError::Malformed("stream ended without a reply".into())),
+    }
+}
+
+impl Pool {
+    pub fn new(
+        endpoint: quinn::Endpoint,
+        client_cfg: quinn::ClientConfig,
+        hello: Hello,
+        addrs: Vec<String>,
+    ) -> Pool {
+        let slots = addrs
+            .iter()
+            .map(|_| Slot {
+                cur: RwLock::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+                last_failure: Mutex::new(None),
+            })
+            .collect();
+        Pool {
+            endpoint,
+            client_cfg,
+            hello,
+            addrs,
+            slots,
+            on_map: RwLock::new(None),
+            connect_timeout: Duration::from_secs(2),
+            retry_backoff: Duration::from_millis(100),
+        }
+    }
+
+    /// Called with the cluster map every peer reports in its Hello reply.
+    pub fn set_map_hook(&self, hook: MapHook) {
+        *self.on_map.write() = Some(hook);
+    }
+
+    pub fn width(&self) -> u32 {
+        self.addrs.len() as u32
+    }
+
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    fn slot(&self, iom: IomId) -> Result<&Slot, NetError> {
+        self.slots.get(iom.0 as usize).ok_or_else(|| NetError::Connect {
+            addr: format!("iom {iom}"),
+            msg: "no such IOM in the cluster config".into(),
+        })
+    }
+
+    /// The live connection to `iom`, connecting if needed.
+    pub async fn conn(&self, iom: IomId) -> Result<quinn::Connection, NetError> {
+        let slot = self.slot(iom)?;
+        if let Some(c) = slot.cur.read().as_ref() {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let _guard = slot.connecting.lock().await;
+        if let Some(c) = slot.cur.read().as_ref() {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let addr = &self.addrs[iom.0 as usize];
+        if let Some(t) = *slot.last_failure.lock() {
+            if t.elapsed() < self.retry_backoff {
+                return Err(NetError::Connect { addr: addr.clone(), msg: "recently unreachable".into() });
+            }
+        }
+        match tokio::time::timeout(self.connect_timeout, self.connect(iom, addr)).await {
+            Ok(Ok(c)) => {
+                *slot.last_failure.lock() = None;
+                *slot.cur.write() = Some(c.clone());
+                Ok(c)
+            }
+            Ok(Err(e)) => {
+                *slot.last_failure.lock() = Some(Instant::now());
+                Err(e)
+            }
+            Err(_) => {
+                *slot.last_failure.lock() = Some(Instant::now());
+                Err(NetError::Connect { addr: addr.clone(), msg: "timed out".into() })
+            }
+        }
+    }
+
+    async fn connect(&self, iom: IomId, addr: &str) -> Result<quinn::Connection, NetError> {
+        let err = |msg: String| NetError::Connect { addr: addr.to_string(), msg };
+        let sa = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .next()
+            .ok_or_else(|| err("address does not resolve".into()))?;
+        let name = crate::pki::iom_server_name(iom.0);
+        let conn = self
+            .endpoint
+            .connect_with(self.client_cfg.clone(), sa, &name)
+            .map_err(|e| err(e.to_string()))?
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let (reply, _) = call_on(&conn, &Request::Hello(self.hello.clone()), Bytes::new())
+            .await
+            .map_err(|e| NetError::Handshake(format!("{addr}: {e}")))?;
+        match reply {
+            Reply::Hello(ok) if ok.protocol == PROTOCOL_VERSION && ok.iom == iom => {
+                if let Some(h) = self.on_map.read().as_ref() {
+                    h(&ok.map);
+                }
+                Ok(conn)
+            }
+            Reply::Hello(ok) => Err(NetError::Handshake(format!(
+                "{addr} answered as IOM {} protocol {} (expected IOM {iom} protocol {PROTOCOL_VERSION})",
+                ok.iom, ok.protocol
+            ))),
+            other => Err(NetError::Handshake(format!("{addr}: unexpected hello reply {other:?}"))),
+        }
+    }
+
+    /// Forgets a connection that failed, so the next call reconnects.
+    pub fn drop_conn(&self, iom: IomId) {
+        if let Ok(slot) = self.slot(iom) {
+            if let Some(c) = slot.cur.write().take() {
+                c.close(0u32.into(), b"reset");
+            }
+        }
+    }
+
+    /// One request/reply with `iom`.
+    pub async fn call(
+        &self,
+        iom: IomId,
+        req: &Request,
+        payload: Bytes,
+    ) -> Result<(Reply, Bytes), NetError> {
+        let conn = self.conn(iom).await?;
+        let r = call_on(&conn, req, payload).await;
+        if let Err(e) = &r {
+            if matches!(e, NetError::Connection(_)) {
+                self.drop_conn(iom);
+            }
+        }
+        r
+    }
+
+    /// Like [`Pool::call`] with a deadline.
+    pub async fn call_timeout(
+        &self,
+        iom: IomId,
+        req: &Request,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<(Reply, Bytes), NetError> {
+        match tokio::time::timeout(timeout, self.call(iom, req, payload)).await {
+            Ok(r) => r,
+            Err(_) => Err(NetError::Timeout(timeout)),
+        }
+    }
+
+    pub fn close(&self) {
+        for s in &self.slots {
+            if let Some(c) = s.cur.write().take() {
+                c.close(0u32.into(), b"bye");
+            }
+        }
+    }
+}
