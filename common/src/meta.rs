@@ -55,7 +55,10 @@ impl Timestamp {
         let d = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        Timestamp { secs: d.as_secs() as i64, nsecs: d.subsec_nanos() }
+        Timestamp {
+            secs: d.as_secs() as i64,
+            nsecs: d.subsec_nanos(),
+        }
     }
 }
 
@@ -145,9 +148,18 @@ pub const XATTR_SIZE_MAX: usize = 65536;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaReq {
-    Lookup { parent: Ino, name: Vec<u8> },
-    GetAttr { ino: Ino },
-    SetAttr { ino: Ino, set: SetAttr, caller: Caller },
+    Lookup {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    GetAttr {
+        ino: Ino,
+    },
+    SetAttr {
+        ino: Ino,
+        set: SetAttr,
+        caller: Caller,
+    },
     /// Creates a regular file, directory, symlink, FIFO, socket or device.
     Create {
         parent: Ino,
@@ -158,30 +170,80 @@ pub enum MetaReq {
         caller: Caller,
         target: Option<Vec<u8>>,
     },
-    Unlink { parent: Ino, name: Vec<u8> },
-    Rmdir { parent: Ino, name: Vec<u8> },
-    Rename { parent: Ino, name: Vec<u8>, new_parent: Ino, new_name: Vec<u8>, flags: u32 },
-    Link { ino: Ino, new_parent: Ino, new_name: Vec<u8> },
-    ReadDir { ino: Ino, cookie: u64, max: u32, plus: bool },
-    ReadLink { ino: Ino },
-    SetXattr { ino: Ino, name: Vec<u8>, value: Vec<u8>, flags: u32 },
-    GetXattr { ino: Ino, name: Vec<u8> },
-    ListXattr { ino: Ino },
-    RemoveXattr { ino: Ino, name: Vec<u8> },
+    Unlink {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    Rmdir {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    Rename {
+        parent: Ino,
+        name: Vec<u8>,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+        flags: u32,
+    },
+    Link {
+        ino: Ino,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+    },
+    ReadDir {
+        ino: Ino,
+        cookie: u64,
+        max: u32,
+        plus: bool,
+    },
+    ReadLink {
+        ino: Ino,
+    },
+    SetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        flags: u32,
+    },
+    GetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+    },
+    ListXattr {
+        ino: Ino,
+    },
+    RemoveXattr {
+        ino: Ino,
+        name: Vec<u8>,
+    },
     StatFs,
     /// Open: fresh attributes (close-to-open); `truncate` gives the file a
     /// new, empty object (O_TRUNC).
-    Open { ino: Ino, truncate: bool },
+    Open {
+        ino: Ino,
+        truncate: bool,
+    },
     /// Data written through a handle: grow size to at least `end`, set mtime.
-    Written { ino: Ino, end: u64, mtime: Timestamp },
+    Written {
+        ino: Ino,
+        end: u64,
+        mtime: Timestamp,
+    },
     /// Make every namespace mutation so far durable (fsync/fsyncdir/sync).
     Sync,
     /// Objects whose data is garbage (unlinked files, truncated-away objects).
-    DeadObjects { max: u32 },
+    DeadObjects {
+        max: u32,
+    },
     /// The data of these dead objects has been dropped on every IOM.
-    ForgetDead { objects: Vec<ObjectId> },
+    ForgetDead {
+        objects: Vec<ObjectId>,
+    },
     /// Truncation of data is done (set size after the data went).
-    SetSize { ino: Ino, size: u64 },
+    SetSize {
+        ino: Ino,
+        size: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,8 +255,14 @@ pub enum MetaResp {
     StatFs(FsStats),
     Done,
     /// Open result: attributes plus the effective toughness (inherited).
-    Opened { attr: Attr, toughness: Option<Toughness> },
+    Opened {
+        attr: Attr,
+        toughness: Option<Toughness>,
+    },
     /// Created entry: attributes plus the toughness inherited from its directory.
-    Created { attr: Attr, toughness: Option<Toughness> },
+    Created {
+        attr: Attr,
+        toughness: Option<Toughness>,
+    },
     Dead(Vec<ObjectId>),
 }

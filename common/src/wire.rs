@@ -62,7 +62,10 @@ pub enum Request {
     Data(DataReq),
     /// Opens the long-lived parity channel from data IOM `from` to this IOM;
     /// [`ParityMsg`] frames follow on the stream, [`ParityAck`] frames come back.
-    ParityChannel { from: IomId, epoch: Epoch },
+    ParityChannel {
+        from: IomId,
+        epoch: Epoch,
+    },
     Member(MemberReq),
     Meta(MetaReq),
     Admin(AdminReq),
@@ -83,19 +86,43 @@ pub enum Reply {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DataReq {
     /// Read `len` bytes at `offset` of the current version of a block.
-    Read { route: Route, key: BlockKey, offset: u32, len: u32 },
+    Read {
+        route: Route,
+        key: BlockKey,
+        offset: u32,
+        len: u32,
+    },
     /// Write the payload at `offset` of a block (a1–a14).
     /// `group_hint`: how many blocks of this block's group the same client
     /// request writes, so the parity IOM can coalesce their deltas.
-    Write { route: Route, key: BlockKey, offset: u32, toughness: Toughness, group_hint: u8 },
+    Write {
+        route: Route,
+        key: BlockKey,
+        offset: u32,
+        toughness: Toughness,
+        group_hint: u8,
+    },
     /// Keep bytes `[0, keep)` of a block; `keep == 0` deletes it. Same protocol as a write.
-    Truncate { route: Route, key: BlockKey, keep: u32, toughness: Toughness },
+    Truncate {
+        route: Route,
+        key: BlockKey,
+        keep: u32,
+        toughness: Toughness,
+    },
     /// Durability barrier: every write answered so far by this IOM is on stable storage.
     Flush { route: Route },
     /// Drop every data and parity block of `object` in groups >= `from` (GC of dead objects).
-    DropObject { route: Route, object: ObjectId, from: GroupNo },
+    DropObject {
+        route: Route,
+        object: ObjectId,
+        from: GroupNo,
+    },
     /// A specific version of a block (for reconstruction and scrub).
-    ReadVersion { route: Route, key: BlockKey, version: Version },
+    ReadVersion {
+        route: Route,
+        key: BlockKey,
+        version: Version,
+    },
     /// The parity block of a group with the member versions it covers.
     ReadParity { route: Route, group: GroupKey },
     /// Data blocks held, in key order after `after` (scrub).
@@ -123,14 +150,22 @@ pub struct GroupInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DataResp {
     /// Payload: the stored bytes of the range; bytes past the payload are zeros.
-    Read { version: Version },
-    Written { version: Version },
+    Read {
+        version: Version,
+    },
+    Written {
+        version: Version,
+    },
     Flushed,
     Dropped,
     /// Payload: the block's stored bytes at that version (zeros past it).
-    Version { version: Version },
+    Version {
+        version: Version,
+    },
     /// Payload: the parity block's stored bytes; `versions[j]` is the version of member j it covers.
-    Parity { versions: Vec<Version> },
+    Parity {
+        versions: Vec<Version>,
+    },
     Blocks(Vec<BlockInfo>),
     Groups(Vec<GroupInfo>),
 }
@@ -159,17 +194,26 @@ pub struct ParityUpdate {
 pub enum ParityMsg {
     Update(ParityUpdate),
     /// a13: the data IOM's write completed (map switched, data durable).
-    WriteDone { tx: TxRef },
+    WriteDone {
+        tx: TxRef,
+    },
 }
 
 /// Parity IOM to data IOM, on the parity channel.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ParityAck {
     /// b4: the delta is held and "update parity received" journaled.
-    Held { tx: TxRef },
+    Held {
+        tx: TxRef,
+    },
     /// b12: parity update completed (new parity durable, journaled).
-    Done { tx: TxRef },
-    Failed { tx: TxRef, error: WireError },
+    Done {
+        tx: TxRef,
+    },
+    Failed {
+        tx: TxRef,
+        error: WireError,
+    },
 }
 
 // ---------------------------------------------------------------- membership
@@ -182,15 +226,30 @@ pub struct Ballot {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MemberReq {
-    Ping { from: IomId, epoch: Epoch },
+    Ping {
+        from: IomId,
+        epoch: Epoch,
+    },
     GetMap,
     /// Proposes `map` (epoch = ballot.epoch); voters check their own view of `changed`.
-    Propose { ballot: Ballot, map: ClusterMap, changed: IomId },
-    Commit { map: ClusterMap },
+    Propose {
+        ballot: Ballot,
+        map: ClusterMap,
+        changed: IomId,
+    },
+    Commit {
+        map: ClusterMap,
+    },
     /// Unfinished transactions this IOM has with `about` (published to its proxy).
-    Unfinished { about: IomId },
+    Unfinished {
+        about: IomId,
+    },
     /// Asks a stand-in for the blocks it marked for rebuild of `about`.
-    RebuildMarks { about: IomId, after: Option<BlockKey>, limit: u32 },
+    RebuildMarks {
+        about: IomId,
+        after: Option<BlockKey>,
+        limit: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -297,7 +356,10 @@ pub struct WireError {
 
 impl WireError {
     pub fn new(code: ErrorCode, detail: impl Into<String>) -> WireError {
-        WireError { code, detail: detail.into() }
+        WireError {
+            code,
+            detail: detail.into(),
+        }
     }
     /// Whether a client should refresh its map and try again.
     pub fn is_retryable(&self) -> bool {
@@ -343,8 +405,14 @@ mod tests {
         assert_eq!(hex(&encode(&hello).unwrap()), "000101630103");
 
         let w = Request::Data(DataReq::Write {
-            route: Route { epoch: Epoch(2), target: IomId(1) },
-            key: BlockKey { object: ObjectId(300), block: BlockNo(5) },
+            route: Route {
+                epoch: Epoch(2),
+                target: IomId(1),
+            },
+            key: BlockKey {
+                object: ObjectId(300),
+                block: BlockNo(5),
+            },
             offset: 4096,
             toughness: Toughness::Durable,
             group_hint: 4,
@@ -352,8 +420,14 @@ mod tests {
         assert_eq!(hex(&encode(&w).unwrap()), "01010201fb2c0105fb00100204");
 
         let u = ParityMsg::Update(ParityUpdate {
-            tx: TxRef { iom: IomId(1), tx: TxId(9) },
-            group: GroupKey { object: ObjectId(7), group: GroupNo(2) },
+            tx: TxRef {
+                iom: IomId(1),
+                tx: TxId(9),
+            },
+            group: GroupKey {
+                object: ObjectId(7),
+                group: GroupNo(2),
+            },
             index: 3,
             old: Version(4),
             new: Version(5),
@@ -366,23 +440,64 @@ mod tests {
         let e = Reply::Error(WireError::new(ErrorCode::NotServing, "x"));
         assert_eq!(hex(&encode(&e).unwrap()), "05050178");
 
-        let a = ParityAck::Done { tx: TxRef { iom: IomId(2), tx: TxId(300) } };
+        let a = ParityAck::Done {
+            tx: TxRef {
+                iom: IomId(2),
+                tx: TxId(300),
+            },
+        };
         assert_eq!(hex(&encode(&a).unwrap()), "0102fb2c01");
     }
 
     #[test]
     fn roundtrip_all_data_requests() {
-        let route = Route { epoch: Epoch(1), target: IomId(0) };
-        let key = BlockKey { object: ObjectId(1), block: BlockNo(2) };
+        let route = Route {
+            epoch: Epoch(1),
+            target: IomId(0),
+        };
+        let key = BlockKey {
+            object: ObjectId(1),
+            block: BlockNo(2),
+        };
         let reqs = vec![
-            DataReq::Read { route, key, offset: 1, len: 2 },
-            DataReq::Truncate { route, key, keep: 0, toughness: Toughness::Fast },
+            DataReq::Read {
+                route,
+                key,
+                offset: 1,
+                len: 2,
+            },
+            DataReq::Truncate {
+                route,
+                key,
+                keep: 0,
+                toughness: Toughness::Fast,
+            },
             DataReq::Flush { route },
-            DataReq::DropObject { route, object: ObjectId(1), from: GroupNo(0) },
-            DataReq::ReadVersion { route, key, version: Version(3) },
-            DataReq::ReadParity { route, group: GroupKey { object: ObjectId(1), group: GroupNo(0) } },
-            DataReq::ListBlocks { after: Some(key), limit: 10 },
-            DataReq::ListGroups { after: None, limit: 10 },
+            DataReq::DropObject {
+                route,
+                object: ObjectId(1),
+                from: GroupNo(0),
+            },
+            DataReq::ReadVersion {
+                route,
+                key,
+                version: Version(3),
+            },
+            DataReq::ReadParity {
+                route,
+                group: GroupKey {
+                    object: ObjectId(1),
+                    group: GroupNo(0),
+                },
+            },
+            DataReq::ListBlocks {
+                after: Some(key),
+                limit: 10,
+            },
+            DataReq::ListGroups {
+                after: None,
+                limit: 10,
+            },
         ];
         for r in reqs {
             let req = Request::Data(r);

@@ -36,7 +36,13 @@ impl Cache {
     pub fn new(budget_bytes: usize) -> Cache {
         Cache {
             shards: (0..SHARDS)
-                .map(|_| Mutex::new(Shard { map: HashMap::new(), order: VecDeque::new(), bytes: 0 }))
+                .map(|_| {
+                    Mutex::new(Shard {
+                        map: HashMap::new(),
+                        order: VecDeque::new(),
+                        bytes: 0,
+                    })
+                })
                 .collect(),
             budget: budget_bytes / SHARDS,
             hits: AtomicU64::new(0),
@@ -80,7 +86,9 @@ impl Cache {
         let mut spins = s.order.len() * 2 + 1;
         while s.bytes > self.budget && spins > 0 {
             spins -= 1;
-            let Some(victim) = s.order.pop_front() else { break };
+            let Some(victim) = s.order.pop_front() else {
+                break;
+            };
             let referenced = match s.map.get_mut(&victim) {
                 None => continue,
                 Some((_, r)) => std::mem::replace(r, false),
@@ -127,7 +135,13 @@ mod tests {
     use common::{BlockNo, ObjectId};
 
     fn key(i: u64) -> CacheKey {
-        CacheKey::Data(BlockKey { object: ObjectId(1), block: BlockNo(i) }, Version(1))
+        CacheKey::Data(
+            BlockKey {
+                object: ObjectId(1),
+                block: BlockNo(i),
+            },
+            Version(1),
+        )
     }
 
     #[test]

@@ -22,7 +22,11 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
         path.extension().and_then(|e| e.to_str()).unwrap_or("")
     ));
     let res = (|| -> std::io::Result<()> {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         fs::rename(&tmp, path)

@@ -85,7 +85,10 @@ fn seg_name(n: u64) -> String {
 }
 
 fn parse_seg(name: &str) -> Option<u64> {
-    name.strip_prefix("seg-")?.strip_suffix(".log")?.parse().ok()
+    name.strip_prefix("seg-")?
+        .strip_suffix(".log")?
+        .parse()
+        .ok()
 }
 
 fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, Error> {
@@ -134,7 +137,10 @@ fn parse_segment(buf: &[u8], path: &Path) -> Result<(Vec<Vec<u8>>, Option<usize>
             // Crash while creating the segment: nothing was ever appended to it.
             return Ok((Vec::new(), Some(0)));
         }
-        return Err(Error::Format(format!("{}: not an iomfs journal segment", path.display())));
+        return Err(Error::Format(format!(
+            "{}: not an iomfs journal segment",
+            path.display()
+        )));
     }
     let ver = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
     if ver != JOURNAL_FORMAT_VERSION {
@@ -184,7 +190,8 @@ impl Journal {
                 let _ = fs::remove_file(&path);
                 continue;
             }
-            let buf = fs::read(&path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+            let buf =
+                fs::read(&path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
             let (recs, torn) = parse_segment(&buf, &path)?;
             if let Some(off) = torn {
                 if i + 1 != n {
@@ -223,7 +230,11 @@ impl Journal {
             .spawn(move || w.run())
             .map_err(|e| Error::io("spawn journal writer", e))?;
         Ok((
-            Journal { tx, stats, thread: parking_lot::Mutex::new(Some(thread)) },
+            Journal {
+                tx,
+                stats,
+                thread: parking_lot::Mutex::new(Some(thread)),
+            },
             Replayed { records, segment },
         ))
     }
@@ -248,7 +259,13 @@ impl Journal {
             let (t, r) = oneshot::channel();
             (Some(t), Some(r))
         };
-        self.send(Cmd::Append { bytes: payload, after_data_sync, wait, done, on_durable });
+        self.send(Cmd::Append {
+            bytes: payload,
+            after_data_sync,
+            wait,
+            done,
+            on_durable,
+        });
         rx
     }
 
@@ -344,7 +361,13 @@ impl Writer {
             let mut data_synced = false;
             for c in cmds {
                 match c {
-                    Cmd::Append { bytes, after_data_sync, wait, done, on_durable } => {
+                    Cmd::Append {
+                        bytes,
+                        after_data_sync,
+                        wait,
+                        done,
+                        on_durable,
+                    } => {
                         if after_data_sync && !data_synced {
                             // Data written before this record was queued must
                             // be durable before the record can reach the disk.
@@ -375,11 +398,18 @@ impl Writer {
                     }
                     Cmd::Rotate(d) => {
                         self.write_buf(&mut buf, &mut unsynced);
-                        self.sync(&mut unsynced, &mut last_sync, &mut durable_waiters, &mut callbacks);
+                        self.sync(
+                            &mut unsynced,
+                            &mut last_sync,
+                            &mut durable_waiters,
+                            &mut callbacks,
+                        );
                         self.seg_no += 1;
                         match new_segment(&self.dir, self.seg_no) {
                             Ok(f) => self.seg = f,
-                            Err(e) => fatal("segment rotation", std::io::Error::other(e.to_string())),
+                            Err(e) => {
+                                fatal("segment rotation", std::io::Error::other(e.to_string()))
+                            }
                         }
                         self.stats.bytes_since_rotate.store(0, Ordering::Relaxed);
                         let _ = d.send(self.seg_no);
@@ -394,8 +424,14 @@ impl Writer {
             for w in written {
                 let _ = w.send(());
             }
-            if force || (unsynced || !callbacks.is_empty()) && last_sync.elapsed() >= self.interval {
-                self.sync(&mut unsynced, &mut last_sync, &mut durable_waiters, &mut callbacks);
+            if force || (unsynced || !callbacks.is_empty()) && last_sync.elapsed() >= self.interval
+            {
+                self.sync(
+                    &mut unsynced,
+                    &mut last_sync,
+                    &mut durable_waiters,
+                    &mut callbacks,
+                );
             }
             if let Some(d) = stop.take() {
                 let _ = d.send(());
@@ -411,8 +447,12 @@ impl Writer {
         if let Err(e) = self.seg.write_all(buf) {
             fatal("write", e);
         }
-        self.stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.stats.bytes_since_rotate.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_since_rotate
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         buf.clear();
         *unsynced = true;
     }
@@ -459,7 +499,10 @@ mod tests {
         for i in 0..100u32 {
             j.append(i.to_le_bytes().to_vec(), i % 7 == 0, Wait::Nothing, None);
         }
-        j.append(b"last".to_vec(), false, Wait::Durable, None).unwrap().await.unwrap();
+        j.append(b"last".to_vec(), false, Wait::Durable, None)
+            .unwrap()
+            .await
+            .unwrap();
         j.stop().await;
         assert!(j.stats.flushes.load(Ordering::Relaxed) >= 1);
         // torn tail: half a record
@@ -490,7 +533,10 @@ mod tests {
             let j = j.clone();
             hs.push(tokio::spawn(async move {
                 for i in 0..50u32 {
-                    j.append(vec![t as u8, i as u8], false, Wait::Durable, None).unwrap().await.unwrap();
+                    j.append(vec![t as u8, i as u8], false, Wait::Durable, None)
+                        .unwrap()
+                        .await
+                        .unwrap();
                 }
             }));
         }
@@ -500,7 +546,10 @@ mod tests {
         let recs = j.stats.records.load(Ordering::Relaxed);
         let flushes = j.stats.flushes.load(Ordering::Relaxed);
         assert_eq!(recs, 400);
-        assert!(flushes < recs, "no batching: {flushes} flushes for {recs} records");
+        assert!(
+            flushes < recs,
+            "no batching: {flushes} flushes for {recs} records"
+        );
         j.stop().await;
     }
 
@@ -508,10 +557,16 @@ mod tests {
     async fn damaged_sealed_segment_is_an_error() {
         let d = tempfile::tempdir().unwrap();
         let (j, r) = open(d.path(), 0);
-        j.append(b"abc".to_vec(), false, Wait::Durable, None).unwrap().await.unwrap();
+        j.append(b"abc".to_vec(), false, Wait::Durable, None)
+            .unwrap()
+            .await
+            .unwrap();
         j.stop().await;
         let (j2, _) = open(d.path(), 0);
-        j2.append(b"def".to_vec(), false, Wait::Durable, None).unwrap().await.unwrap();
+        j2.append(b"def".to_vec(), false, Wait::Durable, None)
+            .unwrap()
+            .await
+            .unwrap();
         j2.stop().await;
         // damage the first segment, which is now sealed (a newer one follows)
         let p = d.path().join(seg_name(r.segment));
@@ -520,7 +575,9 @@ mod tests {
         b[n - 1] ^= 0xff;
         fs::write(&p, b).unwrap();
         let data = Arc::new(tempfile::tempfile().unwrap());
-        let e = Journal::open(d.path(), 0, data, Duration::from_millis(5)).err().expect("must refuse");
+        let e = Journal::open(d.path(), 0, data, Duration::from_millis(5))
+            .err()
+            .expect("must refuse");
         assert!(e.to_string().contains("sealed journal segment"), "{e}");
     }
 }

@@ -61,7 +61,10 @@ pub enum Error {
 
 impl Error {
     pub fn io(what: impl Into<String>, err: std::io::Error) -> Error {
-        Error::Io { what: what.into(), err }
+        Error::Io {
+            what: what.into(),
+            err,
+        }
     }
 
     pub fn to_wire(&self) -> WireError {

@@ -28,6 +28,7 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -55,9 +56,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     #[cfg(feature = "failpoints")]
     let _scenario = fail::FailScenario::setup();
     let id = IomId(args.id);
-    let iom = Iom::start(StartOptions { dir: args.dir.clone(), id, journal_dir: args.journal_dir })
-        .await
-        .with_context(|| format!("IOM {} of cluster {}", args.id, args.dir.display()))?;
+    let iom = Iom::start(StartOptions {
+        dir: args.dir.clone(),
+        id,
+        journal_dir: args.journal_dir,
+    })
+    .await
+    .with_context(|| format!("IOM {} of cluster {}", args.id, args.dir.display()))?;
     let pid_path = iom.paths.pid(id);
     std::fs::write(&pid_path, format!("{}\n", std::process::id()))
         .with_context(|| format!("write pid file {}", pid_path.display()))?;

@@ -61,8 +61,16 @@ impl ParitySide {
 }
 
 /// Serves one parity channel opened by data IOM `from`.
-pub async fn run_channel(iom: Arc<Iom>, from: IomId, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    if write_frame(&mut send, &Reply::Member(MemberResp::Ack), Bytes::new()).await.is_err() {
+pub async fn run_channel(
+    iom: Arc<Iom>,
+    from: IomId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    if write_frame(&mut send, &Reply::Member(MemberResp::Ack), Bytes::new())
+        .await
+        .is_err()
+    {
         return;
     }
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<ParityAck>();
@@ -77,7 +85,10 @@ pub async fn run_channel(iom: Arc<Iom>, from: IomId, mut send: quinn::SendStream
         match read_frame::<ParityMsg>(&mut recv).await {
             Ok(Some((ParityMsg::Update(u), delta))) => {
                 if let Err(e) = iom.receive_update(u.clone(), delta, ack_tx.clone()) {
-                    let _ = ack_tx.send(ParityAck::Failed { tx: u.tx, error: e.to_wire() });
+                    let _ = ack_tx.send(ParityAck::Failed {
+                        tx: u.tx,
+                        error: e.to_wire(),
+                    });
                 }
             }
             Ok(Some((ParityMsg::WriteDone { tx }, _))) => iom.write_done(tx),
@@ -94,13 +105,21 @@ pub async fn run_channel(iom: Arc<Iom>, from: IomId, mut send: quinn::SendStream
 
 impl Iom {
     /// b1–b4: journal the update, hold its delta, confirm receipt.
-    fn receive_update(self: &Arc<Self>, u: ParityUpdate, delta: Bytes, acks: AckTx) -> Result<(), Error> {
+    fn receive_update(
+        self: &Arc<Self>,
+        u: ParityUpdate,
+        delta: Bytes,
+        acks: AckTx,
+    ) -> Result<(), Error> {
         let n = self.layout.n();
         let role = self.layout.parity_iom(u.group.object, u.group.group);
         if role != self.id && !self.member.is_standin_for(role) {
             return Err(Error::Wire(WireError::new(
                 ErrorCode::NotServing,
-                format!("IOM {} does not hold parity of group {:?}", self.id, u.group),
+                format!(
+                    "IOM {} does not hold parity of group {:?}",
+                    self.id, u.group
+                ),
             )));
         }
         if u.index >= n
@@ -132,12 +151,26 @@ impl Iom {
             }
             // Journaled before a restart but its delta was lost: hold it again.
             let _ = acks.send(ParityAck::Held { tx: u.tx });
-            self.enqueue(q, u.group, Delta { upd: u, delta, acks });
+            self.enqueue(
+                q,
+                u.group,
+                Delta {
+                    upd: u,
+                    delta,
+                    acks,
+                },
+            );
             return Ok(());
         }
 
         // b1: journal "update parity received".
-        let rec = Record::Received { tx: u.tx, group: u.group, index: u.index, old: u.old, new: u.new };
+        let rec = Record::Received {
+            tx: u.tx,
+            group: u.group,
+            index: u.index,
+            old: u.old,
+            new: u.new,
+        };
         let written = self.commit(&rec, false, Wait::Written);
         crate::crash_point_sync!(self, "parity::after-b1");
         // b2: the delta came with the request (pushed by D, DESIGN a8).
@@ -156,7 +189,15 @@ impl Iom {
         crate::crash_point_sync!(self, "parity::after-b2");
         let mut groups = self.parity.groups.lock();
         let q = groups.entry(group).or_default();
-        self.enqueue(q, group, Delta { upd: u, delta, acks });
+        self.enqueue(
+            q,
+            group,
+            Delta {
+                upd: u,
+                delta,
+                acks,
+            },
+        );
         Ok(())
     }
 
@@ -171,7 +212,9 @@ impl Iom {
 
     /// Bytes of a parity version (cache, else disk with checksum, else zeros).
     pub async fn parity_bytes(&self, g: GroupKey, p: &PVerRef) -> Result<Bytes, Error> {
-        let Some(addr) = p.addr else { return Ok(Bytes::new()) };
+        let Some(addr) = p.addr else {
+            return Ok(Bytes::new());
+        };
         let ck = CacheKey::Parity(g, p.seq);
         if let Some(b) = self.cache.get(&ck) {
             return Ok(b);
@@ -218,8 +261,15 @@ impl Iom {
     /// updates in version order, starting from the parity head.
     fn next_batch(&self, g: GroupKey, waited: bool) -> Next {
         let mut groups = self.parity.groups.lock();
-        let Some(q) = groups.get_mut(&g) else { return Next::Idle };
-        let want = q.queue.iter().map(|d| d.upd.hint.max(1) as usize).max().unwrap_or(1);
+        let Some(q) = groups.get_mut(&g) else {
+            return Next::Idle;
+        };
+        let want = q
+            .queue
+            .iter()
+            .map(|d| d.upd.hint.max(1) as usize)
+            .max()
+            .unwrap_or(1);
         if !waited && q.queue.len() < want {
             return Next::Wait;
         }
@@ -272,7 +322,10 @@ impl Iom {
             Ok(b) => b,
             Err(e) => {
                 for d in &batch {
-                    let _ = d.acks.send(ParityAck::Failed { tx: d.upd.tx, error: e.to_wire() });
+                    let _ = d.acks.send(ParityAck::Failed {
+                        tx: d.upd.tx,
+                        error: e.to_wire(),
+                    });
                 }
                 return Err(e);
             }
@@ -305,11 +358,22 @@ impl Iom {
         self.store.write(addr, &bytes)?;
         self.parity.writes.fetch_add(1, Ordering::Relaxed);
         crash_point!(self, "parity::after-b8");
-        let new = PVerRef { seq: self.map.next_pseq(), addr: Some(addr), len: bytes.len() as u32, crc: codec::crc(&bytes), members };
+        let new = PVerRef {
+            seq: self.map.next_pseq(),
+            addr: Some(addr),
+            len: bytes.len() as u32,
+            crc: codec::crc(&bytes),
+            members,
+        };
         self.cache.put(CacheKey::Parity(g, new.seq), bytes);
         // b9 + b10 + b11: the write completes (block file synced before the
         // record), the parity map switches, "update parity completed" is journaled.
-        let rec = Record::ParityDone { group: g, old, new, txs };
+        let rec = Record::ParityDone {
+            group: g,
+            old,
+            new,
+            txs,
+        };
         let durable = self.commit(&rec, true, Wait::Durable);
         crash_point!(self, "parity::after-b10");
         // b12: tell each data IOM, once the record is durable.
@@ -330,7 +394,13 @@ impl Iom {
     /// b13: a data IOM's write completed; free the old parity once every
     /// transaction of its batch has.
     pub fn write_done(self: &Arc<Self>, tx: TxRef) {
-        let Some((g, seq)) = self.map.ptx.lock().get(&tx).and_then(|p| p.applied.map(|s| (p.group, s))) else {
+        let Some((g, seq)) = self
+            .map
+            .ptx
+            .lock()
+            .get(&tx)
+            .and_then(|p| p.applied.map(|s| (p.group, s)))
+        else {
             return;
         };
         let complete = {

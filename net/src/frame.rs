@@ -45,7 +45,9 @@ pub async fn read_frame<H: DeserializeOwned>(
         Ok(()) => {}
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
         Err(quinn::ReadExactError::FinishedEarly(n)) => {
-            return Err(NetError::Malformed(format!("stream ended inside a frame prefix ({n} bytes)")))
+            return Err(NetError::Malformed(format!(
+                "stream ended inside a frame prefix ({n} bytes)"
+            )))
         }
         Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
     }
@@ -78,7 +80,11 @@ async fn read_payload(r: &mut quinn::RecvStream, len: usize) -> Result<Bytes, Ne
     }
     let first = match r.read_chunk(len, true).await? {
         Some(c) => c.bytes,
-        None => return Err(NetError::Malformed("stream ended before the payload".into())),
+        None => {
+            return Err(NetError::Malformed(
+                "stream ended before the payload".into(),
+            ))
+        }
     };
     if first.len() == len {
         return Ok(first);

@@ -89,10 +89,12 @@ impl Pool {
     }
 
     fn slot(&self, iom: IomId) -> Result<&Slot, NetError> {
-        self.slots.get(iom.0 as usize).ok_or_else(|| NetError::Connect {
-            addr: format!("iom {iom}"),
-            msg: "no such IOM in the cluster config".into(),
-        })
+        self.slots
+            .get(iom.0 as usize)
+            .ok_or_else(|| NetError::Connect {
+                addr: format!("iom {iom}"),
+                msg: "no such IOM in the cluster config".into(),
+            })
     }
 
     /// The live connection to `iom`, connecting if needed.
@@ -112,7 +114,10 @@ impl Pool {
         let addr = &self.addrs[iom.0 as usize];
         if let Some(t) = *slot.last_failure.lock() {
             if t.elapsed() < self.retry_backoff {
-                return Err(NetError::Connect { addr: addr.clone(), msg: "recently unreachable".into() });
+                return Err(NetError::Connect {
+                    addr: addr.clone(),
+                    msg: "recently unreachable".into(),
+                });
             }
         }
         match tokio::time::timeout(self.connect_timeout, self.connect(iom, addr)).await {
@@ -127,13 +132,19 @@ impl Pool {
             }
             Err(_) => {
                 *slot.last_failure.lock() = Some(Instant::now());
-                Err(NetError::Connect { addr: addr.clone(), msg: "timed out".into() })
+                Err(NetError::Connect {
+                    addr: addr.clone(),
+                    msg: "timed out".into(),
+                })
             }
         }
     }
 
     async fn connect(&self, iom: IomId, addr: &str) -> Result<quinn::Connection, NetError> {
-        let err = |msg: String| NetError::Connect { addr: addr.to_string(), msg };
+        let err = |msg: String| NetError::Connect {
+            addr: addr.to_string(),
+            msg,
+        };
         let sa = tokio::net::lookup_host(addr)
             .await
             .map_err(|e| err(e.to_string()))?

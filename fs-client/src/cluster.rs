@@ -1,0 +1,464 @@
+//! Client library: reads and writes byte ranges of objects on a cluster.
+//!
+//! Placement is computed locally from (object, block); every request names
+//! the role it addresses and the client's epoch. When an IOM fails, the
+//! request is refused or times out; the client refreshes its cluster map and
+//! retries at the role's new server (its proxy), so one failure costs
+//! latency, not an error. A stopped cluster is waited on up to
+//! `tuning.stopped_wait_s`, then the call fails.
+
+use bytes::{Bytes, BytesMut};
+use common::cluster::{ClusterMap, Health};
+use common::config::{ClusterConfig, ClusterPaths};
+use common::meta::{MetaReq, MetaResp};
+use common::wire::{
+    DataReq, DataResp, ErrorCode, Hello, MemberReq, MemberResp, PeerKind, Reply, Request, Route,
+    WireError, PROTOCOL_VERSION,
+};
+use common::{BlockKey, BlockNo, GroupNo, IomId, Layout, ObjectId, Toughness};
+use net::{NetError, Pool};
+use parking_lot::RwLock;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Config(#[from] common::config::ConfigError),
+    #[error("TLS identity: {0}")]
+    Tls(String),
+    #[error("cannot open a UDP endpoint: {0}")]
+    Endpoint(std::io::Error),
+    #[error("{0}")]
+    Remote(WireError),
+    #[error("{0}")]
+    Net(NetError),
+    #[error("the cluster is stopped (more than one IOM down) and did not come back within {0:?}")]
+    Stopped(Duration),
+    #[error("no IOM of the cluster answers: {0}")]
+    Unreachable(String),
+    #[error("unexpected reply: {0}")]
+    Unexpected(String),
+}
+
+impl ClientError {
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Remote(w) => Some(w.code),
+            _ => None,
+        }
+    }
+
+    /// The errno a filesystem call reports for this error: the one place
+    /// wire error codes become errno values.
+    pub fn errno(&self) -> i32 {
+        let Some(code) = self.code() else {
+            return libc::EIO;
+        };
+        match code {
+            ErrorCode::NotFound => libc::ENOENT,
+            ErrorCode::Exists => libc::EEXIST,
+            ErrorCode::NotEmpty => libc::ENOTEMPTY,
+            ErrorCode::NotDir => libc::ENOTDIR,
+            ErrorCode::IsDir => libc::EISDIR,
+            ErrorCode::NameTooLong => libc::ENAMETOOLONG,
+            ErrorCode::Invalid => libc::EINVAL,
+            ErrorCode::NoData => libc::ENODATA,
+            ErrorCode::Range => libc::ERANGE,
+            ErrorCode::Perm => libc::EPERM,
+            ErrorCode::Access => libc::EACCES,
+            ErrorCode::Stale => libc::ESTALE,
+            ErrorCode::Unsupported => libc::EOPNOTSUPP,
+            ErrorCode::TooBig => libc::EFBIG,
+            ErrorCode::TooManyLinks => libc::EMLINK,
+            ErrorCode::CrossDevice => libc::EXDEV,
+            ErrorCode::NoSpace => libc::ENOSPC,
+            _ => libc::EIO,
+        }
+    }
+}
+
+impl From<NetError> for ClientError {
+    fn from(e: NetError) -> Self {
+        match e {
+            NetError::Remote(w) => ClientError::Remote(w),
+            other => ClientError::Net(other),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// A connection to every IOM of one cluster.
+pub struct ClusterClient {
+    pub cfg: ClusterConfig,
+    pub layout: Layout,
+    pub paths: ClusterPaths,
+    pool: Arc<Pool>,
+    map: Arc<RwLock<ClusterMap>>,
+    /// Longest a single RPC may take before the IOM is treated as unreachable.
+    pub rpc_timeout: Duration,
+}
+
+fn is_retryable(e: &NetError) -> bool {
+    e.is_transport() || e.remote().is_some_and(|w| w.is_retryable())
+}
+
+impl ClusterClient {
+    /// Loads the cluster config and client certificate from `dir` and opens an endpoint.
+    pub async fn connect(dir: &Path) -> Result<Arc<ClusterClient>> {
+        let cfg = ClusterConfig::load(dir)?;
+        let paths = ClusterPaths::new(dir);
+        let ident =
+            net::tls::Identity::load_client(&paths).map_err(|e| ClientError::Tls(e.to_string()))?;
+        let cc = net::tls::client_config(&ident, cfg.transport)
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        let any_v6 = cfg.ioms.iter().any(|i| i.addr.starts_with('['));
+        let bind: std::net::SocketAddr = if any_v6 { "[::]:0" } else { "0.0.0.0:0" }
+            .parse()
+            .expect("valid addr");
+        let endpoint =
+            net::tls::make_endpoint(bind, None, cfg.transport).map_err(ClientError::Endpoint)?;
+        let pool = Arc::new(Pool::new(
+            endpoint,
+            cc,
+            Hello {
+                protocol: PROTOCOL_VERSION,
+                cluster_id: cfg.cluster_id.clone(),
+                peer: PeerKind::Client,
+            },
+            cfg.ioms.iter().map(|i| i.addr.clone()).collect(),
+        ));
+        let map = Arc::new(RwLock::new(ClusterMap::initial(
+            cfg.width(),
+            IomId(cfg.meta_home),
+        )));
+        let m2 = map.clone();
+        pool.set_map_hook(Arc::new(move |m: &ClusterMap| {
+            let mut cur = m2.write();
+            if m.epoch > cur.epoch {
+                *cur = m.clone();
+            }
+        }));
+        let c = Arc::new(ClusterClient {
+            layout: cfg.layout(),
+            cfg,
+            paths,
+            pool,
+            map,
+            rpc_timeout: Duration::from_secs(5),
+        });
+        Ok(c)
+    }
+
+    pub fn map(&self) -> ClusterMap {
+        self.map.read().clone()
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Asks the IOMs for their maps and keeps the newest. Returns how many answered.
+    pub async fn refresh_map(&self) -> usize {
+        let calls = (0..self.cfg.width()).map(|i| {
+            let pool = self.pool.clone();
+            async move {
+                pool.call_timeout(
+                    IomId(i),
+                    &Request::Member(MemberReq::GetMap),
+                    Bytes::new(),
+                    Duration::from_millis(800),
+                )
+                .await
+            }
+        });
+        let mut answered = 0;
+        for r in futures::future::join_all(calls).await {
+            if let Ok((Reply::Member(MemberResp::Map(m)), _)) = r {
+                answered += 1;
+                let mut cur = self.map.write();
+                if m.epoch > cur.epoch {
+                    *cur = m;
+                }
+            }
+        }
+        answered
+    }
+
+    /// One request to whoever serves `role`, following map changes.
+    pub async fn call_role(
+        &self,
+        role: IomId,
+        make: impl Fn(Route) -> Request,
+        payload: Bytes,
+    ) -> Result<(Reply, Bytes)> {
+        let start = Instant::now();
+        let stopped_wait = Duration::from_secs(self.cfg.tuning.stopped_wait_s);
+        let mut delay = Duration::from_millis(20);
+        let mut warned = false;
+        loop {
+            let map = self.map();
+            let Some(server) = map.server_for(role) else {
+                if start.elapsed() > stopped_wait {
+                    return Err(ClientError::Stopped(stopped_wait));
+                }
+                if !warned {
+                    tracing::warn!(
+                        epoch = map.epoch.0,
+                        "cluster stopped: more than one IOM is down; waiting for recovery"
+                    );
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                self.refresh_map().await;
+                continue;
+            };
+            let req = make(Route {
+                epoch: map.epoch,
+                target: role,
+            });
+            match self
+                .pool
+                .call_timeout(server, &req, payload.clone(), self.rpc_timeout)
+                .await
+            {
+                Ok(r) => return Ok(r),
+                Err(e) if is_retryable(&e) => {
+                    let give_up = match map.health() {
+                        Health::Stopped => stopped_wait,
+                        _ => stopped_wait.max(Duration::from_secs(30)),
+                    };
+                    if start.elapsed() > give_up {
+                        return Err(e.into());
+                    }
+                    if !warned && start.elapsed() > Duration::from_secs(2) {
+                        tracing::warn!(
+                            role = role.0,
+                            server = server.0,
+                            "IOM not answering ({e}); retrying"
+                        );
+                        warned = true;
+                    }
+                    if e.is_transport() {
+                        self.pool.drop_conn(server);
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(250));
+                    self.refresh_map().await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Calls one IOM directly (admin, scrub), without role routing.
+    pub async fn call_iom(
+        &self,
+        iom: IomId,
+        req: &Request,
+        payload: Bytes,
+    ) -> Result<(Reply, Bytes)> {
+        Ok(self
+            .pool
+            .call_timeout(iom, req, payload, self.rpc_timeout)
+            .await?)
+    }
+
+    async fn data(
+        &self,
+        role: IomId,
+        make: impl Fn(Route) -> DataReq,
+        payload: Bytes,
+    ) -> Result<(DataResp, Bytes)> {
+        match self
+            .call_role(role, |r| Request::Data(make(r)), payload)
+            .await?
+        {
+            (Reply::Data(d), p) => Ok((d, p)),
+            (other, _) => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Reads `len` bytes of an object at `offset`; holes read as zeros.
+    /// The blocks of the range are read from their IOMs in parallel.
+    pub async fn read(&self, object: ObjectId, offset: u64, len: usize) -> Result<Bytes> {
+        let pieces = self.layout.split(offset, len);
+        let reads = pieces.iter().map(|p| {
+            let key = BlockKey {
+                object,
+                block: p.block,
+            };
+            let role = self.layout.data_iom(object, p.block);
+            let (off, plen) = (p.offset, p.len);
+            async move {
+                let (_, b) = self
+                    .data(
+                        role,
+                        |route| DataReq::Read {
+                            route,
+                            key,
+                            offset: off,
+                            len: plen,
+                        },
+                        Bytes::new(),
+                    )
+                    .await?;
+                Ok::<Bytes, ClientError>(b)
+            }
+        });
+        let parts = futures::future::try_join_all(reads).await?;
+        if parts.len() == 1 && parts[0].len() == len {
+            return Ok(parts.into_iter().next().expect("one part"));
+        }
+        let mut out = BytesMut::zeroed(len);
+        for (p, b) in pieces.iter().zip(parts) {
+            out[p.buf_offset..p.buf_offset + b.len()].copy_from_slice(&b);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Writes `data` at `offset` of an object; returns when every block's
+    /// write reached the point `toughness` names.
+    pub async fn write(
+        &self,
+        object: ObjectId,
+        offset: u64,
+        data: Bytes,
+        toughness: Toughness,
+    ) -> Result<()> {
+        let pieces = self.layout.split(offset, data.len());
+        let mut per_group = std::collections::HashMap::<GroupNo, u8>::new();
+        for p in &pieces {
+            *per_group.entry(self.layout.group_of(p.block)).or_default() += 1;
+        }
+        let writes = pieces.iter().map(|p| {
+            let key = BlockKey {
+                object,
+                block: p.block,
+            };
+            let role = self.layout.data_iom(object, p.block);
+            let hint = per_group[&self.layout.group_of(p.block)];
+            let payload = data.slice(p.buf_offset..p.buf_offset + p.len as usize);
+            let off = p.offset;
+            async move {
+                self.data(
+                    role,
+                    |route| DataReq::Write {
+                        route,
+                        key,
+                        offset: off,
+                        toughness,
+                        group_hint: hint,
+                    },
+                    payload,
+                )
+                .await
+            }
+        });
+        futures::future::try_join_all(writes).await?;
+        Ok(())
+    }
+
+    /// Cuts an object to `size` bytes: the block holding `size` keeps its
+    /// head, the rest of its group is deleted block by block (parity kept
+    /// right), whole groups past it are dropped.
+    pub async fn truncate(
+        &self,
+        object: ObjectId,
+        old_size: u64,
+        size: u64,
+        toughness: Toughness,
+    ) -> Result<()> {
+        if size >= old_size {
+            return Ok(());
+        }
+        let bs = self.layout.block_size() as u64;
+        let first_block = size / bs;
+        let keep = (size % bs) as u32;
+        let group = self.layout.group_of(BlockNo(first_block));
+        let group_end = self.layout.member_block(group, self.layout.n()).0;
+        let last_block = self.layout.blocks_for(old_size).min(group_end);
+        let cuts = (first_block..last_block).map(|b| {
+            let key = BlockKey {
+                object,
+                block: BlockNo(b),
+            };
+            let role = self.layout.data_iom(object, key.block);
+            let keep = if b == first_block { keep } else { 0 };
+            async move {
+                self.data(
+                    role,
+                    |route| DataReq::Truncate {
+                        route,
+                        key,
+                        keep,
+                        toughness,
+                    },
+                    Bytes::new(),
+                )
+                .await
+            }
+        });
+        futures::future::try_join_all(cuts).await?;
+        if old_size > group_end * bs {
+            self.drop_object(object, GroupNo(group.0 + 1)).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops an object's blocks and parity in groups >= `from` on every IOM.
+    pub async fn drop_object(&self, object: ObjectId, from: GroupNo) -> Result<()> {
+        let calls = (0..self.cfg.width()).map(|i| async move {
+            self.data(
+                IomId(i),
+                |route| DataReq::DropObject {
+                    route,
+                    object,
+                    from,
+                },
+                Bytes::new(),
+            )
+            .await
+        });
+        futures::future::try_join_all(calls).await?;
+        Ok(())
+    }
+
+    /// Durability barrier on every IOM: all writes answered so far are on stable storage.
+    pub async fn flush(&self) -> Result<()> {
+        let calls = (0..self.cfg.width()).map(|i| async move {
+            self.data(IomId(i), |route| DataReq::Flush { route }, Bytes::new())
+                .await
+        });
+        futures::future::try_join_all(calls).await?;
+        Ok(())
+    }
+
+    /// Durability barrier on the IOMs holding `object`'s blocks in a byte range.
+    pub async fn flush_ioms(&self, ioms: &[IomId]) -> Result<()> {
+        let calls = ioms.iter().map(|&i| async move {
+            self.data(i, |route| DataReq::Flush { route }, Bytes::new())
+                .await
+        });
+        futures::future::try_join_all(calls).await?;
+        Ok(())
+    }
+
+    /// One namespace request to the metadata server.
+    pub async fn meta(&self, req: MetaReq) -> Result<MetaResp> {
+        let home = IomId(self.cfg.meta_home);
+        match self
+            .call_role(home, |_| Request::Meta(req.clone()), Bytes::new())
+            .await?
+        {
+            (Reply::Meta(m), _) => Ok(m),
+            (other, _) => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub fn close(&self) {
+        self.pool.close();
+    }
+}

@@ -1,0 +1,207 @@
+//! `iomfs`: the operator CLI and FUSE client of iomfs.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use common::config::TransportProfile;
+use fs_client::{bench, init, scrub, ClusterClient};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "iomfs",
+    version,
+    about = "iomfs: a distributed POSIX filesystem with data+parity striping"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Make a new cluster directory: config, CA, certificates, one iom-<id>/ per IOM.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Number of IOMs (W = N data + 1 parity).
+        #[arg(long, default_value_t = 5)]
+        ioms: u32,
+        /// Block size (power of two, 4K..4M).
+        #[arg(long, default_value = "64K")]
+        block_size: String,
+        /// Comma-separated host:port of every IOM (multi-host clusters).
+        #[arg(long, value_delimiter = ',')]
+        addrs: Option<Vec<String>>,
+        /// Host for generated addresses.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// First UDP port for generated addresses (default: pick free ports).
+        #[arg(long, default_value_t = 0)]
+        base_port: u16,
+        /// IOM that is home of the namespace.
+        #[arg(long, default_value_t = 0)]
+        meta_home: u32,
+        /// Transport tuning: loopback, lan or wan.
+        #[arg(long, default_value = "loopback")]
+        transport: String,
+    },
+    /// Check every parity group and checksum of a running cluster.
+    Scrub {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Block-level load generator (no FUSE): MB/s and IOPS per toughness.
+    Bench {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Bytes per sequential test.
+        #[arg(long, default_value = "256M")]
+        size: String,
+        /// Requests in flight.
+        #[arg(long, default_value_t = 16)]
+        depth: usize,
+        /// Random 4 KiB operations per toughness.
+        #[arg(long, default_value_t = 4000)]
+        random_ops: u64,
+    },
+    /// Print every IOM's counters.
+    Stats {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("IOMFS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            eprintln!("iomfs: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start async runtime")
+}
+
+fn run(cli: Cli) -> Result<u8> {
+    match cli.cmd {
+        Cmd::Init {
+            dir,
+            ioms,
+            block_size,
+            addrs,
+            host,
+            base_port,
+            meta_home,
+            transport,
+        } => {
+            let block_size = init::parse_size(&block_size)?;
+            let transport = match transport.as_str() {
+                "loopback" => TransportProfile::Loopback,
+                "lan" => TransportProfile::Lan,
+                "wan" => TransportProfile::Wan,
+                other => anyhow::bail!("--transport {other}: expected loopback, lan or wan"),
+            };
+            let cfg = init::init(
+                &dir,
+                &init::InitOptions {
+                    ioms,
+                    block_size: u32::try_from(block_size).context("--block-size too large")?,
+                    addrs,
+                    host,
+                    base_port,
+                    meta_home,
+                    transport,
+                },
+            )?;
+            println!(
+                "initialised cluster {} in {}: {} IOMs ({} data + 1 parity), {}-byte blocks",
+                cfg.cluster_id,
+                dir.display(),
+                cfg.ioms.len(),
+                cfg.ioms.len() - 1,
+                cfg.block_size
+            );
+            for i in &cfg.ioms {
+                println!("  IOM {} at {}", i.id, i.addr);
+            }
+            Ok(0)
+        }
+        Cmd::Scrub { dir } => runtime()?.block_on(async {
+            let c = ClusterClient::connect(&dir).await?;
+            let bar = indicatif::ProgressBar::hidden();
+            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            }
+            let r = scrub::scrub(&c, |d, t| {
+                bar.set_length(t);
+                bar.set_position(d);
+            })
+            .await?;
+            bar.finish_and_clear();
+            for p in &r.problems {
+                println!("problem: {p}");
+            }
+            println!(
+                "scrub: {} groups checked, {} blocks, {} problems",
+                r.groups,
+                r.blocks,
+                r.problems.len()
+            );
+            c.close();
+            Ok(if r.problems.is_empty() { 0 } else { 1 })
+        }),
+        Cmd::Bench {
+            dir,
+            size,
+            depth,
+            random_ops,
+        } => runtime()?.block_on(async {
+            let c = ClusterClient::connect(&dir).await?;
+            let size = init::parse_size(&size)?;
+            let base = 1u64 << 62 | (rand::random::<u32>() as u64) << 8;
+            bench::run(
+                c.clone(),
+                bench::BenchOptions {
+                    size,
+                    depth,
+                    random_ops,
+                    object_base: base,
+                },
+                |l| println!("{:<44} {:>12.1} {}", l.name, l.value, l.unit),
+            )
+            .await?;
+            for i in 0..c.cfg.width() {
+                let _ = c
+                    .drop_object(common::ObjectId(base + i as u64), common::GroupNo(0))
+                    .await;
+            }
+            c.close();
+            Ok(0)
+        }),
+        Cmd::Stats { dir } => runtime()?.block_on(async {
+            let c = ClusterClient::connect(&dir).await?;
+            for s in bench::stats(&c).await {
+                println!("{s:?}");
+            }
+            c.close();
+            Ok(0)
+        }),
+    }
+}

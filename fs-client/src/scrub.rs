@@ -1,0 +1,312 @@
+//! `iomfs scrub`: checks every parity group of a running cluster (parity ==
+//! XOR of its data blocks, at the member versions the parity covers) and
+//! every block's checksum (verified by the IOM on each read).
+
+use crate::cluster::{ClientError, ClusterClient, Result};
+use bytes::Bytes;
+use common::wire::{BlockInfo, DataReq, DataResp, ErrorCode, GroupInfo, Reply, Request, Route};
+use common::{BlockKey, GroupKey, GroupNo, IomId, ObjectId, Version};
+use futures::StreamExt;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub object: ObjectId,
+    pub group: GroupNo,
+    pub iom: IomId,
+    pub what: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "object {} group {} IOM {}: {}",
+            self.object, self.group, self.iom, self.what
+        )
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub groups: u64,
+    pub blocks: u64,
+    pub problems: Vec<Problem>,
+}
+
+async fn list_all(c: &ClusterClient, iom: IomId) -> Result<(Vec<BlockInfo>, Vec<GroupInfo>)> {
+    let mut blocks = Vec::new();
+    let mut after = None;
+    loop {
+        let (r, _) = c
+            .call_iom(
+                iom,
+                &Request::Data(DataReq::ListBlocks { after, limit: 5000 }),
+                Bytes::new(),
+            )
+            .await?;
+        let Reply::Data(DataResp::Blocks(b)) = r else {
+            return Err(ClientError::Unexpected(format!("{r:?}")));
+        };
+        let done = b.len() < 5000;
+        after = b.last().map(|x| x.key);
+        blocks.extend(b);
+        if done {
+            break;
+        }
+    }
+    let mut groups = Vec::new();
+    let mut after = None;
+    loop {
+        let (r, _) = c
+            .call_iom(
+                iom,
+                &Request::Data(DataReq::ListGroups { after, limit: 5000 }),
+                Bytes::new(),
+            )
+            .await?;
+        let Reply::Data(DataResp::Groups(g)) = r else {
+            return Err(ClientError::Unexpected(format!("{r:?}")));
+        };
+        let done = g.len() < 5000;
+        after = g.last().map(|x| x.key);
+        groups.extend(g);
+        if done {
+            break;
+        }
+    }
+    Ok((blocks, groups))
+}
+
+fn xor_into(dst: &mut Vec<u8>, src: &[u8]) {
+    if dst.len() < src.len() {
+        dst.resize(src.len(), 0);
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d ^= s;
+    }
+}
+
+fn trim(mut v: Vec<u8>) -> Vec<u8> {
+    while v.last() == Some(&0) {
+        v.pop();
+    }
+    v
+}
+
+enum Outcome {
+    Ok,
+    Retry(String),
+    Problem(Problem),
+}
+
+async fn check_group(
+    c: &ClusterClient,
+    g: GroupKey,
+    heads: &BTreeMap<BlockKey, Version>,
+) -> Outcome {
+    let layout = c.layout;
+    let (data_ioms, p) = layout.group_ioms(g.object, g.group);
+    let prob = |iom: IomId, what: String| {
+        Outcome::Problem(Problem {
+            object: g.object,
+            group: g.group,
+            iom,
+            what,
+        })
+    };
+    let (versions, parity) = match c
+        .call_role(
+            p,
+            |route: Route| Request::Data(DataReq::ReadParity { route, group: g }),
+            Bytes::new(),
+        )
+        .await
+    {
+        Ok((Reply::Data(DataResp::Parity { versions }), b)) => (versions, b),
+        Ok((r, _)) => return prob(p, format!("unexpected reply {r:?}")),
+        Err(e) if e.code() == Some(ErrorCode::Corrupt) => {
+            return prob(p, format!("parity block damaged: {e}"))
+        }
+        Err(e) => return Outcome::Retry(format!("parity read from IOM {p}: {e}")),
+    };
+    let mut acc = parity.to_vec();
+    for (j, d) in data_ioms.iter().enumerate() {
+        let key = BlockKey {
+            object: g.object,
+            block: layout.member_block(g.group, j as u32),
+        };
+        let v = versions.get(j).copied().unwrap_or(Version(0));
+        let head = heads.get(&key).copied().unwrap_or(Version(0));
+        if head != v {
+            return Outcome::Retry(format!(
+                "block {} is at version {} on IOM {d} but parity covers version {}",
+                key.block, head.0, v.0
+            ));
+        }
+        if v == Version(0) {
+            continue;
+        }
+        match c
+            .call_role(
+                *d,
+                |route| {
+                    Request::Data(DataReq::ReadVersion {
+                        route,
+                        key,
+                        version: v,
+                    })
+                },
+                Bytes::new(),
+            )
+            .await
+        {
+            Ok((_, b)) => xor_into(&mut acc, &b),
+            Err(e) if e.code() == Some(ErrorCode::Corrupt) => {
+                return prob(*d, format!("block {} checksum mismatch: {e}", key.block))
+            }
+            Err(e) => return Outcome::Retry(format!("block {} on IOM {d}: {e}", key.block)),
+        }
+    }
+    if trim(acc).is_empty() {
+        Outcome::Ok
+    } else {
+        prob(p, "parity is not the XOR of the group's data blocks".into())
+    }
+}
+
+/// Scrubs the whole cluster.
+pub async fn scrub(c: &ClusterClient, mut progress: impl FnMut(u64, u64)) -> Result<Report> {
+    let layout = c.layout;
+    let mut report = Report::default();
+    let mut heads = BTreeMap::new();
+    let mut groups = BTreeSet::new();
+    for i in 0..c.cfg.width() {
+        let iom = IomId(i);
+        let (blocks, pgroups) = list_all(c, iom).await?;
+        for b in blocks {
+            let g = layout.group_key(b.key);
+            if layout.data_iom(b.key.object, b.key.block) != iom {
+                report.problems.push(Problem {
+                    object: b.key.object,
+                    group: g.group,
+                    iom,
+                    what: format!("holds block {} that placement puts elsewhere", b.key.block),
+                });
+            }
+            heads.insert(b.key, b.version);
+            groups.insert(g);
+            report.blocks += 1;
+        }
+        for g in pgroups {
+            if layout.parity_iom(g.key.object, g.key.group) != iom {
+                report.problems.push(Problem {
+                    object: g.key.object,
+                    group: g.key.group,
+                    iom,
+                    what: "holds parity that placement puts elsewhere".into(),
+                });
+            }
+            groups.insert(g.key);
+        }
+    }
+    let total = groups.len() as u64;
+    let heads = &heads;
+    let mut checks = futures::stream::iter(groups.into_iter().map(|g| async move {
+        let mut last = String::new();
+        for attempt in 0..20 {
+            match check_group(c, g, heads).await {
+                Outcome::Ok => return None,
+                Outcome::Problem(p) if attempt >= 3 => return Some(p),
+                Outcome::Problem(p) => last = p.to_string(),
+                Outcome::Retry(why) => last = why,
+            }
+            // In-flight writes settle within milliseconds; look again.
+            tokio::time::sleep(Duration::from_millis(50 * (attempt + 1))).await;
+            if attempt == 5 {
+                // The listing may be older than the data: refresh this group's heads.
+                return check_fresh(c, g).await;
+            }
+        }
+        let (_, p) = c.layout.group_ioms(g.object, g.group);
+        Some(Problem {
+            object: g.object,
+            group: g.group,
+            iom: p,
+            what: last,
+        })
+    }))
+    .buffer_unordered(32);
+    let mut done = 0;
+    while let Some(r) = checks.next().await {
+        done += 1;
+        report.groups += 1;
+        if let Some(p) = r {
+            report.problems.push(p);
+        }
+        progress(done, total);
+    }
+    Ok(report)
+}
+
+/// Re-checks a group with head versions read fresh from the data IOMs.
+async fn check_fresh(c: &ClusterClient, g: GroupKey) -> Option<Problem> {
+    let layout = c.layout;
+    let (data_ioms, p) = layout.group_ioms(g.object, g.group);
+    let mut last = String::new();
+    'attempts: for attempt in 0..10 {
+        let mut heads = BTreeMap::new();
+        for (j, d) in data_ioms.iter().enumerate() {
+            let key = BlockKey {
+                object: g.object,
+                block: layout.member_block(g.group, j as u32),
+            };
+            match c
+                .call_role(
+                    *d,
+                    |route| {
+                        Request::Data(DataReq::Read {
+                            route,
+                            key,
+                            offset: 0,
+                            len: 0,
+                        })
+                    },
+                    Bytes::new(),
+                )
+                .await
+            {
+                Ok((Reply::Data(DataResp::Read { version }), _)) => {
+                    heads.insert(key, version);
+                }
+                Ok(_) => {}
+                Err(e) if e.code() == Some(ErrorCode::Corrupt) => {
+                    return Some(Problem {
+                        object: g.object,
+                        group: g.group,
+                        iom: *d,
+                        what: format!("checksum mismatch: {e}"),
+                    })
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+                    continue 'attempts;
+                }
+            }
+        }
+        match check_group(c, g, &heads).await {
+            Outcome::Ok => return None,
+            Outcome::Problem(pr) => return Some(pr),
+            Outcome::Retry(why) => last = why,
+        }
+        tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+    }
+    Some(Problem {
+        object: g.object,
+        group: g.group,
+        iom: p,
+        what: last,
+    })
+}

@@ -1,0 +1,442 @@
+//! Storage core end to end: five real `iom-server` processes on loopback,
+//! the client library, real QUIC with mutual TLS.
+
+use bytes::Bytes;
+use common::{ObjectId, Toughness};
+use integration::{serial, Cluster, Rng};
+use std::sync::Arc;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The final bytes of one block after a wave of concurrent writes must be
+/// what some serial order of the writes touching it produces.
+fn block_matches_some_order(
+    before: &[u8],
+    after: &[u8],
+    writes: &[(usize, Vec<u8>)],
+    lo: usize,
+    hi: usize,
+) -> bool {
+    let touching: Vec<&(usize, Vec<u8>)> = writes
+        .iter()
+        .filter(|(o, d)| *o < hi && o + d.len() > lo)
+        .collect();
+    fn perms(n: usize) -> Vec<Vec<usize>> {
+        if n == 0 {
+            return vec![vec![]];
+        }
+        let mut out = Vec::new();
+        for p in perms(n - 1) {
+            for i in 0..=p.len() {
+                let mut q = p.clone();
+                q.insert(i, n - 1);
+                out.push(q);
+            }
+        }
+        out
+    }
+    perms(touching.len()).into_iter().any(|order| {
+        let mut m = before[lo..hi].to_vec();
+        for i in order {
+            let (o, d) = touching[i];
+            for (k, b) in d.iter().enumerate() {
+                let pos = o + k;
+                if pos >= lo && pos < hi {
+                    m[pos - lo] = *b;
+                }
+            }
+        }
+        m == after[lo..hi]
+    })
+}
+
+#[test]
+fn writes_match_a_reference_model_at_every_toughness_and_survive_restart() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let rt = rt();
+    let bs = 65536usize;
+    let size = 3 * 4 * bs + 12345; // three groups and a bit
+    let mut models = Vec::new();
+    rt.block_on(async {
+        let client = c.client().await;
+        for (k, t) in Toughness::ALL.into_iter().enumerate() {
+            let obj = ObjectId(1000 + k as u64);
+            let mut model = vec![0u8; size];
+            let mut rng = Rng(0xfeed + k as u64);
+            // sequential random-offset, partial-block writes (some crossing blocks and groups)
+            for _ in 0..60 {
+                let off = rng.below(size as u64 - 1) as usize;
+                let len = 1 + rng.below((size - off).min(3 * bs) as u64) as usize;
+                let data = rng.bytes(len);
+                client.write(obj, off as u64, Bytes::from(data.clone()), t).await.unwrap();
+                model[off..off + len].copy_from_slice(&data);
+            }
+            // sparse hole in a fresh object reads as zeros
+            let got = client.read(obj, 0, size).await.unwrap();
+            assert!(got[..] == model[..], "toughness {t}: read back differs from the model");
+            // concurrent overlapping writes, in waves
+            for wave in 0..8 {
+                let before = client.read(obj, 0, size).await.unwrap().to_vec();
+                let mut writes = Vec::new();
+                for _ in 0..4 {
+                    let base = (wave * 7919 * 13) % (size - 2 * bs);
+                    let off = base + rng.below(bs as u64) as usize;
+                    let len = 1 + rng.below(bs as u64 + 1000) as usize;
+                    writes.push((off, rng.bytes(len)));
+                }
+                let futs = writes.iter().map(|(o, d)| {
+                    let client = client.clone();
+                    let d = Bytes::from(d.clone());
+                    let o = *o as u64;
+                    async move { client.write(obj, o, d, t).await }
+                });
+                futures::future::try_join_all(futs).await.unwrap();
+                let after = client.read(obj, 0, size).await.unwrap().to_vec();
+                for b in 0..size.div_ceil(bs) {
+                    let (lo, hi) = (b * bs, ((b + 1) * bs).min(size));
+                    assert!(
+                        block_matches_some_order(&before, &after, &writes, lo, hi),
+                        "toughness {t}, wave {wave}: block {b} is not any serial order of the concurrent writes"
+                    );
+                }
+                model = after;
+            }
+            client.flush().await.unwrap();
+            models.push((obj, model));
+        }
+        // reads of every kind of range
+        let (obj, model) = &models[1];
+        let mut rng = Rng(7);
+        for _ in 0..50 {
+            let off = rng.below(size as u64 + 1000) as usize;
+            let len = rng.below(200_000) as usize;
+            let got = client.read(*obj, off as u64, len).await.unwrap();
+            let mut want = vec![0u8; len];
+            for (i, w) in want.iter_mut().enumerate() {
+                if off + i < model.len() {
+                    *w = model[off + i];
+                }
+            }
+            assert!(got[..] == want[..], "range read at {off}+{len} differs");
+        }
+        // far offsets (beyond 4 GiB) and holes
+        let far = 5u64 << 30;
+        client.write(ObjectId(2000), far, Bytes::from_static(b"far away"), Toughness::Durable).await.unwrap();
+        assert_eq!(&client.read(ObjectId(2000), far - 3, 11).await.unwrap()[..], b"\0\0\0far away");
+        assert!(client.read(ObjectId(2000), 1 << 20, 4096).await.unwrap().iter().all(|&b| b == 0));
+        client.close();
+    });
+    c.must_scrub_clean();
+
+    // Restart all five (clean SIGTERM): every byte is still there.
+    assert!(c.stop_all(), "an IOM did not stop cleanly on SIGTERM");
+    c.start_all();
+    rt.block_on(async {
+        let client = c.client().await;
+        for (obj, model) in &models {
+            let got = client.read(*obj, 0, size).await.unwrap();
+            assert!(got[..] == model[..], "object {obj} differs after restart");
+        }
+        // and it keeps working after restart
+        let (obj, model) = &models[2];
+        client
+            .write(*obj, 10, Bytes::from_static(b"again"), Toughness::Durable)
+            .await
+            .unwrap();
+        let got = client.read(*obj, 0, 20).await.unwrap();
+        assert_eq!(&got[10..15], b"again");
+        assert_eq!(got[..10], model[..10]);
+        client.close();
+    });
+    c.must_scrub_clean();
+}
+
+#[test]
+fn truncate_and_drop_keep_parity_consistent() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    rt().block_on(async {
+        let client = c.client().await;
+        let obj = ObjectId(77);
+        let size = 10 * 65536 + 100;
+        let data: Vec<u8> = Rng(3).bytes(size);
+        client
+            .write(obj, 0, Bytes::from(data.clone()), Toughness::Atomic)
+            .await
+            .unwrap();
+        client
+            .truncate(obj, size as u64, 70000, Toughness::Atomic)
+            .await
+            .unwrap();
+        let got = client.read(obj, 0, size).await.unwrap();
+        assert_eq!(got[..70000], data[..70000]);
+        assert!(
+            got[70000..].iter().all(|&b| b == 0),
+            "bytes past a truncate must read as zeros"
+        );
+        // extend again after the truncate: old bytes must not come back
+        client
+            .write(obj, 9 * 65536, Bytes::from_static(b"x"), Toughness::Atomic)
+            .await
+            .unwrap();
+        let got = client.read(obj, 0, size).await.unwrap();
+        assert!(got[70000..9 * 65536].iter().all(|&b| b == 0));
+        client
+            .drop_object(ObjectId(77), common::GroupNo(0))
+            .await
+            .unwrap();
+        assert!(client
+            .read(obj, 0, size)
+            .await
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0));
+        let o2 = ObjectId(78);
+        client
+            .write(o2, 0, Bytes::from(data.clone()), Toughness::Fast)
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        client.close();
+    });
+    c.must_scrub_clean();
+}
+
+#[test]
+fn a_client_without_a_cluster_certificate_is_refused() {
+    let _g = serial();
+    let mut c = Cluster::init(3);
+    c.start(0);
+    let cfg = common::config::ClusterConfig::load(&c.dir).unwrap();
+    let addr: std::net::SocketAddr = cfg.ioms[0].addr.parse().unwrap();
+    let ca = net::pki::load_certs(&c.dir.join("ca.pem")).unwrap();
+    rt().block_on(async {
+        // 1. no client certificate at all
+        let cc = net::tls::anonymous_client_config(&ca).unwrap();
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let r = async {
+            let conn = ep.connect_with(cc, addr, "iom-0")?.await?;
+            let (mut s, mut r) = conn.open_bi().await?;
+            s.write_all(b"hello").await?;
+            s.finish()?;
+            let v = r.read_to_end(1024).await?;
+            anyhow::Ok(v)
+        }
+        .await;
+        assert!(
+            r.is_err(),
+            "a client without certificate got an answer: {r:?}"
+        );
+
+        // 2. a certificate from another cluster's CA
+        let other = Cluster::init(3);
+        let ident = net::tls::Identity::load_client(&common::config::ClusterPaths::new(&other.dir))
+            .unwrap();
+        let mixed = net::tls::Identity {
+            certs: ident.certs,
+            key: ident.key,
+            ca: ca.clone(),
+        };
+        let cc =
+            net::tls::client_config(&mixed, common::config::TransportProfile::Loopback).unwrap();
+        let r = async {
+            let conn = ep.connect_with(cc, addr, "iom-0")?.await?;
+            let (mut s, mut r) = conn.open_bi().await?;
+            s.write_all(b"hello").await?;
+            s.finish()?;
+            let v = r.read_to_end(1024).await?;
+            anyhow::Ok(v)
+        }
+        .await;
+        assert!(
+            r.is_err(),
+            "a client with a foreign certificate got an answer: {r:?}"
+        );
+    });
+    assert!(c.is_running(0), "the IOM died after refusing strangers");
+    assert!(
+        c.log(0).contains("refused connection"),
+        "no log line for the refused peer:\n{}",
+        c.log(0)
+    );
+}
+
+#[test]
+fn garbage_messages_end_their_stream_and_the_server_keeps_serving() {
+    let _g = serial();
+    let mut c = Cluster::init(3);
+    c.start_all();
+    let cfg = common::config::ClusterConfig::load(&c.dir).unwrap();
+    rt().block_on(async {
+        let ident =
+            net::tls::Identity::load_client(&common::config::ClusterPaths::new(&c.dir)).unwrap();
+        let cc = net::tls::client_config(&ident, cfg.transport).unwrap();
+        let ep =
+            net::tls::make_endpoint("127.0.0.1:0".parse().unwrap(), None, cfg.transport).unwrap();
+        let conn = ep
+            .connect_with(cc, cfg.ioms[1].addr.parse().unwrap(), "iom-1")
+            .unwrap()
+            .await
+            .unwrap();
+        let cases: Vec<Vec<u8>> = vec![
+            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            vec![0xff; 64],
+            {
+                // a frame claiming a 2 GiB header
+                let mut v = (2u32 << 30).to_le_bytes().to_vec();
+                v.extend_from_slice(&0u32.to_le_bytes());
+                v
+            },
+            {
+                // a well-framed header that does not decode
+                let mut v = 5u32.to_le_bytes().to_vec();
+                v.extend_from_slice(&0u32.to_le_bytes());
+                v.extend_from_slice(&[9, 9, 9, 9, 9]);
+                v
+            },
+            vec![],
+        ];
+        for garbage in cases {
+            let (mut s, mut r) = conn.open_bi().await.unwrap();
+            let _ = s.write_all(&garbage).await;
+            let _ = s.finish();
+            let reply = r.read_to_end(1 << 20).await;
+            if let Ok(bytes) = reply {
+                if !bytes.is_empty() {
+                    let body = &bytes[8..];
+                    let rep: common::wire::Reply = common::codec::decode(body).unwrap();
+                    assert!(
+                        matches!(rep, common::wire::Reply::Error(_)),
+                        "garbage got a non-error reply {rep:?}"
+                    );
+                }
+            }
+        }
+        // The server still serves proper clients.
+        let client = c.client().await;
+        client
+            .write(
+                ObjectId(5),
+                0,
+                Bytes::from_static(b"still here"),
+                Toughness::Durable,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            &client.read(ObjectId(5), 0, 10).await.unwrap()[..],
+            b"still here"
+        );
+        client.close();
+    });
+    for i in 0..3 {
+        assert!(c.is_running(i), "IOM {i} died after garbage");
+    }
+}
+
+#[test]
+fn cli_errors_name_the_problem() {
+    let _g = serial();
+    let c = Cluster::init(3);
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(integration::bin("iom-server"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let dir = c.dir.to_str().unwrap();
+    // missing config
+    let (ok, e) = run(&["--dir", "/nonexistent/cluster", "--id", "0"]);
+    assert!(!ok && e.contains("no cluster config"), "{e}");
+    // unknown IOM id
+    let (ok, e) = run(&["--dir", dir, "--id", "9"]);
+    assert!(!ok && e.contains("IOM 9"), "{e}");
+    // port in use
+    let cfg = common::config::ClusterConfig::load(&c.dir).unwrap();
+    let hog = std::net::UdpSocket::bind(&cfg.ioms[0].addr).unwrap();
+    let (ok, e) = run(&["--dir", dir, "--id", "0"]);
+    assert!(!ok && e.contains("in use"), "{e}");
+    drop(hog);
+    // a cluster directory of another format version
+    let path = c.dir.join("cluster.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("format_version = 1", "format_version = 2"),
+    )
+    .unwrap();
+    let (ok, e) = run(&["--dir", dir, "--id", "0"]);
+    assert!(!ok && e.contains("format version 2"), "{e}");
+    // a broken config
+    std::fs::write(&path, "this is [not toml").unwrap();
+    let (ok, e) = run(&["--dir", dir, "--id", "0"]);
+    assert!(!ok && e.contains("bad cluster config"), "{e}");
+    // init refuses to overwrite
+    let out = c.iomfs(&["init"]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("refusing to overwrite") || e.contains("already"),
+        "{e}"
+    );
+    let _ = Arc::new(());
+}
+
+#[test]
+fn a_damaged_block_is_an_error_never_silent_data_and_scrub_names_it() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let obj = ObjectId(4242);
+    let layout = common::Layout::new(5, 65536).unwrap();
+    let victim = layout.data_iom(obj, common::BlockNo(0));
+    let data: Vec<u8> = Rng(11).bytes(65536);
+    rt().block_on(async {
+        let client = c.client().await;
+        client
+            .write(obj, 0, Bytes::from(data.clone()), Toughness::Durable)
+            .await
+            .unwrap();
+        client.close();
+    });
+    assert!(c.stop(victim.0));
+    // Flip bytes in every slot of the victim's block file (past the header slot).
+    let path = c.dir.join(format!("iom-{}/blocks.dat", victim.0));
+    let mut f = std::fs::read(&path).unwrap();
+    for b in f.iter_mut().skip(65536) {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&path, f).unwrap();
+    c.start(victim.0);
+    rt().block_on(async {
+        let client = c.client().await;
+        match client.read(obj, 0, 65536).await {
+            Ok(b) => assert!(b[..] == data[..], "a damaged block was returned as data"),
+            Err(e) => assert_eq!(e.code(), Some(common::wire::ErrorCode::Corrupt), "{e}"),
+        }
+        client.close();
+    });
+    let out = c.iomfs(&["scrub"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !out.status.success(),
+        "scrub passed over a damaged block:\n{text}"
+    );
+    assert!(
+        text.contains(&format!("object {} group 0 IOM {}", obj.0, victim.0)),
+        "scrub did not name object, group and IOM:\n{text}"
+    );
+}
