@@ -46,11 +46,7 @@ pub struct ClusterMap {
 
 impl ClusterMap {
     pub fn initial(width: u32, meta_home: IomId) -> ClusterMap {
-        ClusterMap {
-            epoch: Epoch(1),
-            states: vec![IomState::Up; width as usize],
-            meta_home,
-        }
+        ClusterMap { epoch: Epoch(1), states: vec![IomState::Up; width as usize], meta_home }
     }
 
     pub fn width(&self) -> u32 {
@@ -63,25 +59,16 @@ impl ClusterMap {
     }
 
     pub fn state(&self, i: IomId) -> IomState {
-        self.states
-            .get(i.0 as usize)
-            .copied()
-            .unwrap_or(IomState::Up)
+        self.states.get(i.0 as usize).copied().unwrap_or(IomState::Up)
     }
 
     /// IOMs not serving their own role.
     pub fn not_up(&self) -> Vec<IomId> {
-        (0..self.width())
-            .map(IomId)
-            .filter(|&i| self.state(i) != IomState::Up)
-            .collect()
+        (0..self.width()).map(IomId).filter(|&i| self.state(i) != IomState::Up).collect()
     }
 
     pub fn down(&self) -> Vec<IomId> {
-        (0..self.width())
-            .map(IomId)
-            .filter(|&i| matches!(self.state(i), IomState::Down { .. }))
-            .collect()
+        (0..self.width()).map(IomId).filter(|&i| matches!(self.state(i), IomState::Down { .. })).collect()
     }
 
     pub fn health(&self) -> Health {

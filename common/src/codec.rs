@@ -44,8 +44,8 @@ pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, CodecError> {
     if b.len() > MAX_ENCODED {
         return Err(CodecError::TooLarge(b.len()));
     }
-    let (v, used): (T, usize) = bincode::serde::decode_from_slice(b, config())
-        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    let (v, used): (T, usize) =
+        bincode::serde::decode_from_slice(b, config()).map_err(|e| CodecError::Decode(e.to_string()))?;
     if used != b.len() {
         return Err(CodecError::Trailing(b.len() - used));
     }
@@ -55,8 +55,7 @@ pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, CodecError> {
 /// Encoding for large local files written by this node itself (checkpoints):
 /// same format, no size limit.
 pub fn encode_large<T: Serialize>(v: &T) -> Result<Vec<u8>, CodecError> {
-    bincode::serde::encode_to_vec(v, bincode::config::standard())
-        .map_err(|e| CodecError::Encode(e.to_string()))
+    bincode::serde::encode_to_vec(v, bincode::config::standard()).map_err(|e| CodecError::Encode(e.to_string()))
 }
 
 /// Decodes a large local file (checked by its own crc before this call).
@@ -97,10 +96,7 @@ mod tests {
         assert_eq!(v, (7, "x".into()));
         let mut t = b.clone();
         t.push(0);
-        assert!(matches!(
-            decode::<(u64, String)>(&t),
-            Err(CodecError::Trailing(1))
-        ));
+        assert!(matches!(decode::<(u64, String)>(&t), Err(CodecError::Trailing(1))));
         assert!(decode::<(u64, String)>(&b[..1]).is_err());
     }
     #[test]

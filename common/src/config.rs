@@ -18,11 +18,7 @@ pub enum ConfigError {
     #[error("bad cluster config {path}: {msg}")]
     Parse { path: PathBuf, msg: String },
     #[error("cluster directory {path} has format version {found}; this build of iomfs reads version {supported}")]
-    Version {
-        path: PathBuf,
-        found: u32,
-        supported: u32,
-    },
+    Version { path: PathBuf, found: u32, supported: u32 },
     #[error("bad cluster config {path}: {msg}")]
     Invalid { path: PathBuf, msg: String },
     #[error("IOM {0} is not in this cluster's config")]
@@ -114,17 +110,12 @@ impl ClusterConfig {
         self.ioms.len() as u32
     }
     pub fn iom(&self, id: IomId) -> Result<&IomConfig, ConfigError> {
-        self.ioms
-            .get(id.0 as usize)
-            .ok_or(ConfigError::UnknownIom(id.0))
+        self.ioms.get(id.0 as usize).ok_or(ConfigError::UnknownIom(id.0))
     }
 
     /// Checks invariants; `path` names the file in messages.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let bad = |msg: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            msg,
-        };
+        let bad = |msg: String| ConfigError::Invalid { path: path.to_path_buf(), msg };
         if self.format_version != CLUSTER_FORMAT_VERSION {
             return Err(ConfigError::Version {
                 path: path.to_path_buf(),
@@ -141,23 +132,14 @@ impl ClusterConfig {
         }
         for (i, iom) in self.ioms.iter().enumerate() {
             if iom.id as usize != i {
-                return Err(bad(format!(
-                    "[[iom]] entry {i} has id {}; ids must be 0,1,2,... in order",
-                    iom.id
-                )));
+                return Err(bad(format!("[[iom]] entry {i} has id {}; ids must be 0,1,2,... in order", iom.id)));
             }
             if iom.addr.parse::<std::net::SocketAddr>().is_err() && !iom.addr.contains(':') {
-                return Err(bad(format!(
-                    "IOM {} address '{}' is not host:port",
-                    iom.id, iom.addr
-                )));
+                return Err(bad(format!("IOM {} address '{}' is not host:port", iom.id, iom.addr)));
             }
         }
         if self.meta_home as usize >= self.ioms.len() {
-            return Err(bad(format!(
-                "meta_home {} is not an IOM id",
-                self.meta_home
-            )));
+            return Err(bad(format!("meta_home {} is not an IOM id", self.meta_home)));
         }
         if self.cluster_id.is_empty() {
             return Err(bad("empty cluster_id".into()));
@@ -169,9 +151,7 @@ impl ClusterConfig {
         let path = ClusterPaths::new(dir).config();
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ConfigError::Missing(path))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ConfigError::Missing(path)),
             Err(err) => return Err(ConfigError::Read { path, err }),
         };
         Self::parse(&text, &path)
@@ -183,10 +163,7 @@ impl ClusterConfig {
         struct VersionOnly {
             format_version: Option<u32>,
         }
-        if let Ok(VersionOnly {
-            format_version: Some(v),
-        }) = toml::from_str::<VersionOnly>(text)
-        {
+        if let Ok(VersionOnly { format_version: Some(v) }) = toml::from_str::<VersionOnly>(text) {
             if v != CLUSTER_FORMAT_VERSION {
                 return Err(ConfigError::Version {
                     path: path.to_path_buf(),
@@ -195,10 +172,8 @@ impl ClusterConfig {
                 });
             }
         }
-        let cfg: ClusterConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
+        let cfg: ClusterConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), msg: e.to_string() })?;
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -216,9 +191,7 @@ pub struct ClusterPaths {
 
 impl ClusterPaths {
     pub fn new(dir: &Path) -> ClusterPaths {
-        ClusterPaths {
-            dir: dir.to_path_buf(),
-        }
+        ClusterPaths { dir: dir.to_path_buf() }
     }
     pub fn config(&self) -> PathBuf {
         self.dir.join(CONFIG_FILE)
@@ -307,29 +280,19 @@ mod tests {
     #[test]
     fn errors_name_the_problem() {
         let p = Path::new("/d/cluster.toml");
-        let e = ClusterConfig::parse("format_version = 9\n", p)
-            .unwrap_err()
-            .to_string();
+        let e = ClusterConfig::parse("format_version = 9\n", p).unwrap_err().to_string();
         assert!(e.contains("format version 9"), "{e}");
-        let e = ClusterConfig::parse("format_version = 1\nblock_size = \"x\"", p)
-            .unwrap_err()
-            .to_string();
+        let e = ClusterConfig::parse("format_version = 1\nblock_size = \"x\"", p).unwrap_err().to_string();
         assert!(e.contains("/d/cluster.toml"), "{e}");
         let mut c = sample();
         c.ioms.truncate(2);
-        let e = ClusterConfig::parse(&c.to_toml(), p)
-            .unwrap_err()
-            .to_string();
+        let e = ClusterConfig::parse(&c.to_toml(), p).unwrap_err().to_string();
         assert!(e.contains("2 IOMs"), "{e}");
         let mut c = sample();
         c.ioms[3].id = 7;
-        let e = ClusterConfig::parse(&c.to_toml(), p)
-            .unwrap_err()
-            .to_string();
+        let e = ClusterConfig::parse(&c.to_toml(), p).unwrap_err().to_string();
         assert!(e.contains("ids must be"), "{e}");
-        let e = ClusterConfig::load(Path::new("/nonexistent-dir"))
-            .unwrap_err()
-            .to_string();
+        let e = ClusterConfig::load(Path::new("/nonexistent-dir")).unwrap_err().to_string();
         assert!(e.contains("iomfs init"), "{e}");
     }
 }

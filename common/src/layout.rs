@@ -72,10 +72,7 @@ impl Layout {
         BlockNo(g.0 * self.n() as u64 + index as u64)
     }
     pub fn group_key(&self, k: BlockKey) -> GroupKey {
-        GroupKey {
-            object: k.object,
-            group: self.group_of(k.block),
-        }
+        GroupKey { object: k.object, group: self.group_of(k.block) }
     }
 
     fn rotation(&self, o: ObjectId) -> u64 {
@@ -97,9 +94,7 @@ impl Layout {
     /// Data IOMs of a group in member order, then the parity IOM.
     pub fn group_ioms(&self, o: ObjectId, g: GroupNo) -> (Vec<IomId>, IomId) {
         let p = self.parity_iom(o, g);
-        let data = (0..self.n())
-            .map(|j| IomId((p.0 + 1 + j) % self.width))
-            .collect();
+        let data = (0..self.n()).map(|j| IomId((p.0 + 1 + j) % self.width)).collect();
         (data, p)
     }
 
@@ -156,33 +151,9 @@ mod tests {
         let l = Layout::new(5, 4096).unwrap();
         let p = l.split(4000, 5000);
         assert_eq!(p.len(), 3);
-        assert_eq!(
-            p[0],
-            Piece {
-                block: BlockNo(0),
-                offset: 4000,
-                len: 96,
-                buf_offset: 0
-            }
-        );
-        assert_eq!(
-            p[1],
-            Piece {
-                block: BlockNo(1),
-                offset: 0,
-                len: 4096,
-                buf_offset: 96
-            }
-        );
-        assert_eq!(
-            p[2],
-            Piece {
-                block: BlockNo(2),
-                offset: 0,
-                len: 808,
-                buf_offset: 4192
-            }
-        );
+        assert_eq!(p[0], Piece { block: BlockNo(0), offset: 4000, len: 96, buf_offset: 0 });
+        assert_eq!(p[1], Piece { block: BlockNo(1), offset: 0, len: 4096, buf_offset: 96 });
+        assert_eq!(p[2], Piece { block: BlockNo(2), offset: 0, len: 808, buf_offset: 4192 });
         assert!(l.split(10, 0).is_empty());
     }
 

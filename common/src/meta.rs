@@ -52,13 +52,8 @@ pub struct Timestamp {
 
 impl Timestamp {
     pub fn now() -> Timestamp {
-        let d = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        Timestamp {
-            secs: d.as_secs() as i64,
-            nsecs: d.subsec_nanos(),
-        }
+        let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Timestamp { secs: d.as_secs() as i64, nsecs: d.subsec_nanos() }
     }
 }
 
@@ -222,6 +217,10 @@ pub enum MetaReq {
     Open {
         ino: Ino,
         truncate: bool,
+    },
+    /// A handle on `ino` was closed.
+    Release {
+        ino: Ino,
     },
     /// Data written through a handle: grow size to at least `end`, set mtime.
     Written {

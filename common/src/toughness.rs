@@ -57,9 +57,7 @@ impl FromStr for Toughness {
             "fast" => Ok(Toughness::Fast),
             "atomic" => Ok(Toughness::Atomic),
             "durable" => Ok(Toughness::Durable),
-            other => Err(format!(
-                "unknown toughness '{other}': expected fast, atomic or durable"
-            )),
+            other => Err(format!("unknown toughness '{other}': expected fast, atomic or durable")),
         }
     }
 }

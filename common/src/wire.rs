@@ -12,6 +12,7 @@
 use crate::cluster::ClusterMap;
 use crate::ids::{BlockKey, Epoch, GroupKey, GroupNo, IomId, ObjectId, TxRef, Version};
 use crate::meta::{MetaReq, MetaResp};
+
 use crate::toughness::Toughness;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -67,8 +68,51 @@ pub enum Request {
         epoch: Epoch,
     },
     Member(MemberReq),
-    Meta(MetaReq),
+    Meta(MetaCall),
     Admin(AdminReq),
+    /// Opens the namespace mirror stream from the namespace server `from`;
+    /// [`MirrorMsg`] frames follow, [`MirrorAck`] frames come back.
+    MetaMirror {
+        from: IomId,
+        epoch: Epoch,
+    },
+}
+
+/// A namespace request with its id: `(client, seq)` is unique, so a retried
+/// request is answered from the duplicate-request cache, not applied twice.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaCall {
+    pub client: u64,
+    pub seq: u64,
+    pub req: MetaReq,
+}
+
+/// Namespace server to mirror.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MirrorMsg {
+    /// Payload: the whole namespace at `lsn` (replaces the mirror's copy).
+    Snapshot { term: u64, lsn: u64 },
+    /// Payload: one mutation batch with sequence number `lsn`.
+    Batch { term: u64, lsn: u64 },
+    /// Make everything so far durable, then answer `Synced`.
+    Sync { token: u64 },
+}
+
+/// Mirror to namespace server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MirrorAck {
+    /// Where the mirror stands when the stream opens.
+    Position {
+        term: u64,
+        lsn: u64,
+    },
+    /// Every batch up to `lsn` is applied and written to the mirror's journal.
+    Applied {
+        lsn: u64,
+    },
+    Synced {
+        token: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,43 +130,19 @@ pub enum Reply {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DataReq {
     /// Read `len` bytes at `offset` of the current version of a block.
-    Read {
-        route: Route,
-        key: BlockKey,
-        offset: u32,
-        len: u32,
-    },
+    Read { route: Route, key: BlockKey, offset: u32, len: u32 },
     /// Write the payload at `offset` of a block (a1–a14).
     /// `group_hint`: how many blocks of this block's group the same client
     /// request writes, so the parity IOM can coalesce their deltas.
-    Write {
-        route: Route,
-        key: BlockKey,
-        offset: u32,
-        toughness: Toughness,
-        group_hint: u8,
-    },
+    Write { route: Route, key: BlockKey, offset: u32, toughness: Toughness, group_hint: u8 },
     /// Keep bytes `[0, keep)` of a block; `keep == 0` deletes it. Same protocol as a write.
-    Truncate {
-        route: Route,
-        key: BlockKey,
-        keep: u32,
-        toughness: Toughness,
-    },
+    Truncate { route: Route, key: BlockKey, keep: u32, toughness: Toughness },
     /// Durability barrier: every write answered so far by this IOM is on stable storage.
     Flush { route: Route },
     /// Drop every data and parity block of `object` in groups >= `from` (GC of dead objects).
-    DropObject {
-        route: Route,
-        object: ObjectId,
-        from: GroupNo,
-    },
+    DropObject { route: Route, object: ObjectId, from: GroupNo },
     /// A specific version of a block (for reconstruction and scrub).
-    ReadVersion {
-        route: Route,
-        key: BlockKey,
-        version: Version,
-    },
+    ReadVersion { route: Route, key: BlockKey, version: Version },
     /// The parity block of a group with the member versions it covers.
     ReadParity { route: Route, group: GroupKey },
     /// Data blocks held, in key order after `after` (scrub).
@@ -356,10 +376,7 @@ pub struct WireError {
 
 impl WireError {
     pub fn new(code: ErrorCode, detail: impl Into<String>) -> WireError {
-        WireError {
-            code,
-            detail: detail.into(),
-        }
+        WireError { code, detail: detail.into() }
     }
     /// Whether a client should refresh its map and try again.
     pub fn is_retryable(&self) -> bool {
@@ -397,22 +414,13 @@ mod tests {
     /// the wire format changed: bump PROTOCOL_VERSION instead of editing it.
     #[test]
     fn golden_bytes() {
-        let hello = Request::Hello(Hello {
-            protocol: PROTOCOL_VERSION,
-            cluster_id: "c".into(),
-            peer: PeerKind::Iom(IomId(3)),
-        });
+        let hello =
+            Request::Hello(Hello { protocol: PROTOCOL_VERSION, cluster_id: "c".into(), peer: PeerKind::Iom(IomId(3)) });
         assert_eq!(hex(&encode(&hello).unwrap()), "000101630103");
 
         let w = Request::Data(DataReq::Write {
-            route: Route {
-                epoch: Epoch(2),
-                target: IomId(1),
-            },
-            key: BlockKey {
-                object: ObjectId(300),
-                block: BlockNo(5),
-            },
+            route: Route { epoch: Epoch(2), target: IomId(1) },
+            key: BlockKey { object: ObjectId(300), block: BlockNo(5) },
             offset: 4096,
             toughness: Toughness::Durable,
             group_hint: 4,
@@ -420,14 +428,8 @@ mod tests {
         assert_eq!(hex(&encode(&w).unwrap()), "01010201fb2c0105fb00100204");
 
         let u = ParityMsg::Update(ParityUpdate {
-            tx: TxRef {
-                iom: IomId(1),
-                tx: TxId(9),
-            },
-            group: GroupKey {
-                object: ObjectId(7),
-                group: GroupNo(2),
-            },
+            tx: TxRef { iom: IomId(1), tx: TxId(9) },
+            group: GroupKey { object: ObjectId(7), group: GroupNo(2) },
             index: 3,
             old: Version(4),
             new: Version(5),
@@ -440,64 +442,23 @@ mod tests {
         let e = Reply::Error(WireError::new(ErrorCode::NotServing, "x"));
         assert_eq!(hex(&encode(&e).unwrap()), "05050178");
 
-        let a = ParityAck::Done {
-            tx: TxRef {
-                iom: IomId(2),
-                tx: TxId(300),
-            },
-        };
+        let a = ParityAck::Done { tx: TxRef { iom: IomId(2), tx: TxId(300) } };
         assert_eq!(hex(&encode(&a).unwrap()), "0102fb2c01");
     }
 
     #[test]
     fn roundtrip_all_data_requests() {
-        let route = Route {
-            epoch: Epoch(1),
-            target: IomId(0),
-        };
-        let key = BlockKey {
-            object: ObjectId(1),
-            block: BlockNo(2),
-        };
+        let route = Route { epoch: Epoch(1), target: IomId(0) };
+        let key = BlockKey { object: ObjectId(1), block: BlockNo(2) };
         let reqs = vec![
-            DataReq::Read {
-                route,
-                key,
-                offset: 1,
-                len: 2,
-            },
-            DataReq::Truncate {
-                route,
-                key,
-                keep: 0,
-                toughness: Toughness::Fast,
-            },
+            DataReq::Read { route, key, offset: 1, len: 2 },
+            DataReq::Truncate { route, key, keep: 0, toughness: Toughness::Fast },
             DataReq::Flush { route },
-            DataReq::DropObject {
-                route,
-                object: ObjectId(1),
-                from: GroupNo(0),
-            },
-            DataReq::ReadVersion {
-                route,
-                key,
-                version: Version(3),
-            },
-            DataReq::ReadParity {
-                route,
-                group: GroupKey {
-                    object: ObjectId(1),
-                    group: GroupNo(0),
-                },
-            },
-            DataReq::ListBlocks {
-                after: Some(key),
-                limit: 10,
-            },
-            DataReq::ListGroups {
-                after: None,
-                limit: 10,
-            },
+            DataReq::DropObject { route, object: ObjectId(1), from: GroupNo(0) },
+            DataReq::ReadVersion { route, key, version: Version(3) },
+            DataReq::ReadParity { route, group: GroupKey { object: ObjectId(1), group: GroupNo(0) } },
+            DataReq::ListBlocks { after: Some(key), limit: 10 },
+            DataReq::ListGroups { after: None, limit: 10 },
         ];
         for r in reqs {
             let req = Request::Data(r);

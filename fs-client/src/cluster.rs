@@ -12,8 +12,8 @@ use common::cluster::{ClusterMap, Health};
 use common::config::{ClusterConfig, ClusterPaths};
 use common::meta::{MetaReq, MetaResp};
 use common::wire::{
-    DataReq, DataResp, ErrorCode, Hello, MemberReq, MemberResp, PeerKind, Reply, Request, Route,
-    WireError, PROTOCOL_VERSION,
+    DataReq, DataResp, ErrorCode, Hello, MemberReq, MemberResp, MetaCall, PeerKind, Reply, Request, Route, WireError,
+    PROTOCOL_VERSION,
 };
 use common::{BlockKey, BlockNo, GroupNo, IomId, Layout, ObjectId, Toughness};
 use net::{NetError, Pool};
@@ -99,6 +99,9 @@ pub struct ClusterClient {
     map: Arc<RwLock<ClusterMap>>,
     /// Longest a single RPC may take before the IOM is treated as unreachable.
     pub rpc_timeout: Duration,
+    /// This client's id for namespace requests (duplicate-request cache key).
+    client_id: u64,
+    seq: std::sync::atomic::AtomicU64,
 }
 
 fn is_retryable(e: &NetError) -> bool {
@@ -110,30 +113,18 @@ impl ClusterClient {
     pub async fn connect(dir: &Path) -> Result<Arc<ClusterClient>> {
         let cfg = ClusterConfig::load(dir)?;
         let paths = ClusterPaths::new(dir);
-        let ident =
-            net::tls::Identity::load_client(&paths).map_err(|e| ClientError::Tls(e.to_string()))?;
-        let cc = net::tls::client_config(&ident, cfg.transport)
-            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        let ident = net::tls::Identity::load_client(&paths).map_err(|e| ClientError::Tls(e.to_string()))?;
+        let cc = net::tls::client_config(&ident, cfg.transport).map_err(|e| ClientError::Tls(e.to_string()))?;
         let any_v6 = cfg.ioms.iter().any(|i| i.addr.starts_with('['));
-        let bind: std::net::SocketAddr = if any_v6 { "[::]:0" } else { "0.0.0.0:0" }
-            .parse()
-            .expect("valid addr");
-        let endpoint =
-            net::tls::make_endpoint(bind, None, cfg.transport).map_err(ClientError::Endpoint)?;
+        let bind: std::net::SocketAddr = if any_v6 { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid addr");
+        let endpoint = net::tls::make_endpoint(bind, None, cfg.transport).map_err(ClientError::Endpoint)?;
         let pool = Arc::new(Pool::new(
             endpoint,
             cc,
-            Hello {
-                protocol: PROTOCOL_VERSION,
-                cluster_id: cfg.cluster_id.clone(),
-                peer: PeerKind::Client,
-            },
+            Hello { protocol: PROTOCOL_VERSION, cluster_id: cfg.cluster_id.clone(), peer: PeerKind::Client },
             cfg.ioms.iter().map(|i| i.addr.clone()).collect(),
         ));
-        let map = Arc::new(RwLock::new(ClusterMap::initial(
-            cfg.width(),
-            IomId(cfg.meta_home),
-        )));
+        let map = Arc::new(RwLock::new(ClusterMap::initial(cfg.width(), IomId(cfg.meta_home))));
         let m2 = map.clone();
         pool.set_map_hook(Arc::new(move |m: &ClusterMap| {
             let mut cur = m2.write();
@@ -148,6 +139,8 @@ impl ClusterClient {
             pool,
             map,
             rpc_timeout: Duration::from_secs(5),
+            client_id: rand::random::<u64>() | 1,
+            seq: std::sync::atomic::AtomicU64::new(1),
         });
         Ok(c)
     }
@@ -215,15 +208,8 @@ impl ClusterClient {
                 self.refresh_map().await;
                 continue;
             };
-            let req = make(Route {
-                epoch: map.epoch,
-                target: role,
-            });
-            match self
-                .pool
-                .call_timeout(server, &req, payload.clone(), self.rpc_timeout)
-                .await
-            {
+            let req = make(Route { epoch: map.epoch, target: role });
+            match self.pool.call_timeout(server, &req, payload.clone(), self.rpc_timeout).await {
                 Ok(r) => return Ok(r),
                 Err(e) if is_retryable(&e) => {
                     let give_up = match map.health() {
@@ -234,11 +220,7 @@ impl ClusterClient {
                         return Err(e.into());
                     }
                     if !warned && start.elapsed() > Duration::from_secs(2) {
-                        tracing::warn!(
-                            role = role.0,
-                            server = server.0,
-                            "IOM not answering ({e}); retrying"
-                        );
+                        tracing::warn!(role = role.0, server = server.0, "IOM not answering ({e}); retrying");
                         warned = true;
                     }
                     if e.is_transport() {
@@ -254,28 +236,12 @@ impl ClusterClient {
     }
 
     /// Calls one IOM directly (admin, scrub), without role routing.
-    pub async fn call_iom(
-        &self,
-        iom: IomId,
-        req: &Request,
-        payload: Bytes,
-    ) -> Result<(Reply, Bytes)> {
-        Ok(self
-            .pool
-            .call_timeout(iom, req, payload, self.rpc_timeout)
-            .await?)
+    pub async fn call_iom(&self, iom: IomId, req: &Request, payload: Bytes) -> Result<(Reply, Bytes)> {
+        Ok(self.pool.call_timeout(iom, req, payload, self.rpc_timeout).await?)
     }
 
-    async fn data(
-        &self,
-        role: IomId,
-        make: impl Fn(Route) -> DataReq,
-        payload: Bytes,
-    ) -> Result<(DataResp, Bytes)> {
-        match self
-            .call_role(role, |r| Request::Data(make(r)), payload)
-            .await?
-        {
+    async fn data(&self, role: IomId, make: impl Fn(Route) -> DataReq, payload: Bytes) -> Result<(DataResp, Bytes)> {
+        match self.call_role(role, |r| Request::Data(make(r)), payload).await? {
             (Reply::Data(d), p) => Ok((d, p)),
             (other, _) => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
@@ -286,25 +252,12 @@ impl ClusterClient {
     pub async fn read(&self, object: ObjectId, offset: u64, len: usize) -> Result<Bytes> {
         let pieces = self.layout.split(offset, len);
         let reads = pieces.iter().map(|p| {
-            let key = BlockKey {
-                object,
-                block: p.block,
-            };
+            let key = BlockKey { object, block: p.block };
             let role = self.layout.data_iom(object, p.block);
             let (off, plen) = (p.offset, p.len);
             async move {
-                let (_, b) = self
-                    .data(
-                        role,
-                        |route| DataReq::Read {
-                            route,
-                            key,
-                            offset: off,
-                            len: plen,
-                        },
-                        Bytes::new(),
-                    )
-                    .await?;
+                let (_, b) =
+                    self.data(role, |route| DataReq::Read { route, key, offset: off, len: plen }, Bytes::new()).await?;
                 Ok::<Bytes, ClientError>(b)
             }
         });
@@ -321,23 +274,14 @@ impl ClusterClient {
 
     /// Writes `data` at `offset` of an object; returns when every block's
     /// write reached the point `toughness` names.
-    pub async fn write(
-        &self,
-        object: ObjectId,
-        offset: u64,
-        data: Bytes,
-        toughness: Toughness,
-    ) -> Result<()> {
+    pub async fn write(&self, object: ObjectId, offset: u64, data: Bytes, toughness: Toughness) -> Result<()> {
         let pieces = self.layout.split(offset, data.len());
         let mut per_group = std::collections::HashMap::<GroupNo, u8>::new();
         for p in &pieces {
             *per_group.entry(self.layout.group_of(p.block)).or_default() += 1;
         }
         let writes = pieces.iter().map(|p| {
-            let key = BlockKey {
-                object,
-                block: p.block,
-            };
+            let key = BlockKey { object, block: p.block };
             let role = self.layout.data_iom(object, p.block);
             let hint = per_group[&self.layout.group_of(p.block)];
             let payload = data.slice(p.buf_offset..p.buf_offset + p.len as usize);
@@ -345,13 +289,7 @@ impl ClusterClient {
             async move {
                 self.data(
                     role,
-                    |route| DataReq::Write {
-                        route,
-                        key,
-                        offset: off,
-                        toughness,
-                        group_hint: hint,
-                    },
+                    |route| DataReq::Write { route, key, offset: off, toughness, group_hint: hint },
                     payload,
                 )
                 .await
@@ -364,13 +302,7 @@ impl ClusterClient {
     /// Cuts an object to `size` bytes: the block holding `size` keeps its
     /// head, the rest of its group is deleted block by block (parity kept
     /// right), whole groups past it are dropped.
-    pub async fn truncate(
-        &self,
-        object: ObjectId,
-        old_size: u64,
-        size: u64,
-        toughness: Toughness,
-    ) -> Result<()> {
+    pub async fn truncate(&self, object: ObjectId, old_size: u64, size: u64, toughness: Toughness) -> Result<()> {
         if size >= old_size {
             return Ok(());
         }
@@ -411,16 +343,7 @@ impl ClusterClient {
     /// Drops an object's blocks and parity in groups >= `from` on every IOM.
     pub async fn drop_object(&self, object: ObjectId, from: GroupNo) -> Result<()> {
         let calls = (0..self.cfg.width()).map(|i| async move {
-            self.data(
-                IomId(i),
-                |route| DataReq::DropObject {
-                    route,
-                    object,
-                    from,
-                },
-                Bytes::new(),
-            )
-            .await
+            self.data(IomId(i), |route| DataReq::DropObject { route, object, from }, Bytes::new()).await
         });
         futures::future::try_join_all(calls).await?;
         Ok(())
@@ -428,20 +351,16 @@ impl ClusterClient {
 
     /// Durability barrier on every IOM: all writes answered so far are on stable storage.
     pub async fn flush(&self) -> Result<()> {
-        let calls = (0..self.cfg.width()).map(|i| async move {
-            self.data(IomId(i), |route| DataReq::Flush { route }, Bytes::new())
-                .await
-        });
+        let calls = (0..self.cfg.width())
+            .map(|i| async move { self.data(IomId(i), |route| DataReq::Flush { route }, Bytes::new()).await });
         futures::future::try_join_all(calls).await?;
         Ok(())
     }
 
     /// Durability barrier on the IOMs holding `object`'s blocks in a byte range.
     pub async fn flush_ioms(&self, ioms: &[IomId]) -> Result<()> {
-        let calls = ioms.iter().map(|&i| async move {
-            self.data(i, |route| DataReq::Flush { route }, Bytes::new())
-                .await
-        });
+        let calls =
+            ioms.iter().map(|&i| async move { self.data(i, |route| DataReq::Flush { route }, Bytes::new()).await });
         futures::future::try_join_all(calls).await?;
         Ok(())
     }
@@ -449,10 +368,9 @@ impl ClusterClient {
     /// One namespace request to the metadata server.
     pub async fn meta(&self, req: MetaReq) -> Result<MetaResp> {
         let home = IomId(self.cfg.meta_home);
-        match self
-            .call_role(home, |_| Request::Meta(req.clone()), Bytes::new())
-            .await?
-        {
+        let call =
+            MetaCall { client: self.client_id, seq: self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed), req };
+        match self.call_role(home, |_| Request::Meta(call.clone()), Bytes::new()).await? {
             (Reply::Meta(m), _) => Ok(m),
             (other, _) => Err(ClientError::Unexpected(format!("{other:?}"))),
         }

@@ -2,9 +2,7 @@
 //! `iom-<id>/` per IOM).
 
 use anyhow::{bail, Context, Result};
-use common::config::{
-    ClusterConfig, ClusterPaths, IomConfig, TransportProfile, Tuning, CLUSTER_FORMAT_VERSION,
-};
+use common::config::{ClusterConfig, ClusterPaths, IomConfig, TransportProfile, Tuning, CLUSTER_FORMAT_VERSION};
 use common::IomId;
 use net::pki::{self, Ca};
 use std::path::Path;
@@ -31,24 +29,16 @@ pub fn parse_size(s: &str) -> Result<u64> {
         Some('g' | 'G') => (&t[..t.len() - 1], 1024 * 1024 * 1024),
         _ => (t, 1),
     };
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("'{s}' is not a size (examples: 64K, 1M, 65536)"))?;
+    let n: u64 = num.parse().with_context(|| format!("'{s}' is not a size (examples: 64K, 1M, 65536)"))?;
     Ok(n * mul)
 }
 
 fn free_udp_ports(host: &str, n: u32) -> Result<Vec<u16>> {
     // Hold all sockets until every port is chosen so they are distinct.
     let socks: Vec<std::net::UdpSocket> = (0..n)
-        .map(|_| {
-            std::net::UdpSocket::bind((host, 0))
-                .with_context(|| format!("cannot bind a UDP port on {host}"))
-        })
+        .map(|_| std::net::UdpSocket::bind((host, 0)).with_context(|| format!("cannot bind a UDP port on {host}")))
         .collect::<Result<_>>()?;
-    Ok(socks
-        .iter()
-        .map(|s| s.local_addr().map(|a| a.port()).unwrap_or(0))
-        .collect())
+    Ok(socks.iter().map(|s| s.local_addr().map(|a| a.port()).unwrap_or(0)).collect())
 }
 
 pub fn init(dir: &Path, o: &InitOptions) -> Result<ClusterConfig> {
@@ -61,23 +51,13 @@ pub fn init(dir: &Path, o: &InitOptions) -> Result<ClusterConfig> {
         );
     }
     if !(common::layout::MIN_WIDTH..=common::layout::MAX_WIDTH).contains(&o.ioms) {
-        bail!(
-            "--ioms {}: a cluster needs 3 to 64 IOMs (N data + 1 parity, N >= 2)",
-            o.ioms
-        );
+        bail!("--ioms {}: a cluster needs 3 to 64 IOMs (N data + 1 parity, N >= 2)", o.ioms);
     }
     if common::Layout::new(o.ioms, o.block_size).is_none() {
-        bail!(
-            "--block-size {}: must be a power of two from 4K to 4M",
-            o.block_size
-        );
+        bail!("--block-size {}: must be a power of two from 4K to 4M", o.block_size);
     }
     if o.meta_home >= o.ioms {
-        bail!(
-            "--meta-home {} is not an IOM id (0..{})",
-            o.meta_home,
-            o.ioms
-        );
+        bail!("--meta-home {} is not an IOM id (0..{})", o.meta_home, o.ioms);
     }
     let addrs = match &o.addrs {
         Some(a) => {
@@ -86,27 +66,16 @@ pub fn init(dir: &Path, o: &InitOptions) -> Result<ClusterConfig> {
             }
             a.clone()
         }
-        None if o.base_port != 0 => (0..o.ioms)
-            .map(|i| format!("{}:{}", o.host, o.base_port as u32 + i))
-            .collect(),
-        None => free_udp_ports(&o.host, o.ioms)?
-            .into_iter()
-            .map(|p| format!("{}:{p}", o.host))
-            .collect(),
+        None if o.base_port != 0 => (0..o.ioms).map(|i| format!("{}:{}", o.host, o.base_port as u32 + i)).collect(),
+        None => free_udp_ports(&o.host, o.ioms)?.into_iter().map(|p| format!("{}:{p}", o.host)).collect(),
     };
     for d in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         if d.file_name().to_string_lossy().starts_with("iom-") {
-            bail!(
-                "{} holds {} from an earlier cluster; use an empty directory",
-                dir.display(),
-                d.path().display()
-            );
+            bail!("{} holds {} from an earlier cluster; use an empty directory", dir.display(), d.path().display());
         }
     }
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let cluster_id: String = (0..8)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect();
+    let cluster_id: String = (0..8).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
     let cfg = ClusterConfig {
         format_version: CLUSTER_FORMAT_VERSION,
         cluster_id: cluster_id.clone(),
@@ -135,10 +104,7 @@ pub fn init(dir: &Path, o: &InitOptions) -> Result<ClusterConfig> {
         let id = IomId(i);
         std::fs::create_dir_all(paths.iom_dir(id))
             .with_context(|| format!("create {}", paths.iom_dir(id).display()))?;
-        let host = addrs[i as usize]
-            .rsplit_once(':')
-            .map(|(h, _)| h.trim_matches(['[', ']']))
-            .unwrap_or("localhost");
+        let host = addrs[i as usize].rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or("localhost");
         let mut names = vec![pki::iom_server_name(i), "localhost".to_string()];
         if host.parse::<std::net::IpAddr>().is_err() && host != "localhost" {
             names.push(host.to_string());
@@ -153,8 +119,7 @@ pub fn init(dir: &Path, o: &InitOptions) -> Result<ClusterConfig> {
     // The config is written last: its presence marks a complete cluster directory.
     let tmp = paths.config().with_extension("toml.tmp");
     std::fs::write(&tmp, cfg.to_toml()).with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, paths.config())
-        .with_context(|| format!("write {}", paths.config().display()))?;
+    std::fs::rename(&tmp, paths.config()).with_context(|| format!("write {}", paths.config().display()))?;
     Ok(cfg)
 }
 
@@ -189,9 +154,7 @@ mod tests {
         let loaded = ClusterConfig::load(d.path()).unwrap();
         assert_eq!(loaded, cfg);
         let bad = InitOptions { ioms: 2, ..o };
-        let e = init(tempfile::tempdir().unwrap().path(), &bad)
-            .unwrap_err()
-            .to_string();
+        let e = init(tempfile::tempdir().unwrap().path(), &bad).unwrap_err().to_string();
         assert!(e.contains("3 to 64"), "{e}");
     }
 }

@@ -7,11 +7,7 @@ use fs_client::{bench, init, scrub, ClusterClient};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "iomfs",
-    version,
-    about = "iomfs: a distributed POSIX filesystem with data+parity striping"
-)]
+#[command(name = "iomfs", version, about = "iomfs: a distributed POSIX filesystem with data+parity striping")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -92,25 +88,12 @@ fn main() -> std::process::ExitCode {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("start async runtime")
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("start async runtime")
 }
 
 fn run(cli: Cli) -> Result<u8> {
     match cli.cmd {
-        Cmd::Init {
-            dir,
-            ioms,
-            block_size,
-            addrs,
-            host,
-            base_port,
-            meta_home,
-            transport,
-        } => {
+        Cmd::Init { dir, ioms, block_size, addrs, host, base_port, meta_home, transport } => {
             let block_size = init::parse_size(&block_size)?;
             let transport = match transport.as_str() {
                 "loopback" => TransportProfile::Loopback,
@@ -158,39 +141,20 @@ fn run(cli: Cli) -> Result<u8> {
             for p in &r.problems {
                 println!("problem: {p}");
             }
-            println!(
-                "scrub: {} groups checked, {} blocks, {} problems",
-                r.groups,
-                r.blocks,
-                r.problems.len()
-            );
+            println!("scrub: {} groups checked, {} blocks, {} problems", r.groups, r.blocks, r.problems.len());
             c.close();
             Ok(if r.problems.is_empty() { 0 } else { 1 })
         }),
-        Cmd::Bench {
-            dir,
-            size,
-            depth,
-            random_ops,
-        } => runtime()?.block_on(async {
+        Cmd::Bench { dir, size, depth, random_ops } => runtime()?.block_on(async {
             let c = ClusterClient::connect(&dir).await?;
             let size = init::parse_size(&size)?;
             let base = 1u64 << 62 | (rand::random::<u32>() as u64) << 8;
-            bench::run(
-                c.clone(),
-                bench::BenchOptions {
-                    size,
-                    depth,
-                    random_ops,
-                    object_base: base,
-                },
-                |l| println!("{:<44} {:>12.1} {}", l.name, l.value, l.unit),
-            )
+            bench::run(c.clone(), bench::BenchOptions { size, depth, random_ops, object_base: base }, |l| {
+                println!("{:<44} {:>12.1} {}", l.name, l.value, l.unit)
+            })
             .await?;
             for i in 0..c.cfg.width() {
-                let _ = c
-                    .drop_object(common::ObjectId(base + i as u64), common::GroupNo(0))
-                    .await;
+                let _ = c.drop_object(common::ObjectId(base + i as u64), common::GroupNo(0)).await;
             }
             c.close();
             Ok(0)

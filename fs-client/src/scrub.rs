@@ -20,11 +20,7 @@ pub struct Problem {
 
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "object {} group {} IOM {}: {}",
-            self.object, self.group, self.iom, self.what
-        )
+        write!(f, "object {} group {} IOM {}: {}", self.object, self.group, self.iom, self.what)
     }
 }
 
@@ -39,13 +35,7 @@ async fn list_all(c: &ClusterClient, iom: IomId) -> Result<(Vec<BlockInfo>, Vec<
     let mut blocks = Vec::new();
     let mut after = None;
     loop {
-        let (r, _) = c
-            .call_iom(
-                iom,
-                &Request::Data(DataReq::ListBlocks { after, limit: 5000 }),
-                Bytes::new(),
-            )
-            .await?;
+        let (r, _) = c.call_iom(iom, &Request::Data(DataReq::ListBlocks { after, limit: 5000 }), Bytes::new()).await?;
         let Reply::Data(DataResp::Blocks(b)) = r else {
             return Err(ClientError::Unexpected(format!("{r:?}")));
         };
@@ -59,13 +49,7 @@ async fn list_all(c: &ClusterClient, iom: IomId) -> Result<(Vec<BlockInfo>, Vec<
     let mut groups = Vec::new();
     let mut after = None;
     loop {
-        let (r, _) = c
-            .call_iom(
-                iom,
-                &Request::Data(DataReq::ListGroups { after, limit: 5000 }),
-                Bytes::new(),
-            )
-            .await?;
+        let (r, _) = c.call_iom(iom, &Request::Data(DataReq::ListGroups { after, limit: 5000 }), Bytes::new()).await?;
         let Reply::Data(DataResp::Groups(g)) = r else {
             return Err(ClientError::Unexpected(format!("{r:?}")));
         };
@@ -101,42 +85,21 @@ enum Outcome {
     Problem(Problem),
 }
 
-async fn check_group(
-    c: &ClusterClient,
-    g: GroupKey,
-    heads: &BTreeMap<BlockKey, Version>,
-) -> Outcome {
+async fn check_group(c: &ClusterClient, g: GroupKey, heads: &BTreeMap<BlockKey, Version>) -> Outcome {
     let layout = c.layout;
     let (data_ioms, p) = layout.group_ioms(g.object, g.group);
-    let prob = |iom: IomId, what: String| {
-        Outcome::Problem(Problem {
-            object: g.object,
-            group: g.group,
-            iom,
-            what,
-        })
-    };
-    let (versions, parity) = match c
-        .call_role(
-            p,
-            |route: Route| Request::Data(DataReq::ReadParity { route, group: g }),
-            Bytes::new(),
-        )
-        .await
-    {
-        Ok((Reply::Data(DataResp::Parity { versions }), b)) => (versions, b),
-        Ok((r, _)) => return prob(p, format!("unexpected reply {r:?}")),
-        Err(e) if e.code() == Some(ErrorCode::Corrupt) => {
-            return prob(p, format!("parity block damaged: {e}"))
-        }
-        Err(e) => return Outcome::Retry(format!("parity read from IOM {p}: {e}")),
-    };
+    let prob = |iom: IomId, what: String| Outcome::Problem(Problem { object: g.object, group: g.group, iom, what });
+    let (versions, parity) =
+        match c.call_role(p, |route: Route| Request::Data(DataReq::ReadParity { route, group: g }), Bytes::new()).await
+        {
+            Ok((Reply::Data(DataResp::Parity { versions }), b)) => (versions, b),
+            Ok((r, _)) => return prob(p, format!("unexpected reply {r:?}")),
+            Err(e) if e.code() == Some(ErrorCode::Corrupt) => return prob(p, format!("parity block damaged: {e}")),
+            Err(e) => return Outcome::Retry(format!("parity read from IOM {p}: {e}")),
+        };
     let mut acc = parity.to_vec();
     for (j, d) in data_ioms.iter().enumerate() {
-        let key = BlockKey {
-            object: g.object,
-            block: layout.member_block(g.group, j as u32),
-        };
+        let key = BlockKey { object: g.object, block: layout.member_block(g.group, j as u32) };
         let v = versions.get(j).copied().unwrap_or(Version(0));
         let head = heads.get(&key).copied().unwrap_or(Version(0));
         if head != v {
@@ -149,17 +112,7 @@ async fn check_group(
             continue;
         }
         match c
-            .call_role(
-                *d,
-                |route| {
-                    Request::Data(DataReq::ReadVersion {
-                        route,
-                        key,
-                        version: v,
-                    })
-                },
-                Bytes::new(),
-            )
+            .call_role(*d, |route| Request::Data(DataReq::ReadVersion { route, key, version: v }), Bytes::new())
             .await
         {
             Ok((_, b)) => xor_into(&mut acc, &b),
@@ -230,12 +183,7 @@ pub async fn scrub(c: &ClusterClient, mut progress: impl FnMut(u64, u64)) -> Res
             }
         }
         let (_, p) = c.layout.group_ioms(g.object, g.group);
-        Some(Problem {
-            object: g.object,
-            group: g.group,
-            iom: p,
-            what: last,
-        })
+        Some(Problem { object: g.object, group: g.group, iom: p, what: last })
     }))
     .buffer_unordered(32);
     let mut done = 0;
@@ -258,23 +206,9 @@ async fn check_fresh(c: &ClusterClient, g: GroupKey) -> Option<Problem> {
     'attempts: for attempt in 0..10 {
         let mut heads = BTreeMap::new();
         for (j, d) in data_ioms.iter().enumerate() {
-            let key = BlockKey {
-                object: g.object,
-                block: layout.member_block(g.group, j as u32),
-            };
+            let key = BlockKey { object: g.object, block: layout.member_block(g.group, j as u32) };
             match c
-                .call_role(
-                    *d,
-                    |route| {
-                        Request::Data(DataReq::Read {
-                            route,
-                            key,
-                            offset: 0,
-                            len: 0,
-                        })
-                    },
-                    Bytes::new(),
-                )
+                .call_role(*d, |route| Request::Data(DataReq::Read { route, key, offset: 0, len: 0 }), Bytes::new())
                 .await
             {
                 Ok((Reply::Data(DataResp::Read { version }), _)) => {
@@ -303,10 +237,5 @@ async fn check_fresh(c: &ClusterClient, g: GroupKey) -> Option<Problem> {
         }
         tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
     }
-    Some(Problem {
-        object: g.object,
-        group: g.group,
-        iom: p,
-        what: last,
-    })
+    Some(Problem { object: g.object, group: g.group, iom: p, what: last })
 }

@@ -14,11 +14,7 @@ pub fn bin_dir() -> PathBuf {
         return PathBuf::from(d);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .to_path_buf();
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir").to_path_buf();
     for b in ["iomfs", "iom-server"] {
         assert!(
             dir.join(b).exists(),
@@ -59,24 +55,14 @@ impl Cluster {
     }
 
     pub fn init_with(width: u32, extra: &[&str]) -> Cluster {
-        let tmp = tempfile::Builder::new()
-            .prefix("iomfs-test-")
-            .tempdir_in(test_root())
-            .expect("tempdir");
+        let tmp = tempfile::Builder::new().prefix("iomfs-test-").tempdir_in(test_root()).expect("tempdir");
         let dir = tmp.path().join("cluster");
         let mut args = vec!["init", "--dir", dir.to_str().expect("utf8"), "--ioms"];
         let w = width.to_string();
         args.push(&w);
         args.extend_from_slice(extra);
-        let out = Command::new(bin("iomfs"))
-            .args(&args)
-            .output()
-            .expect("run iomfs init");
-        assert!(
-            out.status.success(),
-            "iomfs init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new(bin("iomfs")).args(&args).output().expect("run iomfs init");
+        assert!(out.status.success(), "iomfs init failed: {}", String::from_utf8_lossy(&out.stderr));
         Cluster {
             tmp,
             dir,
@@ -100,24 +86,12 @@ impl Cluster {
     /// Starts IOM `i` as `iom-server --dir D --id i` and waits for its pid file.
     pub fn start(&mut self, i: u32) {
         let _ = std::fs::remove_file(self.pid_file(i));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path(i))
-            .expect("log file");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(i)).expect("log file");
         let mut cmd = Command::new(&self.server_bin);
-        cmd.args([
-            "--dir",
-            self.dir.to_str().expect("utf8"),
-            "--id",
-            &i.to_string(),
-        ])
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .env(
-            "IOMFS_LOG",
-            std::env::var("IOMFS_LOG").unwrap_or_else(|_| "info".into()),
-        );
+        cmd.args(["--dir", self.dir.to_str().expect("utf8"), "--id", &i.to_string()])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .env("IOMFS_LOG", std::env::var("IOMFS_LOG").unwrap_or_else(|_| "info".into()));
         for (k, v) in &self.env[i as usize] {
             cmd.env(k, v);
         }
@@ -130,11 +104,7 @@ impl Cluster {
                     panic!("iom-server {i} exited with {st} at start:\n{}", self.log(i));
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "iom-server {i} did not write its pid file:\n{}",
-                self.log(i)
-            );
+            assert!(Instant::now() < deadline, "iom-server {i} did not write its pid file:\n{}", self.log(i));
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -222,29 +192,19 @@ impl Cluster {
         let mut a: Vec<&str> = args.to_vec();
         a.push("--dir");
         a.push(self.dir.to_str().expect("utf8"));
-        Command::new(bin("iomfs"))
-            .args(&a)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run iomfs")
+        Command::new(bin("iomfs")).args(&a).stdin(Stdio::null()).output().expect("run iomfs")
     }
 
     /// `iomfs scrub`; panics with its output unless clean.
     pub fn must_scrub_clean(&self) -> String {
         let out = self.iomfs(&["scrub"]);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "scrub not clean:\n{text}");
         text
     }
 
     pub async fn client(&self) -> Arc<fs_client::ClusterClient> {
-        fs_client::ClusterClient::connect(&self.dir)
-            .await
-            .expect("client connects")
+        fs_client::ClusterClient::connect(&self.dir).await.expect("client connects")
     }
 
     /// Registers a mount point to unmount on drop.
@@ -260,11 +220,7 @@ impl Cluster {
 
 pub fn unmount(m: &Path) {
     for _ in 0..50 {
-        let st = Command::new("fusermount3")
-            .arg("-u")
-            .arg(m)
-            .stderr(Stdio::null())
-            .status();
+        let st = Command::new("fusermount3").arg("-u").arg(m).stderr(Stdio::null()).status();
         if matches!(st, Ok(s) if s.success()) || !is_mounted(m) {
             return;
         }
@@ -276,10 +232,7 @@ pub fn unmount(m: &Path) {
 pub fn is_mounted(m: &Path) -> bool {
     let canon = std::fs::canonicalize(m).unwrap_or_else(|_| m.to_path_buf());
     std::fs::read_to_string("/proc/mounts")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.split_whitespace().nth(1) == Some(canon.to_str().unwrap_or("")))
-        })
+        .map(|s| s.lines().any(|l| l.split_whitespace().nth(1) == Some(canon.to_str().unwrap_or(""))))
         .unwrap_or(false)
 }
 
@@ -315,9 +268,7 @@ impl Drop for Cluster {
 
 /// Where test clusters live (a real disk, not tmpfs, so fsync is real).
 pub fn test_root() -> PathBuf {
-    let p = std::env::var("IOMFS_TEST_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from("/var/tmp"));
+    let p = std::env::var("IOMFS_TEST_ROOT").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("/var/tmp"));
     std::fs::create_dir_all(&p).expect("test root");
     p
 }

@@ -7,26 +7,13 @@ use integration::{serial, Cluster, Rng};
 use std::sync::Arc;
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
 /// The final bytes of one block after a wave of concurrent writes must be
 /// what some serial order of the writes touching it produces.
-fn block_matches_some_order(
-    before: &[u8],
-    after: &[u8],
-    writes: &[(usize, Vec<u8>)],
-    lo: usize,
-    hi: usize,
-) -> bool {
-    let touching: Vec<&(usize, Vec<u8>)> = writes
-        .iter()
-        .filter(|(o, d)| *o < hi && o + d.len() > lo)
-        .collect();
+fn block_matches_some_order(before: &[u8], after: &[u8], writes: &[(usize, Vec<u8>)], lo: usize, hi: usize) -> bool {
+    let touching: Vec<&(usize, Vec<u8>)> = writes.iter().filter(|(o, d)| *o < hi && o + d.len() > lo).collect();
     fn perms(n: usize) -> Vec<Vec<usize>> {
         if n == 0 {
             return vec![vec![]];
@@ -147,10 +134,7 @@ fn writes_match_a_reference_model_at_every_toughness_and_survive_restart() {
         }
         // and it keeps working after restart
         let (obj, model) = &models[2];
-        client
-            .write(*obj, 10, Bytes::from_static(b"again"), Toughness::Durable)
-            .await
-            .unwrap();
+        client.write(*obj, 10, Bytes::from_static(b"again"), Toughness::Durable).await.unwrap();
         let got = client.read(*obj, 0, 20).await.unwrap();
         assert_eq!(&got[10..15], b"again");
         assert_eq!(got[..10], model[..10]);
@@ -169,42 +153,19 @@ fn truncate_and_drop_keep_parity_consistent() {
         let obj = ObjectId(77);
         let size = 10 * 65536 + 100;
         let data: Vec<u8> = Rng(3).bytes(size);
-        client
-            .write(obj, 0, Bytes::from(data.clone()), Toughness::Atomic)
-            .await
-            .unwrap();
-        client
-            .truncate(obj, size as u64, 70000, Toughness::Atomic)
-            .await
-            .unwrap();
+        client.write(obj, 0, Bytes::from(data.clone()), Toughness::Atomic).await.unwrap();
+        client.truncate(obj, size as u64, 70000, Toughness::Atomic).await.unwrap();
         let got = client.read(obj, 0, size).await.unwrap();
         assert_eq!(got[..70000], data[..70000]);
-        assert!(
-            got[70000..].iter().all(|&b| b == 0),
-            "bytes past a truncate must read as zeros"
-        );
+        assert!(got[70000..].iter().all(|&b| b == 0), "bytes past a truncate must read as zeros");
         // extend again after the truncate: old bytes must not come back
-        client
-            .write(obj, 9 * 65536, Bytes::from_static(b"x"), Toughness::Atomic)
-            .await
-            .unwrap();
+        client.write(obj, 9 * 65536, Bytes::from_static(b"x"), Toughness::Atomic).await.unwrap();
         let got = client.read(obj, 0, size).await.unwrap();
         assert!(got[70000..9 * 65536].iter().all(|&b| b == 0));
-        client
-            .drop_object(ObjectId(77), common::GroupNo(0))
-            .await
-            .unwrap();
-        assert!(client
-            .read(obj, 0, size)
-            .await
-            .unwrap()
-            .iter()
-            .all(|&b| b == 0));
+        client.drop_object(ObjectId(77), common::GroupNo(0)).await.unwrap();
+        assert!(client.read(obj, 0, size).await.unwrap().iter().all(|&b| b == 0));
         let o2 = ObjectId(78);
-        client
-            .write(o2, 0, Bytes::from(data.clone()), Toughness::Fast)
-            .await
-            .unwrap();
+        client.write(o2, 0, Bytes::from(data.clone()), Toughness::Fast).await.unwrap();
         client.flush().await.unwrap();
         client.close();
     });
@@ -232,22 +193,13 @@ fn a_client_without_a_cluster_certificate_is_refused() {
             anyhow::Ok(v)
         }
         .await;
-        assert!(
-            r.is_err(),
-            "a client without certificate got an answer: {r:?}"
-        );
+        assert!(r.is_err(), "a client without certificate got an answer: {r:?}");
 
         // 2. a certificate from another cluster's CA
         let other = Cluster::init(3);
-        let ident = net::tls::Identity::load_client(&common::config::ClusterPaths::new(&other.dir))
-            .unwrap();
-        let mixed = net::tls::Identity {
-            certs: ident.certs,
-            key: ident.key,
-            ca: ca.clone(),
-        };
-        let cc =
-            net::tls::client_config(&mixed, common::config::TransportProfile::Loopback).unwrap();
+        let ident = net::tls::Identity::load_client(&common::config::ClusterPaths::new(&other.dir)).unwrap();
+        let mixed = net::tls::Identity { certs: ident.certs, key: ident.key, ca: ca.clone() };
+        let cc = net::tls::client_config(&mixed, common::config::TransportProfile::Loopback).unwrap();
         let r = async {
             let conn = ep.connect_with(cc, addr, "iom-0")?.await?;
             let (mut s, mut r) = conn.open_bi().await?;
@@ -257,17 +209,10 @@ fn a_client_without_a_cluster_certificate_is_refused() {
             anyhow::Ok(v)
         }
         .await;
-        assert!(
-            r.is_err(),
-            "a client with a foreign certificate got an answer: {r:?}"
-        );
+        assert!(r.is_err(), "a client with a foreign certificate got an answer: {r:?}");
     });
     assert!(c.is_running(0), "the IOM died after refusing strangers");
-    assert!(
-        c.log(0).contains("refused connection"),
-        "no log line for the refused peer:\n{}",
-        c.log(0)
-    );
+    assert!(c.log(0).contains("refused connection"), "no log line for the refused peer:\n{}", c.log(0));
 }
 
 #[test]
@@ -277,16 +222,10 @@ fn garbage_messages_end_their_stream_and_the_server_keeps_serving() {
     c.start_all();
     let cfg = common::config::ClusterConfig::load(&c.dir).unwrap();
     rt().block_on(async {
-        let ident =
-            net::tls::Identity::load_client(&common::config::ClusterPaths::new(&c.dir)).unwrap();
+        let ident = net::tls::Identity::load_client(&common::config::ClusterPaths::new(&c.dir)).unwrap();
         let cc = net::tls::client_config(&ident, cfg.transport).unwrap();
-        let ep =
-            net::tls::make_endpoint("127.0.0.1:0".parse().unwrap(), None, cfg.transport).unwrap();
-        let conn = ep
-            .connect_with(cc, cfg.ioms[1].addr.parse().unwrap(), "iom-1")
-            .unwrap()
-            .await
-            .unwrap();
+        let ep = net::tls::make_endpoint("127.0.0.1:0".parse().unwrap(), None, cfg.transport).unwrap();
+        let conn = ep.connect_with(cc, cfg.ioms[1].addr.parse().unwrap(), "iom-1").unwrap().await.unwrap();
         let cases: Vec<Vec<u8>> = vec![
             b"GET / HTTP/1.1\r\n\r\n".to_vec(),
             vec![0xff; 64],
@@ -314,28 +253,14 @@ fn garbage_messages_end_their_stream_and_the_server_keeps_serving() {
                 if !bytes.is_empty() {
                     let body = &bytes[8..];
                     let rep: common::wire::Reply = common::codec::decode(body).unwrap();
-                    assert!(
-                        matches!(rep, common::wire::Reply::Error(_)),
-                        "garbage got a non-error reply {rep:?}"
-                    );
+                    assert!(matches!(rep, common::wire::Reply::Error(_)), "garbage got a non-error reply {rep:?}");
                 }
             }
         }
         // The server still serves proper clients.
         let client = c.client().await;
-        client
-            .write(
-                ObjectId(5),
-                0,
-                Bytes::from_static(b"still here"),
-                Toughness::Durable,
-            )
-            .await
-            .unwrap();
-        assert_eq!(
-            &client.read(ObjectId(5), 0, 10).await.unwrap()[..],
-            b"still here"
-        );
+        client.write(ObjectId(5), 0, Bytes::from_static(b"still here"), Toughness::Durable).await.unwrap();
+        assert_eq!(&client.read(ObjectId(5), 0, 10).await.unwrap()[..], b"still here");
         client.close();
     });
     for i in 0..3 {
@@ -348,14 +273,8 @@ fn cli_errors_name_the_problem() {
     let _g = serial();
     let c = Cluster::init(3);
     let run = |args: &[&str]| {
-        let o = std::process::Command::new(integration::bin("iom-server"))
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            o.status.success(),
-            String::from_utf8_lossy(&o.stderr).to_string(),
-        )
+        let o = std::process::Command::new(integration::bin("iom-server")).args(args).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).to_string())
     };
     let dir = c.dir.to_str().unwrap();
     // missing config
@@ -373,11 +292,7 @@ fn cli_errors_name_the_problem() {
     // a cluster directory of another format version
     let path = c.dir.join("cluster.toml");
     let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(
-        &path,
-        text.replace("format_version = 1", "format_version = 2"),
-    )
-    .unwrap();
+    std::fs::write(&path, text.replace("format_version = 1", "format_version = 2")).unwrap();
     let (ok, e) = run(&["--dir", dir, "--id", "0"]);
     assert!(!ok && e.contains("format version 2"), "{e}");
     // a broken config
@@ -388,10 +303,7 @@ fn cli_errors_name_the_problem() {
     let out = c.iomfs(&["init"]);
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        e.contains("refusing to overwrite") || e.contains("already"),
-        "{e}"
-    );
+    assert!(e.contains("refusing to overwrite") || e.contains("already"), "{e}");
     let _ = Arc::new(());
 }
 
@@ -406,10 +318,7 @@ fn a_damaged_block_is_an_error_never_silent_data_and_scrub_names_it() {
     let data: Vec<u8> = Rng(11).bytes(65536);
     rt().block_on(async {
         let client = c.client().await;
-        client
-            .write(obj, 0, Bytes::from(data.clone()), Toughness::Durable)
-            .await
-            .unwrap();
+        client.write(obj, 0, Bytes::from(data.clone()), Toughness::Durable).await.unwrap();
         client.close();
     });
     assert!(c.stop(victim.0));
@@ -431,10 +340,7 @@ fn a_damaged_block_is_an_error_never_silent_data_and_scrub_names_it() {
     });
     let out = c.iomfs(&["scrub"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        !out.status.success(),
-        "scrub passed over a damaged block:\n{text}"
-    );
+    assert!(!out.status.success(), "scrub passed over a damaged block:\n{text}");
     assert!(
         text.contains(&format!("object {} group 0 IOM {}", obj.0, victim.0)),
         "scrub did not name object, group and IOM:\n{text}"

@@ -36,13 +36,7 @@ impl Cache {
     pub fn new(budget_bytes: usize) -> Cache {
         Cache {
             shards: (0..SHARDS)
-                .map(|_| {
-                    Mutex::new(Shard {
-                        map: HashMap::new(),
-                        order: VecDeque::new(),
-                        bytes: 0,
-                    })
-                })
+                .map(|_| Mutex::new(Shard { map: HashMap::new(), order: VecDeque::new(), bytes: 0 }))
                 .collect(),
             budget: budget_bytes / SHARDS,
             hits: AtomicU64::new(0),
@@ -135,13 +129,7 @@ mod tests {
     use common::{BlockNo, ObjectId};
 
     fn key(i: u64) -> CacheKey {
-        CacheKey::Data(
-            BlockKey {
-                object: ObjectId(1),
-                block: BlockNo(i),
-            },
-            Version(1),
-        )
+        CacheKey::Data(BlockKey { object: ObjectId(1), block: BlockNo(i) }, Version(1))
     }
 
     #[test]

@@ -29,12 +29,7 @@ macro_rules! crash_point {
 #[cfg(feature = "failpoints")]
 pub async fn hit(iom: &crate::Iom, name: &str, arg: &str) {
     let marker = iom.data_dir.join("failpoint-hit");
-    tracing::warn!(
-        iom = iom.id.0,
-        failpoint = name,
-        action = arg,
-        "failpoint hit"
-    );
+    tracing::warn!(iom = iom.id.0, failpoint = name, action = arg, "failpoint hit");
     match arg {
         "pause" => {
             let _ = std::fs::write(&marker, name);
@@ -73,12 +68,7 @@ macro_rules! crash_point_sync {
 #[cfg(feature = "failpoints")]
 pub fn hit_sync(iom: &crate::Iom, name: &str, arg: &str) {
     let marker = iom.data_dir.join("failpoint-hit");
-    tracing::warn!(
-        iom = iom.id.0,
-        failpoint = name,
-        action = arg,
-        "failpoint hit"
-    );
+    tracing::warn!(iom = iom.id.0, failpoint = name, action = arg, "failpoint hit");
     let _ = std::fs::write(&marker, name);
     if arg == "pause" {
         while marker.exists() {

@@ -85,10 +85,7 @@ fn seg_name(n: u64) -> String {
 }
 
 fn parse_seg(name: &str) -> Option<u64> {
-    name.strip_prefix("seg-")?
-        .strip_suffix(".log")?
-        .parse()
-        .ok()
+    name.strip_prefix("seg-")?.strip_suffix(".log")?.parse().ok()
 }
 
 fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, Error> {
@@ -115,9 +112,7 @@ fn new_segment(dir: &Path, n: u64) -> Result<File, Error> {
     h.extend_from_slice(SEG_MAGIC);
     h.extend_from_slice(&JOURNAL_FORMAT_VERSION.to_le_bytes());
     h.extend_from_slice(&0u32.to_le_bytes());
-    f.write_all(&h)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| Error::io(format!("write {}", p.display()), e))?;
+    f.write_all(&h).and_then(|_| f.sync_all()).map_err(|e| Error::io(format!("write {}", p.display()), e))?;
     crate::fsutil::sync_dir(dir)?;
     Ok(f)
 }
@@ -137,10 +132,7 @@ fn parse_segment(buf: &[u8], path: &Path) -> Result<(Vec<Vec<u8>>, Option<usize>
             // Crash while creating the segment: nothing was ever appended to it.
             return Ok((Vec::new(), Some(0)));
         }
-        return Err(Error::Format(format!(
-            "{}: not an iomfs journal segment",
-            path.display()
-        )));
+        return Err(Error::Format(format!("{}: not an iomfs journal segment", path.display())));
     }
     let ver = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
     if ver != JOURNAL_FORMAT_VERSION {
@@ -190,8 +182,7 @@ impl Journal {
                 let _ = fs::remove_file(&path);
                 continue;
             }
-            let buf =
-                fs::read(&path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+            let buf = fs::read(&path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
             let (recs, torn) = parse_segment(&buf, &path)?;
             if let Some(off) = torn {
                 if i + 1 != n {
@@ -229,14 +220,7 @@ impl Journal {
             .name("journal".into())
             .spawn(move || w.run())
             .map_err(|e| Error::io("spawn journal writer", e))?;
-        Ok((
-            Journal {
-                tx,
-                stats,
-                thread: parking_lot::Mutex::new(Some(thread)),
-            },
-            Replayed { records, segment },
-        ))
+        Ok((Journal { tx, stats, thread: parking_lot::Mutex::new(Some(thread)) }, Replayed { records, segment }))
     }
 
     fn send(&self, c: Cmd) {
@@ -259,14 +243,29 @@ impl Journal {
             let (t, r) = oneshot::channel();
             (Some(t), Some(r))
         };
-        self.send(Cmd::Append {
-            bytes: payload,
-            after_data_sync,
-            wait,
-            done,
-            on_durable,
-        });
+        self.send(Cmd::Append { bytes: payload, after_data_sync, wait, done, on_durable });
         rx
+    }
+
+    /// Like [`Journal::flush`], without borrowing the journal while waiting.
+    pub fn flush_request(&self) -> oneshot::Receiver<()> {
+        let (t, r) = oneshot::channel();
+        self.send(Cmd::Flush(t));
+        r
+    }
+
+    /// Like [`Journal::rotate`], without borrowing the journal while waiting.
+    pub fn rotate_request(&self) -> oneshot::Receiver<u64> {
+        let (t, r) = oneshot::channel();
+        self.send(Cmd::Rotate(t));
+        r
+    }
+
+    /// Flushes and stops the writer; the receiver fires when it stopped.
+    pub fn stop_request(&self) -> oneshot::Receiver<()> {
+        let (t, r) = oneshot::channel();
+        self.send(Cmd::Stop(t));
+        r
     }
 
     /// Waits until everything appended so far is durable.
@@ -361,13 +360,7 @@ impl Writer {
             let mut data_synced = false;
             for c in cmds {
                 match c {
-                    Cmd::Append {
-                        bytes,
-                        after_data_sync,
-                        wait,
-                        done,
-                        on_durable,
-                    } => {
+                    Cmd::Append { bytes, after_data_sync, wait, done, on_durable } => {
                         if after_data_sync && !data_synced {
                             // Data written before this record was queued must
                             // be durable before the record can reach the disk.
@@ -398,18 +391,11 @@ impl Writer {
                     }
                     Cmd::Rotate(d) => {
                         self.write_buf(&mut buf, &mut unsynced);
-                        self.sync(
-                            &mut unsynced,
-                            &mut last_sync,
-                            &mut durable_waiters,
-                            &mut callbacks,
-                        );
+                        self.sync(&mut unsynced, &mut last_sync, &mut durable_waiters, &mut callbacks);
                         self.seg_no += 1;
                         match new_segment(&self.dir, self.seg_no) {
                             Ok(f) => self.seg = f,
-                            Err(e) => {
-                                fatal("segment rotation", std::io::Error::other(e.to_string()))
-                            }
+                            Err(e) => fatal("segment rotation", std::io::Error::other(e.to_string())),
                         }
                         self.stats.bytes_since_rotate.store(0, Ordering::Relaxed);
                         let _ = d.send(self.seg_no);
@@ -424,14 +410,8 @@ impl Writer {
             for w in written {
                 let _ = w.send(());
             }
-            if force || (unsynced || !callbacks.is_empty()) && last_sync.elapsed() >= self.interval
-            {
-                self.sync(
-                    &mut unsynced,
-                    &mut last_sync,
-                    &mut durable_waiters,
-                    &mut callbacks,
-                );
+            if force || (unsynced || !callbacks.is_empty()) && last_sync.elapsed() >= self.interval {
+                self.sync(&mut unsynced, &mut last_sync, &mut durable_waiters, &mut callbacks);
             }
             if let Some(d) = stop.take() {
                 let _ = d.send(());
@@ -447,12 +427,8 @@ impl Writer {
         if let Err(e) = self.seg.write_all(buf) {
             fatal("write", e);
         }
-        self.stats
-            .bytes
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.stats
-            .bytes_since_rotate
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.stats.bytes_since_rotate.fetch_add(buf.len() as u64, Ordering::Relaxed);
         buf.clear();
         *unsynced = true;
     }
@@ -499,10 +475,7 @@ mod tests {
         for i in 0..100u32 {
             j.append(i.to_le_bytes().to_vec(), i % 7 == 0, Wait::Nothing, None);
         }
-        j.append(b"last".to_vec(), false, Wait::Durable, None)
-            .unwrap()
-            .await
-            .unwrap();
+        j.append(b"last".to_vec(), false, Wait::Durable, None).unwrap().await.unwrap();
         j.stop().await;
         assert!(j.stats.flushes.load(Ordering::Relaxed) >= 1);
         // torn tail: half a record
@@ -533,10 +506,7 @@ mod tests {
             let j = j.clone();
             hs.push(tokio::spawn(async move {
                 for i in 0..50u32 {
-                    j.append(vec![t as u8, i as u8], false, Wait::Durable, None)
-                        .unwrap()
-                        .await
-                        .unwrap();
+                    j.append(vec![t as u8, i as u8], false, Wait::Durable, None).unwrap().await.unwrap();
                 }
             }));
         }
@@ -546,10 +516,7 @@ mod tests {
         let recs = j.stats.records.load(Ordering::Relaxed);
         let flushes = j.stats.flushes.load(Ordering::Relaxed);
         assert_eq!(recs, 400);
-        assert!(
-            flushes < recs,
-            "no batching: {flushes} flushes for {recs} records"
-        );
+        assert!(flushes < recs, "no batching: {flushes} flushes for {recs} records");
         j.stop().await;
     }
 
@@ -557,16 +524,10 @@ mod tests {
     async fn damaged_sealed_segment_is_an_error() {
         let d = tempfile::tempdir().unwrap();
         let (j, r) = open(d.path(), 0);
-        j.append(b"abc".to_vec(), false, Wait::Durable, None)
-            .unwrap()
-            .await
-            .unwrap();
+        j.append(b"abc".to_vec(), false, Wait::Durable, None).unwrap().await.unwrap();
         j.stop().await;
         let (j2, _) = open(d.path(), 0);
-        j2.append(b"def".to_vec(), false, Wait::Durable, None)
-            .unwrap()
-            .await
-            .unwrap();
+        j2.append(b"def".to_vec(), false, Wait::Durable, None).unwrap().await.unwrap();
         j2.stop().await;
         // damage the first segment, which is now sealed (a newer one follows)
         let p = d.path().join(seg_name(r.segment));
@@ -575,9 +536,7 @@ mod tests {
         b[n - 1] ^= 0xff;
         fs::write(&p, b).unwrap();
         let data = Arc::new(tempfile::tempfile().unwrap());
-        let e = Journal::open(d.path(), 0, data, Duration::from_millis(5))
-            .err()
-            .expect("must refuse");
+        let e = Journal::open(d.path(), 0, data, Duration::from_millis(5)).err().expect("must refuse");
         assert!(e.to_string().contains("sealed journal segment"), "{e}");
     }
 }

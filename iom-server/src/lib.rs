@@ -22,6 +22,7 @@ pub mod locks;
 pub mod map;
 pub mod membership;
 pub mod membership_state;
+pub mod namespace;
 pub mod parity;
 pub mod read_path;
 pub mod records;
@@ -61,10 +62,7 @@ pub enum Error {
 
 impl Error {
     pub fn io(what: impl Into<String>, err: std::io::Error) -> Error {
-        Error::Io {
-            what: what.into(),
-            err,
-        }
+        Error::Io { what: what.into(), err }
     }
 
     pub fn to_wire(&self) -> WireError {

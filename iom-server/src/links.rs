@@ -51,9 +51,7 @@ pub struct Links {
 
 impl Links {
     pub fn new(width: u32) -> Links {
-        Links {
-            links: (0..width).map(|_| Link::default()).collect(),
-        }
+        Links { links: (0..width).map(|_| Link::default()).collect() }
     }
 
     /// a6/a8: queues an update for the parity role `role`; returns receivers
@@ -73,15 +71,7 @@ impl Links {
             if let Some(out) = &s.out {
                 let _ = out.send(Out::Msg(ParityMsg::Update(upd.clone()), delta.clone()));
             }
-            s.pending.insert(
-                upd.tx.tx,
-                PendingUpdate {
-                    upd,
-                    delta,
-                    held: Some(ht),
-                    done: Some(dt),
-                },
-            );
+            s.pending.insert(upd.tx.tx, PendingUpdate { upd, delta, held: Some(ht), done: Some(dt) });
         }
         self.ensure_started(iom, role);
         (hr, dr)
@@ -93,10 +83,7 @@ impl Links {
         let mut s = link.state.lock();
         s.pending.remove(&tx.tx);
         match &s.out {
-            Some(out)
-                if out
-                    .send(Out::Msg(ParityMsg::WriteDone { tx }, Bytes::new()))
-                    .is_ok() => {}
+            Some(out) if out.send(Out::Msg(ParityMsg::WriteDone { tx }, Bytes::new())).is_ok() => {}
             _ => s.backlog.push(tx),
         }
         drop(s);
@@ -105,13 +92,7 @@ impl Links {
 
     /// Updates not yet completed by the parity role (for recovery and status).
     pub fn unfinished(&self, role: IomId) -> Vec<TxRef> {
-        self.links[role.0 as usize]
-            .state
-            .lock()
-            .pending
-            .values()
-            .map(|p| p.upd.tx)
-            .collect()
+        self.links[role.0 as usize].state.lock().pending.values().map(|p| p.upd.tx).collect()
     }
 
     /// Forgets updates recovery resolved another way; their waiters see failure.
@@ -149,12 +130,7 @@ async fn supervise(iom: Arc<Iom>, role: IomId) {
         match run_stream(&iom, role, server, &mut epochs).await {
             Ok(()) => backoff = Duration::from_millis(20),
             Err(e) => {
-                tracing::debug!(
-                    iom = iom.id.0,
-                    role = role.0,
-                    server = server.0,
-                    "parity channel: {e}"
-                );
+                tracing::debug!(iom = iom.id.0, role = role.0, server = server.0, "parity channel: {e}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
@@ -171,17 +147,9 @@ async fn run_stream(
     let link = &iom.links.links[role.0 as usize];
     let conn = iom.pool.conn(server).await.map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let open = Request::ParityChannel {
-        from: iom.id,
-        epoch: iom.member.epoch(),
-    };
-    write_frame(&mut send, &open, Bytes::new())
-        .await
-        .map_err(|e| e.to_string())?;
-    match read_frame::<Reply>(&mut recv)
-        .await
-        .map_err(|e| e.to_string())?
-    {
+    let open = Request::ParityChannel { from: iom.id, epoch: iom.member.epoch() };
+    write_frame(&mut send, &open, Bytes::new()).await.map_err(|e| e.to_string())?;
+    match read_frame::<Reply>(&mut recv).await.map_err(|e| e.to_string())? {
         Some((Reply::Member(MemberResp::Ack), _)) => {}
         Some((Reply::Error(e), _)) => return Err(format!("refused: {e}")),
         other => return Err(format!("unexpected channel reply {other:?}")),

@@ -20,9 +20,7 @@ pub struct KeyGuard<'a, K: Hash + Eq + Copy> {
 
 impl<K: Hash + Eq + Copy> Default for KeyLocks<K> {
     fn default() -> Self {
-        KeyLocks {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-        }
+        KeyLocks { shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect() }
     }
 }
 
@@ -37,11 +35,7 @@ impl<K: Hash + Eq + Copy> KeyLocks<K> {
     pub async fn lock(&self, key: K) -> KeyGuard<'_, K> {
         let m = self.shard(&key).lock().entry(key).or_default().clone();
         let guard = m.lock_owned().await;
-        KeyGuard {
-            locks: self,
-            key,
-            guard: Some(guard),
-        }
+        KeyGuard { locks: self, key, guard: Some(guard) }
     }
 
     pub fn len(&self) -> usize {

@@ -31,11 +31,7 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("iom")
-        .enable_all()
-        .build()
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("iom").enable_all().build()
     {
         Ok(rt) => rt,
         Err(e) => {
@@ -56,19 +52,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     #[cfg(feature = "failpoints")]
     let _scenario = fail::FailScenario::setup();
     let id = IomId(args.id);
-    let iom = Iom::start(StartOptions {
-        dir: args.dir.clone(),
-        id,
-        journal_dir: args.journal_dir,
-    })
-    .await
-    .with_context(|| format!("IOM {} of cluster {}", args.id, args.dir.display()))?;
+    let iom = Iom::start(StartOptions { dir: args.dir.clone(), id, journal_dir: args.journal_dir })
+        .await
+        .with_context(|| format!("IOM {} of cluster {}", args.id, args.dir.display()))?;
     let pid_path = iom.paths.pid(id);
     std::fs::write(&pid_path, format!("{}\n", std::process::id()))
         .with_context(|| format!("write pid file {}", pid_path.display()))?;
     tracing::info!(iom = args.id, addr = %iom.endpoint.local_addr()?, "serving");
     let server = tokio::spawn(iom_server::service::serve(iom.clone()));
     tokio::spawn(iom.clone().checkpoint_worker());
+    tokio::spawn(iom_server::namespace::Namespace::mirror_worker(iom.clone()));
+    tokio::spawn(iom_server::namespace::Namespace::worker(iom.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;

@@ -35,10 +35,7 @@ pub struct DataEntry {
 
 impl DataEntry {
     fn new(base: VerRef) -> DataEntry {
-        DataEntry {
-            pointer: base.version,
-            versions: vec![base],
-        }
+        DataEntry { pointer: base.version, versions: vec![base] }
     }
     pub fn head(&self) -> VerRef {
         *self.versions.last().expect("entry has a version")
@@ -50,10 +47,7 @@ impl DataEntry {
         self.get(self.pointer).unwrap_or_else(|| self.head())
     }
     fn insert(&mut self, v: VerRef) {
-        match self
-            .versions
-            .binary_search_by_key(&v.version, |x| x.version)
-        {
+        match self.versions.binary_search_by_key(&v.version, |x| x.version) {
             Ok(_) => {}
             Err(i) => self.versions.insert(i, v),
         }
@@ -161,11 +155,7 @@ impl BlockMap {
 
     /// The newest version of a block (what reads return).
     pub fn head(&self, key: &BlockKey) -> VerRef {
-        self.data[shard_of(key)]
-            .lock()
-            .get(key)
-            .map(|e| e.head())
-            .unwrap_or(VerRef::ABSENT)
+        self.data[shard_of(key)].lock().get(key).map(|e| e.head()).unwrap_or(VerRef::ABSENT)
     }
 
     pub fn entry(&self, key: &BlockKey) -> Option<DataEntry> {
@@ -176,10 +166,7 @@ impl BlockMap {
         if v == Version(0) {
             return Some(VerRef::ABSENT);
         }
-        self.data[shard_of(key)]
-            .lock()
-            .get(key)
-            .and_then(|e| e.get(v))
+        self.data[shard_of(key)].lock().get(key).and_then(|e| e.get(v))
     }
 
     pub fn parity_head(&self, g: &GroupKey) -> PVerRef {
@@ -206,9 +193,7 @@ impl BlockMap {
         for s in &self.data {
             let s = s.lock();
             let it: Box<dyn Iterator<Item = (&BlockKey, &DataEntry)>> = match after {
-                Some(a) => {
-                    Box::new(s.range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)))
-                }
+                Some(a) => Box::new(s.range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))),
                 None => Box::new(s.iter()),
             };
             all.extend(it.take(limit).map(|(k, v)| (*k, v.clone())));
@@ -218,18 +203,12 @@ impl BlockMap {
         all
     }
 
-    pub fn list_parity(
-        &self,
-        after: Option<GroupKey>,
-        limit: usize,
-    ) -> Vec<(GroupKey, ParityEntry)> {
+    pub fn list_parity(&self, after: Option<GroupKey>, limit: usize) -> Vec<(GroupKey, ParityEntry)> {
         let mut all = Vec::new();
         for s in &self.parity {
             let s = s.lock();
             let it: Box<dyn Iterator<Item = (&GroupKey, &ParityEntry)>> = match after {
-                Some(a) => {
-                    Box::new(s.range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)))
-                }
+                Some(a) => Box::new(s.range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))),
                 None => Box::new(s.iter()),
             };
             all.extend(it.take(limit).map(|(k, v)| (*k, v.clone())));
@@ -244,13 +223,7 @@ impl BlockMap {
     pub fn apply(&self, rec: &Record) -> Vec<DiskAddr> {
         let mut freed = Vec::new();
         match rec {
-            Record::Issued {
-                tx,
-                key,
-                old,
-                new,
-                parity,
-            } => {
+            Record::Issued { tx, key, old, new, parity } => {
                 self.bump_tx(*tx);
                 self.dtx.lock().entry(*tx).or_insert(DTx {
                     key: *key,
@@ -298,22 +271,13 @@ impl BlockMap {
                         if e.pointer >= t.new.version {
                             e.pointer = t.old.version;
                         }
-                        if e.versions.len() == 1
-                            && e.head().addr.is_none()
-                            && e.head().version == Version(0)
-                        {
+                        if e.versions.len() == 1 && e.head().addr.is_none() && e.head().version == Version(0) {
                             s.remove(&t.key);
                         }
                     }
                 }
             }
-            Record::Received {
-                tx,
-                group,
-                index,
-                old,
-                new,
-            } => {
+            Record::Received { tx, group, index, old, new } => {
                 self.ptx.lock().entry(*tx).or_insert(PTx {
                     group: *group,
                     index: *index,
@@ -322,19 +286,11 @@ impl BlockMap {
                     applied: None,
                 });
             }
-            Record::ParityDone {
-                group,
-                old,
-                new,
-                txs,
-            } => {
+            Record::ParityDone { group, old, new, txs } => {
                 self.bump_pseq(new.seq);
                 {
                     let mut s = self.parity[shard_of(group)].lock();
-                    let e = s.entry(*group).or_insert_with(|| ParityEntry {
-                        head: old.clone(),
-                        old: Vec::new(),
-                    });
+                    let e = s.entry(*group).or_insert_with(|| ParityEntry { head: old.clone(), old: Vec::new() });
                     if e.head.seq < new.seq {
                         let prev = std::mem::replace(&mut e.head, new.clone());
                         if prev.addr.is_some() && !e.old.iter().any(|o| o.seq == prev.seq) {
@@ -349,18 +305,10 @@ impl BlockMap {
                     }
                 }
                 drop(p);
-                self.awaiting
-                    .lock()
-                    .entry((*group, old.seq))
-                    .or_default()
-                    .extend(txs.iter().copied());
+                self.awaiting.lock().entry((*group, old.seq)).or_default().extend(txs.iter().copied());
             }
             Record::ParityFreed { group, seq } => {
-                let txs = self
-                    .awaiting
-                    .lock()
-                    .remove(&(*group, *seq))
-                    .unwrap_or_default();
+                let txs = self.awaiting.lock().remove(&(*group, *seq)).unwrap_or_default();
                 let mut p = self.ptx.lock();
                 for t in &txs {
                     p.remove(t);
@@ -382,12 +330,7 @@ impl BlockMap {
                 for s in &self.data {
                     let mut s = s.lock();
                     let keys: Vec<BlockKey> = s
-                        .range(
-                            BlockKey {
-                                object: *object,
-                                block: common::BlockNo(from.0 * n),
-                            }..,
-                        )
+                        .range(BlockKey { object: *object, block: common::BlockNo(from.0 * n) }..)
                         .take_while(|(k, _)| k.object == *object)
                         .map(|(k, _)| *k)
                         .collect();
@@ -400,12 +343,7 @@ impl BlockMap {
                 for s in &self.parity {
                     let mut s = s.lock();
                     let keys: Vec<GroupKey> = s
-                        .range(
-                            GroupKey {
-                                object: *object,
-                                group: *from,
-                            }..,
-                        )
+                        .range(GroupKey { object: *object, group: *from }..)
                         .take_while(|(k, _)| k.object == *object)
                         .map(|(k, _)| *k)
                         .collect();
@@ -417,10 +355,8 @@ impl BlockMap {
                     }
                 }
                 self.marks.lock().values_mut().for_each(|m| {
-                    m.blocks
-                        .retain(|k, _| !(k.object == *object && k.block.0 >= from.0 * n));
-                    m.groups
-                        .retain(|g| !(g.object == *object && g.group >= *from));
+                    m.blocks.retain(|k, _| !(k.object == *object && k.block.0 >= from.0 * n));
+                    m.groups.retain(|g| !(g.object == *object && g.group >= *from));
                 });
             }
             Record::DataSet { key, ver, .. } => {
@@ -452,37 +388,17 @@ impl BlockMap {
                     }
                     Some(_) => {}
                     None => {
-                        s.insert(
-                            *group,
-                            ParityEntry {
-                                head: ver.clone(),
-                                old: Vec::new(),
-                            },
-                        );
+                        s.insert(*group, ParityEntry { head: ver.clone(), old: Vec::new() });
                     }
                 }
             }
-            Record::Marked {
-                owner,
-                key,
-                version,
-            } => {
+            Record::Marked { owner, key, version } => {
                 let mut m = self.marks.lock();
-                let e = m
-                    .entry(*owner)
-                    .or_default()
-                    .blocks
-                    .entry(*key)
-                    .or_insert(*version);
+                let e = m.entry(*owner).or_default().blocks.entry(*key).or_insert(*version);
                 *e = (*e).max(*version);
             }
             Record::MarkedGroup { owner, group } => {
-                self.marks
-                    .lock()
-                    .entry(*owner)
-                    .or_default()
-                    .groups
-                    .insert(*group);
+                self.marks.lock().entry(*owner).or_default().groups.insert(*group);
             }
             Record::MarksCleared { owner } => {
                 self.marks.lock().remove(owner);
@@ -529,51 +445,22 @@ impl BlockMap {
             data: self
                 .data
                 .iter()
-                .flat_map(|s| {
-                    s.lock()
-                        .iter()
-                        .map(|(k, v)| (*k, v.clone()))
-                        .collect::<Vec<_>>()
-                })
+                .flat_map(|s| s.lock().iter().map(|(k, v)| (*k, v.clone())).collect::<Vec<_>>())
                 .collect(),
             parity: self
                 .parity
                 .iter()
-                .flat_map(|s| {
-                    s.lock()
-                        .iter()
-                        .map(|(k, v)| (*k, v.clone()))
-                        .collect::<Vec<_>>()
-                })
+                .flat_map(|s| s.lock().iter().map(|(k, v)| (*k, v.clone())).collect::<Vec<_>>())
                 .collect(),
-            dtx: self
-                .dtx
-                .lock()
-                .iter()
-                .map(|(k, v)| (*k, v.clone()))
-                .collect(),
-            ptx: self
-                .ptx
-                .lock()
-                .iter()
-                .map(|(k, v)| (*k, v.clone()))
-                .collect(),
-            awaiting: self
-                .awaiting
-                .lock()
-                .iter()
-                .map(|(k, v)| (*k, v.iter().copied().collect()))
-                .collect(),
+            dtx: self.dtx.lock().iter().map(|(k, v)| (*k, v.clone())).collect(),
+            ptx: self.ptx.lock().iter().map(|(k, v)| (*k, v.clone())).collect(),
+            awaiting: self.awaiting.lock().iter().map(|(k, v)| (*k, v.iter().copied().collect())).collect(),
             marks: self
                 .marks
                 .lock()
                 .iter()
                 .map(|(o, m)| {
-                    (
-                        *o,
-                        m.blocks.iter().map(|(k, v)| (*k, *v)).collect(),
-                        m.groups.iter().copied().collect(),
-                    )
+                    (*o, m.blocks.iter().map(|(k, v)| (*k, *v)).collect(), m.groups.iter().copied().collect())
                 })
                 .collect(),
         };
@@ -600,9 +487,7 @@ impl BlockMap {
         }
         let ver = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
         if ver != SNAPSHOT_FORMAT_VERSION {
-            return Err(bad(format!(
-                "format version {ver}; this build reads {SNAPSHOT_FORMAT_VERSION}"
-            )));
+            return Err(bad(format!("format version {ver}; this build reads {SNAPSHOT_FORMAT_VERSION}")));
         }
         let crc = u32::from_le_bytes(buf[12..16].try_into().expect("4 bytes"));
         if codec::crc(&buf[16..]) != crc {
@@ -619,23 +504,11 @@ impl BlockMap {
         }
         *self.dtx.lock() = s.dtx.into_iter().collect();
         *self.ptx.lock() = s.ptx.into_iter().collect();
-        *self.awaiting.lock() = s
-            .awaiting
-            .into_iter()
-            .map(|(k, v)| (k, v.into_iter().collect()))
-            .collect();
+        *self.awaiting.lock() = s.awaiting.into_iter().map(|(k, v)| (k, v.into_iter().collect())).collect();
         *self.marks.lock() = s
             .marks
             .into_iter()
-            .map(|(o, b, g)| {
-                (
-                    o,
-                    Marks {
-                        blocks: b.into_iter().collect(),
-                        groups: g.into_iter().collect(),
-                    },
-                )
-            })
+            .map(|(o, b, g)| (o, Marks { blocks: b.into_iter().collect(), groups: g.into_iter().collect() }))
             .collect();
         Ok(s.replay_from)
     }
@@ -650,29 +523,15 @@ mod tests {
         Layout::new(5, 4096).unwrap()
     }
     fn key(b: u64) -> BlockKey {
-        BlockKey {
-            object: ObjectId(1),
-            block: BlockNo(b),
-        }
+        BlockKey { object: ObjectId(1), block: BlockNo(b) }
     }
     fn ver(v: u64, a: u64) -> VerRef {
-        VerRef {
-            version: Version(v),
-            addr: Some(DiskAddr(a)),
-            len: 10,
-            crc: v as u32,
-        }
+        VerRef { version: Version(v), addr: Some(DiskAddr(a)), len: 10, crc: v as u32 }
     }
 
     fn write_cycle(m: &BlockMap, tx: u64, k: BlockKey, old: VerRef, new: VerRef) -> Vec<Record> {
         vec![
-            Record::Issued {
-                tx: TxId(tx),
-                key: k,
-                old,
-                new,
-                parity: IomId(0),
-            },
+            Record::Issued { tx: TxId(tx), key: k, old, new, parity: IomId(0) },
             Record::Switched { tx: TxId(tx) },
             Record::Completed { tx: TxId(tx) },
         ]
@@ -690,22 +549,10 @@ mod tests {
         log.extend(write_cycle(&m, 1, key(0), VerRef::ABSENT, ver(1, 10)));
         log.extend(write_cycle(&m, 2, key(0), ver(1, 10), ver(2, 11)));
         log.extend(write_cycle(&m, 3, key(5), VerRef::ABSENT, ver(1, 12)));
-        let g = GroupKey {
-            object: ObjectId(1),
-            group: GroupNo(0),
-        };
-        let t = TxRef {
-            iom: IomId(2),
-            tx: TxId(9),
-        };
+        let g = GroupKey { object: ObjectId(1), group: GroupNo(0) };
+        let t = TxRef { iom: IomId(2), tx: TxId(9) };
         for r in [
-            Record::Received {
-                tx: t,
-                group: g,
-                index: 1,
-                old: Version(0),
-                new: Version(1),
-            },
+            Record::Received { tx: t, group: g, index: 1, old: Version(0), new: Version(1) },
             Record::ParityDone {
                 group: g,
                 old: PVerRef::empty(4),
@@ -752,22 +599,10 @@ mod tests {
     #[test]
     fn unfinished_tx_keeps_both_versions_and_rollback_restores_old() {
         let m = BlockMap::new(layout());
-        m.apply(&Record::Issued {
-            tx: TxId(1),
-            key: key(0),
-            old: VerRef::ABSENT,
-            new: ver(1, 5),
-            parity: IomId(0),
-        });
+        m.apply(&Record::Issued { tx: TxId(1), key: key(0), old: VerRef::ABSENT, new: ver(1, 5), parity: IomId(0) });
         m.apply(&Record::Switched { tx: TxId(1) });
         m.apply(&Record::Completed { tx: TxId(1) });
-        m.apply(&Record::Issued {
-            tx: TxId(2),
-            key: key(0),
-            old: ver(1, 5),
-            new: ver(2, 6),
-            parity: IomId(0),
-        });
+        m.apply(&Record::Issued { tx: TxId(2), key: key(0), old: ver(1, 5), new: ver(2, 6), parity: IomId(0) });
         m.apply(&Record::Switched { tx: TxId(2) });
         let e = m.entry(&key(0)).unwrap();
         assert_eq!(e.pointer, Version(2));
@@ -788,10 +623,7 @@ mod tests {
         for b in 0..12 {
             write_cycle(&m, b + 1, key(b), VerRef::ABSENT, ver(1, 100 + b));
         }
-        let freed = m.apply(&Record::Dropped {
-            object: ObjectId(1),
-            from: GroupNo(1),
-        });
+        let freed = m.apply(&Record::Dropped { object: ObjectId(1), from: GroupNo(1) });
         assert_eq!(freed.len(), 8);
         assert_eq!(m.counts().0, 4);
         assert_eq!(m.head(&key(7)), VerRef::ABSENT);

@@ -15,11 +15,7 @@ pub struct Membership {
 impl Membership {
     pub fn new(me: IomId, map: ClusterMap) -> Membership {
         let (changes, _) = watch::channel(map.epoch);
-        Membership {
-            me,
-            map: RwLock::new(map),
-            changes,
-        }
+        Membership { me, map: RwLock::new(map), changes }
     }
 
     pub fn current(&self) -> ClusterMap {
@@ -56,10 +52,7 @@ impl Membership {
     pub fn check_route(&self, route: &Route) -> Result<(), WireError> {
         let m = self.map.read();
         match m.server_for(route.target) {
-            None => Err(WireError::new(
-                ErrorCode::ClusterStopped,
-                "more than one IOM is down",
-            )),
+            None => Err(WireError::new(ErrorCode::ClusterStopped, "more than one IOM is down")),
             Some(s) if s == self.me => Ok(()),
             Some(s) => Err(WireError::new(
                 ErrorCode::NotServing,

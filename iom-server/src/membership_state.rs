@@ -10,9 +10,7 @@ const FILE: &str = "cluster.state";
 pub fn load(dir: &Path) -> Result<Option<ClusterMap>, Error> {
     let p = dir.join(FILE);
     match std::fs::read(&p) {
-        Ok(b) => codec::decode(&b)
-            .map(Some)
-            .map_err(|e| Error::Format(format!("{}: {e}", p.display()))),
+        Ok(b) => codec::decode(&b).map(Some).map_err(|e| Error::Format(format!("{}: {e}", p.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(format!("read {}", p.display()), e)),
     }

@@ -61,16 +61,8 @@ impl ParitySide {
 }
 
 /// Serves one parity channel opened by data IOM `from`.
-pub async fn run_channel(
-    iom: Arc<Iom>,
-    from: IomId,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) {
-    if write_frame(&mut send, &Reply::Member(MemberResp::Ack), Bytes::new())
-        .await
-        .is_err()
-    {
+pub async fn run_channel(iom: Arc<Iom>, from: IomId, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    if write_frame(&mut send, &Reply::Member(MemberResp::Ack), Bytes::new()).await.is_err() {
         return;
     }
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<ParityAck>();
@@ -85,10 +77,7 @@ pub async fn run_channel(
         match read_frame::<ParityMsg>(&mut recv).await {
             Ok(Some((ParityMsg::Update(u), delta))) => {
                 if let Err(e) = iom.receive_update(u.clone(), delta, ack_tx.clone()) {
-                    let _ = ack_tx.send(ParityAck::Failed {
-                        tx: u.tx,
-                        error: e.to_wire(),
-                    });
+                    let _ = ack_tx.send(ParityAck::Failed { tx: u.tx, error: e.to_wire() });
                 }
             }
             Ok(Some((ParityMsg::WriteDone { tx }, _))) => iom.write_done(tx),
@@ -105,26 +94,16 @@ pub async fn run_channel(
 
 impl Iom {
     /// b1–b4: journal the update, hold its delta, confirm receipt.
-    fn receive_update(
-        self: &Arc<Self>,
-        u: ParityUpdate,
-        delta: Bytes,
-        acks: AckTx,
-    ) -> Result<(), Error> {
+    fn receive_update(self: &Arc<Self>, u: ParityUpdate, delta: Bytes, acks: AckTx) -> Result<(), Error> {
         let n = self.layout.n();
         let role = self.layout.parity_iom(u.group.object, u.group.group);
         if role != self.id && !self.member.is_standin_for(role) {
             return Err(Error::Wire(WireError::new(
                 ErrorCode::NotServing,
-                format!(
-                    "IOM {} does not hold parity of group {:?}",
-                    self.id, u.group
-                ),
+                format!("IOM {} does not hold parity of group {:?}", self.id, u.group),
             )));
         }
-        if u.index >= n
-            || u.new != u.old.next()
-            || u.delta_offset as usize + delta.len() > self.cfg.block_size as usize
+        if u.index >= n || u.new != u.old.next() || u.delta_offset as usize + delta.len() > self.cfg.block_size as usize
         {
             return Err(Error::BadRequest(format!("malformed parity update {u:?}")));
         }
@@ -151,26 +130,12 @@ impl Iom {
             }
             // Journaled before a restart but its delta was lost: hold it again.
             let _ = acks.send(ParityAck::Held { tx: u.tx });
-            self.enqueue(
-                q,
-                u.group,
-                Delta {
-                    upd: u,
-                    delta,
-                    acks,
-                },
-            );
+            self.enqueue(q, u.group, Delta { upd: u, delta, acks });
             return Ok(());
         }
 
         // b1: journal "update parity received".
-        let rec = Record::Received {
-            tx: u.tx,
-            group: u.group,
-            index: u.index,
-            old: u.old,
-            new: u.new,
-        };
+        let rec = Record::Received { tx: u.tx, group: u.group, index: u.index, old: u.old, new: u.new };
         let written = self.commit(&rec, false, Wait::Written);
         crate::crash_point_sync!(self, "parity::after-b1");
         // b2: the delta came with the request (pushed by D, DESIGN a8).
@@ -189,15 +154,7 @@ impl Iom {
         crate::crash_point_sync!(self, "parity::after-b2");
         let mut groups = self.parity.groups.lock();
         let q = groups.entry(group).or_default();
-        self.enqueue(
-            q,
-            group,
-            Delta {
-                upd: u,
-                delta,
-                acks,
-            },
-        );
+        self.enqueue(q, group, Delta { upd: u, delta, acks });
         Ok(())
     }
 
@@ -264,12 +221,7 @@ impl Iom {
         let Some(q) = groups.get_mut(&g) else {
             return Next::Idle;
         };
-        let want = q
-            .queue
-            .iter()
-            .map(|d| d.upd.hint.max(1) as usize)
-            .max()
-            .unwrap_or(1);
+        let want = q.queue.iter().map(|d| d.upd.hint.max(1) as usize).max().unwrap_or(1);
         if !waited && q.queue.len() < want {
             return Next::Wait;
         }
@@ -322,10 +274,7 @@ impl Iom {
             Ok(b) => b,
             Err(e) => {
                 for d in &batch {
-                    let _ = d.acks.send(ParityAck::Failed {
-                        tx: d.upd.tx,
-                        error: e.to_wire(),
-                    });
+                    let _ = d.acks.send(ParityAck::Failed { tx: d.upd.tx, error: e.to_wire() });
                 }
                 return Err(e);
             }
@@ -368,12 +317,7 @@ impl Iom {
         self.cache.put(CacheKey::Parity(g, new.seq), bytes);
         // b9 + b10 + b11: the write completes (block file synced before the
         // record), the parity map switches, "update parity completed" is journaled.
-        let rec = Record::ParityDone {
-            group: g,
-            old,
-            new,
-            txs,
-        };
+        let rec = Record::ParityDone { group: g, old, new, txs };
         let durable = self.commit(&rec, true, Wait::Durable);
         crash_point!(self, "parity::after-b10");
         // b12: tell each data IOM, once the record is durable.
@@ -394,13 +338,7 @@ impl Iom {
     /// b13: a data IOM's write completed; free the old parity once every
     /// transaction of its batch has.
     pub fn write_done(self: &Arc<Self>, tx: TxRef) {
-        let Some((g, seq)) = self
-            .map
-            .ptx
-            .lock()
-            .get(&tx)
-            .and_then(|p| p.applied.map(|s| (p.group, s)))
-        else {
+        let Some((g, seq)) = self.map.ptx.lock().get(&tx).and_then(|p| p.applied.map(|s| (p.group, s))) else {
             return;
         };
         let complete = {

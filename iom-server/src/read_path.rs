@@ -13,12 +13,7 @@ use std::time::Duration;
 impl Iom {
     /// The newest version of a block, `[offset, offset+len)`; bytes past
     /// the returned payload are zeros. Never touches parity.
-    pub async fn read_block(
-        &self,
-        key: BlockKey,
-        offset: u32,
-        len: u32,
-    ) -> Result<(Version, Bytes), Error> {
+    pub async fn read_block(&self, key: BlockKey, offset: u32, len: u32) -> Result<(Version, Bytes), Error> {
         let mut tries = 0;
         loop {
             let head = self.map.head(&key);
@@ -30,9 +25,7 @@ impl Iom {
                 }
                 // The version may have been superseded and its slot reused
                 // while we read it: try again with the new head.
-                Err(Error::Corrupt(m))
-                    if tries < 3 && self.map.head(&key).version != head.version =>
-                {
+                Err(Error::Corrupt(m)) if tries < 3 && self.map.head(&key).version != head.version => {
                     tries += 1;
                     tracing::debug!("read raced a write: {m}");
                 }
@@ -44,10 +37,7 @@ impl Iom {
     /// A specific version of a block, if it is still kept.
     pub async fn read_version(&self, key: BlockKey, v: Version) -> Result<Bytes, Error> {
         let Some(vr) = self.map.version(&key, v) else {
-            return Err(Error::VersionGone(format!(
-                "object {} block {} version {}",
-                key.object, key.block, v.0
-            )));
+            return Err(Error::VersionGone(format!("object {} block {} version {}", key.object, key.block, v.0)));
         };
         self.version_bytes(key, vr).await
     }
@@ -67,20 +57,11 @@ impl Iom {
     }
 
     /// Drops this IOM's data and parity blocks of `object` in groups >= `from`.
-    pub async fn drop_object(
-        self: &Arc<Self>,
-        object: ObjectId,
-        from: GroupNo,
-    ) -> Result<(), Error> {
+    pub async fn drop_object(self: &Arc<Self>, object: ObjectId, from: GroupNo) -> Result<(), Error> {
         // Let transactions on the object finish first, so no slot is freed twice.
         for _ in 0..500 {
             let busy = self.map.dtx.lock().values().any(|t| t.key.object == object)
-                || self
-                    .map
-                    .ptx
-                    .lock()
-                    .values()
-                    .any(|t| t.group.object == object && t.applied.is_none());
+                || self.map.ptx.lock().values().any(|t| t.group.object == object && t.applied.is_none());
             if !busy {
                 break;
             }
@@ -99,12 +80,7 @@ impl Iom {
             .into_iter()
             .map(|(key, e)| {
                 let h = e.head();
-                BlockInfo {
-                    key,
-                    version: h.version,
-                    len: h.len,
-                    crc: h.crc,
-                }
+                BlockInfo { key, version: h.version, len: h.len, crc: h.crc }
             })
             .collect()
     }
@@ -113,12 +89,7 @@ impl Iom {
         self.map
             .list_parity(after, limit.min(10_000) as usize)
             .into_iter()
-            .map(|(key, e)| GroupInfo {
-                key,
-                versions: e.head.members,
-                len: e.head.len,
-                crc: e.head.crc,
-            })
+            .map(|(key, e)| GroupInfo { key, versions: e.head.members, len: e.head.len, crc: e.head.crc })
             .collect()
     }
 }

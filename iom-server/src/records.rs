@@ -19,19 +19,9 @@ pub struct VerRef {
 
 impl VerRef {
     /// Version 0: the block was never written.
-    pub const ABSENT: VerRef = VerRef {
-        version: Version(0),
-        addr: None,
-        len: 0,
-        crc: 0,
-    };
+    pub const ABSENT: VerRef = VerRef { version: Version(0), addr: None, len: 0, crc: 0 };
     pub fn absent(version: Version) -> VerRef {
-        VerRef {
-            version,
-            addr: None,
-            len: 0,
-            crc: 0,
-        }
+        VerRef { version, addr: None, len: 0, crc: 0 }
     }
 }
 
@@ -49,45 +39,22 @@ pub struct PVerRef {
 
 impl PVerRef {
     pub fn empty(n: u32) -> PVerRef {
-        PVerRef {
-            seq: 0,
-            addr: None,
-            len: 0,
-            crc: 0,
-            members: vec![Version(0); n as usize],
-        }
+        PVerRef { seq: 0, addr: None, len: 0, crc: 0, members: vec![Version(0); n as usize] }
     }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
     /// a5: data write issued at `new`; `old` stays until a14.
-    Issued {
-        tx: TxId,
-        key: BlockKey,
-        old: VerRef,
-        new: VerRef,
-        parity: IomId,
-    },
+    Issued { tx: TxId, key: BlockKey, old: VerRef, new: VerRef, parity: IomId },
     /// a11: map switched to the new version (its data is durable).
     Switched { tx: TxId },
     /// a14: parity completed; the old version is freed.
     Completed { tx: TxId },
     /// b1: update parity received from a data IOM.
-    Received {
-        tx: TxRef,
-        group: GroupKey,
-        index: u32,
-        old: Version,
-        new: Version,
-    },
+    Received { tx: TxRef, group: GroupKey, index: u32, old: Version, new: Version },
     /// b11: parity switched from `old` to `new` (durable), covering `txs`.
-    ParityDone {
-        group: GroupKey,
-        old: PVerRef,
-        new: PVerRef,
-        txs: Vec<TxRef>,
-    },
+    ParityDone { group: GroupKey, old: PVerRef, new: PVerRef, txs: Vec<TxRef> },
     /// b13: every data IOM of the batch completed; old parity `seq` freed.
     ParityFreed { group: GroupKey, seq: u64 },
     /// Recovery rolled a data write back: map at `old`, `new` freed.
@@ -97,23 +64,11 @@ pub enum Record {
     /// The object's data and parity in groups >= `from` were dropped.
     Dropped { object: ObjectId, from: GroupNo },
     /// Recovery or rebuild installed a data version outside the write protocol.
-    DataSet {
-        key: BlockKey,
-        ver: VerRef,
-        prev: Option<VerRef>,
-    },
+    DataSet { key: BlockKey, ver: VerRef, prev: Option<VerRef> },
     /// Recovery or rebuild installed a parity version (e.g. recomputed from data).
-    ParitySet {
-        group: GroupKey,
-        ver: PVerRef,
-        prev: Option<PVerRef>,
-    },
+    ParitySet { group: GroupKey, ver: PVerRef, prev: Option<PVerRef> },
     /// A stand-in marked a block of a failed IOM as needing rebuild.
-    Marked {
-        owner: IomId,
-        key: BlockKey,
-        version: Version,
-    },
+    Marked { owner: IomId, key: BlockKey, version: Version },
     /// A stand-in marked a parity group of a failed IOM as needing rebuild.
     MarkedGroup { owner: IomId, group: GroupKey },
     /// Rebuild marks for `owner` up to this point were handed over and cleared.
@@ -136,17 +91,9 @@ mod tests {
     fn golden_bytes() {
         let r = Record::Issued {
             tx: TxId(7),
-            key: BlockKey {
-                object: ObjectId(9),
-                block: BlockNo(2),
-            },
+            key: BlockKey { object: ObjectId(9), block: BlockNo(2) },
             old: VerRef::ABSENT,
-            new: VerRef {
-                version: Version(1),
-                addr: Some(DiskAddr(5)),
-                len: 4096,
-                crc: 0xdeadbeef,
-            },
+            new: VerRef { version: Version(1), addr: Some(DiskAddr(5)), len: 4096, crc: 0xdeadbeef },
             parity: IomId(3),
         };
         let b = encode(&r).unwrap();
@@ -154,30 +101,15 @@ mod tests {
         assert_eq!(decode::<Record>(&b).unwrap(), r);
 
         let p = Record::ParityDone {
-            group: GroupKey {
-                object: ObjectId(9),
-                group: GroupNo(0),
-            },
+            group: GroupKey { object: ObjectId(9), group: GroupNo(0) },
             old: PVerRef::empty(2),
-            new: PVerRef {
-                seq: 1,
-                addr: Some(DiskAddr(3)),
-                len: 10,
-                crc: 1,
-                members: vec![Version(1), Version(0)],
-            },
-            txs: vec![TxRef {
-                iom: IomId(1),
-                tx: TxId(7),
-            }],
+            new: PVerRef { seq: 1, addr: Some(DiskAddr(3)), len: 10, crc: 1, members: vec![Version(1), Version(0)] },
+            txs: vec![TxRef { iom: IomId(1), tx: TxId(7) }],
         };
         let b = encode(&p).unwrap();
         assert_eq!(hex(&b), "040900000000000200000101030a01020100010107");
         assert_eq!(decode::<Record>(&b).unwrap(), p);
 
-        assert_eq!(
-            hex(&encode(&Record::Completed { tx: TxId(300) }).unwrap()),
-            "02fb2c01"
-        );
+        assert_eq!(hex(&encode(&Record::Completed { tx: TxId(300) }).unwrap()), "02fb2c01");
     }
 }

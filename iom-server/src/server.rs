@@ -7,6 +7,7 @@ use crate::links::Links;
 use crate::locks::KeyLocks;
 use crate::map::BlockMap;
 use crate::membership::Membership;
+use crate::namespace::Namespace;
 use crate::parity::ParitySide;
 use crate::records::Record;
 use crate::store::{Allocator, Store};
@@ -53,6 +54,7 @@ pub struct Iom {
     pub parity: ParitySide,
     pub inflight: Inflight,
     pub member: Membership,
+    pub namespace: Namespace,
     pub shutdown: CancellationToken,
     pub endpoint: quinn::Endpoint,
     _lock: File,
@@ -85,12 +87,8 @@ impl Iom {
         let icfg = cfg.iom(opts.id)?.clone();
         let layout = cfg.layout();
         let data_dir = paths.data_dir(&icfg);
-        let journal_dir = opts
-            .journal_dir
-            .clone()
-            .unwrap_or_else(|| paths.journal_dir(&icfg));
-        std::fs::create_dir_all(&data_dir)
-            .map_err(|e| Error::io(format!("create {}", data_dir.display()), e))?;
+        let journal_dir = opts.journal_dir.clone().unwrap_or_else(|| paths.journal_dir(&icfg));
+        std::fs::create_dir_all(&data_dir).map_err(|e| Error::io(format!("create {}", data_dir.display()), e))?;
         let lock = lock_dir(&data_dir)?;
         crate::fsutil::sweep_temp(&data_dir);
 
@@ -98,17 +96,12 @@ impl Iom {
         let store = Arc::new(store);
         let map = BlockMap::new(layout);
         let from = map.load_snapshot(&data_dir)?;
-        let (journal, replayed) = Journal::open(
-            &journal_dir,
-            from,
-            store.file(),
-            Duration::from_millis(cfg.tuning.journal_flush_ms.max(1)),
-        )?;
+        let (journal, replayed) =
+            Journal::open(&journal_dir, from, store.file(), Duration::from_millis(cfg.tuning.journal_flush_ms.max(1)))?;
         let n = replayed.records.len();
         for (i, raw) in replayed.records.iter().enumerate() {
-            let rec: Record = codec::decode(raw).map_err(|e| {
-                Error::Format(format!("journal record {i} of {n} cannot be decoded: {e}"))
-            })?;
+            let rec: Record = codec::decode(raw)
+                .map_err(|e| Error::Format(format!("journal record {i} of {n} cannot be decoded: {e}")))?;
             map.apply(&rec);
         }
         let capacity = match icfg.capacity {
@@ -126,34 +119,30 @@ impl Iom {
             "storage opened"
         );
 
+        let namespace = Namespace::open(
+            &data_dir,
+            store.file(),
+            cfg.meta_home == opts.id.0,
+            Duration::from_millis(cfg.tuning.journal_flush_ms.max(1)),
+        )?;
         let state_map = crate::membership_state::load(&data_dir)?
             .unwrap_or_else(|| ClusterMap::initial(cfg.width(), IomId(cfg.meta_home)));
         let member = Membership::new(opts.id, state_map);
 
         let bind: SocketAddr = tokio::net::lookup_host(&icfg.addr)
             .await
-            .map_err(|e| {
-                Error::Format(format!(
-                    "IOM {} address '{}' does not resolve: {e}",
-                    opts.id, icfg.addr
-                ))
-            })?
+            .map_err(|e| Error::Format(format!("IOM {} address '{}' does not resolve: {e}", opts.id, icfg.addr)))?
             .next()
-            .ok_or_else(|| {
-                Error::Format(format!(
-                    "IOM {} address '{}' does not resolve",
-                    opts.id, icfg.addr
-                ))
-            })?;
-        let ident = net::tls::Identity::load_iom(&paths, opts.id)
-            .map_err(|e| Error::Format(e.to_string()))?;
-        let sc = net::tls::server_config(&ident, cfg.transport)
-            .map_err(|e| Error::Format(e.to_string()))?;
-        let cc = net::tls::client_config(&ident, cfg.transport)
-            .map_err(|e| Error::Format(e.to_string()))?;
+            .ok_or_else(|| Error::Format(format!("IOM {} address '{}' does not resolve", opts.id, icfg.addr)))?;
+        let ident = net::tls::Identity::load_iom(&paths, opts.id).map_err(|e| Error::Format(e.to_string()))?;
+        let sc = net::tls::server_config(&ident, cfg.transport).map_err(|e| Error::Format(e.to_string()))?;
+        let cc = net::tls::client_config(&ident, cfg.transport).map_err(|e| Error::Format(e.to_string()))?;
         let endpoint = net::tls::make_endpoint(bind, Some(sc), cfg.transport).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AddrInUse {
-                Error::Format(format!("UDP port {bind} is in use: is IOM {} already running, or another program on that port?", opts.id))
+                Error::Format(format!(
+                    "UDP port {bind} is in use: is IOM {} already running, or another program on that port?",
+                    opts.id
+                ))
             } else {
                 Error::io(format!("bind {bind}"), e)
             }
@@ -161,11 +150,7 @@ impl Iom {
         let pool = net::Pool::new(
             endpoint.clone(),
             cc,
-            Hello {
-                protocol: PROTOCOL_VERSION,
-                cluster_id: cfg.cluster_id.clone(),
-                peer: PeerKind::Iom(opts.id),
-            },
+            Hello { protocol: PROTOCOL_VERSION, cluster_id: cfg.cluster_id.clone(), peer: PeerKind::Iom(opts.id) },
             cfg.ioms.iter().map(|i| i.addr.clone()).collect(),
         );
         let cache = Arc::new(Cache::new((cfg.tuning.cache_mib as usize) << 20));
@@ -187,6 +172,7 @@ impl Iom {
             map,
             pool,
             member,
+            namespace,
             endpoint,
             _lock: lock,
         });
@@ -196,12 +182,7 @@ impl Iom {
     /// Applies `rec` to the map, then appends it to the journal (the order
     /// checkpoints rely on). Slots the record frees return to the allocator
     /// once it is durable.
-    pub fn commit(
-        &self,
-        rec: &Record,
-        after_data_sync: bool,
-        wait: Wait,
-    ) -> Option<oneshot::Receiver<()>> {
+    pub fn commit(&self, rec: &Record, after_data_sync: bool, wait: Wait) -> Option<oneshot::Receiver<()>> {
         let freed = self.map.apply(rec);
         self.uncache(rec);
         let payload = codec::encode(rec).expect("journal records encode");
@@ -257,13 +238,7 @@ impl Iom {
                 _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
-            if self
-                .journal
-                .stats
-                .bytes_since_rotate
-                .load(Ordering::Relaxed)
-                > CHECKPOINT_BYTES
-            {
+            if self.journal.stats.bytes_since_rotate.load(Ordering::Relaxed) > CHECKPOINT_BYTES {
                 if let Err(e) = self.checkpoint().await {
                     tracing::error!(iom = self.id.0, "checkpoint failed: {e}");
                 }
@@ -276,18 +251,14 @@ impl Iom {
     pub async fn stop(&self) {
         self.shutdown.cancel();
         self.endpoint.set_server_config(None);
-        let drained = tokio::time::timeout(Duration::from_secs(3), self.inflight.wait_all())
-            .await
-            .is_ok();
+        let drained = tokio::time::timeout(Duration::from_secs(3), self.inflight.wait_all()).await.is_ok();
         if !drained {
-            tracing::warn!(
-                iom = self.id.0,
-                "stopping with unfinished writes; recovery will finish them"
-            );
+            tracing::warn!(iom = self.id.0, "stopping with unfinished writes; recovery will finish them");
         }
         if let Err(e) = self.checkpoint().await {
             tracing::error!(iom = self.id.0, "final checkpoint failed: {e}");
         }
+        self.namespace.stop().await;
         self.journal.flush().await;
         self.journal.stop().await;
         self.pool.close();
@@ -330,20 +301,14 @@ fn fs_capacity(dir: &std::path::Path, block_size: u32) -> u64 {
         return 1 << 24;
     }
     let free = s.f_bavail as u64 * s.f_frsize as u64;
-    let used = std::fs::metadata(dir.join(crate::store::BLOCK_FILE))
-        .map(|m| m.len())
-        .unwrap_or(0);
+    let used = std::fs::metadata(dir.join(crate::store::BLOCK_FILE)).map(|m| m.len()).unwrap_or(0);
     (free + used) / block_size as u64
 }
 
 pub fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|x| x.parse::<u64>().ok())
-        })
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|x| x.parse::<u64>().ok()))
         .map(|pages| pages * 4096)
         .unwrap_or(0)
 }

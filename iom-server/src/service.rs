@@ -7,8 +7,8 @@ use crate::write_path::Op;
 use crate::{Error, Iom};
 use bytes::Bytes;
 use common::wire::{
-    AdminReq, AdminResp, DataReq, DataResp, ErrorCode, HelloOk, MemberReq, MemberResp, PeerKind,
-    Reply, Request, WireError, PROTOCOL_VERSION,
+    AdminReq, AdminResp, DataReq, DataResp, ErrorCode, HelloOk, MemberReq, MemberResp, PeerKind, Reply, Request,
+    WireError, PROTOCOL_VERSION,
 };
 use net::frame::{read_frame, write_frame};
 use net::NetError;
@@ -42,9 +42,7 @@ pub async fn serve(iom: Arc<Iom>) {
 }
 
 async fn serve_conn(iom: Arc<Iom>, conn: quinn::Connection) {
-    let state = Arc::new(ConnState {
-        peer: OnceLock::new(),
-    });
+    let state = Arc::new(ConnState { peer: OnceLock::new() });
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -65,33 +63,18 @@ fn err(code: ErrorCode, detail: impl Into<String>) -> Reply {
     Reply::Error(WireError::new(code, detail))
 }
 
-async fn serve_stream(
-    iom: Arc<Iom>,
-    state: Arc<ConnState>,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) {
+async fn serve_stream(iom: Arc<Iom>, state: Arc<ConnState>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let (req, payload) = match read_frame::<Request>(&mut recv).await {
         Ok(Some(x)) => x,
         Ok(None) => return,
         Err(NetError::TooLarge(n)) => {
-            reply(
-                &mut send,
-                err(ErrorCode::TooLarge, format!("frame of {n} bytes refused")),
-                Bytes::new(),
-            )
-            .await;
+            reply(&mut send, err(ErrorCode::TooLarge, format!("frame of {n} bytes refused")), Bytes::new()).await;
             let _ = recv.stop(1u32.into());
             return;
         }
         Err(e) => {
             tracing::debug!(iom = iom.id.0, "malformed request: {e}");
-            reply(
-                &mut send,
-                err(ErrorCode::Malformed, e.to_string()),
-                Bytes::new(),
-            )
-            .await;
+            reply(&mut send, err(ErrorCode::Malformed, e.to_string()), Bytes::new()).await;
             let _ = recv.stop(1u32.into());
             return;
         }
@@ -100,40 +83,29 @@ async fn serve_stream(
         let r = if h.protocol != PROTOCOL_VERSION {
             err(
                 ErrorCode::VersionMismatch,
-                format!(
-                    "IOM {} speaks protocol {PROTOCOL_VERSION}, peer speaks {}",
-                    iom.id, h.protocol
-                ),
+                format!("IOM {} speaks protocol {PROTOCOL_VERSION}, peer speaks {}", iom.id, h.protocol),
             )
         } else if h.cluster_id != iom.cfg.cluster_id {
-            err(
-                ErrorCode::WrongCluster,
-                format!("IOM {} belongs to cluster '{}'", iom.id, iom.cfg.cluster_id),
-            )
+            err(ErrorCode::WrongCluster, format!("IOM {} belongs to cluster '{}'", iom.id, iom.cfg.cluster_id))
         } else {
             let _ = state.peer.set(h.peer);
-            Reply::Hello(HelloOk {
-                protocol: PROTOCOL_VERSION,
-                iom: iom.id,
-                map: iom.member.current(),
-            })
+            Reply::Hello(HelloOk { protocol: PROTOCOL_VERSION, iom: iom.id, map: iom.member.current() })
         };
         reply(&mut send, r, Bytes::new()).await;
         return;
     }
     if state.peer.get().is_none() {
-        reply(
-            &mut send,
-            err(ErrorCode::NoHello, "a connection must start with Hello"),
-            Bytes::new(),
-        )
-        .await;
+        reply(&mut send, err(ErrorCode::NoHello, "a connection must start with Hello"), Bytes::new()).await;
         return;
     }
     match req {
         Request::ParityChannel { from, .. } => {
             crate::parity::run_channel(iom, from, send, recv).await;
         }
+        Request::MetaMirror { from, .. } => {
+            crate::namespace::Namespace::serve_mirror(iom, from, send, recv).await;
+        }
+
         other => {
             let (r, p) = match dispatch(&iom, other, payload).await {
                 Ok(x) => x,
@@ -146,20 +118,11 @@ async fn serve_stream(
 
 async fn dispatch(iom: &Arc<Iom>, req: Request, payload: Bytes) -> Result<(Reply, Bytes), Error> {
     match req {
-        Request::Data(d) => data(iom, d, payload)
-            .await
-            .map(|(r, p)| (Reply::Data(r), p)),
-        Request::Member(m) => member(iom, m)
-            .await
-            .map(|r| (Reply::Member(r), Bytes::new())),
-        Request::Admin(AdminReq::Stats) => {
-            Ok((Reply::Admin(AdminResp::Stats(iom.stats())), Bytes::new()))
-        }
-        Request::Meta(_) => Err(Error::Wire(WireError::new(
-            ErrorCode::Unsupported,
-            "namespace not served here",
-        ))),
-        Request::Hello(_) | Request::ParityChannel { .. } => {
+        Request::Data(d) => data(iom, d, payload).await.map(|(r, p)| (Reply::Data(r), p)),
+        Request::Member(m) => member(iom, m).await.map(|r| (Reply::Member(r), Bytes::new())),
+        Request::Admin(AdminReq::Stats) => Ok((Reply::Admin(AdminResp::Stats(iom.stats())), Bytes::new())),
+        Request::Meta(call) => iom.namespace.handle(iom, call).await.map(|r| (Reply::Meta(r), Bytes::new())),
+        Request::Hello(_) | Request::ParityChannel { .. } | Request::MetaMirror { .. } => {
             unreachable!("handled by serve_stream")
         }
     }
@@ -167,47 +130,19 @@ async fn dispatch(iom: &Arc<Iom>, req: Request, payload: Bytes) -> Result<(Reply
 
 async fn data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp, Bytes), Error> {
     match req {
-        DataReq::Read {
-            route,
-            key,
-            offset,
-            len,
-        } => {
+        DataReq::Read { route, key, offset, len } => {
             iom.member.check_route(&route)?;
             let (version, b) = iom.read_block(key, offset, len).await?;
             Ok((DataResp::Read { version }, b))
         }
-        DataReq::Write {
-            route,
-            key,
-            offset,
-            toughness,
-            group_hint,
-        } => {
+        DataReq::Write { route, key, offset, toughness, group_hint } => {
             iom.member.check_route(&route)?;
-            let v = iom
-                .write_block(
-                    key,
-                    Op::Write {
-                        offset,
-                        data: payload,
-                    },
-                    toughness,
-                    group_hint,
-                )
-                .await?;
+            let v = iom.write_block(key, Op::Write { offset, data: payload }, toughness, group_hint).await?;
             Ok((DataResp::Written { version: v }, Bytes::new()))
         }
-        DataReq::Truncate {
-            route,
-            key,
-            keep,
-            toughness,
-        } => {
+        DataReq::Truncate { route, key, keep, toughness } => {
             iom.member.check_route(&route)?;
-            let v = iom
-                .write_block(key, Op::Truncate { keep }, toughness, 1)
-                .await?;
+            let v = iom.write_block(key, Op::Truncate { keep }, toughness, 1).await?;
             Ok((DataResp::Written { version: v }, Bytes::new()))
         }
         DataReq::Flush { route } => {
@@ -215,20 +150,12 @@ async fn data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp,
             iom.flush().await?;
             Ok((DataResp::Flushed, Bytes::new()))
         }
-        DataReq::DropObject {
-            route,
-            object,
-            from,
-        } => {
+        DataReq::DropObject { route, object, from } => {
             iom.member.check_route(&route)?;
             iom.drop_object(object, from).await?;
             Ok((DataResp::Dropped, Bytes::new()))
         }
-        DataReq::ReadVersion {
-            route,
-            key,
-            version,
-        } => {
+        DataReq::ReadVersion { route, key, version } => {
             iom.member.check_route(&route)?;
             let b = iom.read_version(key, version).await?;
             Ok((DataResp::Version { version }, b))
@@ -238,27 +165,15 @@ async fn data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp,
             let (versions, b) = iom.read_parity(group).await?;
             Ok((DataResp::Parity { versions }, b))
         }
-        DataReq::ListBlocks { after, limit } => Ok((
-            DataResp::Blocks(iom.list_blocks(after, limit)),
-            Bytes::new(),
-        )),
-        DataReq::ListGroups { after, limit } => Ok((
-            DataResp::Groups(iom.list_groups(after, limit)),
-            Bytes::new(),
-        )),
+        DataReq::ListBlocks { after, limit } => Ok((DataResp::Blocks(iom.list_blocks(after, limit)), Bytes::new())),
+        DataReq::ListGroups { after, limit } => Ok((DataResp::Groups(iom.list_groups(after, limit)), Bytes::new())),
     }
 }
 
 async fn member(iom: &Arc<Iom>, req: MemberReq) -> Result<MemberResp, Error> {
     match req {
-        MemberReq::Ping { .. } => Ok(MemberResp::Pong {
-            epoch: iom.member.epoch(),
-            reachable: Vec::new(),
-        }),
+        MemberReq::Ping { .. } => Ok(MemberResp::Pong { epoch: iom.member.epoch(), reachable: Vec::new() }),
         MemberReq::GetMap => Ok(MemberResp::Map(iom.member.current())),
-        _ => Err(Error::Wire(WireError::new(
-            ErrorCode::Unsupported,
-            "membership change not supported yet",
-        ))),
+        _ => Err(Error::Wire(WireError::new(ErrorCode::Unsupported, "membership change not supported yet"))),
     }
 }

@@ -31,12 +31,7 @@ pub struct Allocator {
 
 impl Allocator {
     pub fn new(capacity: u64) -> Allocator {
-        Allocator {
-            high: 1,
-            free: BTreeSet::new(),
-            capacity,
-            used: 0,
-        }
+        Allocator { high: 1, free: BTreeSet::new(), capacity, used: 0 }
     }
 
     /// Rebuilds the allocator from the set of live addresses (map plus
@@ -56,12 +51,7 @@ impl Allocator {
                 free.insert(a);
             }
         }
-        Allocator {
-            high,
-            free,
-            capacity: capacity.max(high),
-            used: live.len() as u64,
-        }
+        Allocator { high, free, capacity: capacity.max(high), used: live.len() as u64 }
     }
 
     pub fn alloc(&mut self) -> Option<DiskAddr> {
@@ -78,10 +68,7 @@ impl Allocator {
     }
 
     pub fn free(&mut self, a: DiskAddr) {
-        debug_assert!(
-            a.0 >= 1 && a.0 < self.high,
-            "free of never-allocated slot {a:?}"
-        );
+        debug_assert!(a.0 >= 1 && a.0 < self.high, "free of never-allocated slot {a:?}");
         if a.0 >= 1 && a.0 < self.high && self.free.insert(a.0) {
             self.used -= 1;
         }
@@ -106,12 +93,7 @@ pub struct Store {
 
 impl Store {
     /// Opens (or creates) the block file, checking its header.
-    pub fn open(
-        dir: &Path,
-        block_size: u32,
-        iom: u32,
-        cluster_id: &str,
-    ) -> Result<(Store, bool), Error> {
+    pub fn open(dir: &Path, block_size: u32, iom: u32, cluster_id: &str) -> Result<(Store, bool), Error> {
         let path = dir.join(BLOCK_FILE);
         let fresh = !path.exists();
         let file = OpenOptions::new()
@@ -121,24 +103,16 @@ impl Store {
             .truncate(false)
             .open(&path)
             .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-        let header = Header {
-            block_size,
-            iom,
-            cluster_id: cluster_id.to_string(),
-        };
+        let header = Header { block_size, iom, cluster_id: cluster_id.to_string() };
         if fresh {
             file.write_all_at(&header.encode(), 0)
                 .and_then(|_| file.sync_all())
                 .map_err(|e| Error::io(format!("write header of {}", path.display()), e))?;
         } else {
             let mut buf = vec![0u8; 512];
-            let n = file
-                .read_at(&mut buf, 0)
-                .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
-            let found = Header::decode(&buf[..n])
-                .map_err(|m| Error::Format(format!("{}: {m}", path.display())))?;
-            if found.block_size != block_size || found.iom != iom || found.cluster_id != cluster_id
-            {
+            let n = file.read_at(&mut buf, 0).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+            let found = Header::decode(&buf[..n]).map_err(|m| Error::Format(format!("{}: {m}", path.display())))?;
+            if found.block_size != block_size || found.iom != iom || found.cluster_id != cluster_id {
                 return Err(Error::Format(format!(
                     "{} belongs to IOM {} of cluster '{}' with {}-byte blocks, not IOM {iom} of '{cluster_id}' with {block_size}-byte blocks",
                     path.display(),
@@ -148,14 +122,7 @@ impl Store {
                 )));
             }
         }
-        Ok((
-            Store {
-                file: Arc::new(file),
-                block_size,
-                alloc: Mutex::new(Allocator::new(u64::MAX)),
-            },
-            fresh,
-        ))
+        Ok((Store { file: Arc::new(file), block_size, alloc: Mutex::new(Allocator::new(u64::MAX)) }, fresh))
     }
 
     /// Installs the allocator derived from the live addresses after replay.
@@ -192,26 +159,20 @@ impl Store {
     /// a4 / b8: writes a block version (its stored length) at `a`.
     pub fn write(&self, a: DiskAddr, data: &[u8]) -> Result<(), Error> {
         debug_assert!(data.len() <= self.block_size as usize);
-        self.file
-            .write_all_at(data, self.offset(a))
-            .map_err(|e| Error::io(format!("write slot {}", a.0), e))
+        self.file.write_all_at(data, self.offset(a)).map_err(|e| Error::io(format!("write slot {}", a.0), e))
     }
 
     /// Reads `len` bytes of the version at `a`.
     pub fn read(&self, a: DiskAddr, len: u32) -> Result<Vec<u8>, Error> {
         let mut buf = vec![0u8; len as usize];
-        self.file
-            .read_exact_at(&mut buf, self.offset(a))
-            .map_err(|e| Error::io(format!("read slot {}", a.0), e))?;
+        self.file.read_exact_at(&mut buf, self.offset(a)).map_err(|e| Error::io(format!("read slot {}", a.0), e))?;
         Ok(buf)
     }
 
     /// Makes every completed write durable (a10 / b9). The journal writer
     /// calls this before writing records that depend on data being durable.
     pub fn sync(&self) -> Result<(), Error> {
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io("fdatasync block file", e))
+        self.file.sync_data().map_err(|e| Error::io("fdatasync block file", e))
     }
 }
 
@@ -245,11 +206,7 @@ impl Header {
         }
         let n = u(20) as usize;
         let id = b.get(24..24 + n).ok_or("truncated header")?;
-        Ok(Header {
-            block_size: u(12),
-            iom: u(16),
-            cluster_id: String::from_utf8_lossy(id).into_owned(),
-        })
+        Ok(Header { block_size: u(12), iom: u(16), cluster_id: String::from_utf8_lossy(id).into_owned() })
     }
 }
 
@@ -303,15 +260,9 @@ mod tests {
         drop(s);
         let (_, fresh) = Store::open(d.path(), 4096, 2, "c").unwrap();
         assert!(!fresh);
-        let e = Store::open(d.path(), 8192, 2, "c")
-            .err()
-            .unwrap()
-            .to_string();
+        let e = Store::open(d.path(), 8192, 2, "c").err().unwrap().to_string();
         assert!(e.contains("8192-byte blocks"), "{e}");
-        let e = Store::open(d.path(), 4096, 3, "c")
-            .err()
-            .unwrap()
-            .to_string();
+        let e = Store::open(d.path(), 4096, 3, "c").err().unwrap().to_string();
         assert!(e.contains("not IOM 3"), "{e}");
     }
 }

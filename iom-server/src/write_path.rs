@@ -134,8 +134,7 @@ pub fn xor_into(dst: &mut [u8], src: &[u8]) {
     let mut dc = d8.chunks_exact_mut(8);
     let mut sc = s8.chunks_exact(8);
     for (d, s) in (&mut dc).zip(&mut sc) {
-        let x = u64::from_ne_bytes(d.try_into().expect("8"))
-            ^ u64::from_ne_bytes(s.try_into().expect("8"));
+        let x = u64::from_ne_bytes(d.try_into().expect("8")) ^ u64::from_ne_bytes(s.try_into().expect("8"));
         d.copy_from_slice(&x.to_ne_bytes());
     }
     for (d, s) in dc.into_remainder().iter_mut().zip(sc.remainder()) {
@@ -214,10 +213,7 @@ impl Iom {
             Toughness::Atomic => Progress::Held,
             Toughness::Durable => Progress::Durable,
         };
-        let got = *watch
-            .wait_for(|s| *s >= want)
-            .await
-            .map_err(|_| Error::Shutdown)?;
+        let got = *watch.wait_for(|s| *s >= want).await.map_err(|_| Error::Shutdown)?;
         if got == Progress::Failed {
             return Err(Error::Wire(common::wire::WireError::new(
                 common::wire::ErrorCode::Unavailable,
@@ -238,15 +234,14 @@ impl Iom {
         let (new_bytes, delta_offset, delta) = build_new(&old_bytes, op);
 
         // a2: a new disk address (none when the block is deleted).
-        let addr =
-            if new_bytes.is_empty() && old.addr.is_none() && matches!(op, Op::Truncate { .. }) {
-                // Truncating an absent block: nothing to do, but keep the protocol uniform.
-                None
-            } else if new_bytes.is_empty() && matches!(op, Op::Truncate { keep: 0 }) {
-                None
-            } else {
-                Some(self.store.alloc()?)
-            };
+        let addr = if new_bytes.is_empty() && old.addr.is_none() && matches!(op, Op::Truncate { .. }) {
+            // Truncating an absent block: nothing to do, but keep the protocol uniform.
+            None
+        } else if new_bytes.is_empty() && matches!(op, Op::Truncate { keep: 0 }) {
+            None
+        } else {
+            Some(self.store.alloc()?)
+        };
         crash_point!(self, "write::after-a2");
         crash_point!(self, "write::after-a3");
 
@@ -254,12 +249,8 @@ impl Iom {
         if let Some(a) = addr {
             self.store.write(a, &new_bytes)?;
         }
-        let new = VerRef {
-            version: old.version.next(),
-            addr,
-            len: new_bytes.len() as u32,
-            crc: codec::crc(&new_bytes),
-        };
+        let new =
+            VerRef { version: old.version.next(), addr, len: new_bytes.len() as u32, crc: codec::crc(&new_bytes) };
         if addr.is_some() {
             self.cache.put(CacheKey::Data(key, new.version), new_bytes);
         }
@@ -269,13 +260,7 @@ impl Iom {
         let tx = self.map.next_tx();
         let group = self.layout.group_key(key);
         let parity = self.layout.parity_iom(key.object, group.group);
-        let rec = Record::Issued {
-            tx,
-            key,
-            old,
-            new,
-            parity,
-        };
+        let rec = Record::Issued { tx, key, old, new, parity };
         let written = self.commit(&rec, false, Wait::Written);
         let progress = self.inflight.register(tx);
         crash_point!(self, "write::after-a5");
@@ -293,30 +278,12 @@ impl Iom {
         };
         let (held, done) = self.links.send_update(self, parity, upd, delta);
         crash_point!(self, "write::after-a6");
-        Ok(Pending {
-            tx,
-            key,
-            old,
-            new,
-            progress,
-            written,
-            held,
-            done,
-        })
+        Ok(Pending { tx, key, old, new, progress, written, held, done })
     }
 
     /// a8 confirmation through a14, in the background.
     async fn finish(self: Arc<Self>, p: Pending, written: Option<oneshot::Receiver<()>>) {
-        let Pending {
-            tx,
-            key,
-            old,
-            new,
-            progress,
-            held,
-            done,
-            ..
-        } = p;
+        let Pending { tx, key, old, new, progress, held, done, .. } = p;
         let fail = |progress: &watch::Sender<Progress>| {
             progress.send_replace(Progress::Failed);
         };
@@ -355,11 +322,7 @@ impl Iom {
         progress.send_replace(Progress::Durable);
 
         // a13: tell P the write completed.
-        self.links.send_write_done(
-            &self,
-            new_parity_role(&self, key),
-            TxRef { iom: self.id, tx },
-        );
+        self.links.send_write_done(&self, new_parity_role(&self, key), TxRef { iom: self.id, tx });
         crash_point!(&self, "write::after-a13");
 
         // a14: free the old address (once this record is durable), journal "write completed".
@@ -373,8 +336,7 @@ impl Iom {
 }
 
 fn new_parity_role(iom: &Iom, key: BlockKey) -> common::IomId {
-    iom.layout
-        .parity_iom(key.object, iom.layout.group_of(key.block))
+    iom.layout.parity_iom(key.object, iom.layout.group_of(key.block))
 }
 
 #[cfg(test)]
@@ -383,30 +345,15 @@ mod tests {
 
     fn xor(a: &[u8], b: &[u8]) -> Vec<u8> {
         let n = a.len().max(b.len());
-        (0..n)
-            .map(|i| a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0))
-            .collect()
+        (0..n).map(|i| a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0)).collect()
     }
 
     #[test]
     fn merge_and_delta_agree() {
         let old = Bytes::from(vec![7u8; 100]);
-        for (off, len) in [
-            (0usize, 100usize),
-            (0, 150),
-            (10, 20),
-            (90, 30),
-            (120, 10),
-            (0, 5),
-        ] {
+        for (off, len) in [(0usize, 100usize), (0, 150), (10, 20), (90, 30), (120, 10), (0, 5)] {
             let data = Bytes::from((0..len).map(|i| (i * 13 + 1) as u8).collect::<Vec<_>>());
-            let (new, doff, delta) = build_new(
-                &old,
-                &Op::Write {
-                    offset: off as u32,
-                    data: data.clone(),
-                },
-            );
+            let (new, doff, delta) = build_new(&old, &Op::Write { offset: off as u32, data: data.clone() });
             let mut expect = old.to_vec();
             if expect.len() < off + len {
                 expect.resize(off + len, 0);
@@ -422,13 +369,7 @@ mod tests {
         let (new, doff, delta) = build_new(&old, &Op::Truncate { keep: 40 });
         assert_eq!(new.len(), 40);
         assert_eq!((doff, delta.len()), (40, 60));
-        let (new, _, delta) = build_new(
-            &Bytes::new(),
-            &Op::Write {
-                offset: 5,
-                data: Bytes::from_static(b"ab"),
-            },
-        );
+        let (new, _, delta) = build_new(&Bytes::new(), &Op::Write { offset: 5, data: Bytes::from_static(b"ab") });
         assert_eq!(&new[..], b"\0\0\0\0\0ab");
         assert_eq!(&delta[..], b"ab");
     }

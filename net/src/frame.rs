@@ -21,11 +21,7 @@ pub fn encode_head<H: Serialize>(h: &H, payload_len: usize) -> Result<Bytes, Net
 }
 
 /// Writes one frame. The payload `Bytes` are handed to quinn without copying.
-pub async fn write_frame<H: Serialize>(
-    s: &mut quinn::SendStream,
-    h: &H,
-    payload: Bytes,
-) -> Result<(), NetError> {
+pub async fn write_frame<H: Serialize>(s: &mut quinn::SendStream, h: &H, payload: Bytes) -> Result<(), NetError> {
     let head = encode_head(h, payload.len())?;
     if payload.is_empty() {
         s.write_chunk(head).await?;
@@ -37,17 +33,13 @@ pub async fn write_frame<H: Serialize>(
 
 /// Reads one frame; `Ok(None)` when the peer finished the stream cleanly
 /// before a new frame began.
-pub async fn read_frame<H: DeserializeOwned>(
-    r: &mut quinn::RecvStream,
-) -> Result<Option<(H, Bytes)>, NetError> {
+pub async fn read_frame<H: DeserializeOwned>(r: &mut quinn::RecvStream) -> Result<Option<(H, Bytes)>, NetError> {
     let mut prefix = [0u8; FRAME_PREFIX];
     match r.read_exact(&mut prefix).await {
         Ok(()) => {}
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
         Err(quinn::ReadExactError::FinishedEarly(n)) => {
-            return Err(NetError::Malformed(format!(
-                "stream ended inside a frame prefix ({n} bytes)"
-            )))
+            return Err(NetError::Malformed(format!("stream ended inside a frame prefix ({n} bytes)")))
         }
         Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
     }
@@ -66,9 +58,7 @@ pub async fn read_frame<H: DeserializeOwned>(
 async fn read_exact(r: &mut quinn::RecvStream, buf: &mut [u8]) -> Result<(), NetError> {
     match r.read_exact(buf).await {
         Ok(()) => Ok(()),
-        Err(quinn::ReadExactError::FinishedEarly(_)) => {
-            Err(NetError::Malformed("stream ended inside a frame".into()))
-        }
+        Err(quinn::ReadExactError::FinishedEarly(_)) => Err(NetError::Malformed("stream ended inside a frame".into())),
         Err(quinn::ReadExactError::ReadError(e)) => Err(e.into()),
     }
 }
@@ -80,11 +70,7 @@ async fn read_payload(r: &mut quinn::RecvStream, len: usize) -> Result<Bytes, Ne
     }
     let first = match r.read_chunk(len, true).await? {
         Some(c) => c.bytes,
-        None => {
-            return Err(NetError::Malformed(
-                "stream ended before the payload".into(),
-            ))
-        }
+        None => return Err(NetError::Malformed("stream ended before the payload".into())),
     };
     if first.len() == len {
         return Ok(first);

@@ -2,8 +2,8 @@
 //! made at `iomfs init`, stored as PEM in the cluster directory.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose as Eku, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose as Ku,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose as Eku, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose as Ku,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -43,32 +43,21 @@ impl Ca {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![Ku::KeyCertSign, Ku::CrlSign, Ku::DigitalSignature];
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("iomfs cluster {cluster_id} CA"));
+        params.distinguished_name.push(DnType::CommonName, format!("iomfs cluster {cluster_id} CA"));
         let cert = params.self_signed(&key)?;
         let key_pem = key.serialize_pem();
-        Ok(Ca {
-            issuer: Issuer::new(params, key),
-            cert_pem: cert.pem(),
-            key_pem,
-        })
+        Ok(Ca { issuer: Issuer::new(params, key), cert_pem: cert.pem(), key_pem })
     }
 
     /// A certificate usable both as TLS server and client (IOMs talk both ways).
     pub fn issue(&self, common_name: &str, dns_names: &[String]) -> Result<NodeCert, PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(dns_names.to_vec())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
+        params.distinguished_name.push(DnType::CommonName, common_name);
         params.extended_key_usages = vec![Eku::ServerAuth, Eku::ClientAuth];
         params.key_usages = vec![Ku::DigitalSignature];
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(NodeCert {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(NodeCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 }
 
@@ -77,26 +66,15 @@ pub fn write_pem(path: &Path, pem: &str, secret: bool) -> Result<(), PkiError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut o = std::fs::OpenOptions::new();
-    o.write(true)
-        .create_new(true)
-        .mode(if secret { 0o600 } else { 0o644 });
-    let mut f = o.open(path).map_err(|err| PkiError::Write {
-        path: path.display().to_string(),
-        err,
-    })?;
+    o.write(true).create_new(true).mode(if secret { 0o600 } else { 0o644 });
+    let mut f = o.open(path).map_err(|err| PkiError::Write { path: path.display().to_string(), err })?;
     f.write_all(pem.as_bytes())
         .and_then(|_| f.sync_all())
-        .map_err(|err| PkiError::Write {
-            path: path.display().to_string(),
-            err,
-        })
+        .map_err(|err| PkiError::Write { path: path.display().to_string(), err })
 }
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
-    let rd = |e: String| PkiError::Read {
-        path: path.display().to_string(),
-        err: e,
-    };
+    let rd = |e: String| PkiError::Read { path: path.display().to_string(), err: e };
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| rd(e.to_string()))?
         .collect::<Result<_, _>>()
@@ -108,8 +86,6 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError>
 }
 
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| PkiError::Read {
-        path: path.display().to_string(),
-        err: e.to_string(),
-    })
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| PkiError::Read { path: path.display().to_string(), err: e.to_string() })
 }

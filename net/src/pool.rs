@@ -33,11 +33,7 @@ pub struct Pool {
 }
 
 /// Opens a bi stream, sends one request frame, finishes, reads one reply frame.
-pub async fn call_on(
-    conn: &quinn::Connection,
-    req: &Request,
-    payload: Bytes,
-) -> Result<(Reply, Bytes), NetError> {
+pub async fn call_on(conn: &quinn::Connection, req: &Request, payload: Bytes) -> Result<(Reply, Bytes), NetError> {
     let (mut send, mut recv) = conn.open_bi().await?;
     write_frame(&mut send, req, payload).await?;
     send.finish()?;
@@ -49,12 +45,7 @@ pub async fn call_on(
 }
 
 impl Pool {
-    pub fn new(
-        endpoint: quinn::Endpoint,
-        client_cfg: quinn::ClientConfig,
-        hello: Hello,
-        addrs: Vec<String>,
-    ) -> Pool {
+    pub fn new(endpoint: quinn::Endpoint, client_cfg: quinn::ClientConfig, hello: Hello, addrs: Vec<String>) -> Pool {
         let slots = addrs
             .iter()
             .map(|_| Slot {
@@ -89,12 +80,10 @@ impl Pool {
     }
 
     fn slot(&self, iom: IomId) -> Result<&Slot, NetError> {
-        self.slots
-            .get(iom.0 as usize)
-            .ok_or_else(|| NetError::Connect {
-                addr: format!("iom {iom}"),
-                msg: "no such IOM in the cluster config".into(),
-            })
+        self.slots.get(iom.0 as usize).ok_or_else(|| NetError::Connect {
+            addr: format!("iom {iom}"),
+            msg: "no such IOM in the cluster config".into(),
+        })
     }
 
     /// The live connection to `iom`, connecting if needed.
@@ -114,10 +103,7 @@ impl Pool {
         let addr = &self.addrs[iom.0 as usize];
         if let Some(t) = *slot.last_failure.lock() {
             if t.elapsed() < self.retry_backoff {
-                return Err(NetError::Connect {
-                    addr: addr.clone(),
-                    msg: "recently unreachable".into(),
-                });
+                return Err(NetError::Connect { addr: addr.clone(), msg: "recently unreachable".into() });
             }
         }
         match tokio::time::timeout(self.connect_timeout, self.connect(iom, addr)).await {
@@ -132,19 +118,13 @@ impl Pool {
             }
             Err(_) => {
                 *slot.last_failure.lock() = Some(Instant::now());
-                Err(NetError::Connect {
-                    addr: addr.clone(),
-                    msg: "timed out".into(),
-                })
+                Err(NetError::Connect { addr: addr.clone(), msg: "timed out".into() })
             }
         }
     }
 
     async fn connect(&self, iom: IomId, addr: &str) -> Result<quinn::Connection, NetError> {
-        let err = |msg: String| NetError::Connect {
-            addr: addr.to_string(),
-            msg,
-        };
+        let err = |msg: String| NetError::Connect { addr: addr.to_string(), msg };
         let sa = tokio::net::lookup_host(addr)
             .await
             .map_err(|e| err(e.to_string()))?
@@ -185,12 +165,7 @@ impl Pool {
     }
 
     /// One request/reply with `iom`.
-    pub async fn call(
-        &self,
-        iom: IomId,
-        req: &Request,
-        payload: Bytes,
-    ) -> Result<(Reply, Bytes), NetError> {
+    pub async fn call(&self, iom: IomId, req: &Request, payload: Bytes) -> Result<(Reply, Bytes), NetError> {
         let conn = self.conn(iom).await?;
         let r = call_on(&conn, req, payload).await;
         if let Err(e) = &r {

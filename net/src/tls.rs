@@ -48,8 +48,7 @@ impl Identity {
 /// ring provider with AES-128-GCM preferred (about 15 % cheaper than AES-256 here).
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
-    p.cipher_suites
-        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    p.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
     Arc::new(p)
 }
 
@@ -62,15 +61,11 @@ fn roots(id: &Identity) -> Result<Arc<rustls::RootCertStore>, TlsError> {
 }
 
 /// Server side: only peers with a certificate signed by the cluster CA get in.
-pub fn server_config(
-    id: &Identity,
-    profile: TransportProfile,
-) -> Result<quinn::ServerConfig, TlsError> {
+pub fn server_config(id: &Identity, profile: TransportProfile) -> Result<quinn::ServerConfig, TlsError> {
     let p = provider();
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(id)?, p.clone())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(id)?, p.clone())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -85,10 +80,7 @@ pub fn server_config(
 }
 
 /// Client side: presents this node's certificate, trusts only the cluster CA.
-pub fn client_config(
-    id: &Identity,
-    profile: TransportProfile,
-) -> Result<quinn::ClientConfig, TlsError> {
+pub fn client_config(id: &Identity, profile: TransportProfile) -> Result<quinn::ClientConfig, TlsError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(id)?)
@@ -101,9 +93,7 @@ pub fn client_config(
 }
 
 /// A client config that presents no certificate (tests: must be refused).
-pub fn anonymous_client_config(
-    ca: &[CertificateDer<'static>],
-) -> Result<quinn::ClientConfig, TlsError> {
+pub fn anonymous_client_config(ca: &[CertificateDer<'static>]) -> Result<quinn::ClientConfig, TlsError> {
     let mut r = rustls::RootCertStore::empty();
     for c in ca {
         r.add(c.clone())?;
@@ -175,10 +165,5 @@ pub fn make_endpoint(
     let _ = sock.set_send_buffer_size(8 << 20);
     sock.bind(&bind.into())?;
     let udp: std::net::UdpSocket = sock.into();
-    quinn::Endpoint::new(
-        endpoint_config(profile),
-        server,
-        udp,
-        Arc::new(quinn::TokioRuntime),
-    )
+    quinn::Endpoint::new(endpoint_config(profile), server, udp, Arc::new(quinn::TokioRuntime))
 }

@@ -1,0 +1,764 @@
+//! The namespace service (DESIGN §7): inodes, directory entries,
+//! attributes and xattrs, served by the namespace home IOM and mirrored
+//! synchronously to its proxy.
+//!
+//! A mutation is planned and applied under one lock ([`state`]), appended
+//! to this replica's own journal, and streamed in order to the mirror; the
+//! client is answered once the mirror has applied and journaled it (two
+//! servers hold it, so any single failure keeps it). Stable storage follows
+//! by group commit within milliseconds; `Sync` (fsync, fsyncdir, durable
+//! writes) waits for it on both. Without a mirror (degraded), the answer
+//! waits for the local journal to be durable instead.
+
+pub mod state;
+
+use crate::journal::{Journal, Wait};
+use crate::{Error, Iom};
+use bytes::Bytes;
+use common::meta::*;
+use common::wire::{
+    AdminReq, AdminResp, DataReq, ErrorCode, MemberResp, MetaCall, MirrorAck, MirrorMsg, Reply, Request, Route,
+    WireError,
+};
+use common::{codec, GroupNo, Ino, IomId, ObjectId};
+use net::frame::{read_frame, write_frame};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use state::{NsError, NsRec, NsState, Plan};
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub const META_DIR: &str = "meta";
+const SNAP_FILE: &str = "meta.snap";
+const SNAP_MAGIC: &[u8; 8] = b"IOMFSNSP";
+const SNAP_VERSION: u32 = 1;
+/// Batches kept in memory for a mirror that falls briefly behind.
+const RECENT: usize = 4096;
+
+/// One journal entry of the namespace: a batch with its sequence number.
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    term: u64,
+    lsn: u64,
+    recs: Vec<NsRec>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Snap {
+    term: u64,
+    lsn: u64,
+    replay_from: u64,
+    state: NsState,
+}
+
+struct Replica {
+    state: NsState,
+    term: u64,
+    lsn: u64,
+    journal: Journal,
+    dir: PathBuf,
+    opens: HashMap<Ino, u32>,
+    recent: VecDeque<(u64, Bytes)>,
+    mirror: Option<(u64, mpsc::UnboundedSender<(MirrorMsg, Bytes)>)>,
+}
+
+/// This IOM's copy of the namespace, if it holds one (home or mirror).
+pub struct Namespace {
+    rep: Mutex<Option<Replica>>,
+    /// (mirror stream generation, highest lsn it acknowledged).
+    acked: watch::Sender<(u64, u64)>,
+    next_gen: AtomicU64,
+    syncs: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    next_token: AtomicU64,
+    fs_stats: Mutex<FsStats>,
+}
+
+impl Default for Namespace {
+    fn default() -> Self {
+        Namespace {
+            rep: Mutex::new(None),
+            acked: watch::channel((0, 0)).0,
+            next_gen: AtomicU64::new(1),
+            syncs: Mutex::new(HashMap::new()),
+            next_token: AtomicU64::new(1),
+            fs_stats: Mutex::new(FsStats::default()),
+        }
+    }
+}
+
+fn nserr(e: NsError) -> Error {
+    Error::Wire(WireError::new(e.0, e.1))
+}
+
+fn encode_entry(term: u64, lsn: u64, recs: &[NsRec]) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct EntryRef<'a> {
+        term: u64,
+        lsn: u64,
+        recs: &'a [NsRec],
+    }
+    codec::encode_large(&EntryRef { term, lsn, recs }).expect("namespace entries encode")
+}
+
+fn write_snap(dir: &Path, s: &Snap) -> Result<(), Error> {
+    let body = codec::encode_large(s).map_err(|e| Error::Format(e.to_string()))?;
+    let mut out = Vec::with_capacity(body.len() + 16);
+    out.extend_from_slice(SNAP_MAGIC);
+    out.extend_from_slice(&SNAP_VERSION.to_le_bytes());
+    out.extend_from_slice(&codec::crc(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    crate::fsutil::write_atomic(&dir.join(SNAP_FILE), &out)
+}
+
+fn read_snap(dir: &Path) -> Result<Option<Snap>, Error> {
+    let p = dir.join(SNAP_FILE);
+    let b = match std::fs::read(&p) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
+    };
+    let bad = |m: String| Error::Format(format!("{}: {m}", p.display()));
+    if b.len() < 16 || &b[..8] != SNAP_MAGIC {
+        return Err(bad("not an iomfs namespace checkpoint".into()));
+    }
+    let v = u32::from_le_bytes(b[8..12].try_into().expect("4"));
+    if v != SNAP_VERSION {
+        return Err(bad(format!("format version {v}; this build reads {SNAP_VERSION}")));
+    }
+    if codec::crc(&b[16..]) != u32::from_le_bytes(b[12..16].try_into().expect("4")) {
+        return Err(bad("checksum mismatch".into()));
+    }
+    codec::decode_large(&b[16..]).map(Some).map_err(|e| bad(e.to_string()))
+}
+
+impl Namespace {
+    /// Opens this IOM's namespace replica if it has one on disk; the
+    /// configured home makes a fresh namespace when none exists.
+    pub fn open(
+        iom_data: &Path,
+        block_file: Arc<std::fs::File>,
+        is_home: bool,
+        flush: Duration,
+    ) -> Result<Namespace, Error> {
+        let dir = iom_data.join(META_DIR);
+        let ns = Namespace::default();
+        let snap = read_snap(&dir)?;
+        let has_journal = dir.exists() && std::fs::read_dir(&dir).map(|mut r| r.next().is_some()).unwrap_or(false);
+        if snap.is_none() && !has_journal && !is_home {
+            return Ok(ns);
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        let fresh = snap.is_none();
+        let (mut state, mut term, mut lsn, from) = match snap {
+            Some(s) => (s.state, s.term, s.lsn, s.replay_from),
+            None => (NsState::new(Timestamp::now()), 1, 0, 0),
+        };
+        let (journal, replayed) = Journal::open(&dir, from, block_file, flush)?;
+        let mut n = 0;
+        for raw in &replayed.records {
+            let e: Entry = codec::decode_large(raw).map_err(|e| Error::Format(format!("namespace journal: {e}")))?;
+            if e.lsn > lsn {
+                state.apply(&e.recs);
+                lsn = e.lsn;
+                term = term.max(e.term);
+                n += 1;
+            }
+        }
+        if fresh {
+            write_snap(&dir, &Snap { term, lsn, replay_from: replayed.segment, state: state.clone() })?;
+        }
+        tracing::info!(inodes = state.inodes.len(), lsn, replayed = n, "namespace replica opened");
+        *ns.rep.lock() = Some(Replica {
+            state,
+            term,
+            lsn,
+            journal,
+            dir,
+            opens: HashMap::new(),
+            recent: VecDeque::new(),
+            mirror: None,
+        });
+        Ok(ns)
+    }
+
+    pub fn holds_replica(&self) -> bool {
+        self.rep.lock().is_some()
+    }
+
+    pub fn position(&self) -> (u64, u64) {
+        self.rep.lock().as_ref().map(|r| (r.term, r.lsn)).unwrap_or((0, 0))
+    }
+
+    /// Writes a checkpoint and drops the journal segments it covers.
+    pub async fn checkpoint(&self) -> Result<(), Error> {
+        // The journal lives inside the replica; rotating needs an await, so
+        // block new batches only for the rotation itself.
+        let journal_rotate = {
+            let g = self.rep.lock();
+            match g.as_ref() {
+                Some(r) => r.journal.rotate_request(),
+                None => return Ok(()),
+            }
+        };
+        let seg = journal_rotate.await.unwrap_or(0);
+        if seg == 0 {
+            return Ok(());
+        }
+        let (snap, dir) = {
+            let g = self.rep.lock();
+            let Some(r) = g.as_ref() else { return Ok(()) };
+            // Everything applied now is in segments < seg or later; replay from seg is idempotent by lsn.
+            (Snap { term: r.term, lsn: r.lsn, replay_from: seg, state: r.state.clone() }, r.dir.clone())
+        };
+        write_snap(&dir, &snap)?;
+        Journal::remove_before(&dir, seg)?;
+        Ok(())
+    }
+
+    pub async fn stop(&self) {
+        let _ = self.checkpoint().await;
+        let j = {
+            let g = self.rep.lock();
+            g.as_ref().map(|r| r.journal.stop_request())
+        };
+        if let Some(j) = j {
+            let _ = j.await;
+        }
+    }
+
+    pub fn journal_bytes(&self) -> u64 {
+        self.rep.lock().as_ref().map(|r| r.journal.stats.bytes_since_rotate.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
+    /// Applies a planned mutation; returns (lsn, mirror generation or 0).
+    fn commit(r: &mut Replica, mut recs: Vec<NsRec>, client: u64, seq: u64, reply: &MetaResp) -> (u64, u64) {
+        if client != 0 {
+            recs.push(NsRec::Done { client, seq, reply: Box::new(reply.clone()) });
+        }
+        r.lsn += 1;
+        r.state.apply(&recs);
+        let bytes = Bytes::from(encode_entry(r.term, r.lsn, &recs));
+        r.journal.append(bytes.to_vec(), false, Wait::Nothing, None);
+        r.recent.push_back((r.lsn, bytes.clone()));
+        while r.recent.len() > RECENT {
+            r.recent.pop_front();
+        }
+        let mut gen = 0;
+        if let Some((g, tx)) = &r.mirror {
+            if tx.send((MirrorMsg::Batch { term: r.term, lsn: r.lsn }, bytes)).is_ok() {
+                gen = *g;
+            } else {
+                r.mirror = None;
+            }
+        }
+        (r.lsn, gen)
+    }
+
+    /// Waits until a committed batch is held by two servers (mirror applied
+    /// it), or durable locally when there is no mirror.
+    async fn settle(&self, lsn: u64, gen: u64) {
+        if gen != 0 {
+            let mut rx = self.acked.subscribe();
+            loop {
+                let (g, a) = *rx.borrow_and_update();
+                if g == gen && a >= lsn {
+                    return;
+                }
+                if g > gen {
+                    break;
+                }
+                if tokio::time::timeout(Duration::from_secs(3), rx.changed()).await.is_err() {
+                    tracing::warn!(
+                        "namespace mirror did not acknowledge within 3 s; making the change durable locally"
+                    );
+                    break;
+                }
+            }
+        }
+        self.flush_local().await;
+    }
+
+    async fn flush_local(&self) {
+        let f = {
+            let g = self.rep.lock();
+            g.as_ref().map(|r| r.journal.flush_request())
+        };
+        if let Some(f) = f {
+            let _ = f.await;
+        }
+    }
+
+    /// Serves one namespace request on the namespace server.
+    pub async fn handle(&self, iom: &Arc<Iom>, call: MetaCall) -> Result<MetaResp, Error> {
+        let map = iom.member.current();
+        if map.meta_server() != Some(iom.id) {
+            return Err(Error::Wire(WireError::new(
+                ErrorCode::NotServing,
+                format!("IOM {} does not serve the namespace in epoch {}", iom.id, map.epoch),
+            )));
+        }
+        let now = Timestamp::now();
+        let MetaCall { client, seq, req } = call;
+        if matches!(req, MetaReq::Sync) {
+            self.sync().await;
+            return Ok(MetaResp::Done);
+        }
+        let mut reap = None;
+        let (reply, lsn, gen) = {
+            let mut g = self.rep.lock();
+            let Some(r) = g.as_mut() else {
+                return Err(Error::Wire(WireError::new(ErrorCode::NotServing, "namespace replica not loaded")));
+            };
+            if let Some(prev) = r.state.drc.get(&(client, seq)) {
+                return Ok(prev.clone());
+            }
+            let s = &r.state;
+            let opens = &r.opens;
+            let is_open = |i: Ino| opens.get(&i).copied().unwrap_or(0) > 0;
+            let plan: Result<Plan, NsError> = match req {
+                // ----- reads
+                MetaReq::Lookup { parent, name } => return s.lookup(parent, &name).map(MetaResp::Attr).map_err(nserr),
+                MetaReq::GetAttr { ino } => return s.inode(ino).map(|i| MetaResp::Attr(i.attr.clone())).map_err(nserr),
+                MetaReq::ReadDir { ino, cookie, max, plus } => {
+                    return s.readdir(ino, cookie, max.min(4096), plus).map(MetaResp::Entries).map_err(nserr)
+                }
+                MetaReq::ReadLink { ino } => {
+                    let i = s.inode(ino).map_err(nserr)?;
+                    return i
+                        .target
+                        .clone()
+                        .map(MetaResp::Data)
+                        .ok_or_else(|| Error::Wire(WireError::new(ErrorCode::Invalid, "not a symbolic link")));
+                }
+                MetaReq::GetXattr { ino, name } => return s.get_xattr(ino, &name).map(MetaResp::Data).map_err(nserr),
+                MetaReq::ListXattr { ino } => return s.list_xattr(ino).map(MetaResp::Names).map_err(nserr),
+                MetaReq::StatFs => {
+                    let mut st = *self.fs_stats.lock();
+                    st.files = s.inodes.len() as u64;
+                    return Ok(MetaResp::StatFs(st));
+                }
+                MetaReq::DeadObjects { max } => {
+                    return Ok(MetaResp::Dead(s.dead.iter().take(max as usize).copied().collect()))
+                }
+                // ----- mutations
+                MetaReq::SetAttr { ino, set, .. } => s.setattr(ino, &set, now),
+                MetaReq::Create { parent, name, kind, perm, rdev, caller, target } => {
+                    s.create(parent, &name, kind, perm, rdev, caller, target, now)
+                }
+                MetaReq::Unlink { parent, name } => s.unlink(parent, &name, is_open, now),
+                MetaReq::Rmdir { parent, name } => s.rmdir(parent, &name, now),
+                MetaReq::Rename { parent, name, new_parent, new_name, flags } => {
+                    s.rename(parent, &name, new_parent, &new_name, flags, is_open, now)
+                }
+                MetaReq::Link { ino, new_parent, new_name } => s.link(ino, new_parent, &new_name, now),
+                MetaReq::SetXattr { ino, name, value, flags } => s.set_xattr(ino, &name, &value, flags, now),
+                MetaReq::RemoveXattr { ino, name } => s.remove_xattr(ino, &name, now),
+                MetaReq::Written { ino, end, mtime } => s.written(ino, end, mtime),
+                MetaReq::Open { ino, truncate } => {
+                    let (p, attr) = s.open(ino, truncate, now).map_err(nserr)?;
+                    let t = attr.toughness;
+                    *r.opens.entry(ino).or_default() += 1;
+                    match p {
+                        None => return Ok(MetaResp::Opened { attr, toughness: t }),
+                        Some(p) => Ok(Plan { recs: p.recs, reply: MetaResp::Opened { attr, toughness: t } }),
+                    }
+                }
+                MetaReq::Release { ino } => {
+                    let c = r.opens.entry(ino).or_default();
+                    *c = c.saturating_sub(1);
+                    if *c == 0 {
+                        r.opens.remove(&ino);
+                        match r.state.reap(ino) {
+                            Some(recs) => {
+                                reap = Some(ino);
+                                Ok(Plan { recs, reply: MetaResp::Done })
+                            }
+                            None => return Ok(MetaResp::Done),
+                        }
+                    } else {
+                        return Ok(MetaResp::Done);
+                    }
+                }
+                MetaReq::ForgetDead { objects } => {
+                    Ok(Plan { recs: vec![NsRec::Forget(objects)], reply: MetaResp::Done })
+                }
+                MetaReq::SetSize { ino, size } => {
+                    s.setattr(ino, &SetAttr { size: Some(size), ..Default::default() }, now)
+                }
+                MetaReq::Sync => unreachable!("handled before taking the lock"),
+            };
+            let plan = plan.map_err(nserr)?;
+            if plan.recs.is_empty() {
+                return Ok(plan.reply);
+            }
+            let (lsn, gen) = Self::commit(r, plan.recs, client, seq, &plan.reply);
+            (plan.reply, lsn, gen)
+        };
+        let _ = reap;
+        self.settle(lsn, gen).await;
+        Ok(reply)
+    }
+
+    /// Durability of the namespace on both replicas.
+    pub async fn sync(&self) {
+        let (flush, mirror) = {
+            let g = self.rep.lock();
+            let Some(r) = g.as_ref() else { return };
+            let flush = r.journal.flush_request();
+            let mirror = r.mirror.as_ref().and_then(|(_, tx)| {
+                let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+                let (t, rx) = oneshot::channel();
+                self.syncs.lock().insert(token, t);
+                tx.send((MirrorMsg::Sync { token }, Bytes::new())).ok().map(|_| rx)
+            });
+            (flush, mirror)
+        };
+        let _ = flush.await;
+        if let Some(m) = mirror {
+            let _ = tokio::time::timeout(Duration::from_secs(3), m).await;
+        }
+    }
+
+    // ---------------------------------------------------------------- mirror
+
+    /// Namespace server side: keeps a mirror stream open to the mirror IOM.
+    pub async fn mirror_worker(iom: Arc<Iom>) {
+        let mut epochs = iom.member.subscribe();
+        loop {
+            if iom.shutdown.is_cancelled() {
+                return;
+            }
+            let map = iom.member.current();
+            let target = if map.meta_server() == Some(iom.id) && iom.namespace.holds_replica() {
+                map.meta_mirror()
+            } else {
+                None
+            };
+            match target {
+                None => {
+                    tokio::select! {
+                        _ = epochs.changed() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = iom.shutdown.cancelled() => return,
+                    }
+                }
+                Some(m) => {
+                    if let Err(e) = Self::run_mirror_stream(&iom, m, &mut epochs).await {
+                        tracing::debug!(iom = iom.id.0, mirror = m.0, "namespace mirror stream: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run_mirror_stream(
+        iom: &Arc<Iom>,
+        m: IomId,
+        epochs: &mut watch::Receiver<common::Epoch>,
+    ) -> Result<(), String> {
+        let ns = &iom.namespace;
+        let conn = iom.pool.conn(m).await.map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        write_frame(&mut send, &Request::MetaMirror { from: iom.id, epoch: iom.member.epoch() }, Bytes::new())
+            .await
+            .map_err(|e| e.to_string())?;
+        match read_frame::<Reply>(&mut recv).await.map_err(|e| e.to_string())? {
+            Some((Reply::Member(MemberResp::Ack), _)) => {}
+            other => return Err(format!("mirror refused: {other:?}")),
+        }
+        let (mterm, mlsn) = match read_frame::<MirrorAck>(&mut recv).await.map_err(|e| e.to_string())? {
+            Some((MirrorAck::Position { term, lsn }, _)) => (term, lsn),
+            other => return Err(format!("unexpected mirror hello {other:?}")),
+        };
+        let gen = ns.next_gen.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::unbounded_channel::<(MirrorMsg, Bytes)>();
+        {
+            let mut g = ns.rep.lock();
+            let Some(r) = g.as_mut() else { return Err("no replica".into()) };
+            let have_tail = mterm == r.term
+                && mlsn <= r.lsn
+                && (mlsn == r.lsn || r.recent.front().is_some_and(|(l, _)| *l <= mlsn + 1));
+            if have_tail {
+                for (l, b) in r.recent.iter().filter(|(l, _)| *l > mlsn) {
+                    let _ = tx.send((MirrorMsg::Batch { term: r.term, lsn: *l }, b.clone()));
+                }
+            } else {
+                let body = codec::encode_large(&r.state).map_err(|e| e.to_string())?;
+                let _ = tx.send((MirrorMsg::Snapshot { term: r.term, lsn: r.lsn }, Bytes::from(body)));
+            }
+            r.mirror = Some((gen, tx));
+            ns.acked.send_replace((gen, 0));
+        }
+        tracing::info!(iom = iom.id.0, mirror = m.0, from_lsn = mlsn, "namespace mirror attached");
+        let writer = tokio::spawn(async move {
+            while let Some((msg, payload)) = rx.recv().await {
+                if write_frame(&mut send, &msg, payload).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let res = loop {
+            tokio::select! {
+                f = read_frame::<MirrorAck>(&mut recv) => match f {
+                    Ok(Some((MirrorAck::Applied { lsn }, _))) => {
+                        ns.acked.send_modify(|(g, a)| if *g == gen { *a = (*a).max(lsn) });
+                    }
+                    Ok(Some((MirrorAck::Synced { token }, _))) => {
+                        if let Some(t) = ns.syncs.lock().remove(&token) {
+                            let _ = t.send(());
+                        }
+                    }
+                    Ok(Some((other, _))) => break Err(format!("unexpected {other:?}")),
+                    Ok(None) => break Err("mirror closed".into()),
+                    Err(e) => break Err(e.to_string()),
+                },
+                _ = epochs.changed() => {
+                    let map = iom.member.current();
+                    if map.meta_server() != Some(iom.id) || map.meta_mirror() != Some(m) {
+                        break Ok(());
+                    }
+                }
+                _ = iom.shutdown.cancelled() => break Ok(()),
+            }
+        };
+        {
+            let mut g = ns.rep.lock();
+            if let Some(r) = g.as_mut() {
+                if r.mirror.as_ref().is_some_and(|(g2, _)| *g2 == gen) {
+                    r.mirror = None;
+                }
+            }
+        }
+        // Waiters on this generation fall back to local durability.
+        ns.acked.send_modify(|(g, _)| *g = (*g).max(gen + 1));
+        writer.abort();
+        res
+    }
+
+    /// Mirror side of a mirror stream.
+    pub async fn serve_mirror(iom: Arc<Iom>, from: IomId, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let ns = &iom.namespace;
+        if write_frame(&mut send, &Reply::Member(MemberResp::Ack), Bytes::new()).await.is_err() {
+            return;
+        }
+        let (term, lsn) = ns.position();
+        if write_frame(&mut send, &MirrorAck::Position { term, lsn }, Bytes::new()).await.is_err() {
+            return;
+        }
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<MirrorAck>();
+        let writer = tokio::spawn(async move {
+            while let Some(a) = ack_rx.recv().await {
+                if write_frame(&mut send, &a, Bytes::new()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        loop {
+            match read_frame::<MirrorMsg>(&mut recv).await {
+                Ok(Some((MirrorMsg::Batch { term, lsn }, payload))) => {
+                    let written = {
+                        let mut g = ns.rep.lock();
+                        let Some(r) = g.as_mut() else { break };
+                        if lsn <= r.lsn {
+                            let _ = ack_tx.send(MirrorAck::Applied { lsn });
+                            continue;
+                        }
+                        if lsn != r.lsn + 1 {
+                            tracing::warn!(lsn, have = r.lsn, "namespace mirror: gap in the stream; resyncing");
+                            break;
+                        }
+                        let e: Entry = match codec::decode_large(&payload) {
+                            Ok(e) => e,
+                            Err(err) => {
+                                tracing::error!("namespace mirror: undecodable batch: {err}");
+                                break;
+                            }
+                        };
+                        r.state.apply(&e.recs);
+                        r.lsn = lsn;
+                        r.term = r.term.max(term);
+                        r.recent.push_back((lsn, payload.clone()));
+                        while r.recent.len() > RECENT {
+                            r.recent.pop_front();
+                        }
+                        r.journal.append(payload.to_vec(), false, Wait::Written, None)
+                    };
+                    let ack = ack_tx.clone();
+                    tokio::spawn(async move {
+                        if let Some(w) = written {
+                            let _ = w.await;
+                        }
+                        let _ = ack.send(MirrorAck::Applied { lsn });
+                    });
+                }
+                Ok(Some((MirrorMsg::Snapshot { term, lsn }, payload))) => {
+                    let state: NsState = match codec::decode_large(&payload) {
+                        Ok(s) => s,
+                        Err(err) => {
+                            tracing::error!("namespace mirror: undecodable snapshot: {err}");
+                            break;
+                        }
+                    };
+                    if let Err(e) = ns.install(&iom, state, term, lsn).await {
+                        tracing::error!("namespace mirror: cannot install snapshot: {e}");
+                        break;
+                    }
+                    tracing::info!(iom = iom.id.0, from = from.0, lsn, "namespace mirror: snapshot installed");
+                    let _ = ack_tx.send(MirrorAck::Applied { lsn });
+                }
+                Ok(Some((MirrorMsg::Sync { token }, _))) => {
+                    let ack = ack_tx.clone();
+                    let f = {
+                        let g = ns.rep.lock();
+                        g.as_ref().map(|r| r.journal.flush_request())
+                    };
+                    tokio::spawn(async move {
+                        if let Some(f) = f {
+                            let _ = f.await;
+                        }
+                        let _ = ack.send(MirrorAck::Synced { token });
+                    });
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        drop(ack_tx);
+        let _ = writer.await;
+    }
+
+    /// Replaces this replica with a copy received from the namespace server.
+    async fn install(&self, iom: &Arc<Iom>, state: NsState, term: u64, lsn: u64) -> Result<(), Error> {
+        let dir = iom.data_dir.join(META_DIR);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        let old = self.rep.lock().take();
+        if let Some(r) = old {
+            r.journal.stop().await;
+        }
+        let (journal, replayed) = Journal::open(
+            &dir,
+            u64::MAX,
+            iom.store.file(),
+            Duration::from_millis(iom.cfg.tuning.journal_flush_ms.max(1)),
+        )?;
+        write_snap(&dir, &Snap { term, lsn, replay_from: replayed.segment, state: state.clone() })?;
+        Journal::remove_before(&dir, replayed.segment)?;
+        *self.rep.lock() = Some(Replica {
+            state,
+            term,
+            lsn,
+            journal,
+            dir,
+            opens: HashMap::new(),
+            recent: VecDeque::new(),
+            mirror: None,
+        });
+        Ok(())
+    }
+
+    // ------------------------------------------------------- background work
+
+    /// On the namespace server: drops the data of dead objects on every IOM,
+    /// keeps capacity figures for statfs, checkpoints the namespace journal.
+    pub async fn worker(iom: Arc<Iom>) {
+        let mut tick = 0u64;
+        loop {
+            tokio::select! {
+                _ = iom.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+            tick += 1;
+            if iom.member.current().meta_server() != Some(iom.id) {
+                continue;
+            }
+            if tick % 8 == 1 {
+                Self::refresh_stats(&iom).await;
+            }
+            Self::collect_garbage(&iom).await;
+            if iom.namespace.journal_bytes() > 64 << 20 {
+                if let Err(e) = iom.namespace.checkpoint().await {
+                    tracing::error!("namespace checkpoint failed: {e}");
+                }
+            }
+        }
+    }
+
+    async fn refresh_stats(iom: &Arc<Iom>) {
+        let mut total = 0u64;
+        let mut used = 0u64;
+        let w = iom.cfg.width() as u64;
+        for i in 0..iom.cfg.width() {
+            let s = if IomId(i) == iom.id {
+                Some(iom.stats())
+            } else {
+                match iom
+                    .pool
+                    .call_timeout(IomId(i), &Request::Admin(AdminReq::Stats), Bytes::new(), Duration::from_secs(1))
+                    .await
+                {
+                    Ok((Reply::Admin(AdminResp::Stats(s)), _)) => Some(s),
+                    _ => None,
+                }
+            };
+            if let Some(s) = s {
+                total += s.slots_total * s.block_size as u64;
+                used += s.slots_used * s.block_size as u64;
+            }
+        }
+        // Users see data capacity: N of every W slots hold data.
+        let n = w - 1;
+        let st = FsStats {
+            total_bytes: total / w * n,
+            free_bytes: total.saturating_sub(used) / w * n,
+            files: 0,
+            block_size: iom.cfg.block_size,
+        };
+        *iom.namespace.fs_stats.lock() = st;
+    }
+
+    async fn collect_garbage(iom: &Arc<Iom>) {
+        let dead: Vec<ObjectId> = {
+            let g = iom.namespace.rep.lock();
+            match g.as_ref() {
+                Some(r) => r.state.dead.iter().take(64).copied().collect(),
+                None => return,
+            }
+        };
+        if dead.is_empty() {
+            return;
+        }
+        let mut done = Vec::new();
+        for o in dead {
+            let map = iom.member.current();
+            let calls = (0..iom.cfg.width()).map(|i| {
+                let route = Route { epoch: map.epoch, target: IomId(i) };
+                let server = map.server_for(IomId(i));
+                let iom = iom.clone();
+                async move {
+                    let Some(s) = server else { return false };
+                    if s == iom.id {
+                        return iom.drop_object(o, GroupNo(0)).await.is_ok();
+                    }
+                    let req = Request::Data(DataReq::DropObject { route, object: o, from: GroupNo(0) });
+                    matches!(iom.pool.call_timeout(s, &req, Bytes::new(), Duration::from_secs(10)).await, Ok(_))
+                }
+            });
+            if futures::future::join_all(calls).await.into_iter().all(|x| x) {
+                done.push(o);
+            }
+        }
+        if done.is_empty() {
+            return;
+        }
+        let (lsn, gen) = {
+            let mut g = iom.namespace.rep.lock();
+            let Some(r) = g.as_mut() else { return };
+            Self::commit(r, vec![NsRec::Forget(done)], 0, 0, &MetaResp::Done)
+        };
+        iom.namespace.settle(lsn, gen).await;
+    }
+}
