@@ -164,6 +164,8 @@ pub enum MetaReq {
         rdev: u32,
         caller: Caller,
         target: Option<Vec<u8>>,
+        /// Also open it (create with a file handle): counts as an open handle.
+        open: bool,
     },
     Unlink {
         parent: Ino,

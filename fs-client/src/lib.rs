@@ -9,7 +9,10 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod fs;
 pub mod init;
+pub mod local;
+pub mod mount;
 pub mod scrub;
 
 pub use cluster::{ClientError, ClusterClient};

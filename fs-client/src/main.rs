@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use common::config::TransportProfile;
-use fs_client::{bench, init, scrub, ClusterClient};
+use fs_client::{bench, init, local, mount, scrub, ClusterClient};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -60,10 +60,65 @@ enum Cmd {
         #[arg(long, default_value_t = 4000)]
         random_ops: u64,
     },
+    /// Mount the cluster whose config is in DIR at MNT (foreground unless --detach).
+    Mount {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Mount point.
+        mnt: PathBuf,
+        /// Mount options: toughness=fast|atomic|durable, attr_timeout=S, entry_timeout=S, ro.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Return once mounted, leaving the client running in the background.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Run a whole cluster on this machine and mount it (or: local stop, local start-iom).
+    #[command(args_conflicts_with_subcommands = true)]
+    Local {
+        #[command(subcommand)]
+        action: Option<LocalAction>,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        mount: Option<PathBuf>,
+        /// IOMs of a new cluster.
+        #[arg(long, default_value_t = 5)]
+        ioms: u32,
+        /// Return once mounted.
+        #[arg(long)]
+        detach: bool,
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+    },
+    /// One line per IOM and the cluster state; exit 0 when healthy.
+    Status {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Redraw every second (with progress while a rebuild runs).
+        #[arg(long)]
+        watch: bool,
+    },
     /// Print every IOM's counters.
     Stats {
         #[arg(long)]
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LocalAction {
+    /// Unmount and stop the local cluster.
+    Stop {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Start one IOM of a local cluster again (after a crash).
+    StartIom {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: u32,
     },
 }
 
@@ -158,6 +213,47 @@ fn run(cli: Cli) -> Result<u8> {
             }
             c.close();
             Ok(0)
+        }),
+        Cmd::Mount { dir, mnt, options, detach } => {
+            if detach {
+                let pid = mount::mount_detached(&dir, &mnt, &options)?;
+                println!("mounted {} at {} (client pid {pid})", dir.display(), mnt.display());
+            } else {
+                let (fso, debug) = mount::parse_options(&options)?;
+                mount::mount_foreground(&dir, &mnt, fso, debug)?;
+            }
+            Ok(0)
+        }
+        Cmd::Local { action: Some(LocalAction::Stop { dir }), .. } => {
+            local::stop(&dir)?;
+            println!("stopped the local cluster in {}", dir.display());
+            Ok(0)
+        }
+        Cmd::Local { action: Some(LocalAction::StartIom { dir, id }), .. } => {
+            let pid = local::start_iom(&dir, common::IomId(id))?;
+            println!("IOM {id} running (pid {pid})");
+            Ok(0)
+        }
+        Cmd::Local { action: None, dir, mount, ioms, detach, options } => {
+            let dir = dir.context("--dir is required")?;
+            let mnt = mount.context("--mount is required")?;
+            local::up(&dir, &mnt, ioms, detach, &options)?;
+            Ok(0)
+        }
+        Cmd::Status { dir, watch } => runtime()?.block_on(async {
+            let c = ClusterClient::connect(&dir).await?;
+            let code = loop {
+                let s = local::status(&c).await;
+                if watch {
+                    print!("\x1b[2J\x1b[H{}", s.render());
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+                print!("{}", s.render());
+                break if s.health() == common::Health::Healthy { 0 } else { 1 };
+            };
+            c.close();
+            Ok(code)
         }),
         Cmd::Stats { dir } => runtime()?.block_on(async {
             let c = ClusterClient::connect(&dir).await?;

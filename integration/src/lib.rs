@@ -207,6 +207,34 @@ impl Cluster {
         fs_client::ClusterClient::connect(&self.dir).await.expect("client connects")
     }
 
+    /// `iomfs mount --dir D MNT --detach -o OPTS`: a real FUSE mount of this
+    /// cluster, unmounted when the harness is dropped.
+    pub fn mount(&mut self, name: &str, opts: &[&str]) -> PathBuf {
+        let mnt = self.tmp.path().join(name);
+        std::fs::create_dir_all(&mnt).expect("mount point");
+        let mut args: Vec<String> = vec![
+            "mount".into(),
+            "--dir".into(),
+            self.dir.to_string_lossy().into(),
+            mnt.to_string_lossy().into(),
+            "--detach".into(),
+        ];
+        for o in opts {
+            args.push("-o".into());
+            args.push(o.to_string());
+        }
+        self.mounts.push(mnt.clone());
+        let out = Command::new(bin("iomfs")).args(&args).output().expect("run iomfs mount");
+        assert!(
+            out.status.success(),
+            "iomfs mount failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(is_mounted(&mnt), "{} not mounted", mnt.display());
+        mnt
+    }
+
     /// Registers a mount point to unmount on drop.
     pub fn track_mount(&mut self, m: &Path) {
         self.mounts.push(m.to_path_buf());

@@ -173,6 +173,9 @@ impl Journal {
         flush_interval: Duration,
     ) -> Result<(Journal, Replayed), Error> {
         fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        if from > u64::MAX / 2 {
+            return Err(Error::Format(format!("{}: checkpoint names journal segment {from}", dir.display())));
+        }
         let segs = segments(dir)?;
         let mut records = Vec::new();
         let mut last = from.saturating_sub(1);

@@ -74,7 +74,7 @@ pub struct Namespace {
     next_gen: AtomicU64,
     syncs: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     next_token: AtomicU64,
-    fs_stats: Mutex<FsStats>,
+    fs_stats: Mutex<(FsStats, Option<std::time::Instant>)>,
 }
 
 impl Default for Namespace {
@@ -85,7 +85,7 @@ impl Default for Namespace {
             next_gen: AtomicU64::new(1),
             syncs: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(1),
-            fs_stats: Mutex::new(FsStats::default()),
+            fs_stats: Mutex::new((FsStats::default(), None)),
         }
     }
 }
@@ -307,6 +307,12 @@ impl Namespace {
             self.sync().await;
             return Ok(MetaResp::Done);
         }
+        if matches!(req, MetaReq::StatFs) {
+            let fresh = self.fs_stats.lock().1.is_some_and(|t| t.elapsed() < Duration::from_secs(2));
+            if !fresh {
+                Self::refresh_stats(iom).await;
+            }
+        }
         let mut reap = None;
         let (reply, lsn, gen) = {
             let mut g = self.rep.lock();
@@ -337,7 +343,7 @@ impl Namespace {
                 MetaReq::GetXattr { ino, name } => return s.get_xattr(ino, &name).map(MetaResp::Data).map_err(nserr),
                 MetaReq::ListXattr { ino } => return s.list_xattr(ino).map(MetaResp::Names).map_err(nserr),
                 MetaReq::StatFs => {
-                    let mut st = *self.fs_stats.lock();
+                    let mut st = self.fs_stats.lock().0;
                     st.files = s.inodes.len() as u64;
                     return Ok(MetaResp::StatFs(st));
                 }
@@ -346,8 +352,14 @@ impl Namespace {
                 }
                 // ----- mutations
                 MetaReq::SetAttr { ino, set, .. } => s.setattr(ino, &set, now),
-                MetaReq::Create { parent, name, kind, perm, rdev, caller, target } => {
-                    s.create(parent, &name, kind, perm, rdev, caller, target, now)
+                MetaReq::Create { parent, name, kind, perm, rdev, caller, target, open } => {
+                    let p = s.create(parent, &name, kind, perm, rdev, caller, target, now);
+                    if open {
+                        if let Ok(Plan { reply: MetaResp::Created { attr, .. }, .. }) = &p {
+                            *r.opens.entry(attr.ino).or_default() += 1;
+                        }
+                    }
+                    p
                 }
                 MetaReq::Unlink { parent, name } => s.unlink(parent, &name, is_open, now),
                 MetaReq::Rmdir { parent, name } => s.rmdir(parent, &name, now),
@@ -639,14 +651,11 @@ impl Namespace {
         if let Some(r) = old {
             r.journal.stop().await;
         }
-        let (journal, replayed) = Journal::open(
-            &dir,
-            u64::MAX,
-            iom.store.file(),
-            Duration::from_millis(iom.cfg.tuning.journal_flush_ms.max(1)),
-        )?;
+        // The received copy replaces everything this replica had.
+        Journal::remove_before(&dir, u64::MAX)?;
+        let (journal, replayed) =
+            Journal::open(&dir, 0, iom.store.file(), Duration::from_millis(iom.cfg.tuning.journal_flush_ms.max(1)))?;
         write_snap(&dir, &Snap { term, lsn, replay_from: replayed.segment, state: state.clone() })?;
-        Journal::remove_before(&dir, replayed.segment)?;
         *self.rep.lock() = Some(Replica {
             state,
             term,
@@ -691,23 +700,22 @@ impl Namespace {
         let mut total = 0u64;
         let mut used = 0u64;
         let w = iom.cfg.width() as u64;
-        for i in 0..iom.cfg.width() {
-            let s = if IomId(i) == iom.id {
-                Some(iom.stats())
-            } else {
-                match iom
-                    .pool
-                    .call_timeout(IomId(i), &Request::Admin(AdminReq::Stats), Bytes::new(), Duration::from_secs(1))
-                    .await
-                {
-                    Ok((Reply::Admin(AdminResp::Stats(s)), _)) => Some(s),
-                    _ => None,
-                }
-            };
-            if let Some(s) = s {
-                total += s.slots_total * s.block_size as u64;
-                used += s.slots_used * s.block_size as u64;
+        let calls = (0..iom.cfg.width()).map(|i| async move {
+            if IomId(i) == iom.id {
+                return Some(iom.stats());
             }
+            match iom
+                .pool
+                .call_timeout(IomId(i), &Request::Admin(AdminReq::Stats), Bytes::new(), Duration::from_secs(1))
+                .await
+            {
+                Ok((Reply::Admin(AdminResp::Stats(s)), _)) => Some(s),
+                _ => None,
+            }
+        });
+        for s in futures::future::join_all(calls).await.into_iter().flatten() {
+            total += s.slots_total * s.block_size as u64;
+            used += s.slots_used * s.block_size as u64;
         }
         // Users see data capacity: N of every W slots hold data.
         let n = w - 1;
@@ -717,7 +725,7 @@ impl Namespace {
             files: 0,
             block_size: iom.cfg.block_size,
         };
-        *iom.namespace.fs_stats.lock() = st;
+        *iom.namespace.fs_stats.lock() = (st, Some(std::time::Instant::now()));
     }
 
     async fn collect_garbage(iom: &Arc<Iom>) {
@@ -744,7 +752,7 @@ impl Namespace {
                         return iom.drop_object(o, GroupNo(0)).await.is_ok();
                     }
                     let req = Request::Data(DataReq::DropObject { route, object: o, from: GroupNo(0) });
-                    matches!(iom.pool.call_timeout(s, &req, Bytes::new(), Duration::from_secs(10)).await, Ok(_))
+                    iom.pool.call_timeout(s, &req, Bytes::new(), Duration::from_secs(10)).await.is_ok()
                 }
             });
             if futures::future::join_all(calls).await.into_iter().all(|x| x) {

@@ -436,7 +436,6 @@ impl NsState {
         false
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn rename(
         &self,
         parent: Ino,

@@ -1,0 +1,981 @@
+//! The FUSE filesystem: POSIX operations on the cluster's namespace and
+//! objects.
+//!
+//! Every request is answered from a task on the tokio runtime, so the FUSE
+//! session threads only read and dispatch and many requests are in flight at
+//! once. Writes go straight to the data IOMs at the file's toughness (no
+//! write-back cache: the toughness names when `write()` may return). Sizes
+//! grown by writes are kept locally while a file is open and published on
+//! `flush`/`fsync`/`release` (close-to-open); `open` fetches fresh attributes
+//! and keeps the kernel's page cache only if the file did not change.
+
+use crate::cluster::{ClientError, ClusterClient};
+use bytes::Bytes;
+use common::meta::*;
+use common::toughness::{LAYOUT_XATTR, TOUGHNESS_XATTR};
+use common::{Ino, Toughness};
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
+};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Mount-wide settings (`-o` options).
+#[derive(Clone, Debug)]
+pub struct FsOptions {
+    /// Toughness of files and directories with none set.
+    pub toughness: Toughness,
+    pub attr_ttl: Duration,
+    pub entry_ttl: Duration,
+    pub read_only: bool,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            toughness: Toughness::Atomic,
+            attr_ttl: Duration::from_secs(1),
+            entry_ttl: Duration::from_secs(1),
+            read_only: false,
+        }
+    }
+}
+
+/// What this client knows of an inode.
+#[derive(Clone, Debug)]
+struct Node {
+    /// Last attributes from the namespace.
+    attr: Attr,
+    /// End of data written through this client and not yet published.
+    dirty_end: u64,
+    dirty_mtime: Option<Timestamp>,
+    /// Open handles with write access.
+    writers: u32,
+    opens: u32,
+}
+
+impl Node {
+    fn merged(&self) -> Attr {
+        let mut a = self.attr.clone();
+        if self.dirty_end > a.size {
+            a.size = self.dirty_end;
+        }
+        if let Some(m) = self.dirty_mtime {
+            a.mtime = a.mtime.max(m);
+            a.ctime = a.ctime.max(m);
+        }
+        a
+    }
+    fn is_dirty(&self) -> bool {
+        self.dirty_mtime.is_some()
+    }
+}
+
+struct Handle {
+    ino: Ino,
+    write: bool,
+    /// O_SYNC / O_DSYNC: every write is durable.
+    sync: bool,
+}
+
+pub struct Inner {
+    pub c: Arc<ClusterClient>,
+    pub o: FsOptions,
+    nodes: Mutex<HashMap<Ino, Node>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+}
+
+pub struct IomFs {
+    rt: tokio::runtime::Handle,
+    inner: Arc<Inner>,
+}
+
+type R<T> = Result<T, Errno>;
+
+fn errno(e: ClientError) -> Errno {
+    if e.code().is_none() || e.errno() == libc::EIO {
+        tracing::warn!("I/O error: {e}");
+    }
+    Errno::from_i32(e.errno())
+}
+
+fn time(t: Timestamp) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nsecs)
+    } else {
+        UNIX_EPOCH - Duration::new((-t.secs) as u64, 0) + Duration::new(0, t.nsecs)
+    }
+}
+
+fn stamp(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timestamp { secs: d.as_secs() as i64, nsecs: d.subsec_nanos() },
+        Err(e) => {
+            let d = e.duration();
+            let (mut s, mut n) = (-(d.as_secs() as i64), d.subsec_nanos());
+            if n > 0 {
+                s -= 1;
+                n = 1_000_000_000 - n;
+            }
+            Timestamp { secs: s, nsecs: n }
+        }
+    }
+}
+
+fn kind(k: FileKind) -> FileType {
+    match k {
+        FileKind::Regular => FileType::RegularFile,
+        FileKind::Directory => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+pub fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino.0),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: time(a.atime),
+        mtime: time(a.mtime),
+        ctime: time(a.ctime),
+        crtime: time(a.crtime),
+        kind: kind(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 65536,
+        flags: 0,
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller { uid: req.uid(), gid: req.gid() }
+}
+
+fn name(n: &OsStr) -> Vec<u8> {
+    n.as_bytes().to_vec()
+}
+
+impl Inner {
+    /// Stores attributes fresh from the namespace; returns what to tell the kernel.
+    fn remember(&self, a: &Attr) -> Attr {
+        let mut nodes = self.nodes.lock();
+        match nodes.get_mut(&a.ino) {
+            Some(n) => {
+                n.attr = a.clone();
+                n.merged()
+            }
+            None => {
+                if nodes.len() > 200_000 {
+                    nodes.retain(|_, n| n.opens > 0 || n.is_dirty());
+                }
+                nodes.insert(a.ino, Node { attr: a.clone(), dirty_end: 0, dirty_mtime: None, writers: 0, opens: 0 });
+                a.clone()
+            }
+        }
+    }
+
+    fn node(&self, ino: Ino) -> Option<Node> {
+        self.nodes.lock().get(&ino).cloned()
+    }
+
+    async fn meta(&self, req: MetaReq) -> R<MetaResp> {
+        self.c.meta(req).await.map_err(errno)
+    }
+
+    async fn attr_of(&self, ino: Ino) -> R<Attr> {
+        match self.meta(MetaReq::GetAttr { ino }).await? {
+            MetaResp::Attr(a) => Ok(self.remember(&a)),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    /// The node of an inode, fetching it if this client does not know it.
+    async fn known(&self, ino: Ino) -> R<Node> {
+        if let Some(n) = self.node(ino) {
+            return Ok(n);
+        }
+        self.attr_of(ino).await?;
+        self.node(ino).ok_or(Errno::ESTALE)
+    }
+
+    /// Publishes size and mtime of writes made through this client.
+    async fn publish(&self, ino: Ino) -> R<()> {
+        let (end, mtime) = {
+            let mut nodes = self.nodes.lock();
+            let Some(n) = nodes.get_mut(&ino) else { return Ok(()) };
+            let Some(m) = n.dirty_mtime.take() else { return Ok(()) };
+            (std::mem::take(&mut n.dirty_end), m)
+        };
+        match self.meta(MetaReq::Written { ino, end, mtime }).await {
+            Ok(MetaResp::Attr(a)) => {
+                self.remember(&a);
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // Keep it dirty so a later flush tries again.
+                if let Some(n) = self.nodes.lock().get_mut(&ino) {
+                    n.dirty_end = n.dirty_end.max(end);
+                    n.dirty_mtime = Some(n.dirty_mtime.map_or(mtime, |x| x.max(mtime)));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn toughness_of(&self, n: &Node) -> Toughness {
+        n.attr.toughness.unwrap_or(self.o.toughness)
+    }
+
+    fn new_handle(&self, ino: Ino, write: bool, sync: bool) -> FileHandle {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, Handle { ino, write, sync });
+        let mut nodes = self.nodes.lock();
+        if let Some(n) = nodes.get_mut(&ino) {
+            n.opens += 1;
+            if write {
+                n.writers += 1;
+            }
+        }
+        FileHandle(fh)
+    }
+
+    async fn write(&self, ino: Ino, fh: u64, offset: u64, data: Bytes) -> R<u32> {
+        let sync = self.handles.lock().get(&fh).map(|h| h.sync).unwrap_or(false);
+        let n = self.known(ino).await?;
+        if n.attr.kind != FileKind::Regular {
+            return Err(Errno::EINVAL);
+        }
+        let t = if sync { Toughness::Durable } else { self.toughness_of(&n) };
+        let len = data.len() as u32;
+        let end = offset + data.len() as u64;
+        if end > i64::MAX as u64 {
+            return Err(Errno::EFBIG);
+        }
+        self.c.write(n.attr.object, offset, data, t).await.map_err(errno)?;
+        let grew = {
+            let mut nodes = self.nodes.lock();
+            match nodes.get_mut(&ino) {
+                Some(n) => {
+                    n.dirty_end = n.dirty_end.max(end);
+                    n.dirty_mtime = Some(Timestamp::now());
+                    end > n.attr.size
+                }
+                None => false,
+            }
+        };
+        if t == Toughness::Durable && grew {
+            // The data is durable; its new size must be too.
+            self.publish(ino).await?;
+            self.meta(MetaReq::Sync).await?;
+        }
+        Ok(len)
+    }
+
+    async fn read(&self, ino: Ino, offset: u64, size: u32) -> R<Bytes> {
+        let n = self.known(ino).await?;
+        let a = n.merged();
+        if offset >= a.size {
+            return Ok(Bytes::new());
+        }
+        let len = (a.size - offset).min(size as u64) as usize;
+        self.c.read(a.object, offset, len).await.map_err(errno)
+    }
+
+    async fn open(&self, ino: Ino, flags: i32) -> R<(FileHandle, FopenFlags)> {
+        let acc = flags & libc::O_ACCMODE;
+        let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
+        if write && self.o.read_only {
+            return Err(Errno::EROFS);
+        }
+        let truncate = flags & libc::O_TRUNC != 0 && write;
+        let sync = flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        if truncate {
+            if let Some(n) = self.nodes.lock().get_mut(&ino) {
+                n.dirty_end = 0;
+                n.dirty_mtime = None;
+            }
+        } else {
+            self.publish(ino).await?;
+        }
+        let before = self.node(ino).map(|n| (n.attr.change, n.attr.object, n.attr.size));
+        let attr = match self.meta(MetaReq::Open { ino, truncate }).await? {
+            MetaResp::Opened { attr, .. } => attr,
+            _ => return Err(Errno::EIO),
+        };
+        let keep = before == Some((attr.change, attr.object, attr.size)) && !truncate;
+        self.remember(&attr);
+        let fh = self.new_handle(ino, write, sync);
+        Ok((fh, if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() }))
+    }
+
+    async fn release(&self, fh: u64) -> R<()> {
+        let Some(h) = self.handles.lock().remove(&fh) else { return Ok(()) };
+        let last_writer = {
+            let mut nodes = self.nodes.lock();
+            match nodes.get_mut(&h.ino) {
+                Some(n) => {
+                    n.opens = n.opens.saturating_sub(1);
+                    if h.write {
+                        n.writers = n.writers.saturating_sub(1);
+                    }
+                    n.writers == 0
+                }
+                None => true,
+            }
+        };
+        if last_writer {
+            self.publish(h.ino).await?;
+        }
+        self.meta(MetaReq::Release { ino: h.ino }).await.map(|_| ())
+    }
+
+    async fn setattr(&self, ino: Ino, set: SetAttr, caller: Caller) -> R<Attr> {
+        if let Some(size) = set.size {
+            if self.o.read_only {
+                return Err(Errno::EROFS);
+            }
+            self.publish(ino).await?;
+            let n = self.known(ino).await?;
+            if n.attr.kind == FileKind::Directory {
+                return Err(Errno::EISDIR);
+            }
+            let cur = n.attr.size;
+            if size > 0 && size < cur {
+                self.c.truncate(n.attr.object, cur, size, self.toughness_of(&n)).await.map_err(errno)?;
+            }
+        }
+        let resp = self.meta(MetaReq::SetAttr { ino, set: set.clone(), caller }).await?;
+        let MetaResp::Attr(a) = resp else { return Err(Errno::EIO) };
+        if set.size.is_some() {
+            if let Some(n) = self.nodes.lock().get_mut(&ino) {
+                n.dirty_end = 0;
+                n.dirty_mtime = None;
+            }
+        }
+        Ok(self.remember(&a))
+    }
+
+    async fn fsync(&self, ino: Ino) -> R<()> {
+        self.publish(ino).await?;
+        let n = self.known(ino).await?;
+        if n.attr.kind == FileKind::Regular {
+            self.c.flush().await.map_err(errno)?;
+        }
+        self.meta(MetaReq::Sync).await.map(|_| ())
+    }
+
+    async fn create(
+        &self,
+        parent: Ino,
+        nm: Vec<u8>,
+        kind: FileKind,
+        perm: u16,
+        rdev: u32,
+        caller: Caller,
+        target: Option<Vec<u8>>,
+        open: bool,
+    ) -> R<Attr> {
+        if self.o.read_only {
+            return Err(Errno::EROFS);
+        }
+        match self.meta(MetaReq::Create { parent, name: nm, kind, perm, rdev, caller, target, open }).await? {
+            MetaResp::Created { attr, .. } => Ok(self.remember(&attr)),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    fn layout_value(&self, a: &Attr) -> Vec<u8> {
+        let l = self.c.layout;
+        let (data, parity) = l.group_ioms(a.object, common::GroupNo(0));
+        let data: Vec<String> = data.iter().map(|i| i.0.to_string()).collect();
+        format!(
+            "object={} block_size={} ioms={} data_ioms={} parity_iom={}",
+            a.object.0,
+            l.block_size(),
+            l.width(),
+            data.join(","),
+            parity.0
+        )
+        .into_bytes()
+    }
+
+    async fn getxattr(&self, ino: Ino, nm: &[u8]) -> R<Vec<u8>> {
+        if nm == LAYOUT_XATTR.as_bytes() {
+            let a = self.attr_of(ino).await?;
+            if a.kind != FileKind::Regular {
+                return Err(Errno::ENODATA);
+            }
+            return Ok(self.layout_value(&a));
+        }
+        match self.meta(MetaReq::GetXattr { ino, name: nm.to_vec() }).await {
+            Ok(MetaResp::Data(v)) => Ok(v),
+            Ok(_) => Err(Errno::EIO),
+            // The level in force when none is set on the file: the mount default.
+            Err(e) if e == Errno::ENODATA && nm == TOUGHNESS_XATTR.as_bytes() => {
+                Ok(self.o.toughness.as_str().as_bytes().to_vec())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if (size as usize) < data.len() {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+fn xattr_allowed(nm: &[u8]) -> bool {
+    nm.starts_with(b"user.") || nm.starts_with(b"trusted.") || nm.starts_with(b"security.")
+}
+
+impl IomFs {
+    pub fn new(rt: tokio::runtime::Handle, c: Arc<ClusterClient>, o: FsOptions) -> IomFs {
+        IomFs {
+            rt,
+            inner: Arc::new(Inner {
+                c,
+                o,
+                nodes: Mutex::new(HashMap::new()),
+                handles: Mutex::new(HashMap::new()),
+                next_fh: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    pub fn inner(&self) -> Arc<Inner> {
+        self.inner.clone()
+    }
+
+    fn spawn<F, Fut>(&self, f: F)
+    where
+        F: FnOnce(Arc<Inner>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(f(self.inner.clone()));
+    }
+}
+
+fn entry(reply: ReplyEntry, ttl: Duration, r: R<Attr>) {
+    match r {
+        Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn empty(reply: ReplyEmpty, r: R<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn done(r: R<MetaResp>) -> R<()> {
+    r.map(|_| ())
+}
+
+impl Filesystem for IomFs {
+    fn init(&mut self, _req: &Request, cfg: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = cfg.set_max_write(1 << 20);
+        let _ = cfg.set_max_readahead(1 << 20);
+        let _ = cfg.set_max_background(64);
+        let _ = cfg.set_congestion_threshold(48);
+        let want = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_ASYNC_READ
+            | InitFlags::FUSE_BIG_WRITES
+            | InitFlags::FUSE_MAX_PAGES
+            | InitFlags::FUSE_CACHE_SYMLINKS;
+        let have = cfg.capabilities();
+        let _ = cfg.add_capabilities(want & have);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, nm: &OsStr, reply: ReplyEntry) {
+        let nm = name(nm);
+        let ttl = self.inner.o.entry_ttl;
+        self.spawn(move |fs| async move {
+            let r = match fs.meta(MetaReq::Lookup { parent: Ino(parent.0), name: nm }).await {
+                Ok(MetaResp::Attr(a)) => Ok(fs.remember(&a)),
+                Ok(_) => Err(Errno::EIO),
+                Err(e) => Err(e),
+            };
+            entry(reply, ttl, r)
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ttl = self.inner.o.attr_ttl;
+        self.spawn(move |fs| async move {
+            // Fresh from the namespace, with the size of unpublished local writes on top.
+            match fs.attr_of(Ino(ino.0)).await {
+                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let ts = |t: TimeOrNow| match t {
+            TimeOrNow::Now => TimeSet::Now,
+            TimeOrNow::SpecificTime(s) => TimeSet::At(stamp(s)),
+        };
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(ts),
+            mtime: mtime.map(ts),
+            ctime: ctime.map(stamp),
+            kill_suid: false,
+        };
+        let c = caller(req);
+        let ttl = self.inner.o.attr_ttl;
+        self.spawn(move |fs| async move {
+            match fs.setattr(Ino(ino.0), set, c).await {
+                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.spawn(move |fs| async move {
+            match fs.meta(MetaReq::ReadLink { ino: Ino(ino.0) }).await {
+                Ok(MetaResp::Data(d)) => reply.data(&d),
+                Ok(_) => reply.error(Errno::EIO),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, nm: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let (nm, c, ttl) = (name(nm), caller(req), self.inner.o.entry_ttl);
+        let Some(k) = FileKind::from_mode(mode) else { return reply.error(Errno::EINVAL) };
+        if k == FileKind::Directory || k == FileKind::Symlink {
+            return reply.error(Errno::EINVAL);
+        }
+        let perm = (mode & !umask & 0o7777) as u16;
+        self.spawn(move |fs| async move {
+            let r = fs.create(Ino(parent.0), nm, k, perm, rdev, c, None, false).await;
+            entry(reply, ttl, r)
+        });
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, nm: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let (nm, c, ttl) = (name(nm), caller(req), self.inner.o.entry_ttl);
+        let perm = (mode & !umask & 0o7777) as u16;
+        self.spawn(move |fs| async move {
+            let r = fs.create(Ino(parent.0), nm, FileKind::Directory, perm, 0, c, None, false).await;
+            entry(reply, ttl, r)
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, nm: &OsStr, reply: ReplyEmpty) {
+        let nm = name(nm);
+        self.spawn(move |fs| async move {
+            let r = if fs.o.read_only {
+                Err(Errno::EROFS)
+            } else {
+                done(fs.meta(MetaReq::Unlink { parent: Ino(parent.0), name: nm }).await)
+            };
+            empty(reply, r)
+        });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, nm: &OsStr, reply: ReplyEmpty) {
+        let nm = name(nm);
+        self.spawn(move |fs| async move {
+            let r = if fs.o.read_only {
+                Err(Errno::EROFS)
+            } else {
+                done(fs.meta(MetaReq::Rmdir { parent: Ino(parent.0), name: nm }).await)
+            };
+            empty(reply, r)
+        });
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link: &OsStr, target: &Path, reply: ReplyEntry) {
+        let (nm, c, ttl) = (name(link), caller(req), self.inner.o.entry_ttl);
+        let t = target.as_os_str().as_bytes().to_vec();
+        self.spawn(move |fs| async move {
+            let r = fs.create(Ino(parent.0), nm, FileKind::Symlink, 0o777, 0, c, Some(t), false).await;
+            entry(reply, ttl, r)
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        nm: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (nm, newname) = (name(nm), name(newname));
+        let flags = flags.bits();
+        self.spawn(move |fs| async move {
+            let r = if fs.o.read_only {
+                Err(Errno::EROFS)
+            } else {
+                done(
+                    fs.meta(MetaReq::Rename {
+                        parent: Ino(parent.0),
+                        name: nm,
+                        new_parent: Ino(newparent.0),
+                        new_name: newname,
+                        flags,
+                    })
+                    .await,
+                )
+            };
+            empty(reply, r)
+        });
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let (nm, ttl) = (name(newname), self.inner.o.entry_ttl);
+        self.spawn(move |fs| async move {
+            let r = match fs.meta(MetaReq::Link { ino: Ino(ino.0), new_parent: Ino(newparent.0), new_name: nm }).await {
+                Ok(MetaResp::Attr(a)) => Ok(fs.remember(&a)),
+                Ok(_) => Err(Errno::EIO),
+                Err(e) => Err(e),
+            };
+            entry(reply, ttl, r)
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.spawn(move |fs| async move {
+            match fs.open(Ino(ino.0), flags.0).await {
+                Ok((fh, f)) => reply.opened(fh, f),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn(move |fs| async move {
+            match fs.read(Ino(ino.0), offset, size).await {
+                Ok(b) => reply.data(&b),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let data = Bytes::copy_from_slice(data);
+        self.spawn(move |fs| async move {
+            match fs.write(Ino(ino.0), fh.0, offset, data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+        self.spawn(move |fs| async move { empty(reply, fs.publish(Ino(ino.0)).await) });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(move |fs| async move { empty(reply, fs.release(fh.0).await) });
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.spawn(move |fs| async move { empty(reply, fs.fsync(Ino(ino.0)).await) });
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(0), FopenFlags::empty());
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        self.spawn(move |fs| async move {
+            match fs.meta(MetaReq::ReadDir { ino: Ino(ino.0), cookie: offset, max: 512, plus: false }).await {
+                Ok(MetaResp::Entries(es)) => {
+                    for e in es {
+                        if reply.add(INodeNo(e.ino.0), e.cookie, kind(e.kind), OsStr::from_bytes(&e.name)) {
+                            break;
+                        }
+                    }
+                    reply.ok()
+                }
+                Ok(_) => reply.error(Errno::EIO),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let ttl = self.inner.o.entry_ttl;
+        self.spawn(move |fs| async move {
+            match fs.meta(MetaReq::ReadDir { ino: Ino(ino.0), cookie: offset, max: 256, plus: true }).await {
+                Ok(MetaResp::Entries(es)) => {
+                    for e in es {
+                        let a = match &e.attr {
+                            Some(a) => fs.remember(a),
+                            None => match fs.node(e.ino) {
+                                Some(n) => n.merged(),
+                                None => continue,
+                            },
+                        };
+                        if reply.add(
+                            INodeNo(e.ino.0),
+                            e.cookie,
+                            OsStr::from_bytes(&e.name),
+                            &ttl,
+                            &file_attr(&a),
+                            Generation(0),
+                        ) {
+                            break;
+                        }
+                    }
+                    reply.ok()
+                }
+                Ok(_) => reply.error(Errno::EIO),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.spawn(move |fs| async move { empty(reply, done(fs.meta(MetaReq::Sync).await)) });
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.spawn(move |fs| async move {
+            match fs.meta(MetaReq::StatFs).await {
+                Ok(MetaResp::StatFs(s)) => {
+                    let bs = 4096u64;
+                    reply.statfs(
+                        s.total_bytes / bs,
+                        s.free_bytes / bs,
+                        s.free_bytes / bs,
+                        s.files,
+                        u32::MAX as u64,
+                        bs as u32,
+                        NAME_MAX as u32,
+                        bs as u32,
+                    )
+                }
+                Ok(_) => reply.error(Errno::EIO),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        nm: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let nm = name(nm);
+        if nm == LAYOUT_XATTR.as_bytes() {
+            return reply.error(Errno::EPERM);
+        }
+        if !xattr_allowed(&nm) {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        if nm == TOUGHNESS_XATTR.as_bytes() && Toughness::parse_xattr(value).is_none() {
+            return reply.error(Errno::EINVAL);
+        }
+        let value = value.to_vec();
+        self.spawn(move |fs| async move {
+            let ino = Ino(ino.0);
+            let is_t = nm == TOUGHNESS_XATTR.as_bytes();
+            let r = done(fs.meta(MetaReq::SetXattr { ino, name: nm, value: value.clone(), flags: flags as u32 }).await);
+            if r.is_ok() && is_t {
+                if let Some(n) = fs.nodes.lock().get_mut(&ino) {
+                    n.attr.toughness = Toughness::parse_xattr(&value);
+                }
+            }
+            empty(reply, r)
+        });
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, nm: &OsStr, size: u32, reply: ReplyXattr) {
+        let nm = name(nm);
+        self.spawn(move |fs| async move {
+            match fs.getxattr(Ino(ino.0), &nm).await {
+                Ok(v) => xattr_reply(reply, size, &v),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.spawn(move |fs| async move {
+            match fs.meta(MetaReq::ListXattr { ino: Ino(ino.0) }).await {
+                Ok(MetaResp::Names(ns)) => {
+                    let mut buf = Vec::new();
+                    for n in ns {
+                        buf.extend_from_slice(&n);
+                        buf.push(0);
+                    }
+                    xattr_reply(reply, size, &buf)
+                }
+                Ok(_) => reply.error(Errno::EIO),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, nm: &OsStr, reply: ReplyEmpty) {
+        let nm = name(nm);
+        if nm == LAYOUT_XATTR.as_bytes() {
+            return reply.error(Errno::EPERM);
+        }
+        self.spawn(move |fs| async move {
+            let ino = Ino(ino.0);
+            let is_t = nm == TOUGHNESS_XATTR.as_bytes();
+            let r = done(fs.meta(MetaReq::RemoveXattr { ino, name: nm }).await);
+            if r.is_ok() && is_t {
+                if let Some(n) = fs.nodes.lock().get_mut(&ino) {
+                    n.attr.toughness = None;
+                }
+            }
+            empty(reply, r)
+        });
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permissions are checked by the kernel (default_permissions).
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        nm: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (nm, c) = (name(nm), caller(req));
+        let (ttl, perm) = (self.inner.o.entry_ttl, (mode & !umask & 0o7777) as u16);
+        self.spawn(move |fs| async move {
+            match fs.create(Ino(parent.0), nm, FileKind::Regular, perm, 0, c, None, true).await {
+                Ok(a) => {
+                    let acc = flags & libc::O_ACCMODE;
+                    let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
+                    let fh = fs.new_handle(a.ino, write, flags & (libc::O_SYNC | libc::O_DSYNC) != 0);
+                    reply.created(&ttl, &file_attr(&a), Generation(0), fh, FopenFlags::empty())
+                }
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn fallocate(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        if mode != 0 {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        let c = caller(req);
+        self.spawn(move |fs| async move {
+            let ino = Ino(ino.0);
+            let r = async {
+                fs.publish(ino).await?;
+                let n = fs.known(ino).await?;
+                let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
+                let set = if end > n.attr.size {
+                    SetAttr { size: Some(end), ..Default::default() }
+                } else {
+                    SetAttr { ctime: Some(Timestamp::now()), ..Default::default() }
+                };
+                fs.setattr(ino, set, c).await.map(|_| ())
+            }
+            .await;
+            empty(reply, r)
+        });
+    }
+}

@@ -1,0 +1,308 @@
+//! `iomfs local`: a whole cluster on this machine, one `iom-server`
+//! process per IOM, plus a mount; and `iomfs status`.
+
+use crate::cluster::ClusterClient;
+use crate::mount;
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use common::cluster::{ClusterMap, Health, IomState};
+use common::config::{ClusterConfig, ClusterPaths};
+use common::wire::{AdminReq, AdminResp, IomStats, MemberReq, MemberResp, Reply, Request};
+use common::IomId;
+use serde::{Deserialize, Serialize};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What `iomfs local --detach` started, for `iomfs local stop`.
+#[derive(Serialize, Deserialize, Default)]
+struct LocalState {
+    mount: Option<PathBuf>,
+    mount_pid: Option<u32>,
+}
+
+fn load_state(p: &ClusterPaths) -> LocalState {
+    std::fs::read_to_string(p.local_state()).ok().and_then(|s| toml::from_str(&s).ok()).unwrap_or_default()
+}
+
+fn save_state(p: &ClusterPaths, s: &LocalState) -> Result<()> {
+    std::fs::write(p.local_state(), toml::to_string(s)?).with_context(|| format!("write {}", p.local_state().display()))
+}
+
+/// Whether `pid` is a live process whose command line mentions `what`.
+pub fn alive(pid: u32, what: &str) -> bool {
+    // SAFETY: kill with signal 0 only checks the process exists.
+    if unsafe { libc::kill(pid as i32, 0) } != 0 {
+        return false;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    if status.split_whitespace().nth(2) == Some("Z") {
+        return false;
+    }
+    std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).contains(what)).unwrap_or(false)
+}
+
+/// The pid of IOM `id` if it is running (from its pid file).
+pub fn iom_pid(p: &ClusterPaths, id: IomId) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(p.pid(id)).ok()?.trim().parse().ok()?;
+    alive(pid, "iom-server").then_some(pid)
+}
+
+fn server_binary() -> PathBuf {
+    if let Ok(exe) = std::env::current_exe() {
+        let b = exe.with_file_name("iom-server");
+        if b.exists() {
+            return b;
+        }
+    }
+    PathBuf::from("iom-server")
+}
+
+/// Starts IOM `id` of the cluster in `dir` as a background process.
+pub fn start_iom(dir: &Path, id: IomId) -> Result<u32> {
+    let p = ClusterPaths::new(dir);
+    let cfg = ClusterConfig::load(dir)?;
+    cfg.iom(id)?;
+    if let Some(pid) = iom_pid(&p, id) {
+        return Ok(pid);
+    }
+    let _ = std::fs::remove_file(p.pid(id));
+    let log_path = p.log(id);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("open {}", log_path.display()))?;
+    let mut cmd = Command::new(server_binary());
+    cmd.arg("--dir").arg(dir).arg("--id").arg(id.0.to_string());
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // SAFETY: setsid in the child before exec detaches it from our session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("start iom-server (is it installed next to iomfs?)")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(pid) = iom_pid(&p, id) {
+            return Ok(pid);
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+            bail!("IOM {id} exited at start ({st}): {last}");
+        }
+        if Instant::now() > deadline {
+            bail!("IOM {id} did not start within 30 s (log: {})", log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Stops every running IOM of the cluster (SIGTERM, then SIGKILL after 20 s).
+pub fn stop_ioms(dir: &Path) -> Result<()> {
+    let p = ClusterPaths::new(dir);
+    let cfg = ClusterConfig::load(dir)?;
+    let mut pids = Vec::new();
+    for i in 0..cfg.width() {
+        if let Some(pid) = iom_pid(&p, IomId(i)) {
+            // SAFETY: signalling a process we identified as our IOM.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            pids.push((i, pid));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pids.iter().any(|(_, pid)| alive(*pid, "iom-server")) {
+        if Instant::now() > deadline {
+            for (i, pid) in &pids {
+                if alive(*pid, "iom-server") {
+                    eprintln!("iomfs: IOM {i} (pid {pid}) did not stop on SIGTERM; killing it");
+                    // SAFETY: as above.
+                    unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+                }
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn ensure_cluster(dir: &Path, ioms: u32) -> Result<()> {
+    let p = ClusterPaths::new(dir);
+    if !p.config().exists() {
+        let cfg = crate::init::init(
+            dir,
+            &crate::init::InitOptions {
+                ioms,
+                block_size: 65536,
+                addrs: None,
+                host: "127.0.0.1".into(),
+                base_port: 0,
+                meta_home: 0,
+                transport: common::config::TransportProfile::Loopback,
+            },
+        )?;
+        println!("initialised cluster {} in {} ({} IOMs)", cfg.cluster_id, dir.display(), cfg.width());
+    }
+    Ok(())
+}
+
+/// `iomfs local --dir D --mount MNT [--ioms W] [--detach]`.
+pub fn up(dir: &Path, mnt: &Path, ioms: u32, detach: bool, opts: &[String]) -> Result<()> {
+    let (fso, debug) = mount::parse_options(opts)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    std::fs::create_dir_all(mnt).with_context(|| format!("create {}", mnt.display()))?;
+    ensure_cluster(dir, ioms)?;
+    let cfg = ClusterConfig::load(dir)?;
+    for i in 0..cfg.width() {
+        let pid = start_iom(dir, IomId(i))?;
+        println!("IOM {i} running (pid {pid}) at {}", cfg.ioms[i as usize].addr);
+    }
+    let p = ClusterPaths::new(dir);
+    if detach {
+        let pid = mount::mount_detached(dir, mnt, opts)?;
+        let mnt = std::fs::canonicalize(mnt).unwrap_or_else(|_| mnt.to_path_buf());
+        save_state(&p, &LocalState { mount: Some(mnt.clone()), mount_pid: Some(pid) })?;
+        println!(
+            "mounted at {} (client pid {pid}); stop with: iomfs local stop --dir {}",
+            mnt.display(),
+            dir.display()
+        );
+        return Ok(());
+    }
+    save_state(&p, &LocalState { mount: Some(mnt.to_path_buf()), mount_pid: Some(std::process::id()) })?;
+    println!("mounting at {}; Ctrl-C unmounts and stops the cluster", mnt.display());
+    let r = mount::mount_foreground(dir, mnt, fso, debug);
+    stop_ioms(dir)?;
+    let _ = std::fs::remove_file(p.local_state());
+    r
+}
+
+/// `iomfs local stop --dir D`: unmount, stop the mount process and the IOMs.
+pub fn stop(dir: &Path) -> Result<()> {
+    let p = ClusterPaths::new(dir);
+    ClusterConfig::load(dir)?;
+    let st = load_state(&p);
+    if let Some(m) = &st.mount {
+        if mount::is_mounted(m) && !mount::fusermount_u(m) {
+            bail!("cannot unmount {}: is a process using it? (fuser -m {})", m.display(), m.display());
+        }
+    }
+    if let Some(pid) = st.mount_pid {
+        if pid != std::process::id() && alive(pid, "iomfs") {
+            // SAFETY: the mount process we started.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while alive(pid, "iomfs") && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    stop_ioms(dir)?;
+    let _ = std::fs::remove_file(p.local_state());
+    Ok(())
+}
+
+/// One IOM as `iomfs status` sees it.
+pub struct IomStatus {
+    pub id: IomId,
+    pub addr: String,
+    pub pid: Option<u32>,
+    pub stats: Option<IomStats>,
+}
+
+pub struct Status {
+    pub map: ClusterMap,
+    pub ioms: Vec<IomStatus>,
+}
+
+impl Status {
+    pub fn health(&self) -> Health {
+        let h = self.map.health();
+        let unreachable =
+            self.ioms.iter().filter(|i| i.stats.is_none() && self.map.state(i.id) == IomState::Up).count();
+        let down = self.map.not_up().len() + unreachable;
+        match (h, down) {
+            (Health::Stopped, _) => Health::Stopped,
+            (_, 0) => Health::Healthy,
+            (_, 1) => Health::Degraded,
+            _ => Health::Stopped,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for i in &self.ioms {
+            let state = match self.map.state(i.id) {
+                IomState::Up if i.stats.is_none() => "unreachable".to_string(),
+                IomState::Up => "up".to_string(),
+                IomState::Down { proxy } => format!("down (proxied by {})", proxy.0),
+                IomState::Rebuilding { proxy } => {
+                    let (d, t, rate) = i
+                        .stats
+                        .as_ref()
+                        .map(|s| (s.rebuild_done, s.rebuild_total, s.rebuild_bytes_per_s))
+                        .unwrap_or((0, 0, 0));
+                    let pct = if t == 0 { 0.0 } else { 100.0 * d as f64 / t as f64 };
+                    let eta = if rate > 0 && t > d {
+                        format!(", ETA {}s", (t - d) * self.block_size() / rate)
+                    } else {
+                        String::new()
+                    };
+                    format!("rebuilding {pct:.0}%{eta} (proxied by {})", proxy.0)
+                }
+            };
+            let pid = i.pid.map(|p| format!("pid {p}")).unwrap_or_else(|| "pid -".into());
+            out.push_str(&format!("IOM {:<3} {:<22} {:<10} {}\n", i.id.0, i.addr, pid, state));
+        }
+        out.push_str(&format!("epoch {}\n", self.map.epoch.0));
+        out.push_str(&format!("cluster: {}\n", self.health()));
+        out
+    }
+
+    fn block_size(&self) -> u64 {
+        self.ioms.iter().filter_map(|i| i.stats.as_ref()).map(|s| s.block_size as u64).next().unwrap_or(65536)
+    }
+}
+
+pub async fn status(c: &ClusterClient) -> Status {
+    let p = &c.paths;
+    let calls = (0..c.cfg.width()).map(|i| async move {
+        let stats = match c
+            .pool()
+            .call_timeout(IomId(i), &Request::Admin(AdminReq::Stats), Bytes::new(), Duration::from_millis(1500))
+            .await
+        {
+            Ok((Reply::Admin(AdminResp::Stats(s)), _)) => Some(s),
+            _ => None,
+        };
+        let map = if stats.is_some() {
+            match c
+                .pool()
+                .call_timeout(IomId(i), &Request::Member(MemberReq::GetMap), Bytes::new(), Duration::from_millis(1500))
+                .await
+            {
+                Ok((Reply::Member(MemberResp::Map(m)), _)) => Some(m),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        (IomStatus { id: IomId(i), addr: c.cfg.ioms[i as usize].addr.clone(), pid: iom_pid(p, IomId(i)), stats }, map)
+    });
+    let mut map = c.map();
+    let mut ioms = Vec::new();
+    for (s, m) in futures::future::join_all(calls).await {
+        if let Some(m) = m {
+            if m.epoch > map.epoch {
+                map = m;
+            }
+        }
+        ioms.push(s);
+    }
+    Status { map, ioms }
+}

@@ -1,0 +1,435 @@
+//! The FUSE mount end to end: five real IOM processes, a real mount, ordinary tools.
+
+use integration::{serial, Cluster, Rng};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+fn sh(cmd: &str) -> (bool, String) {
+    let o = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+}
+
+fn must(cmd: &str) -> String {
+    let (ok, out) = sh(cmd);
+    assert!(ok, "`{cmd}` failed:\n{out}");
+    out
+}
+
+fn up() -> (Cluster, std::path::PathBuf) {
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let m = c.mount("mnt", &[]);
+    (c, m)
+}
+
+fn getx(p: &Path, name: &str) -> Option<String> {
+    let o = Command::new("getfattr").args(["--absolute-names", "--only-values", "-n", name]).arg(p).output().unwrap();
+    o.status.success().then(|| String::from_utf8_lossy(&o.stdout).to_string())
+}
+
+#[test]
+fn cp_a_of_a_real_tree_then_diff() {
+    let _g = serial();
+    let (c, m) = up();
+    let src = "/usr/share/doc";
+    must(&format!("cp -a {src} '{}/tree'", m.display()));
+    must(&format!("diff -r --no-dereference {src} '{}/tree'", m.display()));
+    // metadata preserved by cp -a
+    let a = fs::symlink_metadata(src).unwrap();
+    let b = fs::symlink_metadata(m.join("tree")).unwrap();
+    assert_eq!(a.mode(), b.mode());
+    assert_eq!(a.mtime(), b.mtime());
+    // tar and rsync-like reading of the tree
+    must(&format!("cd '{}' && tar cf - tree | tar tf - > /dev/null", m.display()));
+    c.must_scrub_clean();
+}
+
+#[test]
+fn a_1_gib_file_reads_back_with_the_same_checksum() {
+    let _g = serial();
+    let (c, m) = up();
+    let path = m.join("big");
+    let mut rng = Rng(99);
+    let mut f = File::create(&path).unwrap();
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut crc = 0u32;
+    for _ in 0..1024 {
+        for w in chunk.chunks_mut(8) {
+            w.copy_from_slice(&rng.next_u64().to_le_bytes());
+        }
+        crc = crc32(crc, &chunk);
+        f.write_all(&chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(fs::metadata(&path).unwrap().len(), 1 << 30);
+    let mut f = File::open(&path).unwrap();
+    let mut back = 0u32;
+    let mut n = 0usize;
+    loop {
+        let k = f.read(&mut chunk).unwrap();
+        if k == 0 {
+            break;
+        }
+        back = crc32(back, &chunk[..k]);
+        n += k;
+    }
+    assert_eq!(n, 1 << 30);
+    assert_eq!(back, crc, "1 GiB file read back with a different checksum");
+    c.must_scrub_clean();
+}
+
+fn crc32(c: u32, b: &[u8]) -> u32 {
+    crc32c::crc32c_append(c, b)
+}
+
+#[test]
+fn append_overwrite_truncate_extend_sparse() {
+    let _g = serial();
+    let (c, m) = up();
+    let p = m.join("f");
+    let mut model: Vec<u8> = Vec::new();
+    let mut f = OpenOptions::new().create(true).append(true).open(&p).unwrap();
+    for i in 0..50 {
+        let d = vec![i as u8 + 1; 3000 + i * 17];
+        f.write_all(&d).unwrap();
+        model.extend_from_slice(&d);
+    }
+    drop(f);
+    assert_eq!(fs::read(&p).unwrap(), model, "appends");
+    // overwrite in the middle, crossing a block boundary
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    let d = vec![0xabu8; 70000];
+    f.write_all_at(&d, 60000).unwrap();
+    model.resize(model.len().max(130000), 0);
+    model[60000..130000].copy_from_slice(&d);
+    drop(f);
+    assert_eq!(fs::read(&p).unwrap(), model, "overwrite");
+    // truncate down, then extend: the cut bytes read as zeros
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(70001).unwrap();
+    model.truncate(70001);
+    assert_eq!(fs::read(&p).unwrap(), model, "truncate down");
+    f.set_len(200000).unwrap();
+    model.resize(200000, 0);
+    assert_eq!(fs::read(&p).unwrap(), model, "extend");
+    f.write_all_at(b"tail", 199996).unwrap();
+    model[199996..].copy_from_slice(b"tail");
+    drop(f);
+    assert_eq!(fs::read(&p).unwrap(), model);
+    // truncate to zero and rewrite (O_TRUNC)
+    fs::write(&p, b"short").unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"short");
+    // sparse file far past 4 GiB: holes read as zeros
+    let s = m.join("sparse");
+    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&s).unwrap();
+    let far = 6u64 << 30;
+    f.write_all_at(b"end", far).unwrap();
+    f.write_all_at(b"mid", 1 << 32).unwrap();
+    assert_eq!(fs::metadata(&s).unwrap().len(), far + 3);
+    let mut buf = vec![1u8; 8192];
+    f.read_exact_at(&mut buf, (1 << 32) - 4096).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 0), "hole before 4 GiB is not zeros");
+    assert_eq!(&buf[4096..4099], b"mid");
+    f.read_exact_at(&mut buf[..3], far).unwrap();
+    assert_eq!(&buf[..3], b"end");
+    let mut g = File::open(&s).unwrap();
+    g.seek(SeekFrom::Start(12345)).unwrap();
+    let mut z = vec![9u8; 100000];
+    g.read_exact(&mut z).unwrap();
+    assert!(z.iter().all(|&b| b == 0));
+    // fallocate extends
+    must(&format!("fallocate -l 300000 '{}'", m.join("fa").display()));
+    assert_eq!(fs::metadata(m.join("fa")).unwrap().len(), 300000);
+    // unlink while open: the data stays readable through the descriptor
+    fs::write(m.join("gone"), b"still here").unwrap();
+    let h = File::open(m.join("gone")).unwrap();
+    fs::remove_file(m.join("gone")).unwrap();
+    let mut s = String::new();
+    (&h).read_to_string(&mut s).unwrap();
+    assert_eq!(s, "still here");
+    drop(h);
+    // O_SYNC and fsync work
+    let mut f = OpenOptions::new().write(true).create(true).custom_flags(libc::O_SYNC).open(m.join("sync")).unwrap();
+    f.write_all(b"synced").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(fs::read(m.join("sync")).unwrap(), b"synced");
+    c.must_scrub_clean();
+}
+
+#[test]
+fn rename_link_symlink_unlink_cases() {
+    let _g = serial();
+    let (c, m) = up();
+    fs::create_dir(m.join("a")).unwrap();
+    fs::create_dir(m.join("b")).unwrap();
+    fs::write(m.join("a/f"), b"F").unwrap();
+    fs::write(m.join("b/g"), b"G").unwrap();
+    // replace across directories
+    fs::rename(m.join("a/f"), m.join("b/g")).unwrap();
+    assert_eq!(fs::read(m.join("b/g")).unwrap(), b"F");
+    assert!(!m.join("a/f").exists());
+    // RENAME_NOREPLACE and RENAME_EXCHANGE
+    fs::write(m.join("a/x"), b"X").unwrap();
+    let cs = |p: &Path| std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            cs(&m.join("a/x")).as_ptr(),
+            libc::AT_FDCWD,
+            cs(&m.join("b/g")).as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    assert_eq!(r, -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EEXIST));
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            cs(&m.join("a/x")).as_ptr(),
+            libc::AT_FDCWD,
+            cs(&m.join("b/g")).as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    assert_eq!(fs::read(m.join("a/x")).unwrap(), b"F");
+    assert_eq!(fs::read(m.join("b/g")).unwrap(), b"X");
+    // directory renames: into itself is refused, over a non-empty dir too
+    assert!(fs::rename(m.join("a"), m.join("a/sub")).is_err());
+    fs::create_dir(m.join("c")).unwrap();
+    fs::write(m.join("c/keep"), b"").unwrap();
+    let e = fs::rename(m.join("a"), m.join("c")).unwrap_err();
+    assert!(matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)), "{e}");
+    fs::rename(m.join("a"), m.join("b/moved")).unwrap();
+    assert_eq!(fs::read(m.join("b/moved/x")).unwrap(), b"F");
+    assert_eq!(fs::metadata(m.join("b")).unwrap().nlink(), 3);
+    // hard links
+    fs::hard_link(m.join("b/g"), m.join("b/g2")).unwrap();
+    assert_eq!(fs::metadata(m.join("b/g")).unwrap().nlink(), 2);
+    fs::remove_file(m.join("b/g")).unwrap();
+    assert_eq!(fs::read(m.join("b/g2")).unwrap(), b"X");
+    assert_eq!(fs::metadata(m.join("b/g2")).unwrap().nlink(), 1);
+    // symlinks
+    std::os::unix::fs::symlink("moved/x", m.join("b/ln")).unwrap();
+    assert_eq!(fs::read_link(m.join("b/ln")).unwrap(), Path::new("moved/x"));
+    assert_eq!(fs::read(m.join("b/ln")).unwrap(), b"F");
+    // rmdir of a non-empty directory
+    let e = fs::remove_dir(m.join("c")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTEMPTY));
+    fs::remove_file(m.join("c/keep")).unwrap();
+    fs::remove_dir(m.join("c")).unwrap();
+    // readdir sees exactly what is there, with concurrent changes
+    for i in 0..300 {
+        fs::write(m.join(format!("b/moved/n{i:03}")), b"").unwrap();
+    }
+    let mut names: Vec<String> =
+        fs::read_dir(m.join("b/moved")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names.len(), 301);
+    let mut it = fs::read_dir(m.join("b/moved")).unwrap();
+    let mut seen = 0;
+    for (k, e) in it.by_ref().enumerate() {
+        let e = e.unwrap();
+        if k == 10 {
+            fs::write(m.join("b/moved/late"), b"").unwrap();
+            fs::remove_file(m.join("b/moved/n299")).ok();
+        }
+        let _ = e.file_name();
+        seen += 1;
+    }
+    assert!(seen >= 299, "readdir lost entries under concurrent change: {seen}");
+    // names too long
+    let long = "x".repeat(256);
+    let e = fs::write(m.join(&long), b"").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG));
+    // permissions and ownership round trip
+    fs::set_permissions(m.join("b/g2"), fs::Permissions::from_mode(0o640)).unwrap();
+    assert_eq!(fs::metadata(m.join("b/g2")).unwrap().mode() & 0o7777, 0o640);
+    std::os::unix::fs::chown(m.join("b/g2"), Some(1234), Some(5678)).unwrap();
+    let md = fs::metadata(m.join("b/g2")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (1234, 5678));
+    // mkfifo
+    must(&format!("mkfifo '{}'", m.join("fifo").display()));
+    assert!(fs::metadata(m.join("fifo")).unwrap().file_type().is_fifo_like());
+    c.must_scrub_clean();
+}
+
+trait FifoLike {
+    fn is_fifo_like(&self) -> bool;
+}
+impl FifoLike for fs::FileType {
+    fn is_fifo_like(&self) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        self.is_fifo()
+    }
+}
+
+#[test]
+fn xattrs_and_toughness_semantics() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let m = c.mount("mnt", &[]);
+    let f = m.join("f");
+    fs::write(&f, b"x").unwrap();
+    must(&format!("setfattr -n user.color -v blue '{}'", f.display()));
+    assert_eq!(getx(&f, "user.color").as_deref(), Some("blue"));
+    let list = must(&format!("getfattr -d '{}'", f.display()));
+    assert!(list.contains("user.color=\"blue\""), "{list}");
+    let (ok, out) = sh(&format!("getfattr -n user.nope '{}'", f.display()));
+    assert!(!ok && out.contains("No such attribute"), "{out}");
+    must(&format!("setfattr -x user.color '{}'", f.display()));
+    assert!(getx(&f, "user.color").is_none());
+    // XATTR_CREATE / XATTR_REPLACE and ERANGE through the syscalls
+    let cs = std::ffi::CString::new(f.to_str().unwrap()).unwrap();
+    let n = std::ffi::CString::new("user.k").unwrap();
+    unsafe {
+        assert_eq!(libc::setxattr(cs.as_ptr(), n.as_ptr(), b"v".as_ptr().cast(), 1, libc::XATTR_REPLACE), -1);
+        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENODATA));
+        assert_eq!(libc::setxattr(cs.as_ptr(), n.as_ptr(), b"v1".as_ptr().cast(), 2, libc::XATTR_CREATE), 0);
+        assert_eq!(libc::setxattr(cs.as_ptr(), n.as_ptr(), b"v2".as_ptr().cast(), 2, libc::XATTR_CREATE), -1);
+        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EEXIST));
+        let mut small = [0u8; 1];
+        assert_eq!(libc::getxattr(cs.as_ptr(), n.as_ptr(), small.as_mut_ptr().cast(), 1), -1);
+        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ERANGE));
+        assert_eq!(libc::getxattr(cs.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0), 2);
+    }
+    // toughness: the mount default is in force; directory default is inherited
+    assert_eq!(getx(&f, "user.iomfs.toughness").as_deref(), Some("atomic"));
+    let d = m.join("d");
+    fs::create_dir(&d).unwrap();
+    must(&format!("setfattr -n user.iomfs.toughness -v durable '{}'", d.display()));
+    fs::write(d.join("in"), b"y").unwrap();
+    fs::create_dir(d.join("sub")).unwrap();
+    fs::write(d.join("sub/deep"), b"z").unwrap();
+    assert_eq!(getx(&d.join("in"), "user.iomfs.toughness").as_deref(), Some("durable"));
+    assert_eq!(getx(&d.join("sub/deep"), "user.iomfs.toughness").as_deref(), Some("durable"));
+    must(&format!("setfattr -n user.iomfs.toughness -v fast '{}'", d.join("in").display()));
+    assert_eq!(getx(&d.join("in"), "user.iomfs.toughness").as_deref(), Some("fast"));
+    let (ok, out) = sh(&format!("setfattr -n user.iomfs.toughness -v bogus '{}'", d.join("in").display()));
+    assert!(!ok && out.contains("Invalid argument"), "{out}");
+    assert_eq!(
+        getx(&d.join("in"), "user.iomfs.toughness").as_deref(),
+        Some("fast"),
+        "a refused value changed the level"
+    );
+    // writes at every level work and read back
+    for (name, t) in [("wf", "fast"), ("wa", "atomic"), ("wd", "durable")] {
+        let p = m.join(name);
+        fs::write(&p, b"").unwrap();
+        must(&format!("setfattr -n user.iomfs.toughness -v {t} '{}'", p.display()));
+        let data: Vec<u8> = Rng(t.len() as u64).bytes(300_000);
+        fs::write(&p, &data).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), data);
+    }
+    // the layout xattr is read-only and names object, block size and IOMs
+    let l = getx(&f, "user.iomfs.layout").unwrap();
+    assert!(l.contains("object=") && l.contains("block_size=65536") && l.contains("parity_iom="), "{l}");
+    let (ok, _) = sh(&format!("setfattr -n user.iomfs.layout -v x '{}'", f.display()));
+    assert!(!ok);
+    // a mount with another default
+    let m2 = c.mount("mnt2", &["toughness=durable"]);
+    assert_eq!(getx(&m2.join("f"), "user.iomfs.toughness").as_deref(), Some("durable"));
+    assert_eq!(getx(&m2.join("d/in"), "user.iomfs.toughness").as_deref(), Some("fast"));
+    // statfs reports real capacity
+    let st = nix_statvfs(&m);
+    assert!(st.0 > 0 && st.1 > 0 && st.1 <= st.0, "statfs {st:?}");
+    c.must_scrub_clean();
+}
+
+fn nix_statvfs(p: &Path) -> (u64, u64) {
+    let cs = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(cs.as_ptr(), &mut s) }, 0);
+    (s.f_blocks * s.f_frsize, s.f_bavail * s.f_frsize)
+}
+
+#[test]
+fn two_mounts_see_each_other_close_to_open() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let a = c.mount("a", &[]);
+    let b = c.mount("b", &[]);
+    fs::write(a.join("shared"), b"version one").unwrap();
+    assert_eq!(fs::read(b.join("shared")).unwrap(), b"version one");
+    // rewrite and grow on A, close; B's open sees all of it
+    let data: Vec<u8> = Rng(5).bytes(1_000_000);
+    fs::write(a.join("shared"), &data).unwrap();
+    assert_eq!(fs::read(b.join("shared")).unwrap(), data, "B did not see A's closed file whole");
+    // B appends; A sees it on open
+    let mut f = OpenOptions::new().append(true).open(b.join("shared")).unwrap();
+    f.write_all(b"+tail").unwrap();
+    drop(f);
+    let back = fs::read(a.join("shared")).unwrap();
+    assert_eq!(back.len(), data.len() + 5);
+    assert_eq!(&back[data.len()..], b"+tail");
+    // rename and unlink on A are seen by B (after the entry cache time)
+    fs::rename(a.join("shared"), a.join("renamed")).unwrap();
+    fs::write(a.join("doomed"), b"x").unwrap();
+    assert!(b.join("doomed").exists());
+    fs::remove_file(a.join("doomed")).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!b.join("shared").exists(), "B still sees the old name after A's rename");
+    assert!(b.join("renamed").exists());
+    assert!(!b.join("doomed").exists(), "B still sees a file A unlinked");
+    c.must_scrub_clean();
+}
+
+#[test]
+fn local_cluster_stop_and_start_keeps_everything() {
+    let _g = serial();
+    let tmp = tempfile::Builder::new().prefix("iomfs-local-").tempdir_in(integration::test_root()).unwrap();
+    let dir = tmp.path().join("cluster");
+    let mnt = tmp.path().join("mnt");
+    let iomfs = integration::bin("iomfs");
+    struct Down<'a>(&'a Path, &'a Path, &'a Path);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new(self.0).args(["local", "stop", "--dir"]).arg(self.1).output();
+            if integration::is_mounted(self.2) {
+                integration::unmount(self.2);
+            }
+        }
+    }
+    let _down = Down(&iomfs, &dir, &mnt);
+    let local_up = || {
+        let o = Command::new(&iomfs)
+            .args(["local", "--dir"])
+            .arg(&dir)
+            .arg("--mount")
+            .arg(&mnt)
+            .arg("--detach")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "iomfs local: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(integration::is_mounted(&mnt));
+    };
+    local_up();
+    fs::create_dir(mnt.join("d")).unwrap();
+    let data: Vec<u8> = Rng(77).bytes(5_000_000);
+    fs::write(mnt.join("d/file"), &data).unwrap();
+    std::os::unix::fs::symlink("file", mnt.join("d/link")).unwrap();
+    must(&format!("setfattr -n user.iomfs.toughness -v durable '{}'", mnt.join("d").display()));
+    let st = Command::new(&iomfs).args(["status", "--dir"]).arg(&dir).output().unwrap();
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(st.status.success() && text.contains("cluster: healthy"), "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("IOM ")).count(), 5, "{text}");
+    let o = Command::new(&iomfs).args(["local", "stop", "--dir"]).arg(&dir).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!integration::is_mounted(&mnt), "still mounted after local stop");
+    let st = Command::new(&iomfs).args(["status", "--dir"]).arg(&dir).output().unwrap();
+    assert!(!st.status.success(), "status says healthy with every IOM stopped");
+    local_up();
+    assert_eq!(fs::read(mnt.join("d/file")).unwrap(), data);
+    assert_eq!(fs::read_link(mnt.join("d/link")).unwrap(), Path::new("file"));
+    assert_eq!(getx(&mnt.join("d"), "user.iomfs.toughness").as_deref(), Some("durable"));
+    let o = Command::new(&iomfs).args(["scrub", "--dir"]).arg(&dir).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+}
