@@ -92,9 +92,7 @@ entries = [ ["nobody", "nogroup"], ["daemon", "daemon"] ]
     }
     assert!(summary.starts_with("Summary:"), "pjdfstest did not finish:\n{log}");
     assert!(unexpected.is_empty(), "unexpected pjdfstest failures {unexpected:?} ({summary})");
-    let passed: u32 = summary
-        .split(',')
-        .find_map(|p| p.trim().strip_suffix(" passed").and_then(|n| n.parse().ok()))
-        .unwrap_or(0);
+    let passed: u32 =
+        summary.split(',').find_map(|p| p.trim().strip_suffix(" passed").and_then(|n| n.parse().ok())).unwrap_or(0);
     assert!(passed >= 380, "only {passed} pjdfstest tests passed ({summary})");
 }
