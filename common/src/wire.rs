@@ -270,6 +270,42 @@ pub enum MemberReq {
         after: Option<BlockKey>,
         limit: u32,
     },
+    /// Recovery: what the receiver knows of a transaction, as its data IOM
+    /// (`parity_side == false`, about block `key`) or as its parity IOM.
+    TxStatus {
+        tx: TxRef,
+        key: BlockKey,
+        parity_side: bool,
+    },
+    /// Recovery: the parity IOM forgets a received update that was rolled back.
+    DiscardTx {
+        tx: TxRef,
+    },
+    /// Recovery: the data IOM rebuilds block `key` at `version` from its group
+    /// (the parity IOM applied a write the data IOM lost).
+    RebuildBlock {
+        key: BlockKey,
+        version: Version,
+    },
+}
+
+/// A parity IOM's view of one transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ParityTxState {
+    None,
+    /// b1 journaled, parity not switched.
+    Received,
+    /// b11 journaled: parity includes the delta.
+    Completed,
+}
+
+/// Answer to [`MemberReq::TxStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxView {
+    /// From the data IOM: is the transaction still open there, and the block's versions.
+    Data { open: bool, pointer: Version, head: Version },
+    /// From the parity IOM (or its stand-in, which keeps no parity).
+    Parity { state: ParityTxState, standin: bool },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,6 +316,7 @@ pub enum MemberResp {
     Ack,
     Unfinished(Vec<u8>),
     Marks(Vec<u8>),
+    TxStatus(TxView),
 }
 
 // --------------------------------------------------------------------- admin
@@ -308,6 +345,7 @@ pub struct IomStats {
     pub parity_deltas: u64,
     pub rss_bytes: u64,
     pub open_txs: u64,
+    pub open_parity_txs: u64,
     pub rebuild_done: u64,
     pub rebuild_total: u64,
     pub rebuild_bytes_per_s: u64,

@@ -26,6 +26,8 @@ pub mod namespace;
 pub mod parity;
 pub mod read_path;
 pub mod records;
+pub mod recovery;
+pub mod recovery_exec;
 pub mod server;
 pub mod service;
 pub mod store;

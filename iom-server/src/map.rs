@@ -149,6 +149,11 @@ impl BlockMap {
     pub fn next_tx(&self) -> TxId {
         TxId(self.next_tx.fetch_add(1, Ordering::Relaxed))
     }
+    /// Starts transaction ids of this incarnation above every id ever used.
+    pub fn start_incarnation(&self, incarnation: u64) {
+        self.next_tx.fetch_max((incarnation << 40) | 1, Ordering::Relaxed);
+    }
+
     pub fn next_pseq(&self) -> u64 {
         self.next_pseq.fetch_add(1, Ordering::Relaxed)
     }

@@ -58,6 +58,45 @@ impl ParitySide {
     pub fn queued(&self) -> usize {
         self.groups.lock().values().map(|q| q.queue.len()).sum()
     }
+
+    /// Whether the delta of `tx` waits in group `g`'s queue or is being applied.
+    pub fn is_queued(&self, g: GroupKey, tx: TxRef) -> bool {
+        self.groups.lock().get(&g).is_some_and(|q| q.busy || q.queue.iter().any(|d| d.upd.tx == tx))
+    }
+
+    /// Drops a held delta (its write was rolled back).
+    pub fn unqueue(&self, tx: TxRef) {
+        for q in self.groups.lock().values_mut() {
+            q.queue.retain(|d| d.upd.tx != tx);
+        }
+    }
+
+    /// Stops applying deltas to group `g` (waits for a running batch).
+    pub async fn pause(&self, g: GroupKey) {
+        loop {
+            {
+                let mut groups = self.groups.lock();
+                let q = groups.entry(g).or_default();
+                if !q.busy {
+                    q.busy = true;
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Applies deltas to group `g` again.
+    pub fn resume(&self, iom: &Arc<Iom>, g: GroupKey) {
+        let mut groups = self.groups.lock();
+        let Some(q) = groups.get_mut(&g) else { return };
+        if q.queue.is_empty() {
+            groups.remove(&g);
+            return;
+        }
+        let me = iom.clone();
+        tokio::spawn(async move { me.group_worker(g).await });
+    }
 }
 
 /// Serves one parity channel opened by data IOM `from`.
@@ -251,9 +290,13 @@ impl Iom {
         }
         drop(groups);
         for d in stale {
-            // Already applied (a resend that raced its original).
+            // Already covered by the parity (a resend that raced its
+            // original, or a parity recomputed from the data).
             let _ = d.acks.send(ParityAck::Held { tx: d.upd.tx });
             let _ = d.acks.send(ParityAck::Done { tx: d.upd.tx });
+            if self.map.ptx.lock().get(&d.upd.tx).is_some_and(|p| p.applied.is_none()) {
+                self.commit(&Record::Discarded { tx: d.upd.tx }, false, Wait::Nothing);
+            }
         }
         if batch.is_empty() {
             Next::Idle
@@ -319,6 +362,7 @@ impl Iom {
         // record), the parity map switches, "update parity completed" is journaled.
         let rec = Record::ParityDone { group: g, old, new, txs };
         let durable = self.commit(&rec, true, Wait::Durable);
+        crash_point!(self, "parity::after-b9");
         crash_point!(self, "parity::after-b10");
         // b12: tell each data IOM, once the record is durable.
         let me = self.clone();
@@ -352,7 +396,6 @@ impl Iom {
             }
         };
         if complete {
-            crate::crash_point_sync!(self, "parity::before-b13");
             self.commit(&Record::ParityFreed { group: g, seq }, false, Wait::Nothing);
             crate::crash_point_sync!(self, "parity::after-b13");
             self.cache.remove(&CacheKey::Parity(g, seq));

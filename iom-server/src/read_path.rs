@@ -14,6 +14,9 @@ impl Iom {
     /// The newest version of a block, `[offset, offset+len)`; bytes past
     /// the returned payload are zeros. Never touches parity.
     pub async fn read_block(&self, key: BlockKey, offset: u32, len: u32) -> Result<(Version, Bytes), Error> {
+        // A block whose unfinished transaction recovery has not resolved may
+        // still roll back: do not show its new version yet.
+        self.fence.wait(&key).await;
         let mut tries = 0;
         loop {
             let head = self.map.head(&key);

@@ -53,6 +53,7 @@ pub struct Iom {
     pub links: Links,
     pub parity: ParitySide,
     pub inflight: Inflight,
+    pub fence: crate::recovery_exec::Fence,
     pub member: Membership,
     pub namespace: Namespace,
     pub shutdown: CancellationToken,
@@ -109,6 +110,11 @@ impl Iom {
             None => fs_capacity(&data_dir, cfg.block_size),
         };
         store.set_allocator(Allocator::from_live(capacity + 1, map.live_addrs()));
+        // Transaction ids carry this start's incarnation, so an update sent
+        // just before a crash (its a5 never journaled) can never be confused
+        // with a transaction of a later start.
+        let incarnation = next_incarnation(&data_dir)?;
+        map.start_incarnation(incarnation);
         let (open_d, open_p) = (map.dtx.lock().len(), map.ptx.lock().len());
         tracing::info!(
             iom = opts.id.0,
@@ -159,6 +165,7 @@ impl Iom {
             links: Links::new(cfg.width()),
             parity: ParitySide::default(),
             inflight: Inflight::default(),
+            fence: Default::default(),
             locks: KeyLocks::default(),
             shutdown: CancellationToken::new(),
             cfg,
@@ -287,9 +294,23 @@ impl Iom {
             parity_deltas: self.parity.deltas.load(Ordering::Relaxed),
             rss_bytes: rss_bytes(),
             open_txs: self.map.dtx.lock().len() as u64,
+            open_parity_txs: self.map.ptx.lock().len() as u64,
             ..Default::default()
         }
     }
+}
+
+/// Bumps and returns the start counter kept in `D/iom-I/incarnation`.
+fn next_incarnation(dir: &std::path::Path) -> Result<u64, Error> {
+    let p = dir.join("incarnation");
+    let cur = match std::fs::read_to_string(&p) {
+        Ok(s) => s.trim().parse::<u64>().map_err(|e| Error::Format(format!("{}: {e}", p.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
+    };
+    let next = cur + 1;
+    crate::fsutil::write_atomic(&p, format!("{next}\n").as_bytes())?;
+    Ok(next)
 }
 
 /// Slots the filesystem under `dir` can hold (free space plus what the block file uses).

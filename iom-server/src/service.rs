@@ -116,6 +116,11 @@ async fn serve_stream(iom: Arc<Iom>, state: Arc<ConnState>, mut send: quinn::Sen
     }
 }
 
+/// Serves one request in-process (used by an IOM calling a role it serves itself).
+pub async fn handle(iom: &Arc<Iom>, req: Request, payload: Bytes) -> Result<(Reply, Bytes), Error> {
+    dispatch(iom, req, payload).await
+}
+
 async fn dispatch(iom: &Arc<Iom>, req: Request, payload: Bytes) -> Result<(Reply, Bytes), Error> {
     match req {
         Request::Data(d) => data(iom, d, payload).await.map(|(r, p)| (Reply::Data(r), p)),
@@ -174,6 +179,17 @@ async fn member(iom: &Arc<Iom>, req: MemberReq) -> Result<MemberResp, Error> {
     match req {
         MemberReq::Ping { .. } => Ok(MemberResp::Pong { epoch: iom.member.epoch(), reachable: Vec::new() }),
         MemberReq::GetMap => Ok(MemberResp::Map(iom.member.current())),
+        MemberReq::TxStatus { tx, key, parity_side } => {
+            Ok(MemberResp::TxStatus(iom.tx_status(tx, key, parity_side).await))
+        }
+        MemberReq::DiscardTx { tx } => {
+            iom.discard_tx(tx);
+            Ok(MemberResp::Ack)
+        }
+        MemberReq::RebuildBlock { key, version } => {
+            iom.rebuild_block(key, version).await?;
+            Ok(MemberResp::Ack)
+        }
         _ => Err(Error::Wire(WireError::new(ErrorCode::Unsupported, "membership change not supported yet"))),
     }
 }

@@ -142,7 +142,7 @@ pub fn xor_into(dst: &mut [u8], src: &[u8]) {
     }
 }
 
-struct Pending {
+pub(crate) struct Pending {
     tx: TxId,
     key: BlockKey,
     old: VerRef,
@@ -153,7 +153,28 @@ struct Pending {
     done: oneshot::Receiver<()>,
 }
 
+impl Pending {
+    /// A transaction found open after a restart, its update sent again.
+    pub(crate) fn resumed(
+        iom: &Iom,
+        tx: TxId,
+        key: BlockKey,
+        old: VerRef,
+        new: VerRef,
+        held: oneshot::Receiver<()>,
+        done: oneshot::Receiver<()>,
+    ) -> Pending {
+        let progress = iom.inflight.register(tx);
+        Pending { tx, key, old, new, progress, written: None, held, done }
+    }
+}
+
 impl Iom {
+    /// Finishes a resumed transaction (a8–a14).
+    pub(crate) async fn finish_pending(self: Arc<Self>, p: Pending) {
+        self.finish(p, None).await
+    }
+
     /// Bytes of a block version: buffer cache, else the disk (checksum
     /// verified), else zeros (an absent version is empty).
     pub async fn version_bytes(&self, key: BlockKey, v: VerRef) -> Result<Bytes, Error> {
@@ -200,6 +221,7 @@ impl Iom {
                 )));
             }
         }
+        self.fence.wait(&key).await;
         let guard = self.locks.lock(key).await;
         let mut p = self.issue(key, &op, hint).await?;
         drop(guard);
@@ -244,6 +266,7 @@ impl Iom {
         };
         crash_point!(self, "write::after-a2");
         crash_point!(self, "write::after-a3");
+        crash_point!(self, "write::after-a7");
 
         // a4: issue the write of the new block at the new address.
         if let Some(a) = addr {
@@ -321,15 +344,18 @@ impl Iom {
         }
         progress.send_replace(Progress::Durable);
 
+        // a14: journal "write completed" and free the old address once that is
+        // durable. It is made durable before a13, so a parity IOM that has
+        // freed (and forgotten) a transaction implies its data IOM completed it.
+        let _ = (old, new);
+        if let Some(d) = self.commit(&Record::Completed { tx }, false, Wait::Durable) {
+            let _ = d.await;
+        }
+        crash_point!(&self, "write::after-a14");
+
         // a13: tell P the write completed.
         self.links.send_write_done(&self, new_parity_role(&self, key), TxRef { iom: self.id, tx });
         crash_point!(&self, "write::after-a13");
-
-        // a14: free the old address (once this record is durable), journal "write completed".
-        let _ = old;
-        let _ = new;
-        self.commit(&Record::Completed { tx }, false, Wait::Nothing);
-        crash_point!(&self, "write::after-a14");
         progress.send_replace(Progress::Done);
         self.inflight.remove(tx);
     }

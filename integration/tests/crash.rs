@@ -1,0 +1,225 @@
+//! The crash-point matrix: at every step a1–a14 (data IOM) and b1–b13
+//! (parity IOM), the data IOM, the parity IOM, or both die (abort at the
+//! failpoint, or SIGKILL while the other side is paused there). The dead
+//! ones restart, recovery runs, and then: the block reads as exactly its old
+//! or its new contents, scrub is clean, and an acknowledged write is kept.
+//!
+//! Needs `iom-server-failpoints` (built by scripts/test with the
+//! `failpoints` feature) next to the other binaries.
+
+use bytes::Bytes;
+use common::{BlockNo, IomId, ObjectId, Toughness};
+use integration::{bin, serial, Cluster};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Who {
+    Data,
+    Parity,
+    Both,
+}
+
+const A_STEPS: [u32; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14];
+const B_STEPS: [u32; 13] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13];
+const BS: usize = 65536;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn pattern(seed: u8) -> Vec<u8> {
+    (0..BS).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+/// An object whose block 0 lives on IOM 1 with its parity on IOM 0 (W = 3).
+fn object() -> ObjectId {
+    let l = common::Layout::new(3, BS as u32).unwrap();
+    (1..10_000)
+        .map(ObjectId)
+        .find(|&o| l.parity_iom(o, common::GroupNo(0)) == IomId(0) && l.data_iom(o, BlockNo(0)) == IomId(1))
+        .unwrap()
+}
+
+fn marker(c: &Cluster, i: u32) -> std::path::PathBuf {
+    c.dir.join(format!("iom-{i}/failpoint-hit"))
+}
+
+fn wait_marker(c: &Cluster, i: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if marker(c, i).exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// Runs one scenario; returns a description of what happened.
+fn scenario(point: &str, step_owner: Who, who: Who, toughness: Toughness) -> String {
+    let (d, p) = (1u32, 0u32);
+    let mut c = Cluster::init(3);
+    c.server_bin = bin("iom-server-failpoints");
+    c.start_all();
+    let obj = object();
+    let old = pattern(1);
+    let new = pattern(2);
+    let rt = runtime();
+    rt.block_on(async {
+        let client = c.client().await;
+        client.write(obj, 0, Bytes::from(old.clone()), Toughness::Durable).await.unwrap();
+        client.write(obj, BS as u64, Bytes::from(pattern(9)), Toughness::Durable).await.unwrap();
+        client.close();
+    });
+    // Let the old writes finish completely (a13/b13 run after the answer).
+    rt.block_on(async {
+        let client = c.client().await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stats = fs_client::bench::stats(&client).await;
+            if stats.len() == 3 && stats.iter().all(|s| s.open_txs == 0 && s.open_parity_txs == 0) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster never became quiet: {stats:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        client.close();
+    });
+    // Arm the failpoint on the IOM that runs the step.
+    let owner = if step_owner == Who::Data { d } else { p };
+    let other = if owner == d { p } else { d };
+    let action = if who == step_owner || who == Who::Both { "1*return(abort)" } else { "1*return(pause)" };
+    c.stop(owner);
+    let _ = std::fs::remove_file(marker(&c, owner));
+    c.env[owner as usize] = vec![("FAILPOINTS".into(), format!("{point}={action}"))];
+    c.start(owner);
+    c.env[owner as usize].clear();
+
+    // The write, in the background.
+    let dir = c.dir.clone();
+    let newc = new.clone();
+    let writer = std::thread::spawn(move || {
+        let wrt = runtime();
+        wrt.block_on(async {
+            let client = fs_client::ClusterClient::connect(&dir).await.unwrap();
+            let r =
+                tokio::time::timeout(Duration::from_secs(20), client.write(obj, 0, Bytes::from(newc), toughness)).await;
+            client.close();
+            matches!(r, Ok(Ok(())))
+        })
+    });
+    let hit = wait_marker(&c, owner, Duration::from_secs(10));
+    assert!(hit, "{point}: failpoint never hit");
+    let mut acked = false;
+    match (who, action) {
+        (_, "1*return(pause)") => {
+            // The other side dies while the step's owner is paused there.
+            c.kill(other);
+            std::fs::remove_file(marker(&c, owner)).unwrap();
+        }
+        _ => {
+            assert!(c.wait_exit(owner, Duration::from_secs(10)).is_some(), "{point}: IOM {owner} did not abort");
+            if who == Who::Both {
+                c.kill(other);
+            }
+        }
+    }
+    // Was the write acknowledged before the crash? Give it a moment, then stop waiting.
+    let deadline = Instant::now() + Duration::from_millis(400);
+    while Instant::now() < deadline && !writer.is_finished() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if writer.is_finished() {
+        acked = writer.join().unwrap();
+    }
+    // Restart what died; recovery runs.
+    for i in [d, p] {
+        if !c.is_running(i) {
+            c.start(i);
+        }
+    }
+    let got = rt.block_on(async {
+        let client = c.client().await;
+        let mut r = None;
+        for _ in 0..100 {
+            match tokio::time::timeout(Duration::from_secs(5), client.read(obj, 0, BS)).await {
+                Ok(Ok(b)) => {
+                    r = Some(b);
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        client.close();
+        r
+    });
+    let got =
+        got.unwrap_or_else(|| panic!("{point} ({who:?}): block unreadable after recovery\n{}\n{}", c.log(d), c.log(p)));
+    let which = if got[..] == new[..] {
+        "new"
+    } else if got[..] == old[..] {
+        "old"
+    } else {
+        panic!("{point} ({who:?}): block is neither old nor new after recovery\n{}\n{}", c.log(d), c.log(p));
+    };
+    if acked && toughness >= Toughness::Atomic {
+        assert_eq!(
+            which,
+            "new",
+            "{point} ({who:?}): a write acknowledged at {toughness} was lost\n{}\n{}",
+            c.log(d),
+            c.log(p)
+        );
+    }
+    // Scrub: clean once recovery has resolved everything (retry while it works).
+    let mut text = String::new();
+    for _ in 0..40 {
+        let out = c.iomfs(&["scrub"]);
+        text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() {
+            // `writer` may still be blocked on a dead IOM: the write may have been retried after restart.
+            return format!("{point} {who:?} {toughness}: {which}{}", if acked { " (acked)" } else { "" });
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    panic!(
+        "{point} ({who:?}): scrub not clean after recovery:\n{text}\n--- IOM {d}\n{}\n--- IOM {p}\n{}",
+        c.log(d),
+        c.log(p)
+    );
+}
+
+fn matrix(steps: &[u32], prefix: &str, owner: Who) {
+    let _g = serial();
+    let mut results = Vec::new();
+    for &s in steps {
+        let point = format!("{prefix}{s}");
+        for who in [Who::Data, Who::Parity, Who::Both] {
+            results.push(scenario(&point, owner, who, Toughness::Atomic));
+        }
+    }
+    eprintln!("{}", results.join("\n"));
+}
+
+#[test]
+fn crash_matrix_data_steps_a1_to_a14() {
+    matrix(&A_STEPS, "write::after-a", Who::Data);
+}
+
+#[test]
+fn crash_matrix_parity_steps_b1_to_b13() {
+    matrix(&B_STEPS, "parity::after-b", Who::Parity);
+}
+
+#[test]
+fn durable_writes_survive_crashes_after_their_acknowledgement() {
+    let _g = serial();
+    for (point, owner) in
+        [("write::after-a14", Who::Data), ("write::after-a13", Who::Data), ("parity::after-b13", Who::Parity)]
+    {
+        for who in [Who::Data, Who::Parity, Who::Both] {
+            let r = scenario(point, owner, who, Toughness::Durable);
+            eprintln!("{r}");
+        }
+    }
+}

@@ -1,0 +1,568 @@
+//! Carrying out the recovery rules after a restart.
+//!
+//! An IOM that starts with unfinished transactions in its journal resolves
+//! each of them before the blocks involved are served again (they are
+//! fenced): as data IOM it asks the parity role what it knows
+//! (`TxStatus`), checks whether its new data version is intact, and applies
+//! [`recovery::decide`]; as parity IOM it asks the data IOM. Rolling forward
+//! re-drives the normal protocol (the update is sent again and the parity
+//! side ignores what it already applied), so no separate code path writes
+//! parity for recovery except [`Iom::recompute_parity`].
+
+use crate::journal::Wait;
+use crate::map::{DTx, PTx};
+use crate::records::{PVerRef, Record, VerRef};
+use crate::recovery::{decide, Action, DSide, PSide};
+use crate::write_path::xor_into;
+use crate::{Error, Iom};
+use bytes::{Bytes, BytesMut};
+use common::wire::{
+    DataReq, DataResp, ErrorCode, MemberReq, MemberResp, ParityTxState, ParityUpdate, Reply, Request, Route, TxView,
+    WireError,
+};
+use common::{codec, BlockKey, GroupKey, IomId, TxId, TxRef, Version};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Blocks whose unfinished transactions are not resolved yet: reads and
+/// writes of them wait.
+#[derive(Default)]
+pub struct Fence {
+    keys: Mutex<HashSet<BlockKey>>,
+    changed: Notify,
+}
+
+impl Fence {
+    pub fn set(&self, keys: impl IntoIterator<Item = BlockKey>) {
+        self.keys.lock().extend(keys);
+    }
+    pub fn clear(&self, key: &BlockKey) {
+        if self.keys.lock().remove(key) {
+            self.changed.notify_waiters();
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.keys.lock().is_empty()
+    }
+    /// Waits until `key` is not fenced.
+    pub async fn wait(&self, key: &BlockKey) {
+        loop {
+            let n = self.changed.notified();
+            if !self.keys.lock().contains(key) {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), n).await;
+        }
+    }
+}
+
+type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Counters for the recovery log line.
+#[derive(Default, Debug)]
+struct Tally {
+    forward: u32,
+    back: u32,
+    rebuilt: u32,
+    recomputed: u32,
+    freed: u32,
+}
+
+impl Iom {
+    /// One request to whoever serves `role` now; handled in-process when that is this IOM.
+    pub fn call_role<'a>(
+        self: &'a Arc<Self>,
+        role: IomId,
+        make: impl Fn(Route) -> Request + Send + 'a,
+        payload: Bytes,
+    ) -> BoxFut<'a, Result<(Reply, Bytes), Error>> {
+        Box::pin(async move {
+            let map = self.member.current();
+            let server = map
+                .server_for(role)
+                .ok_or_else(|| Error::Wire(WireError::new(ErrorCode::ClusterStopped, "more than one IOM is down")))?;
+            let req = make(Route { epoch: map.epoch, target: role });
+            let r = if server == self.id {
+                crate::service::handle(self, req, payload).await?
+            } else {
+                self.pool.call_timeout(server, &req, payload, Duration::from_secs(5)).await?
+            };
+            match r {
+                (Reply::Error(e), _) => Err(Error::Wire(e)),
+                ok => Ok(ok),
+            }
+        })
+    }
+
+    async fn member_call(self: &Arc<Self>, role: IomId, req: MemberReq) -> Result<MemberResp, Error> {
+        match self.call_role(role, |_| Request::Member(req.clone()), Bytes::new()).await? {
+            (Reply::Member(m), _) => Ok(m),
+            (r, _) => Err(Error::Format(format!("unexpected reply {r:?}"))),
+        }
+    }
+
+    /// Rebuilds the bytes of block `key` from its group: parity XOR the
+    /// other members, each at the version the parity covers. With `want`,
+    /// waits until the parity covers exactly that version of the block.
+    pub async fn reconstruct(
+        self: &Arc<Self>,
+        key: BlockKey,
+        want: Option<Version>,
+    ) -> Result<(Version, Bytes), Error> {
+        let g = self.layout.group_key(key);
+        let j = self.layout.index_in_group(key.block) as usize;
+        let (data, p) = self.layout.group_ioms(g.object, g.group);
+        let mut last = String::new();
+        for attempt in 0..50u64 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(10 * attempt.min(20))).await;
+            }
+            let (versions, parity) = match self
+                .call_role(p, |route| Request::Data(DataReq::ReadParity { route, group: g }), Bytes::new())
+                .await
+            {
+                Ok((Reply::Data(DataResp::Parity { versions }), b)) => (versions, b),
+                Ok((r, _)) => return Err(Error::Format(format!("unexpected reply {r:?}"))),
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            let v = versions.get(j).copied().unwrap_or(Version(0));
+            if let Some(w) = want {
+                if v < w {
+                    last = format!("parity covers version {} of block {}, waiting for {}", v.0, key.block, w.0);
+                    continue;
+                }
+                if v > w {
+                    return Err(Error::VersionGone(format!("parity already covers version {} > {}", v.0, w.0)));
+                }
+            }
+            let mut acc = BytesMut::from(&parity[..]);
+            let mut complete = true;
+            for (k, d) in data.iter().enumerate() {
+                let vk = versions.get(k).copied().unwrap_or(Version(0));
+                if k == j || vk == Version(0) {
+                    continue;
+                }
+                let kk = BlockKey { object: key.object, block: self.layout.member_block(g.group, k as u32) };
+                match self
+                    .call_role(
+                        *d,
+                        |route| Request::Data(DataReq::ReadVersion { route, key: kk, version: vk }),
+                        Bytes::new(),
+                    )
+                    .await
+                {
+                    Ok((_, b)) => {
+                        if acc.len() < b.len() {
+                            acc.resize(b.len(), 0);
+                        }
+                        xor_into(&mut acc[..b.len()], &b);
+                    }
+                    Err(e) => {
+                        last = e.to_string();
+                        complete = false;
+                        break;
+                    }
+                }
+            }
+            if complete {
+                let mut n = acc.len();
+                while n > 0 && acc[n - 1] == 0 {
+                    n -= 1;
+                }
+                acc.truncate(n);
+                return Ok((v, acc.freeze()));
+            }
+        }
+        Err(Error::Wire(WireError::new(
+            ErrorCode::Unavailable,
+            format!("cannot rebuild object {} block {}: {last}", key.object, key.block),
+        )))
+    }
+
+    /// Recomputes the parity of group `g` from its members' map versions and
+    /// installs it (recovery, rebuild of a parity block).
+    pub async fn recompute_parity(self: &Arc<Self>, g: GroupKey) -> Result<(), Error> {
+        self.parity.pause(g).await;
+        let r = self.recompute_parity_paused(g).await;
+        self.parity.resume(self, g);
+        r
+    }
+
+    async fn recompute_parity_paused(self: &Arc<Self>, g: GroupKey) -> Result<(), Error> {
+        let (data, _) = self.layout.group_ioms(g.object, g.group);
+        let mut members = Vec::with_capacity(data.len());
+        let mut acc = BytesMut::new();
+        for (k, d) in data.iter().enumerate() {
+            let key = BlockKey { object: g.object, block: self.layout.member_block(g.group, k as u32) };
+            let view = self
+                .member_call(*d, MemberReq::TxStatus { tx: TxRef { iom: *d, tx: TxId(0) }, key, parity_side: false })
+                .await?;
+            let MemberResp::TxStatus(TxView::Data { pointer, .. }) = view else {
+                return Err(Error::Format(format!("unexpected answer {view:?}")));
+            };
+            if pointer != Version(0) {
+                let (_, b) = self
+                    .call_role(
+                        *d,
+                        |route| Request::Data(DataReq::ReadVersion { route, key, version: pointer }),
+                        Bytes::new(),
+                    )
+                    .await?;
+                if acc.len() < b.len() {
+                    acc.resize(b.len(), 0);
+                }
+                xor_into(&mut acc[..b.len()], &b);
+            }
+            members.push(pointer);
+        }
+        let bytes = acc.freeze();
+        let prev = self.map.parity_head(&g);
+        let addr = if bytes.is_empty() { None } else { Some(self.store.alloc()?) };
+        if let Some(a) = addr {
+            self.store.write(a, &bytes)?;
+        }
+        let ver =
+            PVerRef { seq: self.map.next_pseq(), addr, len: bytes.len() as u32, crc: codec::crc(&bytes), members };
+        if addr.is_some() {
+            self.cache.put(crate::cache::CacheKey::Parity(g, ver.seq), bytes);
+        }
+        let d = self.commit(&Record::ParitySet { group: g, ver, prev: Some(prev) }, true, Wait::Durable);
+        if let Some(d) = d {
+            let _ = d.await;
+        }
+        Ok(())
+    }
+
+    /// `RebuildBlock`: installs version `version` of block `key`, rebuilt from its group.
+    pub async fn rebuild_block(self: &Arc<Self>, key: BlockKey, version: Version) -> Result<(), Error> {
+        let _g = self.locks.lock(key).await;
+        if self.map.head(&key).version >= version {
+            return Ok(());
+        }
+        let (_, bytes) = self.reconstruct(key, Some(version)).await?;
+        self.install_version(key, version, bytes).await
+    }
+
+    /// Writes `bytes` as version `version` of a block and points the map at it.
+    pub async fn install_version(&self, key: BlockKey, version: Version, bytes: Bytes) -> Result<(), Error> {
+        let addr = if bytes.is_empty() { None } else { Some(self.store.alloc()?) };
+        if let Some(a) = addr {
+            self.store.write(a, &bytes)?;
+        }
+        let ver = VerRef { version, addr, len: bytes.len() as u32, crc: codec::crc(&bytes) };
+        if addr.is_some() {
+            self.cache.put(crate::cache::CacheKey::Data(key, version), bytes);
+        }
+        let prev = self.map.entry(&key).map(|e| e.head());
+        if let Some(d) = self.commit(&Record::DataSet { key, ver, prev }, true, Wait::Durable) {
+            let _ = d.await;
+        }
+        Ok(())
+    }
+
+    /// `TxStatus`: what this IOM knows of a transaction.
+    pub async fn tx_status(self: &Arc<Self>, tx: TxRef, key: BlockKey, parity_side: bool) -> TxView {
+        if parity_side {
+            let g = self.layout.group_key(key);
+            let role = self.layout.parity_iom(g.object, g.group);
+            if role != self.id {
+                // A stand-in keeps no parity for the failed IOM: the group
+                // will be recomputed when it comes back.
+                self.mark_group(role, g);
+                return TxView::Parity { state: ParityTxState::None, standin: true };
+            }
+            // A delta held in memory is applied before the answer.
+            for _ in 0..400 {
+                if !self.parity.is_queued(g, tx) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let state = match self.map.ptx.lock().get(&tx) {
+                Some(p) if p.applied.is_some() => ParityTxState::Completed,
+                Some(_) => ParityTxState::Received,
+                None => ParityTxState::None,
+            };
+            TxView::Parity { state, standin: false }
+        } else {
+            let open = tx.iom == self.id && self.map.dtx.lock().contains_key(&tx.tx);
+            let (pointer, head) = match self.map.entry(&key) {
+                Some(e) => (e.pointer, e.head().version),
+                None => (Version(0), Version(0)),
+            };
+            TxView::Data { open, pointer, head }
+        }
+    }
+
+    /// `DiscardTx`: forget a received update whose write was rolled back.
+    pub fn discard_tx(self: &Arc<Self>, tx: TxRef) {
+        self.parity.unqueue(tx);
+        let known = self.map.ptx.lock().get(&tx).map(|p| p.applied.is_none());
+        if known == Some(true) {
+            self.commit(&Record::Discarded { tx }, false, Wait::Nothing);
+        }
+    }
+
+    /// Records that the parity group `g` of failed IOM `owner` must be recomputed.
+    pub fn mark_group(&self, owner: IomId, g: GroupKey) {
+        let known = self.map.marks.lock().get(&owner).is_some_and(|m| m.groups.contains(&g));
+        if !known {
+            self.commit(&Record::MarkedGroup { owner, group: g }, false, Wait::Written);
+        }
+    }
+
+    /// Whether the bytes of a data version on disk match its checksum.
+    async fn intact(&self, key: BlockKey, v: VerRef) -> bool {
+        match v.addr {
+            None => true,
+            Some(_) => self.version_bytes(key, v).await.is_ok(),
+        }
+    }
+
+    /// Sends a data transaction's update again and finishes it normally.
+    async fn redrive(self: &Arc<Self>, tx: TxId, t: &DTx) -> Result<(), Error> {
+        let old = self.version_bytes(t.key, t.old).await?;
+        let new = self.version_bytes(t.key, t.new).await?;
+        let mut delta = BytesMut::zeroed(old.len().max(new.len()));
+        delta[..old.len()].copy_from_slice(&old);
+        xor_into(&mut delta[..new.len()], &new);
+        let group = self.layout.group_key(t.key);
+        let upd = ParityUpdate {
+            tx: TxRef { iom: self.id, tx },
+            group,
+            index: self.layout.index_in_group(t.key.block),
+            old: t.old.version,
+            new: t.new.version,
+            delta_offset: 0,
+            hint: 1,
+            data_iom: self.id,
+        };
+        self.resume_tx(tx, t, upd, delta.freeze());
+        Ok(())
+    }
+
+    /// Resolves one unfinished data-side transaction. `force_back`: an
+    /// earlier transaction of the same block was rolled back.
+    async fn resolve_data_tx(
+        self: &Arc<Self>,
+        tx: TxId,
+        t: &DTx,
+        force_back: bool,
+        tally: &mut Tally,
+    ) -> Result<bool, Error> {
+        let intact = self.intact(t.key, t.new).await;
+        let view = self
+            .member_call(
+                t.parity,
+                MemberReq::TxStatus { tx: TxRef { iom: self.id, tx }, key: t.key, parity_side: true },
+            )
+            .await?;
+        let MemberResp::TxStatus(TxView::Parity { state, .. }) = view else {
+            return Err(Error::Format(format!("unexpected answer {view:?}")));
+        };
+        let pside = match state {
+            ParityTxState::None => PSide::None,
+            ParityTxState::Received => PSide::Received,
+            ParityTxState::Completed => PSide::Completed,
+        };
+        let dside = if t.switched { DSide::Switched } else { DSide::Issued };
+        let action =
+            if force_back && pside != PSide::Completed { Action::RollBack } else { decide(dside, pside, intact) };
+        tracing::info!(
+            iom = self.id.0,
+            tx = tx.0,
+            object = t.key.object.0,
+            block = t.key.block.0,
+            ?dside,
+            ?pside,
+            intact,
+            ?action,
+            "recovery: data transaction"
+        );
+        match action {
+            Action::RollForward => {
+                self.redrive(tx, t).await?;
+                tally.forward += 1;
+                Ok(false)
+            }
+            Action::RebuildData => {
+                let (_, bytes) = self.reconstruct(t.key, Some(t.new.version)).await?;
+                if codec::crc(&bytes) != t.new.crc && t.new.addr.is_some() {
+                    return Err(Error::Corrupt(format!(
+                        "rebuilt object {} block {} does not match its recorded checksum",
+                        t.key.object, t.key.block
+                    )));
+                }
+                if let Some(a) = t.new.addr {
+                    // The new version's own slot: written again with the rebuilt bytes.
+                    let mut b = BytesMut::from(&bytes[..]);
+                    b.resize(t.new.len as usize, 0);
+                    self.store.write(a, &b)?;
+                    self.cache.put(crate::cache::CacheKey::Data(t.key, t.new.version), b.freeze());
+                }
+                self.redrive(tx, t).await?;
+                tally.rebuilt += 1;
+                Ok(false)
+            }
+            Action::RollBack => {
+                if let Some(d) = self.commit(&Record::RolledBack { tx }, false, Wait::Durable) {
+                    let _ = d.await;
+                }
+                self.cache.remove(&crate::cache::CacheKey::Data(t.key, t.new.version));
+                if pside == PSide::Received {
+                    self.member_call(t.parity, MemberReq::DiscardTx { tx: TxRef { iom: self.id, tx } }).await?;
+                }
+                tally.back += 1;
+                Ok(true)
+            }
+            Action::Nothing | Action::FinishFrees | Action::RecomputeParity => Ok(false),
+        }
+    }
+
+    /// Resolves one unfinished parity-side transaction; `Ok(false)` when the
+    /// data IOM still has it open (it resolves it itself).
+    async fn resolve_parity_tx(self: &Arc<Self>, tx: TxRef, p: &PTx, tally: &mut Tally) -> Result<bool, Error> {
+        let key = BlockKey { object: p.group.object, block: self.layout.member_block(p.group.group, p.index) };
+        let role = self.layout.data_iom(key.object, key.block);
+        let view = self.member_call(role, MemberReq::TxStatus { tx, key, parity_side: false }).await?;
+        let MemberResp::TxStatus(TxView::Data { open, pointer, .. }) = view else {
+            return Err(Error::Format(format!("unexpected answer {view:?}")));
+        };
+        if open {
+            return Ok(false);
+        }
+        let dside = if pointer >= p.new { DSide::Completed } else { DSide::None };
+        let pside = if p.applied.is_some() { PSide::Completed } else { PSide::Received };
+        let action = decide(dside, pside, false);
+        tracing::info!(iom = self.id.0, tx = ?tx, group = ?p.group, ?dside, ?pside, ?action, "recovery: parity transaction");
+        match action {
+            Action::FinishFrees => {
+                self.write_done(tx);
+                tally.freed += 1;
+            }
+            Action::RollBack => {
+                self.discard_tx(tx);
+                tally.back += 1;
+            }
+            Action::RecomputeParity => {
+                self.recompute_parity(p.group).await?;
+                self.finish_ptx(tx, p);
+                tally.recomputed += 1;
+            }
+            Action::RebuildData => {
+                self.member_call(role, MemberReq::RebuildBlock { key, version: p.new }).await?;
+                self.finish_ptx(tx, p);
+                tally.rebuilt += 1;
+            }
+            Action::Nothing | Action::RollForward => {}
+        }
+        Ok(true)
+    }
+
+    fn finish_ptx(self: &Arc<Self>, tx: TxRef, p: &PTx) {
+        if p.applied.is_some() {
+            self.write_done(tx);
+        } else {
+            self.commit(&Record::Discarded { tx }, false, Wait::Nothing);
+        }
+    }
+
+    /// Resolves every transaction the journal left unfinished (after a
+    /// restart). Blocks with open data-side transactions stay fenced until
+    /// theirs are resolved; peers that are not reachable yet are asked again.
+    pub async fn recover(self: Arc<Self>) {
+        let dtx: Vec<(TxId, DTx)> = self.map.dtx.lock().iter().map(|(k, v)| (*k, v.clone())).collect();
+        let ptx: Vec<(TxRef, PTx)> = self.map.ptx.lock().iter().map(|(k, v)| (*k, v.clone())).collect();
+        if dtx.is_empty() && ptx.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            iom = self.id.0,
+            data_side = dtx.len(),
+            parity_side = ptx.len(),
+            "recovery: resolving unfinished transactions"
+        );
+        self.fence.set(dtx.iter().map(|(_, t)| t.key));
+        let mut tally = Tally::default();
+        // Data side: per block, in transaction order.
+        let mut by_key: BTreeMap<BlockKey, Vec<(TxId, DTx)>> = BTreeMap::new();
+        for (tx, t) in dtx {
+            by_key.entry(t.key).or_default().push((tx, t));
+        }
+        let mut delay = Duration::from_millis(100);
+        while !by_key.is_empty() && !self.shutdown.is_cancelled() {
+            let mut left = BTreeMap::new();
+            for (key, txs) in std::mem::take(&mut by_key) {
+                let mut rolled_back = false;
+                let mut rest = Vec::new();
+                for (i, (tx, t)) in txs.iter().enumerate() {
+                    match self.resolve_data_tx(*tx, t, rolled_back, &mut tally).await {
+                        Ok(back) => rolled_back |= back,
+                        Err(e) => {
+                            tracing::debug!(iom = self.id.0, tx = tx.0, "recovery waits: {e}");
+                            rest = txs[i..].to_vec();
+                            break;
+                        }
+                    }
+                }
+                if rest.is_empty() {
+                    self.fence.clear(&key);
+                } else {
+                    left.insert(key, rest);
+                }
+            }
+            by_key = left;
+            if !by_key.is_empty() {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+        // Parity side.
+        let mut pending: Vec<TxRef> = ptx.into_iter().map(|(t, _)| t).collect();
+        let mut delay = Duration::from_millis(100);
+        while !pending.is_empty() && !self.shutdown.is_cancelled() {
+            let mut left = Vec::new();
+            for tx in pending {
+                let Some(p) = self.map.ptx.lock().get(&tx).cloned() else { continue };
+                match self.resolve_parity_tx(tx, &p, &mut tally).await {
+                    Ok(true) => {}
+                    Ok(false) => left.push(tx),
+                    Err(e) => {
+                        tracing::debug!(iom = self.id.0, tx = ?tx, "recovery waits: {e}");
+                        left.push(tx);
+                    }
+                }
+            }
+            pending = left;
+            if !pending.is_empty() {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+        tracing::warn!(
+            iom = self.id.0,
+            rolled_forward = tally.forward,
+            rolled_back = tally.back,
+            rebuilt = tally.rebuilt,
+            parity_recomputed = tally.recomputed,
+            frees_finished = tally.freed,
+            "recovery: done"
+        );
+    }
+
+    /// Runs a data transaction found open in the journal through a8–a14 again.
+    fn resume_tx(self: &Arc<Self>, tx: TxId, t: &DTx, upd: ParityUpdate, delta: Bytes) {
+        let (held, done) = self.links.send_update(self, t.parity, upd, delta);
+        let p = crate::write_path::Pending::resumed(self, tx, t.key, t.old, t.new, held, done);
+        let me = self.clone();
+        tokio::spawn(async move { me.finish_pending(p).await });
+    }
+}
