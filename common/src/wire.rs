@@ -260,15 +260,14 @@ pub enum MemberReq {
     Commit {
         map: ClusterMap,
     },
-    /// Unfinished transactions this IOM has with `about` (published to its proxy).
+    /// Unfinished transactions this IOM has with failed IOM `about`
+    /// (published to its proxy when it takes over).
     Unfinished {
         about: IomId,
     },
-    /// Asks a stand-in for the blocks it marked for rebuild of `about`.
+    /// Asks a stand-in for everything it marked for rebuild of `about`.
     RebuildMarks {
         about: IomId,
-        after: Option<BlockKey>,
-        limit: u32,
     },
     /// Recovery: what the receiver knows of a transaction, as its data IOM
     /// (`parity_side == false`, about block `key`) or as its parity IOM.
@@ -286,6 +285,19 @@ pub enum MemberReq {
     RebuildBlock {
         key: BlockKey,
         version: Version,
+    },
+    /// The rejoining IOM `about` rebuilt these marks; the stand-in forgets them.
+    ClearMarks {
+        about: IomId,
+        marks: RebuildMarks,
+    },
+    /// Handover: the stand-in stops serving `about`'s role and answers with its last marks.
+    Freeze {
+        about: IomId,
+    },
+    /// Handover abandoned: the stand-in serves `about`'s role again.
+    Unfreeze {
+        about: IomId,
     },
 }
 
@@ -310,13 +322,33 @@ pub enum TxView {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MemberResp {
-    Pong { epoch: Epoch, reachable: Vec<IomId> },
+    Pong {
+        epoch: Epoch,
+        reachable: Vec<IomId>,
+    },
     Map(ClusterMap),
-    Vote { granted: bool, map: ClusterMap },
+    Vote {
+        granted: bool,
+        map: ClusterMap,
+    },
     Ack,
-    Unfinished(Vec<u8>),
-    Marks(Vec<u8>),
+    /// Blocks of the failed IOM touched by unfinished transactions, at the version parity covers.
+    Unfinished(Vec<(BlockKey, Version)>),
+    Marks(RebuildMarks),
     TxStatus(TxView),
+}
+
+/// What a stand-in recorded for a failed IOM while it stood in.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildMarks {
+    /// Data blocks written (through parity) while it was down: rebuild at this version or later.
+    pub blocks: Vec<(BlockKey, Version)>,
+    /// Parity groups updated while it was down: recompute their parity.
+    pub groups: Vec<GroupKey>,
+    /// Objects dropped while it was down: drop its blocks of them too.
+    pub drops: Vec<(ObjectId, GroupNo)>,
+    /// The stand-in has stopped serving the role (handover in progress).
+    pub frozen: bool,
 }
 
 // --------------------------------------------------------------------- admin

@@ -8,7 +8,7 @@
 //! `tuning.stopped_wait_s`, then the call fails.
 
 use bytes::{Bytes, BytesMut};
-use common::cluster::{ClusterMap, Health};
+use common::cluster::ClusterMap;
 use common::config::{ClusterConfig, ClusterPaths};
 use common::meta::{MetaReq, MetaResp};
 use common::wire::{
@@ -138,7 +138,7 @@ impl ClusterClient {
             paths,
             pool,
             map,
-            rpc_timeout: Duration::from_secs(5),
+            rpc_timeout: Duration::from_secs(20),
             client_id: rand::random::<u64>() | 1,
             seq: std::sync::atomic::AtomicU64::new(1),
         });
@@ -187,12 +187,26 @@ impl ClusterClient {
         make: impl Fn(Route) -> Request,
         payload: Bytes,
     ) -> Result<(Reply, Bytes)> {
+        self.call_target(|_| role, make, payload).await
+    }
+
+    /// One request to whoever serves the role `pick` names in the current
+    /// map. A request that takes long makes the client look for a newer map;
+    /// if the role moved (its IOM failed), the request goes to the new
+    /// server at once instead of waiting for a timeout.
+    async fn call_target(
+        &self,
+        pick: impl Fn(&ClusterMap) -> IomId,
+        make: impl Fn(Route) -> Request,
+        payload: Bytes,
+    ) -> Result<(Reply, Bytes)> {
         let start = Instant::now();
         let stopped_wait = Duration::from_secs(self.cfg.tuning.stopped_wait_s);
         let mut delay = Duration::from_millis(20);
         let mut warned = false;
         loop {
             let map = self.map();
+            let role = pick(&map);
             let Some(server) = map.server_for(role) else {
                 if start.elapsed() > stopped_wait {
                     return Err(ClientError::Stopped(stopped_wait));
@@ -200,7 +214,8 @@ impl ClusterClient {
                 if !warned {
                     tracing::warn!(
                         epoch = map.epoch.0,
-                        "cluster stopped: more than one IOM is down; waiting for recovery"
+                        "cluster stopped: more than one IOM is down; waiting up to {}s for recovery",
+                        stopped_wait.as_secs()
                     );
                     warned = true;
                 }
@@ -209,13 +224,29 @@ impl ClusterClient {
                 continue;
             };
             let req = make(Route { epoch: map.epoch, target: role });
-            match self.pool.call_timeout(server, &req, payload.clone(), self.rpc_timeout).await {
+            let call = self.pool.call_timeout(server, &req, payload.clone(), self.rpc_timeout);
+            tokio::pin!(call);
+            let mut probe = tokio::time::interval_at(
+                tokio::time::Instant::now() + Duration::from_millis(400),
+                Duration::from_millis(300),
+            );
+            let r = loop {
+                tokio::select! {
+                    r = &mut call => break Some(r),
+                    _ = probe.tick() => {
+                        self.refresh_map().await;
+                        let m = self.map();
+                        if m.server_for(pick(&m)) != Some(server) {
+                            break None;
+                        }
+                    }
+                }
+            };
+            let Some(r) = r else { continue };
+            match r {
                 Ok(r) => return Ok(r),
                 Err(e) if is_retryable(&e) => {
-                    let give_up = match map.health() {
-                        Health::Stopped => stopped_wait,
-                        _ => stopped_wait.max(Duration::from_secs(30)),
-                    };
+                    let give_up = stopped_wait.max(Duration::from_secs(30));
                     if start.elapsed() > give_up {
                         return Err(e.into());
                     }
@@ -367,10 +398,9 @@ impl ClusterClient {
 
     /// One namespace request to the metadata server.
     pub async fn meta(&self, req: MetaReq) -> Result<MetaResp> {
-        let home = IomId(self.cfg.meta_home);
         let call =
             MetaCall { client: self.client_id, seq: self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed), req };
-        match self.call_role(home, |_| Request::Meta(call.clone()), Bytes::new()).await? {
+        match self.call_target(|m| m.meta_home, |_| Request::Meta(call.clone()), Bytes::new()).await? {
             (Reply::Meta(m), _) => Ok(m),
             (other, _) => Err(ClientError::Unexpected(format!("{other:?}"))),
         }

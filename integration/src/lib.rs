@@ -75,6 +75,25 @@ impl Cluster {
         }
     }
 
+    /// Sets `[tuning] key = value` in the cluster config (before starting IOMs).
+    pub fn set_tuning(&self, key: &str, value: u64) {
+        let p = self.dir.join("cluster.toml");
+        let text = std::fs::read_to_string(&p).expect("config");
+        let mut out = String::new();
+        let mut done = false;
+        for line in text.lines() {
+            if line.trim_start().starts_with(&format!("{key} =")) {
+                out.push_str(&format!("{key} = {value}\n"));
+                done = true;
+            } else {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        assert!(done, "no tuning key {key} in the config");
+        std::fs::write(&p, out).expect("write config");
+    }
+
     pub fn pid_file(&self, i: u32) -> PathBuf {
         self.dir.join(format!("iom-{i}/pid"))
     }

@@ -59,6 +59,8 @@ fn wait_marker(c: &Cluster, i: u32, timeout: Duration) -> bool {
 fn scenario(point: &str, step_owner: Who, who: Who, toughness: Toughness) -> String {
     let (d, p) = (1u32, 0u32);
     let mut c = Cluster::init(3);
+    // Restart recovery only: no failure detection (failover has its own tests).
+    c.set_tuning("failure_timeout_ms", 600_000);
     c.server_bin = bin("iom-server-failpoints");
     c.start_all();
     let obj = object();

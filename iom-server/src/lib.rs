@@ -14,6 +14,7 @@
 //! (a11, b11) reach the disk only after that data.
 
 pub mod cache;
+pub mod failover;
 pub mod failpoint;
 pub mod fsutil;
 pub mod journal;
@@ -24,7 +25,9 @@ pub mod membership;
 pub mod membership_state;
 pub mod namespace;
 pub mod parity;
+pub mod proxy;
 pub mod read_path;
+pub mod rebuild;
 pub mod records;
 pub mod recovery;
 pub mod recovery_exec;

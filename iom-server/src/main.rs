@@ -60,7 +60,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("write pid file {}", pid_path.display()))?;
     tracing::info!(iom = args.id, addr = %iom.endpoint.local_addr()?, "serving");
     let server = tokio::spawn(iom_server::service::serve(iom.clone()));
-    tokio::spawn(iom.clone().recover());
+    tokio::spawn(iom.clone().join());
+    tokio::spawn(iom.clone().heartbeat_worker());
+    tokio::spawn(iom.clone().detector_worker());
+    tokio::spawn(iom.clone().map_watcher());
     tokio::spawn(iom.clone().checkpoint_worker());
     tokio::spawn(iom_server::namespace::Namespace::mirror_worker(iom.clone()));
     tokio::spawn(iom_server::namespace::Namespace::worker(iom.clone()));

@@ -90,7 +90,7 @@ pub struct PTx {
 }
 
 /// Rebuild marks of one failed IOM as stored in a checkpoint.
-type SnapMarks = (IomId, Vec<(BlockKey, Version)>, Vec<GroupKey>);
+type SnapMarks = (IomId, Vec<(BlockKey, Version)>, Vec<GroupKey>, Vec<(common::ObjectId, common::GroupNo)>);
 
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
@@ -110,6 +110,7 @@ struct Snapshot {
 pub struct Marks {
     pub blocks: BTreeMap<BlockKey, Version>,
     pub groups: BTreeSet<GroupKey>,
+    pub drops: BTreeSet<(common::ObjectId, common::GroupNo)>,
 }
 
 pub struct BlockMap {
@@ -408,6 +409,28 @@ impl BlockMap {
             Record::MarksCleared { owner } => {
                 self.marks.lock().remove(owner);
             }
+            Record::MarkedDrop { owner, object, from } => {
+                self.marks.lock().entry(*owner).or_default().drops.insert((*object, *from));
+            }
+            Record::MarksDone { owner, blocks, groups, drops } => {
+                let mut m = self.marks.lock();
+                if let Some(mk) = m.get_mut(owner) {
+                    for (k, v) in blocks {
+                        if mk.blocks.get(k).is_some_and(|have| have <= v) {
+                            mk.blocks.remove(k);
+                        }
+                    }
+                    for g in groups {
+                        mk.groups.remove(g);
+                    }
+                    for d in drops {
+                        mk.drops.remove(d);
+                    }
+                    if mk.blocks.is_empty() && mk.groups.is_empty() && mk.drops.is_empty() {
+                        m.remove(owner);
+                    }
+                }
+            }
         }
         freed
     }
@@ -465,7 +488,12 @@ impl BlockMap {
                 .lock()
                 .iter()
                 .map(|(o, m)| {
-                    (*o, m.blocks.iter().map(|(k, v)| (*k, *v)).collect(), m.groups.iter().copied().collect())
+                    (
+                        *o,
+                        m.blocks.iter().map(|(k, v)| (*k, *v)).collect(),
+                        m.groups.iter().copied().collect(),
+                        m.drops.iter().copied().collect(),
+                    )
                 })
                 .collect(),
         };
@@ -513,7 +541,16 @@ impl BlockMap {
         *self.marks.lock() = s
             .marks
             .into_iter()
-            .map(|(o, b, g)| (o, Marks { blocks: b.into_iter().collect(), groups: g.into_iter().collect() }))
+            .map(|(o, b, g, d)| {
+                (
+                    o,
+                    Marks {
+                        blocks: b.into_iter().collect(),
+                        groups: g.into_iter().collect(),
+                        drops: d.into_iter().collect(),
+                    },
+                )
+            })
             .collect();
         Ok(s.replay_from)
     }

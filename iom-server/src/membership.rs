@@ -1,21 +1,57 @@
-//! The cluster map as this IOM knows it, and the routing checks made with it.
+//! The cluster map as this IOM knows it, heartbeats, and the routing checks
+//! made with it.
+//!
+//! Every IOM pings every other one each `heartbeat_ms`. An IOM silent for
+//! `failure_timeout_ms` is *suspected*; the first live IOM after it in ring
+//! order (its proxy) proposes a new map — it down, proxied by the proposer —
+//! under the next epoch, and the map is committed only when a majority of
+//! all IOMs voted for it, each voter checking that it suspects that IOM
+//! too. An IOM that has not heard from a majority for half the failure
+//! timeout refuses writes (`NoQuorum`), so by the time others take its role
+//! over it has stopped changing anything: two IOMs never serve the same
+//! blocks. A returning IOM proposes its own way back (rebuilding, then up),
+//! which voters grant when they can reach it.
 
+use crate::Error;
 use common::cluster::{ClusterMap, IomState};
-use common::wire::{ErrorCode, Route, WireError};
+use common::wire::{Ballot, ErrorCode, Route, WireError};
 use common::{Epoch, IomId};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 pub struct Membership {
     me: IomId,
     map: RwLock<ClusterMap>,
     changes: watch::Sender<Epoch>,
+    last_seen: Mutex<Vec<Option<Instant>>>,
+    voted: Mutex<Option<Ballot>>,
+    started: Instant,
+    pub heartbeat: Duration,
+    pub failure_timeout: Duration,
+    dir: PathBuf,
 }
 
 impl Membership {
-    pub fn new(me: IomId, map: ClusterMap) -> Membership {
+    pub fn new(me: IomId, map: ClusterMap, dir: PathBuf, heartbeat: Duration, failure_timeout: Duration) -> Membership {
         let (changes, _) = watch::channel(map.epoch);
-        Membership { me, map: RwLock::new(map), changes }
+        let w = map.width() as usize;
+        Membership {
+            me,
+            map: RwLock::new(map),
+            changes,
+            last_seen: Mutex::new(vec![None; w]),
+            voted: Mutex::new(None),
+            started: Instant::now(),
+            heartbeat,
+            failure_timeout,
+            dir,
+        }
+    }
+
+    pub fn me(&self) -> IomId {
+        self.me
     }
 
     pub fn current(&self) -> ClusterMap {
@@ -26,15 +62,24 @@ impl Membership {
         self.map.read().epoch
     }
 
-    /// Installs a newer map; older or equal epochs are ignored.
+    pub fn width(&self) -> u32 {
+        self.map.read().width()
+    }
+
+    /// Installs a newer map (and keeps it on disk); older or equal epochs are ignored.
     pub fn install(&self, m: ClusterMap) -> bool {
-        let mut cur = self.map.write();
-        if m.epoch <= cur.epoch {
-            return false;
+        {
+            let mut cur = self.map.write();
+            if m.epoch <= cur.epoch || m.width() != cur.width() {
+                return false;
+            }
+            if let Err(e) = crate::membership_state::save(&self.dir, &m) {
+                tracing::error!("cannot persist cluster map: {e}");
+            }
+            tracing::warn!(iom = self.me.0, epoch = m.epoch.0, states = ?m.states, meta_home = m.meta_home.0, "new cluster map");
+            *cur = m;
         }
-        let e = m.epoch;
-        *cur = m;
-        drop(cur);
+        let e = self.epoch();
         let _ = self.changes.send(e);
         true
     }
@@ -48,12 +93,87 @@ impl Membership {
         self.map.read().server_for(role)
     }
 
-    /// Checks that this IOM serves `route.target` in its current map.
-    pub fn check_route(&self, route: &Route) -> Result<(), WireError> {
+    // ------------------------------------------------------------- liveness
+
+    pub fn seen(&self, j: IomId) {
+        if let Some(s) = self.last_seen.lock().get_mut(j.0 as usize) {
+            *s = Some(Instant::now());
+        }
+    }
+
+    /// Time since `j` last answered a heartbeat (since start-up if never).
+    pub fn silence(&self, j: IomId) -> Duration {
+        match self.last_seen.lock().get(j.0 as usize).copied().flatten() {
+            Some(t) => t.elapsed(),
+            None => self.started.elapsed(),
+        }
+    }
+
+    pub fn suspects(&self, j: IomId) -> bool {
+        j != self.me && self.silence(j) > self.failure_timeout
+    }
+
+    pub fn majority(&self) -> usize {
+        self.width() as usize / 2 + 1
+    }
+
+    /// Whether this IOM heard from a majority (itself included) recently.
+    pub fn has_quorum(&self) -> bool {
+        let lease = self.failure_timeout / 2;
+        if self.started.elapsed() < self.failure_timeout {
+            return true;
+        }
+        let w = self.width();
+        let heard = (0..w).filter(|&j| IomId(j) != self.me && self.silence(IomId(j)) < lease).count();
+        heard + 1 >= self.majority()
+    }
+
+    // --------------------------------------------------------------- voting
+
+    /// Records a vote for `b` if it is newer than any vote given; the caller
+    /// checked the proposal makes sense.
+    pub fn vote(&self, b: Ballot) -> bool {
+        if b.epoch <= self.epoch() {
+            return false;
+        }
+        let mut v = self.voted.lock();
+        match *v {
+            Some(prev) if prev.epoch >= b.epoch && prev != b => false,
+            _ => {
+                *v = Some(b);
+                true
+            }
+        }
+    }
+
+    /// Whether this IOM agrees with a proposed change of `changed`'s state.
+    pub fn agrees(&self, proposed: &ClusterMap, changed: IomId) -> bool {
+        match proposed.state(changed) {
+            // Declaring it down: it must be silent to us too (half the timeout:
+            // heartbeats from different IOMs are not in step).
+            IomState::Down { .. } => changed != self.me && self.silence(changed) > self.failure_timeout / 2,
+            // It comes back: we must hear it.
+            IomState::Up | IomState::Rebuilding { .. } => {
+                changed == self.me || self.silence(changed) < self.failure_timeout
+            }
+        }
+    }
+
+    /// Checks that this IOM serves `route.target` in its current map; writes
+    /// also need a quorum.
+    pub fn check_route(&self, route: &Route, write: bool) -> Result<(), WireError> {
         let m = self.map.read();
         match m.server_for(route.target) {
-            None => Err(WireError::new(ErrorCode::ClusterStopped, "more than one IOM is down")),
-            Some(s) if s == self.me => Ok(()),
+            None => Err(WireError::new(ErrorCode::ClusterStopped, "more than one IOM is down: the cluster is stopped")),
+            Some(s) if s == self.me => {
+                if write && !self.has_quorum() {
+                    return Err(WireError::new(
+                        ErrorCode::NoQuorum,
+                        format!("IOM {} cannot reach a majority of the cluster and refuses writes", self.me),
+                    ));
+                }
+                Ok(())
+            }
             Some(s) => Err(WireError::new(
                 ErrorCode::NotServing,
                 format!(
@@ -69,4 +189,16 @@ impl Membership {
         role != self.me
             && matches!(self.map.read().state(role), IomState::Down { proxy } | IomState::Rebuilding { proxy } if proxy == self.me)
     }
+
+    /// The IOM that proposes a change about `j`: the first live one after it.
+    pub fn proposer_for(&self, j: IomId) -> Option<IomId> {
+        let m = self.map.read();
+        let w = m.width();
+        (1..w).map(|d| IomId((j.0 + d) % w)).find(|&k| m.state(k) == IomState::Up && !self.suspects(k))
+    }
+}
+
+/// Errors of membership operations (logged, then retried).
+pub fn stopped() -> Error {
+    Error::Wire(WireError::new(ErrorCode::ClusterStopped, "cluster stopped"))
 }

@@ -136,11 +136,24 @@ impl Iom {
     fn receive_update(self: &Arc<Self>, u: ParityUpdate, delta: Bytes, acks: AckTx) -> Result<(), Error> {
         let n = self.layout.n();
         let role = self.layout.parity_iom(u.group.object, u.group.group);
-        if role != self.id && !self.member.is_standin_for(role) {
-            return Err(Error::Wire(WireError::new(
-                ErrorCode::NotServing,
-                format!("IOM {} does not hold parity of group {:?}", self.id, u.group),
-            )));
+        if role != self.id {
+            if !self.member.is_standin_for(role) || self.is_frozen(role) {
+                return Err(Error::Wire(WireError::new(
+                    ErrorCode::NotServing,
+                    format!("IOM {} does not hold parity of group {:?}", self.id, u.group),
+                )));
+            }
+            // Stand-in for a failed parity IOM: the group's parity will be
+            // recomputed when it comes back; remember that, durably.
+            self.mark_group(role, u.group);
+            let me = self.clone();
+            let tx = u.tx;
+            tokio::spawn(async move {
+                me.journal.flush().await;
+                let _ = acks.send(ParityAck::Held { tx });
+                let _ = acks.send(ParityAck::Done { tx });
+            });
+            return Ok(());
         }
         if u.index >= n || u.new != u.old.next() || u.delta_offset as usize + delta.len() > self.cfg.block_size as usize
         {

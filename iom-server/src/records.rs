@@ -73,6 +73,10 @@ pub enum Record {
     MarkedGroup { owner: IomId, group: GroupKey },
     /// Rebuild marks for `owner` up to this point were handed over and cleared.
     MarksCleared { owner: IomId },
+    /// A stand-in recorded that `owner`'s blocks of `object` in groups >= `from` were dropped.
+    MarkedDrop { owner: IomId, object: ObjectId, from: GroupNo },
+    /// The rejoining `owner` rebuilt these marks (versions up to the one given).
+    MarksDone { owner: IomId, blocks: Vec<(BlockKey, Version)>, groups: Vec<GroupKey>, drops: Vec<(ObjectId, GroupNo)> },
 }
 
 #[cfg(test)]

@@ -61,6 +61,12 @@ impl Fence {
     }
 }
 
+/// Transactions found open in the journal at start-up.
+pub struct OpenTxs {
+    pub data: Vec<(TxId, DTx)>,
+    pub parity: Vec<(TxRef, PTx)>,
+}
+
 type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Counters for the recovery log line.
@@ -479,8 +485,30 @@ impl Iom {
     /// restart). Blocks with open data-side transactions stay fenced until
     /// theirs are resolved; peers that are not reachable yet are asked again.
     pub async fn recover(self: Arc<Self>) {
-        let dtx: Vec<(TxId, DTx)> = self.map.dtx.lock().iter().map(|(k, v)| (*k, v.clone())).collect();
-        let ptx: Vec<(TxRef, PTx)> = self.map.ptx.lock().iter().map(|(k, v)| (*k, v.clone())).collect();
+        self.recover_with(None).await
+    }
+
+    /// Like [`Iom::recover`] for an IOM coming back after its stand-in marked
+    /// blocks and groups of it: transactions on those are settled by the
+    /// rebuild (the rebuilt version is the one parity holds), not here.
+    pub async fn recover_with(self: Arc<Self>, marks: Option<&common::wire::RebuildMarks>) {
+        // Only what the journal left open: transactions started since are live.
+        let Some(OpenTxs { data: mut dtx, parity: mut ptx }) = self.startup_open.lock().take() else { return };
+        dtx.retain(|(tx, _)| self.map.dtx.lock().contains_key(tx));
+        ptx.retain(|(tx, _)| self.map.ptx.lock().contains_key(tx));
+        if let Some(m) = marks {
+            let blocks: HashSet<BlockKey> = m.blocks.iter().map(|(k, _)| *k).collect();
+            let groups: HashSet<GroupKey> = m.groups.iter().copied().collect();
+            for (tx, t) in dtx.iter().filter(|(_, t)| blocks.contains(&t.key)) {
+                self.commit(&Record::RolledBack { tx: *tx }, false, Wait::Written);
+                self.cache.remove(&crate::cache::CacheKey::Data(t.key, t.new.version));
+            }
+            for (tx, p) in ptx.iter().filter(|(_, p)| groups.contains(&p.group)) {
+                self.finish_ptx(*tx, p);
+            }
+            dtx.retain(|(_, t)| !blocks.contains(&t.key));
+            ptx.retain(|(_, p)| !groups.contains(&p.group));
+        }
         if dtx.is_empty() && ptx.is_empty() {
             return;
         }

@@ -54,6 +54,14 @@ pub struct Iom {
     pub parity: ParitySide,
     pub inflight: Inflight,
     pub fence: crate::recovery_exec::Fence,
+    /// Failed IOMs whose role this stand-in is handing back.
+    pub frozen: parking_lot::Mutex<std::collections::HashSet<IomId>>,
+    /// Stand-in writes running (a handover waits for them).
+    pub standin_ops: std::sync::atomic::AtomicU64,
+    pub rejoin_flag: std::sync::atomic::AtomicBool,
+    pub rebuild: crate::rebuild::RebuildProgress,
+    /// Transactions the journal left open at start-up, for recovery.
+    pub startup_open: parking_lot::Mutex<Option<crate::recovery_exec::OpenTxs>>,
     pub member: Membership,
     pub namespace: Namespace,
     pub shutdown: CancellationToken,
@@ -116,6 +124,10 @@ impl Iom {
         let incarnation = next_incarnation(&data_dir)?;
         map.start_incarnation(incarnation);
         let (open_d, open_p) = (map.dtx.lock().len(), map.ptx.lock().len());
+        let open_at_start = crate::recovery_exec::OpenTxs {
+            data: map.dtx.lock().iter().map(|(k, v)| (*k, v.clone())).collect(),
+            parity: map.ptx.lock().iter().map(|(k, v)| (*k, v.clone())).collect(),
+        };
         tracing::info!(
             iom = opts.id.0,
             fresh,
@@ -133,7 +145,13 @@ impl Iom {
         )?;
         let state_map = crate::membership_state::load(&data_dir)?
             .unwrap_or_else(|| ClusterMap::initial(cfg.width(), IomId(cfg.meta_home)));
-        let member = Membership::new(opts.id, state_map);
+        let member = Membership::new(
+            opts.id,
+            state_map,
+            data_dir.clone(),
+            Duration::from_millis(cfg.tuning.heartbeat_ms.max(10)),
+            Duration::from_millis(cfg.tuning.failure_timeout_ms.max(100)),
+        );
 
         let bind: SocketAddr = tokio::net::lookup_host(&icfg.addr)
             .await
@@ -166,6 +184,11 @@ impl Iom {
             parity: ParitySide::default(),
             inflight: Inflight::default(),
             fence: Default::default(),
+            frozen: Default::default(),
+            standin_ops: Default::default(),
+            rejoin_flag: Default::default(),
+            rebuild: Default::default(),
+            startup_open: parking_lot::Mutex::new(Some(open_at_start)),
             locks: KeyLocks::default(),
             shutdown: CancellationToken::new(),
             cfg,
@@ -295,7 +318,9 @@ impl Iom {
             rss_bytes: rss_bytes(),
             open_txs: self.map.dtx.lock().len() as u64,
             open_parity_txs: self.map.ptx.lock().len() as u64,
-            ..Default::default()
+            rebuild_done: self.rebuild.done.load(Ordering::Relaxed),
+            rebuild_total: self.rebuild.total.load(Ordering::Relaxed),
+            rebuild_bytes_per_s: self.rebuild.rate(),
         }
     }
 }

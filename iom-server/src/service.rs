@@ -134,39 +134,71 @@ async fn dispatch(iom: &Arc<Iom>, req: Request, payload: Bytes) -> Result<(Reply
 }
 
 async fn data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp, Bytes), Error> {
+    // Requests for a failed IOM's role go to the stand-in functions.
+    let standin = |route: &common::wire::Route| route.target != iom.id;
     match req {
         DataReq::Read { route, key, offset, len } => {
-            iom.member.check_route(&route)?;
-            let (version, b) = iom.read_block(key, offset, len).await?;
+            iom.member.check_route(&route, false)?;
+            let (version, b) = if standin(&route) {
+                iom.standin_read(route.target, key, offset, len).await?
+            } else {
+                iom.read_block(key, offset, len).await?
+            };
             Ok((DataResp::Read { version }, b))
         }
         DataReq::Write { route, key, offset, toughness, group_hint } => {
-            iom.member.check_route(&route)?;
-            let v = iom.write_block(key, Op::Write { offset, data: payload }, toughness, group_hint).await?;
+            iom.member.check_route(&route, true)?;
+            let op = Op::Write { offset, data: payload };
+            let v = if standin(&route) {
+                iom.standin_write(route.target, key, op, toughness, group_hint).await?
+            } else {
+                iom.write_block(key, op, toughness, group_hint).await?
+            };
             Ok((DataResp::Written { version: v }, Bytes::new()))
         }
         DataReq::Truncate { route, key, keep, toughness } => {
-            iom.member.check_route(&route)?;
-            let v = iom.write_block(key, Op::Truncate { keep }, toughness, 1).await?;
+            iom.member.check_route(&route, true)?;
+            let op = Op::Truncate { keep };
+            let v = if standin(&route) {
+                iom.standin_write(route.target, key, op, toughness, 1).await?
+            } else {
+                iom.write_block(key, op, toughness, 1).await?
+            };
             Ok((DataResp::Written { version: v }, Bytes::new()))
         }
         DataReq::Flush { route } => {
-            iom.member.check_route(&route)?;
+            iom.member.check_route(&route, false)?;
             iom.flush().await?;
             Ok((DataResp::Flushed, Bytes::new()))
         }
         DataReq::DropObject { route, object, from } => {
-            iom.member.check_route(&route)?;
-            iom.drop_object(object, from).await?;
+            iom.member.check_route(&route, true)?;
+            if standin(&route) {
+                iom.standin_drop(route.target, object, from)?;
+            } else {
+                iom.drop_object(object, from).await?;
+            }
             Ok((DataResp::Dropped, Bytes::new()))
         }
         DataReq::ReadVersion { route, key, version } => {
-            iom.member.check_route(&route)?;
-            let b = iom.read_version(key, version).await?;
+            iom.member.check_route(&route, false)?;
+            let b = if standin(&route) {
+                let (v, b) = iom.reconstruct(key, Some(version)).await?;
+                debug_assert_eq!(v, version);
+                b
+            } else {
+                iom.read_version(key, version).await?
+            };
             Ok((DataResp::Version { version }, b))
         }
         DataReq::ReadParity { route, group } => {
-            iom.member.check_route(&route)?;
+            iom.member.check_route(&route, false)?;
+            if standin(&route) {
+                return Err(Error::Wire(WireError::new(
+                    ErrorCode::Unavailable,
+                    format!("the parity of {group:?} lives on failed IOM {}", route.target),
+                )));
+            }
             let (versions, b) = iom.read_parity(group).await?;
             Ok((DataResp::Parity { versions }, b))
         }
@@ -177,7 +209,29 @@ async fn data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp,
 
 async fn member(iom: &Arc<Iom>, req: MemberReq) -> Result<MemberResp, Error> {
     match req {
-        MemberReq::Ping { .. } => Ok(MemberResp::Pong { epoch: iom.member.epoch(), reachable: Vec::new() }),
+        MemberReq::Ping { from, .. } => {
+            iom.member.seen(from);
+            Ok(MemberResp::Pong { epoch: iom.member.epoch(), reachable: Vec::new() })
+        }
+        MemberReq::Propose { ballot, map, changed } => {
+            let (granted, map) = iom.handle_propose(ballot, map, changed);
+            Ok(MemberResp::Vote { granted, map })
+        }
+        MemberReq::Commit { map } => {
+            iom.member.install(map);
+            Ok(MemberResp::Ack)
+        }
+        MemberReq::Unfinished { about } => Ok(MemberResp::Unfinished(iom.unfinished_about(about).await)),
+        MemberReq::RebuildMarks { about } => Ok(MemberResp::Marks(iom.rebuild_marks(about))),
+        MemberReq::ClearMarks { about, marks } => {
+            iom.clear_marks(about, marks);
+            Ok(MemberResp::Ack)
+        }
+        MemberReq::Freeze { about } => Ok(MemberResp::Marks(iom.freeze(about).await)),
+        MemberReq::Unfreeze { about } => {
+            iom.unfreeze(about);
+            Ok(MemberResp::Ack)
+        }
         MemberReq::GetMap => Ok(MemberResp::Map(iom.member.current())),
         MemberReq::TxStatus { tx, key, parity_side } => {
             Ok(MemberResp::TxStatus(iom.tx_status(tx, key, parity_side).await))
@@ -190,6 +244,5 @@ async fn member(iom: &Arc<Iom>, req: MemberReq) -> Result<MemberResp, Error> {
             iom.rebuild_block(key, version).await?;
             Ok(MemberResp::Ack)
         }
-        _ => Err(Error::Wire(WireError::new(ErrorCode::Unsupported, "membership change not supported yet"))),
     }
 }

@@ -185,6 +185,16 @@ impl Namespace {
         Ok(ns)
     }
 
+    /// This IOM becomes the namespace server (its proxy failed over to it):
+    /// a new term, so replicas of the old server's term resynchronise.
+    pub fn promote(&self, term: u64) {
+        if let Some(r) = self.rep.lock().as_mut() {
+            r.term = r.term.max(term);
+        } else {
+            tracing::error!("namespace takeover, but this IOM holds no namespace replica");
+        }
+    }
+
     pub fn holds_replica(&self) -> bool {
         self.rep.lock().is_some()
     }
@@ -303,6 +313,23 @@ impl Namespace {
         }
         let now = Timestamp::now();
         let MetaCall { client, seq, req } = call;
+        let read_only = matches!(
+            req,
+            MetaReq::Lookup { .. }
+                | MetaReq::GetAttr { .. }
+                | MetaReq::ReadDir { .. }
+                | MetaReq::ReadLink { .. }
+                | MetaReq::GetXattr { .. }
+                | MetaReq::ListXattr { .. }
+                | MetaReq::StatFs
+                | MetaReq::DeadObjects { .. }
+        );
+        if !read_only && !iom.member.has_quorum() {
+            return Err(Error::Wire(WireError::new(
+                ErrorCode::NoQuorum,
+                format!("IOM {} cannot reach a majority of the cluster and refuses namespace changes", iom.id),
+            )));
+        }
         if matches!(req, MetaReq::Sync) {
             self.sync().await;
             return Ok(MetaResp::Done);

@@ -1,0 +1,235 @@
+//! Failure detection and cluster map changes (DESIGN §6).
+//!
+//! `heartbeat_worker` pings every peer; `detector_worker` proposes "IOM j is
+//! down, proxied by me" when this IOM is the first live one after a silent
+//! j; `propose` runs one round of voting and commits the map when a
+//! majority agreed; `map_watcher` reacts to every new map (stand-in
+//! activation, namespace takeover, end of a stand-in's duty). `join` is the
+//! start-up path: learn the current map, then recover (still up) or rejoin
+//! (declared down meanwhile).
+
+use crate::Iom;
+use bytes::Bytes;
+use common::cluster::{ClusterMap, IomState};
+use common::wire::{Ballot, MemberReq, MemberResp, Reply, Request};
+use common::{Epoch, IomId};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+impl Iom {
+    /// Pings every peer every heartbeat; learns newer maps from their answers.
+    pub async fn heartbeat_worker(self: Arc<Self>) {
+        let hb = self.member.heartbeat;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(hb) => {}
+            }
+            for j in 0..self.cfg.width() {
+                let j = IomId(j);
+                if j == self.id {
+                    continue;
+                }
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let req = Request::Member(MemberReq::Ping { from: me.id, epoch: me.member.epoch() });
+                    if let Ok((Reply::Member(MemberResp::Pong { epoch, .. }), _)) =
+                        me.pool.call_timeout(j, &req, Bytes::new(), hb * 4).await
+                    {
+                        me.member.seen(j);
+                        if epoch > me.member.epoch() {
+                            me.fetch_map(j).await;
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    /// Installs `j`'s map if it is newer.
+    pub async fn fetch_map(&self, j: IomId) {
+        if let Ok((Reply::Member(MemberResp::Map(m)), _)) =
+            self.pool.call_timeout(j, &Request::Member(MemberReq::GetMap), Bytes::new(), Duration::from_secs(1)).await
+        {
+            self.member.install(m);
+        }
+    }
+
+    /// Declares silent IOMs down when this IOM is the one to propose it.
+    pub async fn detector_worker(self: Arc<Self>) {
+        let mut last_try: HashMap<IomId, Instant> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.member.heartbeat) => {}
+            }
+            let map = self.member.current();
+            if map.state(self.id) != IomState::Up {
+                continue;
+            }
+            for j in (0..map.width()).map(IomId) {
+                if j == self.id || map.state(j) != IomState::Up || !self.member.suspects(j) {
+                    continue;
+                }
+                if self.member.proposer_for(j) != Some(self.id) {
+                    continue;
+                }
+                if last_try.get(&j).is_some_and(|t| t.elapsed() < self.member.failure_timeout) {
+                    continue;
+                }
+                last_try.insert(j, Instant::now());
+                let mut next = map.clone();
+                next.epoch = Epoch(map.epoch.0 + 1);
+                next.states[j.0 as usize] = IomState::Down { proxy: self.id };
+                if map.meta_home == j {
+                    // The namespace mirror (this IOM) takes the namespace over.
+                    next.meta_home = self.id;
+                }
+                tracing::warn!(
+                    iom = self.id.0,
+                    suspect = j.0,
+                    silent_ms = self.member.silence(j).as_millis() as u64,
+                    "IOM silent: proposing it down"
+                );
+                let ok = self.propose(next, j).await;
+                if !ok {
+                    tracing::warn!(iom = self.id.0, suspect = j.0, "proposal not accepted; will retry");
+                }
+                break;
+            }
+        }
+    }
+
+    /// One voting round for `next` (a change of `changed`); commits it on a majority.
+    pub async fn propose(self: &Arc<Self>, next: ClusterMap, changed: IomId) -> bool {
+        let ballot = Ballot { epoch: next.epoch, proposer: self.id };
+        if !self.member.agrees(&next, changed) || !self.member.vote(ballot) {
+            return false;
+        }
+        let w = self.cfg.width();
+        let calls = (0..w).map(IomId).filter(|&j| j != self.id).map(|j| {
+            let me = self.clone();
+            let req = Request::Member(MemberReq::Propose { ballot, map: next.clone(), changed });
+            async move { me.pool.call_timeout(j, &req, Bytes::new(), Duration::from_millis(700)).await }
+        });
+        let mut votes = 1usize;
+        for r in futures::future::join_all(calls).await {
+            if let Ok((Reply::Member(MemberResp::Vote { granted, map }), _)) = r {
+                if granted {
+                    votes += 1;
+                } else if map.epoch >= next.epoch {
+                    self.member.install(map);
+                }
+            }
+        }
+        if votes < self.member.majority() {
+            tracing::warn!(
+                iom = self.id.0,
+                epoch = next.epoch.0,
+                votes,
+                needed = self.member.majority(),
+                "map proposal lost"
+            );
+            return false;
+        }
+        self.member.install(next.clone());
+        for j in (0..w).map(IomId).filter(|&j| j != self.id) {
+            let me = self.clone();
+            let req = Request::Member(MemberReq::Commit { map: next.clone() });
+            tokio::spawn(async move {
+                let _ = me.pool.call_timeout(j, &req, Bytes::new(), Duration::from_secs(1)).await;
+            });
+        }
+        true
+    }
+
+    /// `Propose` from a peer.
+    pub fn handle_propose(&self, ballot: Ballot, map: ClusterMap, changed: IomId) -> (bool, ClusterMap) {
+        let granted =
+            ballot.epoch > self.member.epoch() && self.member.agrees(&map, changed) && self.member.vote(ballot);
+        (granted, self.member.current())
+    }
+
+    /// Reacts to every new cluster map.
+    pub async fn map_watcher(self: Arc<Self>) {
+        let mut rx = self.member.subscribe();
+        let mut prev = self.member.current();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                r = rx.changed() => if r.is_err() { return },
+            }
+            let cur = self.member.current();
+            for j in (0..cur.width()).map(IomId) {
+                let (was, now) = (prev.state(j), cur.state(j));
+                if was == now {
+                    continue;
+                }
+                match now {
+                    IomState::Down { proxy } if proxy == self.id && !matches!(was, IomState::Down { .. }) => {
+                        tracing::warn!(
+                            iom = self.id.0,
+                            failed = j.0,
+                            epoch = cur.epoch.0,
+                            "standing in for failed IOM"
+                        );
+                        let me = self.clone();
+                        tokio::spawn(async move { me.standin_activate(j).await });
+                    }
+                    IomState::Up => {
+                        if let IomState::Down { proxy } | IomState::Rebuilding { proxy } = was {
+                            if proxy == self.id && j != self.id {
+                                tracing::warn!(
+                                    iom = self.id.0,
+                                    back = j.0,
+                                    epoch = cur.epoch.0,
+                                    "IOM back: stand-in duty over"
+                                );
+                                self.standin_done(j);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                if j == self.id && now != IomState::Up && was == IomState::Up && !self.rejoining() {
+                    tracing::error!(
+                        iom = self.id.0,
+                        epoch = cur.epoch.0,
+                        "this IOM was declared down by the cluster (cut off from the majority); stopping: restart it to rejoin"
+                    );
+                    eprintln!(
+                        "iom-server {}: declared down by the cluster in epoch {}; exiting so it can rejoin",
+                        self.id, cur.epoch
+                    );
+                    std::process::exit(3);
+                }
+            }
+            if cur.meta_home == self.id && prev.meta_home != self.id {
+                tracing::warn!(iom = self.id.0, epoch = cur.epoch.0, "taking the namespace over");
+                self.namespace.promote(cur.epoch.0);
+            }
+            prev = cur;
+        }
+    }
+
+    /// Start-up: learn the cluster's current map, then recover (this IOM is
+    /// still up) or rejoin (it was declared down while it was away).
+    pub async fn join(self: Arc<Self>) {
+        // Until the current map is known, a map saying this IOM is down is
+        // news to act on (rejoin), not a reason to stop.
+        self.rejoin_flag.store(true, std::sync::atomic::Ordering::Release);
+        let w = self.cfg.width();
+        for j in (0..w).map(IomId).filter(|&j| j != self.id) {
+            self.fetch_map(j).await;
+        }
+        let map = self.member.current();
+        match map.state(self.id) {
+            IomState::Up => {
+                self.rejoin_flag.store(false, std::sync::atomic::Ordering::Release);
+                self.recover().await
+            }
+            IomState::Down { .. } | IomState::Rebuilding { .. } => self.rejoin().await,
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The stand-in: how a proxy IOM serves the role of a failed IOM (DESIGN §6).
+//!
+//! - Reads of the failed IOM's blocks are rebuilt from the group (parity
+//!   XOR the other members at the versions the parity covers).
+//! - Writes to its blocks rebuild the old block the same way, send the delta
+//!   to the group's parity IOM (which keeps parity right, so the new data is
+//!   recoverable), and mark the block, in a journaled record kept for the
+//!   failed IOM, as needing rebuild.
+//! - Parity updates for groups whose parity lived on the failed IOM only
+//!   mark the group (its parity is recomputed when the IOM comes back).
+//! - When it takes over, the other IOMs publish their unfinished
+//!   transactions with the failed IOM; every block they touch is marked.
+
+use crate::journal::Wait;
+use crate::records::Record;
+use crate::write_path::{build_new, Op};
+use crate::{Error, Iom};
+use bytes::Bytes;
+use common::wire::{ErrorCode, MemberReq, MemberResp, ParityUpdate, RebuildMarks, Reply, Request, WireError};
+use common::{BlockKey, GroupNo, IomId, ObjectId, Toughness, TxRef, Version};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+impl Iom {
+    /// Takes over for failed IOM `i`: collects the unfinished transactions
+    /// the other IOMs had with it and marks the blocks they touch.
+    pub async fn standin_activate(self: Arc<Self>, i: IomId) {
+        let w = self.cfg.width();
+        let mut todo: Vec<IomId> = (0..w).map(IomId).filter(|&j| j != i).collect();
+        let mut marked = 0usize;
+        for _ in 0..60 {
+            let mut left = Vec::new();
+            for j in todo {
+                let r = if j == self.id {
+                    Ok(self.unfinished_about(i).await)
+                } else {
+                    match self
+                        .pool
+                        .call_timeout(
+                            j,
+                            &Request::Member(MemberReq::Unfinished { about: i }),
+                            Bytes::new(),
+                            Duration::from_secs(5),
+                        )
+                        .await
+                    {
+                        Ok((Reply::Member(MemberResp::Unfinished(v)), _)) => Ok(v),
+                        Ok((r, _)) => Err(format!("unexpected {r:?}")),
+                        Err(e) => Err(e.to_string()),
+                    }
+                };
+                match r {
+                    Ok(blocks) => {
+                        for (key, version) in blocks {
+                            self.commit(&Record::Marked { owner: i, key, version }, false, Wait::Written);
+                            marked += 1;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(iom = self.id.0, peer = j.0, "unfinished transactions not collected yet: {e}");
+                        left.push(j);
+                    }
+                }
+            }
+            todo = left;
+            if todo.is_empty() || self.shutdown.is_cancelled() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        self.journal.flush().await;
+        tracing::warn!(iom = self.id.0, failed = i.0, blocks_marked = marked, missing_peers = ?todo, "stand-in active");
+    }
+
+    /// `Unfinished`: this IOM's parity-side transactions from failed IOM `i`.
+    /// Deltas held in memory are applied first; applied ones are finished
+    /// (the failed IOM will not send "write completed"). Returns the blocks
+    /// they touched with the version the parity covers.
+    pub async fn unfinished_about(self: &Arc<Self>, i: IomId) -> Vec<(BlockKey, Version)> {
+        let mine: Vec<(TxRef, crate::map::PTx)> = self
+            .map
+            .ptx
+            .lock()
+            .iter()
+            .filter(|(t, p)| {
+                t.iom == i
+                    || self.layout.data_iom(p.group.object, self.layout.member_block(p.group.group, p.index)) == i
+            })
+            .map(|(t, p)| (*t, p.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for (tx, p) in mine {
+            for _ in 0..400 {
+                if !self.parity.is_queued(p.group, tx) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let key = BlockKey { object: p.group.object, block: self.layout.member_block(p.group.group, p.index) };
+            let now = self.map.ptx.lock().get(&tx).cloned();
+            match now {
+                Some(q) if q.applied.is_some() => {
+                    out.push((key, q.new));
+                    self.write_done(tx);
+                }
+                Some(q) => {
+                    // Journaled but its delta is gone (this IOM restarted): the
+                    // parity still covers the old version.
+                    out.push((key, q.old));
+                    self.commit(&Record::Discarded { tx }, false, Wait::Nothing);
+                }
+                None => out.push((key, p.new)),
+            }
+        }
+        out
+    }
+
+    /// The failed IOM `i` is up again: forget what was kept for it.
+    pub fn standin_done(self: &Arc<Self>, i: IomId) {
+        self.frozen.lock().remove(&i);
+        if self.map.marks.lock().contains_key(&i) {
+            self.commit(&Record::MarksCleared { owner: i }, false, Wait::Nothing);
+        }
+    }
+
+    fn frozen_err(&self, i: IomId) -> Error {
+        Error::Wire(WireError::new(ErrorCode::NotServing, format!("IOM {i} is taking its role back")))
+    }
+
+    pub fn is_frozen(&self, i: IomId) -> bool {
+        self.frozen.lock().contains(&i)
+    }
+
+    /// Degraded read of a block of failed IOM `owner`.
+    pub async fn standin_read(
+        self: &Arc<Self>,
+        owner: IomId,
+        key: BlockKey,
+        offset: u32,
+        len: u32,
+    ) -> Result<(Version, Bytes), Error> {
+        if self.is_frozen(owner) {
+            return Err(self.frozen_err(owner));
+        }
+        let (v, b) = self.reconstruct(key, None).await?;
+        let start = (offset as usize).min(b.len());
+        let end = (offset as usize + len as usize).min(b.len());
+        Ok((v, b.slice(start..end)))
+    }
+
+    /// Degraded write of a block of failed IOM `owner`: parity carries it.
+    pub async fn standin_write(
+        self: &Arc<Self>,
+        owner: IomId,
+        key: BlockKey,
+        op: Op,
+        toughness: Toughness,
+        hint: u8,
+    ) -> Result<Version, Error> {
+        if self.is_frozen(owner) {
+            return Err(self.frozen_err(owner));
+        }
+        self.standin_ops.fetch_add(1, Ordering::AcqRel);
+        let r = self.standin_write_inner(owner, key, op, toughness, hint).await;
+        self.standin_ops.fetch_sub(1, Ordering::AcqRel);
+        r
+    }
+
+    async fn standin_write_inner(
+        self: &Arc<Self>,
+        owner: IomId,
+        key: BlockKey,
+        op: Op,
+        toughness: Toughness,
+        hint: u8,
+    ) -> Result<Version, Error> {
+        let _g = self.locks.lock(key).await;
+        // The old block, as the group knows it.
+        let (v, old) = self.reconstruct(key, None).await?;
+        let (new, delta_offset, delta) = build_new(&old, &op);
+        let next = v.next();
+        let tx = self.map.next_tx();
+        let group = self.layout.group_key(key);
+        let parity = self.layout.parity_iom(key.object, group.group);
+        let wait = if toughness == Toughness::Durable { Wait::Durable } else { Wait::Written };
+        let mark = self.commit(&Record::Marked { owner, key, version: next }, false, wait);
+        let upd = ParityUpdate {
+            tx: TxRef { iom: self.id, tx },
+            group,
+            index: self.layout.index_in_group(key.block),
+            old: v,
+            new: next,
+            delta_offset,
+            hint,
+            data_iom: owner,
+        };
+        let (held, done) = self.links.send_update(self, parity, upd, delta);
+        if let Some(m) = mark {
+            let _ = m.await;
+        }
+        let unavailable = || Error::Wire(WireError::new(ErrorCode::Unavailable, "parity IOM unreachable"));
+        held.await.map_err(|_| unavailable())?;
+        // Keep the block locked until the parity covers the new version, so
+        // the next write of this block rebuilds it right.
+        done.await.map_err(|_| unavailable())?;
+        if !new.is_empty() {
+            self.cache.put(crate::cache::CacheKey::Data(key, next), new);
+        }
+        self.links.send_write_done(self, parity, TxRef { iom: self.id, tx });
+        Ok(next)
+    }
+
+    /// A failed IOM's blocks of `object` in groups >= `from` were dropped.
+    pub fn standin_drop(&self, owner: IomId, object: ObjectId, from: GroupNo) -> Result<(), Error> {
+        if self.is_frozen(owner) {
+            return Err(self.frozen_err(owner));
+        }
+        self.commit(&Record::MarkedDrop { owner, object, from }, false, Wait::Written);
+        Ok(())
+    }
+
+    /// `RebuildMarks`.
+    pub fn rebuild_marks(&self, i: IomId) -> RebuildMarks {
+        let frozen = self.is_frozen(i);
+        match self.map.marks.lock().get(&i) {
+            Some(m) => RebuildMarks {
+                blocks: m.blocks.iter().map(|(k, v)| (*k, *v)).collect(),
+                groups: m.groups.iter().copied().collect(),
+                drops: m.drops.iter().copied().collect(),
+                frozen,
+            },
+            None => RebuildMarks { frozen, ..Default::default() },
+        }
+    }
+
+    /// `ClearMarks`: the rejoining IOM rebuilt these.
+    pub fn clear_marks(&self, i: IomId, m: RebuildMarks) {
+        self.commit(
+            &Record::MarksDone { owner: i, blocks: m.blocks, groups: m.groups, drops: m.drops },
+            false,
+            Wait::Written,
+        );
+    }
+
+    /// `Freeze`: stop serving `i`'s role, let running stand-in writes finish,
+    /// and answer with the marks left.
+    pub async fn freeze(self: &Arc<Self>, i: IomId) -> RebuildMarks {
+        self.frozen.lock().insert(i);
+        for _ in 0..2000 {
+            if self.standin_ops.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.journal.flush().await;
+        self.rebuild_marks(i)
+    }
+
+    pub fn unfreeze(&self, i: IomId) {
+        self.frozen.lock().remove(&i);
+    }
+}
