@@ -316,8 +316,9 @@ pub enum ParityTxState {
 pub enum TxView {
     /// From the data IOM: is the transaction still open there, and the block's versions.
     Data { open: bool, pointer: Version, head: Version },
-    /// From the parity IOM (or its stand-in, which keeps no parity).
-    Parity { state: ParityTxState, standin: bool },
+    /// From the parity IOM (or its stand-in, which keeps no parity), with
+    /// the version of the block its parity covers.
+    Parity { state: ParityTxState, standin: bool, covers: Version },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -332,7 +333,7 @@ pub enum MemberResp {
         map: ClusterMap,
     },
     Ack,
-    /// Blocks of the failed IOM touched by unfinished transactions, at the version parity covers.
+    /// Blocks of the failed IOM with unfinished transactions here, at the version parity covers.
     Unfinished(Vec<(BlockKey, Version)>),
     Marks(RebuildMarks),
     TxStatus(TxView),

@@ -155,6 +155,15 @@ impl Iom {
     pub async fn map_watcher(self: Arc<Self>) {
         let mut rx = self.member.subscribe();
         let mut prev = self.member.current();
+        // Standing in already (this IOM restarted while a peer was down).
+        for j in (0..prev.width()).map(IomId) {
+            if let IomState::Down { proxy } | IomState::Rebuilding { proxy } = prev.state(j) {
+                if proxy == self.id && j != self.id {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.standin_activate(j).await });
+                }
+            }
+        }
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,

@@ -23,13 +23,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 impl Iom {
-    /// Takes over for failed IOM `i`: collects the unfinished transactions
-    /// the other IOMs had with it and marks the blocks they touch.
+    /// Takes over for failed IOM `i`: the other IOMs publish the unfinished
+    /// transactions they had with it — parity IOMs first apply every delta
+    /// from it they hold, so degraded reads see its acknowledged writes.
+    /// Nothing is marked for them: when `i` returns, its own journal and the
+    /// recovery rules settle them; marks are only for what changes while it
+    /// is away.
     pub async fn standin_activate(self: Arc<Self>, i: IomId) {
         let w = self.cfg.width();
         let mut todo: Vec<IomId> = (0..w).map(IomId).filter(|&j| j != i).collect();
-        let mut marked = 0usize;
-        for _ in 0..60 {
+        let mut open = 0usize;
+        for _ in 0..20 {
             let mut left = Vec::new();
             for j in todo {
                 let r = if j == self.id {
@@ -41,7 +45,7 @@ impl Iom {
                             j,
                             &Request::Member(MemberReq::Unfinished { about: i }),
                             Bytes::new(),
-                            Duration::from_secs(5),
+                            Duration::from_secs(2),
                         )
                         .await
                     {
@@ -51,12 +55,7 @@ impl Iom {
                     }
                 };
                 match r {
-                    Ok(blocks) => {
-                        for (key, version) in blocks {
-                            self.commit(&Record::Marked { owner: i, key, version }, false, Wait::Written);
-                            marked += 1;
-                        }
-                    }
+                    Ok(blocks) => open += blocks.len(),
                     Err(e) => {
                         tracing::debug!(iom = self.id.0, peer = j.0, "unfinished transactions not collected yet: {e}");
                         left.push(j);
@@ -67,16 +66,27 @@ impl Iom {
             if todo.is_empty() || self.shutdown.is_cancelled() {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        self.journal.flush().await;
-        tracing::warn!(iom = self.id.0, failed = i.0, blocks_marked = marked, missing_peers = ?todo, "stand-in active");
+        self.activated.lock().insert(i);
+        self.activation.notify_waiters();
+        tracing::warn!(iom = self.id.0, failed = i.0, unfinished = open, unreachable_peers = ?todo, "stand-in active");
     }
 
-    /// `Unfinished`: this IOM's parity-side transactions from failed IOM `i`.
-    /// Deltas held in memory are applied first; applied ones are finished
-    /// (the failed IOM will not send "write completed"). Returns the blocks
-    /// they touched with the version the parity covers.
+    /// Waits (a bounded time) until the stand-in for `owner` is active.
+    async fn standin_ready(&self, owner: IomId) {
+        for _ in 0..100 {
+            let n = self.activation.notified();
+            if self.activated.lock().contains(&owner) {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), n).await;
+        }
+    }
+
+    /// `Unfinished`: this IOM's parity-side transactions from failed IOM `i`,
+    /// after applying every delta from it still held in memory. Returns the
+    /// blocks with the version the parity now covers.
     pub async fn unfinished_about(self: &Arc<Self>, i: IomId) -> Vec<(BlockKey, Version)> {
         let mine: Vec<(TxRef, crate::map::PTx)> = self
             .map
@@ -98,20 +108,8 @@ impl Iom {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let key = BlockKey { object: p.group.object, block: self.layout.member_block(p.group.group, p.index) };
-            let now = self.map.ptx.lock().get(&tx).cloned();
-            match now {
-                Some(q) if q.applied.is_some() => {
-                    out.push((key, q.new));
-                    self.write_done(tx);
-                }
-                Some(q) => {
-                    // Journaled but its delta is gone (this IOM restarted): the
-                    // parity still covers the old version.
-                    out.push((key, q.old));
-                    self.commit(&Record::Discarded { tx }, false, Wait::Nothing);
-                }
-                None => out.push((key, p.new)),
-            }
+            let covers = self.map.parity_head(&p.group).members.get(p.index as usize).copied().unwrap_or(Version(0));
+            out.push((key, covers));
         }
         out
     }
@@ -119,6 +117,7 @@ impl Iom {
     /// The failed IOM `i` is up again: forget what was kept for it.
     pub fn standin_done(self: &Arc<Self>, i: IomId) {
         self.frozen.lock().remove(&i);
+        self.activated.lock().remove(&i);
         if self.map.marks.lock().contains_key(&i) {
             self.commit(&Record::MarksCleared { owner: i }, false, Wait::Nothing);
         }
@@ -143,6 +142,7 @@ impl Iom {
         if self.is_frozen(owner) {
             return Err(self.frozen_err(owner));
         }
+        self.standin_ready(owner).await;
         let (v, b) = self.reconstruct(key, None).await?;
         let start = (offset as usize).min(b.len());
         let end = (offset as usize + len as usize).min(b.len());
@@ -161,6 +161,7 @@ impl Iom {
         if self.is_frozen(owner) {
             return Err(self.frozen_err(owner));
         }
+        self.standin_ready(owner).await;
         self.standin_ops.fetch_add(1, Ordering::AcqRel);
         let r = self.standin_write_inner(owner, key, op, toughness, hint).await;
         self.standin_ops.fetch_sub(1, Ordering::AcqRel);

@@ -105,6 +105,22 @@ impl Iom {
         })
     }
 
+    /// A recovery question for IOM `role`: asked of that IOM itself when it
+    /// runs (also while the map calls it down, or the cluster stopped —
+    /// recovery is what gets a stopped cluster going again), else of
+    /// whoever serves its role.
+    async fn recovery_call(self: &Arc<Self>, role: IomId, req: MemberReq) -> Result<MemberResp, Error> {
+        if role == self.id {
+            return self.member_call(role, req).await;
+        }
+        match self.pool.call_timeout(role, &Request::Member(req.clone()), Bytes::new(), Duration::from_secs(2)).await {
+            Ok((Reply::Member(m), _)) => Ok(m),
+            Ok((r, _)) => Err(Error::Format(format!("unexpected reply {r:?}"))),
+            Err(e) if e.is_transport() => self.member_call(role, req).await,
+            Err(e) => Err(e.into()),
+        }
+    }
+
     async fn member_call(self: &Arc<Self>, role: IomId, req: MemberReq) -> Result<MemberResp, Error> {
         match self.call_role(role, |_| Request::Member(req.clone()), Bytes::new()).await? {
             (Reply::Member(m), _) => Ok(m),
@@ -283,7 +299,7 @@ impl Iom {
                 // A stand-in keeps no parity for the failed IOM: the group
                 // will be recomputed when it comes back.
                 self.mark_group(role, g);
-                return TxView::Parity { state: ParityTxState::None, standin: true };
+                return TxView::Parity { state: ParityTxState::None, standin: true, covers: Version(0) };
             }
             // A delta held in memory is applied before the answer.
             for _ in 0..400 {
@@ -297,7 +313,9 @@ impl Iom {
                 Some(_) => ParityTxState::Received,
                 None => ParityTxState::None,
             };
-            TxView::Parity { state, standin: false }
+            let j = self.layout.index_in_group(key.block) as usize;
+            let covers = self.map.parity_head(&g).members.get(j).copied().unwrap_or(Version(0));
+            TxView::Parity { state, standin: false, covers }
         } else {
             let open = tx.iom == self.id && self.map.dtx.lock().contains_key(&tx.tx);
             let (pointer, head) = match self.map.entry(&key) {
@@ -366,15 +384,18 @@ impl Iom {
     ) -> Result<bool, Error> {
         let intact = self.intact(t.key, t.new).await;
         let view = self
-            .member_call(
+            .recovery_call(
                 t.parity,
                 MemberReq::TxStatus { tx: TxRef { iom: self.id, tx }, key: t.key, parity_side: true },
             )
             .await?;
-        let MemberResp::TxStatus(TxView::Parity { state, .. }) = view else {
+        let MemberResp::TxStatus(TxView::Parity { state, covers, standin }) = view else {
             return Err(Error::Format(format!("unexpected answer {view:?}")));
         };
         let pside = match state {
+            // The parity covers this version (or a later one): the update was
+            // applied, whatever records the parity IOM still keeps.
+            _ if !standin && covers >= t.new.version => PSide::Completed,
             ParityTxState::None => PSide::None,
             ParityTxState::Received => PSide::Received,
             ParityTxState::Completed => PSide::Completed,
@@ -424,7 +445,7 @@ impl Iom {
                 }
                 self.cache.remove(&crate::cache::CacheKey::Data(t.key, t.new.version));
                 if pside == PSide::Received {
-                    self.member_call(t.parity, MemberReq::DiscardTx { tx: TxRef { iom: self.id, tx } }).await?;
+                    self.recovery_call(t.parity, MemberReq::DiscardTx { tx: TxRef { iom: self.id, tx } }).await?;
                 }
                 tally.back += 1;
                 Ok(true)
@@ -438,7 +459,7 @@ impl Iom {
     async fn resolve_parity_tx(self: &Arc<Self>, tx: TxRef, p: &PTx, tally: &mut Tally) -> Result<bool, Error> {
         let key = BlockKey { object: p.group.object, block: self.layout.member_block(p.group.group, p.index) };
         let role = self.layout.data_iom(key.object, key.block);
-        let view = self.member_call(role, MemberReq::TxStatus { tx, key, parity_side: false }).await?;
+        let view = self.recovery_call(role, MemberReq::TxStatus { tx, key, parity_side: false }).await?;
         let MemberResp::TxStatus(TxView::Data { open, pointer, .. }) = view else {
             return Err(Error::Format(format!("unexpected answer {view:?}")));
         };
@@ -464,7 +485,7 @@ impl Iom {
                 tally.recomputed += 1;
             }
             Action::RebuildData => {
-                self.member_call(role, MemberReq::RebuildBlock { key, version: p.new }).await?;
+                self.recovery_call(role, MemberReq::RebuildBlock { key, version: p.new }).await?;
                 self.finish_ptx(tx, p);
                 tally.rebuilt += 1;
             }

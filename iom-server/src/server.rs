@@ -58,6 +58,9 @@ pub struct Iom {
     pub frozen: parking_lot::Mutex<std::collections::HashSet<IomId>>,
     /// Stand-in writes running (a handover waits for them).
     pub standin_ops: std::sync::atomic::AtomicU64,
+    /// Failed IOMs this one stands in for, once their unfinished work is published.
+    pub activated: parking_lot::Mutex<std::collections::HashSet<IomId>>,
+    pub activation: tokio::sync::Notify,
     pub rejoin_flag: std::sync::atomic::AtomicBool,
     pub rebuild: crate::rebuild::RebuildProgress,
     /// Transactions the journal left open at start-up, for recovery.
@@ -186,6 +189,8 @@ impl Iom {
             fence: Default::default(),
             frozen: Default::default(),
             standin_ops: Default::default(),
+            activated: Default::default(),
+            activation: Default::default(),
             rejoin_flag: Default::default(),
             rebuild: Default::default(),
             startup_open: parking_lot::Mutex::new(Some(open_at_start)),
