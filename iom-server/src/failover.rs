@@ -83,8 +83,17 @@ impl Iom {
                 next.epoch = Epoch(map.epoch.0 + 1);
                 next.states[j.0 as usize] = IomState::Down { proxy: self.id };
                 if map.meta_home == j {
-                    // The namespace mirror (this IOM) takes the namespace over.
-                    next.meta_home = self.id;
+                    if self.namespace.holds_replica() {
+                        // The namespace mirror (this IOM) takes the namespace over.
+                        next.meta_home = self.id;
+                    } else {
+                        tracing::error!(
+                            iom = self.id.0,
+                            home = j.0,
+                            "the namespace home failed and this IOM holds no copy of it: the namespace stays unavailable until IOM {} returns",
+                            j.0
+                        );
+                    }
                 }
                 tracing::warn!(
                     iom = self.id.0,
@@ -229,10 +238,14 @@ impl Iom {
         // news to act on (rejoin), not a reason to stop.
         self.rejoin_flag.store(true, std::sync::atomic::Ordering::Release);
         let w = self.cfg.width();
-        for j in (0..w).map(IomId).filter(|&j| j != self.id) {
-            self.fetch_map(j).await;
-        }
+        let fetches = (0..w).map(IomId).filter(|&j| j != self.id).map(|j| {
+            let me = self.clone();
+            async move { me.fetch_map(j).await }
+        });
+        futures::future::join_all(fetches).await;
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
         let map = self.member.current();
+        tracing::info!(iom = self.id.0, epoch = map.epoch.0, state = ?map.state(self.id), "joined the cluster map");
         match map.state(self.id) {
             IomState::Up => {
                 self.rejoin_flag.store(false, std::sync::atomic::Ordering::Release);

@@ -62,6 +62,9 @@ pub struct Iom {
     pub activated: parking_lot::Mutex<std::collections::HashSet<IomId>>,
     pub activation: tokio::sync::Notify,
     pub rejoin_flag: std::sync::atomic::AtomicBool,
+    /// Set once start-up learned the cluster's current map: until then this
+    /// IOM serves nothing (its own map on disk may be stale).
+    pub ready: std::sync::atomic::AtomicBool,
     pub rebuild: crate::rebuild::RebuildProgress,
     /// Transactions the journal left open at start-up, for recovery.
     pub startup_open: parking_lot::Mutex<Option<crate::recovery_exec::OpenTxs>>,
@@ -192,6 +195,7 @@ impl Iom {
             activated: Default::default(),
             activation: Default::default(),
             rejoin_flag: Default::default(),
+            ready: Default::default(),
             rebuild: Default::default(),
             startup_open: parking_lot::Mutex::new(Some(open_at_start)),
             locks: KeyLocks::default(),

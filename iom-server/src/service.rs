@@ -98,6 +98,20 @@ async fn serve_stream(iom: Arc<Iom>, state: Arc<ConnState>, mut send: quinn::Sen
         reply(&mut send, err(ErrorCode::NoHello, "a connection must start with Hello"), Bytes::new()).await;
         return;
     }
+    let serves_data =
+        matches!(req, Request::Data(_) | Request::Meta(_) | Request::ParityChannel { .. } | Request::MetaMirror { .. });
+    if serves_data && !iom.ready.load(std::sync::atomic::Ordering::Acquire) {
+        reply(
+            &mut send,
+            err(
+                ErrorCode::NotServing,
+                format!("IOM {} is starting and does not know the current cluster map yet", iom.id),
+            ),
+            Bytes::new(),
+        )
+        .await;
+        return;
+    }
     match req {
         Request::ParityChannel { from, .. } => {
             crate::parity::run_channel(iom, from, send, recv).await;

@@ -270,23 +270,26 @@ impl Namespace {
 
     /// Waits until a committed batch is held by two servers (mirror applied
     /// it), or durable locally when there is no mirror.
-    async fn settle(&self, lsn: u64, gen: u64) {
-        if gen != 0 {
-            let mut rx = self.acked.subscribe();
-            loop {
-                let (g, a) = *rx.borrow_and_update();
-                if g == gen && a >= lsn {
-                    return;
-                }
-                if g > gen {
-                    break;
-                }
-                if tokio::time::timeout(Duration::from_secs(3), rx.changed()).await.is_err() {
-                    tracing::warn!(
-                        "namespace mirror did not acknowledge within 3 s; making the change durable locally"
-                    );
-                    break;
-                }
+    async fn settle(&self, iom: &Iom, lsn: u64) {
+        let mut rx = self.acked.subscribe();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (g, a) = *rx.borrow_and_update();
+            if g != 0 && a >= lsn {
+                // Held by two servers; stable storage follows by group commit.
+                return;
+            }
+            if iom.member.current().meta_mirror().is_none() {
+                // No mirror can exist (degraded): one copy, made durable now.
+                break;
+            }
+            // A mirror is expected: wait for it to attach and catch up.
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                tracing::warn!(
+                    lsn,
+                    "namespace mirror has not acknowledged within 5 s; making the change durable locally"
+                );
+                break;
             }
         }
         self.flush_local().await;
@@ -438,7 +441,8 @@ impl Namespace {
             (plan.reply, lsn, gen)
         };
         let _ = reap;
-        self.settle(lsn, gen).await;
+        let _ = gen;
+        self.settle(iom, lsn).await;
         Ok(reply)
     }
 
@@ -472,7 +476,8 @@ impl Namespace {
                 return;
             }
             let map = iom.member.current();
-            let target = if map.meta_server() == Some(iom.id) && iom.namespace.holds_replica() {
+            let ready = iom.ready.load(std::sync::atomic::Ordering::Acquire);
+            let target = if ready && map.meta_server() == Some(iom.id) && iom.namespace.holds_replica() {
                 map.meta_mirror()
             } else {
                 None
@@ -532,6 +537,7 @@ impl Namespace {
             }
             r.mirror = Some((gen, tx));
             ns.acked.send_replace((gen, 0));
+            let _ = mterm;
         }
         tracing::info!(iom = iom.id.0, mirror = m.0, from_lsn = mlsn, "namespace mirror attached");
         let writer = tokio::spawn(async move {
@@ -573,8 +579,13 @@ impl Namespace {
                 }
             }
         }
-        // Waiters on this generation fall back to local durability.
-        ns.acked.send_modify(|(g, _)| *g = (*g).max(gen + 1));
+        // No mirror until the next stream attaches.
+        ns.acked.send_modify(|(g, a)| {
+            if *g == gen {
+                *g = 0;
+                *a = 0;
+            }
+        });
         writer.abort();
         res
     }
@@ -582,6 +593,19 @@ impl Namespace {
     /// Mirror side of a mirror stream.
     pub async fn serve_mirror(iom: Arc<Iom>, from: IomId, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
         let ns = &iom.namespace;
+        let map = iom.member.current();
+        if map.meta_server() != Some(from) || map.meta_mirror() != Some(iom.id) {
+            let e = WireError::new(
+                ErrorCode::NotServing,
+                format!(
+                    "in epoch {} IOM {from} is not the namespace server with IOM {} as its mirror",
+                    map.epoch, iom.id
+                ),
+            );
+            tracing::warn!(iom = iom.id.0, from = from.0, "refused a namespace mirror stream: {e}");
+            let _ = write_frame(&mut send, &Reply::Error(e), Bytes::new()).await;
+            return;
+        }
         if write_frame(&mut send, &Reply::Member(MemberResp::Ack), Bytes::new()).await.is_err() {
             return;
         }
@@ -606,6 +630,15 @@ impl Namespace {
                         if lsn <= r.lsn {
                             let _ = ack_tx.send(MirrorAck::Applied { lsn });
                             continue;
+                        }
+                        if term < r.term {
+                            tracing::error!(
+                                lsn,
+                                term,
+                                have_term = r.term,
+                                "namespace mirror: batch of an older term refused"
+                            );
+                            break;
                         }
                         if lsn != r.lsn + 1 {
                             tracing::warn!(lsn, have = r.lsn, "namespace mirror: gap in the stream; resyncing");
@@ -636,6 +669,15 @@ impl Namespace {
                     });
                 }
                 Ok(Some((MirrorMsg::Snapshot { term, lsn }, payload))) => {
+                    if term < ns.position().0 {
+                        tracing::error!(
+                            iom = iom.id.0,
+                            from = from.0,
+                            term,
+                            "refused a namespace snapshot of an older term"
+                        );
+                        break;
+                    }
                     let state: NsState = match codec::decode_large(&payload) {
                         Ok(s) => s,
                         Err(err) => {
@@ -794,6 +836,7 @@ impl Namespace {
             let Some(r) = g.as_mut() else { return };
             Self::commit(r, vec![NsRec::Forget(done)], 0, 0, &MetaResp::Done)
         };
-        iom.namespace.settle(lsn, gen).await;
+        let _ = gen;
+        iom.namespace.settle(iom, lsn).await;
     }
 }

@@ -1,0 +1,251 @@
+//! Failures of real IOM processes (SIGKILL) under a real mount.
+
+use integration::{serial, Cluster, Rng};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn status(c: &Cluster) -> (bool, String) {
+    let o = c.iomfs(&["status"]);
+    (o.status.success(), String::from_utf8_lossy(&o.stdout).to_string())
+}
+
+fn wait_status(c: &Cluster, want: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (_, s) = status(c);
+        if s.contains(want) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "status never showed '{want}':\n{s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn wait_healthy(c: &Cluster, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (ok, s) = status(c);
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "cluster not healthy in {timeout:?}:\n{s}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn must(cmd: &str) {
+    let o = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(o.status.success(), "`{cmd}` failed: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn write_file(p: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut f = fs::File::create(p)?;
+    for c in data.chunks(1 << 20) {
+        f.write_all(c)?;
+    }
+    f.sync_all()
+}
+
+/// Source tree for the copies: a slice of /usr/share/doc (a few hundred files).
+fn tree(c: &Cluster) -> PathBuf {
+    let src = c.tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let mut n = 0;
+    for e in fs::read_dir("/usr/share/doc").unwrap().flatten() {
+        if n >= 80 {
+            break;
+        }
+        must(&format!("cp -a '{}' '{}'", e.path().display(), src.display()));
+        n += 1;
+    }
+    src
+}
+
+#[test]
+fn kill_each_iom_in_turn_under_load_no_error_nothing_lost() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let m = c.mount("mnt", &[]);
+    let src = tree(&c);
+    let big: Vec<u8> = Rng(42).bytes(40 << 20);
+    let big_src = c.tmp.path().join("big.src");
+    fs::write(&big_src, &big).unwrap();
+    for victim in 0..5u32 {
+        let dst = m.join(format!("round{victim}"));
+        fs::create_dir(&dst).unwrap();
+        // A copy of a tree and a large file, running while the IOM dies.
+        let (s, d) = (src.clone(), dst.clone());
+        let cp = std::thread::spawn(move || Command::new("cp").arg("-a").arg(&s).arg(d.join("tree")).output().unwrap());
+        let (b, d2) = (big_src.clone(), dst.clone());
+        let big_cp = std::thread::spawn(move || Command::new("cp").arg(&b).arg(d2.join("big")).output().unwrap());
+        std::thread::sleep(Duration::from_millis(300));
+        c.kill(victim);
+        let o = cp.join().unwrap();
+        assert!(o.status.success(), "cp -a failed with IOM {victim} killed: {}", String::from_utf8_lossy(&o.stderr));
+        let o = big_cp.join().unwrap();
+        assert!(
+            o.status.success(),
+            "large copy failed with IOM {victim} killed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let s = wait_status(&c, "degraded", Duration::from_secs(10));
+        assert!(s.contains(&format!("down (proxied by")), "{s}");
+        // Degraded reads are right.
+        must(&format!("diff -r --no-dereference '{}' '{}'", src.display(), dst.join("tree").display()));
+        assert!(fs::read(dst.join("big")).unwrap() == big, "large file differs with IOM {victim} down");
+        // A write while it is down, then it comes back and rebuilds.
+        let during: Vec<u8> = Rng(victim as u64).bytes(3 << 20);
+        write_file(&dst.join("during"), &during).unwrap();
+        c.start(victim);
+        wait_healthy(&c, Duration::from_secs(60));
+        assert!(
+            fs::read(dst.join("during")).unwrap() == during,
+            "data written while IOM {victim} was down differs after rebuild"
+        );
+        must(&format!("diff -r --no-dereference '{}' '{}'", src.display(), dst.join("tree").display()));
+    }
+    c.must_scrub_clean();
+}
+
+#[test]
+fn reads_while_down_are_right_and_writes_while_down_survive_rebuild() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let m = c.mount("mnt", &[]);
+    let mut files = Vec::new();
+    for i in 0..30u64 {
+        let data = Rng(1000 + i).bytes(((i * 37_111) % 700_000) as usize + 1);
+        fs::write(m.join(format!("f{i}")), &data).unwrap();
+        files.push(data);
+    }
+    c.kill(3);
+    wait_status(&c, "down (proxied by 4)", Duration::from_secs(10));
+    for (i, data) in files.iter().enumerate() {
+        assert!(fs::read(m.join(format!("f{i}"))).unwrap() == *data, "degraded read of f{i} differs");
+    }
+    // Overwrite parts of every file and add new ones while IOM 3 is down.
+    for (i, data) in files.iter_mut().enumerate() {
+        let p = m.join(format!("f{i}"));
+        let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
+        let off = (i * 9_973) % data.len();
+        let patch = Rng(i as u64).bytes(70_000.min(data.len() - off));
+        std::os::unix::fs::FileExt::write_all_at(&f, &patch, off as u64).unwrap();
+        data[off..off + patch.len()].copy_from_slice(&patch);
+    }
+    let fresh = Rng(7).bytes(2 << 20);
+    fs::write(m.join("fresh"), &fresh).unwrap();
+    c.start(3);
+    wait_healthy(&c, Duration::from_secs(60));
+    for (i, data) in files.iter().enumerate() {
+        assert!(fs::read(m.join(format!("f{i}"))).unwrap() == *data, "f{i} differs after rebuild");
+    }
+    assert!(fs::read(m.join("fresh")).unwrap() == fresh);
+    c.must_scrub_clean();
+    // And the rebuilt IOM serves on its own: kill another one, read again.
+    c.kill(1);
+    wait_status(&c, "degraded", Duration::from_secs(10));
+    for (i, data) in files.iter().enumerate() {
+        assert!(
+            fs::read(m.join(format!("f{i}"))).unwrap() == *data,
+            "f{i} differs with IOM 1 down after IOM 3's rebuild"
+        );
+    }
+    c.start(1);
+    wait_healthy(&c, Duration::from_secs(60));
+    c.must_scrub_clean();
+}
+
+#[test]
+fn two_iom_failure_stops_then_recovers_with_durable_data_intact() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.set_tuning("stopped_wait_s", 10);
+    c.start_all();
+    let m = c.mount("mnt", &[]);
+    fs::create_dir(m.join("safe")).unwrap();
+    must(&format!("setfattr -n user.iomfs.toughness -v durable '{}'", m.join("safe").display()));
+    let data: Vec<u8> = Rng(3).bytes(20 << 20);
+    write_file(&m.join("safe/a"), &data).unwrap();
+    let bg_src = c.tmp.path().join("bg.src");
+    fs::write(&bg_src, Rng(4).bytes(30 << 20)).unwrap();
+    let (s, d) = (bg_src.clone(), m.join("b"));
+    let bg = std::thread::spawn(move || Command::new("cp").arg(&s).arg(&d).output().unwrap());
+    std::thread::sleep(Duration::from_millis(200));
+    c.kill(1);
+    c.kill(3);
+    let _ = bg.join();
+    wait_status(&c, "cluster: stopped", Duration::from_secs(15));
+    // Whatever a read returns now must be the right bytes or an error.
+    let m2 = m.clone();
+    let reader = std::thread::spawn(move || fs::read(m2.join("safe/a")));
+    let start = Instant::now();
+    while !reader.is_finished() && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if reader.is_finished() {
+        if let Ok(got) = reader.join().unwrap() {
+            assert!(got == data, "wrong bytes returned with two IOMs down");
+        }
+    }
+    c.start(1);
+    c.start(3);
+    wait_healthy(&c, Duration::from_secs(90));
+    assert!(fs::read(m.join("safe/a")).unwrap() == data, "durable file lost or damaged after a double failure");
+    c.must_scrub_clean();
+}
+
+#[test]
+fn namespace_home_killed_during_creates_and_renames_loses_nothing() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let m = c.mount("mnt", &[]);
+    fs::create_dir(m.join("burst")).unwrap();
+    let dir = m.join("burst");
+    let n = 400;
+    let d2 = dir.clone();
+    let worker = std::thread::spawn(move || -> Result<(), String> {
+        for i in 0..n {
+            let f = d2.join(format!("tmp{i}"));
+            fs::write(&f, format!("file {i}")).map_err(|e| format!("create {i}: {e}"))?;
+            fs::rename(&f, d2.join(format!("final{i}"))).map_err(|e| format!("rename {i}: {e}"))?;
+        }
+        Ok(())
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    c.kill(0); // the namespace home
+    let r = worker.join().unwrap();
+    assert!(r.is_ok(), "a namespace operation failed when the home died: {r:?}");
+    let check = || {
+        let mut names: Vec<String> =
+            fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        let mut want: Vec<String> = (0..n).map(|i| format!("final{i}")).collect();
+        want.sort();
+        let missing: Vec<&String> = want.iter().filter(|w| !names.contains(w)).collect();
+        let extra: Vec<&String> = names.iter().filter(|w| !want.contains(w)).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty() && names.len() == want.len(),
+            "lost {missing:?}, leftover {extra:?}, {} entries",
+            names.len()
+        );
+        for i in 0..n {
+            assert_eq!(fs::read_to_string(dir.join(format!("final{i}"))).unwrap(), format!("file {i}"));
+        }
+    };
+    check();
+    let s = wait_status(&c, "degraded", Duration::from_secs(10));
+    assert!(s.contains("down (proxied by 1)"), "{s}");
+    c.start(0);
+    wait_healthy(&c, Duration::from_secs(60));
+    check();
+    // A new mount finds the same namespace (now served by the old mirror).
+    let m2 = c.mount("mnt2", &[]);
+    assert_eq!(fs::read_dir(m2.join("burst")).unwrap().count(), n);
+    c.must_scrub_clean();
+}
