@@ -53,13 +53,8 @@ fn write_file(p: &Path, data: &[u8]) -> std::io::Result<()> {
 fn tree(c: &Cluster) -> PathBuf {
     let src = c.tmp.path().join("src");
     fs::create_dir_all(&src).unwrap();
-    let mut n = 0;
-    for e in fs::read_dir("/usr/share/doc").unwrap().flatten() {
-        if n >= 80 {
-            break;
-        }
+    for e in fs::read_dir("/usr/share/doc").unwrap().flatten().take(80) {
         must(&format!("cp -a '{}' '{}'", e.path().display(), src.display()));
-        n += 1;
     }
     src
 }
@@ -93,7 +88,7 @@ fn kill_each_iom_in_turn_under_load_no_error_nothing_lost() {
             String::from_utf8_lossy(&o.stderr)
         );
         let s = wait_status(&c, "degraded", Duration::from_secs(10));
-        assert!(s.contains(&format!("down (proxied by")), "{s}");
+        assert!(s.contains("down (proxied by"), "{s}");
         // Degraded reads are right.
         must(&format!("diff -r --no-dereference '{}' '{}'", src.display(), dst.join("tree").display()));
         assert!(fs::read(dst.join("big")).unwrap() == big, "large file differs with IOM {victim} down");
