@@ -154,3 +154,120 @@ pub async fn run(c: Arc<ClusterClient>, o: BenchOptions, mut out: impl FnMut(Lin
     }
     Ok(())
 }
+
+/// Failover measurements on a local cluster (kills IOM `victim` through its pid file).
+pub async fn failover(
+    c: Arc<ClusterClient>,
+    victim: IomId,
+    size: u64,
+    base: u64,
+    mut out: impl FnMut(Line),
+) -> anyhow::Result<()> {
+    use crate::local::{iom_pid, start_iom, status};
+    let mut line = |name: &str, value: f64, unit: &'static str| out(Line { name: name.into(), value, unit });
+    let stripe = c.layout.group_bytes() as usize;
+    let chunk = (1usize << 20).div_ceil(stripe) * stripe;
+    let data = Bytes::from((0..chunk).map(|i| (i * 7 + 3) as u8).collect::<Vec<u8>>());
+    let n = (size as usize).div_ceil(chunk);
+    let seq_write = |obj: ObjectId| {
+        let (c, data) = (c.clone(), data.clone());
+        async move {
+            let start = Instant::now();
+            let mut s = futures::stream::iter((0..n).map(|i| {
+                let (c, d) = (c.clone(), data.clone());
+                async move { c.write(obj, (i * chunk) as u64, d, Toughness::Atomic).await }
+            }))
+            .buffer_unordered(4);
+            while let Some(r) = s.next().await {
+                r?;
+            }
+            anyhow::Ok(start.elapsed().as_secs_f64())
+        }
+    };
+    let seq_read = |obj: ObjectId| {
+        let c = c.clone();
+        async move {
+            let start = Instant::now();
+            let mut s = futures::stream::iter((0..n).map(|i| {
+                let c = c.clone();
+                async move { c.read(obj, (i * chunk) as u64, chunk).await }
+            }))
+            .buffer_unordered(4);
+            while let Some(r) = s.next().await {
+                r?;
+            }
+            anyhow::Ok((n * chunk) as f64 / start.elapsed().as_secs_f64() / 1048576.0)
+        }
+    };
+    let wait_healthy = || {
+        let c = c.clone();
+        async move {
+            let start = Instant::now();
+            loop {
+                let s = status(&c).await;
+                if s.health() == common::Health::Healthy {
+                    return start.elapsed().as_secs_f64();
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let kill = |v: IomId| {
+        let pid = iom_pid(&c.paths, v).ok_or_else(|| anyhow::anyhow!("IOM {v} is not running (no live pid file)"))?;
+        // SAFETY: SIGKILL of the IOM process named by its pid file.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        anyhow::Ok(Instant::now())
+    };
+    let (a, b, d) = (ObjectId(base), ObjectId(base + 1), ObjectId(base + 2));
+    seq_write(a).await?;
+    line("healthy_seq_read", seq_read(a).await?, "MiB/s");
+
+    // Pause: a writer keeps writing blocks held by the victim; the kill lands between writes.
+    let victim_blocks: Vec<u64> = (0..10_000u64)
+        .filter(|&b| c.layout.data_iom(ObjectId(base + 3), common::BlockNo(b)) == victim)
+        .take(64)
+        .collect();
+    let small = data.slice(0..4096);
+    for &b in victim_blocks.iter().take(4) {
+        c.write(ObjectId(base + 3), b * c.layout.block_size() as u64, small.clone(), Toughness::Atomic).await?;
+    }
+    let killed = kill(victim)?;
+    let vb = victim_blocks[4 % victim_blocks.len()];
+    c.write(ObjectId(base + 3), vb * c.layout.block_size() as u64, small.clone(), Toughness::Atomic).await?;
+    let pause = killed.elapsed().as_secs_f64();
+    line("failover_pause_kill_to_next_write", pause * 1000.0, "ms");
+    line("degraded_seq_read", seq_read(a).await?, "MiB/s");
+    // Writes while down: the rebuild has to restore them.
+    let t = seq_write(b).await?;
+    line("degraded_seq_write", (n * chunk) as f64 / t / 1048576.0, "MiB/s");
+    let marked_bytes = (n * chunk) as f64 / c.layout.width() as f64 * (1.0 + 1.0 / c.layout.n() as f64);
+    start_iom(&c.paths.dir, victim)?;
+    let secs = wait_healthy().await;
+    line("rebuild_idle_time_to_healthy", secs, "s");
+    line("rebuild_idle_rate", marked_bytes / secs / 1048576.0, "MiB/s");
+    // Again, with a client writing while the victim rebuilds.
+    kill(victim)?;
+    let _ = wait_healthy_not(&c).await;
+    seq_write(b).await?;
+    start_iom(&c.paths.dir, victim)?;
+    let load = tokio::spawn(seq_write(d));
+    let secs = wait_healthy().await;
+    line("rebuild_under_load_time_to_healthy", secs, "s");
+    line("rebuild_under_load_rate", marked_bytes / secs / 1048576.0, "MiB/s");
+    if let Ok(Ok(t)) = load.await {
+        line("client_write_during_rebuild", (n * chunk) as f64 / t / 1048576.0, "MiB/s");
+    }
+    for o in [a, b, d, ObjectId(base + 3)] {
+        let _ = c.drop_object(o, common::GroupNo(0)).await;
+    }
+    Ok(())
+}
+
+/// Waits until the cluster reports it is not healthy (a kill was noticed).
+async fn wait_healthy_not(c: &ClusterClient) -> f64 {
+    let start = Instant::now();
+    while crate::local::status(c).await.health() == common::Health::Healthy && start.elapsed().as_secs() < 20 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    start.elapsed().as_secs_f64()
+}

@@ -153,7 +153,8 @@ impl ClusterClient {
         &self.pool
     }
 
-    /// Asks the IOMs for their maps and keeps the newest. Returns how many answered.
+    /// Asks the IOMs for their maps and keeps the newest. Returns how many
+    /// answered; does not wait long for IOMs that do not answer.
     pub async fn refresh_map(&self) -> usize {
         let calls = (0..self.cfg.width()).map(|i| {
             let pool = self.pool.clone();
@@ -162,7 +163,7 @@ impl ClusterClient {
                     IomId(i),
                     &Request::Member(MemberReq::GetMap),
                     Bytes::new(),
-                    Duration::from_millis(800),
+                    Duration::from_millis(200),
                 )
                 .await
             }
@@ -227,8 +228,8 @@ impl ClusterClient {
             let call = self.pool.call_timeout(server, &req, payload.clone(), self.rpc_timeout);
             tokio::pin!(call);
             let mut probe = tokio::time::interval_at(
-                tokio::time::Instant::now() + Duration::from_millis(400),
-                Duration::from_millis(300),
+                tokio::time::Instant::now() + Duration::from_millis(300),
+                Duration::from_millis(200),
             );
             let r = loop {
                 tokio::select! {

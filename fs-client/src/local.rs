@@ -306,3 +306,34 @@ pub async fn status(c: &ClusterClient) -> Status {
     }
     Status { map, ioms }
 }
+
+/// `iomfs status --watch`: redraws every second; a progress bar (done
+/// blocks, rate, ETA) while an IOM rebuilds. Ends on Ctrl-C.
+pub async fn watch(c: &ClusterClient) {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg}{wide_bar} {pos}/{len} blocks {percent}% ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    loop {
+        let s = status(c).await;
+        let rebuilding: Vec<&IomStatus> =
+            s.ioms.iter().filter(|i| matches!(s.map.state(i.id), IomState::Rebuilding { .. })).collect();
+        let (done, total): (u64, u64) = rebuilding
+            .iter()
+            .filter_map(|i| i.stats.as_ref())
+            .fold((0, 0), |(d, t), st| (d + st.rebuild_done, t + st.rebuild_total));
+        bar.set_length(total.max(done));
+        bar.set_position(done);
+        bar.set_message(format!("{}rebuild ", s.render()));
+        if rebuilding.is_empty() {
+            bar.set_length(0);
+            bar.set_message(s.render());
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+    bar.finish();
+}

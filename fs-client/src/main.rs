@@ -59,6 +59,9 @@ enum Cmd {
         /// Random 4 KiB operations per toughness.
         #[arg(long, default_value_t = 4000)]
         random_ops: u64,
+        /// Instead: failover measurements, killing this IOM of a local cluster.
+        #[arg(long)]
+        failover: Option<u32>,
     },
     /// Mount the cluster whose config is in DIR at MNT (foreground unless --detach).
     Mount {
@@ -200,10 +203,18 @@ fn run(cli: Cli) -> Result<u8> {
             c.close();
             Ok(if r.problems.is_empty() { 0 } else { 1 })
         }),
-        Cmd::Bench { dir, size, depth, random_ops } => runtime()?.block_on(async {
+        Cmd::Bench { dir, size, depth, random_ops, failover } => runtime()?.block_on(async {
             let c = ClusterClient::connect(&dir).await?;
             let size = init::parse_size(&size)?;
             let base = 1u64 << 62 | (rand::random::<u32>() as u64) << 8;
+            if let Some(v) = failover {
+                bench::failover(c.clone(), common::IomId(v), size, base, |l| {
+                    println!("{:<44} {:>12.1} {}", l.name, l.value, l.unit)
+                })
+                .await?;
+                c.close();
+                return Ok(0);
+            }
             bench::run(c.clone(), bench::BenchOptions { size, depth, random_ops, object_base: base }, |l| {
                 println!("{:<44} {:>12.1} {}", l.name, l.value, l.unit)
             })
@@ -242,18 +253,15 @@ fn run(cli: Cli) -> Result<u8> {
         }
         Cmd::Status { dir, watch } => runtime()?.block_on(async {
             let c = ClusterClient::connect(&dir).await?;
-            let code = loop {
-                let s = local::status(&c).await;
-                if watch {
-                    print!("\x1b[2J\x1b[H{}", s.render());
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    continue;
-                }
-                print!("{}", s.render());
-                break if s.health() == common::Health::Healthy { 0 } else { 1 };
-            };
+            if watch {
+                local::watch(&c).await;
+                c.close();
+                return Ok(0);
+            }
+            let s = local::status(&c).await;
+            print!("{}", s.render());
             c.close();
-            Ok(code)
+            Ok(if s.health() == common::Health::Healthy { 0 } else { 1 })
         }),
         Cmd::Stats { dir } => runtime()?.block_on(async {
             let c = ClusterClient::connect(&dir).await?;

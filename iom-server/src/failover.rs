@@ -117,13 +117,20 @@ impl Iom {
             return false;
         }
         let w = self.cfg.width();
-        let calls = (0..w).map(IomId).filter(|&j| j != self.id).map(|j| {
-            let me = self.clone();
-            let req = Request::Member(MemberReq::Propose { ballot, map: next.clone(), changed });
-            async move { me.pool.call_timeout(j, &req, Bytes::new(), Duration::from_millis(700)).await }
-        });
+        let declaring_down = matches!(next.state(changed), IomState::Down { .. });
+        let mut calls: futures::stream::FuturesUnordered<_> = (0..w)
+            .map(IomId)
+            .filter(|&j| j != self.id && !(declaring_down && j == changed))
+            .map(|j| {
+                let me = self.clone();
+                let req = Request::Member(MemberReq::Propose { ballot, map: next.clone(), changed });
+                async move { me.pool.call_timeout(j, &req, Bytes::new(), Duration::from_millis(700)).await }
+            })
+            .collect();
         let mut votes = 1usize;
-        for r in futures::future::join_all(calls).await {
+        // Stop at a majority: a silent voter must not delay the commit.
+        while votes < self.member.majority() {
+            let Some(r) = futures::StreamExt::next(&mut calls).await else { break };
             if let Ok((Reply::Member(MemberResp::Vote { granted, map }), _)) = r {
                 if granted {
                     votes += 1;

@@ -58,6 +58,8 @@ impl Iom {
         self.rejoin_flag.store(true, Ordering::Release);
         let me = self.id;
         let mut recovered = false;
+        // Let the peers hear this IOM before it asks them to vote it back.
+        tokio::time::sleep(self.member.heartbeat * 3).await;
         loop {
             if self.shutdown.is_cancelled() {
                 return;
