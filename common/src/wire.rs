@@ -207,6 +207,9 @@ pub struct ParityUpdate {
     pub hint: u8,
     /// The data IOM whose block this is, when a proxy sends on its behalf.
     pub data_iom: IomId,
+    /// A `durable` write waits for "parity completed": sync it at once
+    /// (otherwise group commit within the flush interval is enough).
+    pub durable: bool,
 }
 
 /// Data IOM to parity IOM, on the parity channel.
@@ -507,8 +510,9 @@ mod tests {
             delta_offset: 0,
             hint: 1,
             data_iom: IomId(1),
+            durable: true,
         });
-        assert_eq!(hex(&encode(&u).unwrap()), "0001090702030405000101");
+        assert_eq!(hex(&encode(&u).unwrap()), "000109070203040500010101");
 
         let e = Reply::Error(WireError::new(ErrorCode::NotServing, "x"));
         assert_eq!(hex(&encode(&e).unwrap()), "05050178");

@@ -193,15 +193,22 @@ impl Iom {
         // b2: the delta came with the request (pushed by D, DESIGN a8).
         // b4: hold the delta and confirm receipt once b1 is written.
         let tx = u.tx;
-        let ack = acks.clone();
-        let me4 = self.clone();
-        tokio::spawn(async move {
-            if let Some(w) = written {
-                let _ = w.await;
+        match written {
+            // b1 is written already (appends write in place): confirm at once.
+            None => {
+                let _ = acks.send(ParityAck::Held { tx });
+                crate::crash_point_sync!(self, "parity::after-b4");
             }
-            let _ = ack.send(ParityAck::Held { tx });
-            crash_point!(&me4, "parity::after-b4");
-        });
+            Some(w) => {
+                let ack = acks.clone();
+                let me4 = self.clone();
+                tokio::spawn(async move {
+                    let _ = w.await;
+                    let _ = ack.send(ParityAck::Held { tx });
+                    crash_point!(&me4, "parity::after-b4");
+                });
+            }
+        }
         let group = u.group;
         crate::crash_point_sync!(self, "parity::after-b2");
         let mut groups = self.parity.groups.lock();
@@ -356,6 +363,7 @@ impl Iom {
         // b7: old-parity and delta buffers released.
         drop(old_bytes);
         let txs: Vec<TxRef> = batch.iter().map(|d| d.upd.tx).collect();
+        let urgent = batch.iter().any(|d| d.upd.durable);
         let acks: Vec<(TxRef, AckTx)> = batch.into_iter().map(|d| (d.upd.tx, d.acks)).collect();
         crash_point!(self, "parity::after-b7");
         // b8: issue the write of the new parity at the new address.
@@ -374,7 +382,7 @@ impl Iom {
         // b9 + b10 + b11: the write completes (block file synced before the
         // record), the parity map switches, "update parity completed" is journaled.
         let rec = Record::ParityDone { group: g, old, new, txs };
-        let durable = self.commit(&rec, true, Wait::Durable);
+        let durable = self.commit(&rec, true, if urgent { Wait::Durable } else { Wait::DurableLazy });
         crash_point!(self, "parity::after-b9");
         crash_point!(self, "parity::after-b10");
         // b12: tell each data IOM, once the record is durable.

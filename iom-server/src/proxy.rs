@@ -195,6 +195,7 @@ impl Iom {
             delta_offset,
             hint,
             data_iom: owner,
+            durable: toughness == Toughness::Durable,
         };
         let (held, done) = self.links.send_update(self, parity, upd, delta);
         if let Some(m) = mark {

@@ -151,6 +151,8 @@ pub(crate) struct Pending {
     written: Option<oneshot::Receiver<()>>,
     held: oneshot::Receiver<()>,
     done: oneshot::Receiver<()>,
+    /// Someone waits for this transaction to be durable: sync at once.
+    urgent: bool,
 }
 
 impl Pending {
@@ -165,7 +167,7 @@ impl Pending {
         done: oneshot::Receiver<()>,
     ) -> Pending {
         let progress = iom.inflight.register(tx);
-        Pending { tx, key, old, new, progress, written: None, held, done }
+        Pending { tx, key, old, new, progress, written: None, held, done, urgent: false }
     }
 }
 
@@ -223,7 +225,7 @@ impl Iom {
         }
         self.fence.wait(&key).await;
         let guard = self.locks.lock(key).await;
-        let mut p = self.issue(key, &op, hint).await?;
+        let mut p = self.issue(key, &op, hint, toughness == Toughness::Durable).await?;
         drop(guard);
         let version = p.new.version;
         let mut watch = p.progress.subscribe();
@@ -246,7 +248,7 @@ impl Iom {
     }
 
     /// a1–a8 under the block's lock: from the old version to the delta on its way.
-    async fn issue(self: &Arc<Self>, key: BlockKey, op: &Op, hint: u8) -> Result<Pending, Error> {
+    async fn issue(self: &Arc<Self>, key: BlockKey, op: &Op, hint: u8, urgent: bool) -> Result<Pending, Error> {
         // a1: the old block, from the buffer cache or the disk (zeros if it never existed).
         let old = self.map.head(&key);
         let old_bytes = self.version_bytes(key, old).await?;
@@ -298,15 +300,17 @@ impl Iom {
             delta_offset,
             hint,
             data_iom: self.id,
+            durable: urgent,
         };
         let (held, done) = self.links.send_update(self, parity, upd, delta);
         crash_point!(self, "write::after-a6");
-        Ok(Pending { tx, key, old, new, progress, written, held, done })
+        Ok(Pending { tx, key, old, new, progress, written, held, done, urgent })
     }
 
     /// a8 confirmation through a14, in the background.
     async fn finish(self: Arc<Self>, p: Pending, written: Option<oneshot::Receiver<()>>) {
-        let Pending { tx, key, old, new, progress, held, done, .. } = p;
+        let Pending { tx, key, old, new, progress, held, done, urgent, .. } = p;
+        let durably = if urgent { Wait::Durable } else { Wait::DurableLazy };
         let fail = |progress: &watch::Sender<Progress>| {
             progress.send_replace(Progress::Failed);
         };
@@ -327,7 +331,7 @@ impl Iom {
         // a10 + a11: the new block's write completes (block file synced by the
         // journal writer before this record) and the map switches to it.
         let rec = Record::Switched { tx };
-        let switched = self.commit(&rec, true, Wait::Durable);
+        let switched = self.commit(&rec, true, durably);
         if let Some(s) = switched {
             let _ = s.await;
         }
@@ -348,7 +352,7 @@ impl Iom {
         // durable. It is made durable before a13, so a parity IOM that has
         // freed (and forgotten) a transaction implies its data IOM completed it.
         let _ = (old, new);
-        if let Some(d) = self.commit(&Record::Completed { tx }, false, Wait::Durable) {
+        if let Some(d) = self.commit(&Record::Completed { tx }, false, Wait::DurableLazy) {
             let _ = d.await;
         }
         crash_point!(&self, "write::after-a14");

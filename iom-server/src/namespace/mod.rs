@@ -205,24 +205,13 @@ impl Namespace {
 
     /// Writes a checkpoint and drops the journal segments it covers.
     pub async fn checkpoint(&self) -> Result<(), Error> {
-        // The journal lives inside the replica; rotating needs an await, so
-        // block new batches only for the rotation itself.
-        let journal_rotate = {
-            let g = self.rep.lock();
-            match g.as_ref() {
-                Some(r) => r.journal.rotate_request(),
-                None => return Ok(()),
-            }
-        };
-        let seg = journal_rotate.await.unwrap_or(0);
-        if seg == 0 {
-            return Ok(());
-        }
-        let (snap, dir) = {
+        // Rotation and the copy of the state happen under one lock: the
+        // checkpoint covers exactly the segments before the new one.
+        let (snap, dir, seg) = {
             let g = self.rep.lock();
             let Some(r) = g.as_ref() else { return Ok(()) };
-            // Everything applied now is in segments < seg or later; replay from seg is idempotent by lsn.
-            (Snap { term: r.term, lsn: r.lsn, replay_from: seg, state: r.state.clone() }, r.dir.clone())
+            let seg = r.journal.rotate_now();
+            (Snap { term: r.term, lsn: r.lsn, replay_from: seg, state: r.state.clone() }, r.dir.clone(), seg)
         };
         write_snap(&dir, &snap)?;
         Journal::remove_before(&dir, seg)?;
