@@ -77,6 +77,7 @@ struct Tally {
     rebuilt: u32,
     recomputed: u32,
     freed: u32,
+    left_to_data: u32,
 }
 
 impl Iom {
@@ -368,6 +369,7 @@ impl Iom {
             delta_offset: 0,
             hint: 1,
             data_iom: self.id,
+            durable: true,
         };
         self.resume_tx(tx, t, upd, delta.freeze());
         Ok(())
@@ -583,7 +585,11 @@ impl Iom {
                 let Some(p) = self.map.ptx.lock().get(&tx).cloned() else { continue };
                 match self.resolve_parity_tx(tx, &p, &mut tally).await {
                     Ok(true) => {}
-                    Ok(false) => left.push(tx),
+                    // The data IOM still has it open: it resends the update
+                    // (a resent update is handled like a new one, b1–b13),
+                    // perhaps only once this IOM serves again — waiting for it
+                    // here would deadlock a stopped cluster's restart.
+                    Ok(false) => tally.left_to_data += 1,
                     Err(e) => {
                         tracing::debug!(iom = self.id.0, tx = ?tx, "recovery waits: {e}");
                         left.push(tx);
@@ -603,6 +609,7 @@ impl Iom {
             rebuilt = tally.rebuilt,
             parity_recomputed = tally.recomputed,
             frees_finished = tally.freed,
+            left_to_data_iom = tally.left_to_data,
             "recovery: done"
         );
     }
