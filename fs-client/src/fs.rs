@@ -374,12 +374,20 @@ impl Inner {
     }
 
     async fn fsync(&self, ino: Ino) -> R<()> {
-        self.publish(ino).await?;
         let n = self.known(ino).await?;
-        if n.attr.kind == FileKind::Regular {
-            self.c.flush().await.map_err(errno)?;
-        }
-        self.meta(MetaReq::Sync).await.map(|_| ())
+        // Data and metadata are made durable side by side: nothing is
+        // promised until both are done.
+        let data = async {
+            if n.attr.kind == FileKind::Regular {
+                self.c.flush().await.map_err(errno)?;
+            }
+            Ok(())
+        };
+        let meta = async {
+            self.publish(ino).await?;
+            self.meta(MetaReq::Sync).await.map(|_| ())
+        };
+        futures::future::try_join(data, meta).await.map(|_| ())
     }
 
     async fn create(
