@@ -26,6 +26,9 @@ pub struct RebuildProgress {
     pub active: AtomicBool,
 }
 
+/// Blocks (and parity groups) rebuilt at once: enough to keep every peer's
+/// disk and the network busy while one block waits for its members.
+const REBUILD_PARALLEL: usize = 32;
 impl RebuildProgress {
     pub fn rate(&self) -> u64 {
         let secs = self.started.lock().map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
@@ -145,6 +148,21 @@ impl Iom {
         }
     }
 
+    /// Throttle (`rebuild_mib_s`, bytes/s in `limit`, 0 = none): keeps the
+    /// average rate of this round (`bytes0` counted when it started at
+    /// `started`) at or below the limit.
+    async fn rebuild_throttle(&self, limit: u64, started: Instant, bytes0: u64) {
+        if limit == 0 {
+            return;
+        }
+        let bytes = self.rebuild.bytes.load(Ordering::Relaxed).saturating_sub(bytes0) as f64;
+        let should = Duration::from_secs_f64(bytes / limit as f64);
+        let el = started.elapsed();
+        if should > el {
+            tokio::time::sleep(should - el).await;
+        }
+    }
+
     /// Rebuilds one set of marks and tells the stand-in which are done.
     async fn rebuild_marks_now(self: &Arc<Self>, proxy: IomId, m: RebuildMarks) {
         let total = (m.blocks.len() + m.groups.len()) as u64;
@@ -155,6 +173,7 @@ impl Iom {
         }
         let limit = self.cfg.tuning.rebuild_mib_s << 20;
         let started = Instant::now();
+        let bytes0 = self.rebuild.bytes.load(Ordering::Relaxed);
         let me = self.clone();
         let rebuilt: Vec<_> = futures::stream::iter(m.blocks.iter().copied())
             .map(|(key, want)| {
@@ -172,34 +191,38 @@ impl Iom {
                     Some((key, v))
                 }
             })
-            .buffer_unordered(8)
-            .inspect(|_| {})
+            .buffer_unordered(REBUILD_PARALLEL)
             .filter_map(|x| async move { x })
             .then(|x| {
                 let me = me.clone();
                 async move {
-                    if limit > 0 {
-                        // Throttle: keep the average rate at or below the limit.
-                        let bytes = me.rebuild.bytes.load(Ordering::Relaxed) as f64;
-                        let should = Duration::from_secs_f64(bytes / limit as f64);
-                        let el = started.elapsed();
-                        if should > el {
-                            tokio::time::sleep(should - el).await;
-                        }
-                    }
+                    me.rebuild_throttle(limit, started, bytes0).await;
                     x
                 }
             })
             .collect()
             .await;
-        let mut groups = Vec::new();
-        for g in &m.groups {
-            if self.recompute_parity(*g).await.is_ok() {
-                groups.push(*g);
-                self.rebuild.done.fetch_add(1, Ordering::Relaxed);
-                self.rebuild.bytes.fetch_add(self.cfg.block_size as u64, Ordering::Relaxed);
-            }
-        }
+        let groups: Vec<_> = futures::stream::iter(m.groups.iter().copied())
+            .map(|g| {
+                let me = me.clone();
+                async move {
+                    me.recompute_parity(g).await.ok()?;
+                    me.rebuild.done.fetch_add(1, Ordering::Relaxed);
+                    me.rebuild.bytes.fetch_add(me.cfg.block_size as u64, Ordering::Relaxed);
+                    Some(g)
+                }
+            })
+            .buffer_unordered(REBUILD_PARALLEL)
+            .filter_map(|x| async move { x })
+            .then(|x| {
+                let me = me.clone();
+                async move {
+                    me.rebuild_throttle(limit, started, bytes0).await;
+                    x
+                }
+            })
+            .collect()
+            .await;
         let done = RebuildMarks { blocks: rebuilt, groups, drops: m.drops.clone(), frozen: false };
         let _ = self
             .pool
