@@ -217,27 +217,29 @@ impl Inner {
 
     /// Publishes size and mtime of writes made through this client.
     async fn publish(&self, ino: Ino) -> R<()> {
+        // The local size stays in force until the namespace has the new one:
+        // a getattr answered meanwhile must not report the old, smaller size
+        // (the kernel would drop the file's tail from its page cache).
         let (end, mtime) = {
-            let mut nodes = self.nodes.lock();
-            let Some(n) = nodes.get_mut(&ino) else { return Ok(()) };
-            let Some(m) = n.dirty_mtime.take() else { return Ok(()) };
-            (std::mem::take(&mut n.dirty_end), m)
+            let nodes = self.nodes.lock();
+            let Some(n) = nodes.get(&ino) else { return Ok(()) };
+            let Some(m) = n.dirty_mtime else { return Ok(()) };
+            (n.dirty_end, m)
         };
-        match self.meta(MetaReq::Written { ino, end, mtime }).await {
-            Ok(MetaResp::Attr(a)) => {
-                self.remember(&a);
-                Ok(())
-            }
-            Ok(_) => Ok(()),
-            Err(e) => {
-                // Keep it dirty so a later flush tries again.
-                if let Some(n) = self.nodes.lock().get_mut(&ino) {
-                    n.dirty_end = n.dirty_end.max(end);
-                    n.dirty_mtime = Some(n.dirty_mtime.map_or(mtime, |x| x.max(mtime)));
+        let r = self.meta(MetaReq::Written { ino, end, mtime }).await;
+        if let Ok(MetaResp::Attr(a)) = &r {
+            let mut nodes = self.nodes.lock();
+            if let Some(n) = nodes.get_mut(&ino) {
+                n.attr = a.clone();
+                // Clean unless this client wrote more meanwhile (published next time).
+                if n.dirty_mtime == Some(mtime) && n.dirty_end <= end {
+                    n.dirty_mtime = None;
+                    n.dirty_end = 0;
                 }
-                Err(e)
             }
         }
+        // On an error it stays dirty, so a later flush tries again.
+        r.map(|_| ())
     }
 
     fn toughness_of(&self, n: &Node) -> Toughness {
@@ -510,9 +512,14 @@ impl Filesystem for IomFs {
         let _ = cfg.set_max_readahead(1 << 20);
         let _ = cfg.set_max_background(64);
         let _ = cfg.set_congestion_threshold(48);
+        // No FUSE_ATOMIC_O_TRUNC: with it the kernel zeroes the file's size
+        // and drops its page cache on open(O_TRUNC) before the VFS checks
+        // write access, so an open(O_RDONLY|O_TRUNC) that then fails with
+        // ETXTBSY has already pulled the pages from under a running
+        // executable (it dies with SIGBUS/SIGSEGV). Without it the kernel
+        // truncates through setattr(size = 0) after that check.
         let want = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_ASYNC_READ
             | InitFlags::FUSE_BIG_WRITES

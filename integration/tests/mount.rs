@@ -162,6 +162,39 @@ fn append_overwrite_truncate_extend_sparse() {
     c.must_scrub_clean();
 }
 
+/// A program copied into the mount runs from it, and a failed
+/// open(O_RDONLY|O_TRUNC) of the running binary (ETXTBSY) leaves it intact
+/// (with FUSE_ATOMIC_O_TRUNC the kernel dropped its pages first and it died).
+#[test]
+fn executables_run_and_etxtbsy_leaves_them_running() {
+    let _g = serial();
+    let (_c, m) = up();
+    let sleep =
+        String::from_utf8(Command::new("sh").args(["-c", "command -v sleep"]).output().unwrap().stdout).unwrap();
+    for i in 0..20 {
+        let exe = m.join(format!("sleep{i}"));
+        fs::copy(sleep.trim(), &exe).unwrap();
+        fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+        let mut child = Command::new(&exe).arg("10").spawn().unwrap();
+        for (flags, what) in [(libc::O_WRONLY, "O_WRONLY"), (libc::O_RDONLY | libc::O_TRUNC, "O_RDONLY|O_TRUNC")] {
+            let e = OpenOptions::new()
+                .read(flags & libc::O_ACCMODE == libc::O_RDONLY)
+                .write(flags & libc::O_ACCMODE == libc::O_WRONLY)
+                .custom_flags(flags & libc::O_TRUNC)
+                .open(&exe)
+                .map(|_| ())
+                .unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::ETXTBSY), "{what} open of a running binary (round {i})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let st = child.try_wait().unwrap();
+        assert!(st.is_none(), "the binary run from the mount died: {st:?} (round {i})");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        fs::remove_file(&exe).unwrap();
+    }
+}
+
 #[test]
 fn rename_link_symlink_unlink_cases() {
     let _g = serial();
