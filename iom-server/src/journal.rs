@@ -216,6 +216,15 @@ fn data_sync_stage(rx: mpsc::Receiver<DsCmd>, shared: Arc<Shared>, data_file: Ar
     }
 }
 
+/// Notes one command for the journal-sync loop.
+fn take(c: JsCmd, waiters: &mut Vec<(u64, OnDurable)>, now: &mut bool, stop: &mut Option<oneshot::Sender<()>>) {
+    match c {
+        JsCmd::Wait(pos, w) => waiters.push((pos, w)),
+        JsCmd::Now => *now = true,
+        JsCmd::Stop(d) => *stop = Some(d),
+    }
+}
+
 fn journal_sync_thread(rx: mpsc::Receiver<JsCmd>, shared: Arc<Shared>) {
     let mut waiters: Vec<(u64, OnDurable)> = Vec::new();
     let mut synced = 0u64;
@@ -241,11 +250,7 @@ fn journal_sync_thread(rx: mpsc::Receiver<JsCmd>, shared: Arc<Shared>) {
                 cmds.push(c);
             }
             for c in cmds {
-                match c {
-                    JsCmd::Wait(pos, w) => waiters.push((pos, w)),
-                    JsCmd::Now => now = true,
-                    JsCmd::Stop(d) => stop = Some(d),
-                }
+                take(c, &mut waiters, &mut now, &mut stop);
             }
             if !now && stop.is_none() {
                 continue;
@@ -277,11 +282,7 @@ fn journal_sync_thread(rx: mpsc::Receiver<JsCmd>, shared: Arc<Shared>) {
         waiters = keep;
         // Anything that arrived while syncing and is urgent: go again.
         while let Ok(c) = rx.try_recv() {
-            match c {
-                JsCmd::Wait(pos, w) => waiters.push((pos, w)),
-                JsCmd::Now => now = true,
-                JsCmd::Stop(d) => stop = Some(d),
-            }
+            take(c, &mut waiters, &mut now, &mut stop);
         }
         if let Some(d) = stop.take() {
             if shared.written.load(Ordering::Acquire) <= synced && waiters.is_empty() {
@@ -526,10 +527,6 @@ impl Journal {
         seg.no = no;
         self.shared.stats.bytes_since_rotate.store(0, Ordering::Relaxed);
         no
-    }
-
-    pub async fn rotate(&self) -> u64 {
-        self.rotate_now()
     }
 
     /// Flushes and stops the journal's threads; the receiver fires when done.

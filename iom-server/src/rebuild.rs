@@ -148,10 +148,13 @@ impl Iom {
         }
     }
 
-    /// Throttle (`rebuild_mib_s`, bytes/s in `limit`, 0 = none): keeps the
-    /// average rate of this round (`bytes0` counted when it started at
-    /// `started`) at or below the limit.
-    async fn rebuild_throttle(&self, limit: u64, started: Instant, bytes0: u64) {
+    /// Counts one rebuilt block or group of `n` bytes, then throttles
+    /// (`rebuild_mib_s`, bytes/s in `limit`, 0 = none): keeps the average
+    /// rate of this round (`bytes0` counted when it started at `started`)
+    /// at or below the limit.
+    async fn rebuilt_one(&self, n: u64, limit: u64, started: Instant, bytes0: u64) {
+        self.rebuild.done.fetch_add(1, Ordering::Relaxed);
+        self.rebuild.bytes.fetch_add(n, Ordering::Relaxed);
         if limit == 0 {
             return;
         }
@@ -179,27 +182,20 @@ impl Iom {
             .map(|(key, want)| {
                 let me = me.clone();
                 async move {
-                    let _g = me.locks.lock(key).await;
+                    let g = me.locks.lock(key).await;
                     let (v, bytes) = me.reconstruct(key, None).await.ok()?;
                     if v < want {
                         return None; // parity not there yet: next round
                     }
                     let n = bytes.len() as u64;
                     me.install_version(key, v, bytes).await.ok()?;
-                    me.rebuild.done.fetch_add(1, Ordering::Relaxed);
-                    me.rebuild.bytes.fetch_add(n, Ordering::Relaxed);
+                    drop(g);
+                    me.rebuilt_one(n, limit, started, bytes0).await;
                     Some((key, v))
                 }
             })
             .buffer_unordered(REBUILD_PARALLEL)
             .filter_map(|x| async move { x })
-            .then(|x| {
-                let me = me.clone();
-                async move {
-                    me.rebuild_throttle(limit, started, bytes0).await;
-                    x
-                }
-            })
             .collect()
             .await;
         let groups: Vec<_> = futures::stream::iter(m.groups.iter().copied())
@@ -207,20 +203,12 @@ impl Iom {
                 let me = me.clone();
                 async move {
                     me.recompute_parity(g).await.ok()?;
-                    me.rebuild.done.fetch_add(1, Ordering::Relaxed);
-                    me.rebuild.bytes.fetch_add(me.cfg.block_size as u64, Ordering::Relaxed);
+                    me.rebuilt_one(me.cfg.block_size as u64, limit, started, bytes0).await;
                     Some(g)
                 }
             })
             .buffer_unordered(REBUILD_PARALLEL)
             .filter_map(|x| async move { x })
-            .then(|x| {
-                let me = me.clone();
-                async move {
-                    me.rebuild_throttle(limit, started, bytes0).await;
-                    x
-                }
-            })
             .collect()
             .await;
         let done = RebuildMarks { blocks: rebuilt, groups, drops: m.drops.clone(), frozen: false };
