@@ -53,6 +53,11 @@ pub struct Tuning {
     pub rebuild_mib_s: u64,
     /// How long a client waits for a stopped cluster before EIO, seconds.
     pub stopped_wait_s: u64,
+    /// IOM runtime worker threads; 0 = one thread drives everything (no
+    /// cross-thread wake-ups per message: the lowest latency when several
+    /// IOMs share a machine's cores). Disk syncs have their own threads
+    /// either way.
+    pub iom_threads: u32,
 }
 
 impl Default for Tuning {
@@ -64,6 +69,7 @@ impl Default for Tuning {
             failure_timeout_ms: 800,
             rebuild_mib_s: 0,
             stopped_wait_s: 60,
+            iom_threads: 0,
         }
     }
 }
@@ -143,6 +149,9 @@ impl ClusterConfig {
         }
         if self.cluster_id.is_empty() {
             return Err(bad("empty cluster_id".into()));
+        }
+        if self.tuning.iom_threads > 256 {
+            return Err(bad(format!("tuning.iom_threads {} is more than 256", self.tuning.iom_threads)));
         }
         Ok(())
     }

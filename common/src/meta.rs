@@ -245,6 +245,12 @@ pub enum MetaReq {
         ino: Ino,
         size: u64,
     },
+    /// `Written`, then `Sync` (fsync in one round trip).
+    WrittenSync {
+        ino: Ino,
+        end: u64,
+        mtime: Timestamp,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

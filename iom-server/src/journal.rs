@@ -43,8 +43,12 @@ pub enum Wait {
     /// Until the record is on stable storage, synced at once.
     Durable,
     /// Until the record is on stable storage, synced by group commit within
-    /// `journal_flush_ms` (nobody is in a hurry for it).
+    /// `journal_flush_ms` (nobody is in a hurry for it) unless the journal
+    /// is hurried (an fsync waits for the transactions in flight).
     DurableLazy,
+    /// Like `DurableLazy`, but never hurried: bookkeeping no client waits
+    /// for (a14). It rides along with any sync that happens meanwhile.
+    Background,
 }
 
 type Callback = Box<dyn FnOnce() + Send>;
@@ -87,7 +91,22 @@ enum JsCmd {
 struct Segment {
     file: File,
     no: u64,
+    /// Bytes of the segment written (header and records).
+    end: u64,
+    /// The segment is allocated and zero-filled up to here (see `zero_ahead`).
+    zeroed: u64,
 }
+
+impl Segment {
+    fn new(file: File, no: u64) -> Segment {
+        Segment { file, no, end: SEG_HEADER as u64, zeroed: SEG_HEADER as u64 }
+    }
+}
+
+/// Keep at least this much of the segment zero-filled ahead of its end...
+const ZERO_MIN: u64 = 1 << 20;
+/// ...by filling this much at a time.
+const ZERO_CHUNK: u64 = 2 << 20;
 
 struct Shared {
     seg: parking_lot::Mutex<Segment>,
@@ -95,6 +114,8 @@ struct Shared {
     sync_file: parking_lot::Mutex<Arc<File>>,
     /// Bytes written since the journal was opened (across segments).
     written: AtomicU64,
+    /// Of those, how many are known to be on stable storage.
+    synced: AtomicU64,
     stats: Arc<JournalStats>,
     interval: Duration,
     dir: PathBuf,
@@ -137,6 +158,7 @@ impl Shared {
         if let Err(e) = seg.file.write_all(&buf) {
             fatal("write", e);
         }
+        seg.end += buf.len() as u64;
         self.stats.records.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.stats.bytes_since_rotate.fetch_add(buf.len() as u64, Ordering::Relaxed);
@@ -151,7 +173,7 @@ impl Shared {
                 let _ = self.js.send(JsCmd::Wait(pos, OnDurable::Notify(d)));
                 let _ = self.js.send(JsCmd::Now);
             }
-            (Wait::DurableLazy, Some(d)) => {
+            (Wait::DurableLazy | Wait::Background, Some(d)) => {
                 let _ = self.js.send(JsCmd::Wait(pos, OnDurable::Notify(d)));
             }
             (_, Some(d)) => {
@@ -216,6 +238,36 @@ fn data_sync_stage(rx: mpsc::Receiver<DsCmd>, shared: Arc<Shared>, data_file: Ar
     }
 }
 
+/// Keeps the current segment allocated and zero-filled ahead of its end, so
+/// that appends overwrite blocks the file already has: an `fdatasync` then
+/// flushes only the data, without a file-system journal commit for the
+/// growing size and new extents (about a third cheaper per sync here).
+/// Replay reads a zero header as the clean end of a segment.
+fn zero_ahead(shared: &Shared) {
+    use std::os::unix::fs::FileExt;
+    let file = {
+        let mut seg = shared.seg.lock();
+        if seg.zeroed >= seg.end + ZERO_MIN {
+            return;
+        }
+        // Under the segment lock: no record is appended meanwhile, and the
+        // fill starts at or after the end, so it never overwrites a record.
+        let from = seg.zeroed.max(seg.end);
+        let zeros = vec![0u8; ZERO_CHUNK as usize];
+        if seg.file.write_all_at(&zeros, from).is_err() {
+            // Not fatal: appends then grow the file as they would without it.
+            return;
+        }
+        seg.zeroed = from + ZERO_CHUNK;
+        shared.sync_file.lock().clone()
+    };
+    // Until this completes, a sync that covers records in the new range
+    // also commits its allocation: slower once, never wrong.
+    if let Err(e) = file.sync_data() {
+        fatal("fdatasync", e);
+    }
+}
+
 /// Notes one command for the journal-sync loop.
 fn take(c: JsCmd, waiters: &mut Vec<(u64, OnDurable)>, now: &mut bool, stop: &mut Option<oneshot::Sender<()>>) {
     match c {
@@ -230,11 +282,15 @@ fn journal_sync_thread(rx: mpsc::Receiver<JsCmd>, shared: Arc<Shared>) {
     let mut synced = 0u64;
     let mut stop: Option<oneshot::Sender<()>> = None;
     let mut now = false;
+    // When the oldest record not yet synced must be synced by: commands
+    // arriving meanwhile do not push it back.
+    let mut deadline: Option<std::time::Instant> = None;
     loop {
         let unsynced = shared.written.load(Ordering::Acquire) > synced;
         if !now && stop.is_none() {
             let first = if unsynced || !waiters.is_empty() {
-                match rx.recv_timeout(shared.interval) {
+                let d = *deadline.get_or_insert_with(|| std::time::Instant::now() + shared.interval);
+                match rx.recv_timeout(d.saturating_duration_since(std::time::Instant::now())) {
                     Ok(c) => Some(c),
                     Err(mpsc::RecvTimeoutError::Timeout) => Some(JsCmd::Now),
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -257,6 +313,7 @@ fn journal_sync_thread(rx: mpsc::Receiver<JsCmd>, shared: Arc<Shared>) {
             }
         }
         now = false;
+        deadline = None;
         let target = shared.written.load(Ordering::Acquire);
         if target > synced {
             let f = shared.sync_file.lock().clone();
@@ -265,6 +322,8 @@ fn journal_sync_thread(rx: mpsc::Receiver<JsCmd>, shared: Arc<Shared>) {
             }
             shared.stats.flushes.fetch_add(1, Ordering::Relaxed);
             synced = target;
+            shared.synced.store(synced, Ordering::Release);
+            zero_ahead(&shared);
         }
         let mut keep = Vec::with_capacity(waiters.len());
         for (pos, w) in waiters.drain(..) {
@@ -364,6 +423,12 @@ fn parse_segment(buf: &[u8], path: &Path) -> Result<(Vec<Vec<u8>>, Option<usize>
         }
         let len = u32::from_le_bytes(buf[pos..pos + 4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(buf[pos + 4..pos + 8].try_into().expect("4 bytes"));
+        if len == 0 {
+            // No record is empty. Zeros to the end are the space filled
+            // ahead of the last record (a clean end); anything else is torn.
+            let clean = crc == 0 && buf[pos..].iter().all(|&b| b == 0);
+            return Ok((out, if clean { None } else { Some(good) }));
+        }
         if len > MAX_RECORD || buf.len() - pos - 8 < len {
             return Ok((out, Some(good)));
         }
@@ -427,9 +492,10 @@ impl Journal {
         let (js_tx, js_rx) = mpsc::channel();
         let (ds_tx, ds_rx) = mpsc::channel();
         let shared = Arc::new(Shared {
-            seg: parking_lot::Mutex::new(Segment { file, no: segment }),
+            seg: parking_lot::Mutex::new(Segment::new(file, segment)),
             sync_file: parking_lot::Mutex::new(sync_file),
             written: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
             stats: stats.clone(),
             interval: flush_interval,
             dir: dir.to_path_buf(),
@@ -471,8 +537,8 @@ impl Journal {
         on_durable: Option<Callback>,
     ) -> Option<oneshot::Receiver<()>> {
         let wait = if wait == Wait::DurableLazy && self.hurried() { Wait::Durable } else { wait };
-        let needs_waiter =
-            matches!(wait, Wait::Durable | Wait::DurableLazy) || (after_data_sync && wait == Wait::Written);
+        let needs_waiter = matches!(wait, Wait::Durable | Wait::DurableLazy | Wait::Background)
+            || (after_data_sync && wait == Wait::Written);
         let (done, rx) = if needs_waiter {
             let (t, r) = oneshot::channel();
             (Some(t), Some(r))
@@ -505,6 +571,25 @@ impl Journal {
         r
     }
 
+    /// Where the journal ends now; see [`Journal::durable_at`].
+    pub fn position(&self) -> u64 {
+        self.shared.written.load(Ordering::Acquire)
+    }
+
+    /// Fires once every record written before `pos` is on stable storage,
+    /// syncing at once if it is not yet (no sync at all if it already is).
+    /// Unlike [`Journal::flush_request`], records still waiting for a data
+    /// sync are not covered.
+    pub fn durable_at(&self, pos: u64) -> Option<oneshot::Receiver<()>> {
+        if self.shared.synced.load(Ordering::Acquire) >= pos {
+            return None;
+        }
+        let (t, r) = oneshot::channel();
+        let _ = self.shared.js.send(JsCmd::Wait(pos, OnDurable::Notify(t)));
+        let _ = self.shared.js.send(JsCmd::Now);
+        Some(r)
+    }
+
     /// Waits until everything appended so far is durable.
     pub async fn flush(&self) {
         let _ = self.flush_request().await;
@@ -523,8 +608,7 @@ impl Journal {
             .unwrap_or_else(|e| fatal("segment rotation", std::io::Error::other(e.to_string())));
         let sync = f.try_clone().unwrap_or_else(|e| fatal("segment rotation", e));
         *self.shared.sync_file.lock() = Arc::new(sync);
-        seg.file = f;
-        seg.no = no;
+        *seg = Segment::new(f, no);
         self.shared.stats.bytes_since_rotate.store(0, Ordering::Relaxed);
         no
     }
@@ -602,6 +686,25 @@ mod tests {
         assert!(r3.records.is_empty());
         j3.stop().await;
         assert!(!p.exists());
+    }
+
+    #[tokio::test]
+    async fn zero_filled_segment_tails_replay_as_clean_ends() {
+        let d = tempfile::tempdir().unwrap();
+        let mut expect = Vec::new();
+        for round in 0..3u32 {
+            let (j, r) = open(d.path(), 0);
+            assert_eq!(r.records, expect, "round {round}");
+            for i in 0..50u32 {
+                let rec = (round * 1000 + i).to_le_bytes().to_vec();
+                j.append(rec.clone(), false, Wait::Durable, None).unwrap().await.unwrap();
+                expect.push(rec);
+            }
+            j.stop().await;
+            // The segment was filled ahead of its last record.
+            let len = fs::metadata(d.path().join(seg_name(r.segment))).unwrap().len();
+            assert!(len >= ZERO_CHUNK, "segment {} is {len} bytes", r.segment);
+        }
     }
 
     #[tokio::test]

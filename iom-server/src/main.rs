@@ -31,8 +31,17 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("iom").enable_all().build()
-    {
+    // The runtime's shape comes from the cluster config; a config that does
+    // not load is reported by the start-up below with its full context.
+    let threads = common::config::ClusterConfig::load(&args.dir).map(|c| c.tuning.iom_threads).unwrap_or(0);
+    let mut b = if threads == 0 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads as usize);
+        b
+    };
+    let rt = match b.thread_name("iom").enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("iom-server: cannot start runtime: {e}");

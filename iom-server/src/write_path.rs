@@ -352,7 +352,7 @@ impl Iom {
         // durable. It is made durable before a13, so a parity IOM that has
         // freed (and forgotten) a transaction implies its data IOM completed it.
         let _ = (old, new);
-        if let Some(d) = self.commit(&Record::Completed { tx }, false, Wait::DurableLazy) {
+        if let Some(d) = self.commit(&Record::Completed { tx }, false, Wait::Background) {
             let _ = d.await;
         }
         crash_point!(&self, "write::after-a14");

@@ -296,6 +296,23 @@ impl Namespace {
 
     /// Serves one namespace request on the namespace server.
     pub async fn handle(&self, iom: &Arc<Iom>, call: MetaCall) -> Result<MetaResp, Error> {
+        let MetaCall { client, seq, req } = call;
+        if let MetaReq::WrittenSync { ino, end, mtime } = req {
+            let mut synced = false;
+            let call = MetaCall { client, seq, req: MetaReq::Written { ino, end, mtime } };
+            let r = self.handle_one(iom, call, Some(&mut synced)).await?;
+            if !synced {
+                self.sync().await;
+            }
+            return Ok(r);
+        }
+        self.handle_one(iom, MetaCall { client, seq, req }, None).await
+    }
+
+    /// One request; with `sync`, a change it commits is also made durable
+    /// on both replicas (the sync travels right behind the change, so both
+    /// are waited for together) and `sync` is set.
+    async fn handle_one(&self, iom: &Arc<Iom>, call: MetaCall, sync: Option<&mut bool>) -> Result<MetaResp, Error> {
         let map = iom.member.current();
         if map.meta_server() != Some(iom.id) {
             return Err(Error::Wire(WireError::new(
@@ -420,7 +437,7 @@ impl Namespace {
                 MetaReq::SetSize { ino, size } => {
                     s.setattr(ino, &SetAttr { size: Some(size), ..Default::default() }, now)
                 }
-                MetaReq::Sync => unreachable!("handled before taking the lock"),
+                MetaReq::Sync | MetaReq::WrittenSync { .. } => unreachable!("handled before taking the lock"),
             };
             let plan = plan.map_err(nserr)?;
             if plan.recs.is_empty() {
@@ -431,7 +448,13 @@ impl Namespace {
         };
         let _ = reap;
         let _ = gen;
-        self.settle(iom, lsn).await;
+        match sync {
+            Some(done) => {
+                futures::join!(self.settle(iom, lsn), self.sync());
+                *done = true;
+            }
+            None => self.settle(iom, lsn).await,
+        }
         Ok(reply)
     }
 
