@@ -389,10 +389,22 @@ impl ClusterClient {
         Ok(())
     }
 
-    /// Durability barrier on the IOMs holding `object`'s blocks in a byte range.
-    pub async fn flush_ioms(&self, ioms: &[IomId]) -> Result<()> {
-        let calls =
-            ioms.iter().map(|&i| async move { self.data(i, |route| DataReq::Flush { route }, Bytes::new()).await });
+    /// The IOM roles holding a byte range of an object or the parity of its
+    /// groups, as a bit set (bit i = role i): the IOMs a write of the range
+    /// touches.
+    pub fn write_roles(&self, object: ObjectId, offset: u64, len: usize) -> u64 {
+        self.layout.split(offset, len).iter().fold(0u64, |m, p| {
+            let parity = self.layout.parity_iom(object, self.layout.group_of(p.block));
+            m | 1 << self.layout.data_iom(object, p.block).0 | 1 << parity.0
+        })
+    }
+
+    /// Durability barrier on the IOM roles in the bit set `roles`: every
+    /// write they answered so far (and its parity) is on stable storage.
+    pub async fn flush_roles(&self, roles: u64) -> Result<()> {
+        let calls = (0..self.cfg.width())
+            .filter(|i| roles & (1 << i) != 0)
+            .map(|i| async move { self.data(IomId(i), |route| DataReq::Flush { route }, Bytes::new()).await });
         futures::future::try_join_all(calls).await?;
         Ok(())
     }

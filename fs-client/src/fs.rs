@@ -27,7 +27,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Mount-wide settings (`-o` options).
 #[derive(Clone, Debug)]
@@ -61,6 +61,10 @@ struct Node {
     /// Open handles with write access.
     writers: u32,
     opens: u32,
+    /// IOM roles (bit i = role i) that writes through this client touched
+    /// (data and parity) since the last fsync: the only IOMs an fsync must
+    /// flush.
+    unsynced: u64,
 }
 
 impl Node {
@@ -76,7 +80,7 @@ impl Node {
         a
     }
     fn is_dirty(&self) -> bool {
-        self.dirty_mtime.is_some()
+        self.dirty_mtime.is_some() || self.unsynced != 0
     }
 }
 
@@ -87,10 +91,33 @@ struct Handle {
     sync: bool,
 }
 
+/// Names of a directory this client listed (positive entries only).
+#[derive(Default)]
+struct DirNames {
+    /// When the listing was asked for (none: no listing, only counting).
+    listed: Option<Instant>,
+    names: HashMap<Vec<u8>, Ino>,
+    /// Lookups sent to the namespace since `since`.
+    misses: u32,
+    since: Option<Instant>,
+}
+
+/// A directory gets listed once this many lookups in it missed within one
+/// entry TTL (a run of lookups: stat of every file, `rm -r`, `diff -r`).
+const LIST_AFTER: u32 = 8;
+/// Directories larger than this are never listed for lookups.
+const LIST_MAX: usize = 8192;
+
 pub struct Inner {
     pub c: Arc<ClusterClient>,
     pub o: FsOptions,
     nodes: Mutex<HashMap<Ino, Node>>,
+    /// Lookup answers from recent directory listings, kept no longer than
+    /// the entry TTL the kernel uses for its own dentries; this client's
+    /// unlink/rmdir/rename remove the names they touch at once, and bump
+    /// `dir_gen` so a listing taken meanwhile is not kept.
+    dirs: Mutex<HashMap<Ino, DirNames>>,
+    dir_gen: AtomicU64,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
 }
@@ -185,9 +212,105 @@ impl Inner {
                 if nodes.len() > 200_000 {
                     nodes.retain(|_, n| n.opens > 0 || n.is_dirty());
                 }
-                nodes.insert(a.ino, Node { attr: a.clone(), dirty_end: 0, dirty_mtime: None, writers: 0, opens: 0 });
+                nodes.insert(
+                    a.ino,
+                    Node { attr: a.clone(), dirty_end: 0, dirty_mtime: None, writers: 0, opens: 0, unsynced: 0 },
+                );
                 a.clone()
             }
+        }
+    }
+
+    /// Lookup: from a fresh listing of the directory if there is one, else
+    /// from the namespace (listing the directory first when lookups in it
+    /// come in a run).
+    async fn lookup(&self, parent: Ino, nm: Vec<u8>) -> R<Attr> {
+        let ttl = self.o.entry_ttl;
+        if !ttl.is_zero() {
+            if let Some(a) = self.listed_attr(parent, &nm, ttl) {
+                return Ok(a);
+            }
+            let list = {
+                let mut dirs = self.dirs.lock();
+                if dirs.len() > 4096 {
+                    dirs.retain(|_, d| d.listed.is_some_and(|t| t.elapsed() < ttl));
+                }
+                let d = dirs.entry(parent).or_default();
+                if d.listed.is_some_and(|t| t.elapsed() < ttl) {
+                    false
+                } else {
+                    if d.since.is_none_or(|t| t.elapsed() > ttl) {
+                        d.since = Some(Instant::now());
+                        d.misses = 0;
+                    }
+                    d.misses += 1;
+                    d.misses == LIST_AFTER
+                }
+            };
+            if list {
+                self.list_dir(parent).await;
+                if let Some(a) = self.listed_attr(parent, &nm, ttl) {
+                    return Ok(a);
+                }
+            }
+        }
+        match self.meta(MetaReq::Lookup { parent, name: nm }).await? {
+            MetaResp::Attr(a) => Ok(self.remember(&a)),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    fn listed_attr(&self, parent: Ino, nm: &[u8], ttl: Duration) -> Option<Attr> {
+        let ino = {
+            let dirs = self.dirs.lock();
+            let d = dirs.get(&parent)?;
+            if d.listed.is_none_or(|t| t.elapsed() >= ttl) {
+                return None;
+            }
+            *d.names.get(nm)?
+        };
+        self.node(ino).map(|n| n.merged())
+    }
+
+    /// Lists a directory for lookups (attributes refreshed on the way).
+    async fn list_dir(&self, dir: Ino) {
+        let gen = self.dir_gen.load(Ordering::Acquire);
+        let asked = Instant::now();
+        let mut names = HashMap::new();
+        let mut cookie = 0;
+        loop {
+            let Ok(MetaResp::Entries(es)) =
+                self.meta(MetaReq::ReadDir { ino: dir, cookie, max: 1024, plus: true }).await
+            else {
+                return;
+            };
+            let Some(last) = es.last() else { break };
+            cookie = last.cookie;
+            for e in es {
+                if let (Some(a), false) = (&e.attr, e.name == b"." || e.name == b"..") {
+                    self.remember(a);
+                    names.insert(e.name, e.ino);
+                }
+            }
+            if names.len() > LIST_MAX {
+                return;
+            }
+        }
+        let mut dirs = self.dirs.lock();
+        if self.dir_gen.load(Ordering::Acquire) != gen {
+            return;
+        }
+        let d = dirs.entry(dir).or_default();
+        d.listed = Some(asked);
+        d.names = names;
+    }
+
+    /// This client changes the entry `nm` of `dir`: no listing answers for it.
+    fn forget_name(&self, dir: Ino, nm: &[u8]) {
+        let mut dirs = self.dirs.lock();
+        self.dir_gen.fetch_add(1, Ordering::AcqRel);
+        if let Some(d) = dirs.get_mut(&dir) {
+            d.names.remove(nm);
         }
     }
 
@@ -217,16 +340,23 @@ impl Inner {
 
     /// Publishes size and mtime of writes made through this client.
     async fn publish(&self, ino: Ino) -> R<()> {
+        self.publish_and(ino, false).await
+    }
+
+    /// Publishes, and with `sync` makes every namespace change durable in
+    /// the same round trip (fsync).
+    async fn publish_and(&self, ino: Ino, sync: bool) -> R<()> {
         // The local size stays in force until the namespace has the new one:
         // a getattr answered meanwhile must not report the old, smaller size
         // (the kernel would drop the file's tail from its page cache).
-        let (end, mtime) = {
-            let nodes = self.nodes.lock();
-            let Some(n) = nodes.get(&ino) else { return Ok(()) };
-            let Some(m) = n.dirty_mtime else { return Ok(()) };
-            (n.dirty_end, m)
+        let dirty = self.nodes.lock().get(&ino).and_then(|n| n.dirty_mtime.map(|m| (n.dirty_end, m)));
+        let (end, mtime) = match dirty {
+            Some(d) => d,
+            None if sync => return self.meta(MetaReq::Sync).await.map(|_| ()),
+            None => return Ok(()),
         };
-        let r = self.meta(MetaReq::Written { ino, end, mtime }).await;
+        let req = if sync { MetaReq::WrittenSync { ino, end, mtime } } else { MetaReq::Written { ino, end, mtime } };
+        let r = self.meta(req).await;
         if let Ok(MetaResp::Attr(a)) = &r {
             let mut nodes = self.nodes.lock();
             if let Some(n) = nodes.get_mut(&ino) {
@@ -240,6 +370,12 @@ impl Inner {
         }
         // On an error it stays dirty, so a later flush tries again.
         r.map(|_| ())
+    }
+
+    fn mark_unsynced(&self, ino: Ino, roles: u64) {
+        if let Some(n) = self.nodes.lock().get_mut(&ino) {
+            n.unsynced |= roles;
+        }
     }
 
     fn toughness_of(&self, n: &Node) -> Toughness {
@@ -271,7 +407,10 @@ impl Inner {
         if end > i64::MAX as u64 {
             return Err(Errno::EFBIG);
         }
+        let roles = self.c.write_roles(n.attr.object, offset, data.len());
         self.c.write(n.attr.object, offset, data, t).await.map_err(errno)?;
+        // Noted once answered: an fsync that started earlier need not cover it.
+        self.mark_unsynced(ino, roles);
         let grew = {
             let mut nodes = self.nodes.lock();
             match nodes.get_mut(&ino) {
@@ -285,8 +424,7 @@ impl Inner {
         };
         if t == Toughness::Durable && grew {
             // The data is durable; its new size must be too.
-            self.publish(ino).await?;
-            self.meta(MetaReq::Sync).await?;
+            self.publish_and(ino, true).await?;
         }
         Ok(len)
     }
@@ -362,6 +500,7 @@ impl Inner {
             let cur = n.attr.size;
             if size > 0 && size < cur {
                 self.c.truncate(n.attr.object, cur, size, self.toughness_of(&n)).await.map_err(errno)?;
+                self.mark_unsynced(ino, u64::MAX);
             }
         }
         let resp = self.meta(MetaReq::SetAttr { ino, set: set.clone(), caller }).await?;
@@ -380,15 +519,18 @@ impl Inner {
         // Data and metadata are made durable side by side: nothing is
         // promised until both are done.
         let data = async {
-            if n.attr.kind == FileKind::Regular {
-                self.c.flush().await.map_err(errno)?;
+            // Only the IOMs this client's writes to the file touched since
+            // the last fsync (their data and parity IOMs).
+            let roles = self.nodes.lock().get_mut(&ino).map(|n| std::mem::take(&mut n.unsynced)).unwrap_or(0);
+            if n.attr.kind == FileKind::Regular && roles != 0 {
+                if let Err(e) = self.c.flush_roles(roles).await {
+                    self.mark_unsynced(ino, roles);
+                    return Err(errno(e));
+                }
             }
             Ok(())
         };
-        let meta = async {
-            self.publish(ino).await?;
-            self.meta(MetaReq::Sync).await.map(|_| ())
-        };
+        let meta = self.publish_and(ino, true);
         futures::future::try_join(data, meta).await.map(|_| ())
     }
 
@@ -406,7 +548,9 @@ impl Inner {
         if self.o.read_only {
             return Err(Errno::EROFS);
         }
-        match self.meta(MetaReq::Create { parent, name: nm, kind, perm, rdev, caller, target, open }).await? {
+        let r = self.meta(MetaReq::Create { parent, name: nm.clone(), kind, perm, rdev, caller, target, open }).await;
+        self.forget_name(parent, &nm);
+        match r? {
             MetaResp::Created { attr, .. } => Ok(self.remember(&attr)),
             _ => Err(Errno::EIO),
         }
@@ -469,6 +613,8 @@ impl IomFs {
                 c,
                 o,
                 nodes: Mutex::new(HashMap::new()),
+                dirs: Mutex::new(HashMap::new()),
+                dir_gen: AtomicU64::new(0),
                 handles: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
             }),
@@ -534,11 +680,7 @@ impl Filesystem for IomFs {
         let nm = name(nm);
         let ttl = self.inner.o.entry_ttl;
         self.spawn(move |fs| async move {
-            let r = match fs.meta(MetaReq::Lookup { parent: Ino(parent.0), name: nm }).await {
-                Ok(MetaResp::Attr(a)) => Ok(fs.remember(&a)),
-                Ok(_) => Err(Errno::EIO),
-                Err(e) => Err(e),
-            };
+            let r = fs.lookup(Ino(parent.0), nm).await;
             entry(reply, ttl, r)
         });
     }
@@ -634,7 +776,10 @@ impl Filesystem for IomFs {
             let r = if fs.o.read_only {
                 Err(Errno::EROFS)
             } else {
-                done(fs.meta(MetaReq::Unlink { parent: Ino(parent.0), name: nm }).await)
+                fs.forget_name(Ino(parent.0), &nm);
+                let r = done(fs.meta(MetaReq::Unlink { parent: Ino(parent.0), name: nm.clone() }).await);
+                fs.forget_name(Ino(parent.0), &nm);
+                r
             };
             empty(reply, r)
         });
@@ -646,7 +791,10 @@ impl Filesystem for IomFs {
             let r = if fs.o.read_only {
                 Err(Errno::EROFS)
             } else {
-                done(fs.meta(MetaReq::Rmdir { parent: Ino(parent.0), name: nm }).await)
+                fs.forget_name(Ino(parent.0), &nm);
+                let r = done(fs.meta(MetaReq::Rmdir { parent: Ino(parent.0), name: nm.clone() }).await);
+                fs.forget_name(Ino(parent.0), &nm);
+                r
             };
             empty(reply, r)
         });
@@ -677,16 +825,15 @@ impl Filesystem for IomFs {
             let r = if fs.o.read_only {
                 Err(Errno::EROFS)
             } else {
-                done(
-                    fs.meta(MetaReq::Rename {
-                        parent: Ino(parent.0),
-                        name: nm,
-                        new_parent: Ino(newparent.0),
-                        new_name: newname,
-                        flags,
-                    })
-                    .await,
-                )
+                let (p, np) = (Ino(parent.0), Ino(newparent.0));
+                fs.forget_name(p, &nm);
+                fs.forget_name(np, &newname);
+                let req =
+                    MetaReq::Rename { parent: p, name: nm.clone(), new_parent: np, new_name: newname.clone(), flags };
+                let r = done(fs.meta(req).await);
+                fs.forget_name(p, &nm);
+                fs.forget_name(np, &newname);
+                r
             };
             empty(reply, r)
         });
@@ -695,7 +842,10 @@ impl Filesystem for IomFs {
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let (nm, ttl) = (name(newname), self.inner.o.entry_ttl);
         self.spawn(move |fs| async move {
-            let r = match fs.meta(MetaReq::Link { ino: Ino(ino.0), new_parent: Ino(newparent.0), new_name: nm }).await {
+            let req = MetaReq::Link { ino: Ino(ino.0), new_parent: Ino(newparent.0), new_name: nm.clone() };
+            let res = fs.meta(req).await;
+            fs.forget_name(Ino(newparent.0), &nm);
+            let r = match res {
                 Ok(MetaResp::Attr(a)) => Ok(fs.remember(&a)),
                 Ok(_) => Err(Errno::EIO),
                 Err(e) => Err(e),

@@ -416,6 +416,42 @@ fn two_mounts_see_each_other_close_to_open() {
 }
 
 #[test]
+fn lookups_from_a_directory_listing_follow_changes() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let a = c.mount("a", &[]);
+    let b = c.mount("b", &[]);
+    fs::create_dir(a.join("d")).unwrap();
+    for i in 0..40 {
+        fs::write(a.join(format!("d/f{i}")), format!("{i}")).unwrap();
+    }
+    // A run of lookups on B, which never saw these names: B lists the directory.
+    for i in 0..40 {
+        assert!(b.join(format!("d/f{i}")).exists(), "B does not see d/f{i}");
+    }
+    // B's own changes are seen by B at once.
+    fs::remove_file(b.join("d/f10")).unwrap();
+    assert!(!b.join("d/f10").exists(), "B still finds a name it unlinked");
+    fs::rename(b.join("d/f11"), b.join("d/g11")).unwrap();
+    assert!(!b.join("d/f11").exists(), "B still finds the old name of a rename");
+    assert_eq!(fs::read(b.join("d/g11")).unwrap(), b"11");
+    fs::remove_file(b.join("d/f12")).unwrap();
+    fs::write(b.join("d/f12"), b"new").unwrap();
+    assert_eq!(fs::read(b.join("d/f12")).unwrap(), b"new");
+    // A's changes reach B within the entry time.
+    fs::remove_file(a.join("d/f20")).unwrap();
+    fs::rename(a.join("d/f21"), a.join("d/g21")).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!b.join("d/f20").exists(), "B still sees a file A unlinked");
+    assert!(!b.join("d/f21").exists(), "B still sees the old name of A's rename");
+    assert_eq!(fs::read(b.join("d/g21")).unwrap(), b"21");
+    for i in 30..40 {
+        assert_eq!(fs::read(b.join(format!("d/f{i}"))).unwrap(), format!("{i}").as_bytes());
+    }
+}
+
+#[test]
 fn local_cluster_stop_and_start_keeps_everything() {
     let _g = serial();
     let tmp = tempfile::Builder::new().prefix("iomfs-local-").tempdir_in(integration::test_root()).unwrap();
