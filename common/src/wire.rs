@@ -149,6 +149,19 @@ pub enum DataReq {
     ListBlocks { after: Option<BlockKey>, limit: u32 },
     /// Parity blocks held, in key order after `after` (scrub).
     ListGroups { after: Option<GroupKey>, limit: u32 },
+    /// Several block writes to one IOM in one request (the pieces of one
+    /// client write that IOM holds); the payload is their bytes in order.
+    /// Answered `WrittenAll` when every piece reached its toughness point.
+    WriteMany { route: Route, pieces: Vec<WritePiece>, toughness: Toughness },
+}
+
+/// One block's part of a `WriteMany`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WritePiece {
+    pub key: BlockKey,
+    pub offset: u32,
+    pub len: u32,
+    pub group_hint: u8,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,6 +201,7 @@ pub enum DataResp {
     },
     Blocks(Vec<BlockInfo>),
     Groups(Vec<GroupInfo>),
+    WrittenAll,
 }
 
 // ------------------------------------------------------------ parity channel

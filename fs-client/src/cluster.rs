@@ -13,7 +13,7 @@ use common::config::{ClusterConfig, ClusterPaths};
 use common::meta::{MetaReq, MetaResp};
 use common::wire::{
     DataReq, DataResp, ErrorCode, Hello, MemberReq, MemberResp, MetaCall, PeerKind, Reply, Request, Route, WireError,
-    PROTOCOL_VERSION,
+    WritePiece, PROTOCOL_VERSION,
 };
 use common::{BlockKey, BlockNo, GroupNo, IomId, Layout, ObjectId, Toughness};
 use net::{NetError, Pool};
@@ -312,20 +312,48 @@ impl ClusterClient {
         for p in &pieces {
             *per_group.entry(self.layout.group_of(p.block)).or_default() += 1;
         }
-        let writes = pieces.iter().map(|p| {
-            let key = BlockKey { object, block: p.block };
+        // One request per IOM role: the pieces it holds, their bytes in order.
+        let mut per_role: Vec<(IomId, Vec<WritePiece>, Vec<Bytes>)> = Vec::new();
+        for p in &pieces {
             let role = self.layout.data_iom(object, p.block);
-            let hint = per_group[&self.layout.group_of(p.block)];
-            let payload = data.slice(p.buf_offset..p.buf_offset + p.len as usize);
-            let off = p.offset;
-            async move {
-                self.data(
-                    role,
-                    |route| DataReq::Write { route, key, offset: off, toughness, group_hint: hint },
-                    payload,
-                )
-                .await
+            let piece = WritePiece {
+                key: BlockKey { object, block: p.block },
+                offset: p.offset,
+                len: p.len,
+                group_hint: per_group[&self.layout.group_of(p.block)],
+            };
+            let bytes = data.slice(p.buf_offset..p.buf_offset + p.len as usize);
+            match per_role.iter_mut().find(|(r, _, _)| *r == role) {
+                Some((_, ps, bs)) => {
+                    ps.push(piece);
+                    bs.push(bytes);
+                }
+                None => per_role.push((role, vec![piece], vec![bytes])),
             }
+        }
+        let writes = per_role.into_iter().map(|(role, ps, mut bs)| async move {
+            if ps.len() == 1 {
+                let p = ps[0];
+                let payload = bs.pop().expect("one piece, one payload");
+                return self
+                    .data(
+                        role,
+                        |route| DataReq::Write {
+                            route,
+                            key: p.key,
+                            offset: p.offset,
+                            toughness,
+                            group_hint: p.group_hint,
+                        },
+                        payload,
+                    )
+                    .await;
+            }
+            let mut payload = BytesMut::with_capacity(bs.iter().map(|b| b.len()).sum());
+            for b in &bs {
+                payload.extend_from_slice(b);
+            }
+            self.data(role, |route| DataReq::WriteMany { route, pieces: ps.clone(), toughness }, payload.freeze()).await
         });
         futures::future::try_join_all(writes).await?;
         Ok(())

@@ -261,6 +261,23 @@ fn garbage_messages_end_their_stream_and_the_server_keeps_serving() {
         let client = c.client().await;
         client.write(ObjectId(5), 0, Bytes::from_static(b"still here"), Toughness::Durable).await.unwrap();
         assert_eq!(&client.read(ObjectId(5), 0, 10).await.unwrap()[..], b"still here");
+        // A multi-block write whose pieces do not add up to its payload is refused.
+        let piece = |block, len| common::wire::WritePiece {
+            key: common::BlockKey { object: ObjectId(6), block: common::BlockNo(block) },
+            offset: 0,
+            len,
+            group_hint: 1,
+        };
+        let route = common::wire::Route { epoch: client.map().epoch, target: common::IomId(1) };
+        for (pieces, payload) in [(vec![piece(0, 10), piece(3, 10)], 15usize), (vec![piece(0, 0), piece(3, 5)], 5)] {
+            let req = common::wire::Request::Data(common::wire::DataReq::WriteMany {
+                route,
+                pieces,
+                toughness: Toughness::Atomic,
+            });
+            let r = client.call_iom(common::IomId(1), &req, Bytes::from(vec![1u8; payload])).await;
+            assert!(r.is_err(), "a bad multi-block write was accepted: {r:?}");
+        }
         client.close();
     });
     for i in 0..3 {

@@ -170,6 +170,35 @@ async fn data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp,
             };
             Ok((DataResp::Written { version: v }, Bytes::new()))
         }
+        DataReq::WriteMany { route, pieces, toughness } => {
+            iom.member.check_route(&route, true)?;
+            let total: u64 = pieces.iter().map(|p| p.len as u64).sum();
+            let bs = iom.cfg.block_size as u64;
+            let fits = pieces.iter().all(|p| p.len > 0 && p.offset as u64 + p.len as u64 <= bs);
+            if total != payload.len() as u64 || pieces.len() > 1024 || !fits {
+                return Err(Error::BadRequest(format!(
+                    "multi-block write of {} pieces ({total} bytes, payload {}): pieces must be non-empty, \
+                     fit a {bs}-byte block and add up to the payload",
+                    pieces.len(),
+                    payload.len()
+                )));
+            }
+            let mut at = 0usize;
+            let writes = pieces.into_iter().map(|p| {
+                let op = Op::Write { offset: p.offset, data: payload.slice(at..at + p.len as usize) };
+                at += p.len as usize;
+                let iom = iom.clone();
+                async move {
+                    if standin(&route) {
+                        iom.standin_write(route.target, p.key, op, toughness, p.group_hint).await
+                    } else {
+                        iom.write_block(p.key, op, toughness, p.group_hint).await
+                    }
+                }
+            });
+            futures::future::try_join_all(writes).await?;
+            Ok((DataResp::WrittenAll, Bytes::new()))
+        }
         DataReq::Truncate { route, key, keep, toughness } => {
             iom.member.check_route(&route, true)?;
             let op = Op::Truncate { keep };
