@@ -65,6 +65,10 @@ struct Node {
     /// (data and parity) since the last fsync: the only IOMs an fsync must
     /// flush.
     unsynced: u64,
+    /// The inode had no `security.capability` when its `attr.change` was
+    /// this: the kernel asks before every write (to drop a capability on
+    /// write), and is answered here while the inode has not changed.
+    no_caps: Option<u64>,
 }
 
 impl Node {
@@ -214,7 +218,15 @@ impl Inner {
                 }
                 nodes.insert(
                     a.ino,
-                    Node { attr: a.clone(), dirty_end: 0, dirty_mtime: None, writers: 0, opens: 0, unsynced: 0 },
+                    Node {
+                        attr: a.clone(),
+                        dirty_end: 0,
+                        dirty_mtime: None,
+                        writers: 0,
+                        opens: 0,
+                        unsynced: 0,
+                        no_caps: None,
+                    },
                 );
                 a.clone()
             }
@@ -370,6 +382,14 @@ impl Inner {
         }
         // On an error it stays dirty, so a later flush tries again.
         r.map(|_| ())
+    }
+
+    /// This client changes the inode's extended attributes: ask the
+    /// namespace about `security.capability` again.
+    fn forget_caps(&self, ino: Ino) {
+        if let Some(n) = self.nodes.lock().get_mut(&ino) {
+            n.no_caps = None;
+        }
     }
 
     fn mark_unsynced(&self, ino: Ino, roles: u64) {
@@ -551,7 +571,14 @@ impl Inner {
         let r = self.meta(MetaReq::Create { parent, name: nm.clone(), kind, perm, rdev, caller, target, open }).await;
         self.forget_name(parent, &nm);
         match r? {
-            MetaResp::Created { attr, .. } => Ok(self.remember(&attr)),
+            MetaResp::Created { attr, .. } => {
+                let a = self.remember(&attr);
+                // A new inode has no extended attributes.
+                if let Some(n) = self.nodes.lock().get_mut(&attr.ino) {
+                    n.no_caps = Some(attr.change);
+                }
+                Ok(a)
+            }
             _ => Err(Errno::EIO),
         }
     }
@@ -579,9 +606,26 @@ impl Inner {
             }
             return Ok(self.layout_value(&a));
         }
+        let caps = nm == CAPS_XATTR;
+        let seen = if caps {
+            let nodes = self.nodes.lock();
+            match nodes.get(&ino) {
+                Some(n) if n.no_caps == Some(n.attr.change) => return Err(Errno::ENODATA),
+                Some(n) => Some(n.attr.change),
+                None => None,
+            }
+        } else {
+            None
+        };
         match self.meta(MetaReq::GetXattr { ino, name: nm.to_vec() }).await {
             Ok(MetaResp::Data(v)) => Ok(v),
             Ok(_) => Err(Errno::EIO),
+            Err(e) if e == Errno::ENODATA && caps => {
+                if let (Some(change), Some(n)) = (seen, self.nodes.lock().get_mut(&ino)) {
+                    n.no_caps = Some(change);
+                }
+                Err(e)
+            }
             // The level in force when none is set on the file: the mount default.
             Err(e) if e == Errno::ENODATA && nm == TOUGHNESS_XATTR.as_bytes() => {
                 Ok(self.o.toughness.as_str().as_bytes().to_vec())
@@ -600,6 +644,9 @@ fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
         reply.data(data);
     }
 }
+
+/// The capability attribute the kernel looks up before every write.
+const CAPS_XATTR: &[u8] = b"security.capability";
 
 fn xattr_allowed(nm: &[u8]) -> bool {
     nm.starts_with(b"user.") || nm.starts_with(b"trusted.") || nm.starts_with(b"security.")
@@ -1027,7 +1074,9 @@ impl Filesystem for IomFs {
         self.spawn(move |fs| async move {
             let ino = Ino(ino.0);
             let is_t = nm == TOUGHNESS_XATTR.as_bytes();
+            fs.forget_caps(ino);
             let r = done(fs.meta(MetaReq::SetXattr { ino, name: nm, value: value.clone(), flags: flags as u32 }).await);
+            fs.forget_caps(ino);
             if r.is_ok() && is_t {
                 if let Some(n) = fs.nodes.lock().get_mut(&ino) {
                     n.attr.toughness = Toughness::parse_xattr(&value);
@@ -1072,7 +1121,9 @@ impl Filesystem for IomFs {
         self.spawn(move |fs| async move {
             let ino = Ino(ino.0);
             let is_t = nm == TOUGHNESS_XATTR.as_bytes();
+            fs.forget_caps(ino);
             let r = done(fs.meta(MetaReq::RemoveXattr { ino, name: nm }).await);
+            fs.forget_caps(ino);
             if r.is_ok() && is_t {
                 if let Some(n) = fs.nodes.lock().get_mut(&ino) {
                     n.attr.toughness = None;

@@ -22,7 +22,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -88,6 +87,89 @@ enum JsCmd {
     Stop(oneshot::Sender<()>),
 }
 
+/// Commands for a journal thread that wake it only when they must: an
+/// urgent command always does; any other wakes it only while it sleeps
+/// without a deadline (it then arms one). Commands that arrive while a
+/// deadline is armed wait for it. With a channel every record woke the
+/// thread (a context switch per record on the write path).
+struct Mailbox<T> {
+    st: parking_lot::Mutex<MailState<T>>,
+    cv: parking_lot::Condvar,
+}
+
+struct MailState<T> {
+    items: Vec<T>,
+    /// An urgent command is queued.
+    urgent: bool,
+    /// The receiver sleeps without a deadline.
+    idle: bool,
+}
+
+impl<T> Mailbox<T> {
+    fn new() -> Self {
+        Mailbox {
+            st: parking_lot::Mutex::new(MailState { items: Vec::new(), urgent: false, idle: false }),
+            cv: parking_lot::Condvar::new(),
+        }
+    }
+
+    fn send(&self, item: T, urgent: bool) {
+        let mut s = self.st.lock();
+        s.items.push(item);
+        s.urgent |= urgent;
+        if urgent || s.idle {
+            s.idle = false;
+            self.cv.notify_one();
+        }
+    }
+
+    fn send_all(&self, items: impl IntoIterator<Item = T>, urgent: bool) {
+        let mut s = self.st.lock();
+        s.items.extend(items);
+        s.urgent |= urgent;
+        if urgent || s.idle {
+            s.idle = false;
+            self.cv.notify_one();
+        }
+    }
+
+    /// Waits until an urgent command is queued, or (without a deadline)
+    /// any command, or the deadline passes; moves every queued command to
+    /// `out`. Returns whether an urgent command was among them.
+    fn recv(&self, deadline: Option<std::time::Instant>, out: &mut Vec<T>) -> bool {
+        let mut s = self.st.lock();
+        loop {
+            if s.urgent || (deadline.is_none() && !s.items.is_empty()) {
+                break;
+            }
+            match deadline {
+                None => {
+                    s.idle = true;
+                    self.cv.wait(&mut s);
+                }
+                Some(d) => {
+                    s.idle = false;
+                    if self.cv.wait_until(&mut s, d).timed_out() {
+                        break;
+                    }
+                }
+            }
+        }
+        s.idle = false;
+        let urgent = std::mem::take(&mut s.urgent);
+        out.append(&mut s.items);
+        urgent
+    }
+
+    /// Moves what is queued to `out` without waiting.
+    fn drain(&self, out: &mut Vec<T>) -> bool {
+        let mut s = self.st.lock();
+        let urgent = std::mem::take(&mut s.urgent);
+        out.append(&mut s.items);
+        urgent
+    }
+}
+
 struct Segment {
     file: File,
     no: u64,
@@ -119,7 +201,7 @@ struct Shared {
     stats: Arc<JournalStats>,
     interval: Duration,
     dir: PathBuf,
-    js: mpsc::Sender<JsCmd>,
+    js: Arc<Mailbox<JsCmd>>,
     /// Until when (ms since `born`) lazy waits are treated as urgent: a
     /// flush (fsync) is waiting for work still in flight.
     hurry_until: AtomicU64,
@@ -128,7 +210,7 @@ struct Shared {
 
 pub struct Journal {
     shared: Arc<Shared>,
-    ds: mpsc::Sender<DsCmd>,
+    ds: Arc<Mailbox<DsCmd>>,
     pub stats: Arc<JournalStats>,
     threads: parking_lot::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
@@ -170,11 +252,10 @@ impl Shared {
         let pos = self.write_now(payload);
         match (wait, done) {
             (Wait::Durable, Some(d)) => {
-                let _ = self.js.send(JsCmd::Wait(pos, OnDurable::Notify(d)));
-                let _ = self.js.send(JsCmd::Now);
+                self.js.send_all([JsCmd::Wait(pos, OnDurable::Notify(d)), JsCmd::Now], true);
             }
             (Wait::DurableLazy | Wait::Background, Some(d)) => {
-                let _ = self.js.send(JsCmd::Wait(pos, OnDurable::Notify(d)));
+                self.js.send(JsCmd::Wait(pos, OnDurable::Notify(d)), false);
             }
             (_, Some(d)) => {
                 let _ = d.send(());
@@ -182,38 +263,21 @@ impl Shared {
             (_, None) => {}
         }
         if let Some(cb) = on_durable {
-            let _ = self.js.send(JsCmd::Wait(pos, OnDurable::Run(cb)));
+            self.js.send(JsCmd::Wait(pos, OnDurable::Run(cb)), false);
         }
     }
 }
 
 /// Syncs the block file for records that need it (at once if any is
 /// urgent, else after collecting for up to `interval`), then appends them.
-fn data_sync_stage(rx: mpsc::Receiver<DsCmd>, shared: Arc<Shared>, data_file: Arc<File>) {
-    let urgent = |c: &DsCmd| match c {
-        DsCmd::Rec { wait, .. } => *wait == Wait::Durable,
-        DsCmd::Flush(_) | DsCmd::Stop(_) => true,
-    };
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while let Ok(c) = rx.try_recv() {
-            batch.push(c);
-        }
-        if !batch.iter().any(urgent) {
+fn data_sync_stage(rx: Arc<Mailbox<DsCmd>>, shared: Arc<Shared>, data_file: Arc<File>) {
+    let mut batch = Vec::new();
+    loop {
+        // Sleep until the first command, then collect for up to `interval`
+        // unless one is urgent.
+        if !rx.recv(None, &mut batch) {
             let deadline = std::time::Instant::now() + shared.interval;
-            loop {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                match rx.recv_timeout(left) {
-                    Ok(c) => {
-                        let u = urgent(&c);
-                        batch.push(c);
-                        if u {
-                            break;
-                        }
-                    }
-                    Err(_) => break,
-                }
-            }
+            rx.recv(Some(deadline), &mut batch);
         }
         if batch.iter().any(|c| matches!(c, DsCmd::Rec { .. })) {
             if let Err(e) = data_file.sync_data() {
@@ -221,16 +285,15 @@ fn data_sync_stage(rx: mpsc::Receiver<DsCmd>, shared: Arc<Shared>, data_file: Ar
             }
             shared.stats.data_syncs.fetch_add(1, Ordering::Relaxed);
         }
-        for c in batch {
+        for c in batch.drain(..) {
             match c {
                 DsCmd::Rec { bytes, wait, done, on_durable } => shared.append_now(&bytes, wait, done, on_durable),
                 DsCmd::Flush(d) => {
                     let pos = shared.written.load(Ordering::Acquire);
-                    let _ = shared.js.send(JsCmd::Wait(pos, OnDurable::Notify(d)));
-                    let _ = shared.js.send(JsCmd::Now);
+                    shared.js.send_all([JsCmd::Wait(pos, OnDurable::Notify(d)), JsCmd::Now], true);
                 }
                 DsCmd::Stop(d) => {
-                    let _ = shared.js.send(JsCmd::Stop(d));
+                    shared.js.send(JsCmd::Stop(d), true);
                     return;
                 }
             }
@@ -277,7 +340,7 @@ fn take(c: JsCmd, waiters: &mut Vec<(u64, OnDurable)>, now: &mut bool, stop: &mu
     }
 }
 
-fn journal_sync_thread(rx: mpsc::Receiver<JsCmd>, shared: Arc<Shared>) {
+fn journal_sync_thread(rx: Arc<Mailbox<JsCmd>>, shared: Arc<Shared>) {
     let mut waiters: Vec<(u64, OnDurable)> = Vec::new();
     let mut synced = 0u64;
     let mut stop: Option<oneshot::Sender<()>> = None;
@@ -285,30 +348,21 @@ fn journal_sync_thread(rx: mpsc::Receiver<JsCmd>, shared: Arc<Shared>) {
     // When the oldest record not yet synced must be synced by: commands
     // arriving meanwhile do not push it back.
     let mut deadline: Option<std::time::Instant> = None;
+    let mut cmds = Vec::new();
     loop {
         let unsynced = shared.written.load(Ordering::Acquire) > synced;
         if !now && stop.is_none() {
-            let first = if unsynced || !waiters.is_empty() {
-                let d = *deadline.get_or_insert_with(|| std::time::Instant::now() + shared.interval);
-                match rx.recv_timeout(d.saturating_duration_since(std::time::Instant::now())) {
-                    Ok(c) => Some(c),
-                    Err(mpsc::RecvTimeoutError::Timeout) => Some(JsCmd::Now),
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                }
+            let d = if unsynced || !waiters.is_empty() {
+                Some(*deadline.get_or_insert_with(|| std::time::Instant::now() + shared.interval))
             } else {
-                match rx.recv() {
-                    Ok(c) => Some(c),
-                    Err(_) => return,
-                }
+                None
             };
-            let mut cmds: Vec<JsCmd> = first.into_iter().collect();
-            while let Ok(c) = rx.try_recv() {
-                cmds.push(c);
-            }
-            for c in cmds {
+            rx.recv(d, &mut cmds);
+            for c in cmds.drain(..) {
                 take(c, &mut waiters, &mut now, &mut stop);
             }
-            if !now && stop.is_none() {
+            let due = d.is_some_and(|d| std::time::Instant::now() >= d);
+            if !now && stop.is_none() && !due {
                 continue;
             }
         }
@@ -340,7 +394,8 @@ fn journal_sync_thread(rx: mpsc::Receiver<JsCmd>, shared: Arc<Shared>) {
         }
         waiters = keep;
         // Anything that arrived while syncing and is urgent: go again.
-        while let Ok(c) = rx.try_recv() {
+        rx.drain(&mut cmds);
+        for c in cmds.drain(..) {
             take(c, &mut waiters, &mut now, &mut stop);
         }
         if let Some(d) = stop.take() {
@@ -489,8 +544,8 @@ impl Journal {
         let file = new_segment(dir, segment)?;
         let sync_file = Arc::new(file.try_clone().map_err(|e| Error::io("clone journal segment handle", e))?);
         let stats = Arc::new(JournalStats::default());
-        let (js_tx, js_rx) = mpsc::channel();
-        let (ds_tx, ds_rx) = mpsc::channel();
+        let js = Arc::new(Mailbox::new());
+        let ds = Arc::new(Mailbox::new());
         let shared = Arc::new(Shared {
             seg: parking_lot::Mutex::new(Segment::new(file, segment)),
             sync_file: parking_lot::Mutex::new(sync_file),
@@ -499,7 +554,7 @@ impl Journal {
             stats: stats.clone(),
             interval: flush_interval,
             dir: dir.to_path_buf(),
-            js: js_tx,
+            js: js.clone(),
             hurry_until: AtomicU64::new(0),
             born: std::time::Instant::now(),
         });
@@ -509,21 +564,18 @@ impl Journal {
             threads.push(
                 std::thread::Builder::new()
                     .name("journal-sync".into())
-                    .spawn(move || journal_sync_thread(js_rx, sh))
+                    .spawn(move || journal_sync_thread(js, sh))
                     .map_err(|e| Error::io("spawn journal-sync thread", e))?,
             );
-            let sh = shared.clone();
+            let (sh, ds) = (shared.clone(), ds.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name("journal-datasync".into())
-                    .spawn(move || data_sync_stage(ds_rx, sh, data_file))
+                    .spawn(move || data_sync_stage(ds, sh, data_file))
                     .map_err(|e| Error::io("spawn data-sync thread", e))?,
             );
         }
-        Ok((
-            Journal { shared, ds: ds_tx, stats, threads: parking_lot::Mutex::new(threads) },
-            Replayed { records, segment },
-        ))
+        Ok((Journal { shared, ds, stats, threads: parking_lot::Mutex::new(threads) }, Replayed { records, segment }))
     }
 
     /// Appends an encoded record. The returned receiver (none when there is
@@ -546,7 +598,7 @@ impl Journal {
             (None, None)
         };
         if after_data_sync {
-            let _ = self.ds.send(DsCmd::Rec { bytes: payload, wait, done, on_durable });
+            self.ds.send(DsCmd::Rec { bytes: payload, wait, done, on_durable }, wait == Wait::Durable);
         } else {
             self.shared.append_now(&payload, wait, done, on_durable);
         }
@@ -567,7 +619,7 @@ impl Journal {
     /// Like [`Journal::flush`], without borrowing the journal while waiting.
     pub fn flush_request(&self) -> oneshot::Receiver<()> {
         let (t, r) = oneshot::channel();
-        let _ = self.ds.send(DsCmd::Flush(t));
+        self.ds.send(DsCmd::Flush(t), true);
         r
     }
 
@@ -585,8 +637,7 @@ impl Journal {
             return None;
         }
         let (t, r) = oneshot::channel();
-        let _ = self.shared.js.send(JsCmd::Wait(pos, OnDurable::Notify(t)));
-        let _ = self.shared.js.send(JsCmd::Now);
+        self.shared.js.send_all([JsCmd::Wait(pos, OnDurable::Notify(t)), JsCmd::Now], true);
         Some(r)
     }
 
@@ -616,7 +667,7 @@ impl Journal {
     /// Flushes and stops the journal's threads; the receiver fires when done.
     pub fn stop_request(&self) -> oneshot::Receiver<()> {
         let (t, r) = oneshot::channel();
-        let _ = self.ds.send(DsCmd::Stop(t));
+        self.ds.send(DsCmd::Stop(t), true);
         r
     }
 

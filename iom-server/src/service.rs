@@ -43,6 +43,7 @@ pub async fn serve(iom: Arc<Iom>) {
 
 async fn serve_conn(iom: Arc<Iom>, conn: quinn::Connection) {
     let state = Arc::new(ConnState { peer: OnceLock::new() });
+    net::log_conn_stats(&conn, format!("in@{}<-{}", iom.id, conn.remote_address()));
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,

@@ -89,7 +89,26 @@ pub struct Store {
     file: Arc<File>,
     block_size: u32,
     alloc: Mutex<Allocator>,
+    prealloc: Arc<Prealloc>,
 }
+
+/// Space reserved ahead of the allocator's high-water mark with
+/// `fallocate`: a write into a fresh part of the file then needs no block
+/// allocation on the write path (ext4 wrote a fresh 1 GiB file at
+/// 470 MiB/s and a preallocated one at 1460 MiB/s here). The reservation
+/// grows by doubling (16 MiB up to 512 MiB a step) in a background thread
+/// once the mark passes half of it, so small clusters reserve little.
+#[derive(Default)]
+struct Prealloc {
+    /// End of the reserved region, in bytes.
+    end: std::sync::atomic::AtomicU64,
+    running: std::sync::atomic::AtomicBool,
+    /// fallocate failed (no space, or not supported): stop trying.
+    failed: std::sync::atomic::AtomicBool,
+}
+
+const PREALLOC_MIN: u64 = 16 << 20;
+const PREALLOC_MAX_STEP: u64 = 512 << 20;
 
 impl Store {
     /// Opens (or creates) the block file, checking its header.
@@ -122,7 +141,15 @@ impl Store {
                 )));
             }
         }
-        Ok((Store { file: Arc::new(file), block_size, alloc: Mutex::new(Allocator::new(u64::MAX)) }, fresh))
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let prealloc = Prealloc { end: len.into(), ..Default::default() };
+        let store = Store {
+            file: Arc::new(file),
+            block_size,
+            alloc: Mutex::new(Allocator::new(u64::MAX)),
+            prealloc: Arc::new(prealloc),
+        };
+        Ok((store, fresh))
     }
 
     /// Installs the allocator derived from the live addresses after replay.
@@ -140,7 +167,42 @@ impl Store {
 
     /// a2 / b5: a new disk address.
     pub fn alloc(&self) -> Result<DiskAddr, Error> {
-        self.alloc.lock().alloc().ok_or(Error::NoSpace)
+        let a = self.alloc.lock().alloc().ok_or(Error::NoSpace)?;
+        self.reserve_ahead(self.offset(a) + self.block_size as u64);
+        Ok(a)
+    }
+
+    /// Extends the reserved region in the background once `used_end`
+    /// passes half of it.
+    fn reserve_ahead(&self, used_end: u64) {
+        use std::sync::atomic::Ordering;
+        let p = &self.prealloc;
+        let end = p.end.load(Ordering::Acquire);
+        if used_end.saturating_mul(2) < end.max(PREALLOC_MIN) || p.failed.load(Ordering::Relaxed) {
+            return;
+        }
+        if p.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let step = used_end.clamp(PREALLOC_MIN, PREALLOC_MAX_STEP);
+        let (from, len) = (end.max(used_end), step);
+        let (file, pa) = (self.file.clone(), self.prealloc.clone());
+        let spawned = std::thread::Builder::new().name("prealloc".into()).spawn(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a valid open descriptor; mode 0 reserves and extends.
+            let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, from as libc::off_t, len as libc::off_t) };
+            if r == 0 {
+                pa.end.fetch_max(from + len, Ordering::AcqRel);
+            } else {
+                let e = std::io::Error::last_os_error();
+                tracing::debug!("block file preallocation stopped: {e}");
+                pa.failed.store(true, Ordering::Relaxed);
+            }
+            pa.running.store(false, Ordering::Release);
+        });
+        if spawned.is_err() {
+            p.running.store(false, Ordering::Release);
+        }
     }
 
     pub fn free(&self, a: DiskAddr) {

@@ -64,3 +64,28 @@ impl NetError {
         }
     }
 }
+
+/// Debugging aid: with `IOMFS_CONN_STATS=1` in the environment, logs the
+/// connection's packet and frame counters every 5 s.
+pub fn log_conn_stats(conn: &quinn::Connection, label: String) {
+    if std::env::var_os("IOMFS_CONN_STATS").is_none() {
+        return;
+    }
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            if conn.close_reason().is_some() {
+                return;
+            }
+            let s = conn.stats();
+            eprintln!(
+                "connstats {label}: tx dgrams {} bytes {} ios {} | rx dgrams {} bytes {} ios {} | tx frames acks {} stream {} max_data {} max_stream_data {} max_streams {} ping {} | rx frames acks {} stream {} | mtu {} rtt {:?} cwnd {} lost {}",
+                s.udp_tx.datagrams, s.udp_tx.bytes, s.udp_tx.ios, s.udp_rx.datagrams, s.udp_rx.bytes, s.udp_rx.ios,
+                s.frame_tx.acks, s.frame_tx.stream, s.frame_tx.max_data, s.frame_tx.max_stream_data,
+                s.frame_tx.max_streams_bidi, s.frame_tx.ping, s.frame_rx.acks, s.frame_rx.stream,
+                s.path.current_mtu, s.path.rtt, s.path.cwnd, s.path.lost_packets
+            );
+        }
+    });
+}

@@ -108,6 +108,7 @@ impl Pool {
         }
         match tokio::time::timeout(self.connect_timeout, self.connect(iom, addr)).await {
             Ok(Ok(c)) => {
+                crate::log_conn_stats(&c, format!("out->{iom}"));
                 *slot.last_failure.lock() = None;
                 *slot.cur.write() = Some(c.clone());
                 Ok(c)
