@@ -251,6 +251,18 @@ pub enum MetaReq {
         end: u64,
         mtime: Timestamp,
     },
+    /// What a client kept back while it had the file open for writing,
+    /// published in one request (close, fsync): the end and mtime of its
+    /// writes (`mtime` none: no writes) and the times set with `utimens`
+    /// since (applied after the writes); with `sync`, then `Sync`.
+    Publish {
+        ino: Ino,
+        end: u64,
+        mtime: Option<Timestamp>,
+        atime_set: Option<Timestamp>,
+        mtime_set: Option<Timestamp>,
+        sync: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,4 +284,11 @@ pub enum MetaResp {
         toughness: Option<Toughness>,
     },
     Dead(Vec<ObjectId>),
+    /// The reply to a change of directory entries, with the attributes of
+    /// the directories it changed as they are right after it (the client
+    /// answers the kernel's next getattr of them from these).
+    WithDirs {
+        reply: Box<MetaResp>,
+        dirs: Vec<Attr>,
+    },
 }

@@ -273,7 +273,10 @@ impl ClusterClient {
     }
 
     async fn data(&self, role: IomId, make: impl Fn(Route) -> DataReq, payload: Bytes) -> Result<(DataResp, Bytes)> {
-        match self.call_role(role, |r| Request::Data(make(r)), payload).await? {
+        let t0 = Instant::now();
+        let r = self.call_role(role, |r| Request::Data(make(r)), payload).await;
+        rpc_stats::note(rpc_stats::data_kind(&r), t0.elapsed());
+        match r? {
             (Reply::Data(d), p) => Ok((d, p)),
             (other, _) => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
@@ -439,6 +442,14 @@ impl ClusterClient {
 
     /// One namespace request to the metadata server.
     pub async fn meta(&self, req: MetaReq) -> Result<MetaResp> {
+        let t0 = Instant::now();
+        let kind = rpc_stats::kind_of(&req);
+        let r = self.meta_inner(req).await;
+        rpc_stats::note(kind, t0.elapsed());
+        r
+    }
+
+    async fn meta_inner(&self, req: MetaReq) -> Result<MetaResp> {
         let call =
             MetaCall { client: self.client_id, seq: self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed), req };
         match self.call_target(|m| m.meta_home, |_| Request::Meta(call.clone()), Bytes::new()).await? {
@@ -449,5 +460,68 @@ impl ClusterClient {
 
     pub fn close(&self) {
         self.pool.close();
+    }
+}
+
+/// Debugging aid: with `IOMFS_CLIENT_STATS=1`, counts namespace requests
+/// by kind with their total time and prints them every 5 s.
+pub mod rpc_stats {
+    use common::meta::MetaReq;
+    use parking_lot::Mutex;
+    use std::collections::BTreeMap;
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    type Table = Mutex<BTreeMap<&'static str, (u64, Duration)>>;
+    static STATS: OnceLock<Option<Table>> = OnceLock::new();
+
+    fn stats() -> Option<&'static Table> {
+        STATS
+            .get_or_init(|| {
+                std::env::var_os("IOMFS_CLIENT_STATS").map(|_| {
+                    std::thread::spawn(|| loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        if let Some(m) = stats() {
+                            let m = m.lock();
+                            let line: Vec<String> = m
+                                .iter()
+                                .map(|(k, (n, t))| format!("{k} {n} avg {:?}", *t / (*n).max(1) as u32))
+                                .collect();
+                            eprintln!("rpcstats: {}", line.join(", "));
+                        }
+                    });
+                    Mutex::new(BTreeMap::new())
+                })
+            })
+            .as_ref()
+    }
+
+    pub fn kind_of(r: &MetaReq) -> &'static str {
+        if stats().is_none() {
+            return "";
+        }
+        static NAMES: Mutex<BTreeMap<String, &'static str>> = Mutex::new(BTreeMap::new());
+        let d = format!("{r:?}");
+        let k = d.split([' ', '{', '(']).next().unwrap_or("?").to_string();
+        // Each kind's name is leaked once.
+        let mut names = NAMES.lock();
+        names.entry(k.clone()).or_insert_with(|| Box::leak(k.into_boxed_str()))
+    }
+
+    pub fn data_kind<T>(r: &T) -> &'static str {
+        let _ = r;
+        if stats().is_none() {
+            return "";
+        }
+        "Data"
+    }
+
+    pub fn note(kind: &'static str, t: Duration) {
+        if let Some(m) = stats() {
+            let mut m = m.lock();
+            let e = m.entry(kind).or_default();
+            e.0 += 1;
+            e.1 += t;
+        }
     }
 }

@@ -69,6 +69,16 @@ struct Node {
     /// this: the kernel asks before every write (to drop a capability on
     /// write), and is answered here while the inode has not changed.
     no_caps: Option<u64>,
+    /// `attr` is the state right after a change this client made (a
+    /// directory whose entries it changed): the kernel's next getattr is
+    /// answered from it until then.
+    fresh_until: Option<Instant>,
+    /// Times set with utimens while this client had the file open for
+    /// writing, published with its size on close (like the mtime of writes).
+    atime_set: Option<Timestamp>,
+    mtime_set: Option<Timestamp>,
+    /// When times were last set that way (the inode's change time).
+    times_ctime: Option<Timestamp>,
 }
 
 impl Node {
@@ -81,10 +91,22 @@ impl Node {
             a.mtime = a.mtime.max(m);
             a.ctime = a.ctime.max(m);
         }
+        if let Some(t) = self.atime_set {
+            a.atime = t;
+        }
+        if let Some(t) = self.mtime_set {
+            a.mtime = t;
+        }
+        if let Some(t) = self.times_ctime {
+            a.ctime = a.ctime.max(t);
+        }
         a
     }
     fn is_dirty(&self) -> bool {
-        self.dirty_mtime.is_some() || self.unsynced != 0
+        self.dirty_mtime.is_some() || self.unsynced != 0 || self.has_times()
+    }
+    fn has_times(&self) -> bool {
+        self.atime_set.is_some() || self.mtime_set.is_some()
     }
 }
 
@@ -226,6 +248,10 @@ impl Inner {
                         opens: 0,
                         unsynced: 0,
                         no_caps: None,
+                        fresh_until: None,
+                        atime_set: None,
+                        mtime_set: None,
+                        times_ctime: None,
                     },
                 );
                 a.clone()
@@ -240,7 +266,7 @@ impl Inner {
         let ttl = self.o.entry_ttl;
         if !ttl.is_zero() {
             if let Some(a) = self.listed_attr(parent, &nm, ttl) {
-                return Ok(a);
+                return a;
             }
             let list = {
                 let mut dirs = self.dirs.lock();
@@ -262,7 +288,7 @@ impl Inner {
             if list {
                 self.list_dir(parent).await;
                 if let Some(a) = self.listed_attr(parent, &nm, ttl) {
-                    return Ok(a);
+                    return a;
                 }
             }
         }
@@ -272,16 +298,23 @@ impl Inner {
         }
     }
 
-    fn listed_attr(&self, parent: Ino, nm: &[u8], ttl: Duration) -> Option<Attr> {
+    /// The answer of a fresh listing of `parent` for `nm`: its attributes,
+    /// or ENOENT when the listing lacks it (the same staleness towards
+    /// other clients as a negative dentry cached for the entry TTL; this
+    /// client's own changes keep the listing exact). None: no listing.
+    fn listed_attr(&self, parent: Ino, nm: &[u8], ttl: Duration) -> Option<R<Attr>> {
         let ino = {
             let dirs = self.dirs.lock();
             let d = dirs.get(&parent)?;
             if d.listed.is_none_or(|t| t.elapsed() >= ttl) {
                 return None;
             }
-            *d.names.get(nm)?
+            match d.names.get(nm) {
+                Some(i) => *i,
+                None => return Some(Err(Errno::ENOENT)),
+            }
         };
-        self.node(ino).map(|n| n.merged())
+        self.node(ino).map(|n| Ok(n.merged()))
     }
 
     /// Lists a directory for lookups (attributes refreshed on the way).
@@ -317,13 +350,43 @@ impl Inner {
         d.names = names;
     }
 
-    /// This client changes the entry `nm` of `dir`: no listing answers for it.
-    fn forget_name(&self, dir: Ino, nm: &[u8]) {
+    /// This client is about to change entries of a directory: a listing
+    /// taken meanwhile is not kept.
+    fn dir_begin(&self) {
+        self.dir_gen.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// This client changed the entry `nm` of `dir`: it now names `ino`
+    /// (none: removed).
+    fn dir_set(&self, dir: Ino, nm: &[u8], ino: Option<Ino>) {
         let mut dirs = self.dirs.lock();
         self.dir_gen.fetch_add(1, Ordering::AcqRel);
         if let Some(d) = dirs.get_mut(&dir) {
-            d.names.remove(nm);
+            match ino {
+                Some(i) => {
+                    d.names.insert(nm.to_vec(), i);
+                }
+                None => {
+                    d.names.remove(nm);
+                }
+            }
         }
+    }
+
+    /// The entries of `dir` are not known exactly any more (a change
+    /// failed, or its result is unknown): drop its listing.
+    fn dir_drop(&self, dir: Ino) {
+        let mut dirs = self.dirs.lock();
+        self.dir_gen.fetch_add(1, Ordering::AcqRel);
+        if let Some(d) = dirs.get_mut(&dir) {
+            d.listed = None;
+            d.names.clear();
+        }
+    }
+
+    /// The inode a fresh listing of `dir` has for `nm`.
+    fn listed_ino(&self, dir: Ino, nm: &[u8]) -> Option<Ino> {
+        self.dirs.lock().get(&dir).filter(|d| d.listed.is_some()).and_then(|d| d.names.get(nm).copied())
     }
 
     fn node(&self, ino: Ino) -> Option<Node> {
@@ -331,7 +394,28 @@ impl Inner {
     }
 
     async fn meta(&self, req: MetaReq) -> R<MetaResp> {
-        self.c.meta(req).await.map_err(errno)
+        match self.c.meta(req).await.map_err(errno)? {
+            MetaResp::WithDirs { reply, dirs } => {
+                let until = Instant::now() + self.o.attr_ttl;
+                for a in &dirs {
+                    self.remember(a);
+                    if let Some(n) = self.nodes.lock().get_mut(&a.ino) {
+                        n.fresh_until = Some(until);
+                    }
+                }
+                Ok(*reply)
+            }
+            r => Ok(r),
+        }
+    }
+
+    /// Attributes this client knows exactly (right after its own change),
+    /// with how long they stay exact.
+    fn fresh_attr(&self, ino: Ino) -> Option<(Attr, Duration)> {
+        let nodes = self.nodes.lock();
+        let n = nodes.get(&ino)?;
+        let left = n.fresh_until?.checked_duration_since(Instant::now())?;
+        Some((n.merged(), left))
     }
 
     async fn attr_of(&self, ino: Ino) -> R<Attr> {
@@ -361,22 +445,38 @@ impl Inner {
         // The local size stays in force until the namespace has the new one:
         // a getattr answered meanwhile must not report the old, smaller size
         // (the kernel would drop the file's tail from its page cache).
-        let dirty = self.nodes.lock().get(&ino).and_then(|n| n.dirty_mtime.map(|m| (n.dirty_end, m)));
-        let (end, mtime) = match dirty {
+        let dirty = self.nodes.lock().get(&ino).and_then(|n| {
+            (n.dirty_mtime.is_some() || n.has_times()).then_some((n.dirty_end, n.dirty_mtime, n.atime_set, n.mtime_set))
+        });
+        let (end, mtime, atime_set, mtime_set) = match dirty {
             Some(d) => d,
             None if sync => return self.meta(MetaReq::Sync).await.map(|_| ()),
             None => return Ok(()),
         };
-        let req = if sync { MetaReq::WrittenSync { ino, end, mtime } } else { MetaReq::Written { ino, end, mtime } };
+        let req = match mtime {
+            Some(mtime) if atime_set.is_none() && mtime_set.is_none() => {
+                if sync {
+                    MetaReq::WrittenSync { ino, end, mtime }
+                } else {
+                    MetaReq::Written { ino, end, mtime }
+                }
+            }
+            _ => MetaReq::Publish { ino, end, mtime, atime_set, mtime_set, sync },
+        };
         let r = self.meta(req).await;
         if let Ok(MetaResp::Attr(a)) = &r {
             let mut nodes = self.nodes.lock();
             if let Some(n) = nodes.get_mut(&ino) {
                 n.attr = a.clone();
                 // Clean unless this client wrote more meanwhile (published next time).
-                if n.dirty_mtime == Some(mtime) && n.dirty_end <= end {
+                if n.dirty_mtime == mtime && n.dirty_end <= end {
                     n.dirty_mtime = None;
                     n.dirty_end = 0;
+                }
+                if n.atime_set == atime_set && n.mtime_set == mtime_set {
+                    n.atime_set = None;
+                    n.mtime_set = None;
+                    n.times_ctime = None;
                 }
             }
         }
@@ -389,6 +489,7 @@ impl Inner {
     fn forget_caps(&self, ino: Ino) {
         if let Some(n) = self.nodes.lock().get_mut(&ino) {
             n.no_caps = None;
+            n.fresh_until = None;
         }
     }
 
@@ -437,6 +538,7 @@ impl Inner {
                 Some(n) => {
                     n.dirty_end = n.dirty_end.max(end);
                     n.dirty_mtime = Some(Timestamp::now());
+                    n.mtime_set = None;
                     end > n.attr.size
                 }
                 None => false,
@@ -471,6 +573,7 @@ impl Inner {
             if let Some(n) = self.nodes.lock().get_mut(&ino) {
                 n.dirty_end = 0;
                 n.dirty_mtime = None;
+                n.mtime_set = None;
             }
         } else {
             self.publish(ino).await?;
@@ -508,6 +611,32 @@ impl Inner {
     }
 
     async fn setattr(&self, ino: Ino, set: SetAttr, caller: Caller) -> R<Attr> {
+        let times_only = set.mode.is_none()
+            && set.uid.is_none()
+            && set.gid.is_none()
+            && set.size.is_none()
+            && !set.kill_suid
+            && (set.atime.is_some() || set.mtime.is_some());
+        if times_only {
+            // utimens of a file this client has open for writing: kept with
+            // the size and mtime of its writes and published with them on
+            // close (one round trip less per file for `cp -a`, `tar`, `rsync`).
+            let mut nodes = self.nodes.lock();
+            if let Some(n) = nodes.get_mut(&ino).filter(|n| n.writers > 0 && n.attr.kind == FileKind::Regular) {
+                let at = |t: TimeSet| match t {
+                    TimeSet::Now => Timestamp::now(),
+                    TimeSet::At(x) => x,
+                };
+                if let Some(t) = set.atime {
+                    n.atime_set = Some(at(t));
+                }
+                if let Some(t) = set.mtime {
+                    n.mtime_set = Some(at(t));
+                }
+                n.times_ctime = Some(Timestamp::now());
+                return Ok(n.merged());
+            }
+        }
         if let Some(size) = set.size {
             if self.o.read_only {
                 return Err(Errno::EROFS);
@@ -522,6 +651,10 @@ impl Inner {
                 self.c.truncate(n.attr.object, cur, size, self.toughness_of(&n)).await.map_err(errno)?;
                 self.mark_unsynced(ino, u64::MAX);
             }
+        }
+        if self.node(ino).is_some_and(|n| n.has_times()) {
+            // Times kept back go first, so this change applies after them.
+            self.publish(ino).await?;
         }
         let resp = self.meta(MetaReq::SetAttr { ino, set: set.clone(), caller }).await?;
         let MetaResp::Attr(a) = resp else { return Err(Errno::EIO) };
@@ -568,8 +701,12 @@ impl Inner {
         if self.o.read_only {
             return Err(Errno::EROFS);
         }
+        self.dir_begin();
         let r = self.meta(MetaReq::Create { parent, name: nm.clone(), kind, perm, rdev, caller, target, open }).await;
-        self.forget_name(parent, &nm);
+        match &r {
+            Ok(MetaResp::Created { attr, .. }) => self.dir_set(parent, &nm, Some(attr.ino)),
+            _ => self.dir_drop(parent),
+        }
         match r? {
             MetaResp::Created { attr, .. } => {
                 let a = self.remember(&attr);
@@ -726,6 +863,12 @@ impl Filesystem for IomFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, nm: &OsStr, reply: ReplyEntry) {
         let nm = name(nm);
         let ttl = self.inner.o.entry_ttl;
+        // Answered from a listing right here when it can be (no hop to the runtime).
+        if !ttl.is_zero() {
+            if let Some(r) = self.inner.listed_attr(Ino(parent.0), &nm, ttl) {
+                return entry(reply, ttl, r);
+            }
+        }
         self.spawn(move |fs| async move {
             let r = fs.lookup(Ino(parent.0), nm).await;
             entry(reply, ttl, r)
@@ -734,6 +877,9 @@ impl Filesystem for IomFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let ttl = self.inner.o.attr_ttl;
+        if let Some((a, left)) = self.inner.fresh_attr(Ino(ino.0)) {
+            return reply.attr(&left.min(ttl), &file_attr(&a));
+        }
         self.spawn(move |fs| async move {
             // Fresh from the namespace, with the size of unpublished local writes on top.
             match fs.attr_of(Ino(ino.0)).await {
@@ -823,9 +969,12 @@ impl Filesystem for IomFs {
             let r = if fs.o.read_only {
                 Err(Errno::EROFS)
             } else {
-                fs.forget_name(Ino(parent.0), &nm);
+                fs.dir_begin();
                 let r = done(fs.meta(MetaReq::Unlink { parent: Ino(parent.0), name: nm.clone() }).await);
-                fs.forget_name(Ino(parent.0), &nm);
+                match r {
+                    Ok(()) => fs.dir_set(Ino(parent.0), &nm, None),
+                    Err(_) => fs.dir_drop(Ino(parent.0)),
+                }
                 r
             };
             empty(reply, r)
@@ -838,9 +987,12 @@ impl Filesystem for IomFs {
             let r = if fs.o.read_only {
                 Err(Errno::EROFS)
             } else {
-                fs.forget_name(Ino(parent.0), &nm);
+                fs.dir_begin();
                 let r = done(fs.meta(MetaReq::Rmdir { parent: Ino(parent.0), name: nm.clone() }).await);
-                fs.forget_name(Ino(parent.0), &nm);
+                match r {
+                    Ok(()) => fs.dir_set(Ino(parent.0), &nm, None),
+                    Err(_) => fs.dir_drop(Ino(parent.0)),
+                }
                 r
             };
             empty(reply, r)
@@ -873,13 +1025,21 @@ impl Filesystem for IomFs {
                 Err(Errno::EROFS)
             } else {
                 let (p, np) = (Ino(parent.0), Ino(newparent.0));
-                fs.forget_name(p, &nm);
-                fs.forget_name(np, &newname);
+                fs.dir_begin();
+                let moved = fs.listed_ino(p, &nm);
                 let req =
                     MetaReq::Rename { parent: p, name: nm.clone(), new_parent: np, new_name: newname.clone(), flags };
                 let r = done(fs.meta(req).await);
-                fs.forget_name(p, &nm);
-                fs.forget_name(np, &newname);
+                match (&r, moved) {
+                    (Ok(()), Some(ino)) if flags & libc::RENAME_EXCHANGE == 0 => {
+                        fs.dir_set(p, &nm, None);
+                        fs.dir_set(np, &newname, Some(ino));
+                    }
+                    _ => {
+                        fs.dir_drop(p);
+                        fs.dir_drop(np);
+                    }
+                }
                 r
             };
             empty(reply, r)
@@ -890,8 +1050,12 @@ impl Filesystem for IomFs {
         let (nm, ttl) = (name(newname), self.inner.o.entry_ttl);
         self.spawn(move |fs| async move {
             let req = MetaReq::Link { ino: Ino(ino.0), new_parent: Ino(newparent.0), new_name: nm.clone() };
+            fs.dir_begin();
             let res = fs.meta(req).await;
-            fs.forget_name(Ino(newparent.0), &nm);
+            match &res {
+                Ok(MetaResp::Attr(a)) => fs.dir_set(Ino(newparent.0), &nm, Some(a.ino)),
+                _ => fs.dir_drop(Ino(newparent.0)),
+            }
             let r = match res {
                 Ok(MetaResp::Attr(a)) => Ok(fs.remember(&a)),
                 Ok(_) => Err(Errno::EIO),
@@ -1088,6 +1252,9 @@ impl Filesystem for IomFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, nm: &OsStr, size: u32, reply: ReplyXattr) {
         let nm = name(nm);
+        if nm == CAPS_XATTR && self.inner.node(Ino(ino.0)).is_some_and(|n| n.no_caps == Some(n.attr.change)) {
+            return reply.error(Errno::ENODATA);
+        }
         self.spawn(move |fs| async move {
             match fs.getxattr(Ino(ino.0), &nm).await {
                 Ok(v) => xattr_reply(reply, size, &v),

@@ -449,6 +449,61 @@ fn lookups_from_a_directory_listing_follow_changes() {
     for i in 30..40 {
         assert_eq!(fs::read(b.join(format!("d/f{i}"))).unwrap(), format!("{i}").as_bytes());
     }
+    // Names a fresh listing lacks are answered absent by B; B's own
+    // creations (file, directory, symlink, hard link, rename target) are
+    // found at once, and A's creations once the entry time has passed.
+    for i in 0..20 {
+        assert!(!b.join(format!("d/new{i}")).exists());
+    }
+    fs::write(b.join("d/new0"), b"n0").unwrap();
+    fs::create_dir(b.join("d/new1")).unwrap();
+    std::os::unix::fs::symlink("new0", b.join("d/new2")).unwrap();
+    fs::hard_link(b.join("d/new0"), b.join("d/new3")).unwrap();
+    fs::rename(b.join("d/f30"), b.join("d/new4")).unwrap();
+    assert_eq!(fs::read(b.join("d/new0")).unwrap(), b"n0");
+    assert!(b.join("d/new1").is_dir());
+    assert_eq!(fs::read(b.join("d/new2")).unwrap(), b"n0", "symlink not found");
+    assert_eq!(fs::read(b.join("d/new3")).unwrap(), b"n0", "hard link not found");
+    assert_eq!(fs::read(b.join("d/new4")).unwrap(), b"30", "rename target not found");
+    assert!(!b.join("d/f30").exists());
+    // A create that fails (the name exists) leaves nothing stale behind.
+    assert!(fs::create_dir(b.join("d/new1")).is_err());
+    assert!(b.join("d/new1").is_dir());
+    fs::write(a.join("d/froma"), b"a").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(fs::read(b.join("d/froma")).unwrap(), b"a", "B does not see A's new file after the entry time");
+}
+
+#[test]
+fn times_set_on_an_open_file_are_published_on_close() {
+    use std::os::unix::fs::MetadataExt;
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let a = c.mount("a", &[]);
+    let b = c.mount("b", &[]);
+    let p = a.join("timed");
+    let f = OpenOptions::new().create(true).write(true).truncate(true).open(&p).unwrap();
+    (&f).write_all(b"some bytes").unwrap();
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    f.set_times(fs::FileTimes::new().set_accessed(t).set_modified(t)).unwrap();
+    // Seen at once through this mount, while the file is still open.
+    let m = fs::metadata(&p).unwrap();
+    assert_eq!((m.mtime(), m.atime()), (1_000_000_000, 1_000_000_000));
+    assert!(m.ctime() > 1_000_000_000, "ctime not updated by utimens");
+    drop(f);
+    // Published with the size on close: another mount sees both.
+    let m = fs::metadata(b.join("timed")).unwrap();
+    assert_eq!((m.len(), m.mtime(), m.atime()), (10, 1_000_000_000, 1_000_000_000));
+    // A write after the times were set gives the file a new mtime.
+    let f = OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_times(fs::FileTimes::new().set_modified(t)).unwrap();
+    (&f).write_all(b"X").unwrap();
+    drop(f);
+    std::thread::sleep(Duration::from_millis(1100));
+    let m = fs::metadata(b.join("timed")).unwrap();
+    assert!(m.mtime() > 1_000_000_000, "a write after utimens kept the old mtime");
+    assert_eq!(fs::read(b.join("timed")).unwrap(), b"Xome bytes");
 }
 
 #[test]

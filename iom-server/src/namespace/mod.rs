@@ -297,6 +297,15 @@ impl Namespace {
     /// Serves one namespace request on the namespace server.
     pub async fn handle(&self, iom: &Arc<Iom>, call: MetaCall) -> Result<MetaResp, Error> {
         let MetaCall { client, seq, req } = call;
+        if let MetaReq::Publish { ino, end, mtime, atime_set, mtime_set, sync: true } = req {
+            let mut synced = false;
+            let req = MetaReq::Publish { ino, end, mtime, atime_set, mtime_set, sync: false };
+            let r = self.handle_one(iom, MetaCall { client, seq, req }, Some(&mut synced)).await?;
+            if !synced {
+                self.sync().await;
+            }
+            return Ok(r);
+        }
         if let MetaReq::WrittenSync { ino, end, mtime } = req {
             let mut synced = false;
             let call = MetaCall { client, seq, req: MetaReq::Written { ino, end, mtime } };
@@ -349,6 +358,17 @@ impl Namespace {
                 Self::refresh_stats(iom).await;
             }
         }
+        // Directories whose entries this request changes: their attributes
+        // go back with the reply.
+        let dirs: Vec<Ino> = match &req {
+            MetaReq::Create { parent, .. } | MetaReq::Unlink { parent, .. } | MetaReq::Rmdir { parent, .. } => {
+                vec![*parent]
+            }
+            MetaReq::Rename { parent, new_parent, .. } if parent == new_parent => vec![*parent],
+            MetaReq::Rename { parent, new_parent, .. } => vec![*parent, *new_parent],
+            MetaReq::Link { new_parent, .. } => vec![*new_parent],
+            _ => Vec::new(),
+        };
         let mut reap = None;
         let (reply, lsn, gen) = {
             let mut g = self.rep.lock();
@@ -406,6 +426,9 @@ impl Namespace {
                 MetaReq::SetXattr { ino, name, value, flags } => s.set_xattr(ino, &name, &value, flags, now),
                 MetaReq::RemoveXattr { ino, name } => s.remove_xattr(ino, &name, now),
                 MetaReq::Written { ino, end, mtime } => s.written(ino, end, mtime),
+                MetaReq::Publish { ino, end, mtime, atime_set, mtime_set, .. } => {
+                    s.publish(ino, end, mtime, atime_set, mtime_set, now)
+                }
                 MetaReq::Open { ino, truncate } => {
                     let (p, attr) = s.open(ino, truncate, now).map_err(nserr)?;
                     let t = attr.toughness;
@@ -444,7 +467,14 @@ impl Namespace {
                 return Ok(plan.reply);
             }
             let (lsn, gen) = Self::commit(r, plan.recs, client, seq, &plan.reply);
-            (plan.reply, lsn, gen)
+            let dir_attrs: Vec<Attr> =
+                dirs.iter().filter_map(|d| r.state.inode(*d).ok().map(|i| i.attr.clone())).collect();
+            let reply = if dir_attrs.is_empty() {
+                plan.reply
+            } else {
+                MetaResp::WithDirs { reply: Box::new(plan.reply), dirs: dir_attrs }
+            };
+            (reply, lsn, gen)
         };
         let _ = reap;
         let _ = gen;

@@ -675,6 +675,39 @@ impl NsState {
         Ok(Plan { recs: vec![Self::put(i)], reply: MetaResp::Attr(attr) })
     }
 
+    /// Writes (end, mtime) and then times set explicitly, in one change.
+    pub fn publish(
+        &self,
+        ino: Ino,
+        end: u64,
+        mtime: Option<Timestamp>,
+        atime_set: Option<Timestamp>,
+        mtime_set: Option<Timestamp>,
+        now: Timestamp,
+    ) -> NsResult<Plan> {
+        let mut i = self.inode(ino)?.clone();
+        if i.attr.kind != FileKind::Regular {
+            return Err(e(ErrorCode::Invalid, "not a regular file"));
+        }
+        i.attr.size = i.attr.size.max(end);
+        if let Some(m) = mtime {
+            i.attr.mtime = i.attr.mtime.max(m);
+            i.attr.ctime = i.attr.ctime.max(m);
+        }
+        if let Some(a) = atime_set {
+            i.attr.atime = a;
+        }
+        if let Some(m) = mtime_set {
+            i.attr.mtime = m;
+        }
+        if atime_set.is_some() || mtime_set.is_some() {
+            i.attr.ctime = i.attr.ctime.max(now);
+        }
+        i.attr.change += 1;
+        let attr = i.attr.clone();
+        Ok(Plan { recs: vec![Self::put(i)], reply: MetaResp::Attr(attr) })
+    }
+
     pub fn set_xattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: u32, now: Timestamp) -> NsResult<Plan> {
         if name.is_empty() || name.len() > 255 {
             return Err(e(ErrorCode::Range, "bad attribute name length"));
