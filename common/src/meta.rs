@@ -251,6 +251,11 @@ pub enum MetaReq {
         end: u64,
         mtime: Timestamp,
     },
+    /// Handles on these inodes were closed (an inode once per handle):
+    /// `Release` of several, sent together.
+    ReleaseMany {
+        inos: Vec<Ino>,
+    },
     /// What a client kept back while it had the file open for writing,
     /// published in one request (close, fsync): the end and mtime of its
     /// writes (`mtime` none: no writes) and the times set with `utimens`

@@ -153,6 +153,19 @@ pub enum DataReq {
     /// client write that IOM holds); the payload is their bytes in order.
     /// Answered `WrittenAll` when every piece reached its toughness point.
     WriteMany { route: Route, pieces: Vec<WritePiece>, toughness: Toughness },
+    /// Several block reads from one IOM in one request (the blocks of one
+    /// client read that IOM holds). Answered `ReadAll`.
+    ReadMany { route: Route, pieces: Vec<ReadPiece> },
+    /// `DropObject` of several objects (from group 0), in one request.
+    DropObjects { route: Route, objects: Vec<ObjectId> },
+}
+
+/// One block's part of a `ReadMany`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadPiece {
+    pub key: BlockKey,
+    pub offset: u32,
+    pub len: u32,
 }
 
 /// One block's part of a `WriteMany`.
@@ -202,6 +215,11 @@ pub enum DataResp {
     Blocks(Vec<BlockInfo>),
     Groups(Vec<GroupInfo>),
     WrittenAll,
+    /// Payload: the pieces' stored bytes one after another, `lens[i]` bytes
+    /// for piece i (bytes of a piece past its part are zeros).
+    ReadAll {
+        lens: Vec<u32>,
+    },
 }
 
 // ------------------------------------------------------------ parity channel
@@ -504,7 +522,7 @@ mod tests {
     fn golden_bytes() {
         let hello =
             Request::Hello(Hello { protocol: PROTOCOL_VERSION, cluster_id: "c".into(), peer: PeerKind::Iom(IomId(3)) });
-        assert_eq!(hex(&encode(&hello).unwrap()), "000101630103");
+        assert_eq!(hex(&encode(&hello).unwrap()), "000201630103");
 
         let w = Request::Data(DataReq::Write {
             route: Route { epoch: Epoch(2), target: IomId(1) },
@@ -548,6 +566,8 @@ mod tests {
             DataReq::ReadParity { route, group: GroupKey { object: ObjectId(1), group: GroupNo(0) } },
             DataReq::ListBlocks { after: Some(key), limit: 10 },
             DataReq::ListGroups { after: None, limit: 10 },
+            DataReq::ReadMany { route, pieces: vec![ReadPiece { key, offset: 0, len: 4096 }] },
+            DataReq::DropObjects { route, objects: vec![ObjectId(1), ObjectId(9)] },
         ];
         for r in reqs {
             let req = Request::Data(r);

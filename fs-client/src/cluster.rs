@@ -12,8 +12,8 @@ use common::cluster::ClusterMap;
 use common::config::{ClusterConfig, ClusterPaths};
 use common::meta::{MetaReq, MetaResp};
 use common::wire::{
-    DataReq, DataResp, ErrorCode, Hello, MemberReq, MemberResp, MetaCall, PeerKind, Reply, Request, Route, WireError,
-    WritePiece, PROTOCOL_VERSION,
+    DataReq, DataResp, ErrorCode, Hello, MemberReq, MemberResp, MetaCall, PeerKind, ReadPiece, Reply, Request, Route,
+    WireError, WritePiece, PROTOCOL_VERSION,
 };
 use common::{BlockKey, BlockNo, GroupNo, IomId, Layout, ObjectId, Toughness};
 use net::{NetError, Pool};
@@ -188,7 +188,7 @@ impl ClusterClient {
         make: impl Fn(Route) -> Request,
         payload: Bytes,
     ) -> Result<(Reply, Bytes)> {
-        self.call_target(|_| role, make, payload).await
+        self.call_target(|_| role, make, vec![payload]).await
     }
 
     /// One request to whoever serves the role `pick` names in the current
@@ -199,7 +199,7 @@ impl ClusterClient {
         &self,
         pick: impl Fn(&ClusterMap) -> IomId,
         make: impl Fn(Route) -> Request,
-        payload: Bytes,
+        payload: Vec<Bytes>,
     ) -> Result<(Reply, Bytes)> {
         let start = Instant::now();
         let stopped_wait = Duration::from_secs(self.cfg.tuning.stopped_wait_s);
@@ -225,7 +225,7 @@ impl ClusterClient {
                 continue;
             };
             let req = make(Route { epoch: map.epoch, target: role });
-            let call = self.pool.call_timeout(server, &req, payload.clone(), self.rpc_timeout);
+            let call = self.pool.call_chunks_timeout(server, &req, payload.clone(), self.rpc_timeout);
             tokio::pin!(call);
             let mut probe = tokio::time::interval_at(
                 tokio::time::Instant::now() + Duration::from_millis(300),
@@ -273,8 +273,17 @@ impl ClusterClient {
     }
 
     async fn data(&self, role: IomId, make: impl Fn(Route) -> DataReq, payload: Bytes) -> Result<(DataResp, Bytes)> {
+        self.data_chunks(role, make, vec![payload]).await
+    }
+
+    async fn data_chunks(
+        &self,
+        role: IomId,
+        make: impl Fn(Route) -> DataReq,
+        payload: Vec<Bytes>,
+    ) -> Result<(DataResp, Bytes)> {
         let t0 = Instant::now();
-        let r = self.call_role(role, |r| Request::Data(make(r)), payload).await;
+        let r = self.call_target(|_| role, |r| Request::Data(make(r)), payload).await;
         rpc_stats::note(rpc_stats::data_kind(&r), t0.elapsed());
         match r? {
             (Reply::Data(d), p) => Ok((d, p)),
@@ -283,26 +292,71 @@ impl ClusterClient {
     }
 
     /// Reads `len` bytes of an object at `offset`; holes read as zeros.
-    /// The blocks of the range are read from their IOMs in parallel.
+    /// The blocks of the range are read from their IOMs in parallel, one
+    /// request per IOM.
     pub async fn read(&self, object: ObjectId, offset: u64, len: usize) -> Result<Bytes> {
         let pieces = self.layout.split(offset, len);
-        let reads = pieces.iter().map(|p| {
-            let key = BlockKey { object, block: p.block };
+        // Pieces per IOM role, with their index in `pieces`.
+        let mut per_role: Vec<(IomId, Vec<usize>)> = Vec::new();
+        for (i, p) in pieces.iter().enumerate() {
             let role = self.layout.data_iom(object, p.block);
-            let (off, plen) = (p.offset, p.len);
+            match per_role.iter_mut().find(|(r, _)| *r == role) {
+                Some((_, v)) => v.push(i),
+                None => per_role.push((role, vec![i])),
+            }
+        }
+        let reads = per_role.into_iter().map(|(role, idx)| {
+            let pieces = &pieces;
             async move {
-                let (_, b) =
-                    self.data(role, |route| DataReq::Read { route, key, offset: off, len: plen }, Bytes::new()).await?;
-                Ok::<Bytes, ClientError>(b)
+                if let [i] = idx[..] {
+                    let p = &pieces[i];
+                    let key = BlockKey { object, block: p.block };
+                    let (off, plen) = (p.offset, p.len);
+                    let (_, b) = self
+                        .data(role, |route| DataReq::Read { route, key, offset: off, len: plen }, Bytes::new())
+                        .await?;
+                    return Ok::<_, ClientError>(vec![(i, b)]);
+                }
+                let rp: Vec<ReadPiece> = idx
+                    .iter()
+                    .map(|&i| ReadPiece {
+                        key: BlockKey { object, block: pieces[i].block },
+                        offset: pieces[i].offset,
+                        len: pieces[i].len,
+                    })
+                    .collect();
+                let (resp, b) =
+                    self.data(role, |route| DataReq::ReadMany { route, pieces: rp.clone() }, Bytes::new()).await?;
+                let DataResp::ReadAll { lens } = resp else {
+                    return Err(ClientError::Unexpected(format!("{resp:?}")));
+                };
+                let total: u64 = lens.iter().map(|&l| l as u64).sum();
+                if lens.len() != idx.len() || total != b.len() as u64 {
+                    return Err(ClientError::Unexpected(format!(
+                        "read of {} pieces answered with {} lengths and {} bytes",
+                        idx.len(),
+                        lens.len(),
+                        b.len()
+                    )));
+                }
+                let mut at = 0usize;
+                let mut out = Vec::with_capacity(idx.len());
+                for (&i, &l) in idx.iter().zip(&lens) {
+                    out.push((i, b.slice(at..at + l as usize)));
+                    at += l as usize;
+                }
+                Ok(out)
             }
         });
-        let parts = futures::future::try_join_all(reads).await?;
-        if parts.len() == 1 && parts[0].len() == len {
-            return Ok(parts.into_iter().next().expect("one part"));
+        let parts: Vec<(usize, Bytes)> = futures::future::try_join_all(reads).await?.into_iter().flatten().collect();
+        if parts.len() == 1 && parts[0].1.len() == len {
+            return Ok(parts.into_iter().next().expect("one part").1);
         }
         let mut out = BytesMut::zeroed(len);
-        for (p, b) in pieces.iter().zip(parts) {
-            out[p.buf_offset..p.buf_offset + b.len()].copy_from_slice(&b);
+        for (i, b) in parts {
+            let p = &pieces[i];
+            let n = b.len().min(p.len as usize);
+            out[p.buf_offset..p.buf_offset + n].copy_from_slice(&b[..n]);
         }
         Ok(out.freeze())
     }
@@ -352,11 +406,7 @@ impl ClusterClient {
                     )
                     .await;
             }
-            let mut payload = BytesMut::with_capacity(bs.iter().map(|b| b.len()).sum());
-            for b in &bs {
-                payload.extend_from_slice(b);
-            }
-            self.data(role, |route| DataReq::WriteMany { route, pieces: ps.clone(), toughness }, payload.freeze()).await
+            self.data_chunks(role, |route| DataReq::WriteMany { route, pieces: ps.clone(), toughness }, bs).await
         });
         futures::future::try_join_all(writes).await?;
         Ok(())
@@ -452,7 +502,7 @@ impl ClusterClient {
     async fn meta_inner(&self, req: MetaReq) -> Result<MetaResp> {
         let call =
             MetaCall { client: self.client_id, seq: self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed), req };
-        match self.call_target(|m| m.meta_home, |_| Request::Meta(call.clone()), Bytes::new()).await? {
+        match self.call_target(|m| m.meta_home, |_| Request::Meta(call.clone()), Vec::new()).await? {
             (Reply::Meta(m), _) => Ok(m),
             (other, _) => Err(ClientError::Unexpected(format!("{other:?}"))),
         }

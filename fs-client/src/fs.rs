@@ -146,6 +146,13 @@ pub struct Inner {
     dir_gen: AtomicU64,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
+    /// Closed handles not yet reported to the namespace: sent together
+    /// (`ReleaseMany`) a moment later. The kernel does not wait for a
+    /// release, and the namespace only needs the count of open handles to
+    /// keep unlinked files until their last close, which a short delay
+    /// merely prolongs.
+    releases: Mutex<Vec<Ino>>,
+    release_kick: tokio::sync::Notify,
 }
 
 pub struct IomFs {
@@ -467,6 +474,11 @@ impl Inner {
         if let Ok(MetaResp::Attr(a)) = &r {
             let mut nodes = self.nodes.lock();
             if let Some(n) = nodes.get_mut(&ino) {
+                // This publication is the only change since the inode was
+                // known to have no capability: it still has none.
+                if n.no_caps == Some(n.attr.change) && a.change == n.attr.change + 1 {
+                    n.no_caps = Some(a.change);
+                }
                 n.attr = a.clone();
                 // Clean unless this client wrote more meanwhile (published next time).
                 if n.dirty_mtime == mtime && n.dirty_end <= end {
@@ -604,10 +616,32 @@ impl Inner {
                 None => true,
             }
         };
-        if last_writer {
-            self.publish(h.ino).await?;
+        let published = if last_writer { self.publish(h.ino).await } else { Ok(()) };
+        self.releases.lock().push(h.ino);
+        self.release_kick.notify_one();
+        published
+    }
+
+    /// Sends the releases queued so far.
+    pub async fn send_releases(&self) {
+        let inos = std::mem::take(&mut *self.releases.lock());
+        if inos.is_empty() {
+            return;
         }
-        self.meta(MetaReq::Release { ino: h.ino }).await.map(|_| ())
+        let req = if inos.len() == 1 { MetaReq::Release { ino: inos[0] } } else { MetaReq::ReleaseMany { inos } };
+        if let Err(e) = self.meta(req).await {
+            tracing::warn!("release of closed handles not recorded by the namespace: {e:?}");
+        }
+    }
+
+    /// Background task: releases go out in batches.
+    async fn release_worker(self: Arc<Self>) {
+        loop {
+            self.release_kick.notified().await;
+            // Collect the releases of a burst of closes.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            self.send_releases().await;
+        }
     }
 
     async fn setattr(&self, ino: Ino, set: SetAttr, caller: Caller) -> R<Attr> {
@@ -801,8 +835,15 @@ impl IomFs {
                 dir_gen: AtomicU64::new(0),
                 handles: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
+                releases: Mutex::new(Vec::new()),
+                release_kick: tokio::sync::Notify::new(),
             }),
         }
+    }
+
+    /// Starts the background work of the filesystem (call once, inside the runtime's reach).
+    pub fn start(&self) {
+        self.rt.spawn(self.inner.clone().release_worker());
     }
 
     pub fn inner(&self) -> Arc<Inner> {

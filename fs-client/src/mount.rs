@@ -122,6 +122,8 @@ pub fn mount_foreground(dir: &Path, mnt: &Path, fso: FsOptions, debug: bool) -> 
     }
     let cluster_id = client.cfg.cluster_id.clone();
     let fs = IomFs::new(rt.handle().clone(), client.clone(), fso.clone());
+    fs.start();
+    let inner = fs.inner();
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         fuser::MountOption::FSName(format!("iomfs:{cluster_id}")),
@@ -163,6 +165,8 @@ pub fn mount_foreground(dir: &Path, mnt: &Path, fso: FsOptions, debug: bool) -> 
         fusermount_u(mnt);
         let _ = rx.recv_timeout(Duration::from_secs(10));
     }
+    // Closed handles still queued reach the namespace before we go.
+    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), inner.send_releases()).await });
     client.close();
     rt.shutdown_timeout(Duration::from_secs(2));
     Ok(())

@@ -173,15 +173,21 @@ impl<T> Mailbox<T> {
 struct Segment {
     file: File,
     no: u64,
-    /// Bytes of the segment written (header and records).
+    /// Bytes of the segment appended (header and records, `pending` included).
     end: u64,
+    /// Records appended but not yet handed to the OS: those nobody waits
+    /// to see written, only durable (a11, b11, a14). They go out with the
+    /// next record that must be written at once, or before the next sync,
+    /// in order, so the file always holds a prefix of the appends and a
+    /// crash loses at most records whose effects nobody relied on yet.
+    pending: Vec<u8>,
     /// The segment is allocated and zero-filled up to here (see `zero_ahead`).
     zeroed: u64,
 }
 
 impl Segment {
     fn new(file: File, no: u64) -> Segment {
-        Segment { file, no, end: SEG_HEADER as u64, zeroed: SEG_HEADER as u64 }
+        Segment { file, no, end: SEG_HEADER as u64, pending: Vec::new(), zeroed: SEG_HEADER as u64 }
     }
 }
 
@@ -232,24 +238,43 @@ fn fatal(what: &str, e: std::io::Error) -> ! {
 }
 
 impl Shared {
-    /// Writes one record now; returns the journal position after it.
-    fn write_now(&self, payload: &[u8]) -> u64 {
-        let mut buf = Vec::with_capacity(payload.len() + 8);
-        frame(payload, &mut buf);
+    /// Appends one record, handing it (and every record before it) to the
+    /// OS now unless `defer`; returns the journal position after it.
+    fn write_now(&self, payload: &[u8], defer: bool) -> u64 {
         let mut seg = self.seg.lock();
-        if let Err(e) = seg.file.write_all(&buf) {
+        let before = seg.pending.len();
+        frame(payload, &mut seg.pending);
+        let n = seg.pending.len() - before;
+        if !defer || seg.pending.len() >= 256 << 10 {
+            Self::write_pending(&mut seg);
+        }
+        seg.end += n as u64;
+        let buf_len = n;
+        self.stats.records.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes.fetch_add(buf_len as u64, Ordering::Relaxed);
+        self.stats.bytes_since_rotate.fetch_add(buf_len as u64, Ordering::Relaxed);
+        self.written.fetch_add(buf_len as u64, Ordering::AcqRel) + buf_len as u64
+    }
+
+    fn write_pending(seg: &mut Segment) {
+        if seg.pending.is_empty() {
+            return;
+        }
+        let Segment { file, pending, .. } = seg;
+        if let Err(e) = file.write_all(pending) {
             fatal("write", e);
         }
-        seg.end += buf.len() as u64;
-        self.stats.records.fetch_add(1, Ordering::Relaxed);
-        self.stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.stats.bytes_since_rotate.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.written.fetch_add(buf.len() as u64, Ordering::AcqRel) + buf.len() as u64
+        pending.clear();
+    }
+
+    /// Hands deferred records to the OS (before a sync or a rotation).
+    fn flush_pending(&self) {
+        Self::write_pending(&mut self.seg.lock());
     }
 
     /// Appends a record that needs nothing synced first.
     fn append_now(&self, payload: &[u8], wait: Wait, done: Option<oneshot::Sender<()>>, on_durable: Option<Callback>) {
-        let pos = self.write_now(payload);
+        let pos = self.write_now(payload, matches!(wait, Wait::DurableLazy | Wait::Background));
         match (wait, done) {
             (Wait::Durable, Some(d)) => {
                 self.js.send_all([JsCmd::Wait(pos, OnDurable::Notify(d)), JsCmd::Now], true);
@@ -370,6 +395,7 @@ fn journal_sync_thread(rx: Arc<Mailbox<JsCmd>>, shared: Arc<Shared>) {
         deadline = None;
         let target = shared.written.load(Ordering::Acquire);
         if target > synced {
+            shared.flush_pending();
             let f = shared.sync_file.lock().clone();
             if let Err(e) = f.sync_data() {
                 fatal("fdatasync", e);
@@ -651,6 +677,7 @@ impl Journal {
     /// (records still waiting for a data sync may land in the new one).
     pub fn rotate_now(&self) -> u64 {
         let mut seg = self.shared.seg.lock();
+        Shared::write_pending(&mut seg);
         if let Err(e) = seg.file.sync_data() {
             fatal("fdatasync", e);
         }

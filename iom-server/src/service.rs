@@ -10,7 +10,7 @@ use common::wire::{
     AdminReq, AdminResp, DataReq, DataResp, ErrorCode, HelloOk, MemberReq, MemberResp, PeerKind, Reply, Request,
     WireError, PROTOCOL_VERSION,
 };
-use net::frame::{read_frame, write_frame};
+use net::frame::{read_frame, write_frame, write_frame_chunks};
 use net::NetError;
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -56,6 +56,12 @@ async fn serve_conn(iom: Arc<Iom>, conn: quinn::Connection) {
 
 async fn reply(send: &mut quinn::SendStream, r: Reply, payload: Bytes) {
     if write_frame(send, &r, payload).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+async fn reply_chunks(send: &mut quinn::SendStream, r: Reply, payload: Vec<Bytes>) {
+    if write_frame_chunks(send, &r, payload).await.is_ok() {
         let _ = send.finish();
     }
 }
@@ -124,31 +130,79 @@ async fn serve_stream(iom: Arc<Iom>, state: Arc<ConnState>, mut send: quinn::Sen
         other => {
             let (r, p) = match dispatch(&iom, other, payload).await {
                 Ok(x) => x,
-                Err(e) => (Reply::Error(e.to_wire()), Bytes::new()),
+                Err(e) => (Reply::Error(e.to_wire()), Vec::new()),
             };
-            reply(&mut send, r, p).await;
+            reply_chunks(&mut send, r, p).await;
         }
     }
 }
 
 /// Serves one request in-process (used by an IOM calling a role it serves itself).
 pub async fn handle(iom: &Arc<Iom>, req: Request, payload: Bytes) -> Result<(Reply, Bytes), Error> {
-    dispatch(iom, req, payload).await
+    let (r, mut p) = dispatch(iom, req, payload).await?;
+    let p = match p.len() {
+        0 => Bytes::new(),
+        1 => p.pop().expect("one chunk"),
+        _ => Bytes::from(p.concat()),
+    };
+    Ok((r, p))
 }
 
-async fn dispatch(iom: &Arc<Iom>, req: Request, payload: Bytes) -> Result<(Reply, Bytes), Error> {
+/// A request's reply and its payload (buffers sent one after another).
+async fn dispatch(iom: &Arc<Iom>, req: Request, payload: Bytes) -> Result<(Reply, Vec<Bytes>), Error> {
     match req {
         Request::Data(d) => data(iom, d, payload).await.map(|(r, p)| (Reply::Data(r), p)),
-        Request::Member(m) => member(iom, m).await.map(|r| (Reply::Member(r), Bytes::new())),
-        Request::Admin(AdminReq::Stats) => Ok((Reply::Admin(AdminResp::Stats(iom.stats())), Bytes::new())),
-        Request::Meta(call) => iom.namespace.handle(iom, call).await.map(|r| (Reply::Meta(r), Bytes::new())),
+        Request::Member(m) => member(iom, m).await.map(|r| (Reply::Member(r), Vec::new())),
+        Request::Admin(AdminReq::Stats) => Ok((Reply::Admin(AdminResp::Stats(iom.stats())), Vec::new())),
+        Request::Meta(call) => iom.namespace.handle(iom, call).await.map(|r| (Reply::Meta(r), Vec::new())),
         Request::Hello(_) | Request::ParityChannel { .. } | Request::MetaMirror { .. } => {
             unreachable!("handled by serve_stream")
         }
     }
 }
 
-async fn data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp, Bytes), Error> {
+async fn data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp, Vec<Bytes>), Error> {
+    match req {
+        DataReq::ReadMany { route, pieces } => {
+            iom.member.check_route(&route, false)?;
+            let bs = iom.cfg.block_size as u64;
+            if pieces.len() > 1024 || pieces.iter().any(|p| p.offset as u64 + p.len as u64 > bs) {
+                return Err(Error::BadRequest(format!(
+                    "multi-block read of {} pieces: at most 1024, each inside a {bs}-byte block",
+                    pieces.len()
+                )));
+            }
+            let reads = pieces.into_iter().map(|p| async move {
+                let (_, b) = if route.target != iom.id {
+                    iom.standin_read(route.target, p.key, p.offset, p.len).await?
+                } else {
+                    iom.read_block(p.key, p.offset, p.len).await?
+                };
+                Ok::<Bytes, Error>(b)
+            });
+            let parts = futures::future::try_join_all(reads).await?;
+            let lens = parts.iter().map(|b| b.len() as u32).collect();
+            Ok((DataResp::ReadAll { lens }, parts))
+        }
+        DataReq::DropObjects { route, objects } => {
+            iom.member.check_route(&route, true)?;
+            if objects.len() > 4096 {
+                return Err(Error::BadRequest(format!("drop of {} objects: at most 4096", objects.len())));
+            }
+            for o in objects {
+                if route.target != iom.id {
+                    iom.standin_drop(route.target, o, common::GroupNo(0))?;
+                } else {
+                    iom.drop_object(o, common::GroupNo(0)).await?;
+                }
+            }
+            Ok((DataResp::Dropped, Vec::new()))
+        }
+        other => data_one(iom, other, payload).await.map(|(r, p)| (r, if p.is_empty() { Vec::new() } else { vec![p] })),
+    }
+}
+
+async fn data_one(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp, Bytes), Error> {
     // Requests for a failed IOM's role go to the stand-in functions.
     let standin = |route: &common::wire::Route| route.target != iom.id;
     match req {
@@ -248,6 +302,7 @@ async fn data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp,
         }
         DataReq::ListBlocks { after, limit } => Ok((DataResp::Blocks(iom.list_blocks(after, limit)), Bytes::new())),
         DataReq::ListGroups { after, limit } => Ok((DataResp::Groups(iom.list_groups(after, limit)), Bytes::new())),
+        DataReq::ReadMany { .. } | DataReq::DropObjects { .. } => unreachable!("handled by data()"),
     }
 }
 

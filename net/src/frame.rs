@@ -31,6 +31,22 @@ pub async fn write_frame<H: Serialize>(s: &mut quinn::SendStream, h: &H, payload
     Ok(())
 }
 
+/// Writes one frame whose payload is several buffers one after another,
+/// handed to quinn without copying.
+pub async fn write_frame_chunks<H: Serialize>(
+    s: &mut quinn::SendStream,
+    h: &H,
+    payload: Vec<Bytes>,
+) -> Result<(), NetError> {
+    let len = payload.iter().map(|b| b.len()).sum();
+    let head = encode_head(h, len)?;
+    let mut chunks = Vec::with_capacity(payload.len() + 1);
+    chunks.push(head);
+    chunks.extend(payload.into_iter().filter(|b| !b.is_empty()));
+    s.write_all_chunks(&mut chunks).await?;
+    Ok(())
+}
+
 /// Reads one frame; `Ok(None)` when the peer finished the stream cleanly
 /// before a new frame began.
 pub async fn read_frame<H: DeserializeOwned>(r: &mut quinn::RecvStream) -> Result<Option<(H, Bytes)>, NetError> {

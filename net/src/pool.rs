@@ -2,7 +2,7 @@
 //! peer, opened lazily, checked by a Hello exchange, replaced when it dies.
 //! Each call runs on its own bidirectional stream.
 
-use crate::frame::{read_frame, write_frame};
+use crate::frame::{read_frame, write_frame, write_frame_chunks};
 use crate::NetError;
 use bytes::Bytes;
 use common::cluster::ClusterMap;
@@ -37,7 +37,23 @@ pub async fn call_on(conn: &quinn::Connection, req: &Request, payload: Bytes) ->
     let (mut send, mut recv) = conn.open_bi().await?;
     write_frame(&mut send, req, payload).await?;
     send.finish()?;
-    match read_frame::<Reply>(&mut recv).await? {
+    read_reply(&mut recv).await
+}
+
+/// Like [`call_on`] with a payload made of several buffers (not copied).
+pub async fn call_on_chunks(
+    conn: &quinn::Connection,
+    req: &Request,
+    payload: Vec<Bytes>,
+) -> Result<(Reply, Bytes), NetError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame_chunks(&mut send, req, payload).await?;
+    send.finish()?;
+    read_reply(&mut recv).await
+}
+
+async fn read_reply(recv: &mut quinn::RecvStream) -> Result<(Reply, Bytes), NetError> {
+    match read_frame::<Reply>(recv).await? {
         Some((Reply::Error(e), _)) => Err(NetError::Remote(e)),
         Some((r, p)) => Ok((r, p)),
         None => Err(NetError::Malformed("stream ended without a reply".into())),
@@ -167,8 +183,18 @@ impl Pool {
 
     /// One request/reply with `iom`.
     pub async fn call(&self, iom: IomId, req: &Request, payload: Bytes) -> Result<(Reply, Bytes), NetError> {
+        self.call_chunks(iom, req, vec![payload]).await
+    }
+
+    /// One request/reply with `iom`, the payload in several buffers.
+    pub async fn call_chunks(
+        &self,
+        iom: IomId,
+        req: &Request,
+        payload: Vec<Bytes>,
+    ) -> Result<(Reply, Bytes), NetError> {
         let conn = self.conn(iom).await?;
-        let r = call_on(&conn, req, payload).await;
+        let r = call_on_chunks(&conn, req, payload).await;
         if let Err(e) = &r {
             if matches!(e, NetError::Connection(_)) {
                 self.drop_conn(iom);
@@ -185,7 +211,18 @@ impl Pool {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<(Reply, Bytes), NetError> {
-        match tokio::time::timeout(timeout, self.call(iom, req, payload)).await {
+        self.call_chunks_timeout(iom, req, vec![payload], timeout).await
+    }
+
+    /// Like [`Pool::call_chunks`] with a deadline.
+    pub async fn call_chunks_timeout(
+        &self,
+        iom: IomId,
+        req: &Request,
+        payload: Vec<Bytes>,
+        timeout: Duration,
+    ) -> Result<(Reply, Bytes), NetError> {
+        match tokio::time::timeout(timeout, self.call_chunks(iom, req, payload)).await {
             Ok(r) => r,
             Err(_) => Err(NetError::Timeout(timeout)),
         }

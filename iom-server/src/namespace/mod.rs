@@ -454,6 +454,26 @@ impl Namespace {
                         return Ok(MetaResp::Done);
                     }
                 }
+                MetaReq::ReleaseMany { inos } => {
+                    let mut recs = Vec::new();
+                    let mut reaped = std::collections::HashSet::new();
+                    for ino in inos {
+                        let c = r.opens.entry(ino).or_default();
+                        *c = c.saturating_sub(1);
+                        if *c == 0 {
+                            r.opens.remove(&ino);
+                            if reaped.insert(ino) {
+                                if let Some(mut more) = r.state.reap(ino) {
+                                    recs.append(&mut more);
+                                }
+                            }
+                        }
+                    }
+                    if recs.is_empty() {
+                        return Ok(MetaResp::Done);
+                    }
+                    Ok(Plan { recs, reply: MetaResp::Done })
+                }
                 MetaReq::ForgetDead { objects } => {
                     Ok(Plan { recs: vec![NsRec::Forget(objects)], reply: MetaResp::Done })
                 }
@@ -850,26 +870,28 @@ impl Namespace {
         if dead.is_empty() {
             return;
         }
-        let mut done = Vec::new();
-        for o in dead {
-            let map = iom.member.current();
-            let calls = (0..iom.cfg.width()).map(|i| {
-                let route = Route { epoch: map.epoch, target: IomId(i) };
-                let server = map.server_for(IomId(i));
-                let iom = iom.clone();
-                async move {
-                    let Some(s) = server else { return false };
-                    if s == iom.id {
-                        return iom.drop_object(o, GroupNo(0)).await.is_ok();
+        // One request per IOM for the whole batch.
+        let map = iom.member.current();
+        let calls = (0..iom.cfg.width()).map(|i| {
+            let route = Route { epoch: map.epoch, target: IomId(i) };
+            let server = map.server_for(IomId(i));
+            let iom = iom.clone();
+            let objects = dead.clone();
+            async move {
+                let Some(s) = server else { return false };
+                if s == iom.id && route.target == iom.id {
+                    for o in objects {
+                        if iom.drop_object(o, GroupNo(0)).await.is_err() {
+                            return false;
+                        }
                     }
-                    let req = Request::Data(DataReq::DropObject { route, object: o, from: GroupNo(0) });
-                    iom.pool.call_timeout(s, &req, Bytes::new(), Duration::from_secs(10)).await.is_ok()
+                    return true;
                 }
-            });
-            if futures::future::join_all(calls).await.into_iter().all(|x| x) {
-                done.push(o);
+                let req = Request::Data(DataReq::DropObjects { route, objects });
+                iom.pool.call_timeout(s, &req, Bytes::new(), Duration::from_secs(30)).await.is_ok()
             }
-        }
+        });
+        let done = if futures::future::join_all(calls).await.into_iter().all(|x| x) { dead } else { Vec::new() };
         if done.is_empty() {
             return;
         }
