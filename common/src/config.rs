@@ -66,7 +66,7 @@ impl Default for Tuning {
             cache_mib: 128,
             journal_flush_ms: 20,
             heartbeat_ms: 100,
-            failure_timeout_ms: 800,
+            failure_timeout_ms: 2000,
             rebuild_mib_s: 0,
             stopped_wait_s: 60,
             iom_threads: 0,

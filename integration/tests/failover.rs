@@ -244,3 +244,46 @@ fn namespace_home_killed_during_creates_and_renames_loses_nothing() {
     assert_eq!(fs::read_dir(m2.join("burst")).unwrap().count(), n);
     c.must_scrub_clean();
 }
+
+/// An IOM that stops answering for longer than the failure timeout while
+/// its process lives on (SIGSTOP: a stalled process, an overloaded or paused
+/// machine) is declared down like a dead one; when it runs again it learns
+/// that, restarts itself, rebuilds what was written meanwhile and rejoins,
+/// with nobody restarting it by hand.
+#[test]
+fn an_iom_stalled_past_the_failure_timeout_restarts_itself_and_rejoins() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let m = c.mount("mnt", &[]);
+    let mut files = Vec::new();
+    for i in 0..10u64 {
+        let data = Rng(500 + i).bytes(((i * 91_733) % 400_000) as usize + 1);
+        fs::write(m.join(format!("f{i}")), &data).unwrap();
+        files.push(data);
+    }
+    let pid = c.pid(2).expect("IOM 2 runs") as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    wait_status(&c, "down (proxied by 3)", Duration::from_secs(15));
+    let during = Rng(9).bytes(1 << 20);
+    write_file(&m.join("during"), &during).unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    wait_healthy(&c, Duration::from_secs(60));
+    assert!(c.is_running(2), "IOM 2 exited instead of rejoining:\n{}", c.log(2));
+    assert_eq!(c.pid(2), Some(pid as u32));
+    assert!(c.log(2).contains("restarting"), "IOM 2 did not say it restarts:\n{}", c.log(2));
+    for (i, data) in files.iter().enumerate() {
+        assert!(fs::read(m.join(format!("f{i}"))).unwrap() == *data, "f{i} differs after the rejoin");
+    }
+    assert!(fs::read(m.join("during")).unwrap() == during, "file written while IOM 2 was stalled differs");
+    c.must_scrub_clean();
+    // It serves on its own again: with another IOM killed, its blocks read
+    // back right.
+    c.kill(4);
+    wait_status(&c, "degraded", Duration::from_secs(15));
+    assert!(fs::read(m.join("during")).unwrap() == during);
+    c.start(4);
+    wait_healthy(&c, Duration::from_secs(60));
+}

@@ -26,6 +26,7 @@ impl Iom {
                 _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(hb) => {}
             }
+            self.member.tick();
             for j in 0..self.cfg.width() {
                 let j = IomId(j);
                 if j == self.id {
@@ -64,6 +65,7 @@ impl Iom {
                 _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(self.member.heartbeat) => {}
             }
+            self.member.tick();
             let map = self.member.current();
             if map.state(self.id) != IomState::Up {
                 continue;
@@ -221,13 +223,9 @@ impl Iom {
                     tracing::error!(
                         iom = self.id.0,
                         epoch = cur.epoch.0,
-                        "this IOM was declared down by the cluster (cut off from the majority); stopping: restart it to rejoin"
+                        "this IOM was declared down by the cluster (it was silent to the majority); restarting to rejoin"
                     );
-                    eprintln!(
-                        "iom-server {}: declared down by the cluster in epoch {}; exiting so it can rejoin",
-                        self.id, cur.epoch
-                    );
-                    std::process::exit(3);
+                    crate::restart::rejoin_by_restart(self.id, cur.epoch);
                 }
             }
             if cur.meta_home == self.id && prev.meta_home != self.id {

@@ -31,6 +31,7 @@ pub mod rebuild;
 pub mod records;
 pub mod recovery;
 pub mod recovery_exec;
+pub mod restart;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -26,6 +26,10 @@ pub struct Membership {
     map: RwLock<ClusterMap>,
     changes: watch::Sender<Epoch>,
     last_seen: Mutex<Vec<Option<Instant>>>,
+    /// When this IOM's own liveness loops last ran, and when they last
+    /// resumed after running late (this process or the whole machine
+    /// stalled): see `accusable_silence`.
+    ticks: Mutex<(Instant, Option<Instant>)>,
     voted: Mutex<Option<Ballot>>,
     started: Instant,
     pub heartbeat: Duration,
@@ -42,6 +46,7 @@ impl Membership {
             map: RwLock::new(map),
             changes,
             last_seen: Mutex::new(vec![None; w]),
+            ticks: Mutex::new((Instant::now(), None)),
             voted: Mutex::new(None),
             started: Instant::now(),
             heartbeat,
@@ -109,8 +114,39 @@ impl Membership {
         }
     }
 
+    /// Called by the heartbeat and detector loops each time they run. A gap
+    /// well beyond the heartbeat period means this IOM itself was not
+    /// running (a stalled process, a paused or overloaded machine): the
+    /// silence it then sees from its peers is its own, so it gives them a
+    /// fresh `failure_timeout` before accusing any of them.
+    pub fn tick(&self) {
+        let now = Instant::now();
+        let mut t = self.ticks.lock();
+        if now.duration_since(t.0) > self.heartbeat + self.failure_timeout / 4 {
+            tracing::warn!(
+                iom = self.me.0,
+                late_ms = (now.duration_since(t.0) - self.heartbeat).as_millis() as u64,
+                "this IOM ran late: peers get a full failure timeout before being suspected"
+            );
+            t.1 = Some(now);
+        }
+        t.0 = now;
+    }
+
+    /// Silence of `j` that counts against it: not longer than the time since
+    /// this IOM last resumed from a stall of its own. Only accusations use
+    /// it; the quorum lease (`has_quorum`) keeps the plain silence, so a
+    /// stalled IOM still stops writing before others take its role.
+    pub fn accusable_silence(&self, j: IomId) -> Duration {
+        let s = self.silence(j);
+        match self.ticks.lock().1 {
+            Some(resumed) => s.min(resumed.elapsed()),
+            None => s,
+        }
+    }
+
     pub fn suspects(&self, j: IomId) -> bool {
-        j != self.me && self.silence(j) > self.failure_timeout
+        j != self.me && self.accusable_silence(j) > self.failure_timeout
     }
 
     pub fn majority(&self) -> usize {
@@ -151,7 +187,7 @@ impl Membership {
         match proposed.state(changed) {
             // Declaring it down: it must be silent to us too (half the timeout:
             // heartbeats from different IOMs are not in step).
-            IomState::Down { .. } => changed != self.me && self.silence(changed) > self.failure_timeout / 2,
+            IomState::Down { .. } => changed != self.me && self.accusable_silence(changed) > self.failure_timeout / 2,
             // It comes back: we must hear it.
             IomState::Up | IomState::Rebuilding { .. } => {
                 changed == self.me || self.silence(changed) < self.failure_timeout
@@ -201,4 +237,61 @@ impl Membership {
 /// Errors of membership operations (logged, then retried).
 pub fn stopped() -> Error {
     Error::Wire(WireError::new(ErrorCode::ClusterStopped, "cluster stopped"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(hb: u64, timeout: u64) -> Membership {
+        let dir = std::env::temp_dir().join(format!("iomfs-member-{}", std::process::id()));
+        Membership::new(
+            IomId(0),
+            ClusterMap::initial(5, IomId(0)),
+            dir,
+            Duration::from_millis(hb),
+            Duration::from_millis(timeout),
+        )
+    }
+
+    #[test]
+    fn silence_seen_after_a_stall_of_our_own_is_not_held_against_peers() {
+        let m = member(20, 400);
+        m.seen(IomId(1));
+        m.tick();
+        // This IOM does not run for 3 timeouts (a stalled process or VM).
+        std::thread::sleep(Duration::from_millis(1200));
+        assert!(m.silence(IomId(1)) > m.failure_timeout);
+        m.tick();
+        assert!(!m.suspects(IomId(1)), "accused a peer for our own stall");
+        let down = {
+            let mut p = m.current();
+            p.epoch = Epoch(2);
+            p.states[1] = IomState::Down { proxy: IomId(2) };
+            p
+        };
+        assert!(!m.agrees(&down, IomId(1)), "voted a peer down for our own stall");
+        // The quorum lease still sees the plain silence: a stalled IOM
+        // refuses writes until it hears the majority again.
+        assert!(!m.has_quorum());
+        // Peers that stay silent a full timeout after we resumed are suspected.
+        for _ in 0..25 {
+            std::thread::sleep(Duration::from_millis(20));
+            m.tick();
+        }
+        assert!(m.suspects(IomId(1)));
+        assert!(m.agrees(&down, IomId(1)));
+    }
+
+    #[test]
+    fn regular_ticks_leave_silence_as_it_is() {
+        let m = member(20, 400);
+        m.seen(IomId(1));
+        for _ in 0..25 {
+            std::thread::sleep(Duration::from_millis(20));
+            m.tick();
+        }
+        assert!(m.suspects(IomId(1)));
+        assert!(!m.suspects(IomId(0)), "an IOM never suspects itself");
+    }
 }
