@@ -308,15 +308,6 @@ impl ClusterClient {
         let reads = per_role.into_iter().map(|(role, idx)| {
             let pieces = &pieces;
             async move {
-                if let [i] = idx[..] {
-                    let p = &pieces[i];
-                    let key = BlockKey { object, block: p.block };
-                    let (off, plen) = (p.offset, p.len);
-                    let (_, b) = self
-                        .data(role, |route| DataReq::Read { route, key, offset: off, len: plen }, Bytes::new())
-                        .await?;
-                    return Ok::<_, ClientError>(vec![(i, b)]);
-                }
                 let rp: Vec<ReadPiece> = idx
                     .iter()
                     .map(|&i| ReadPiece {
@@ -328,7 +319,7 @@ impl ClusterClient {
                 let (resp, b) =
                     self.data(role, |route| DataReq::ReadMany { route, pieces: rp.clone() }, Bytes::new()).await?;
                 let DataResp::ReadAll { lens } = resp else {
-                    return Err(ClientError::Unexpected(format!("{resp:?}")));
+                    return Err::<_, ClientError>(ClientError::Unexpected(format!("{resp:?}")));
                 };
                 let total: u64 = lens.iter().map(|&l| l as u64).sum();
                 if lens.len() != idx.len() || total != b.len() as u64 {

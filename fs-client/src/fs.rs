@@ -628,8 +628,7 @@ impl Inner {
         if inos.is_empty() {
             return;
         }
-        let req = if inos.len() == 1 { MetaReq::Release { ino: inos[0] } } else { MetaReq::ReleaseMany { inos } };
-        if let Err(e) = self.meta(req).await {
+        if let Err(e) = self.meta(MetaReq::ReleaseMany { inos }).await {
             tracing::warn!("release of closed handles not recorded by the namespace: {e:?}");
         }
     }

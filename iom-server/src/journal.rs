@@ -248,12 +248,12 @@ impl Shared {
         if !defer || seg.pending.len() >= 256 << 10 {
             Self::write_pending(&mut seg);
         }
-        seg.end += n as u64;
-        let buf_len = n;
+        let n = n as u64;
+        seg.end += n;
         self.stats.records.fetch_add(1, Ordering::Relaxed);
-        self.stats.bytes.fetch_add(buf_len as u64, Ordering::Relaxed);
-        self.stats.bytes_since_rotate.fetch_add(buf_len as u64, Ordering::Relaxed);
-        self.written.fetch_add(buf_len as u64, Ordering::AcqRel) + buf_len as u64
+        self.stats.bytes.fetch_add(n, Ordering::Relaxed);
+        self.stats.bytes_since_rotate.fetch_add(n, Ordering::Relaxed);
+        self.written.fetch_add(n, Ordering::AcqRel) + n
     }
 
     fn write_pending(seg: &mut Segment) {

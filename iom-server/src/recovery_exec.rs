@@ -88,6 +88,17 @@ impl Iom {
         make: impl Fn(Route) -> Request + Send + 'a,
         payload: Bytes,
     ) -> BoxFut<'a, Result<(Reply, Bytes), Error>> {
+        self.call_role_within(role, make, payload, Duration::from_secs(5))
+    }
+
+    /// [`Iom::call_role`] with its own deadline for a remote server.
+    pub fn call_role_within<'a>(
+        self: &'a Arc<Self>,
+        role: IomId,
+        make: impl Fn(Route) -> Request + Send + 'a,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> BoxFut<'a, Result<(Reply, Bytes), Error>> {
         Box::pin(async move {
             let map = self.member.current();
             let server = map
@@ -97,7 +108,7 @@ impl Iom {
             let r = if server == self.id {
                 crate::service::handle(self, req, payload).await?
             } else {
-                self.pool.call_timeout(server, &req, payload, Duration::from_secs(5)).await?
+                self.pool.call_timeout(server, &req, payload, timeout).await?
             };
             match r {
                 (Reply::Error(e), _) => Err(Error::Wire(e)),

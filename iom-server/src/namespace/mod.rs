@@ -17,10 +17,9 @@ use crate::{Error, Iom};
 use bytes::Bytes;
 use common::meta::*;
 use common::wire::{
-    AdminReq, AdminResp, DataReq, ErrorCode, MemberResp, MetaCall, MirrorAck, MirrorMsg, Reply, Request, Route,
-    WireError,
+    AdminReq, AdminResp, DataReq, ErrorCode, MemberResp, MetaCall, MirrorAck, MirrorMsg, Reply, Request, WireError,
 };
-use common::{codec, GroupNo, Ino, IomId, ObjectId};
+use common::{codec, Ino, IomId, ObjectId};
 use net::frame::{read_frame, write_frame};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -75,6 +74,30 @@ pub struct Namespace {
     syncs: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     next_token: AtomicU64,
     fs_stats: Mutex<(FsStats, Option<std::time::Instant>)>,
+}
+
+impl Replica {
+    /// Closes one handle per entry of `inos` (an inode may come several
+    /// times); returns the records that reap unlinked files whose last
+    /// handle this closed.
+    fn release(&mut self, inos: &[Ino]) -> Vec<NsRec> {
+        let mut recs = Vec::new();
+        let mut reaped = std::collections::HashSet::new();
+        for &ino in inos {
+            let c = self.opens.entry(ino).or_default();
+            *c = c.saturating_sub(1);
+            if *c == 0 {
+                self.opens.remove(&ino);
+                // `reap` only plans: the same inode twice must not reap twice.
+                if reaped.insert(ino) {
+                    if let Some(mut more) = self.state.reap(ino) {
+                        recs.append(&mut more);
+                    }
+                }
+            }
+        }
+        recs
+    }
 }
 
 impl Default for Namespace {
@@ -369,7 +392,6 @@ impl Namespace {
             MetaReq::Link { new_parent, .. } => vec![*new_parent],
             _ => Vec::new(),
         };
-        let mut reap = None;
         let (reply, lsn, gen) = {
             let mut g = self.rep.lock();
             let Some(r) = g.as_mut() else {
@@ -438,42 +460,8 @@ impl Namespace {
                         Some(p) => Ok(Plan { recs: p.recs, reply: MetaResp::Opened { attr, toughness: t } }),
                     }
                 }
-                MetaReq::Release { ino } => {
-                    let c = r.opens.entry(ino).or_default();
-                    *c = c.saturating_sub(1);
-                    if *c == 0 {
-                        r.opens.remove(&ino);
-                        match r.state.reap(ino) {
-                            Some(recs) => {
-                                reap = Some(ino);
-                                Ok(Plan { recs, reply: MetaResp::Done })
-                            }
-                            None => return Ok(MetaResp::Done),
-                        }
-                    } else {
-                        return Ok(MetaResp::Done);
-                    }
-                }
-                MetaReq::ReleaseMany { inos } => {
-                    let mut recs = Vec::new();
-                    let mut reaped = std::collections::HashSet::new();
-                    for ino in inos {
-                        let c = r.opens.entry(ino).or_default();
-                        *c = c.saturating_sub(1);
-                        if *c == 0 {
-                            r.opens.remove(&ino);
-                            if reaped.insert(ino) {
-                                if let Some(mut more) = r.state.reap(ino) {
-                                    recs.append(&mut more);
-                                }
-                            }
-                        }
-                    }
-                    if recs.is_empty() {
-                        return Ok(MetaResp::Done);
-                    }
-                    Ok(Plan { recs, reply: MetaResp::Done })
-                }
+                MetaReq::Release { ino } => Ok(Plan { recs: r.release(&[ino]), reply: MetaResp::Done }),
+                MetaReq::ReleaseMany { inos } => Ok(Plan { recs: r.release(&inos), reply: MetaResp::Done }),
                 MetaReq::ForgetDead { objects } => {
                     Ok(Plan { recs: vec![NsRec::Forget(objects)], reply: MetaResp::Done })
                 }
@@ -496,7 +484,6 @@ impl Namespace {
             };
             (reply, lsn, gen)
         };
-        let _ = reap;
         let _ = gen;
         match sync {
             Some(done) => {
@@ -870,25 +857,13 @@ impl Namespace {
         if dead.is_empty() {
             return;
         }
-        // One request per IOM for the whole batch.
-        let map = iom.member.current();
+        // One request per IOM (or its stand-in) for the whole batch.
         let calls = (0..iom.cfg.width()).map(|i| {
-            let route = Route { epoch: map.epoch, target: IomId(i) };
-            let server = map.server_for(IomId(i));
-            let iom = iom.clone();
             let objects = dead.clone();
+            let iom = iom.clone();
             async move {
-                let Some(s) = server else { return false };
-                if s == iom.id && route.target == iom.id {
-                    for o in objects {
-                        if iom.drop_object(o, GroupNo(0)).await.is_err() {
-                            return false;
-                        }
-                    }
-                    return true;
-                }
-                let req = Request::Data(DataReq::DropObjects { route, objects });
-                iom.pool.call_timeout(s, &req, Bytes::new(), Duration::from_secs(30)).await.is_ok()
+                let make = |route| Request::Data(DataReq::DropObjects { route, objects: objects.clone() });
+                iom.call_role_within(IomId(i), make, Bytes::new(), Duration::from_secs(30)).await.is_ok()
             }
         });
         let done = if futures::future::join_all(calls).await.into_iter().all(|x| x) { dead } else { Vec::new() };
