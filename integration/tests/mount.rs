@@ -557,3 +557,53 @@ fn local_cluster_stop_and_start_keeps_everything() {
     let o = Command::new(&iomfs).args(["scrub", "--dir"]).arg(&dir).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
 }
+
+/// Blocks stored by `iomfs scrub` (its summary line).
+fn scrubbed_blocks(c: &Cluster) -> u64 {
+    let text = c.must_scrub_clean();
+    let line = text.lines().find(|l| l.starts_with("scrub:")).unwrap_or_else(|| panic!("no summary:\n{text}"));
+    let n = line.split(',').nth(1).and_then(|p| p.split_whitespace().next()).and_then(|n| n.parse().ok());
+    n.unwrap_or_else(|| panic!("no block count in '{line}'"))
+}
+
+/// Deleted files give their blocks back: at once when nobody has them open
+/// (dropped in batches by the namespace), after the last close otherwise
+/// (closes reported in batches too).
+#[test]
+fn deleted_files_give_their_blocks_back_after_the_last_close() {
+    let _g = serial();
+    let (c, m) = up();
+    let kept = Rng(3).bytes(1 << 20);
+    fs::write(m.join("kept"), &kept).unwrap();
+    let baseline = scrubbed_blocks(&c);
+    for i in 0..20 {
+        fs::write(m.join(format!("gone{i}")), Rng(i).bytes(300_000)).unwrap();
+    }
+    let open_data = Rng(99).bytes(2 << 20);
+    fs::write(m.join("open"), &open_data).unwrap();
+    let mut f = File::open(m.join("open")).unwrap();
+    for i in 0..20 {
+        fs::remove_file(m.join(format!("gone{i}"))).unwrap();
+    }
+    fs::remove_file(m.join("open")).unwrap();
+    let wait_for = |want: &dyn Fn(u64) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let n = scrubbed_blocks(&c);
+            if want(n) {
+                return n;
+            }
+            assert!(std::time::Instant::now() < deadline, "block count stuck at {n} (baseline {baseline})");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    // The unlinked files nobody holds are dropped; the open one is kept.
+    let with_open = wait_for(&|n| n < baseline + 2 * 32);
+    assert!(with_open > baseline, "the open, unlinked file lost its blocks ({with_open} <= {baseline})");
+    let mut back = Vec::new();
+    f.read_to_end(&mut back).unwrap();
+    assert!(back == open_data, "the open, unlinked file reads back wrong");
+    drop(f);
+    wait_for(&|n| n == baseline);
+    assert!(fs::read(m.join("kept")).unwrap() == kept);
+}
