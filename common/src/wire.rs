@@ -484,7 +484,10 @@ impl WireError {
     pub fn new(code: ErrorCode, detail: impl Into<String>) -> WireError {
         WireError { code, detail: detail.into() }
     }
-    /// Whether a client should refresh its map and try again.
+    /// Whether a client should refresh its map and send the same request
+    /// again. `VersionGone` is not: the same request gets the same answer;
+    /// the caller must take a fresh snapshot (scrub re-reads the heads).
+    /// Retrying it made a scrub that raced a delete stall for a minute.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.code,
@@ -493,7 +496,6 @@ impl WireError {
                 | ErrorCode::NoQuorum
                 | ErrorCode::Unavailable
                 | ErrorCode::Shutdown
-                | ErrorCode::VersionGone
         )
     }
 }

@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use common::config::ClusterPaths;
 use common::meta::MetaReq;
 use common::{Ino, Toughness};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -51,11 +52,40 @@ pub fn parse_options(opts: &[String]) -> Result<(FsOptions, bool)> {
     Ok((o, debug))
 }
 
+/// Whether `m` is a mount point now.
 pub fn is_mounted(m: &Path) -> bool {
     let canon = std::fs::canonicalize(m).unwrap_or_else(|_| m.to_path_buf());
-    std::fs::read_to_string("/proc/mounts")
-        .map(|s| s.lines().any(|l| l.split_whitespace().nth(1) == canon.to_str()))
+    std::fs::read("/proc/mounts")
+        .map(|s| {
+            s.split(|&b| b == b'\n')
+                .filter_map(|l| l.split(|&b| b == b' ').nth(1))
+                .any(|p| Path::new(std::ffi::OsStr::from_bytes(&unescape_mount_path(p))) == canon)
+        })
         .unwrap_or(false)
+}
+
+/// Decodes a path as `/proc/mounts` writes it: the kernel escapes space,
+/// tab, newline, backslash (and `#` on newer kernels) as a backslash and
+/// three octal digits (`\040` for a space). Hand-written: `procfs`'s
+/// decoder (0.18) leaves `\040` as it is, and glibc's `getmntent` would
+/// need unsafe FFI for ten lines of work.
+pub fn unescape_mount_path(p: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(p.len());
+    let mut i = 0;
+    while i < p.len() {
+        let oct = |b: u8| (b'0'..=b'7').contains(&b);
+        if p[i] == b'\\' && i + 3 < p.len() && oct(p[i + 1]) && oct(p[i + 2]) && oct(p[i + 3]) {
+            let v = (p[i + 1] - b'0') as u32 * 64 + (p[i + 2] - b'0') as u32 * 8 + (p[i + 3] - b'0') as u32;
+            if v <= 0xff {
+                out.push(v as u8);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(p[i]);
+        i += 1;
+    }
+    out
 }
 
 /// Log file of the mount process for `mnt`.
@@ -223,4 +253,19 @@ pub fn mount_detached(dir: &Path, mnt: &Path, opts: &[String]) -> Result<u32> {
 /// The cluster directory's paths (for callers holding only a dir).
 pub fn paths(dir: &Path) -> ClusterPaths {
     ClusterPaths::new(dir)
+}
+
+#[cfg(test)]
+mod mount_path_tests {
+    use super::unescape_mount_path;
+
+    #[test]
+    fn proc_mounts_escapes_are_decoded() {
+        assert_eq!(unescape_mount_path(br"/tmp/m\040x"), b"/tmp/m x");
+        assert_eq!(unescape_mount_path(br"/a\011b\012c\134d\043e"), b"/a\tb\nc\\d#e");
+        // A backslash not followed by three octal digits is kept as it is.
+        assert_eq!(unescape_mount_path(br"/a\b\04"), br"/a\b\04");
+        assert_eq!(unescape_mount_path(br"/x\777"), br"/x\777");
+        assert_eq!(unescape_mount_path(b"/plain"), b"/plain");
+    }
 }

@@ -277,10 +277,7 @@ pub fn unmount(m: &Path) {
 }
 
 pub fn is_mounted(m: &Path) -> bool {
-    let canon = std::fs::canonicalize(m).unwrap_or_else(|_| m.to_path_buf());
-    std::fs::read_to_string("/proc/mounts")
-        .map(|s| s.lines().any(|l| l.split_whitespace().nth(1) == Some(canon.to_str().unwrap_or(""))))
-        .unwrap_or(false)
+    fs_client::mount::is_mounted(m)
 }
 
 impl Drop for Cluster {

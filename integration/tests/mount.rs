@@ -607,3 +607,19 @@ fn deleted_files_give_their_blocks_back_after_the_last_close() {
     wait_for(&|n| n == baseline);
     assert!(fs::read(m.join("kept")).unwrap() == kept);
 }
+
+/// A mount point whose path holds characters `/proc/mounts` escapes (a
+/// space is `\040` there, a backslash `\134`) mounts, serves and unmounts.
+#[test]
+fn a_mount_point_with_a_space_and_a_backslash_works() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let m = c.mount("m x\\y", &[]);
+    assert!(integration::is_mounted(&m), "not reported as mounted");
+    let data = Rng(8).bytes(200_000);
+    fs::write(m.join("f"), &data).unwrap();
+    assert!(fs::read(m.join("f")).unwrap() == data);
+    assert!(fs_client::mount::fusermount_u(&m), "unmount failed");
+    assert!(!integration::is_mounted(&m), "still reported as mounted after unmount");
+}

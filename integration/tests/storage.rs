@@ -324,6 +324,43 @@ fn cli_errors_name_the_problem() {
     let _ = Arc::new(());
 }
 
+/// A version that is gone (here: its object was dropped) is answered at
+/// once; the client library must not resend the same request until its
+/// give-up time (it did: 60 s, which stalled any scrub that raced a delete).
+#[test]
+fn a_read_of_a_version_that_is_gone_fails_at_once() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    rt().block_on(async {
+        let client = c.client().await;
+        let obj = ObjectId(91);
+        client.write(obj, 0, Bytes::from(Rng(5).bytes(65536)), Toughness::Atomic).await.unwrap();
+        client.drop_object(obj, common::GroupNo(0)).await.unwrap();
+        let layout = common::Layout::new(5, 65536).unwrap();
+        let key = common::BlockKey { object: obj, block: common::BlockNo(0) };
+        let role = layout.data_iom(obj, key.block);
+        let t = std::time::Instant::now();
+        let r = client
+            .call_role(
+                role,
+                |route| {
+                    common::wire::Request::Data(common::wire::DataReq::ReadVersion {
+                        route,
+                        key,
+                        version: common::Version(1),
+                    })
+                },
+                Bytes::new(),
+            )
+            .await;
+        let e = r.expect_err("a dropped block's version was read");
+        assert_eq!(e.code(), Some(common::wire::ErrorCode::VersionGone), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(3), "answered after {:?}", t.elapsed());
+        client.close();
+    });
+}
+
 #[test]
 fn a_damaged_block_is_an_error_never_silent_data_and_scrub_names_it() {
     let _g = serial();
