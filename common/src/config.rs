@@ -230,6 +230,14 @@ impl ClusterPaths {
     pub fn pid(&self, id: IomId) -> PathBuf {
         self.iom_dir(id).join("pid")
     }
+    /// Marker that lets IOM `id` create an empty store: written by `iomfs
+    /// init` (content `new`) and `iomfs replace` (content `replace`), removed
+    /// once the store exists. An IOM whose store is missing and that has no
+    /// marker refuses to start: its disk was replaced or lost, and serving
+    /// from an empty store would return zeros for everything it held.
+    pub fn new_store_marker(&self, id: IomId) -> PathBuf {
+        self.iom_dir(id).join("store.new")
+    }
     pub fn log(&self, id: IomId) -> PathBuf {
         self.iom_dir(id).join("iom.log")
     }

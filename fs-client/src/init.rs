@@ -112,6 +112,8 @@ pub fn init(dir: &Path, o: &InitOptions) -> Result<ClusterConfig> {
         let c = ca.issue(&format!("iomfs IOM {i}"), &names)?;
         pki::write_pem(&paths.node_cert(id), &c.cert_pem, false)?;
         pki::write_pem(&paths.node_key(id), &c.key_pem, true)?;
+        let marker = paths.new_store_marker(id);
+        std::fs::write(&marker, "new\n").with_context(|| format!("write {}", marker.display()))?;
     }
     let c = ca.issue("iomfs client", &["client".to_string()])?;
     pki::write_pem(&paths.client_cert(), &c.cert_pem, false)?;

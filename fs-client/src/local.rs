@@ -102,6 +102,43 @@ pub fn start_iom(dir: &Path, id: IomId) -> Result<u32> {
     }
 }
 
+/// `iomfs replace`: IOM `id`'s disk was lost and an empty one is in its
+/// place. Allows the IOM to create an empty store marked as a replacement
+/// and starts it; it declares itself down, rebuilds everything it held
+/// from the other IOMs, then takes its role back.
+pub fn replace_iom(dir: &Path, id: IomId) -> Result<u32> {
+    let p = ClusterPaths::new(dir);
+    let cfg = ClusterConfig::load(dir)?;
+    let icfg = cfg.iom(id)?;
+    if let Some(pid) = iom_pid(&p, id) {
+        bail!("IOM {id} is running (pid {pid}): stop it before replacing its disk");
+    }
+    let data = p.data_dir(icfg);
+    // The IOM's block file (iom-server's store::BLOCK_FILE).
+    if data.join("blocks.dat").exists() {
+        bail!(
+            "{} still holds a store (blocks.dat): `iomfs replace` is for an empty disk in place of a lost one. \
+             If this is the IOM's own store, start it with `iomfs local start-iom --dir {} --id {id}`; to \
+             replace it anyway, move everything in that directory away first except node.pem and node.key",
+            data.display(),
+            dir.display()
+        );
+    }
+    for f in [p.node_cert(id), p.node_key(id)] {
+        if !f.exists() {
+            bail!(
+                "{} is missing: copy IOM {id}'s node.pem and node.key (made by `iomfs init`) into {} first",
+                f.display(),
+                p.iom_dir(id).display()
+            );
+        }
+    }
+    std::fs::create_dir_all(&data).with_context(|| format!("create {}", data.display()))?;
+    let marker = p.new_store_marker(id);
+    std::fs::write(&marker, "replace\n").with_context(|| format!("write {}", marker.display()))?;
+    start_iom(dir, id)
+}
+
 /// Stops every running IOM of the cluster (SIGTERM, then SIGKILL after 20 s).
 pub fn stop_ioms(dir: &Path) -> Result<()> {
     let p = ClusterPaths::new(dir);

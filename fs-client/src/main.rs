@@ -102,6 +102,15 @@ enum Cmd {
         #[arg(long)]
         watch: bool,
     },
+    /// Put an empty disk in place of IOM ID's lost one: start the IOM as a
+    /// replacement that rebuilds everything it held from the other IOMs
+    /// (like `zpool replace`). The cluster stays degraded until that is done.
+    Replace {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: u32,
+    },
     /// Print every IOM's counters.
     Stats {
         #[arg(long)]
@@ -243,6 +252,16 @@ fn run(cli: Cli) -> Result<u8> {
         Cmd::Local { action: Some(LocalAction::StartIom { dir, id }), .. } => {
             let pid = local::start_iom(&dir, common::IomId(id))?;
             println!("IOM {id} running (pid {pid})");
+            Ok(0)
+        }
+        Cmd::Replace { dir, id } => {
+            let pid = local::replace_iom(&dir, common::IomId(id))?;
+            println!(
+                "IOM {id} started as a replacement (pid {pid}): it rebuilds everything it held from the other IOMs \
+                 while its proxy serves its blocks; the cluster is degraded until then. \
+                 Watch it with `iomfs status --dir {} --watch`.",
+                dir.display()
+            );
             Ok(0)
         }
         Cmd::Local { action: None, dir, mount, ioms, detach, options } => {

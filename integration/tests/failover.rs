@@ -287,3 +287,87 @@ fn an_iom_stalled_past_the_failure_timeout_restarts_itself_and_rejoins() {
     c.start(4);
     wait_healthy(&c, Duration::from_secs(60));
 }
+
+fn md5(p: &Path) -> String {
+    let o = Command::new("md5sum").arg(p).output().unwrap();
+    assert!(o.status.success(), "md5sum {}: {}", p.display(), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or("").to_string()
+}
+
+/// A replaced disk: IOM 2 comes back with an empty store. It must refuse
+/// to start (it served zeros for everything it held, with the cluster
+/// saying healthy), the file must read right through the proxy meanwhile,
+/// `iomfs replace` must rebuild everything IOM 2 held while a writer goes
+/// on, and the cluster is healthy only once that is done: then the proxy
+/// is killed, so every read of IOM 2's share comes from the rebuilt disk.
+#[test]
+fn an_empty_disk_is_refused_and_iomfs_replace_rebuilds_everything_it_held() {
+    let _g = serial();
+    let mut c = Cluster::init(3);
+    c.start_all();
+    let m = c.mount("mnt", &[]);
+    let big = Rng(21).bytes(24 << 20);
+    write_file(&m.join("big"), &big).unwrap();
+    let want = md5(&m.join("big"));
+    let src = tree(&c);
+    must(&format!("cp -a '{}' '{}/tree'", src.display(), m.display()));
+
+    // The disk of IOM 2 is replaced: only its certificate and key remain.
+    assert!(c.stop(2));
+    let iom2 = c.dir.join("iom-2");
+    let old = c.tmp.path().join("old-disk-2");
+    fs::create_dir_all(&old).unwrap();
+    for e in fs::read_dir(&iom2).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name != "node.pem" && name != "node.key" {
+            fs::rename(e.path(), old.join(&name)).unwrap();
+        }
+    }
+    let log = c.tmp.path().join("empty-start.log");
+    let mut child = Command::new(&c.server_bin)
+        .args(["--dir", c.dir.to_str().unwrap(), "--id", "2"])
+        .env("IOMFS_LOG", "info")
+        .stdout(fs::File::create(&log).unwrap())
+        .stderr(fs::File::create(c.tmp.path().join("empty-start.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = fs::read_to_string(&log).unwrap_or_default()
+        + &fs::read_to_string(c.tmp.path().join("empty-start.err")).unwrap_or_default();
+    let refused = st.is_some_and(|st| !st.success()) && text.contains("iomfs replace");
+    assert!(refused, "an IOM on an empty disk did not refuse to start with the replace command ({st:?}):\n{text}");
+    assert!(md5(&m.join("big")) == want, "wrong bytes while IOM 2 is away");
+    wait_status(&c, "degraded", Duration::from_secs(20));
+
+    let o = c.iomfs(&["replace", "--id", "2"]);
+    assert!(o.status.success(), "iomfs replace failed: {}", String::from_utf8_lossy(&o.stderr));
+    // A writer goes on during the rebuild.
+    let during = Rng(22).bytes(6 << 20);
+    write_file(&m.join("during"), &during).unwrap();
+    let (ok, s) = status(&c);
+    assert!(!ok || s.contains("healthy"), "status exit 0 without saying healthy:\n{s}");
+    wait_healthy(&c, Duration::from_secs(90));
+    assert!(!iom2.join("replacing").exists(), "healthy while the replacement marker is still there");
+
+    // The proxy dies: IOM 2's share must now come from its rebuilt disk.
+    let proxy = 0;
+    c.kill(proxy);
+    wait_status(&c, "degraded", Duration::from_secs(20));
+    assert!(md5(&m.join("big")) == want, "wrong bytes read from the rebuilt IOM");
+    assert!(fs::read(m.join("during")).unwrap() == during, "data written during the rebuild is wrong");
+    must(&format!("diff -r --no-dereference '{}' '{}/tree'", src.display(), m.display()));
+    c.start(proxy);
+    wait_healthy(&c, Duration::from_secs(60));
+    c.must_scrub_clean();
+}

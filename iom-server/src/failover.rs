@@ -115,7 +115,7 @@ impl Iom {
     /// One voting round for `next` (a change of `changed`); commits it on a majority.
     pub async fn propose(self: &Arc<Self>, next: ClusterMap, changed: IomId) -> bool {
         let ballot = Ballot { epoch: next.epoch, proposer: self.id };
-        if !self.member.agrees(&next, changed) || !self.member.vote(ballot) {
+        if !self.member.agrees(&next, changed, self.id) || !self.member.vote(ballot) {
             return false;
         }
         let w = self.cfg.width();
@@ -164,8 +164,9 @@ impl Iom {
 
     /// `Propose` from a peer.
     pub fn handle_propose(&self, ballot: Ballot, map: ClusterMap, changed: IomId) -> (bool, ClusterMap) {
-        let granted =
-            ballot.epoch > self.member.epoch() && self.member.agrees(&map, changed) && self.member.vote(ballot);
+        let granted = ballot.epoch > self.member.epoch()
+            && self.member.agrees(&map, changed, ballot.proposer)
+            && self.member.vote(ballot);
         (granted, self.member.current())
     }
 
@@ -236,6 +237,39 @@ impl Iom {
         }
     }
 
+    /// A replacement whose map still says it is up (it came back before its
+    /// predecessor was declared down) declares itself down, so its proxy
+    /// serves its role until the full rebuild is done. Peers accept a
+    /// down-declaration from the IOM itself without waiting for silence.
+    async fn stand_aside(self: &Arc<Self>) {
+        loop {
+            let map = self.member.current();
+            if map.state(self.id) != IomState::Up {
+                return;
+            }
+            let proxy = map.proxy_of(self.id);
+            let mut next = map.clone();
+            next.epoch = Epoch(map.epoch.0 + 1);
+            next.states[self.id.0 as usize] = IomState::Down { proxy };
+            if map.meta_home == self.id {
+                // The mirror (the home's proxy) takes the namespace over.
+                next.meta_home = proxy;
+            }
+            tracing::warn!(
+                iom = self.id.0,
+                proxy = proxy.0,
+                "replacement: declaring this IOM down until it is rebuilt"
+            );
+            if self.propose(next, self.id).await {
+                return;
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+            }
+        }
+    }
+
     /// Start-up: learn the cluster's current map, then recover (this IOM is
     /// still up) or rejoin (it was declared down while it was away).
     pub async fn join(self: Arc<Self>) {
@@ -248,6 +282,14 @@ impl Iom {
             async move { me.fetch_map(j).await }
         });
         futures::future::join_all(fetches).await;
+        if self.replacing.load(std::sync::atomic::Ordering::Acquire) {
+            // Serve nothing while the map still gives this IOM its role:
+            // its store does not hold that role's blocks yet.
+            self.stand_aside().await;
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+        }
         self.ready.store(true, std::sync::atomic::Ordering::Release);
         let map = self.member.current();
         tracing::info!(iom = self.id.0, epoch = map.epoch.0, state = ?map.state(self.id), "joined the cluster map");

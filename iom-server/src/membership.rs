@@ -182,11 +182,15 @@ impl Membership {
         }
     }
 
-    /// Whether this IOM agrees with a proposed change of `changed`'s state.
-    pub fn agrees(&self, proposed: &ClusterMap, changed: IomId) -> bool {
+    /// Whether this IOM agrees with `proposer`'s proposed change of
+    /// `changed`'s state.
+    pub fn agrees(&self, proposed: &ClusterMap, changed: IomId, proposer: IomId) -> bool {
         match proposed.state(changed) {
-            // Declaring it down: it must be silent to us too (half the timeout:
-            // heartbeats from different IOMs are not in step).
+            // An IOM may always declare itself down (a replacement whose
+            // store is not rebuilt yet).
+            IomState::Down { .. } if proposer == changed => true,
+            // Declaring another down: it must be silent to us too (half the
+            // timeout: heartbeats from different IOMs are not in step).
             IomState::Down { .. } => changed != self.me && self.accusable_silence(changed) > self.failure_timeout / 2,
             // It comes back: we must hear it.
             IomState::Up | IomState::Rebuilding { .. } => {
@@ -285,13 +289,15 @@ mod tests {
             p.states[1] = IomState::Down { proxy: IomId(2) };
             p
         };
-        assert!(!m.agrees(&down, IomId(1)), "voted a peer down for our own stall");
+        assert!(!m.agrees(&down, IomId(1), IomId(2)), "voted a peer down for our own stall");
+        // An IOM declaring itself down (a replacement) is always believed.
+        assert!(m.agrees(&down, IomId(1), IomId(1)));
         // The quorum lease still sees the plain silence: a stalled IOM
         // refuses writes until it hears the majority again.
         assert!(!m.has_quorum());
         // Peers that stay silent a full timeout after we resumed are suspected.
         assert!(ticks_until_suspected(&m, IomId(1)));
-        assert!(m.agrees(&down, IomId(1)));
+        assert!(m.agrees(&down, IomId(1), IomId(2)));
     }
 
     #[test]

@@ -8,10 +8,11 @@ use crate::records::Record;
 use crate::Iom;
 use bytes::Bytes;
 use common::cluster::IomState;
-use common::wire::{MemberReq, MemberResp, RebuildMarks, Reply, Request};
-use common::{Epoch, IomId};
+use common::wire::{DataReq, DataResp, MemberReq, MemberResp, RebuildMarks, Reply, Request};
+use common::{BlockKey, Epoch, GroupKey, IomId, Version};
 use futures::StreamExt;
 use parking_lot::Mutex;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +30,8 @@ pub struct RebuildProgress {
 /// Blocks (and parity groups) rebuilt at once: enough to keep every peer's
 /// disk and the network busy while one block waits for its members.
 const REBUILD_PARALLEL: usize = 32;
+/// Entries per listing request of a replacement's full rebuild.
+const LIST_PAGE: u32 = 5000;
 impl RebuildProgress {
     pub fn rate(&self) -> u64 {
         let secs = self.started.lock().map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
@@ -98,6 +101,9 @@ impl Iom {
                     continue;
                 }
             }
+            if self.replacing.load(Ordering::Acquire) {
+                self.full_rebuild(proxy).await;
+            }
             self.rebuild_from(proxy).await;
             // Handover: the stand-in stops serving, hands over its last marks.
             let Some(last) = self.marks_from(proxy, MemberReq::Freeze { about: me }).await else {
@@ -125,13 +131,135 @@ impl Iom {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         self.rebuild.active.store(false, Ordering::Release);
+        if self.replacing.swap(false, Ordering::AcqRel) {
+            let m = self.data_dir.join(crate::server::REPLACING_MARKER);
+            if let Err(e) = std::fs::remove_file(&m)
+                .map_err(|e| e.to_string())
+                .and_then(|_| crate::fsutil::sync_dir(&self.data_dir).map_err(|e| e.to_string()))
+            {
+                tracing::error!("cannot remove {}: {e}", m.display());
+            }
+            tracing::warn!(iom = me.0, "replacement complete: every block and parity group rebuilt");
+        }
         self.rejoin_flag.store(false, Ordering::Release);
         tracing::warn!(iom = me.0, epoch = self.member.epoch().0, "rejoin complete: serving again");
     }
 
+    /// A replacement (`iomfs replace`): rebuilds every data block and parity
+    /// group this IOM holds, found by listing the other IOMs once, until
+    /// each is here at the version that listing named (or newer). Writes
+    /// meanwhile go to the stand-in, which marks them; the marks rounds that
+    /// follow bring those up to date, as for any rejoin.
+    async fn full_rebuild(self: &Arc<Self>, proxy: IomId) {
+        self.rebuild.started.lock().get_or_insert_with(Instant::now);
+        self.rebuild.active.store(true, Ordering::Release);
+        let (mut blocks, mut groups) = loop {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            match self.held_elsewhere().await {
+                Ok(x) => break x,
+                Err(e) => {
+                    tracing::warn!(iom = self.id.0, "replacement: cannot list the other IOMs yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        tracing::warn!(
+            iom = self.id.0,
+            blocks = blocks.len(),
+            groups = groups.len(),
+            "replacement: rebuilding everything this IOM held from the other IOMs"
+        );
+        for pass in 0u32.. {
+            blocks.retain(|(k, want)| self.map.head(k).version < *want);
+            groups.retain(|(g, want)| {
+                let have = self.map.parity_head(g).members;
+                want.iter().enumerate().any(|(k, w)| have.get(k).copied().unwrap_or_default() < *w)
+            });
+            if blocks.is_empty() && groups.is_empty() || self.shutdown.is_cancelled() {
+                return;
+            }
+            if pass > 0 {
+                tracing::warn!(
+                    iom = self.id.0,
+                    pass,
+                    blocks = blocks.len(),
+                    groups = groups.len(),
+                    "replacement: some blocks could not be rebuilt yet; trying again"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let m = RebuildMarks {
+                blocks: blocks.clone(),
+                groups: groups.iter().map(|(g, _)| *g).collect(),
+                drops: Vec::new(),
+                frozen: false,
+            };
+            self.rebuild_marks_now(proxy, m).await;
+        }
+    }
+
+    /// What the other IOMs say this IOM holds: its data blocks (from the
+    /// parity IOMs' groups, with the member version each parity covers) and
+    /// its parity groups (from the data IOMs' blocks, with their heads).
+    #[allow(clippy::type_complexity)]
+    async fn held_elsewhere(&self) -> Result<(Vec<(BlockKey, Version)>, Vec<(GroupKey, Vec<Version>)>), String> {
+        let (me, layout) = (self.id, self.layout);
+        let n = layout.n() as usize;
+        let mut blocks = Vec::new();
+        let mut groups: BTreeMap<GroupKey, Vec<Version>> = BTreeMap::new();
+        for j in (0..self.cfg.width()).map(IomId).filter(|&j| j != me) {
+            let mut after = None;
+            loop {
+                let req = Request::Data(DataReq::ListBlocks { after, limit: LIST_PAGE });
+                let b = match self.pool.call_timeout(j, &req, Bytes::new(), Duration::from_secs(10)).await {
+                    Ok((Reply::Data(DataResp::Blocks(b)), _)) => b,
+                    Ok((r, _)) => return Err(format!("IOM {j} answered a block listing with {r:?}")),
+                    Err(e) => return Err(format!("block listing of IOM {j}: {e}")),
+                };
+                after = b.last().map(|x| x.key);
+                let done = b.len() < LIST_PAGE as usize;
+                for x in b {
+                    let g = layout.group_key(x.key);
+                    if layout.parity_iom(g.object, g.group) == me {
+                        groups.entry(g).or_insert_with(|| vec![Version(0); n])[(x.key.block.0 % n as u64) as usize] =
+                            x.version;
+                    }
+                }
+                if done {
+                    break;
+                }
+            }
+            let mut after = None;
+            loop {
+                let req = Request::Data(DataReq::ListGroups { after, limit: LIST_PAGE });
+                let gs = match self.pool.call_timeout(j, &req, Bytes::new(), Duration::from_secs(10)).await {
+                    Ok((Reply::Data(DataResp::Groups(g)), _)) => g,
+                    Ok((r, _)) => return Err(format!("IOM {j} answered a group listing with {r:?}")),
+                    Err(e) => return Err(format!("group listing of IOM {j}: {e}")),
+                };
+                after = gs.last().map(|x| x.key);
+                let done = gs.len() < LIST_PAGE as usize;
+                for g in gs {
+                    for (k, v) in g.versions.iter().enumerate() {
+                        let key = BlockKey { object: g.key.object, block: layout.member_block(g.key.group, k as u32) };
+                        if *v > Version(0) && layout.data_iom(key.object, key.block) == me {
+                            blocks.push((key, *v));
+                        }
+                    }
+                }
+                if done {
+                    break;
+                }
+            }
+        }
+        Ok((blocks, groups.into_iter().collect()))
+    }
+
     /// Rebuilds marked blocks until the stand-in has none left.
     async fn rebuild_from(self: &Arc<Self>, proxy: IomId) {
-        *self.rebuild.started.lock() = Some(Instant::now());
+        self.rebuild.started.lock().get_or_insert_with(Instant::now);
         self.rebuild.active.store(true, Ordering::Release);
         loop {
             if self.shutdown.is_cancelled() {

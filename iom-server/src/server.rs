@@ -62,6 +62,9 @@ pub struct Iom {
     pub activated: parking_lot::Mutex<std::collections::HashSet<IomId>>,
     pub activation: tokio::sync::Notify,
     pub rejoin_flag: std::sync::atomic::AtomicBool,
+    /// This IOM's store replaced a lost one (`iomfs replace`): it rejoins
+    /// by rebuilding everything it held, not only what changed meanwhile.
+    pub replacing: std::sync::atomic::AtomicBool,
     /// Set once start-up learned the cluster's current map: until then this
     /// IOM serves nothing (its own map on disk may be stale).
     pub ready: std::sync::atomic::AtomicBool,
@@ -107,7 +110,16 @@ impl Iom {
         let lock = lock_dir(&data_dir)?;
         crate::fsutil::sweep_temp(&data_dir);
 
+        let replacing = prepare_store(&paths, &data_dir, opts.id)?;
         let (store, fresh) = Store::open(&data_dir, cfg.block_size, opts.id.0, &cfg.cluster_id)?;
+        if fresh {
+            // The store exists now: the marker that allowed it is spent.
+            let marker = paths.new_store_marker(opts.id);
+            if let Err(e) = std::fs::remove_file(&marker) {
+                tracing::warn!("cannot remove {}: {e}", marker.display());
+            }
+            crate::fsutil::sync_dir(&paths.iom_dir(opts.id))?;
+        }
         let store = Arc::new(store);
         let map = BlockMap::new(layout);
         let from = map.load_snapshot(&data_dir)?;
@@ -146,7 +158,9 @@ impl Iom {
         let namespace = Namespace::open(
             &data_dir,
             store.file(),
-            cfg.meta_home == opts.id.0,
+            // A replacement holds no namespace: it gets a copy from the
+            // namespace server when it becomes the mirror again.
+            cfg.meta_home == opts.id.0 && !replacing,
             Duration::from_millis(cfg.tuning.journal_flush_ms.max(1)),
         )?;
         let state_map = crate::membership_state::load(&data_dir)?
@@ -195,6 +209,7 @@ impl Iom {
             activated: Default::default(),
             activation: Default::default(),
             rejoin_flag: Default::default(),
+            replacing: std::sync::atomic::AtomicBool::new(replacing),
             ready: Default::default(),
             rebuild: Default::default(),
             startup_open: parking_lot::Mutex::new(Some(open_at_start)),
@@ -332,6 +347,52 @@ impl Iom {
 }
 
 /// Bumps and returns the start counter kept in `D/iom-I/incarnation`.
+/// Marker in the data directory while a replacement's full rebuild is not
+/// finished (it survives restarts, so a crash mid-rebuild continues it).
+pub const REPLACING_MARKER: &str = "replacing";
+
+/// Checks that this IOM may open its store. A store that exists is opened
+/// (its header names cluster and IOM). A missing one may only be created
+/// when `iomfs init` or `iomfs replace` left the marker allowing it: an IOM
+/// that comes up on an empty disk without it would answer every read of
+/// the blocks it held with zeros. Returns whether this store replaces a
+/// lost one (full rebuild on rejoin).
+fn prepare_store(paths: &ClusterPaths, data_dir: &std::path::Path, id: IomId) -> Result<bool, Error> {
+    let replacing = data_dir.join(REPLACING_MARKER);
+    if data_dir.join(crate::store::BLOCK_FILE).exists() {
+        return Ok(replacing.exists());
+    }
+    let marker = paths.new_store_marker(id);
+    let kind = match std::fs::read_to_string(&marker) {
+        Ok(k) => k.trim().to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::Format(format!(
+                "IOM {id}'s store in {} is empty (no {}), but this IOM held data for the cluster: its disk was \
+                 replaced or its files were moved. Serving from an empty store would return zeros, so this IOM \
+                 will not start. If the disk was replaced, run `iomfs replace --dir {} --id {id}`: it joins as a \
+                 replacement and rebuilds everything from the other IOMs (the cluster stays degraded until then). \
+                 If the files were moved, put them back.",
+                data_dir.display(),
+                crate::store::BLOCK_FILE,
+                paths.dir.display(),
+            )))
+        }
+        Err(e) => return Err(Error::io(format!("read {}", marker.display()), e)),
+    };
+    match kind.as_str() {
+        "new" => Ok(false),
+        "replace" => {
+            // Recorded before the store exists, so a crash between the two
+            // can never leave an empty store that looks like a normal one.
+            crate::fsutil::write_atomic(&replacing, b"full rebuild pending\n")?;
+            Ok(true)
+        }
+        other => {
+            Err(Error::Format(format!("{}: unknown content '{other}' (expected new or replace)", marker.display())))
+        }
+    }
+}
+
 fn next_incarnation(dir: &std::path::Path) -> Result<u64, Error> {
     let p = dir.join("incarnation");
     let cur = match std::fs::read_to_string(&p) {
