@@ -302,6 +302,18 @@ fn md5(p: &Path) -> String {
 /// is killed, so every read of IOM 2's share comes from the rebuilt disk.
 #[test]
 fn an_empty_disk_is_refused_and_iomfs_replace_rebuilds_everything_it_held() {
+    replace_case(2);
+}
+
+/// The same with the namespace home's disk (IOM 0): its mirror takes the
+/// namespace over while it is rebuilt, and the namespace must still be
+/// there when that mirror is killed afterwards.
+#[test]
+fn replacing_the_namespace_homes_disk_keeps_every_file() {
+    replace_case(0);
+}
+
+fn replace_case(victim: u32) {
     let _g = serial();
     let mut c = Cluster::init(3);
     c.start_all();
@@ -313,9 +325,9 @@ fn an_empty_disk_is_refused_and_iomfs_replace_rebuilds_everything_it_held() {
     must(&format!("cp -a '{}' '{}/tree'", src.display(), m.display()));
 
     // The disk of IOM 2 is replaced: only its certificate and key remain.
-    assert!(c.stop(2));
-    let iom2 = c.dir.join("iom-2");
-    let old = c.tmp.path().join("old-disk-2");
+    assert!(c.stop(victim));
+    let iom2 = c.dir.join(format!("iom-{victim}"));
+    let old = c.tmp.path().join("old-disk");
     fs::create_dir_all(&old).unwrap();
     for e in fs::read_dir(&iom2).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().to_string();
@@ -325,7 +337,7 @@ fn an_empty_disk_is_refused_and_iomfs_replace_rebuilds_everything_it_held() {
     }
     let log = c.tmp.path().join("empty-start.log");
     let mut child = Command::new(&c.server_bin)
-        .args(["--dir", c.dir.to_str().unwrap(), "--id", "2"])
+        .args(["--dir", c.dir.to_str().unwrap(), "--id", &victim.to_string()])
         .env("IOMFS_LOG", "info")
         .stdout(fs::File::create(&log).unwrap())
         .stderr(fs::File::create(c.tmp.path().join("empty-start.err")).unwrap())
@@ -347,10 +359,10 @@ fn an_empty_disk_is_refused_and_iomfs_replace_rebuilds_everything_it_held() {
         + &fs::read_to_string(c.tmp.path().join("empty-start.err")).unwrap_or_default();
     let refused = st.is_some_and(|st| !st.success()) && text.contains("iomfs replace");
     assert!(refused, "an IOM on an empty disk did not refuse to start with the replace command ({st:?}):\n{text}");
-    assert!(md5(&m.join("big")) == want, "wrong bytes while IOM 2 is away");
+    assert!(md5(&m.join("big")) == want, "wrong bytes while the IOM is away");
     wait_status(&c, "degraded", Duration::from_secs(20));
 
-    let o = c.iomfs(&["replace", "--id", "2"]);
+    let o = c.iomfs(&["replace", "--id", &victim.to_string()]);
     assert!(o.status.success(), "iomfs replace failed: {}", String::from_utf8_lossy(&o.stderr));
     // A writer goes on during the rebuild.
     let during = Rng(22).bytes(6 << 20);
@@ -360,8 +372,8 @@ fn an_empty_disk_is_refused_and_iomfs_replace_rebuilds_everything_it_held() {
     wait_healthy(&c, Duration::from_secs(90));
     assert!(!iom2.join("replacing").exists(), "healthy while the replacement marker is still there");
 
-    // The proxy dies: IOM 2's share must now come from its rebuilt disk.
-    let proxy = 0;
+    // The proxy dies: the victim's share must now come from its rebuilt disk.
+    let proxy = (victim + 1) % 3;
     c.kill(proxy);
     wait_status(&c, "degraded", Duration::from_secs(20));
     assert!(md5(&m.join("big")) == want, "wrong bytes read from the rebuilt IOM");
