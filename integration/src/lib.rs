@@ -55,7 +55,12 @@ impl Cluster {
     }
 
     pub fn init_with(width: u32, extra: &[&str]) -> Cluster {
-        let tmp = tempfile::Builder::new().prefix("iomfs-test-").tempdir_in(test_root()).expect("tempdir");
+        Self::init_at(&test_root(), width, extra)
+    }
+
+    /// A cluster whose directory (and so every IOM's store) lives under `root`.
+    pub fn init_at(root: &Path, width: u32, extra: &[&str]) -> Cluster {
+        let tmp = tempfile::Builder::new().prefix("iomfs-test-").tempdir_in(root).expect("tempdir");
         let dir = tmp.path().join("cluster");
         let mut args = vec!["init", "--dir", dir.to_str().expect("utf8"), "--ioms"];
         let w = width.to_string();
@@ -331,5 +336,39 @@ impl Rng {
     }
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
+/// A real small filesystem (tmpfs) for full-disk tests, unmounted when
+/// dropped (drop it after the cluster that lives on it).
+pub struct Tmpfs {
+    pub dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn new(size_mib: u32) -> Tmpfs {
+        let dir = tempfile::Builder::new().prefix("iomfs-tmpfs-").tempdir_in(test_root()).expect("tempdir");
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "mount -t tmpfs failed (needs root)");
+        Tmpfs { dir }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if Command::new("umount").arg(self.dir.path()).status().map(|s| s.success()).unwrap_or(false) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
     }
 }

@@ -37,6 +37,19 @@ pub fn sweep_temp(dir: &Path) {
     }
 }
 
+/// (available to unprivileged writers, total) bytes of the filesystem
+/// holding `dir`.
+pub fn fs_space(dir: &Path) -> Option<(u64, u64)> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: plain C struct filled by statvfs.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return None;
+    }
+    Some((s.f_bavail as u64 * s.f_frsize as u64, s.f_blocks as u64 * s.f_frsize as u64))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -50,7 +50,7 @@ pub enum Error {
     Format(String),
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("the block store is full")]
+    #[error("the disk of this IOM is full (only its reserve for parity, journal and recovery is left): delete files or add space")]
     NoSpace,
     #[error("checksum mismatch: {0}")]
     Corrupt(String),
@@ -73,6 +73,7 @@ impl Error {
 
     pub fn to_wire(&self) -> WireError {
         let code = match self {
+            Error::Io { err, .. } if err.raw_os_error() == Some(libc::ENOSPC) => ErrorCode::NoSpace,
             Error::Io { .. } => ErrorCode::Io,
             Error::Format(_) | Error::Config(_) => ErrorCode::Internal,
             Error::NoSpace => ErrorCode::NoSpace,

@@ -266,6 +266,19 @@ impl Iom {
                 Next::Batch(head, members, batch) => {
                     waited = true;
                     if let Err(e) = self.apply_batch(g, head, members, batch).await {
+                        if matches!(e, Error::Io { .. } | Error::NoSpace) {
+                            // The deltas of this batch are held (b1) but cannot
+                            // be applied here: stop, like a failed fsync. The
+                            // proxy takes the role over, the data IOMs resend
+                            // what is unanswered to it, and a restart replays.
+                            tracing::error!(
+                                iom = self.id.0,
+                                group = ?g,
+                                "parity cannot be stored ({e}); stopping this IOM so its proxy takes over"
+                            );
+                            eprintln!("iom-server: parity cannot be stored ({e}); stopping");
+                            std::process::exit(70);
+                        }
                         tracing::error!(iom = self.id.0, group = ?g, "parity update failed: {e}");
                     }
                 }

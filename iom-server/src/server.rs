@@ -407,13 +407,7 @@ fn next_incarnation(dir: &std::path::Path) -> Result<u64, Error> {
 
 /// Slots the filesystem under `dir` can hold (free space plus what the block file uses).
 fn fs_capacity(dir: &std::path::Path, block_size: u32) -> u64 {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap_or_default();
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out-pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return 1 << 24;
-    }
-    let free = s.f_bavail as u64 * s.f_frsize as u64;
+    let Some((free, _)) = crate::fsutil::fs_space(dir) else { return 1 << 24 };
     let used = std::fs::metadata(dir.join(crate::store::BLOCK_FILE)).map(|m| m.len()).unwrap_or(0);
     (free + used) / block_size as u64
 }

@@ -90,7 +90,19 @@ pub struct Store {
     block_size: u32,
     alloc: Mutex<Allocator>,
     prealloc: Arc<Prealloc>,
+    dir: std::path::PathBuf,
+    /// Last `statvfs` of the store's filesystem: (when, available, total bytes).
+    fs_seen: Mutex<Option<(std::time::Instant, u64, u64)>>,
 }
+
+/// How long a `statvfs` of the store's filesystem is trusted.
+const FS_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+/// Share of the filesystem kept for what must never fail for lack of
+/// space: parity of writes already admitted (b5), journal records,
+/// recovery and rebuild. Client writes that need a new slot (a2) stop
+/// when less than this is left. At least `RESERVE_MIN_BLOCKS` blocks.
+const RESERVE_PERCENT: u64 = 2;
+const RESERVE_MIN_BLOCKS: u64 = 128;
 
 /// Space reserved ahead of the allocator's high-water mark with
 /// `fallocate`: a write into a fresh part of the file then needs no block
@@ -148,6 +160,8 @@ impl Store {
             block_size,
             alloc: Mutex::new(Allocator::new(u64::MAX)),
             prealloc: Arc::new(prealloc),
+            dir: dir.to_path_buf(),
+            fs_seen: Mutex::new(None),
         };
         Ok((store, fresh))
     }
@@ -172,8 +186,60 @@ impl Store {
         Ok(a)
     }
 
+    /// (available, total) bytes of the store's filesystem, at most
+    /// `FS_CHECK_EVERY` old, or fresh when `fresh`.
+    fn fs_space(&self, fresh: bool) -> (u64, u64) {
+        let mut seen = self.fs_seen.lock();
+        if let Some((t, avail, total)) = *seen {
+            if !fresh && t.elapsed() < FS_CHECK_EVERY {
+                return (avail, total);
+            }
+        }
+        let (avail, total) = crate::fsutil::fs_space(&self.dir).unwrap_or((u64::MAX / 4, u64::MAX / 4));
+        *seen = Some((std::time::Instant::now(), avail, total));
+        (avail, total)
+    }
+
+    /// Bytes kept back from client writes (see `RESERVE_PERCENT`).
+    pub fn reserve_bytes(&self) -> u64 {
+        let (_, total) = self.fs_space(false);
+        (total / 100 * RESERVE_PERCENT).max(RESERVE_MIN_BLOCKS * self.block_size as u64)
+    }
+
+    /// Bytes client writes may still take: free space of the filesystem
+    /// plus freed slots inside the block file, less the reserve. The
+    /// fallocated tail of the block file is not counted: on a filesystem
+    /// several IOMs share, one IOM's tail says nothing about the room its
+    /// peers have for the parity of its writes.
+    fn client_room(&self, fresh: bool) -> u64 {
+        let (avail, _) = self.fs_space(fresh);
+        let free = self.alloc.lock().free.len() as u64 * self.block_size as u64;
+        avail.saturating_add(free).saturating_sub(self.reserve_bytes())
+    }
+
+    /// a2 for a client write: a new address, unless that would eat into
+    /// the reserve (`NoSpace`, which the client reports as ENOSPC).
+    pub fn alloc_for_client(&self) -> Result<DiskAddr, Error> {
+        let bs = self.block_size as u64;
+        let mut room = self.client_room(false);
+        if room < 4 * self.reserve_bytes() {
+            // Near full: a figure up to 50 ms old is not good enough.
+            room = self.client_room(true);
+        }
+        if room < bs {
+            return Err(Error::NoSpace);
+        }
+        self.alloc()
+    }
+
+    /// Whether client writes are refused for lack of space now.
+    pub fn is_full(&self) -> bool {
+        self.client_room(false) < self.block_size as u64
+    }
+
     /// Extends the reserved region in the background once `used_end`
-    /// passes half of it.
+    /// passes half of it, never into the reserve of the filesystem (other
+    /// IOMs on the same filesystem need it for their parity).
     fn reserve_ahead(&self, used_end: u64) {
         use std::sync::atomic::Ordering;
         let p = &self.prealloc;
@@ -184,7 +250,14 @@ impl Store {
         if p.running.swap(true, Ordering::AcqRel) {
             return;
         }
-        let step = used_end.clamp(PREALLOC_MIN, PREALLOC_MAX_STEP);
+        let bs = self.block_size as u64;
+        let (avail, _) = self.fs_space(false);
+        let spare = avail.saturating_sub(self.reserve_bytes() * 2) / bs * bs;
+        let step = used_end.clamp(PREALLOC_MIN, PREALLOC_MAX_STEP).min(spare);
+        if step == 0 {
+            p.running.store(false, Ordering::Release);
+            return;
+        }
         let (from, len) = (end.max(used_end), step);
         let (file, pa) = (self.file.clone(), self.prealloc.clone());
         let spawned = std::thread::Builder::new().name("prealloc".into()).spawn(move || {

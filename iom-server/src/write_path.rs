@@ -264,7 +264,7 @@ impl Iom {
         } else if new_bytes.is_empty() && matches!(op, Op::Truncate { keep: 0 }) {
             None
         } else {
-            Some(self.store.alloc()?)
+            Some(self.store.alloc_for_client()?)
         };
         crash_point!(self, "write::after-a2");
         crash_point!(self, "write::after-a3");
@@ -272,7 +272,11 @@ impl Iom {
 
         // a4: issue the write of the new block at the new address.
         if let Some(a) = addr {
-            self.store.write(a, &new_bytes)?;
+            if let Err(e) = self.store.write(a, &new_bytes) {
+                // Nothing refers to the slot yet: give it back at once.
+                self.store.free(a);
+                return Err(e);
+            }
         }
         let new =
             VerRef { version: old.version.next(), addr, len: new_bytes.len() as u32, crc: codec::crc(&new_bytes) };
