@@ -210,51 +210,76 @@ impl Iom {
         let mut blocks = Vec::new();
         let mut groups: BTreeMap<GroupKey, Vec<Version>> = BTreeMap::new();
         for j in (0..self.cfg.width()).map(IomId).filter(|&j| j != me) {
-            let mut after = None;
-            loop {
-                let req = Request::Data(DataReq::ListBlocks { after, limit: LIST_PAGE });
-                let b = match self.pool.call_timeout(j, &req, Bytes::new(), Duration::from_secs(10)).await {
-                    Ok((Reply::Data(DataResp::Blocks(b)), _)) => b,
-                    Ok((r, _)) => return Err(format!("IOM {j} answered a block listing with {r:?}")),
-                    Err(e) => return Err(format!("block listing of IOM {j}: {e}")),
-                };
-                after = b.last().map(|x| x.key);
-                let done = b.len() < LIST_PAGE as usize;
-                for x in b {
-                    let g = layout.group_key(x.key);
-                    if layout.parity_iom(g.object, g.group) == me {
-                        groups.entry(g).or_insert_with(|| vec![Version(0); n])[(x.key.block.0 % n as u64) as usize] =
-                            x.version;
-                    }
-                }
-                if done {
-                    break;
+            let listed = self
+                .list_pages(
+                    j,
+                    |after| DataReq::ListBlocks { after, limit: LIST_PAGE },
+                    |r| match r {
+                        DataResp::Blocks(b) => Some(b),
+                        _ => None,
+                    },
+                    |b| b.key,
+                )
+                .await?;
+            for x in listed {
+                let g = layout.group_key(x.key);
+                if layout.parity_iom(g.object, g.group) == me {
+                    groups.entry(g).or_insert_with(|| vec![Version(0); n])[(x.key.block.0 % n as u64) as usize] =
+                        x.version;
                 }
             }
-            let mut after = None;
-            loop {
-                let req = Request::Data(DataReq::ListGroups { after, limit: LIST_PAGE });
-                let gs = match self.pool.call_timeout(j, &req, Bytes::new(), Duration::from_secs(10)).await {
-                    Ok((Reply::Data(DataResp::Groups(g)), _)) => g,
-                    Ok((r, _)) => return Err(format!("IOM {j} answered a group listing with {r:?}")),
-                    Err(e) => return Err(format!("group listing of IOM {j}: {e}")),
-                };
-                after = gs.last().map(|x| x.key);
-                let done = gs.len() < LIST_PAGE as usize;
-                for g in gs {
-                    for (k, v) in g.versions.iter().enumerate() {
-                        let key = BlockKey { object: g.key.object, block: layout.member_block(g.key.group, k as u32) };
-                        if *v > Version(0) && layout.data_iom(key.object, key.block) == me {
-                            blocks.push((key, *v));
-                        }
+            let listed = self
+                .list_pages(
+                    j,
+                    |after| DataReq::ListGroups { after, limit: LIST_PAGE },
+                    |r| match r {
+                        DataResp::Groups(g) => Some(g),
+                        _ => None,
+                    },
+                    |g| g.key,
+                )
+                .await?;
+            for g in listed {
+                for (k, v) in g.versions.iter().enumerate() {
+                    let key = BlockKey { object: g.key.object, block: layout.member_block(g.key.group, k as u32) };
+                    if *v > Version(0) && layout.data_iom(key.object, key.block) == me {
+                        blocks.push((key, *v));
                     }
-                }
-                if done {
-                    break;
                 }
             }
         }
         Ok((blocks, groups.into_iter().collect()))
+    }
+
+    /// Every entry of one of IOM `j`'s listings (`ListBlocks`, `ListGroups`),
+    /// page by page.
+    async fn list_pages<K: Copy, T>(
+        &self,
+        j: IomId,
+        req: impl Fn(Option<K>) -> DataReq,
+        entries: impl Fn(DataResp) -> Option<Vec<T>>,
+        key: impl Fn(&T) -> K,
+    ) -> Result<Vec<T>, String> {
+        let (mut all, mut after) = (Vec::new(), None);
+        loop {
+            let page = match self
+                .pool
+                .call_timeout(j, &Request::Data(req(after)), Bytes::new(), Duration::from_secs(10))
+                .await
+            {
+                Ok((Reply::Data(r), _)) => {
+                    entries(r).ok_or_else(|| format!("IOM {j} answered a listing with another reply"))?
+                }
+                Ok((r, _)) => return Err(format!("IOM {j} answered a listing with {r:?}")),
+                Err(e) => return Err(format!("listing of IOM {j}: {e}")),
+            };
+            after = page.last().map(&key);
+            let done = page.len() < LIST_PAGE as usize;
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
+        }
     }
 
     /// Rebuilds marked blocks until the stand-in has none left.
