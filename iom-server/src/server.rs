@@ -346,7 +346,6 @@ impl Iom {
     }
 }
 
-/// Bumps and returns the start counter kept in `D/iom-I/incarnation`.
 /// Marker in the data directory while a replacement's full rebuild is not
 /// finished (it survives restarts, so a crash mid-rebuild continues it).
 pub const REPLACING_MARKER: &str = "replacing";
@@ -393,6 +392,7 @@ fn prepare_store(paths: &ClusterPaths, data_dir: &std::path::Path, id: IomId) ->
     }
 }
 
+/// Bumps and returns the start counter kept in `D/iom-I/incarnation`.
 fn next_incarnation(dir: &std::path::Path) -> Result<u64, Error> {
     let p = dir.join("incarnation");
     let cur = match std::fs::read_to_string(&p) {
