@@ -654,7 +654,10 @@ fn a_full_disk_gives_enospc_and_deleting_makes_room_again() {
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "a full disk gave {err} instead of ENOSPC");
     assert!(t.elapsed() < Duration::from_secs(20), "ENOSPC came only after {:?}", t.elapsed());
     drop(f);
-    assert!(acked >= 24 << 20, "only {acked} bytes fitted before ENOSPC");
+    // 96 MiB raw over 3 IOMs hold 64 MiB of data, less reserve, journals and
+    // the 8 MiB file: 35-46 MiB fit here; far less means space is lost.
+    assert!(acked >= 16 << 20, "only {acked} bytes fitted before ENOSPC");
+    eprintln!("fitted {} MiB before ENOSPC", acked >> 20);
     let back = fs::read(m.join("fill")).unwrap();
     assert!(back.len() >= acked, "acknowledged bytes lost: {} < {acked}", back.len());
     for (i, piece) in back[..acked].chunks(1 << 20).enumerate() {

@@ -201,20 +201,27 @@ impl Store {
     }
 
     /// Bytes kept back from client writes (see `RESERVE_PERCENT`).
-    pub fn reserve_bytes(&self) -> u64 {
+    fn reserve_bytes(&self) -> u64 {
         let (_, total) = self.fs_space(false);
         (total / 100 * RESERVE_PERCENT).max(RESERVE_MIN_BLOCKS * self.block_size as u64)
     }
 
-    /// Bytes client writes may still take: free space of the filesystem
-    /// plus freed slots inside the block file, less the reserve. The
-    /// fallocated tail of the block file is not counted: on a filesystem
-    /// several IOMs share, one IOM's tail says nothing about the room its
-    /// peers have for the parity of its writes.
+    /// Bytes client writes may still take: free space of the filesystem,
+    /// freed slots inside the block file and its fallocated tail past the
+    /// highest slot, less the reserve. (Preallocation grows the tail by at
+    /// most a quarter of what is free above the reserve at a time, so on a
+    /// filesystem several IOMs share no tail outgrows its peers' room for
+    /// parity by much.)
     fn client_room(&self, fresh: bool) -> u64 {
+        use std::sync::atomic::Ordering;
         let (avail, _) = self.fs_space(fresh);
-        let free = self.alloc.lock().free.len() as u64 * self.block_size as u64;
-        avail.saturating_add(free).saturating_sub(self.reserve_bytes())
+        let bs = self.block_size as u64;
+        let (high, free) = {
+            let a = self.alloc.lock();
+            (a.high, a.free.len() as u64)
+        };
+        let tail = self.prealloc.end.load(Ordering::Acquire).saturating_sub(high * bs);
+        avail.saturating_add(free * bs).saturating_add(tail).saturating_sub(self.reserve_bytes())
     }
 
     /// a2 for a client write: a new address, unless that would eat into
@@ -232,11 +239,6 @@ impl Store {
         self.alloc()
     }
 
-    /// Whether client writes are refused for lack of space now.
-    pub fn is_full(&self) -> bool {
-        self.client_room(false) < self.block_size as u64
-    }
-
     /// Extends the reserved region in the background once `used_end`
     /// passes half of it, never into the reserve of the filesystem (other
     /// IOMs on the same filesystem need it for their parity).
@@ -252,7 +254,7 @@ impl Store {
         }
         let bs = self.block_size as u64;
         let (avail, _) = self.fs_space(false);
-        let spare = avail.saturating_sub(self.reserve_bytes() * 2) / bs * bs;
+        let spare = avail.saturating_sub(self.reserve_bytes() * 2) / 4 / bs * bs;
         let step = used_end.clamp(PREALLOC_MIN, PREALLOC_MAX_STEP).min(spare);
         if step == 0 {
             p.running.store(false, Ordering::Release);
