@@ -417,6 +417,9 @@ pub struct IomStats {
     pub rebuild_done: u64,
     pub rebuild_total: u64,
     pub rebuild_bytes_per_s: u64,
+    /// Whether the IOM has learnt the current map and serves requests (an
+    /// IOM that just started answers admin calls before it does).
+    pub serving: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -267,9 +267,22 @@ impl ClusterClient {
         }
     }
 
-    /// Calls one IOM directly (admin, scrub), without role routing.
+    /// Calls one IOM directly (admin, scrub), without role routing. A
+    /// refusal that passes (an IOM still starting says `NotServing`) is
+    /// retried for up to 10 s; anything else, an unreachable IOM included,
+    /// is the caller's answer at once.
     pub async fn call_iom(&self, iom: IomId, req: &Request, payload: Bytes) -> Result<(Reply, Bytes)> {
-        Ok(self.pool.call_timeout(iom, req, payload, self.rpc_timeout).await?)
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(20);
+        loop {
+            match self.pool.call_timeout(iom, req, payload.clone(), self.rpc_timeout).await {
+                Err(e) if e.remote().is_some_and(|w| w.is_retryable()) && start.elapsed() < Duration::from_secs(10) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(250));
+                }
+                r => return Ok(r?),
+            }
+        }
     }
 
     async fn data(&self, role: IomId, make: impl Fn(Route) -> DataReq, payload: Bytes) -> Result<(DataResp, Bytes)> {

@@ -260,8 +260,13 @@ pub struct Status {
 impl Status {
     pub fn health(&self) -> Health {
         let h = self.map.health();
-        let unreachable =
-            self.ioms.iter().filter(|i| i.stats.is_none() && self.map.state(i.id) == IomState::Up).count();
+        // An IOM the map calls up but that does not answer, or that has not
+        // learnt the map yet, serves nothing: the cluster is not healthy.
+        let unreachable = self
+            .ioms
+            .iter()
+            .filter(|i| self.map.state(i.id) == IomState::Up && !i.stats.as_ref().is_some_and(|s| s.serving))
+            .count();
         let down = self.map.not_up().len() + unreachable;
         match (h, down) {
             (Health::Stopped, _) => Health::Stopped,
@@ -276,6 +281,7 @@ impl Status {
         for i in &self.ioms {
             let state = match self.map.state(i.id) {
                 IomState::Up if i.stats.is_none() => "unreachable".to_string(),
+                IomState::Up if i.stats.as_ref().is_some_and(|s| !s.serving) => "starting".to_string(),
                 IomState::Up => "up".to_string(),
                 IomState::Down { proxy } => format!("down (proxied by {})", proxy.0),
                 IomState::Rebuilding { proxy } => {

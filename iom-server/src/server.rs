@@ -245,6 +245,15 @@ impl Iom {
     }
 
     fn uncache(&self, rec: &Record) {
+        if let Record::Issued { key, new, .. } = rec {
+            if self.map.entry(key).is_none() {
+                // A write that raced a drop (the map ignored it): its new
+                // bytes must not outlive it in the cache, where a later
+                // incarnation of the block (versions restart at 1) could
+                // find them.
+                self.cache.remove(&CacheKey::Data(*key, new.version));
+            }
+        }
         if let Record::Dropped { object, from } = rec {
             // Versions of a dropped block restart at 1: forget cached ones.
             let first = from.0 * self.layout.n() as u64;
@@ -342,6 +351,7 @@ impl Iom {
             rebuild_done: self.rebuild.done.load(Ordering::Relaxed),
             rebuild_total: self.rebuild.total.load(Ordering::Relaxed),
             rebuild_bytes_per_s: self.rebuild.rate(),
+            serving: self.ready.load(Ordering::Acquire),
         }
     }
 }
