@@ -400,3 +400,53 @@ fn a_damaged_block_is_an_error_never_silent_data_and_scrub_names_it() {
         "scrub did not name object, group and IOM:\n{text}"
     );
 }
+
+#[test]
+fn a_damaged_parity_block_is_recomputed_when_a_write_needs_it() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let obj = ObjectId(4343);
+    let layout = common::Layout::new(5, 65536).unwrap();
+    let p = layout.parity_iom(obj, common::GroupNo(0)).0;
+    // One full group: four data blocks on the other IOMs, its parity on `p`.
+    let mut data: Vec<u8> = Rng(12).bytes(4 * 65536);
+    rt().block_on(async {
+        let client = c.client().await;
+        client.write(obj, 0, Bytes::from(data.clone()), Toughness::Durable).await.unwrap();
+        client.close();
+    });
+    assert!(c.stop(p));
+    // `p` holds only this group's parity: damage every slot past the header.
+    let path = c.dir.join(format!("iom-{p}/blocks.dat"));
+    let mut f = std::fs::read(&path).unwrap();
+    for b in f.iter_mut().skip(65536) {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&path, f).unwrap();
+    c.start(p);
+    let new: Vec<u8> = Rng(13).bytes(65536);
+    data[..65536].copy_from_slice(&new);
+    rt().block_on(async {
+        let client = c.client().await;
+        // b3 cannot read the old parity: the write must still finish (the
+        // parity recomputed from the data), not wait for ever.
+        let w = client.write(obj, 0, Bytes::from(new.clone()), Toughness::Durable);
+        match tokio::time::timeout(std::time::Duration::from_secs(30), w).await {
+            Ok(r) => r.expect("write over a damaged parity"),
+            Err(_) => panic!("a write whose group's parity is damaged did not finish in 30 s:\n{}", c.log(p)),
+        }
+        client.close();
+    });
+    assert!(c.log(p).contains("parity recomputed"), "no repair logged:\n{}", c.log(p));
+    c.must_scrub_clean();
+    // The parity is right: with block 1's IOM gone its bytes come from it.
+    let d1 = layout.data_iom(obj, common::BlockNo(1));
+    c.kill(d1.0);
+    rt().block_on(async {
+        let client = c.client().await;
+        let got = client.read(obj, 0, 4 * 65536).await.expect("degraded read");
+        assert!(got[..] == data[..], "a degraded read over the recomputed parity returned wrong bytes");
+        client.close();
+    });
+}

@@ -10,7 +10,7 @@
 
 use crate::Iom;
 use bytes::Bytes;
-use common::wire::{MemberResp, ParityAck, ParityMsg, ParityUpdate, Reply, Request};
+use common::wire::{ErrorCode, MemberResp, ParityAck, ParityMsg, ParityUpdate, Reply, Request};
 use common::{IomId, TxId, TxRef};
 use net::frame::{read_frame, write_frame};
 use parking_lot::Mutex;
@@ -19,6 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+
+/// Pause before an update the parity IOM refused is sent again.
+const RESEND_AFTER_FAILED: Duration = Duration::from_millis(500);
 
 struct PendingUpdate {
     upd: ParityUpdate,
@@ -176,7 +179,7 @@ async fn run_stream(
     let result = loop {
         tokio::select! {
             f = read_frame::<ParityAck>(&mut recv) => match f {
-                Ok(Some((ack, _))) => on_ack(link, ack),
+                Ok(Some((ack, _))) => on_ack(iom, role, ack),
                 Ok(None) => break Err("parity IOM closed the channel".to_string()),
                 Err(e) => break Err(e.to_string()),
             },
@@ -192,7 +195,8 @@ async fn run_stream(
     result
 }
 
-fn on_ack(link: &Link, ack: ParityAck) {
+fn on_ack(iom: &Arc<Iom>, role: IomId, ack: ParityAck) {
+    let link = &iom.links.links[role.0 as usize];
     let mut s = link.state.lock();
     match ack {
         ParityAck::Held { tx } => {
@@ -210,8 +214,28 @@ fn on_ack(link: &Link, ack: ParityAck) {
                 }
             }
         }
+        ParityAck::Failed { tx, error }
+            if matches!(error.code, ErrorCode::Invalid | ErrorCode::Malformed | ErrorCode::Corrupt) =>
+        {
+            // The parity IOM cannot take this update at all (a malformed
+            // update, or its group lost a member and its parity both): the
+            // writer hears it now; the transaction stays in the journal.
+            tracing::error!(iom = iom.id.0, role = role.0, tx = ?tx, "parity update rejected: {error}");
+            s.pending.remove(&tx.tx);
+        }
         ParityAck::Failed { tx, error } => {
-            tracing::warn!(tx = ?tx, "parity update refused: {error}");
+            // A refusal that can pass (the role moved, the parity could not
+            // be read or recomputed yet): the update stays pending and is
+            // sent again after a pause, like after a broken channel.
+            tracing::warn!(iom = iom.id.0, role = role.0, tx = ?tx, "parity update refused, resending in 500 ms: {error}");
+            let iom = iom.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(RESEND_AFTER_FAILED).await;
+                let s = iom.links.links[role.0 as usize].state.lock();
+                if let (Some(p), Some(out)) = (s.pending.get(&tx.tx), &s.out) {
+                    let _ = out.send(Out::Msg(ParityMsg::Update(p.upd.clone()), p.delta.clone()));
+                }
+            });
         }
     }
 }

@@ -51,6 +51,8 @@ pub struct ParitySide {
     pub writes: AtomicU64,
     /// Deltas received (b1).
     pub deltas: AtomicU64,
+    /// Parity versions recomputed from the data because b3 could not read them.
+    pub repairs: AtomicU64,
 }
 
 impl ParitySide {
@@ -348,12 +350,7 @@ impl Iom {
         // b3: the old parity block, from the buffer or the disk (zeros if none).
         let old_bytes = match self.parity_bytes(g, &old).await {
             Ok(b) => b,
-            Err(e) => {
-                for d in &batch {
-                    let _ = d.acks.send(ParityAck::Failed { tx: d.upd.tx, error: e.to_wire() });
-                }
-                return Err(e);
-            }
+            Err(e) => return self.repair_parity(g, e, batch).await,
         };
         crash_point!(self, "parity::after-b3");
         // b5: a new parity address and buffer.
@@ -411,6 +408,49 @@ impl Iom {
             crash_point!(&me, "parity::after-b12");
         });
         Ok(())
+    }
+
+    /// b3 failed: the group's parity cannot be read (checksum mismatch or
+    /// I/O error). Its data IOMs still hold every member, so the parity is
+    /// recomputed from them while this worker holds the group, and the
+    /// batch goes back in the queue: deltas the new parity already covers
+    /// are answered as stale, the rest are applied to it. Only when the
+    /// recomputation fails too do the writers hear `Failed`: `Corrupt` when
+    /// a member is damaged as well (two faults in one group; the write
+    /// fails), `Unavailable` otherwise (the data IOM sends it again later).
+    async fn repair_parity(self: &Arc<Self>, g: GroupKey, e: Error, batch: Vec<Delta>) -> Result<(), Error> {
+        tracing::error!(
+            iom = self.id.0,
+            object = g.object.0,
+            group = g.group.0,
+            "parity unreadable ({e}); recomputing it from the group's data blocks"
+        );
+        match self.recompute_parity_paused(g).await {
+            Ok(()) => {
+                self.parity.repairs.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(iom = self.id.0, object = g.object.0, group = g.group.0, "parity recomputed");
+                let mut groups = self.parity.groups.lock();
+                groups.entry(g).or_default().queue.extend(batch);
+                Ok(())
+            }
+            Err(e2) => {
+                // A damaged member as well: the group has lost a block, and
+                // resending will not bring it back. Anything else may pass.
+                let code =
+                    if e2.to_wire().code == ErrorCode::Corrupt { ErrorCode::Corrupt } else { ErrorCode::Unavailable };
+                let error = WireError::new(
+                    code,
+                    format!(
+                        "parity of object {} group {} on IOM {} is unreadable ({e}) and could not be recomputed ({e2})",
+                        g.object, g.group, self.id
+                    ),
+                );
+                for d in &batch {
+                    let _ = d.acks.send(ParityAck::Failed { tx: d.upd.tx, error: error.clone() });
+                }
+                Err(e2)
+            }
+        }
     }
 
     /// b13: a data IOM's write completed; free the old parity once every

@@ -230,7 +230,7 @@ impl Iom {
         r
     }
 
-    async fn recompute_parity_paused(self: &Arc<Self>, g: GroupKey) -> Result<(), Error> {
+    pub(crate) async fn recompute_parity_paused(self: &Arc<Self>, g: GroupKey) -> Result<(), Error> {
         let (data, _) = self.layout.group_ioms(g.object, g.group);
         let mut members = Vec::with_capacity(data.len());
         let mut acc = BytesMut::new();
