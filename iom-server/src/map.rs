@@ -231,6 +231,15 @@ impl BlockMap {
         match rec {
             Record::Issued { tx, key, old, new, parity } => {
                 self.bump_tx(*tx);
+                let mut s = self.data[shard_of(key)].lock();
+                if old.version != Version(0) && !s.contains_key(key) {
+                    // The block was dropped (file deleted or truncated)
+                    // between this write's a1 and a5: its old version is
+                    // freed already and the write is moot. Only its new
+                    // slot is this record's to give back.
+                    freed.extend(new.addr);
+                    return freed;
+                }
                 self.dtx.lock().entry(*tx).or_insert(DTx {
                     key: *key,
                     old: *old,
@@ -238,7 +247,6 @@ impl BlockMap {
                     parity: *parity,
                     switched: false,
                 });
-                let mut s = self.data[shard_of(key)].lock();
                 let e = s.entry(*key).or_insert_with(|| DataEntry::new(*old));
                 e.insert(*old);
                 e.insert(*new);
@@ -294,6 +302,16 @@ impl BlockMap {
             }
             Record::ParityDone { group, old, new, txs } => {
                 self.bump_pseq(new.seq);
+                if !txs.is_empty() && {
+                    let p = self.ptx.lock();
+                    !txs.iter().any(|t| p.contains_key(t))
+                } {
+                    // Its group was dropped while the batch was applied (the
+                    // drop forgot the transactions and freed the old parity):
+                    // only the new parity slot is left to give back.
+                    freed.extend(new.addr);
+                    return freed;
+                }
                 {
                     let mut s = self.parity[shard_of(group)].lock();
                     let e = s.entry(*group).or_insert_with(|| ParityEntry { head: old.clone(), old: Vec::new() });
@@ -360,6 +378,14 @@ impl BlockMap {
                         }
                     }
                 }
+                // Transactions still open on what was dropped are moot: their
+                // versions were freed above, so their later records (a11,
+                // a14, b9–b13, a roll-back) must find nothing to free again.
+                let gone_block = |k: &BlockKey| k.object == *object && k.block.0 >= from.0 * n;
+                let gone_group = |g: &GroupKey| g.object == *object && g.group >= *from;
+                self.dtx.lock().retain(|_, t| !gone_block(&t.key));
+                self.ptx.lock().retain(|_, t| !gone_group(&t.group));
+                self.awaiting.lock().retain(|(g, _), _| !gone_group(g));
                 self.marks.lock().values_mut().for_each(|m| {
                     m.blocks.retain(|k, _| !(k.object == *object && k.block.0 >= from.0 * n));
                     m.groups.retain(|g| !(g.object == *object && g.group >= *from));
@@ -657,6 +683,82 @@ mod tests {
         assert_eq!(freed, vec![DiskAddr(6)]);
         assert_eq!(m.head(&key(0)), ver(1, 5));
         assert_eq!(m.entry(&key(0)).unwrap().pointer, Version(1));
+    }
+
+    /// Applies `recs` in order; returns every slot they free, in order.
+    fn apply_all(m: &BlockMap, recs: &[Record]) -> Vec<DiskAddr> {
+        recs.iter().flat_map(|r| m.apply(r)).collect()
+    }
+
+    fn assert_each_freed_once(freed: &[DiskAddr]) {
+        let mut f = freed.to_vec();
+        f.sort();
+        let n = f.len();
+        f.dedup();
+        assert_eq!(f.len(), n, "a slot was freed twice: {freed:?}");
+    }
+
+    #[test]
+    fn transactions_open_across_a_drop_free_each_slot_once_and_leak_none() {
+        let g = GroupKey { object: ObjectId(1), group: GroupNo(0) };
+        let drop = Record::Dropped { object: ObjectId(1), from: GroupNo(0) };
+        // Data side: a write issued before the drop finishes after it.
+        let m = BlockMap::new(layout());
+        write_cycle(&m, 1, key(0), VerRef::ABSENT, ver(1, 5));
+        let freed = apply_all(
+            &m,
+            &[
+                Record::Issued { tx: TxId(2), key: key(0), old: ver(1, 5), new: ver(2, 6), parity: IomId(0) },
+                drop.clone(),
+                Record::Switched { tx: TxId(2) },
+                Record::Completed { tx: TxId(2) },
+            ],
+        );
+        assert_each_freed_once(&freed);
+        assert!(m.live_addrs().is_empty() && m.dtx.lock().is_empty());
+        // A write that read its old version before the drop and journals
+        // "issued" after it: the old slot is freed by the drop, the new by
+        // the record; nothing is resurrected.
+        let m = BlockMap::new(layout());
+        write_cycle(&m, 1, key(0), VerRef::ABSENT, ver(1, 5));
+        let mut freed = apply_all(&m, std::slice::from_ref(&drop));
+        freed.extend(apply_all(
+            &m,
+            &[
+                Record::Issued { tx: TxId(2), key: key(0), old: ver(1, 5), new: ver(2, 6), parity: IomId(0) },
+                Record::Switched { tx: TxId(2) },
+                Record::Completed { tx: TxId(2) },
+            ],
+        ));
+        assert_each_freed_once(&freed);
+        assert_eq!(freed.len(), 2, "{freed:?}");
+        assert!(m.live_addrs().is_empty() && m.entry(&key(0)).is_none());
+        // Parity side: a batch being applied when its group is dropped.
+        let m = BlockMap::new(layout());
+        let t1 = TxRef { iom: IomId(2), tx: TxId(1) };
+        let t2 = TxRef { iom: IomId(2), tx: TxId(2) };
+        let p = |seq: u64, a: u64, v: u64| PVerRef {
+            seq,
+            addr: Some(DiskAddr(a)),
+            len: 10,
+            crc: 0,
+            members: vec![Version(v), Version(0), Version(0), Version(0)],
+        };
+        let freed = apply_all(
+            &m,
+            &[
+                Record::Received { tx: t1, group: g, index: 0, old: Version(0), new: Version(1) },
+                Record::ParityDone { group: g, old: PVerRef::empty(4), new: p(1, 20, 1), txs: vec![t1] },
+                Record::ParityFreed { group: g, seq: 0 },
+                Record::Received { tx: t2, group: g, index: 0, old: Version(1), new: Version(2) },
+                drop,
+                Record::ParityDone { group: g, old: p(1, 20, 1), new: p(2, 21, 2), txs: vec![t2] },
+                Record::ParityFreed { group: g, seq: 1 },
+            ],
+        );
+        assert_each_freed_once(&freed);
+        assert_eq!(freed.len(), 2, "{freed:?}");
+        assert!(m.live_addrs().is_empty() && m.ptx.lock().is_empty() && m.awaiting.lock().is_empty());
     }
 
     #[test]

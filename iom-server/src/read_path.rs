@@ -74,11 +74,22 @@ impl Iom {
 
     /// Drops this IOM's data and parity blocks of `object` in groups >= `from`.
     pub async fn drop_object(self: &Arc<Self>, object: ObjectId, from: GroupNo) -> Result<(), Error> {
-        // Let transactions on the object finish first, so no slot is freed twice.
-        for _ in 0..500 {
-            let busy = self.map.dtx.lock().values().any(|t| t.key.object == object)
-                || self.map.ptx.lock().values().any(|t| t.group.object == object && t.applied.is_none());
-            if !busy {
+        // Let transactions on the object finish first: their writers get
+        // their answers. The map forgets any still open when the drop is
+        // applied (their later records free nothing twice), so a
+        // transaction that cannot finish (a peer down) delays the drop by
+        // at most a minute, never for ever.
+        let first = from.0 * self.layout.n() as u64;
+        let start = std::time::Instant::now();
+        loop {
+            let busy = self.map.dtx.lock().values().any(|t| t.key.object == object && t.key.block.0 >= first)
+                || self
+                    .map
+                    .ptx
+                    .lock()
+                    .values()
+                    .any(|t| t.group.object == object && t.group.group >= from && t.applied.is_none());
+            if !busy || start.elapsed() > Duration::from_secs(60) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
