@@ -158,6 +158,9 @@ pub enum DataReq {
     ReadMany { route: Route, pieces: Vec<ReadPiece> },
     /// `DropObject` of several objects (from group 0), in one request.
     DropObjects { route: Route, objects: Vec<ObjectId> },
+    /// `iomfs scrub --repair`: recompute a group's parity from its data
+    /// blocks (the parity disagrees with blocks whose checksums hold).
+    RecomputeParity { route: Route, group: GroupKey },
 }
 
 /// One block's part of a `ReadMany`.
@@ -220,6 +223,7 @@ pub enum DataResp {
     ReadAll {
         lens: Vec<u32>,
     },
+    Recomputed,
 }
 
 // ------------------------------------------------------------ parity channel
@@ -420,6 +424,10 @@ pub struct IomStats {
     /// Whether the IOM has learnt the current map and serves requests (an
     /// IOM that just started answers admin calls before it does).
     pub serving: bool,
+    /// Data block versions rebuilt from their group after a failed read.
+    pub repaired_blocks: u64,
+    /// Parity blocks recomputed from their data after a failed read.
+    pub repaired_parity: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -45,6 +45,11 @@ enum Cmd {
     Scrub {
         #[arg(long)]
         dir: PathBuf,
+        /// Repair what can be repaired (a damaged block is rebuilt from its
+        /// group, a parity that disagrees with its data is recomputed), then
+        /// scrub again.
+        #[arg(long)]
+        repair: bool,
     },
     /// Block-level load generator (no FUSE): MB/s and IOPS per toughness.
     Bench {
@@ -193,22 +198,46 @@ fn run(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Scrub { dir } => runtime()?.block_on(async {
+        Cmd::Scrub { dir, repair } => runtime()?.block_on(async {
             let c = ClusterClient::connect(&dir).await?;
-            let bar = indicatif::ProgressBar::hidden();
-            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            let run = |c: std::sync::Arc<ClusterClient>| async move {
+                let bar = indicatif::ProgressBar::hidden();
+                if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                }
+                let before = scrub::repairs_so_far(&c).await;
+                let r = scrub::scrub(&c, |d, t| {
+                    bar.set_length(t);
+                    bar.set_position(d);
+                })
+                .await;
+                bar.finish_and_clear();
+                let r = r?;
+                for p in &r.problems {
+                    println!("problem: {p}");
+                }
+                let healed = scrub::repairs_so_far(&c).await.saturating_sub(before);
+                if healed > 0 {
+                    println!("scrub: {healed} damaged blocks were rebuilt from their groups while it read them");
+                }
+                println!("scrub: {} groups checked, {} blocks, {} problems", r.groups, r.blocks, r.problems.len());
+                Ok::<_, anyhow::Error>(r)
+            };
+            let mut r = run(c.clone()).await?;
+            if repair && !r.problems.is_empty() {
+                for (p, done) in scrub::repair(&c, &r.problems).await {
+                    match done {
+                        Ok(()) => println!("repaired: {p}"),
+                        Err(e) => println!("not repaired: {p}: {e}"),
+                    }
+                }
+                let left = r.problems.iter().filter(|p| p.fix.is_none()).count();
+                if left > 0 {
+                    println!("scrub: {left} problems have no automatic repair (see docs/operations.md)");
+                }
+                println!("scrub: checking again");
+                r = run(c.clone()).await?;
             }
-            let r = scrub::scrub(&c, |d, t| {
-                bar.set_length(t);
-                bar.set_position(d);
-            })
-            .await?;
-            bar.finish_and_clear();
-            for p in &r.problems {
-                println!("problem: {p}");
-            }
-            println!("scrub: {} groups checked, {} blocks, {} problems", r.groups, r.blocks, r.problems.len());
             c.close();
             Ok(if r.problems.is_empty() { 0 } else { 1 })
         }),

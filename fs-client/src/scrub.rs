@@ -16,6 +16,18 @@ pub struct Problem {
     pub group: GroupNo,
     pub iom: IomId,
     pub what: String,
+    /// What `scrub --repair` does about it, when it can.
+    pub fix: Option<Fix>,
+}
+
+/// A repair `iomfs scrub --repair` can ask an IOM for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fix {
+    /// Read the block: its IOM rebuilds a damaged version from the group.
+    Block(BlockKey),
+    /// Recompute the group's parity from its data blocks (checksums hold,
+    /// parity disagrees).
+    Parity(GroupKey),
 }
 
 impl std::fmt::Display for Problem {
@@ -88,7 +100,11 @@ enum Outcome {
 async fn check_group(c: &ClusterClient, g: GroupKey, heads: &BTreeMap<BlockKey, Version>) -> Outcome {
     let layout = c.layout;
     let (data_ioms, p) = layout.group_ioms(g.object, g.group);
-    let prob = |iom: IomId, what: String| Outcome::Problem(Problem { object: g.object, group: g.group, iom, what });
+    let prob =
+        |iom: IomId, what: String| Outcome::Problem(Problem { object: g.object, group: g.group, iom, what, fix: None });
+    let fixable = |iom: IomId, what: String, fix: Fix| {
+        Outcome::Problem(Problem { object: g.object, group: g.group, iom, what, fix: Some(fix) })
+    };
     let (versions, parity) =
         match c.call_role(p, |route: Route| Request::Data(DataReq::ReadParity { route, group: g }), Bytes::new()).await
         {
@@ -117,7 +133,7 @@ async fn check_group(c: &ClusterClient, g: GroupKey, heads: &BTreeMap<BlockKey, 
         {
             Ok((_, b)) => xor_into(&mut acc, &b),
             Err(e) if e.code() == Some(ErrorCode::Corrupt) => {
-                return prob(*d, format!("block {} checksum mismatch: {e}", key.block))
+                return fixable(*d, format!("block {} checksum mismatch: {e}", key.block), Fix::Block(key))
             }
             Err(e) => return Outcome::Retry(format!("block {} on IOM {d}: {e}", key.block)),
         }
@@ -125,7 +141,7 @@ async fn check_group(c: &ClusterClient, g: GroupKey, heads: &BTreeMap<BlockKey, 
     if trim(acc).is_empty() {
         Outcome::Ok
     } else {
-        prob(p, "parity is not the XOR of the group's data blocks".into())
+        fixable(p, "parity is not the XOR of the group's data blocks".into(), Fix::Parity(g))
     }
 }
 
@@ -146,6 +162,7 @@ pub async fn scrub(c: &ClusterClient, mut progress: impl FnMut(u64, u64)) -> Res
                     group: g.group,
                     iom,
                     what: format!("holds block {} that placement puts elsewhere", b.key.block),
+                    fix: None,
                 });
             }
             heads.insert(b.key, b.version);
@@ -159,6 +176,7 @@ pub async fn scrub(c: &ClusterClient, mut progress: impl FnMut(u64, u64)) -> Res
                     group: g.key.group,
                     iom,
                     what: "holds parity that placement puts elsewhere".into(),
+                    fix: None,
                 });
             }
             groups.insert(g.key);
@@ -183,7 +201,7 @@ pub async fn scrub(c: &ClusterClient, mut progress: impl FnMut(u64, u64)) -> Res
             }
         }
         let (_, p) = c.layout.group_ioms(g.object, g.group);
-        Some(Problem { object: g.object, group: g.group, iom: p, what: last })
+        Some(Problem { object: g.object, group: g.group, iom: p, what: last, fix: None })
     }))
     .buffer_unordered(32);
     let mut done = 0;
@@ -221,6 +239,7 @@ async fn check_fresh(c: &ClusterClient, g: GroupKey) -> Option<Problem> {
                         group: g.group,
                         iom: *d,
                         what: format!("checksum mismatch: {e}"),
+                        fix: Some(Fix::Block(key)),
                     })
                 }
                 Err(e) => {
@@ -237,5 +256,48 @@ async fn check_fresh(c: &ClusterClient, g: GroupKey) -> Option<Problem> {
         }
         tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
     }
-    Some(Problem { object: g.object, group: g.group, iom: p, what: last })
+    Some(Problem { object: g.object, group: g.group, iom: p, what: last, fix: None })
+}
+
+/// `scrub --repair`: carries out each problem's fix. Returns, per problem
+/// with a fix, whether its IOM reported it done (the caller scrubs again
+/// to confirm).
+pub async fn repair(c: &ClusterClient, problems: &[Problem]) -> Vec<(Problem, std::result::Result<(), String>)> {
+    let mut out = Vec::new();
+    for p in problems {
+        let Some(fix) = p.fix else { continue };
+        let r = match fix {
+            Fix::Block(key) => {
+                let role = c.layout.data_iom(key.object, key.block);
+                c.call_role(role, |route| Request::Data(DataReq::Read { route, key, offset: 0, len: 0 }), Bytes::new())
+                    .await
+                    .map(|_| ())
+            }
+            Fix::Parity(group) => {
+                let role = c.layout.parity_iom(group.object, group.group);
+                c.call_role(role, |route| Request::Data(DataReq::RecomputeParity { route, group }), Bytes::new())
+                    .await
+                    .map(|_| ())
+            }
+        };
+        out.push((p.clone(), r.map_err(|e| e.to_string())));
+    }
+    out
+}
+
+/// Blocks and parity blocks the IOMs have rebuilt from their groups since
+/// they started (self-healing reads), summed over the IOMs that answer.
+pub async fn repairs_so_far(c: &ClusterClient) -> u64 {
+    use common::wire::{AdminReq, AdminResp};
+    let mut n = 0;
+    for i in 0..c.cfg.width() {
+        if let Ok((Reply::Admin(AdminResp::Stats(s)), _)) = c
+            .pool()
+            .call_timeout(IomId(i), &Request::Admin(AdminReq::Stats), Bytes::new(), Duration::from_secs(2))
+            .await
+        {
+            n += s.repaired_blocks + s.repaired_parity;
+        }
+    }
+    n
 }

@@ -424,6 +424,22 @@ impl BlockMap {
                     }
                 }
             }
+            Record::Repaired { key, bad, good } => {
+                let mut s = self.data[shard_of(key)].lock();
+                if let Some(v) = s.get_mut(key).and_then(|e| e.versions.iter_mut().find(|v| **v == *bad)) {
+                    *v = *good;
+                    freed.extend(bad.addr);
+                }
+                drop(s);
+                for t in self.dtx.lock().values_mut().filter(|t| t.key == *key) {
+                    if t.old == *bad {
+                        t.old = *good;
+                    }
+                    if t.new == *bad {
+                        t.new = *good;
+                    }
+                }
+            }
             Record::Marked { owner, key, version } => {
                 let mut m = self.marks.lock();
                 let e = m.entry(*owner).or_default().blocks.entry(*key).or_insert(*version);
@@ -759,6 +775,20 @@ mod tests {
         assert_each_freed_once(&freed);
         assert_eq!(freed.len(), 2, "{freed:?}");
         assert!(m.live_addrs().is_empty() && m.ptx.lock().is_empty() && m.awaiting.lock().is_empty());
+    }
+
+    #[test]
+    fn a_repaired_version_moves_to_its_new_slot_once() {
+        let m = BlockMap::new(layout());
+        write_cycle(&m, 1, key(0), VerRef::ABSENT, ver(1, 5));
+        m.apply(&Record::Issued { tx: TxId(2), key: key(0), old: ver(1, 5), new: ver(2, 6), parity: IomId(0) });
+        let rep = Record::Repaired { key: key(0), bad: ver(1, 5), good: ver(1, 7) };
+        assert_eq!(m.apply(&rep), vec![DiskAddr(5)]);
+        assert!(m.apply(&rep).is_empty(), "applied twice, freed twice");
+        // The open write's a14 frees the repaired slot, not the bad one again.
+        m.apply(&Record::Switched { tx: TxId(2) });
+        assert_eq!(m.apply(&Record::Completed { tx: TxId(2) }), vec![DiskAddr(7)]);
+        assert_eq!(m.head(&key(0)), ver(2, 6));
     }
 
     #[test]

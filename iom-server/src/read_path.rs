@@ -1,19 +1,31 @@
 //! Reads, snapshot reads for reconstruction and scrub, durability barriers
 //! and dropping the data of dead objects.
 
+use crate::cache::CacheKey;
 use crate::journal::Wait;
-use crate::records::Record;
+use crate::records::{Record, VerRef};
 use crate::{Error, Iom};
 use bytes::Bytes;
 use common::wire::{BlockInfo, GroupInfo};
-use common::{BlockKey, GroupKey, GroupNo, ObjectId, Version};
+use common::{codec, BlockKey, GroupKey, GroupNo, ObjectId, Version};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Whether a failed read of a stored version may be answered by
+/// rebuilding it from its group: damaged bytes or a read error of the
+/// disk; a full disk is not a damaged block.
+pub(crate) fn healable(e: &Error) -> bool {
+    match e {
+        Error::Corrupt(_) => true,
+        Error::Io { err, .. } => err.raw_os_error() != Some(libc::ENOSPC),
+        _ => false,
+    }
+}
 
 impl Iom {
     /// The newest version of a block, `[offset, offset+len)`; bytes past
     /// the returned payload are zeros. Never touches parity.
-    pub async fn read_block(&self, key: BlockKey, offset: u32, len: u32) -> Result<(Version, Bytes), Error> {
+    pub async fn read_block(self: &Arc<Self>, key: BlockKey, offset: u32, len: u32) -> Result<(Version, Bytes), Error> {
         // A block whose unfinished transaction recovery has not resolved may
         // still roll back: do not show its new version yet.
         self.fence.wait(&key).await;
@@ -32,6 +44,17 @@ impl Iom {
                     tries += 1;
                     tracing::debug!("read raced a write: {m}");
                 }
+                Err(e) if healable(&e) && tries < 3 => {
+                    tries += 1;
+                    let _g = self.locks.lock(key).await;
+                    if self.map.head(&key) != head {
+                        continue;
+                    }
+                    let b = self.heal_block(key, head, e).await?;
+                    let start = (offset as usize).min(b.len());
+                    let end = (offset as usize + len as usize).min(b.len());
+                    return Ok((head.version, b.slice(start..end)));
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -45,11 +68,100 @@ impl Iom {
         self.version_bytes(key, vr).await
     }
 
-    /// The parity block of a group and the member versions it covers.
-    pub async fn read_parity(&self, g: GroupKey) -> Result<(Vec<Version>, Bytes), Error> {
+    /// The parity block of a group and the member versions it covers. A
+    /// parity block that cannot be read is recomputed from the group's data
+    /// blocks first, when all of them can be read.
+    pub async fn read_parity(self: &Arc<Self>, g: GroupKey) -> Result<(Vec<Version>, Bytes), Error> {
         let head = self.map.parity_head(&g);
-        let b = self.parity_bytes(g, &head).await?;
-        Ok((head.members, b))
+        match self.parity_bytes(g, &head).await {
+            Ok(b) => Ok((head.members, b)),
+            Err(e) if healable(&e) && self.group_is_whole(g) => {
+                tracing::error!(
+                    iom = self.id.0,
+                    object = g.object.0,
+                    group = g.group.0,
+                    "parity unreadable ({e}); recomputing it from the group's data blocks"
+                );
+                self.recompute_parity(g).await?;
+                self.parity.repairs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(iom = self.id.0, object = g.object.0, group = g.group.0, "parity recomputed");
+                let head = self.map.parity_head(&g);
+                let b = self.parity_bytes(g, &head).await?;
+                Ok((head.members, b))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether every IOM of group `g` (data and parity) is up: only then
+    /// can one of its blocks be rebuilt from the others.
+    pub fn group_is_whole(&self, g: GroupKey) -> bool {
+        let map = self.member.current();
+        let (data, p) = self.layout.group_ioms(g.object, g.group);
+        data.iter().chain(std::iter::once(&p)).all(|&i| map.state(i) == common::IomState::Up)
+    }
+
+    /// Self-healing read (the caller holds the block's lock): version `bad`
+    /// of `key` failed its checksum or could not be read from this IOM's
+    /// disk. Its bytes are rebuilt from the group (parity XOR the other
+    /// members at the versions the parity covers), checked against the
+    /// checksum the version was written with, written to a new slot and
+    /// journaled (`Repaired`) before they are returned. Without a whole
+    /// group, or when the rebuilt bytes do not match, the original error
+    /// stands: a wrong byte is never returned.
+    pub(crate) async fn heal_block(self: &Arc<Self>, key: BlockKey, bad: VerRef, why: Error) -> Result<Bytes, Error> {
+        let g = self.layout.group_key(key);
+        if !self.group_is_whole(g) {
+            return Err(why);
+        }
+        tracing::error!(
+            iom = self.id.0,
+            object = key.object.0,
+            block = key.block.0,
+            version = bad.version.0,
+            "block unreadable ({why}); rebuilding it from its group"
+        );
+        let (v, rebuilt) = match self.reconstruct(key, Some(bad.version)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(iom = self.id.0, object = key.object.0, block = key.block.0, "cannot rebuild: {e}");
+                return Err(why);
+            }
+        };
+        let mut bytes = rebuilt.to_vec();
+        if v != bad.version || bytes.len() > bad.len as usize {
+            return Err(why);
+        }
+        bytes.resize(bad.len as usize, 0);
+        if codec::crc(&bytes) != bad.crc {
+            tracing::error!(
+                iom = self.id.0,
+                object = key.object.0,
+                block = key.block.0,
+                "the block rebuilt from its group does not match its checksum: not repaired"
+            );
+            return Err(why);
+        }
+        let bytes = Bytes::from(bytes);
+        let addr = self.store.alloc()?;
+        if let Err(e) = self.store.write(addr, &bytes) {
+            self.store.free(addr);
+            return Err(e);
+        }
+        let good = VerRef { addr: Some(addr), ..bad };
+        if let Some(d) = self.commit(&Record::Repaired { key, bad, good }, true, Wait::Durable) {
+            let _ = d.await;
+        }
+        self.cache.put(CacheKey::Data(key, bad.version), bytes.clone());
+        self.repairs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            iom = self.id.0,
+            object = key.object.0,
+            block = key.block.0,
+            version = bad.version.0,
+            "block repaired from its group"
+        );
+        Ok(bytes)
     }
 
     /// Durability barrier: every write answered so far is on stable storage.

@@ -77,6 +77,10 @@ pub enum Record {
     MarkedDrop { owner: IomId, object: ObjectId, from: GroupNo },
     /// The rejoining `owner` rebuilt these marks (versions up to the one given).
     MarksDone { owner: IomId, blocks: Vec<(BlockKey, Version)>, groups: Vec<GroupKey>, drops: Vec<(ObjectId, GroupNo)> },
+    /// A version whose slot was unreadable (checksum mismatch, I/O error)
+    /// was rebuilt from its group into a new slot: `bad` is freed, the map
+    /// and any open transaction refer to `good` (same version and bytes).
+    Repaired { key: BlockKey, bad: VerRef, good: VerRef },
 }
 
 #[cfg(test)]

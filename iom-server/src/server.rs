@@ -68,6 +68,9 @@ pub struct Iom {
     /// Set once start-up learned the cluster's current map: until then this
     /// IOM serves nothing (its own map on disk may be stale).
     pub ready: std::sync::atomic::AtomicBool,
+    /// Data block versions rebuilt from their group because their slot
+    /// could not be read (self-healing reads).
+    pub repairs: std::sync::atomic::AtomicU64,
     pub rebuild: crate::rebuild::RebuildProgress,
     /// Transactions the journal left open at start-up, for recovery.
     pub startup_open: parking_lot::Mutex<Option<crate::recovery_exec::OpenTxs>>,
@@ -211,6 +214,7 @@ impl Iom {
             rejoin_flag: Default::default(),
             replacing: std::sync::atomic::AtomicBool::new(replacing),
             ready: Default::default(),
+            repairs: Default::default(),
             rebuild: Default::default(),
             startup_open: parking_lot::Mutex::new(Some(open_at_start)),
             locks: KeyLocks::default(),
@@ -352,6 +356,8 @@ impl Iom {
             rebuild_total: self.rebuild.total.load(Ordering::Relaxed),
             rebuild_bytes_per_s: self.rebuild.rate(),
             serving: self.ready.load(Ordering::Acquire),
+            repaired_blocks: self.repairs.load(Ordering::Relaxed),
+            repaired_parity: self.parity.repairs.load(Ordering::Relaxed),
         }
     }
 }

@@ -300,6 +300,23 @@ async fn data_one(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataR
             let (versions, b) = iom.read_parity(group).await?;
             Ok((DataResp::Parity { versions }, b))
         }
+        DataReq::RecomputeParity { route, group } => {
+            iom.member.check_route(&route, true)?;
+            if standin(&route) || !iom.group_is_whole(group) {
+                return Err(Error::Wire(WireError::new(
+                    ErrorCode::Unavailable,
+                    format!("the parity of {group:?} can only be recomputed while all its IOMs are up"),
+                )));
+            }
+            tracing::warn!(
+                iom = iom.id.0,
+                object = group.object.0,
+                group = group.group.0,
+                "recomputing parity (scrub --repair)"
+            );
+            iom.recompute_parity(group).await?;
+            Ok((DataResp::Recomputed, Bytes::new()))
+        }
         DataReq::ListBlocks { after, limit } => Ok((DataResp::Blocks(iom.list_blocks(after, limit)), Bytes::new())),
         DataReq::ListGroups { after, limit } => Ok((DataResp::Groups(iom.list_groups(after, limit)), Bytes::new())),
         DataReq::ReadMany { .. } | DataReq::DropObjects { .. } => unreachable!("handled by data()"),

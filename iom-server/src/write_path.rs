@@ -251,7 +251,11 @@ impl Iom {
     async fn issue(self: &Arc<Self>, key: BlockKey, op: &Op, hint: u8, urgent: bool) -> Result<Pending, Error> {
         // a1: the old block, from the buffer cache or the disk (zeros if it never existed).
         let old = self.map.head(&key);
-        let old_bytes = self.version_bytes(key, old).await?;
+        let old_bytes = match self.version_bytes(key, old).await {
+            Ok(b) => b,
+            Err(e) if crate::read_path::healable(&e) => self.heal_block(key, old, e).await?,
+            Err(e) => return Err(e),
+        };
         crash_point!(self, "write::after-a1");
 
         // a3: the new block in a second buffer; a7's delta computed alongside.
