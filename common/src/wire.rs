@@ -428,6 +428,11 @@ pub struct IomStats {
     pub repaired_blocks: u64,
     /// Parity blocks recomputed from their data after a failed read.
     pub repaired_parity: u64,
+    /// Bytes client writes may still take on this IOM (free space less its
+    /// reserve).
+    pub room_bytes: u64,
+    /// Size of the filesystem holding its block file.
+    pub disk_bytes: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

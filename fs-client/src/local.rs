@@ -302,9 +302,38 @@ impl Status {
             let pid = i.pid.map(|p| format!("pid {p}")).unwrap_or_else(|| "pid -".into());
             out.push_str(&format!("IOM {:<3} {:<22} {:<10} {}\n", i.id.0, i.addr, pid, state));
         }
+        for w in self.warnings() {
+            out.push_str(&format!("warning: {w}\n"));
+        }
         out.push_str(&format!("epoch {}\n", self.map.epoch.0));
         out.push_str(&format!("cluster: {}\n", self.health()));
         out
+    }
+
+    /// What an operator should act on although the cluster serves: disks
+    /// nearly full (less than 10 % of the filesystem left for writes, the
+    /// point where Ceph says `nearfull`) or full (writes get ENOSPC).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        for i in &self.ioms {
+            let Some(s) = &i.stats else { continue };
+            let mib = |b: u64| b >> 20;
+            if s.room_bytes < self.block_size() {
+                w.push(format!(
+                    "IOM {} disk full: writes get ENOSPC (filesystem {} MiB); delete files or add space",
+                    i.id.0,
+                    mib(s.disk_bytes)
+                ));
+            } else if s.disk_bytes > 0 && s.room_bytes < s.disk_bytes / 10 {
+                w.push(format!(
+                    "IOM {} disk nearly full: {} MiB of {} MiB left for writes",
+                    i.id.0,
+                    mib(s.room_bytes),
+                    mib(s.disk_bytes)
+                ));
+            }
+        }
+        w
     }
 
     fn block_size(&self) -> u64 {

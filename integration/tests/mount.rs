@@ -664,6 +664,10 @@ fn a_full_disk_gives_enospc_and_deleting_makes_room_again() {
         assert!(piece == &chunk[..piece.len()], "MiB {i} of the filled file reads back wrong");
     }
     assert!(fs::read(m.join("early")).unwrap() == early, "a file written before the disk filled reads wrong");
+    // The operator is told, although the cluster still serves.
+    let st = c.iomfs(&["status"]);
+    let text = String::from_utf8_lossy(&st.stdout).to_string();
+    assert!(text.contains("warning: IOM") && text.contains("disk"), "status says nothing of the full disk:\n{text}");
 
     // At 100 % full an unlink works, and its space comes back.
     fs::remove_file(m.join("early")).unwrap();

@@ -331,6 +331,7 @@ impl Iom {
 
     pub fn stats(&self) -> IomStats {
         let (used, total) = self.store.usage();
+        let (room, disk) = self.store.space();
         let (d, p) = self.map.counts();
         let js = &self.journal.stats;
         IomStats {
@@ -358,6 +359,8 @@ impl Iom {
             serving: self.ready.load(Ordering::Acquire),
             repaired_blocks: self.repairs.load(Ordering::Relaxed),
             repaired_parity: self.parity.repairs.load(Ordering::Relaxed),
+            room_bytes: room,
+            disk_bytes: disk,
         }
     }
 }

@@ -224,6 +224,13 @@ impl Store {
         avail.saturating_add(free * bs).saturating_add(tail).saturating_sub(self.reserve_bytes())
     }
 
+    /// For status: bytes client writes may still take, and the size of the
+    /// filesystem holding the block file.
+    pub fn space(&self) -> (u64, u64) {
+        let (_, total) = self.fs_space(false);
+        (self.client_room(false), total)
+    }
+
     /// a2 for a client write: a new address, unless that would eat into
     /// the reserve (`NoSpace`, which the client reports as ENOSPC).
     pub fn alloc_for_client(&self) -> Result<DiskAddr, Error> {
