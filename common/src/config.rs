@@ -58,6 +58,10 @@ pub struct Tuning {
     /// IOMs share a machine's cores). Disk syncs have their own threads
     /// either way.
     pub iom_threads: u32,
+    /// Read errors and checksum mismatches of its own disk (each repaired
+    /// from the group) after which an IOM stops itself, as a disk that
+    /// keeps failing must be replaced rather than repaired block by block.
+    pub disk_errors_before_stop: u64,
 }
 
 impl Default for Tuning {
@@ -70,6 +74,7 @@ impl Default for Tuning {
             rebuild_mib_s: 0,
             stopped_wait_s: 60,
             iom_threads: 0,
+            disk_errors_before_stop: 10,
         }
     }
 }

@@ -426,6 +426,8 @@ pub struct IomStats {
     pub serving: bool,
     /// Data block versions rebuilt from their group after a failed read.
     pub repaired_blocks: u64,
+    /// Failed reads of the IOM's own disk since it started.
+    pub disk_errors: u64,
     /// Parity blocks recomputed from their data after a failed read.
     pub repaired_parity: u64,
     /// Bytes client writes may still take on this IOM (free space less its

@@ -50,6 +50,47 @@ pub fn fs_space(dir: &Path) -> Option<(u64, u64)> {
     Some((s.f_bavail as u64 * s.f_frsize as u64, s.f_blocks as u64 * s.f_frsize as u64))
 }
 
+/// Stops the IOM because its disk failed a write or a sync: it must never
+/// acknowledge again on a disk that lost data it was given. Exit status 70
+/// (EX_SOFTWARE): the proxy takes the role over; a restart (systemd, or the
+/// operator once the disk is fixed) replays the journal and rejoins.
+pub fn fail_stop(what: &str, e: &std::io::Error) -> ! {
+    tracing::error!("{what} failed: {e}; stopping this IOM (its proxy takes over; restart it once the disk is fixed)");
+    eprintln!("iom-server: {what} failed: {e}; stopping");
+    std::process::exit(70);
+}
+
+/// An injected disk fault (`failpoints` builds only), TiKV-style:
+/// `FAILPOINTS="store::pread=3*return(eio)"` makes the next three reads
+/// fail with EIO; `return(enospc)` gives ENOSPC; the `fail` crate's own
+/// `sleep(ms)` makes the disk slow. Points: `store::pread`, `store::pwrite`,
+/// `store::fdatasync`, `journal::write`, `journal::fdatasync`.
+#[macro_export]
+macro_rules! disk_fault {
+    ($name:literal) => {{
+        #[cfg(feature = "failpoints")]
+        {
+            (|| {
+                fail::fail_point!($name, |a: Option<String>| Some(a.unwrap_or_default()));
+                None::<String>
+            })()
+            .map(|a| $crate::fsutil::injected_error(&a))
+        }
+        #[cfg(not(feature = "failpoints"))]
+        {
+            None::<std::io::Error>
+        }
+    }};
+}
+
+/// The error an injected fault stands for: `enospc`, else EIO.
+pub fn injected_error(arg: &str) -> std::io::Error {
+    match arg {
+        "enospc" => std::io::Error::from_raw_os_error(libc::ENOSPC),
+        _ => std::io::Error::from_raw_os_error(libc::EIO),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

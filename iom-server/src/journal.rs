@@ -232,9 +232,19 @@ pub struct Replayed {
 fn fatal(what: &str, e: std::io::Error) -> ! {
     // A storage server that cannot make its journal durable must not go on
     // answering writes: stop, and let recovery replay what reached the disk.
-    tracing::error!("journal: {what} failed: {e}; stopping this IOM");
-    eprintln!("iom-server: journal {what} failed: {e}; stopping");
-    std::process::exit(70);
+    crate::fsutil::fail_stop(&format!("journal {what}"), &e)
+}
+
+/// `f.sync_data()`, or the fault injected at `point`.
+fn sync_data(f: &File, point: &str) -> std::io::Result<()> {
+    let injected = match point {
+        "store::fdatasync" => crate::disk_fault!("store::fdatasync"),
+        _ => crate::disk_fault!("journal::fdatasync"),
+    };
+    match injected {
+        Some(e) => Err(e),
+        None => f.sync_data(),
+    }
 }
 
 impl Shared {
@@ -261,7 +271,11 @@ impl Shared {
             return;
         }
         let Segment { file, pending, .. } = seg;
-        if let Err(e) = file.write_all(pending) {
+        let r = match crate::disk_fault!("journal::write") {
+            Some(e) => Err(e),
+            None => file.write_all(pending),
+        };
+        if let Err(e) = r {
             fatal("write", e);
         }
         pending.clear();
@@ -305,7 +319,7 @@ fn data_sync_stage(rx: Arc<Mailbox<DsCmd>>, shared: Arc<Shared>, data_file: Arc<
             rx.recv(Some(deadline), &mut batch);
         }
         if batch.iter().any(|c| matches!(c, DsCmd::Rec { .. })) {
-            if let Err(e) = data_file.sync_data() {
+            if let Err(e) = sync_data(&data_file, "store::fdatasync") {
                 fatal("block file fdatasync", e);
             }
             shared.stats.data_syncs.fetch_add(1, Ordering::Relaxed);
@@ -397,7 +411,7 @@ fn journal_sync_thread(rx: Arc<Mailbox<JsCmd>>, shared: Arc<Shared>) {
         if target > synced {
             shared.flush_pending();
             let f = shared.sync_file.lock().clone();
-            if let Err(e) = f.sync_data() {
+            if let Err(e) = sync_data(&f, "journal::fdatasync") {
                 fatal("fdatasync", e);
             }
             shared.stats.flushes.fetch_add(1, Ordering::Relaxed);

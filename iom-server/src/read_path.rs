@@ -110,6 +110,24 @@ impl Iom {
     /// group, or when the rebuilt bytes do not match, the original error
     /// stands: a wrong byte is never returned.
     pub(crate) async fn heal_block(self: &Arc<Self>, key: BlockKey, bad: VerRef, why: Error) -> Result<Bytes, Error> {
+        let errors = self.disk_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let r = self.heal_block_now(key, bad, why).await;
+        let limit = self.cfg.tuning.disk_errors_before_stop;
+        if limit > 0 && errors >= limit {
+            // The answer is ready (rebuilt, or the error): the journal has
+            // the repairs. A disk failing this often is retired, not
+            // patched: the proxy serves its role until it is replaced.
+            self.journal.flush().await;
+            let e = std::io::Error::other(format!(
+                "{errors} read errors or checksum mismatches (tuning.disk_errors_before_stop = {limit}); \
+                 replace the disk with `iomfs replace`"
+            ));
+            crate::fsutil::fail_stop("this IOM's disk", &e);
+        }
+        r
+    }
+
+    async fn heal_block_now(self: &Arc<Self>, key: BlockKey, bad: VerRef, why: Error) -> Result<Bytes, Error> {
         let g = self.layout.group_key(key);
         if !self.group_is_whole(g) {
             return Err(why);

@@ -71,6 +71,8 @@ pub struct Iom {
     /// Data block versions rebuilt from their group because their slot
     /// could not be read (self-healing reads).
     pub repairs: std::sync::atomic::AtomicU64,
+    /// Failed reads of this IOM's own disk (errors and checksum mismatches).
+    pub disk_errors: std::sync::atomic::AtomicU64,
     pub rebuild: crate::rebuild::RebuildProgress,
     /// Transactions the journal left open at start-up, for recovery.
     pub startup_open: parking_lot::Mutex<Option<crate::recovery_exec::OpenTxs>>,
@@ -215,6 +217,7 @@ impl Iom {
             replacing: std::sync::atomic::AtomicBool::new(replacing),
             ready: Default::default(),
             repairs: Default::default(),
+            disk_errors: Default::default(),
             rebuild: Default::default(),
             startup_open: parking_lot::Mutex::new(Some(open_at_start)),
             locks: KeyLocks::default(),
@@ -358,6 +361,7 @@ impl Iom {
             rebuild_bytes_per_s: self.rebuild.rate(),
             serving: self.ready.load(Ordering::Acquire),
             repaired_blocks: self.repairs.load(Ordering::Relaxed),
+            disk_errors: self.disk_errors.load(Ordering::Relaxed),
             repaired_parity: self.parity.repairs.load(Ordering::Relaxed),
             room_bytes: room,
             disk_bytes: disk,

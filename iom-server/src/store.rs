@@ -301,15 +301,33 @@ impl Store {
     }
 
     /// a4 / b8: writes a block version (its stored length) at `a`.
+    /// Writes a version into slot `a`. Out of space is the caller's error
+    /// (`ENOSPC` for the writer); any other write error means the disk
+    /// lost a write it was given, and the IOM stops (exit 70) like on a
+    /// failed fdatasync: its proxy takes over, nothing it acknowledged
+    /// depended on the failed write.
     pub fn write(&self, a: DiskAddr, data: &[u8]) -> Result<(), Error> {
         debug_assert!(data.len() <= self.block_size as usize);
-        self.file.write_all_at(data, self.offset(a)).map_err(|e| Error::io(format!("write slot {}", a.0), e))
+        let r = match crate::disk_fault!("store::pwrite") {
+            Some(e) => Err(e),
+            None => self.file.write_all_at(data, self.offset(a)),
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => Err(Error::io(format!("write slot {}", a.0), e)),
+            Err(e) => crate::fsutil::fail_stop(&format!("block file write of slot {}", a.0), &e),
+        }
     }
 
-    /// Reads `len` bytes of the version at `a`.
+    /// Reads `len` bytes of the version at `a`. An error is the caller's:
+    /// reads heal from the group (`read_path::Iom::heal_block`).
     pub fn read(&self, a: DiskAddr, len: u32) -> Result<Vec<u8>, Error> {
         let mut buf = vec![0u8; len as usize];
-        self.file.read_exact_at(&mut buf, self.offset(a)).map_err(|e| Error::io(format!("read slot {}", a.0), e))?;
+        let r = match crate::disk_fault!("store::pread") {
+            Some(e) => Err(e),
+            None => self.file.read_exact_at(&mut buf, self.offset(a)),
+        };
+        r.map_err(|e| Error::io(format!("read slot {}", a.0), e))?;
         Ok(buf)
     }
 

@@ -1,0 +1,194 @@
+//! Disk faults other than a full disk, injected with the `failpoints`
+//! build's error actions (`store::pread=3*return(eio)`, …) into real IOM
+//! processes: what the client sees, that nothing acknowledged is lost, and
+//! how the cluster gets back to healthy.
+//!
+//! Needs `iom-server-failpoints` (built by scripts/test).
+
+use bytes::Bytes;
+use common::{BlockNo, ObjectId, Toughness};
+use integration::{bin, serial, Cluster, Rng};
+use std::time::{Duration, Instant};
+
+const BS: usize = 65536;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn status(c: &Cluster) -> (bool, String) {
+    let o = c.iomfs(&["status"]);
+    (o.status.success(), String::from_utf8_lossy(&o.stdout).to_string())
+}
+
+fn wait_status(c: &Cluster, want: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (_, s) = status(c);
+        if s.contains(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no '{want}' in {timeout:?}:\n{s}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn cluster() -> Cluster {
+    let mut c = Cluster::init(5);
+    c.server_bin = bin("iom-server-failpoints");
+    c
+}
+
+/// Writes `data` as object `obj`, durably.
+fn write(c: &Cluster, obj: ObjectId, data: &[u8]) {
+    rt().block_on(async {
+        let client = c.client().await;
+        client.write(obj, 0, Bytes::from(data.to_vec()), Toughness::Durable).await.unwrap();
+        client.close();
+    });
+}
+
+fn read(c: &Cluster, obj: ObjectId, len: usize) -> Result<Vec<u8>, String> {
+    rt().block_on(async {
+        let client = c.client().await;
+        let r = client.read(obj, 0, len).await.map(|b| b.to_vec()).map_err(|e| e.to_string());
+        client.close();
+        r
+    })
+}
+
+/// Restarts IOM `i` with `FAILPOINTS` set to `fp` (empty: none). A restart
+/// also empties its buffer cache, so reads reach the disk.
+fn restart_with(c: &mut Cluster, i: u32, fp: &str) {
+    assert!(c.stop(i), "IOM {i} did not stop cleanly:\n{}", c.log(i));
+    c.env[i as usize] = if fp.is_empty() { vec![] } else { vec![("FAILPOINTS".into(), fp.into())] };
+    c.start(i);
+    wait_status(c, "cluster: healthy", Duration::from_secs(30));
+}
+
+#[test]
+fn read_errors_are_served_from_the_group_and_repaired() {
+    let _g = serial();
+    let mut c = cluster();
+    c.start_all();
+    let obj = ObjectId(777);
+    let data = Rng(41).bytes(32 * BS);
+    write(&c, obj, &data);
+    let victim = common::Layout::new(5, BS as u32).unwrap().data_iom(obj, BlockNo(0)).0;
+    restart_with(&mut c, victim, "store::pread=3*return(eio)");
+    assert!(read(&c, obj, data.len()).expect("read over three disk errors") == data, "wrong bytes");
+    let log = c.log(victim);
+    assert_eq!(log.matches("block repaired from its group").count(), 3, "{log}");
+    assert!(c.is_running(victim), "three read errors stopped the IOM (limit 10):\n{log}");
+    c.must_scrub_clean();
+    // The repaired copies are on the disk: without the fault, after a
+    // restart (cache empty), every block reads right with no new repair.
+    restart_with(&mut c, victim, "");
+    assert!(read(&c, obj, data.len()).unwrap() == data);
+    assert_eq!(c.log(victim).matches("block repaired from its group").count(), 3);
+}
+
+#[test]
+fn a_disk_that_keeps_failing_reads_stops_its_iom_and_the_data_stays_readable() {
+    let _g = serial();
+    let mut c = cluster();
+    c.set_tuning("disk_errors_before_stop", 4);
+    c.start_all();
+    let obj = ObjectId(778);
+    let data = Rng(42).bytes(64 * BS);
+    write(&c, obj, &data);
+    let victim = common::Layout::new(5, BS as u32).unwrap().data_iom(obj, BlockNo(0)).0;
+    restart_with(&mut c, victim, "store::pread=return(eio)");
+    // Every read of its disk fails: the first are rebuilt from their
+    // groups, the fourth stops the IOM, the rest come from its proxy.
+    assert!(read(&c, obj, data.len()).expect("read with a failing disk") == data, "wrong bytes");
+    let st = c.wait_exit(victim, Duration::from_secs(20)).expect("the failing IOM did not stop");
+    assert_eq!(st.code(), Some(70), "{st}");
+    assert!(c.log(victim).contains("replace the disk"), "{}", c.log(victim));
+    wait_status(&c, "cluster: degraded", Duration::from_secs(15));
+    assert!(read(&c, obj, data.len()).unwrap() == data, "wrong bytes from the proxy");
+    // The disk "fixed": it restarts, rejoins, and the cluster is whole.
+    c.env[victim as usize].clear();
+    c.start(victim);
+    wait_status(&c, "cluster: healthy", Duration::from_secs(60));
+    c.must_scrub_clean();
+    assert!(read(&c, obj, data.len()).unwrap() == data);
+}
+
+/// A failed write or sync of the block file or the journal stops the IOM
+/// (exit 70); writers go on through its proxy, and nothing they were told
+/// is written is lost.
+#[test]
+fn a_failed_disk_write_or_sync_stops_the_iom_and_loses_no_acknowledged_write() {
+    let _g = serial();
+    for point in ["store::pwrite", "store::fdatasync", "journal::write", "journal::fdatasync"] {
+        let mut c = cluster();
+        let victim = 2u32;
+        c.env[victim as usize] = vec![("FAILPOINTS".into(), format!("{point}=20*off->return(eio)"))];
+        c.start_all();
+        wait_status(&c, "cluster: healthy", Duration::from_secs(30));
+        let data = Rng(43).bytes(4 * 4 * BS);
+        let objs: Vec<ObjectId> = (0..16).map(|i| ObjectId(900 + i)).collect();
+        rt().block_on(async {
+            let client = c.client().await;
+            for o in &objs {
+                let w = client.write(*o, 0, Bytes::from(data.clone()), Toughness::Durable);
+                match tokio::time::timeout(Duration::from_secs(60), w).await {
+                    Ok(r) => r.unwrap_or_else(|e| panic!("{point}: a write failed: {e}")),
+                    Err(_) => panic!("{point}: a write hung"),
+                }
+            }
+            client.close();
+        });
+        let st = c.wait_exit(victim, Duration::from_secs(20));
+        assert_eq!(st.and_then(|s| s.code()), Some(70), "{point}: IOM {victim} did not stop:\n{}", c.log(victim));
+        for o in &objs {
+            assert!(read(&c, *o, data.len()).unwrap() == data, "{point}: object {o} lost or wrong");
+        }
+        c.env[victim as usize].clear();
+        c.start(victim);
+        wait_status(&c, "cluster: healthy", Duration::from_secs(60));
+        c.must_scrub_clean();
+        for o in &objs {
+            assert!(read(&c, *o, data.len()).unwrap() == data, "{point}: object {o} wrong after the rejoin");
+        }
+        eprintln!("{point}: stopped with 70, nothing lost");
+    }
+}
+
+/// A disk that takes longer than the failure timeout for one write stalls
+/// its IOM like a silent one: it is declared down, its proxy takes the
+/// writes, and it rejoins by itself once the disk answers again.
+#[test]
+fn a_disk_slower_than_the_failure_timeout_gets_its_iom_declared_down_and_writes_go_on() {
+    let _g = serial();
+    let mut c = cluster();
+    let victim = 2u32;
+    c.env[victim as usize] = vec![("FAILPOINTS".into(), "store::pwrite=40*off->1*sleep(6000)".into())];
+    c.start_all();
+    wait_status(&c, "cluster: healthy", Duration::from_secs(30));
+    let data = Rng(44).bytes(4 * 4 * BS);
+    let objs: Vec<ObjectId> = (0..24).map(|i| ObjectId(1900 + i)).collect();
+    let mut slowest = Duration::ZERO;
+    rt().block_on(async {
+        let client = c.client().await;
+        for o in &objs {
+            let t = Instant::now();
+            let w = client.write(*o, 0, Bytes::from(data.clone()), Toughness::Durable);
+            match tokio::time::timeout(Duration::from_secs(30), w).await {
+                Ok(r) => r.unwrap_or_else(|e| panic!("a write failed: {e}")),
+                Err(_) => panic!("a write hung behind the slow disk"),
+            }
+            slowest = slowest.max(t.elapsed());
+        }
+        client.close();
+    });
+    eprintln!("slowest write {slowest:?}");
+    assert!(slowest < Duration::from_secs(6), "a write waited for the slow disk ({slowest:?})");
+    wait_status(&c, "cluster: healthy", Duration::from_secs(90));
+    assert!(c.log(victim).contains("declared down by the cluster"), "{}", c.log(victim));
+    c.must_scrub_clean();
+    for o in &objs {
+        assert!(read(&c, *o, data.len()).unwrap() == data, "object {o} lost or wrong");
+    }
+}
