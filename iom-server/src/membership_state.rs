@@ -1,4 +1,8 @@
 //! The cluster map this IOM last accepted, kept durably in its data directory.
+//!
+//! Format: magic `IOMFSCST`, format version (u32 LE), crc32c of the body
+//! (u32 LE), then the map in the codec's encoding. A file without the magic
+//! is read as the body alone (written before the header existed).
 
 use crate::Error;
 use common::cluster::ClusterMap;
@@ -6,17 +10,94 @@ use common::codec;
 use std::path::Path;
 
 const FILE: &str = "cluster.state";
+const MAGIC: &[u8; 8] = b"IOMFSCST";
+pub const FORMAT_VERSION: u32 = 1;
 
 pub fn load(dir: &Path) -> Result<Option<ClusterMap>, Error> {
     let p = dir.join(FILE);
-    match std::fs::read(&p) {
-        Ok(b) => codec::decode(&b).map(Some).map_err(|e| Error::Format(format!("{}: {e}", p.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(format!("read {}", p.display()), e)),
+    let b = match std::fs::read(&p) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
+    };
+    decode(&b).map(Some).map_err(|m| {
+        Error::Format(format!(
+            "{}: {m}; move it away and start the IOM again: it learns the current map from the other IOMs",
+            p.display()
+        ))
+    })
+}
+
+fn decode(b: &[u8]) -> Result<ClusterMap, String> {
+    if b.len() < 16 || &b[..8] != MAGIC {
+        // Written before the header existed: the body alone.
+        return codec::decode(b).map_err(|e| format!("not an iomfs cluster state ({e})"));
     }
+    let v = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
+    if v != FORMAT_VERSION {
+        return Err(format!("format version {v}; this build reads {FORMAT_VERSION}"));
+    }
+    if codec::crc(&b[16..]) != u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")) {
+        return Err("checksum mismatch".into());
+    }
+    codec::decode(&b[16..]).map_err(|e| e.to_string())
+}
+
+fn encode(m: &ClusterMap) -> Result<Vec<u8>, Error> {
+    let body = codec::encode(m).map_err(|e| Error::Format(e.to_string()))?;
+    let mut out = Vec::with_capacity(body.len() + 16);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&codec::crc(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
 }
 
 pub fn save(dir: &Path, m: &ClusterMap) -> Result<(), Error> {
-    let b = codec::encode(m).map_err(|e| Error::Format(e.to_string()))?;
-    crate::fsutil::write_atomic(&dir.join(FILE), &b)
+    crate::fsutil::write_atomic(&dir.join(FILE), &encode(m)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn map() -> ClusterMap {
+        let mut m = ClusterMap::initial(5, common::IomId(0));
+        m.epoch = common::Epoch(7);
+        m
+    }
+
+    #[test]
+    fn round_trip_and_the_headerless_format_still_reads() {
+        let d = tempfile::tempdir().unwrap();
+        save(d.path(), &map()).unwrap();
+        assert_eq!(load(d.path()).unwrap(), Some(map()));
+        std::fs::write(d.path().join(FILE), codec::encode(&map()).unwrap()).unwrap();
+        assert_eq!(load(d.path()).unwrap(), Some(map()));
+        let mut b = encode(&map()).unwrap();
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        std::fs::write(d.path().join(FILE), b).unwrap();
+        let e = load(d.path()).unwrap_err().to_string();
+        assert!(e.contains("checksum mismatch") && e.contains("move it away"), "{e}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..Default::default() })]
+        #[test]
+        fn damaged_files_are_an_error_never_a_panic(
+            edits in proptest::collection::vec((any::<u16>(), any::<u8>()), 0..6),
+            cut in any::<u16>(),
+        ) {
+            let mut b = encode(&map()).unwrap();
+            for (at, x) in edits {
+                let i = at as usize % b.len();
+                b[i] ^= x;
+            }
+            b.truncate(b.len().min(cut as usize));
+            let _ = decode(&b);
+            let _ = decode(&b[b.len().min(16)..]);
+        }
+    }
 }
