@@ -338,6 +338,12 @@ pub enum MemberReq {
     Unfreeze {
         about: IomId,
     },
+    /// The highest transaction id of data IOM `of` whose completion this
+    /// IOM has seen (answered `DoneSeen`): a start-up check that `of`'s
+    /// store is not older than what it acknowledged.
+    DoneSeen {
+        of: IomId,
+    },
 }
 
 /// A parity IOM's view of one transaction.
@@ -376,6 +382,9 @@ pub enum MemberResp {
     Unfinished(Vec<(BlockKey, Version)>),
     Marks(RebuildMarks),
     TxStatus(TxView),
+    DoneSeen {
+        tx: u64,
+    },
 }
 
 /// What a stand-in recorded for a failed IOM while it stood in.

@@ -383,3 +383,69 @@ fn replace_case(victim: u32) {
     wait_healthy(&c, Duration::from_secs(60));
     c.must_scrub_clean();
 }
+
+/// Copies directory `from` into `to` (`cp -a`).
+fn copy_dir(from: &Path, to: &Path) {
+    must(&format!("rm -rf '{}' && cp -a '{}' '{}'", to.display(), from.display(), to.display()));
+}
+
+#[test]
+fn a_store_older_than_what_its_iom_acknowledged_is_refused_and_replaced() {
+    let _g = serial();
+    let victim = 1u32;
+    let mut c = Cluster::init(3);
+    c.start_all();
+    let m = c.mount("mnt", &[]);
+    let v1 = Rng(51).bytes(4 << 20);
+    write_file(&m.join("f"), &v1).unwrap();
+    // A backup of the victim's disk, taken while it is stopped.
+    assert!(c.stop(victim));
+    let disk = c.dir.join(format!("iom-{victim}"));
+    let backup = c.tmp.path().join("backup");
+    copy_dir(&disk, &backup);
+    c.start(victim);
+    wait_healthy(&c, Duration::from_secs(30));
+    let v2 = Rng(52).bytes(4 << 20);
+    write_file(&m.join("f"), &v2).unwrap();
+    let want = md5(&m.join("f"));
+    // Let the writes finish on both sides (a13 reaches the parity IOMs).
+    std::thread::sleep(Duration::from_millis(1500));
+    // The backup is put back.
+    assert!(c.stop(victim));
+    copy_dir(&backup, &disk);
+    c.start(victim);
+    let st = c.wait_exit(victim, Duration::from_secs(20));
+    let log = c.log(victim);
+    assert!(
+        st.is_some_and(|s| s.code() == Some(78))
+            && log.contains("older than what IOM")
+            && log.contains("iomfs replace"),
+        "an IOM on a stale copy of its disk did not refuse to start ({st:?}):\n{log}"
+    );
+    wait_status(&c, "degraded", Duration::from_secs(20));
+    assert!(md5(&m.join("f")) == want, "old bytes returned after a stale disk came back");
+    // The operator's way out: the stale store goes, `iomfs replace` rebuilds.
+    for e in fs::read_dir(&disk).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name != "node.pem" && name != "node.key" {
+            must(&format!("rm -rf '{}'", e.path().display()));
+        }
+    }
+    let o = c.iomfs(&["replace", "--id", &victim.to_string()]);
+    assert!(o.status.success(), "iomfs replace failed: {}", String::from_utf8_lossy(&o.stderr));
+    wait_healthy(&c, Duration::from_secs(90));
+    let proxy = (victim + 1) % 3;
+    c.kill(proxy);
+    wait_status(&c, "degraded", Duration::from_secs(20));
+    assert!(md5(&m.join("f")) == want, "wrong bytes from the replaced IOM");
+    c.start(proxy);
+    wait_healthy(&c, Duration::from_secs(60));
+    c.must_scrub_clean();
+    // The replacement is the IOM's store now: a plain restart is accepted.
+    let pids = fs::read_to_string(c.pid_file(victim)).unwrap();
+    must(&format!("kill -TERM {}", pids.trim()));
+    std::thread::sleep(Duration::from_secs(2));
+    c.start(victim);
+    wait_healthy(&c, Duration::from_secs(60));
+    assert!(c.is_running(victim), "the replaced IOM refused a restart:\n{}", c.log(victim));
+}

@@ -270,6 +270,57 @@ impl Iom {
         }
     }
 
+    /// Stops this IOM (exit 78) if another IOM has seen it complete a write
+    /// its store knows nothing of: the store is older than what this IOM
+    /// acknowledged (a backup or snapshot put back, a stale copy of the
+    /// disk), and serving it would return old bytes as current ones.
+    /// Transaction ids rise with every start (`start_incarnation`), so a
+    /// store that is the latest one always starts above every id a peer saw.
+    fn refuse_a_stale_store(&self, seen: Option<(IomId, u64)>) {
+        let mine = self.map.peek_next_tx();
+        let Some((j, tx)) = seen else { return };
+        if tx < mine {
+            return;
+        }
+        let msg = format!(
+            "the store of IOM {me} in {data} is older than what IOM {me} acknowledged: IOM {j} saw it complete \
+             write transaction {tx:#x}, and this store's transactions start at {mine:#x} (a backup or snapshot \
+             put back, or a stale copy of the disk). Serving it would return old data as current, so this IOM \
+             will not start. Move everything in {data} away except node.pem and node.key, then run \
+             `iomfs replace --dir {dir} --id {me}`: it rebuilds this IOM's share from the others",
+            me = self.id.0,
+            data = self.data_dir.display(),
+            dir = self.paths.dir.display(),
+        );
+        tracing::error!("{msg}");
+        eprintln!("iom-server: {msg}");
+        std::process::exit(78);
+    }
+
+    /// The highest transaction id of this IOM whose completion a peer has
+    /// seen, and that peer (peers that do not answer within 1 s are skipped).
+    async fn done_seen_by_peers(&self) -> Option<(IomId, u64)> {
+        let w = self.cfg.width();
+        let asks = (0..w).map(IomId).filter(|&j| j != self.id).map(|j| async move {
+            let r = self
+                .pool
+                .call_timeout(
+                    j,
+                    &Request::Member(MemberReq::DoneSeen { of: self.id }),
+                    Bytes::new(),
+                    Duration::from_secs(1),
+                )
+                .await;
+            match r {
+                Ok((Reply::Member(MemberResp::DoneSeen { tx }), _)) => Some((j, tx)),
+                _ => None,
+            }
+        });
+        let seen = futures::future::join_all(asks).await;
+        tracing::debug!(iom = self.id.0, ?seen, "store age check: completed writes peers saw");
+        seen.into_iter().flatten().filter(|(_, tx)| *tx > 0).max_by_key(|(_, tx)| *tx)
+    }
+
     /// Start-up: learn the cluster's current map, then recover (this IOM is
     /// still up) or rejoin (it was declared down while it was away).
     pub async fn join(self: Arc<Self>) {
@@ -282,6 +333,19 @@ impl Iom {
             async move { me.fetch_map(j).await }
         });
         futures::future::join_all(fetches).await;
+        let seen = self.done_seen_by_peers().await;
+        if self.replacing.load(std::sync::atomic::Ordering::Acquire) {
+            if let Some((_, tx)) = seen {
+                // Transaction ids of the new store start above the old one's.
+                let inc = (tx >> 40) + 1;
+                if let Err(e) = crate::server::raise_incarnation(&self.data_dir, inc) {
+                    tracing::error!(iom = self.id.0, "cannot raise the start counter: {e}");
+                }
+                self.map.start_incarnation(inc);
+            }
+        } else {
+            self.refuse_a_stale_store(seen);
+        }
         if self.replacing.load(std::sync::atomic::Ordering::Acquire) {
             // Serve nothing while the map still gives this IOM its role:
             // its store does not hold that role's blocks yet.

@@ -22,7 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const SHARDS: usize = 64;
 pub const SNAPSHOT_FILE: &str = "map.snap";
 const SNAP_MAGIC: &[u8; 8] = b"IOMFSMAP";
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+/// 2: followed by the per-IOM `done_seen` (version 1 files still load).
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
 
 /// Versions of one data block that are still referenced.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +123,11 @@ pub struct BlockMap {
     /// Parity batches waiting for "write completed" from their data IOMs.
     pub awaiting: Mutex<HashMap<(GroupKey, u64), BTreeSet<TxRef>>>,
     pub marks: Mutex<BTreeMap<IomId, Marks>>,
+    /// Per data IOM, the highest transaction id whose "write completed"
+    /// (a13) this parity IOM has freed the batch of: the data IOM had made
+    /// that transaction's a14 durable. A store of that IOM whose ids start
+    /// at or below it is older than what it acknowledged (a backup put back).
+    pub done_seen: Mutex<BTreeMap<IomId, u64>>,
     next_tx: AtomicU64,
     next_pseq: AtomicU64,
 }
@@ -142,6 +148,7 @@ impl BlockMap {
             ptx: Mutex::new(HashMap::new()),
             awaiting: Mutex::new(HashMap::new()),
             marks: Mutex::new(BTreeMap::new()),
+            done_seen: Mutex::new(BTreeMap::new()),
             next_tx: AtomicU64::new(1),
             next_pseq: AtomicU64::new(1),
         }
@@ -151,6 +158,10 @@ impl BlockMap {
         TxId(self.next_tx.fetch_add(1, Ordering::Relaxed))
     }
     /// Starts transaction ids of this incarnation above every id ever used.
+    /// The id the next transaction gets (not taken).
+    pub fn peek_next_tx(&self) -> u64 {
+        self.next_tx.load(Ordering::Relaxed)
+    }
     pub fn start_incarnation(&self, incarnation: u64) {
         self.next_tx.fetch_max((incarnation << 40) | 1, Ordering::Relaxed);
     }
@@ -333,6 +344,13 @@ impl BlockMap {
             }
             Record::ParityFreed { group, seq } => {
                 let txs = self.awaiting.lock().remove(&(*group, *seq)).unwrap_or_default();
+                {
+                    let mut seen = self.done_seen.lock();
+                    for t in &txs {
+                        let e = seen.entry(t.iom).or_insert(0);
+                        *e = (*e).max(t.tx.0);
+                    }
+                }
                 let mut p = self.ptx.lock();
                 for t in &txs {
                     p.remove(t);
@@ -539,7 +557,8 @@ impl BlockMap {
                 })
                 .collect(),
         };
-        let body = codec::encode_large(&snap).map_err(|e| Error::Format(e.to_string()))?;
+        let seen: Vec<(IomId, u64)> = self.done_seen.lock().iter().map(|(k, v)| (*k, *v)).collect();
+        let body = codec::encode_large(&(snap, seen)).map_err(|e| Error::Format(e.to_string()))?;
         let mut out = Vec::with_capacity(body.len() + 16);
         out.extend_from_slice(SNAP_MAGIC);
         out.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
@@ -561,14 +580,19 @@ impl BlockMap {
             return Err(bad("not an iomfs map checkpoint".into()));
         }
         let ver = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
-        if ver != SNAPSHOT_FORMAT_VERSION {
-            return Err(bad(format!("format version {ver}; this build reads {SNAPSHOT_FORMAT_VERSION}")));
+        if ver != SNAPSHOT_FORMAT_VERSION && ver != 1 {
+            return Err(bad(format!("format version {ver}; this build reads 1 and {SNAPSHOT_FORMAT_VERSION}")));
         }
         let crc = u32::from_le_bytes(buf[12..16].try_into().expect("4 bytes"));
         if codec::crc(&buf[16..]) != crc {
             return Err(bad("checksum mismatch".into()));
         }
-        let s: Snapshot = codec::decode_large(&buf[16..]).map_err(|e| bad(e.to_string()))?;
+        let (s, seen): (Snapshot, Vec<(IomId, u64)>) = if ver == 1 {
+            (codec::decode_large(&buf[16..]).map_err(|e| bad(e.to_string()))?, Vec::new())
+        } else {
+            codec::decode_large(&buf[16..]).map_err(|e| bad(e.to_string()))?
+        };
+        self.done_seen.lock().extend(seen);
         self.next_tx.store(s.next_tx, Ordering::Relaxed);
         self.next_pseq.store(s.next_pseq, Ordering::Relaxed);
         for (k, e) in s.data {

@@ -459,6 +459,13 @@ impl Iom {
         let Some((g, seq)) = self.map.ptx.lock().get(&tx).and_then(|p| p.applied.map(|s| (p.group, s))) else {
             return;
         };
+        {
+            // The data IOM made this transaction's a14 durable before a13:
+            // its store holds it from now on (see `done_seen`).
+            let mut seen = self.map.done_seen.lock();
+            let e = seen.entry(tx.iom).or_insert(0);
+            *e = (*e).max(tx.tx.0);
+        }
         let complete = {
             let mut a = self.map.awaiting.lock();
             match a.get_mut(&(g, seq)) {

@@ -428,6 +428,18 @@ fn next_incarnation(dir: &std::path::Path) -> Result<u64, Error> {
     Ok(next)
 }
 
+/// Raises the start counter in `D/iom-I/incarnation` to at least `at_least`
+/// (a replacement store starts above every transaction id its IOM's lost
+/// store used, so the store-age check never mistakes it for a stale one).
+pub fn raise_incarnation(dir: &std::path::Path, at_least: u64) -> Result<(), Error> {
+    let p = dir.join("incarnation");
+    let cur = std::fs::read_to_string(&p).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+    if cur < at_least {
+        crate::fsutil::write_atomic(&p, format!("{at_least}\n").as_bytes())?;
+    }
+    Ok(())
+}
+
 /// Slots the filesystem under `dir` can hold (free space plus what the block file uses).
 fn fs_capacity(dir: &std::path::Path, block_size: u32) -> u64 {
     let Some((free, _)) = crate::fsutil::fs_space(dir) else { return 1 << 24 };

@@ -352,6 +352,9 @@ async fn member(iom: &Arc<Iom>, req: MemberReq) -> Result<MemberResp, Error> {
         MemberReq::TxStatus { tx, key, parity_side } => {
             Ok(MemberResp::TxStatus(iom.tx_status(tx, key, parity_side).await))
         }
+        MemberReq::DoneSeen { of } => {
+            Ok(MemberResp::DoneSeen { tx: iom.map.done_seen.lock().get(&of).copied().unwrap_or(0) })
+        }
         MemberReq::DiscardTx { tx } => {
             iom.discard_tx(tx);
             Ok(MemberResp::Ack)
