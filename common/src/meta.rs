@@ -268,6 +268,13 @@ pub enum MetaReq {
         mtime_set: Option<Timestamp>,
         sync: bool,
     },
+    /// `iomfs fsck`: check the namespace (answered `Check`).
+    Check,
+    /// `iomfs fsck --repair`: data objects that no file refers to become
+    /// garbage (dropped by the GC); objects a file does refer to are kept.
+    Reclaim {
+        objects: Vec<ObjectId>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,6 +302,15 @@ pub enum MetaResp {
     WithDirs {
         reply: Box<MetaResp>,
         dirs: Vec<Attr>,
+    },
+    /// The namespace check: its problems, every regular file's data object
+    /// with its published size, the objects of files open now (their size
+    /// may not be published yet) and the objects waiting to be dropped.
+    Check {
+        problems: Vec<String>,
+        objects: Vec<(ObjectId, u64)>,
+        open: Vec<ObjectId>,
+        dead: Vec<ObjectId>,
     },
 }
 

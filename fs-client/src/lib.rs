@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod fs;
+pub mod fsck;
 pub mod init;
 pub mod local;
 pub mod mount;

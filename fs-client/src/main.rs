@@ -51,6 +51,15 @@ enum Cmd {
         #[arg(long)]
         repair: bool,
     },
+    /// Check the namespace (reachability, link counts, entries) and the data
+    /// objects the IOMs hold against it (orphans, blocks past a file's size).
+    Fsck {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Turn orphan objects into garbage the namespace GC drops.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Block-level load generator (no FUSE): MB/s and IOPS per toughness.
     Bench {
         #[arg(long)]
@@ -240,6 +249,38 @@ fn run(cli: Cli) -> Result<u8> {
             }
             c.close();
             Ok(if r.problems.is_empty() { 0 } else { 1 })
+        }),
+        Cmd::Fsck { dir, repair } => runtime()?.block_on(async {
+            let c = ClusterClient::connect(&dir).await?;
+            let mut r = fs_client::fsck::fsck(&c).await?;
+            let show = |r: &fs_client::fsck::Report| {
+                for p in &r.problems {
+                    println!("problem: {p}");
+                }
+                for (o, n) in &r.orphans {
+                    println!("orphan: object {o} ({n} blocks) belongs to no file");
+                }
+                println!(
+                    "fsck: {} files, {} blocks, {} problems, {} orphan objects",
+                    r.files,
+                    r.blocks,
+                    r.problems.len(),
+                    r.orphans.len()
+                );
+            };
+            show(&r);
+            if repair && !r.orphans.is_empty() {
+                fs_client::fsck::reclaim(&c, &r.orphans).await?;
+                println!("fsck: {} orphan objects handed to the garbage collector; checking again", r.orphans.len());
+                tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+                r = fs_client::fsck::fsck(&c).await?;
+                show(&r);
+            }
+            if !r.problems.is_empty() {
+                println!("fsck: namespace problems are not repaired automatically; see docs/operations.md");
+            }
+            c.close();
+            Ok(if r.is_clean() { 0 } else { 1 })
         }),
         Cmd::Bench { dir, size, depth, random_ops, failover } => runtime()?.block_on(async {
             let c = ClusterClient::connect(&dir).await?;

@@ -43,7 +43,7 @@ pub struct Report {
     pub problems: Vec<Problem>,
 }
 
-async fn list_all(c: &ClusterClient, iom: IomId) -> Result<(Vec<BlockInfo>, Vec<GroupInfo>)> {
+pub(crate) async fn list_all(c: &ClusterClient, iom: IomId) -> Result<(Vec<BlockInfo>, Vec<GroupInfo>)> {
     let mut blocks = Vec::new();
     let mut after = None;
     loop {

@@ -227,6 +227,14 @@ impl Cluster {
         text
     }
 
+    /// `iomfs fsck` must find the namespace and its objects consistent.
+    pub fn must_fsck_clean(&self) -> String {
+        let out = self.iomfs(&["fsck"]);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "fsck not clean:\n{text}");
+        text
+    }
+
     pub async fn client(&self) -> Arc<fs_client::ClusterClient> {
         fs_client::ClusterClient::connect(&self.dir).await.expect("client connects")
     }

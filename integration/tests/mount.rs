@@ -687,3 +687,34 @@ fn a_full_disk_gives_enospc_and_deleting_makes_room_again() {
     assert!(st.status.success(), "not healthy after the disk filled:\n{}", String::from_utf8_lossy(&st.stdout));
     c.must_scrub_clean();
 }
+
+#[test]
+fn fsck_finds_an_orphan_object_and_repair_gives_its_blocks_back() {
+    let _g = serial();
+    let (c, m) = up();
+    must(&format!("cp -a /usr/share/doc/bash '{}/tree' 2>/dev/null || mkdir -p '{}/tree'", m.display(), m.display()));
+    fs::write(m.join("tree/file"), Rng(61).bytes(300_000)).unwrap();
+    let out = c.must_fsck_clean();
+    assert!(out.contains("0 problems, 0 orphan objects"), "{out}");
+    // Blocks of an object no file refers to (as a crash between a data
+    // write and its create could leave): fsck names it, --repair frees it.
+    let orphan = common::ObjectId(1 << 50);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = c.client().await;
+        client
+            .write(orphan, 0, bytes::Bytes::from(Rng(62).bytes(512 * 1024)), common::Toughness::Durable)
+            .await
+            .unwrap();
+        client.close();
+    });
+    let o = c.iomfs(&["fsck"]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(!o.status.success(), "fsck passed over an orphan object:\n{text}");
+    assert!(text.contains(&format!("orphan: object {orphan} (8 blocks)")), "{text}");
+    let o = c.iomfs(&["fsck", "--repair"]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "fsck --repair left problems:\n{text}");
+    c.must_fsck_clean();
+    c.must_scrub_clean();
+}

@@ -364,6 +364,7 @@ impl Namespace {
                 | MetaReq::ListXattr { .. }
                 | MetaReq::StatFs
                 | MetaReq::DeadObjects { .. }
+                | MetaReq::Check
         );
         if !read_only && !iom.member.has_quorum() {
             return Err(Error::Wire(WireError::new(
@@ -428,6 +429,20 @@ impl Namespace {
                 MetaReq::DeadObjects { max } => {
                     return Ok(MetaResp::Dead(s.dead.iter().take(max as usize).copied().collect()))
                 }
+                MetaReq::Check => {
+                    let open = opens
+                        .iter()
+                        .filter(|(_, n)| **n > 0)
+                        .filter_map(|(i, _)| s.inodes.get(i))
+                        .map(|i| i.attr.object)
+                        .collect();
+                    return Ok(MetaResp::Check {
+                        problems: s.check(),
+                        objects: s.objects(),
+                        open,
+                        dead: s.dead.iter().copied().collect(),
+                    });
+                }
                 // ----- mutations
                 MetaReq::SetAttr { ino, set, .. } => s.setattr(ino, &set, now),
                 MetaReq::Create { parent, name, kind, perm, rdev, caller, target, open } => {
@@ -464,6 +479,15 @@ impl Namespace {
                 MetaReq::ReleaseMany { inos } => Ok(Plan { recs: r.release(&inos), reply: MetaResp::Done }),
                 MetaReq::ForgetDead { objects } => {
                     Ok(Plan { recs: vec![NsRec::Forget(objects)], reply: MetaResp::Done })
+                }
+                MetaReq::Reclaim { objects } => {
+                    let used: std::collections::HashSet<ObjectId> = s.objects().into_iter().map(|(o, _)| o).collect();
+                    let recs = objects
+                        .into_iter()
+                        .filter(|o| o.0 != 0 && !used.contains(o) && !s.dead.contains(o))
+                        .map(NsRec::Dead)
+                        .collect();
+                    Ok(Plan { recs, reply: MetaResp::Done })
                 }
                 MetaReq::SetSize { ino, size } => {
                     s.setattr(ino, &SetAttr { size: Some(size), ..Default::default() }, now)

@@ -788,6 +788,109 @@ impl NsState {
     pub fn orphans(&self) -> Vec<Ino> {
         self.inodes.values().filter(|i| i.attr.nlink == 0).map(|i| i.attr.ino).collect()
     }
+
+    /// `iomfs fsck`: the namespace's own invariants. Every directory entry
+    /// names an inode of its kind; every linked inode is reachable from the
+    /// root; link counts match the entries (directories: 2 + subdirectories);
+    /// directories and their entry tables come in pairs with the right
+    /// parent; no two files share a data object; the counters are above
+    /// every id in use. Returns one line per problem (none: consistent).
+    pub fn check(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let mut links: HashMap<Ino, u32> = HashMap::new();
+        let mut subdirs: HashMap<Ino, u32> = HashMap::new();
+        for (dino, d) in &self.dirs {
+            if !self.inodes.get(dino).is_some_and(|i| i.attr.kind == FileKind::Directory) {
+                p.push(format!("entry table of {dino:?} has no directory inode"));
+            }
+            for (name, ent) in &d.entries {
+                let shown = String::from_utf8_lossy(name);
+                match self.inodes.get(&ent.ino) {
+                    None => p.push(format!("{dino:?}/{shown} names missing inode {:?}", ent.ino)),
+                    Some(i) if i.attr.kind != ent.kind => p.push(format!(
+                        "{dino:?}/{shown} says {:?} but inode {:?} is {:?}",
+                        ent.kind, ent.ino, i.attr.kind
+                    )),
+                    Some(_) => {}
+                }
+                if ent.kind == FileKind::Directory {
+                    *subdirs.entry(*dino).or_default() += 1;
+                    if self.dirs.get(&ent.ino).is_some_and(|c| c.parent != *dino) {
+                        p.push(format!("directory {:?} is entered in {dino:?} but names another parent", ent.ino));
+                    }
+                } else {
+                    *links.entry(ent.ino).or_default() += 1;
+                }
+                if d.by_cookie.get(&ent.cookie) != Some(name) {
+                    p.push(format!("{dino:?}/{shown}: readdir cookie {} does not lead back to it", ent.cookie));
+                }
+            }
+        }
+        // Reachability from the root.
+        let mut seen = std::collections::HashSet::from([Ino::ROOT]);
+        let mut todo = vec![Ino::ROOT];
+        while let Some(d) = todo.pop() {
+            for ent in self.dirs.get(&d).map(|d| d.entries.values()).into_iter().flatten() {
+                if seen.insert(ent.ino) && ent.kind == FileKind::Directory {
+                    todo.push(ent.ino);
+                }
+            }
+        }
+        let mut objects: HashMap<ObjectId, Ino> = HashMap::new();
+        for (ino, i) in &self.inodes {
+            let a = &i.attr;
+            if a.ino != *ino {
+                p.push(format!("inode {ino:?} is stored as {:?}", a.ino));
+            }
+            if ino.0 >= self.next_ino {
+                p.push(format!("inode {ino:?} is at or above the next inode number {}", self.next_ino));
+            }
+            if a.nlink > 0 && !seen.contains(ino) {
+                p.push(format!("inode {ino:?} has {} links but no path from the root reaches it", a.nlink));
+            }
+            match a.kind {
+                FileKind::Directory => {
+                    let want = 2 + subdirs.get(ino).copied().unwrap_or(0);
+                    if !self.dirs.contains_key(ino) {
+                        p.push(format!("directory {ino:?} has no entry table"));
+                    } else if a.nlink != want {
+                        p.push(format!("directory {ino:?} has link count {} but {want} links", a.nlink));
+                    }
+                }
+                _ => {
+                    let want = links.get(ino).copied().unwrap_or(0);
+                    if a.nlink != want {
+                        p.push(format!("{:?} {ino:?} has link count {} but {want} entries", a.kind, a.nlink));
+                    }
+                }
+            }
+            if a.kind == FileKind::Regular && a.object.0 != 0 {
+                if a.object.0 >= self.next_object {
+                    p.push(format!("inode {ino:?}: object {} is at or above the next object number", a.object));
+                }
+                if self.dead.contains(&a.object) {
+                    p.push(format!("inode {ino:?}: object {} is also listed as garbage", a.object));
+                }
+                if let Some(other) = objects.insert(a.object, *ino) {
+                    p.push(format!("inodes {other:?} and {ino:?} share object {}", a.object));
+                }
+            }
+        }
+        p.sort();
+        p
+    }
+
+    /// Data objects of regular files with their published sizes.
+    pub fn objects(&self) -> Vec<(ObjectId, u64)> {
+        let mut v: Vec<(ObjectId, u64)> = self
+            .inodes
+            .values()
+            .filter(|i| i.attr.kind == FileKind::Regular && i.attr.object.0 != 0)
+            .map(|i| (i.attr.object, i.attr.size))
+            .collect();
+        v.sort();
+        v
+    }
 }
 
 #[cfg(test)]
@@ -836,6 +939,28 @@ mod tests {
         assert_eq!(hex(&encode(&NsRec::Dead(ObjectId(9))).unwrap()), "0809");
         let done = NsRec::Done { client: 2, seq: 5, reply: Box::new(MetaResp::Done) };
         assert_eq!(hex(&encode(&done).unwrap()), "0a020505");
+    }
+
+    #[test]
+    fn the_namespace_check_finds_what_is_broken_and_passes_what_is_not() {
+        let mut s = NsState::new(now());
+        let d = mk(&mut s, Ino::ROOT, "d", FileKind::Directory);
+        let f = mk(&mut s, d.ino, "f", FileKind::Regular);
+        run!(s, s.link(f.ino, Ino::ROOT, b"hard", now()));
+        mk(&mut s, d.ino, "sub", FileKind::Directory);
+        assert_eq!(s.check(), Vec::<String>::new());
+        // A dangling entry, a wrong link count, an unreachable inode.
+        s.apply(&[NsRec::AddEntry {
+            parent: d.ino,
+            name: b"ghost".to_vec(),
+            ent: DirEnt { ino: Ino(999), kind: FileKind::Regular, cookie: 77 },
+        }]);
+        s.inodes.get_mut(&f.ino).unwrap().attr.nlink = 5;
+        s.apply(&[NsRec::DelEntry { parent: Ino::ROOT, name: b"d".to_vec() }]);
+        let p = s.check().join("\n");
+        assert!(p.contains("names missing inode Ino(999)"), "{p}");
+        assert!(p.contains("has link count 5 but"), "{p}");
+        assert!(p.contains("no path from the root"), "{p}");
     }
 
     #[test]
