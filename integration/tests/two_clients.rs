@@ -1,0 +1,146 @@
+//! Two FUSE clients of one cluster at once under load: creates, renames,
+//! unlinks and writes in the same directories, concurrently. Afterwards
+//! scrub is clean, every file published by rename holds exactly what one
+//! client wrote (close-to-open), and a file both clients overwrote holds,
+//! block by block, what one of them wrote.
+
+use integration::{serial, Cluster, Rng};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const BS: usize = 65536;
+const SHARED_BLOCKS: u64 = 16;
+
+/// The bytes client `c` writes for file `n`: a header naming both, then
+/// bytes derived from them, so any file can be checked on its own.
+fn content(c: u8, n: u64) -> Vec<u8> {
+    let len = 1000 + (n as usize * 7919) % (3 * BS);
+    let mut v = format!("client {c} file {n}\n").into_bytes();
+    v.extend(Rng(((c as u64) << 32) | n).bytes(len));
+    v
+}
+
+fn parse_header(b: &[u8]) -> Option<(u8, u64)> {
+    let end = b.iter().position(|&x| x == b'\n')?;
+    let s = std::str::from_utf8(&b[..end]).ok()?;
+    let mut it = s.split(' ');
+    (it.next()? == "client").then_some(())?;
+    let c = it.next()?.parse().ok()?;
+    (it.next()? == "file").then_some(())?;
+    Some((c, it.next()?.parse().ok()?))
+}
+
+/// One block of the shared file as client `c` writes it in round `r`.
+fn shared_block(c: u8, r: u64, b: u64) -> Vec<u8> {
+    let mut v = vec![0u8; BS];
+    v[..24].copy_from_slice(&[c, (r >> 8) as u8, r as u8, b as u8].repeat(6));
+    let tail = Rng(((c as u64) << 48) | (r << 16) | b).bytes(BS - 24);
+    v[24..].copy_from_slice(&tail);
+    v
+}
+
+fn worker(c: u8, m: PathBuf, until: Instant) -> u64 {
+    let mut rng = Rng(1000 + c as u64);
+    let mut n = 0u64;
+    let shared = m.join("shared");
+    while Instant::now() < until {
+        n += 1;
+        let dir = m.join(format!("d{}", rng.below(3)));
+        match rng.below(10) {
+            // Publish a file: write a temp file, fsync, rename over a name
+            // the other client may be publishing to at the same moment.
+            0..=4 => {
+                let tmp = dir.join(format!(".tmp-{c}-{n}"));
+                let mut f = fs::File::create(&tmp).expect("create temp");
+                f.write_all(&content(c, n)).expect("write temp");
+                f.sync_all().expect("fsync temp");
+                drop(f);
+                fs::rename(&tmp, dir.join(format!("f{}", rng.below(20)))).expect("rename");
+            }
+            // Remove a published file (it may be gone already).
+            5 | 6 => match fs::remove_file(dir.join(format!("f{}", rng.below(20)))) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => panic!("client {c}: unlink: {e}"),
+            },
+            // Read a published file: whole, and what one client wrote.
+            7 => match fs::read(dir.join(format!("f{}", rng.below(20)))) {
+                Ok(b) => {
+                    let (wc, wn) = parse_header(&b).unwrap_or_else(|| panic!("client {c}: a file without a header"));
+                    assert!(b == content(wc, wn), "client {c} read a torn or mixed file (client {wc} file {wn})");
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => panic!("client {c}: read: {e}"),
+            },
+            // Overwrite whole blocks of the shared file.
+            _ => {
+                let f = OpenOptions::new().write(true).open(&shared).expect("open shared");
+                for _ in 0..4 {
+                    let b = rng.below(SHARED_BLOCKS);
+                    f.write_all_at(&shared_block(c, n & 0xffff, b), b * BS as u64).expect("write shared");
+                }
+            }
+        }
+    }
+    n
+}
+
+fn check_tree(m: &Path) -> usize {
+    let mut files = 0;
+    for d in 0..3 {
+        for e in fs::read_dir(m.join(format!("d{d}"))).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with(".tmp-") {
+                continue;
+            }
+            let b = fs::read(e.path()).unwrap();
+            let (c, n) = parse_header(&b).unwrap_or_else(|| panic!("{name}: no header"));
+            assert!(b == content(c, n), "{name}: not exactly what client {c} wrote as file {n}");
+            files += 1;
+        }
+    }
+    files
+}
+
+#[test]
+fn two_clients_at_once_keep_every_file_whole_and_parity_consistent() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let m1 = c.mount("m1", &[]);
+    let m2 = c.mount("m2", &[]);
+    for d in 0..3 {
+        fs::create_dir(m1.join(format!("d{d}"))).unwrap();
+    }
+    let init: Vec<u8> = (0..SHARED_BLOCKS).flat_map(|b| shared_block(0, 0, b)).collect();
+    fs::write(m1.join("shared"), &init).unwrap();
+    let secs = std::env::var("IOMFS_TWO_CLIENT_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    let until = Instant::now() + Duration::from_secs(secs);
+    let (a, b) = (m1.clone(), m2.clone());
+    let t1 = std::thread::spawn(move || worker(1, a, until));
+    let t2 = std::thread::spawn(move || worker(2, b, until));
+    let n1 = t1.join().expect("client 1 failed");
+    let n2 = t2.join().expect("client 2 failed");
+    eprintln!("operations: client 1 {n1}, client 2 {n2}");
+    // Both clients see the same tree, and every file is whole.
+    std::thread::sleep(Duration::from_millis(1200)); // entry_timeout
+    let f1 = check_tree(&m1);
+    let f2 = check_tree(&m2);
+    assert_eq!(f1, f2, "the two clients see different trees");
+    let shared = fs::read(m2.join("shared")).unwrap();
+    assert_eq!(shared.len(), SHARED_BLOCKS as usize * BS);
+    for (b, blk) in shared.chunks(BS).enumerate() {
+        let (wc, r) = (blk[0], ((blk[1] as u64) << 8) | blk[2] as u64);
+        // `r` is the low 16 bits of the round: enough within one run.
+        assert!(
+            (wc == 0 && blk == &shared_block(0, 0, b as u64)[..])
+                || ((wc == 1 || wc == 2) && blk == &shared_block(wc, r, b as u64)[..]),
+            "block {b} of the shared file is not what one client wrote"
+        );
+    }
+    c.must_scrub_clean();
+    c.must_fsck_clean();
+}
