@@ -310,6 +310,10 @@ impl Store {
         debug_assert!(data.len() <= self.block_size as usize);
         let r = match crate::disk_fault!("store::pwrite") {
             Some(e) => Err(e),
+            None if power_loss::on() => {
+                power_loss::stash(self.offset(a), data);
+                Ok(())
+            }
             None => self.file.write_all_at(data, self.offset(a)),
         };
         match r {
@@ -325,6 +329,7 @@ impl Store {
         let mut buf = vec![0u8; len as usize];
         let r = match crate::disk_fault!("store::pread") {
             Some(e) => Err(e),
+            None if power_loss::lookup(self.offset(a), &mut buf) => Ok(()),
             None => self.file.read_exact_at(&mut buf, self.offset(a)),
         };
         r.map_err(|e| Error::io(format!("read slot {}", a.0), e))?;
@@ -334,8 +339,69 @@ impl Store {
     /// Makes every completed write durable (a10 / b9). The journal writer
     /// calls this before writing records that depend on data being durable.
     pub fn sync(&self) -> Result<(), Error> {
+        power_loss::flush(&self.file).map_err(|e| Error::io("write block file", e))?;
         self.file.sync_data().map_err(|e| Error::io("fdatasync block file", e))
     }
+}
+
+/// Power-loss test mode (`failpoints` builds with `IOMFS_TEST_POWER_LOSS=1`):
+/// block writes stay in memory until the next fdatasync of the block file
+/// (the journal keeps its records in memory until its own fdatasync the
+/// same way), so a crash of the process loses every write since the last
+/// sync, as a power cut loses the page cache. `kill -9` alone never tests
+/// what `durable` promises: the kernel keeps the page cache.
+pub mod power_loss {
+    #[cfg(feature = "failpoints")]
+    mod imp {
+        use std::collections::BTreeMap;
+        use std::os::unix::fs::FileExt;
+        use std::sync::OnceLock;
+
+        static ON: OnceLock<bool> = OnceLock::new();
+        static UNSYNCED: parking_lot::Mutex<BTreeMap<u64, Vec<u8>>> = parking_lot::Mutex::new(BTreeMap::new());
+
+        pub fn on() -> bool {
+            *ON.get_or_init(|| std::env::var("IOMFS_TEST_POWER_LOSS").is_ok_and(|v| v == "1"))
+        }
+        pub fn stash(offset: u64, data: &[u8]) {
+            UNSYNCED.lock().insert(offset, data.to_vec());
+        }
+        pub fn lookup(offset: u64, buf: &mut [u8]) -> bool {
+            if !on() {
+                return false;
+            }
+            let u = UNSYNCED.lock();
+            let Some(d) = u.get(&offset) else { return false };
+            let n = d.len().min(buf.len());
+            buf[..n].copy_from_slice(&d[..n]);
+            buf[n..].fill(0);
+            true
+        }
+        pub fn flush(file: &std::fs::File) -> std::io::Result<()> {
+            if !on() {
+                return Ok(());
+            }
+            let pending = std::mem::take(&mut *UNSYNCED.lock());
+            for (off, d) in pending {
+                file.write_all_at(&d, off)?;
+            }
+            Ok(())
+        }
+    }
+    #[cfg(not(feature = "failpoints"))]
+    mod imp {
+        pub fn on() -> bool {
+            false
+        }
+        pub fn stash(_: u64, _: &[u8]) {}
+        pub fn lookup(_: u64, _: &mut [u8]) -> bool {
+            false
+        }
+        pub fn flush(_: &std::fs::File) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    pub use imp::*;
 }
 
 struct Header {
