@@ -449,3 +449,68 @@ fn a_store_older_than_what_its_iom_acknowledged_is_refused_and_replaced() {
     wait_healthy(&c, Duration::from_secs(60));
     assert!(c.is_running(victim), "the replaced IOM refused a restart:\n{}", c.log(victim));
 }
+
+/// Starts IOM `i` outside the harness and waits up to 20 s for it to exit;
+/// returns its exit status (None: still running, killed) and its output.
+fn start_expecting_exit(c: &Cluster, i: u32) -> (Option<std::process::ExitStatus>, String) {
+    let out = c.tmp.path().join(format!("expect-exit-{i}.log"));
+    let mut child = Command::new(&c.server_bin)
+        .args(["--dir", c.dir.to_str().unwrap(), "--id", &i.to_string()])
+        .env("IOMFS_LOG", "info")
+        .stdout(fs::File::create(&out).unwrap())
+        .stderr(fs::OpenOptions::new().append(true).open(&out).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (st, fs::read_to_string(&out).unwrap_or_default())
+}
+
+#[test]
+fn a_damaged_map_checkpoint_stops_the_iom_with_the_way_out_and_replace_recovers_it() {
+    let _g = serial();
+    let victim = 2u32;
+    let mut c = Cluster::init(3);
+    c.start_all();
+    let m = c.mount("mnt", &[]);
+    let data = Rng(71).bytes(3 << 20);
+    write_file(&m.join("f"), &data).unwrap();
+    assert!(c.stop(victim));
+    let snap = c.dir.join(format!("iom-{victim}/map.snap"));
+    let mut b = fs::read(&snap).expect("a clean stop writes a checkpoint");
+    let mid = b.len() / 2;
+    b[mid] ^= 0x40;
+    fs::write(&snap, b).unwrap();
+    let (st, text) = start_expecting_exit(&c, victim);
+    assert!(
+        st.is_some_and(|s| !s.success())
+            && text.contains("map.snap")
+            && text.contains("checksum mismatch")
+            && text.contains("iomfs replace"),
+        "an IOM with a damaged checkpoint did not stop with the way out ({st:?}):\n{text}"
+    );
+    wait_status(&c, "degraded", Duration::from_secs(20));
+    assert!(fs::read(m.join("f")).unwrap() == data, "wrong bytes with the damaged IOM away");
+    let disk = c.dir.join(format!("iom-{victim}"));
+    for e in fs::read_dir(&disk).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name != "node.pem" && name != "node.key" {
+            must(&format!("rm -rf '{}'", e.path().display()));
+        }
+    }
+    let o = c.iomfs(&["replace", "--id", &victim.to_string()]);
+    assert!(o.status.success(), "iomfs replace failed: {}", String::from_utf8_lossy(&o.stderr));
+    wait_healthy(&c, Duration::from_secs(90));
+    c.must_scrub_clean();
+    assert!(fs::read(m.join("f")).unwrap() == data);
+}

@@ -127,13 +127,28 @@ impl Iom {
         }
         let store = Arc::new(store);
         let map = BlockMap::new(layout);
-        let from = map.load_snapshot(&data_dir)?;
+        // A damaged checkpoint or sealed journal segment: this store cannot
+        // be trusted, and guessing would risk serving wrong data. Stop and
+        // say how to get the IOM back (its proxy serves it meanwhile).
+        let damaged = |e: Error| match e {
+            Error::Format(m) => Error::Format(format!(
+                "{m}. IOM {id}'s store is damaged and it will not start; the cluster serves its share from \
+                 its proxy (degraded). If the disk is failing, or to rebuild the store: move everything in {} \
+                 away except node.pem and node.key, then run `iomfs replace --dir {} --id {id}`",
+                data_dir.display(),
+                opts.dir.display(),
+                id = opts.id.0
+            )),
+            other => other,
+        };
+        let from = map.load_snapshot(&data_dir).map_err(damaged)?;
         let (journal, replayed) =
-            Journal::open(&journal_dir, from, store.file(), Duration::from_millis(cfg.tuning.journal_flush_ms.max(1)))?;
+            Journal::open(&journal_dir, from, store.file(), Duration::from_millis(cfg.tuning.journal_flush_ms.max(1)))
+                .map_err(damaged)?;
         let n = replayed.records.len();
         for (i, raw) in replayed.records.iter().enumerate() {
             let rec: Record = codec::decode(raw)
-                .map_err(|e| Error::Format(format!("journal record {i} of {n} cannot be decoded: {e}")))?;
+                .map_err(|e| damaged(Error::Format(format!("journal record {i} of {n} cannot be decoded: {e}"))))?;
             map.apply(&rec);
         }
         let capacity = match icfg.capacity {
