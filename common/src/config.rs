@@ -62,6 +62,10 @@ pub struct Tuning {
     /// from the group) after which an IOM stops itself, as a disk that
     /// keeps failing must be replaced rather than repaired block by block.
     pub disk_errors_before_stop: u64,
+    /// A client the namespace has not heard from for this long loses its
+    /// session: files it held open but had unlinked are reclaimed, and its
+    /// handles of such files answer ESTALE. Seconds.
+    pub client_lease_s: u64,
 }
 
 impl Default for Tuning {
@@ -75,6 +79,7 @@ impl Default for Tuning {
             stopped_wait_s: 60,
             iom_threads: 0,
             disk_errors_before_stop: 10,
+            client_lease_s: 30,
         }
     }
 }
@@ -158,7 +163,21 @@ impl ClusterConfig {
         if self.tuning.iom_threads > 256 {
             return Err(bad(format!("tuning.iom_threads {} is more than 256", self.tuning.iom_threads)));
         }
+        let lease_ms = self.tuning.client_lease_s.saturating_mul(1000);
+        if lease_ms < 2 * self.tuning.failure_timeout_ms.max(1000) {
+            return Err(bad(format!(
+                "tuning.client_lease_s {} is too short: a client must outlive a namespace failover; \
+                 use at least {} (twice failure_timeout_ms, and at least 2 s)",
+                self.tuning.client_lease_s,
+                (2 * self.tuning.failure_timeout_ms.max(1000)).div_ceil(1000)
+            )));
+        }
         Ok(())
+    }
+
+    /// How long a client session lives without contact.
+    pub fn client_lease(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.tuning.client_lease_s)
     }
 
     pub fn load(dir: &Path) -> Result<ClusterConfig, ConfigError> {

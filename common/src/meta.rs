@@ -275,6 +275,14 @@ pub enum MetaReq {
     Reclaim {
         objects: Vec<ObjectId>,
     },
+    /// A client's lease renewal (sent every third of the lease; any other
+    /// request renews too), with the inodes it holds open and how many
+    /// handles of each. The namespace takes the list only into a session
+    /// it does not know yet (its own restart, a failover, or after the
+    /// client's session expired); answered `Renewed`.
+    Renew {
+        opens: Vec<(Ino, u32)>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,6 +319,14 @@ pub enum MetaResp {
         objects: Vec<(ObjectId, u64)>,
         open: Vec<ObjectId>,
         dead: Vec<ObjectId>,
+    },
+    /// The lease renewed: its length, whether this client's previous session
+    /// had expired (it had lost its claim on the files it held open), and
+    /// the listed inodes that no longer exist (their handles are stale).
+    Renewed {
+        lease_ms: u64,
+        expired: bool,
+        missing: Vec<Ino>,
     },
 }
 

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Version of this protocol; checked by the Hello exchange on every connection.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// TLS ALPN token of iomfs connections.
 pub const ALPN: &[u8] = b"iomfs";
 /// Largest frame header accepted.

@@ -153,6 +153,16 @@ pub struct Inner {
     /// merely prolongs.
     releases: Mutex<Vec<Ino>>,
     release_kick: tokio::sync::Notify,
+    /// The session at the namespace (its lease). Renewals, which list this
+    /// client's open handles, and releases go out one at a time, so the
+    /// namespace never takes a list older than a release it already had.
+    session: tokio::sync::Mutex<()>,
+    /// `Contact::lapses` as of the last renewal that re-established the
+    /// session (with every open handle counted at the namespace).
+    claimed: AtomicU64,
+    /// Files whose handles are stale: the namespace reclaimed them while
+    /// this client's session had lapsed.
+    stale: Mutex<std::collections::HashSet<Ino>>,
 }
 
 pub struct IomFs {
@@ -541,7 +551,9 @@ impl Inner {
             return Err(Errno::EFBIG);
         }
         let roles = self.c.write_roles(n.attr.object, offset, data.len());
+        self.session_ok(ino).await?;
         self.c.write(n.attr.object, offset, data, t).await.map_err(errno)?;
+        self.session_ok(ino).await?;
         // Noted once answered: an fsync that started earlier need not cover it.
         self.mark_unsynced(ino, roles);
         let grew = {
@@ -570,7 +582,10 @@ impl Inner {
             return Ok(Bytes::new());
         }
         let len = (a.size - offset).min(size as u64) as usize;
-        self.c.read(a.object, offset, len).await.map_err(errno)
+        self.session_ok(ino).await?;
+        let b = self.c.read(a.object, offset, len).await.map_err(errno)?;
+        self.session_ok(ino).await?;
+        Ok(b)
     }
 
     async fn open(&self, ino: Ino, flags: i32) -> R<(FileHandle, FopenFlags)> {
@@ -624,6 +639,7 @@ impl Inner {
 
     /// Sends the releases queued so far.
     pub async fn send_releases(&self) {
+        let _turn = self.session.lock().await;
         let inos = std::mem::take(&mut *self.releases.lock());
         if inos.is_empty() {
             return;
@@ -641,6 +657,71 @@ impl Inner {
             tokio::time::sleep(Duration::from_millis(2)).await;
             self.send_releases().await;
         }
+    }
+
+    /// Background task: renews the lease every third of it, whether or not
+    /// other requests did.
+    async fn renew_worker(self: Arc<Self>) {
+        loop {
+            let every = self.c.cfg.client_lease() / 3;
+            if let Err(e) = self.renew().await {
+                tracing::debug!("lease renewal failed (retried in {every:?}): {e:?}");
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Renews the lease with the list of open handles (the namespace takes
+    /// it into a session it does not know yet); handles of files that are
+    /// gone become stale.
+    async fn renew(&self) -> R<()> {
+        for _ in 0..3 {
+            let _turn = self.session.lock().await;
+            let before = self.c.contact().lapses;
+            let mut opens: HashMap<Ino, u32> = HashMap::new();
+            for h in self.handles.lock().values() {
+                *opens.entry(h.ino).or_default() += 1;
+            }
+            let opens: Vec<(Ino, u32)> = opens.into_iter().collect();
+            let (expired, missing) = match self.c.meta(MetaReq::Renew { opens }).await.map_err(errno)? {
+                MetaResp::Renewed { expired, missing, .. } => (expired, missing),
+                _ => return Err(Errno::EIO),
+            };
+            if expired || !missing.is_empty() {
+                tracing::error!(
+                    stale = missing.len(),
+                    "this client's session at the namespace had expired (no contact for a whole lease); \
+                     files it held open after their unlink were reclaimed, and their handles now answer ESTALE"
+                );
+            }
+            self.stale.lock().extend(missing);
+            let after = self.c.contact().lapses;
+            if after == before {
+                // The session was continuous through this renewal: every
+                // handle listed is counted at the namespace.
+                self.claimed.store(after, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+        Err(Errno::EIO)
+    }
+
+    /// Before and after a handle's data is used: the session must be one in
+    /// which the namespace counts this client's handles (else the file may
+    /// have been reclaimed, and its blocks may be another file's by now).
+    async fn session_ok(&self, ino: Ino) -> R<()> {
+        let trusted = |c: crate::cluster::Contact| {
+            c.lapses == self.claimed.load(Ordering::Relaxed)
+                && c.last_sent
+                    .is_some_and(|t| t.elapsed() < self.c.cfg.client_lease().mul_f64(crate::cluster::LEASE_TRUST))
+        };
+        if !trusted(self.c.contact()) {
+            self.renew().await?;
+        }
+        if self.stale.lock().contains(&ino) {
+            return Err(Errno::ESTALE);
+        }
+        Ok(())
     }
 
     async fn setattr(&self, ino: Ino, set: SetAttr, caller: Caller) -> R<Attr> {
@@ -836,6 +917,9 @@ impl IomFs {
                 next_fh: AtomicU64::new(1),
                 releases: Mutex::new(Vec::new()),
                 release_kick: tokio::sync::Notify::new(),
+                session: tokio::sync::Mutex::new(()),
+                claimed: AtomicU64::new(u64::MAX),
+                stale: Mutex::new(Default::default()),
             }),
         }
     }
@@ -843,6 +927,7 @@ impl IomFs {
     /// Starts the background work of the filesystem (call once, inside the runtime's reach).
     pub fn start(&self) {
         self.rt.spawn(self.inner.clone().release_worker());
+        self.rt.spawn(self.inner.clone().renew_worker());
     }
 
     pub fn inner(&self) -> Arc<Inner> {

@@ -182,6 +182,7 @@ impl Iom {
             // namespace server when it becomes the mirror again.
             cfg.meta_home == opts.id.0 && !replacing,
             Duration::from_millis(cfg.tuning.journal_flush_ms.max(1)),
+            cfg.client_lease(),
         )?;
         let state_map = crate::membership_state::load(&data_dir)?
             .unwrap_or_else(|| ClusterMap::initial(cfg.width(), IomId(cfg.meta_home)));

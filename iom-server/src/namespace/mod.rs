@@ -10,6 +10,7 @@
 //! writes) waits for it on both. Without a mirror (degraded), the answer
 //! waits for the local journal to be durable instead.
 
+pub mod sessions;
 pub mod state;
 
 use crate::journal::{Journal, Wait};
@@ -23,12 +24,13 @@ use common::{codec, Ino, IomId, ObjectId};
 use net::frame::{read_frame, write_frame};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use sessions::Sessions;
 use state::{NsError, NsRec, NsState, Plan};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub const META_DIR: &str = "meta";
@@ -60,7 +62,7 @@ struct Replica {
     lsn: u64,
     journal: Journal,
     dir: PathBuf,
-    opens: HashMap<Ino, u32>,
+    sessions: Sessions,
     recent: VecDeque<(u64, Bytes)>,
     mirror: Option<(u64, mpsc::UnboundedSender<(MirrorMsg, Bytes)>)>,
 }
@@ -77,26 +79,25 @@ pub struct Namespace {
 }
 
 impl Replica {
-    /// Closes one handle per entry of `inos` (an inode may come several
-    /// times); returns the records that reap unlinked files whose last
-    /// handle this closed.
-    fn release(&mut self, inos: &[Ino]) -> Vec<NsRec> {
-        let mut recs = Vec::new();
-        let mut reaped = std::collections::HashSet::new();
-        for &ino in inos {
-            let c = self.opens.entry(ino).or_default();
-            *c = c.saturating_sub(1);
-            if *c == 0 {
-                self.opens.remove(&ino);
-                // `reap` only plans: the same inode twice must not reap twice.
-                if reaped.insert(ino) {
-                    if let Some(mut more) = self.state.reap(ino) {
-                        recs.append(&mut more);
-                    }
-                }
-            }
-        }
-        recs
+    /// Closes one handle of `client` per entry of `inos` (an inode may come
+    /// several times); returns the records that reap unlinked files whose
+    /// last handle this closed.
+    fn release(&mut self, client: u64, inos: &[Ino], now: Instant) -> Vec<NsRec> {
+        let freed = self.sessions.release(client, inos, now);
+        self.reap(&freed)
+    }
+
+    /// Records that remove those of `inos` that are unlinked (`reap` only
+    /// plans: each inode comes once).
+    fn reap(&self, inos: &[Ino]) -> Vec<NsRec> {
+        inos.iter().filter_map(|i| self.state.reap(*i)).flatten().collect()
+    }
+
+    /// Tells the sessions whether this replica serves now (a change to
+    /// serving starts the grace for the unlinked files that exist).
+    fn serving(&mut self, serving: bool, now: Instant) {
+        let state = &self.state;
+        self.sessions.set_serving(serving, now, || state.orphans());
     }
 }
 
@@ -166,6 +167,7 @@ impl Namespace {
         block_file: Arc<std::fs::File>,
         is_home: bool,
         flush: Duration,
+        lease: Duration,
     ) -> Result<Namespace, Error> {
         let dir = iom_data.join(META_DIR);
         let ns = Namespace::default();
@@ -201,7 +203,11 @@ impl Namespace {
             lsn,
             journal,
             dir,
-            opens: HashMap::new(),
+            sessions: if fresh {
+                Sessions::new(lease, Instant::now()).fresh()
+            } else {
+                Sessions::new(lease, Instant::now())
+            },
             recent: VecDeque::new(),
             mirror: None,
         });
@@ -347,6 +353,9 @@ impl Namespace {
     async fn handle_one(&self, iom: &Arc<Iom>, call: MetaCall, sync: Option<&mut bool>) -> Result<MetaResp, Error> {
         let map = iom.member.current();
         if map.meta_server() != Some(iom.id) {
+            if let Some(r) = self.rep.lock().as_mut() {
+                r.serving(false, Instant::now());
+            }
             return Err(Error::Wire(WireError::new(
                 ErrorCode::NotServing,
                 format!("IOM {} does not serve the namespace in epoch {}", iom.id, map.epoch),
@@ -365,6 +374,7 @@ impl Namespace {
                 | MetaReq::StatFs
                 | MetaReq::DeadObjects { .. }
                 | MetaReq::Check
+                | MetaReq::Renew { .. }
         );
         if !read_only && !iom.member.has_quorum() {
             return Err(Error::Wire(WireError::new(
@@ -398,12 +408,19 @@ impl Namespace {
             let Some(r) = g.as_mut() else {
                 return Err(Error::Wire(WireError::new(ErrorCode::NotServing, "namespace replica not loaded")));
             };
+            let at = Instant::now();
+            r.serving(true, at);
+            r.sessions.touch(client, at);
             if let Some(prev) = r.state.drc.get(&(client, seq)) {
                 return Ok(prev.clone());
             }
             let s = &r.state;
-            let opens = &r.opens;
-            let is_open = |i: Ino| opens.get(&i).copied().unwrap_or(0) > 0;
+            let sessions = &r.sessions;
+            // In the grace after this replica began serving, a client that
+            // has not claimed its handles yet may hold any file: every
+            // unlinked file is kept until the grace is over.
+            let grace = sessions.in_grace(at);
+            let is_open = |i: Ino| grace || sessions.is_open(i);
             let plan: Result<Plan, NsError> = match req {
                 // ----- reads
                 MetaReq::Lookup { parent, name } => return s.lookup(parent, &name).map(MetaResp::Attr).map_err(nserr),
@@ -429,13 +446,14 @@ impl Namespace {
                 MetaReq::DeadObjects { max } => {
                     return Ok(MetaResp::Dead(s.dead.iter().take(max as usize).copied().collect()))
                 }
+                MetaReq::Renew { opens } => {
+                    let expired = r.sessions.renew(client, &opens, at);
+                    let missing = opens.iter().map(|(i, _)| *i).filter(|i| !r.state.inodes.contains_key(i)).collect();
+                    let lease_ms = r.sessions.lease().as_millis() as u64;
+                    return Ok(MetaResp::Renewed { lease_ms, expired, missing });
+                }
                 MetaReq::Check => {
-                    let open = opens
-                        .iter()
-                        .filter(|(_, n)| **n > 0)
-                        .filter_map(|(i, _)| s.inodes.get(i))
-                        .map(|i| i.attr.object)
-                        .collect();
+                    let open = sessions.held().iter().filter_map(|i| s.inodes.get(i)).map(|i| i.attr.object).collect();
                     return Ok(MetaResp::Check {
                         problems: s.check(),
                         objects: s.objects(),
@@ -449,7 +467,7 @@ impl Namespace {
                     let p = s.create(parent, &name, kind, perm, rdev, caller, target, now);
                     if open {
                         if let Ok(Plan { reply: MetaResp::Created { attr, .. }, .. }) = &p {
-                            *r.opens.entry(attr.ino).or_default() += 1;
+                            r.sessions.open(client, attr.ino, at);
                         }
                     }
                     p
@@ -469,14 +487,14 @@ impl Namespace {
                 MetaReq::Open { ino, truncate } => {
                     let (p, attr) = s.open(ino, truncate, now).map_err(nserr)?;
                     let t = attr.toughness;
-                    *r.opens.entry(ino).or_default() += 1;
+                    r.sessions.open(client, ino, at);
                     match p {
                         None => return Ok(MetaResp::Opened { attr, toughness: t }),
                         Some(p) => Ok(Plan { recs: p.recs, reply: MetaResp::Opened { attr, toughness: t } }),
                     }
                 }
-                MetaReq::Release { ino } => Ok(Plan { recs: r.release(&[ino]), reply: MetaResp::Done }),
-                MetaReq::ReleaseMany { inos } => Ok(Plan { recs: r.release(&inos), reply: MetaResp::Done }),
+                MetaReq::Release { ino } => Ok(Plan { recs: r.release(client, &[ino], at), reply: MetaResp::Done }),
+                MetaReq::ReleaseMany { inos } => Ok(Plan { recs: r.release(client, &inos, at), reply: MetaResp::Done }),
                 MetaReq::ForgetDead { objects } => {
                     Ok(Plan { recs: vec![NsRec::Forget(objects)], reply: MetaResp::Done })
                 }
@@ -497,6 +515,12 @@ impl Namespace {
             let plan = plan.map_err(nserr)?;
             if plan.recs.is_empty() {
                 return Ok(plan.reply);
+            }
+            if grace {
+                r.sessions.keep_for_grace(plan.recs.iter().filter_map(|rec| match rec {
+                    NsRec::PutInode(i) if i.attr.nlink == 0 => Some(i.attr.ino),
+                    _ => None,
+                }));
             }
             let (lsn, gen) = Self::commit(r, plan.recs, client, seq, &plan.reply);
             let dir_attrs: Vec<Attr> =
@@ -804,7 +828,7 @@ impl Namespace {
             lsn,
             journal,
             dir,
-            opens: HashMap::new(),
+            sessions: Sessions::new(iom.cfg.client_lease(), Instant::now()),
             recent: VecDeque::new(),
             mirror: None,
         });
@@ -823,11 +847,18 @@ impl Namespace {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
             tick += 1;
-            if iom.member.current().meta_server() != Some(iom.id) {
+            let serving = iom.member.current().meta_server() == Some(iom.id);
+            if let Some(r) = iom.namespace.rep.lock().as_mut() {
+                r.serving(serving, Instant::now());
+            }
+            if !serving {
                 continue;
             }
             if tick % 8 == 1 {
                 Self::refresh_stats(&iom).await;
+            }
+            if tick % 4 == 0 {
+                iom.namespace.expire_sessions(&iom).await;
             }
             Self::collect_garbage(&iom).await;
             if iom.namespace.journal_bytes() > 64 << 20 {
@@ -868,6 +899,24 @@ impl Namespace {
             block_size: iom.cfg.block_size,
         };
         *iom.namespace.fs_stats.lock() = (st, Some(std::time::Instant::now()));
+    }
+
+    /// Ends the sessions of clients silent for a whole lease: the unlinked
+    /// files only they held open are reclaimed.
+    async fn expire_sessions(&self, iom: &Arc<Iom>) {
+        let lsn = {
+            let mut g = self.rep.lock();
+            let Some(r) = g.as_mut() else { return };
+            let freed = r.sessions.expire(Instant::now());
+            let recs = r.reap(&freed);
+            if recs.is_empty() {
+                return;
+            }
+            let files = recs.iter().filter(|r| matches!(r, NsRec::DelInode(_))).count();
+            tracing::info!(files, "reclaiming unlinked files no live client holds open");
+            Self::commit(r, recs, 0, 0, &MetaResp::Done).0
+        };
+        self.settle(iom, lsn).await;
     }
 
     async fn collect_garbage(iom: &Arc<Iom>) {
