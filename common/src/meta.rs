@@ -283,6 +283,9 @@ pub enum MetaReq {
     Renew {
         opens: Vec<(Ino, u32)>,
     },
+    /// `iomfs fsck --repair`: fix the namespace problems that can be fixed
+    /// without a choice (answered `Repaired`).
+    RepairNamespace,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -327,6 +330,10 @@ pub enum MetaResp {
         lease_ms: u64,
         expired: bool,
         missing: Vec<Ino>,
+    },
+    /// What `RepairNamespace` fixed, a line each.
+    Repaired {
+        fixed: Vec<String>,
     },
 }
 

@@ -75,9 +75,18 @@ pub async fn fsck(c: &ClusterClient) -> Result<Report> {
     Ok(Report { problems, orphans, files: second.files, blocks: second.blocks })
 }
 
+/// `fsck --repair`: the namespace fixes what it can (see
+/// `NsState::repair` on the IOM); returns a line per fix.
+pub async fn repair_namespace(c: &ClusterClient) -> Result<Vec<String>> {
+    match c.meta(MetaReq::RepairNamespace).await? {
+        MetaResp::Repaired { fixed } => Ok(fixed),
+        MetaResp::Done => Ok(Vec::new()),
+        other => Err(ClientError::Unexpected(format!("answer to RepairNamespace: {other:?}"))),
+    }
+}
+
 /// `fsck --repair`: orphan objects become garbage, which the namespace's
-/// GC drops from every IOM. Namespace problems are not repaired
-/// automatically yet.
+/// GC drops from every IOM.
 pub async fn reclaim(c: &ClusterClient, orphans: &BTreeMap<ObjectId, u64>) -> Result<()> {
     let objects: Vec<ObjectId> = orphans.keys().copied().collect();
     for chunk in objects.chunks(4096) {

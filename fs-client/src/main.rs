@@ -56,7 +56,9 @@ enum Cmd {
     Fsck {
         #[arg(long)]
         dir: PathBuf,
-        /// Turn orphan objects into garbage the namespace GC drops.
+        /// Fix what can be fixed without a choice (entries naming missing
+        /// inodes, link counts, unreachable files into /lost+found,
+        /// counters) and turn orphan objects into garbage the GC drops.
         #[arg(long)]
         repair: bool,
     },
@@ -269,6 +271,15 @@ fn run(cli: Cli) -> Result<u8> {
                 );
             };
             show(&r);
+            if repair && !r.problems.is_empty() {
+                // The namespace first: a file linked back into lost+found
+                // is no orphan.
+                for f in fs_client::fsck::repair_namespace(&c).await? {
+                    println!("repaired: {f}");
+                }
+                r = fs_client::fsck::fsck(&c).await?;
+                show(&r);
+            }
             if repair && !r.orphans.is_empty() {
                 fs_client::fsck::reclaim(&c, &r.orphans).await?;
                 println!("fsck: {} orphan objects handed to the garbage collector; checking again", r.orphans.len());
@@ -277,7 +288,10 @@ fn run(cli: Cli) -> Result<u8> {
                 show(&r);
             }
             if !r.problems.is_empty() {
-                println!("fsck: namespace problems are not repaired automatically; see docs/operations.md");
+                println!(
+                    "fsck: {} problems need a decision (see \"Checking the namespace\" in docs/operations.md)",
+                    r.problems.len()
+                );
             }
             c.close();
             Ok(if r.is_clean() { 0 } else { 1 })

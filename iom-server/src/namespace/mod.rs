@@ -507,6 +507,13 @@ impl Namespace {
                         .collect();
                     Ok(Plan { recs, reply: MetaResp::Done })
                 }
+                MetaReq::RepairNamespace => {
+                    let (recs, fixed) = s.repair(now);
+                    for f in &fixed {
+                        tracing::warn!("fsck --repair: {f}");
+                    }
+                    Ok(Plan { recs, reply: MetaResp::Repaired { fixed } })
+                }
                 MetaReq::SetSize { ino, size } => {
                     s.setattr(ino, &SetAttr { size: Some(size), ..Default::default() }, now)
                 }
@@ -857,7 +864,7 @@ impl Namespace {
             if tick % 8 == 1 {
                 Self::refresh_stats(&iom).await;
             }
-            if tick % 4 == 0 {
+            if tick.is_multiple_of(4) {
                 iom.namespace.expire_sessions(&iom).await;
             }
             Self::collect_garbage(&iom).await;

@@ -127,7 +127,8 @@ impl Sessions {
 
     /// Whether an unlinked `ino` may be reclaimed now.
     pub fn reclaimable(&self, ino: Ino, now: Instant) -> bool {
-        !self.is_open(ino) && !(self.inherited.contains(&ino) && self.in_grace(now))
+        let kept_for_grace = self.inherited.contains(&ino) && self.in_grace(now);
+        !self.is_open(ino) && !kept_for_grace
     }
 
     pub fn open(&mut self, client: u64, ino: Ino, now: Instant) {

@@ -880,6 +880,130 @@ impl NsState {
         p
     }
 
+    /// `iomfs fsck --repair`: the records that fix what [`check`] finds
+    /// and can be fixed without guessing, with one line per fix. Entries
+    /// naming missing inodes are removed; files with links but no entry
+    /// (unreachable) are linked into `/lost+found` as `#<ino>`, as e2fsck
+    /// does; link counts are set to the entries that exist; counters are
+    /// raised above every id in use; an object both in use and listed as
+    /// garbage is taken off the garbage list. What needs a choice (shared
+    /// objects, entries of the wrong kind, directories outside the tree,
+    /// damaged cookie tables) is left to [`check`] to name.
+    pub fn repair(&self, now: Timestamp) -> (Vec<NsRec>, Vec<String>) {
+        let mut s = self.clone();
+        let mut recs = Vec::new();
+        let mut fixed = Vec::new();
+        let mut push = |s: &mut NsState, r: Vec<NsRec>| {
+            s.apply(&r);
+            recs.extend(r);
+        };
+        let mut gone: Vec<(Ino, Vec<u8>, Ino)> = self
+            .dirs
+            .iter()
+            .flat_map(|(d, t)| t.entries.iter().map(move |(n, e)| (*d, n.clone(), e.ino)))
+            .filter(|(_, _, i)| !self.inodes.contains_key(i))
+            .collect();
+        gone.sort();
+        for (parent, name, ino) in gone {
+            fixed.push(format!(
+                "removed {parent:?}/{} (it named missing inode {ino:?})",
+                String::from_utf8_lossy(&name)
+            ));
+            push(&mut s, vec![NsRec::DelEntry { parent, name }]);
+        }
+        let max_ino = self.inodes.keys().map(|i| i.0).max().unwrap_or(0);
+        let max_obj = self.inodes.values().map(|i| i.attr.object.0).chain(self.dead.iter().map(|o| o.0)).max();
+        let (ni, no) = (self.next_ino.max(max_ino + 1), self.next_object.max(max_obj.unwrap_or(0) + 1));
+        if (ni, no) != (self.next_ino, self.next_object) {
+            fixed.push(format!("raised the next inode/object numbers to {ni}/{no}"));
+            push(&mut s, vec![NsRec::Counters { next_ino: ni, next_object: no }]);
+        }
+        let entries = |s: &NsState| {
+            let mut n: HashMap<Ino, u32> = HashMap::new();
+            for t in s.dirs.values() {
+                for e in t.entries.values() {
+                    *n.entry(e.ino).or_default() += 1;
+                }
+            }
+            n
+        };
+        let have = entries(&s);
+        let mut lost: Vec<Ino> = s
+            .inodes
+            .values()
+            .filter(|i| i.attr.kind != FileKind::Directory && i.attr.nlink > 0 && !have.contains_key(&i.attr.ino))
+            .map(|i| i.attr.ino)
+            .collect();
+        lost.sort();
+        if !lost.is_empty() {
+            let lf = match s.lookup(Ino::ROOT, b"lost+found") {
+                Ok(a) if a.kind == FileKind::Directory => Some(a.ino),
+                Ok(_) => None,
+                Err(_) => {
+                    let caller = Caller { uid: 0, gid: 0 };
+                    match s.create(Ino::ROOT, b"lost+found", FileKind::Directory, 0o700, 0, caller, None, now) {
+                        Ok(Plan { recs: r, reply: MetaResp::Created { attr, .. } }) => {
+                            push(&mut s, r);
+                            Some(attr.ino)
+                        }
+                        _ => None,
+                    }
+                }
+            };
+            for ino in lost {
+                let name = format!("#{}", ino.0);
+                if let Some(Ok(p)) = lf.map(|lf| s.link(ino, lf, name.as_bytes(), now)) {
+                    fixed.push(format!("linked unreachable {ino:?} as /lost+found/{name}"));
+                    push(&mut s, p.recs);
+                }
+            }
+        }
+        // Link counts from the entries as they are now.
+        let mut subdirs: HashMap<Ino, u32> = HashMap::new();
+        for (d, t) in &s.dirs {
+            for e in t.entries.values() {
+                if e.kind == FileKind::Directory {
+                    *subdirs.entry(*d).or_default() += 1;
+                }
+            }
+        }
+        let have = entries(&s);
+        let mut counts: Vec<Inode> = Vec::new();
+        for i in s.inodes.values() {
+            let want = match i.attr.kind {
+                FileKind::Directory if s.dirs.contains_key(&i.attr.ino) => {
+                    2 + subdirs.get(&i.attr.ino).copied().unwrap_or(0)
+                }
+                FileKind::Directory => continue,
+                _ => have.get(&i.attr.ino).copied().unwrap_or(0),
+            };
+            // An unlinked file kept for an open handle has no entry, rightly.
+            if i.attr.nlink != want && !(want == 0 && i.attr.kind != FileKind::Directory) {
+                let mut n = i.clone();
+                n.attr.nlink = want;
+                n.attr.ctime = now;
+                n.attr.change += 1;
+                counts.push(n);
+            }
+        }
+        counts.sort_by_key(|i| i.attr.ino);
+        for n in counts {
+            fixed.push(format!("set the link count of {:?} to {}", n.attr.ino, n.attr.nlink));
+            push(&mut s, vec![Self::put(n)]);
+        }
+        let mut used: Vec<ObjectId> =
+            s.inodes.values().map(|i| i.attr.object).filter(|o| o.0 != 0 && s.dead.contains(o)).collect();
+        used.sort();
+        if !used.is_empty() {
+            fixed.push(format!(
+                "took {} objects in use off the garbage list (if the GC had dropped them already, their files read as holes): {used:?}",
+                used.len()
+            ));
+            push(&mut s, vec![NsRec::Forget(used)]);
+        }
+        (recs, fixed)
+    }
+
     /// Data objects of regular files with their published sizes.
     pub fn objects(&self) -> Vec<(ObjectId, u64)> {
         let mut v: Vec<(ObjectId, u64)> = self
@@ -961,6 +1085,42 @@ mod tests {
         assert!(p.contains("names missing inode Ino(999)"), "{p}");
         assert!(p.contains("has link count 5 but"), "{p}");
         assert!(p.contains("no path from the root"), "{p}");
+    }
+
+    #[test]
+    fn fsck_repair_fixes_what_needs_no_choice_and_leaves_a_consistent_namespace() {
+        let mut s = NsState::new(now());
+        let d = mk(&mut s, Ino::ROOT, "d", FileKind::Directory);
+        let f = mk(&mut s, d.ino, "f", FileKind::Regular);
+        let lone = mk(&mut s, Ino::ROOT, "lone", FileKind::Regular);
+        let open = mk(&mut s, Ino::ROOT, "open", FileKind::Regular);
+        run!(s, s.unlink(Ino::ROOT, b"open", |_| true, now()));
+        // Damage: a dangling entry, wrong link counts (file and directory),
+        // a file that lost its only entry, counters too low, an object in
+        // use that is also garbage.
+        s.apply(&[NsRec::AddEntry {
+            parent: d.ino,
+            name: b"ghost".to_vec(),
+            ent: DirEnt { ino: Ino(999), kind: FileKind::Regular, cookie: 77 },
+        }]);
+        s.inodes.get_mut(&f.ino).unwrap().attr.nlink = 5;
+        s.inodes.get_mut(&d.ino).unwrap().attr.nlink = 9;
+        s.apply(&[NsRec::DelEntry { parent: Ino::ROOT, name: b"lone".to_vec() }]);
+        s.next_ino = 2;
+        s.dead.insert(f.object);
+        assert!(s.check().len() >= 5, "{:?}", s.check());
+        let (recs, fixed) = s.repair(now());
+        s.apply(&recs);
+        assert_eq!(s.check(), Vec::<String>::new(), "after: {fixed:#?}");
+        assert!(fixed.iter().any(|f| f.contains("/lost+found/#")), "{fixed:#?}");
+        let lf = s.lookup(Ino::ROOT, b"lost+found").unwrap();
+        assert_eq!(s.lookup(lf.ino, format!("#{}", lone.ino.0).as_bytes()).unwrap().ino, lone.ino);
+        assert_eq!(s.inode(f.ino).unwrap().attr.nlink, 1);
+        assert!(!s.dead.contains(&f.object));
+        // The unlinked file kept for an open handle is left as it is.
+        assert_eq!(s.inode(open.ino).unwrap().attr.nlink, 0);
+        // A consistent namespace needs nothing.
+        assert!(s.repair(now()).0.is_empty());
     }
 
     #[test]
