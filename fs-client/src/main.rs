@@ -223,7 +223,13 @@ fn run(cli: Cli) -> Result<u8> {
                 })
                 .await;
                 bar.finish_and_clear();
-                let r = r?;
+                let r = r.map_err(|e| {
+                    anyhow::anyhow!(
+                        "scrub stopped: {e}\n(scrub needs every IOM up; `iomfs status --dir D` shows which is not and \
+                         its log says why: an IOM stops itself after `disk_errors_before_stop` errors of its disk, \
+                         which then needs `iomfs replace`)"
+                    )
+                })?;
                 for p in &r.problems {
                     println!("problem: {p}");
                 }
