@@ -161,8 +161,24 @@ fn a_failed_disk_write_or_sync_stops_the_iom_and_loses_no_acknowledged_write() {
 /// writes, and it rejoins by itself once the disk answers again.
 #[test]
 fn a_disk_slower_than_the_failure_timeout_gets_its_iom_declared_down_and_writes_go_on() {
+    slow_disk(0);
+}
+
+/// The same with several runtime threads: the IOM's event loop would go on
+/// answering heartbeats while its writes wait for the disk; the slow-disk
+/// watchdog (no disk operation finished for half the failure timeout while
+/// one waits) makes it fall silent instead.
+#[test]
+fn a_slow_disk_is_declared_down_with_several_runtime_threads_too() {
+    slow_disk(2);
+}
+
+fn slow_disk(threads: u64) {
     let _g = serial();
     let mut c = cluster();
+    if threads > 0 {
+        c.set_tuning("iom_threads", threads);
+    }
     let victim = 2u32;
     c.env[victim as usize] = vec![("FAILPOINTS".into(), "store::pwrite=40*off->1*sleep(6000)".into())];
     c.start_all();
@@ -187,6 +203,9 @@ fn a_disk_slower_than_the_failure_timeout_gets_its_iom_declared_down_and_writes_
     assert!(slowest < Duration::from_secs(6), "a write waited for the slow disk ({slowest:?})");
     wait_status(&c, "cluster: healthy", Duration::from_secs(90));
     assert!(c.log(victim).contains("declared down by the cluster"), "{}", c.log(victim));
+    if threads > 0 {
+        assert!(c.log(victim).contains("disk has finished no operation"), "{}", c.log(victim));
+    }
     c.must_scrub_clean();
     for o in &objs {
         assert!(read(&c, *o, data.len()).unwrap() == data, "object {o} lost or wrong");

@@ -21,12 +21,27 @@ impl Iom {
     /// Pings every peer every heartbeat; learns newer maps from their answers.
     pub async fn heartbeat_worker(self: Arc<Self>) {
         let hb = self.member.heartbeat;
+        let mut stalled_said = false;
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(hb) => {}
             }
             self.member.tick();
+            // A stalled disk: fall silent, so the cluster declares this IOM
+            // down and its proxy serves (see `fsutil::disk_stalled`).
+            if let Some(d) = crate::fsutil::disk_stalled(self.member.failure_timeout / 2) {
+                if !stalled_said {
+                    tracing::error!(
+                        stalled = ?d,
+                        "this IOM's disk has finished no operation for {d:?}: not answering heartbeats, so the \
+                         cluster declares it down and its proxy takes over"
+                    );
+                    stalled_said = true;
+                }
+                continue;
+            }
+            stalled_said = false;
             for j in 0..self.cfg.width() {
                 let j = IomId(j);
                 if j == self.id {

@@ -60,6 +60,53 @@ pub fn fail_stop(what: &str, e: &std::io::Error) -> ! {
     std::process::exit(70);
 }
 
+/// Disk operations (block file and journal writes, reads, syncs) started
+/// and finished: the slow-disk watchdog's only cost on the I/O path.
+static DISK_OPS_STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static DISK_OPS_DONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// (operations done when last seen changing, since when).
+static DISK_WATCH: parking_lot::Mutex<Option<(u64, std::time::Instant)>> = parking_lot::Mutex::new(None);
+
+/// Held for the length of one disk operation.
+pub struct DiskOp(());
+
+impl DiskOp {
+    pub fn start() -> DiskOp {
+        DISK_OPS_STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        DiskOp(())
+    }
+}
+
+impl Drop for DiskOp {
+    fn drop(&mut self) {
+        DISK_OPS_DONE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The slow-disk watchdog: how long the disk has gone without finishing
+/// any operation while at least one was waiting, if that is `limit` or
+/// longer. An IOM whose disk is stalled stops answering and sending
+/// heartbeats, so the cluster declares it down like a silent one — with
+/// several runtime threads (`iom_threads > 0`) its event loop would
+/// otherwise go on answering pings while every write waits for the disk.
+pub fn disk_stalled(limit: std::time::Duration) -> Option<std::time::Duration> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = std::time::Instant::now();
+    let done = DISK_OPS_DONE.load(Relaxed);
+    let started = DISK_OPS_STARTED.load(Relaxed);
+    let mut w = DISK_WATCH.lock();
+    match *w {
+        Some((d, since)) if d == done && started > done => {
+            let stalled = now.saturating_duration_since(since);
+            (stalled >= limit).then_some(stalled)
+        }
+        _ => {
+            *w = Some((done, now));
+            None
+        }
+    }
+}
+
 /// An injected disk fault (`failpoints` builds only), TiKV-style:
 /// `FAILPOINTS="store::pread=3*return(eio)"` makes the next three reads
 /// fail with EIO; `return(enospc)` gives ENOSPC; the `fail` crate's own

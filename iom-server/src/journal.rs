@@ -237,6 +237,7 @@ fn fatal(what: &str, e: std::io::Error) -> ! {
 
 /// `f.sync_data()`, or the fault injected at `point`.
 fn sync_data(f: &File, point: &str) -> std::io::Result<()> {
+    let _op = crate::fsutil::DiskOp::start();
     let injected = match point {
         "store::fdatasync" => crate::disk_fault!("store::fdatasync"),
         _ => crate::disk_fault!("journal::fdatasync"),
@@ -272,6 +273,7 @@ impl Shared {
             return;
         }
         let Segment { file, pending, .. } = seg;
+        let _op = crate::fsutil::DiskOp::start();
         let r = match crate::disk_fault!("journal::write") {
             Some(e) => Err(e),
             None => file.write_all(pending),

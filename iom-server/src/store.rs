@@ -308,6 +308,7 @@ impl Store {
     /// depended on the failed write.
     pub fn write(&self, a: DiskAddr, data: &[u8]) -> Result<(), Error> {
         debug_assert!(data.len() <= self.block_size as usize);
+        let op = crate::fsutil::DiskOp::start();
         let r = match crate::disk_fault!("store::pwrite") {
             Some(e) => Err(e),
             None if power_loss::on() => {
@@ -316,6 +317,7 @@ impl Store {
             }
             None => self.file.write_all_at(data, self.offset(a)),
         };
+        drop(op);
         match r {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => Err(Error::io(format!("write slot {}", a.0), e)),
@@ -327,11 +329,13 @@ impl Store {
     /// reads heal from the group (`read_path::Iom::heal_block`).
     pub fn read(&self, a: DiskAddr, len: u32) -> Result<Vec<u8>, Error> {
         let mut buf = vec![0u8; len as usize];
+        let op = crate::fsutil::DiskOp::start();
         let r = match crate::disk_fault!("store::pread") {
             Some(e) => Err(e),
             None if power_loss::lookup(self.offset(a), &mut buf) => Ok(()),
             None => self.file.read_exact_at(&mut buf, self.offset(a)),
         };
+        drop(op);
         r.map_err(|e| Error::io(format!("read slot {}", a.0), e))?;
         Ok(buf)
     }
@@ -340,6 +344,7 @@ impl Store {
     /// calls this before writing records that depend on data being durable.
     pub fn sync(&self) -> Result<(), Error> {
         power_loss::flush(&self.file).map_err(|e| Error::io("write block file", e))?;
+        let _op = crate::fsutil::DiskOp::start();
         self.file.sync_data().map_err(|e| Error::io("fdatasync block file", e))
     }
 }
