@@ -73,6 +73,11 @@ pub fn crc(b: &[u8]) -> u32 {
     crc32c::crc32c(b)
 }
 
+/// crc32c of the bytes `crc` covers followed by `more`.
+pub fn crc_extend(crc: u32, more: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc, more)
+}
+
 /// crc32c of `data` followed by `zeros` zero bytes, without materialising them.
 pub fn crc_with_zeros(data: &[u8], zeros: usize) -> u32 {
     const Z: [u8; 4096] = [0; 4096];

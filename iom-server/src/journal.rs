@@ -26,7 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
-pub const JOURNAL_FORMAT_VERSION: u32 = 1;
+/// 2: each record also carries the offset of its segment known durable when
+/// it was framed (torn tail or damage, see `parse_segment`). 1 is read.
+pub const JOURNAL_FORMAT_VERSION: u32 = 2;
 const SEG_MAGIC: &[u8; 8] = b"IOMFSJNL";
 const SEG_HEADER: usize = 16;
 /// Largest single record accepted at replay.
@@ -183,11 +185,19 @@ struct Segment {
     pending: Vec<u8>,
     /// The segment is allocated and zero-filled up to here (see `zero_ahead`).
     zeroed: u64,
+    /// The journal position (`Shared::written`) where this segment began.
+    base: u64,
 }
 
 impl Segment {
-    fn new(file: File, no: u64) -> Segment {
-        Segment { file, no, end: SEG_HEADER as u64, pending: Vec::new(), zeroed: SEG_HEADER as u64 }
+    fn new(file: File, no: u64, base: u64) -> Segment {
+        Segment { file, no, end: SEG_HEADER as u64, pending: Vec::new(), zeroed: SEG_HEADER as u64, base }
+    }
+
+    /// The offset of this segment up to which everything is on stable
+    /// storage, given the journal's synced position.
+    fn durable(&self, synced: u64) -> u32 {
+        (SEG_HEADER as u64 + synced.saturating_sub(self.base)).min(self.end).min(u32::MAX as u64) as u32
     }
 }
 
@@ -254,7 +264,8 @@ impl Shared {
     fn write_now(&self, payload: &[u8], defer: bool) -> u64 {
         let mut seg = self.seg.lock();
         let before = seg.pending.len();
-        frame(payload, &mut seg.pending);
+        let durable = seg.durable(self.synced.load(Ordering::Acquire));
+        frame(payload, durable, &mut seg.pending);
         let n = seg.pending.len() - before;
         // (In the power-loss test mode records stay in memory until a sync.)
         if (!defer || seg.pending.len() >= 256 << 10) && !crate::store::power_loss::on() {
@@ -491,15 +502,52 @@ fn new_segment(dir: &Path, n: u64) -> Result<File, Error> {
     Ok(f)
 }
 
-/// Frames one record.
-pub fn frame(payload: &[u8], out: &mut Vec<u8>) {
+/// Frames one record: length, checksum (of what follows it), the offset of
+/// its segment known durable when it was framed, the payload.
+pub fn frame(payload: &[u8], durable: u32, out: &mut Vec<u8>) {
+    let d = durable.to_le_bytes();
+    let crc = codec::crc_extend(codec::crc(&d), payload);
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&codec::crc(payload).to_le_bytes());
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&d);
     out.extend_from_slice(payload);
+}
+
+/// One framed record at `pos` of a segment of format `ver`: (payload,
+/// durable offset, bytes it takes), or `None` if it is not a whole,
+/// intact record. `Some(Err(()))`: zeros (no record is empty).
+#[allow(clippy::type_complexity)]
+fn record_at(buf: &[u8], pos: usize, ver: u32) -> Option<Result<(&[u8], u32, usize), ()>> {
+    let head = if ver == 1 { 8 } else { 12 };
+    if buf.len() - pos < head {
+        return None;
+    }
+    let len = u32::from_le_bytes(buf[pos..pos + 4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(buf[pos + 4..pos + 8].try_into().expect("4 bytes"));
+    if len == 0 {
+        return Some(Err(()));
+    }
+    if len > MAX_RECORD || buf.len() - pos - head < len {
+        return None;
+    }
+    let payload = &buf[pos + head..pos + head + len];
+    let (want, durable) = if ver == 1 {
+        (codec::crc(payload), 0)
+    } else {
+        let d = &buf[pos + 8..pos + 12];
+        (codec::crc_extend(codec::crc(d), payload), u32::from_le_bytes(d.try_into().expect("4 bytes")))
+    };
+    (want == crc).then_some(Ok((payload, durable, head + len)))
 }
 
 /// Parses the records of one segment; returns them and the offset after the
 /// last whole record (`None` for the offset when the segment is intact).
+///
+/// A record that is not whole ends the segment as a torn tail (a crash
+/// while appending) — unless a later intact record says that the segment
+/// was durable beyond it when it was written: then the bad record had
+/// reached stable storage and was damaged since, and replaying without it
+/// would silently lose an acknowledged update, so that is an error.
 fn parse_segment(buf: &[u8], path: &Path) -> Result<(Vec<Vec<u8>>, Option<usize>), Error> {
     if buf.len() < SEG_HEADER || &buf[..8] != SEG_MAGIC {
         if buf.len() < SEG_HEADER {
@@ -509,38 +557,66 @@ fn parse_segment(buf: &[u8], path: &Path) -> Result<(Vec<Vec<u8>>, Option<usize>
         return Err(Error::Format(format!("{}: not an iomfs journal segment", path.display())));
     }
     let ver = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
-    if ver != JOURNAL_FORMAT_VERSION {
+    if ver != JOURNAL_FORMAT_VERSION && ver != 1 {
         return Err(Error::Format(format!(
-            "{}: journal format version {ver}; this build reads version {JOURNAL_FORMAT_VERSION}",
+            "{}: journal format version {ver}; this build reads versions 1 to {JOURNAL_FORMAT_VERSION}",
             path.display()
         )));
     }
     let mut pos = SEG_HEADER;
     let mut out = Vec::new();
     while pos < buf.len() {
-        let good = pos;
-        if buf.len() - pos < 8 {
-            return Ok((out, Some(good)));
+        match record_at(buf, pos, ver) {
+            Some(Ok((payload, _, n))) => {
+                out.push(payload.to_vec());
+                pos += n;
+            }
+            Some(Err(())) => {
+                // Zeros to the end are the space filled ahead of the last
+                // record (a clean end); anything else is torn.
+                let clean = buf[pos..].iter().all(|&b| b == 0);
+                return Ok((out, if clean { None } else { Some(pos) }));
+            }
+            None => {
+                if let Some(after) = durable_after(buf, pos, ver) {
+                    return Err(Error::Format(format!(
+                        "{}: damaged record at offset {pos}, though a later record says the segment was durable \
+                         up to {after}: it was on stable storage and has been damaged since",
+                        path.display()
+                    )));
+                }
+                return Ok((out, Some(pos)));
+            }
         }
-        let len = u32::from_le_bytes(buf[pos..pos + 4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(buf[pos + 4..pos + 8].try_into().expect("4 bytes"));
-        if len == 0 {
-            // No record is empty. Zeros to the end are the space filled
-            // ahead of the last record (a clean end); anything else is torn.
-            let clean = crc == 0 && buf[pos..].iter().all(|&b| b == 0);
-            return Ok((out, if clean { None } else { Some(good) }));
-        }
-        if len > MAX_RECORD || buf.len() - pos - 8 < len {
-            return Ok((out, Some(good)));
-        }
-        let payload = &buf[pos + 8..pos + 8 + len];
-        if codec::crc(payload) != crc {
-            return Ok((out, Some(good)));
-        }
-        out.push(payload.to_vec());
-        pos += 8 + len;
     }
     Ok((out, None))
+}
+
+/// After a bad record at `bad`: skipping it by its length field (intact
+/// when only its payload was damaged), the largest durable offset a later
+/// intact record names, if it lies beyond `bad`.
+fn durable_after(buf: &[u8], bad: usize, ver: u32) -> Option<u32> {
+    if ver == 1 || buf.len() - bad < 12 {
+        return None;
+    }
+    let len = u32::from_le_bytes(buf[bad..bad + 4].try_into().expect("4 bytes")) as usize;
+    if len == 0 || len > MAX_RECORD {
+        return None;
+    }
+    let mut pos = bad + 12 + len;
+    let mut best = None;
+    while pos < buf.len() {
+        match record_at(buf, pos, ver) {
+            Some(Ok((_, durable, n))) => {
+                if durable as usize > bad {
+                    best = best.max(Some(durable));
+                }
+                pos += n;
+            }
+            _ => break,
+        }
+    }
+    best
 }
 
 impl Journal {
@@ -593,7 +669,7 @@ impl Journal {
         let js = Arc::new(Mailbox::new());
         let ds = Arc::new(Mailbox::new());
         let shared = Arc::new(Shared {
-            seg: parking_lot::Mutex::new(Segment::new(file, segment)),
+            seg: parking_lot::Mutex::new(Segment::new(file, segment, 0)),
             sync_file: parking_lot::Mutex::new(sync_file),
             written: AtomicU64::new(0),
             synced: AtomicU64::new(0),
@@ -706,7 +782,7 @@ impl Journal {
             .unwrap_or_else(|e| fatal("segment rotation", std::io::Error::other(e.to_string())));
         let sync = f.try_clone().unwrap_or_else(|e| fatal("segment rotation", e));
         *self.shared.sync_file.lock() = Arc::new(sync);
-        *seg = Segment::new(f, no);
+        *seg = Segment::new(f, no, self.shared.written.load(Ordering::Acquire));
         self.shared.stats.bytes_since_rotate.store(0, Ordering::Relaxed);
         no
     }
@@ -756,8 +832,8 @@ mod tests {
             b.extend_from_slice(&JOURNAL_FORMAT_VERSION.to_le_bytes());
             b.extend_from_slice(&0u32.to_le_bytes());
             for tx in 0..4u64 {
-                frame(&codec::encode(&Record::Completed { tx: common::TxId(tx * 1000) }).unwrap(), &mut b);
-                frame(&codec::encode(&Record::Switched { tx: common::TxId(tx) }).unwrap(), &mut b);
+                frame(&codec::encode(&Record::Completed { tx: common::TxId(tx * 1000) }).unwrap(), 0, &mut b);
+                frame(&codec::encode(&Record::Switched { tx: common::TxId(tx) }).unwrap(), 0, &mut b);
             }
             for (kind, at, x) in edits {
                 let i = at as usize % b.len().max(1);
@@ -779,6 +855,53 @@ mod tests {
     fn open(d: &Path, from: u64) -> (Journal, Replayed) {
         let data = Arc::new(tempfile::tempfile().unwrap());
         Journal::open(d, from, data, Duration::from_millis(5)).unwrap()
+    }
+
+    /// A record damaged after it was durable (a later record says so) is an
+    /// error naming the segment; damage in the last record, which nothing
+    /// after it vouches for, is a torn tail as before. Segments of format 1
+    /// still replay.
+    #[tokio::test]
+    async fn a_damaged_durable_record_stops_the_replay_but_a_torn_tail_does_not() {
+        let d = tempfile::tempdir().unwrap();
+        let (j, r) = open(d.path(), 0);
+        for rec in [&b"first record"[..], b"second", b"third"] {
+            j.append(rec.to_vec(), false, Wait::Durable, None).unwrap().await.unwrap();
+        }
+        j.stop().await;
+        let p = d.path().join(seg_name(r.segment));
+        let good = fs::read(&p).unwrap();
+        let flip = |at: usize| {
+            let mut b = good.clone();
+            b[at] ^= 0x40;
+            fs::write(&p, &b).unwrap();
+        };
+        // The first record's payload (after the 12-byte frame head).
+        flip(SEG_HEADER + 12 + 3);
+        let e = Journal::open(d.path(), 0, Arc::new(tempfile::tempfile().unwrap()), Duration::from_millis(5));
+        let msg = e.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("damaged since") && msg.contains(&seg_name(r.segment)), "{msg}");
+        // The last record's payload: a torn tail, truncated.
+        let last = good.len() - good.iter().rev().take_while(|&&b| b == 0).count() - 1;
+        flip(last);
+        let (j2, r2) = open(d.path(), 0);
+        assert_eq!(r2.records, vec![b"first record".to_vec(), b"second".to_vec()]);
+        j2.stop().await;
+        // Format 1 (8-byte frame heads, no durable offsets) replays.
+        let d1 = tempfile::tempdir().unwrap();
+        let mut b = Vec::new();
+        b.extend_from_slice(SEG_MAGIC);
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        for rec in [&b"old"[..], b"format"] {
+            b.extend_from_slice(&(rec.len() as u32).to_le_bytes());
+            b.extend_from_slice(&codec::crc(rec).to_le_bytes());
+            b.extend_from_slice(rec);
+        }
+        fs::write(d1.path().join(seg_name(1)), &b).unwrap();
+        let (j3, r3) = open(d1.path(), 0);
+        assert_eq!(r3.records, vec![b"old".to_vec(), b"format".to_vec()]);
+        j3.stop().await;
     }
 
     #[tokio::test]
