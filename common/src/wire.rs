@@ -551,7 +551,7 @@ mod tests {
     fn golden_bytes() {
         let hello =
             Request::Hello(Hello { protocol: PROTOCOL_VERSION, cluster_id: "c".into(), peer: PeerKind::Iom(IomId(3)) });
-        assert_eq!(hex(&encode(&hello).unwrap()), "000301630103");
+        assert_eq!(hex(&encode(&hello).unwrap()), "000401630103");
 
         let w = Request::Data(DataReq::Write {
             route: Route { epoch: Epoch(2), target: IomId(1) },

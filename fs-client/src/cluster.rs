@@ -102,22 +102,10 @@ pub struct ClusterClient {
     /// This client's id for namespace requests (duplicate-request cache key).
     client_id: u64,
     seq: std::sync::atomic::AtomicU64,
-    contact: parking_lot::Mutex<Contact>,
 }
 
-/// What this client knows of its session at the namespace (see
-/// `iom-server/src/namespace/sessions.rs`): when the latest request the
-/// namespace answered was sent (it heard from this client no earlier), and
-/// how many times an answer came so long after the one before that the
-/// namespace may have ended the session in between.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Contact {
-    pub last_sent: Option<Instant>,
-    pub lapses: u64,
-}
-
-/// Fraction of the lease a client trusts its session for without new
-/// contact (the rest is margin for delays and clock rates).
+/// Fraction of the lease a client trusts its session for after a renewal
+/// (the rest is margin for delays and clock rates).
 pub const LEASE_TRUST: f64 = 0.8;
 
 fn is_retryable(e: &NetError) -> bool {
@@ -157,7 +145,6 @@ impl ClusterClient {
             rpc_timeout: Duration::from_secs(20),
             client_id: rand::random::<u64>() | 1,
             seq: std::sync::atomic::AtomicU64::new(1),
-            contact: parking_lot::Mutex::new(Contact::default()),
         });
         Ok(c)
     }
@@ -517,22 +504,7 @@ impl ClusterClient {
         let kind = rpc_stats::kind_of(&req);
         let r = self.meta_inner(req).await;
         rpc_stats::note(kind, t0.elapsed());
-        if r.is_ok() {
-            let trust = self.cfg.client_lease().mul_f64(LEASE_TRUST);
-            let mut c = self.contact.lock();
-            if let Some(prev) = c.last_sent {
-                if prev.elapsed() >= trust {
-                    c.lapses += 1;
-                }
-            }
-            c.last_sent = Some(c.last_sent.map_or(t0, |p| p.max(t0)));
-        }
         r
-    }
-
-    /// This client's session as far as it knows (see [`Contact`]).
-    pub fn contact(&self) -> Contact {
-        *self.contact.lock()
     }
 
     async fn meta_inner(&self, req: MetaReq) -> Result<MetaResp> {

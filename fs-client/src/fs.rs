@@ -157,9 +157,11 @@ pub struct Inner {
     /// client's open handles, and releases go out one at a time, so the
     /// namespace never takes a list older than a release it already had.
     session: tokio::sync::Mutex<()>,
-    /// `Contact::lapses` as of the last renewal that re-established the
-    /// session (with every open handle counted at the namespace).
-    claimed: AtomicU64,
+    /// When the latest renewal the namespace answered was sent: from then
+    /// on it counts every handle listed, and keeps counting them for at
+    /// least a lease even if it restarts or fails over meanwhile (the
+    /// grace), so they are trusted for `LEASE_TRUST` of a lease after it.
+    claimed: Mutex<Option<Instant>>,
     /// Files whose handles are stale: the namespace reclaimed them while
     /// this client's session had lapsed.
     stale: Mutex<std::collections::HashSet<Ino>>,
@@ -617,7 +619,18 @@ impl Inner {
     }
 
     async fn release(&self, fh: u64) -> R<()> {
-        let Some(h) = self.handles.lock().remove(&fh) else { return Ok(()) };
+        // The handle leaves `handles` and joins `releases` in one step: a
+        // renewal lists it in one of the two, never in neither.
+        let Some(h) = ({
+            let mut handles = self.handles.lock();
+            let h = handles.remove(&fh);
+            if let Some(h) = &h {
+                self.releases.lock().push(h.ino);
+            }
+            h
+        }) else {
+            return Ok(());
+        };
         let last_writer = {
             let mut nodes = self.nodes.lock();
             match nodes.get_mut(&h.ino) {
@@ -632,7 +645,6 @@ impl Inner {
             }
         };
         let published = if last_writer { self.publish(h.ino).await } else { Ok(()) };
-        self.releases.lock().push(h.ino);
         self.release_kick.notify_one();
         published
     }
@@ -644,15 +656,24 @@ impl Inner {
         if inos.is_empty() {
             return;
         }
-        if let Err(e) = self.meta(MetaReq::ReleaseMany { inos }).await {
-            tracing::warn!("release of closed handles not recorded by the namespace: {e:?}");
+        if let Err(e) = self.meta(MetaReq::ReleaseMany { inos: inos.clone() }).await {
+            // Kept for the next batch: a release lost would keep its file
+            // for as long as this mount lives.
+            tracing::warn!("release of closed handles not recorded by the namespace (retried): {e:?}");
+            let mut r = self.releases.lock();
+            let later = std::mem::replace(&mut *r, inos);
+            r.extend(later);
         }
     }
 
     /// Background task: releases go out in batches.
     async fn release_worker(self: Arc<Self>) {
         loop {
-            self.release_kick.notified().await;
+            // A kick, or once a second (releases kept after a failure).
+            tokio::select! {
+                _ = self.release_kick.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
             // Collect the releases of a burst of closes.
             tokio::time::sleep(Duration::from_millis(2)).await;
             self.send_releases().await;
@@ -660,62 +681,62 @@ impl Inner {
     }
 
     /// Background task: renews the lease every third of it, whether or not
-    /// other requests did.
+    /// other requests did (sooner after a failure).
     async fn renew_worker(self: Arc<Self>) {
         loop {
             let every = self.c.cfg.client_lease() / 3;
-            if let Err(e) = self.renew().await {
-                tracing::debug!("lease renewal failed (retried in {every:?}): {e:?}");
-            }
-            tokio::time::sleep(every).await;
-        }
-    }
-
-    /// Renews the lease with the list of open handles (the namespace takes
-    /// it into a session it does not know yet); handles of files that are
-    /// gone become stale.
-    async fn renew(&self) -> R<()> {
-        for _ in 0..3 {
-            let _turn = self.session.lock().await;
-            let before = self.c.contact().lapses;
-            let mut opens: HashMap<Ino, u32> = HashMap::new();
-            for h in self.handles.lock().values() {
-                *opens.entry(h.ino).or_default() += 1;
-            }
-            let opens: Vec<(Ino, u32)> = opens.into_iter().collect();
-            let (expired, missing) = match self.c.meta(MetaReq::Renew { opens }).await.map_err(errno)? {
-                MetaResp::Renewed { expired, missing, .. } => (expired, missing),
-                _ => return Err(Errno::EIO),
+            let wait = match self.renew().await {
+                Ok(()) => every,
+                Err(e) => {
+                    tracing::debug!("lease renewal failed: {e:?}");
+                    every.min(Duration::from_secs(1))
+                }
             };
-            if expired || !missing.is_empty() {
-                tracing::error!(
-                    stale = missing.len(),
-                    "this client's session at the namespace had expired (no contact for a whole lease); \
-                     files it held open after their unlink were reclaimed, and their handles now answer ESTALE"
-                );
-            }
-            self.stale.lock().extend(missing);
-            let after = self.c.contact().lapses;
-            if after == before {
-                // The session was continuous through this renewal: every
-                // handle listed is counted at the namespace.
-                self.claimed.store(after, Ordering::Relaxed);
-                return Ok(());
-            }
+            tokio::time::sleep(wait).await;
         }
-        Err(Errno::EIO)
     }
 
-    /// Before and after a handle's data is used: the session must be one in
-    /// which the namespace counts this client's handles (else the file may
-    /// have been reclaimed, and its blocks may be another file's by now).
-    async fn session_ok(&self, ino: Ino) -> R<()> {
-        let trusted = |c: crate::cluster::Contact| {
-            c.lapses == self.claimed.load(Ordering::Relaxed)
-                && c.last_sent
-                    .is_some_and(|t| t.elapsed() < self.c.cfg.client_lease().mul_f64(crate::cluster::LEASE_TRUST))
+    /// Renews the lease with this client's open handles — those closed but
+    /// not yet reported count too, as their release follows (and subtracts
+    /// them). The namespace takes the list into a session it does not know
+    /// yet (after its own restart or failover, or the session's expiry);
+    /// handles of files it names as gone become stale.
+    async fn renew(&self) -> R<()> {
+        let _turn = self.session.lock().await;
+        let mut opens: HashMap<Ino, u32> = HashMap::new();
+        {
+            let handles = self.handles.lock();
+            let releases = self.releases.lock();
+            for ino in handles.values().map(|h| h.ino).chain(releases.iter().copied()) {
+                *opens.entry(ino).or_default() += 1;
+            }
+        }
+        let opens: Vec<(Ino, u32)> = opens.into_iter().collect();
+        let sent = Instant::now();
+        let (expired, missing) = match self.c.meta(MetaReq::Renew { opens }).await.map_err(errno)? {
+            MetaResp::Renewed { expired, missing, .. } => (expired, missing),
+            _ => return Err(Errno::EIO),
         };
-        if !trusted(self.c.contact()) {
+        if expired || !missing.is_empty() {
+            tracing::error!(
+                stale = missing.len(),
+                "this client's session at the namespace had expired (no contact for a whole lease); \
+                 files it held open after their unlink were reclaimed, and their handles now answer ESTALE"
+            );
+        }
+        self.stale.lock().extend(missing);
+        let mut c = self.claimed.lock();
+        *c = Some(c.map_or(sent, |t| t.max(sent)));
+        Ok(())
+    }
+
+    /// Before and after a handle's data is used: only within `LEASE_TRUST`
+    /// of a lease after a renewal is the file surely kept for this client
+    /// (else it may have been reclaimed, and its blocks may be another
+    /// file's by now); otherwise renew first.
+    async fn session_ok(&self, ino: Ino) -> R<()> {
+        let trust = self.c.cfg.client_lease().mul_f64(crate::cluster::LEASE_TRUST);
+        if !self.claimed.lock().is_some_and(|t| t.elapsed() < trust) {
             self.renew().await?;
         }
         if self.stale.lock().contains(&ino) {
@@ -918,7 +939,7 @@ impl IomFs {
                 releases: Mutex::new(Vec::new()),
                 release_kick: tokio::sync::Notify::new(),
                 session: tokio::sync::Mutex::new(()),
-                claimed: AtomicU64::new(u64::MAX),
+                claimed: Mutex::new(None),
                 stale: Mutex::new(Default::default()),
             }),
         }

@@ -30,7 +30,7 @@ impl Iom {
             self.member.tick();
             // A stalled disk: fall silent, so the cluster declares this IOM
             // down and its proxy serves (see `fsutil::disk_stalled`).
-            if let Some(d) = crate::fsutil::disk_stalled(self.member.failure_timeout / 2) {
+            if let Some(d) = crate::fsutil::disk_stalled(self.member.failure_timeout) {
                 if !stalled_said {
                     tracing::error!(
                         stalled = ?d,

@@ -60,50 +60,85 @@ pub fn fail_stop(what: &str, e: &std::io::Error) -> ! {
     std::process::exit(70);
 }
 
-/// Disk operations (block file and journal writes, reads, syncs) started
-/// and finished: the slow-disk watchdog's only cost on the I/O path.
-static DISK_OPS_STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-static DISK_OPS_DONE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-/// (operations done when last seen changing, since when).
-static DISK_WATCH: parking_lot::Mutex<Option<(u64, std::time::Instant)>> = parking_lot::Mutex::new(None);
+/// Disk operations started and finished: the slow-disk watchdog's only
+/// cost on the I/O path. Reads and writes (block file, journal) apart from
+/// syncs, which may take long on a healthy disk (flushing much dirty data).
+struct OpCount {
+    started: std::sync::atomic::AtomicU64,
+    done: std::sync::atomic::AtomicU64,
+    /// (operations done when last seen changing, since when).
+    watch: parking_lot::Mutex<Option<(u64, std::time::Instant)>>,
+}
+
+static IO_OPS: OpCount = OpCount::new();
+static SYNC_OPS: OpCount = OpCount::new();
+
+impl OpCount {
+    const fn new() -> OpCount {
+        OpCount {
+            started: std::sync::atomic::AtomicU64::new(0),
+            done: std::sync::atomic::AtomicU64::new(0),
+            watch: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// How long nothing has finished while something waits.
+    fn stalled(&self, now: std::time::Instant) -> std::time::Duration {
+        use std::sync::atomic::Ordering::Relaxed;
+        let done = self.done.load(Relaxed);
+        let started = self.started.load(Relaxed);
+        let mut w = self.watch.lock();
+        match *w {
+            Some((d, since)) if d == done && started > done => now.saturating_duration_since(since),
+            _ => {
+                *w = Some((done, now));
+                std::time::Duration::ZERO
+            }
+        }
+    }
+}
 
 /// Held for the length of one disk operation.
-pub struct DiskOp(());
+pub struct DiskOp(&'static OpCount);
 
 impl DiskOp {
+    /// A read or write.
     pub fn start() -> DiskOp {
-        DISK_OPS_STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        DiskOp(())
+        Self::of(&IO_OPS)
+    }
+    /// An fdatasync.
+    pub fn sync() -> DiskOp {
+        Self::of(&SYNC_OPS)
+    }
+    fn of(c: &'static OpCount) -> DiskOp {
+        c.started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        DiskOp(c)
     }
 }
 
 impl Drop for DiskOp {
     fn drop(&mut self) {
-        DISK_OPS_DONE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
-/// The slow-disk watchdog: how long the disk has gone without finishing
-/// any operation while at least one was waiting, if that is `limit` or
-/// longer. An IOM whose disk is stalled stops answering and sending
-/// heartbeats, so the cluster declares it down like a silent one — with
-/// several runtime threads (`iom_threads > 0`) its event loop would
-/// otherwise go on answering pings while every write waits for the disk.
+/// The slow-disk watchdog, asked every heartbeat: how long the disk has
+/// gone without finishing a read or write while one waited, if `limit` or
+/// longer (syncs: four times `limit`). An IOM whose disk is stalled stops
+/// answering and sending heartbeats, so the cluster declares it down like
+/// a silent one — with several runtime threads (`iom_threads > 0`) its
+/// event loop would otherwise go on answering pings while every write
+/// waits for the disk.
 pub fn disk_stalled(limit: std::time::Duration) -> Option<std::time::Duration> {
-    use std::sync::atomic::Ordering::Relaxed;
     let now = std::time::Instant::now();
-    let done = DISK_OPS_DONE.load(Relaxed);
-    let started = DISK_OPS_STARTED.load(Relaxed);
-    let mut w = DISK_WATCH.lock();
-    match *w {
-        Some((d, since)) if d == done && started > done => {
-            let stalled = now.saturating_duration_since(since);
-            (stalled >= limit).then_some(stalled)
-        }
-        _ => {
-            *w = Some((done, now));
-            None
-        }
+    let io = IO_OPS.stalled(now);
+    let sync = SYNC_OPS.stalled(now);
+    if io >= limit {
+        Some(io)
+    } else if sync >= limit * 4 {
+        Some(sync)
+    } else {
+        None
     }
 }
 

@@ -247,7 +247,7 @@ fn fatal(what: &str, e: std::io::Error) -> ! {
 
 /// `f.sync_data()`, or the fault injected at `point`.
 fn sync_data(f: &File, point: &str) -> std::io::Result<()> {
-    let _op = crate::fsutil::DiskOp::start();
+    let _op = crate::fsutil::DiskOp::sync();
     let injected = match point {
         "store::fdatasync" => crate::disk_fault!("store::fdatasync"),
         _ => crate::disk_fault!("journal::fdatasync"),

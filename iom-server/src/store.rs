@@ -344,7 +344,7 @@ impl Store {
     /// calls this before writing records that depend on data being durable.
     pub fn sync(&self) -> Result<(), Error> {
         power_loss::flush(&self.file).map_err(|e| Error::io("write block file", e))?;
-        let _op = crate::fsutil::DiskOp::start();
+        let _op = crate::fsutil::DiskOp::sync();
         self.file.sync_data().map_err(|e| Error::io("fdatasync block file", e))
     }
 }

@@ -911,6 +911,11 @@ impl Namespace {
     /// Ends the sessions of clients silent for a whole lease: the unlinked
     /// files only they held open are reclaimed.
     async fn expire_sessions(&self, iom: &Arc<Iom>) {
+        if !iom.member.has_quorum() {
+            // Cut off from the majority: clients may be renewing with the
+            // server the others chose; nothing here may be reclaimed.
+            return;
+        }
         let lsn = {
             let mut g = self.rep.lock();
             let Some(r) = g.as_mut() else { return };

@@ -6,9 +6,11 @@
 //! for a whole lease loses its session: its handles stop counting, so the
 //! files it alone held open after their last unlink are reclaimed (a
 //! `kill -9`ed mount leaves no garbage behind). The client side keeps the
-//! other half of the promise: a client that has not heard from the
-//! namespace for most of a lease re-claims its handles before it trusts
-//! any of them, and a handle whose file is gone answers ESTALE.
+//! other half of the promise: it trusts its handles only within 80 % of a
+//! lease after a renewal the namespace answered (after it, the namespace
+//! keeps every listed file for at least a lease, even across its own
+//! restart: the grace below); otherwise it renews first, and a handle
+//! whose file is gone answers ESTALE.
 //!
 //! Sessions live only in the serving replica's memory. Whenever a replica
 //! starts serving (start-up, failover, handover) it knows no sessions: the
@@ -161,8 +163,9 @@ impl Sessions {
 
     /// A lease renewal with the client's open handles: taken into a session
     /// that has not claimed yet (counts merged by maximum: an `Open`
-    /// answered meanwhile is already in the session, and a release cannot
-    /// race the list because the client sends both in turn). Returns
+    /// answered meanwhile is already in the session; the client lists the
+    /// handles it closed but has not reported yet, whose `ReleaseMany`
+    /// follows, and sends renewals and releases one at a time). Returns
     /// whether the client's previous session had expired.
     pub fn renew(&mut self, client: u64, opens: &[(Ino, u32)], now: Instant) -> bool {
         self.touch(client, now);
