@@ -1,0 +1,140 @@
+//! The wire protocol between clients and IOMs and between IOMs.
+//!
+//! Every message travels on a QUIC stream as a frame:
+//! `[u32 header_len][u32 payload_len][header][payload]`, little endian.
+//! The header is a [`Request`], [`Reply`], [`ParityMsg`] or [`ParityAck`]
+//! encoded by [`crate::codec`]; the payload carries block bytes untouched,
+//! so they are never copied through the encoder. A connection starts with a
+//! [`Request::Hello`] that names the protocol version and the cluster.
+//!
+//! All enums here are append-only: a golden-bytes test pins their encoding.
+
+use crate::cluster::ClusterMap;
+use crate::ids::{BlockKey, Epoch, GroupKey, GroupNo, IomId, ObjectId, TxRef, Version};
+use crate::meta::{MetaReq, MetaResp};
+
+use crate::toughness::Toughness;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Version of this protocol; checked by the Hello exchange on every connection.
+pub const PROTOCOL_VERSION: u32 = 4;
+/// TLS ALPN token of iomfs connections.
+pub const ALPN: &[u8] = b"iomfs";
+/// Largest frame header accepted.
+pub const MAX_HEADER: usize = 1 << 20;
+/// Largest frame payload accepted.
+pub const MAX_PAYLOAD: usize = 16 << 20;
+/// Size of the fixed frame prefix.
+pub const FRAME_PREFIX: usize = 8;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerKind {
+    Client,
+    Iom(IomId),
+    Admin,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u32,
+    pub cluster_id: String,
+    pub peer: PeerKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloOk {
+    pub protocol: u32,
+    pub iom: IomId,
+    pub map: ClusterMap,
+}
+
+/// Which role a data request addresses, under which epoch. The receiver
+/// serves it if it holds that role in its current map (itself, or as proxy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub epoch: Epoch,
+    pub target: IomId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    Hello(Hello),
+    Data(DataReq),
+    /// Opens the long-lived parity channel from data IOM `from` to this IOM;
+    /// [`ParityMsg`] frames follow on the stream, [`ParityAck`] frames come back.
+    ParityChannel {
+        from: IomId,
+        epoch: Epoch,
+    },
+    Member(MemberReq),
+    Meta(MetaCall),
+    Admin(AdminReq),
+    /// Opens the namespace mirror stream from the namespace server `from`;
+    /// [`MirrorMsg`] frames follow, [`MirrorAck`] frames come back.
+    MetaMirror {
+        from: IomId,
+        epoch: Epoch,
+    },
+}
+
+/// A namespace request with its id: `(client, seq)` is unique, so a retried
+/// request is answered from the duplicate-request cache, not applied twice.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaCall {
+    pub client: u64,
+    pub seq: u64,
+    pub req: MetaReq,
+}
+
+/// Namespace server to mirror.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MirrorMsg {
+    /// Payload: the whole namespace at `lsn` (replaces the mirror's copy).
+    Snapshot { term: u64, lsn: u64 },
+    /// Payload: one mutation batch with sequence number `lsn`.
+    Batch { term: u64, lsn: u64 },
+    /// Make everything so far durable, then answer `Synced`.
+    Sync { token: u64 },
+}
+
+/// Mirror to namespace server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MirrorAck {
+    /// Where the mirror stands when the stream opens.
+    Position {
+        term: u64,
+        lsn: u64,
+    },
+    /// Every batch up to `lsn` is applied and written to the mirror's journal.
+    Applied {
+        lsn: u64,
+    },
+    Synced {
+        token: u64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Hello(HelloOk),
+    Data(DataResp),
+    Member(MemberResp),
+    Meta(MetaResp),
+    Admin(AdminResp),
+    Error(WireError),
+}
+
+mod admin;
+mod data;
+mod error;
+mod member;
+mod parity;
+#[cfg(test)]
+mod tests;
+
+pub use admin::*;
+pub use data::*;
+pub use error::*;
+pub use member::*;
+pub use parity::*;
