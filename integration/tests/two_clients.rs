@@ -117,7 +117,7 @@ fn two_clients_at_once_keep_every_file_whole_and_parity_consistent() {
     }
     let init: Vec<u8> = (0..SHARED_BLOCKS).flat_map(|b| shared_block(0, 0, b)).collect();
     fs::write(m1.join("shared"), &init).unwrap();
-    let secs = std::env::var("IOMFS_TWO_CLIENT_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let secs = std::env::var("IOMFS_TWO_CLIENT_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
     let until = Instant::now() + Duration::from_secs(secs);
     let (a, b) = (m1.clone(), m2.clone());
     let t1 = std::thread::spawn(move || worker(1, a, until));
