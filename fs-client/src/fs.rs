@@ -13,7 +13,7 @@ use crate::cluster::{ClientError, ClusterClient};
 use bytes::Bytes;
 use common::meta::*;
 use common::toughness::{LAYOUT_XATTR, TOUGHNESS_XATTR};
-use common::{Ino, Toughness};
+use common::{Ino, ObjectId, Toughness};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
@@ -79,6 +79,13 @@ struct Node {
     mtime_set: Option<Timestamp>,
     /// When times were last set that way (the inode's change time).
     times_ctime: Option<Timestamp>,
+    /// (change, object, size) the file had at this client's last open: the
+    /// kernel's page cache of it is kept at the next open only if they are
+    /// still the same. Not the attributes after this client's own publish:
+    /// another client's writes may have landed between this client's
+    /// writes and its close, and the pages this client cached would hide
+    /// them (close-to-open).
+    opened_as: Option<(u64, ObjectId, u64)>,
 }
 
 impl Node {
@@ -271,6 +278,7 @@ impl Inner {
                         atime_set: None,
                         mtime_set: None,
                         times_ctime: None,
+                        opened_as: None,
                     },
                 );
                 a.clone()
@@ -607,13 +615,17 @@ impl Inner {
         } else {
             self.publish(ino).await?;
         }
-        let before = self.node(ino).map(|n| (n.attr.change, n.attr.object, n.attr.size));
+        let before = self.node(ino).and_then(|n| n.opened_as);
         let attr = match self.meta(MetaReq::Open { ino, truncate }).await? {
             MetaResp::Opened { attr, .. } => attr,
             _ => return Err(Errno::EIO),
         };
-        let keep = before == Some((attr.change, attr.object, attr.size)) && !truncate;
+        let now_as = (attr.change, attr.object, attr.size);
+        let keep = before == Some(now_as) && !truncate;
         self.remember(&attr);
+        if let Some(n) = self.nodes.lock().get_mut(&ino) {
+            n.opened_as = Some(now_as);
+        }
         let fh = self.new_handle(ino, write, sync);
         Ok((fh, if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() }))
     }
