@@ -227,6 +227,14 @@ impl Cluster {
         text
     }
 
+    /// Blocks stored, from the summary line of a clean `iomfs scrub`.
+    pub fn scrubbed_blocks(&self) -> u64 {
+        let text = self.must_scrub_clean();
+        let line = text.lines().find(|l| l.starts_with("scrub:")).unwrap_or_else(|| panic!("no summary:\n{text}"));
+        let n = line.split(',').nth(1).and_then(|p| p.split_whitespace().next()).and_then(|n| n.parse().ok());
+        n.unwrap_or_else(|| panic!("no block count in '{line}'"))
+    }
+
     /// `iomfs fsck` must find the namespace and its objects consistent.
     pub fn must_fsck_clean(&self) -> String {
         let out = self.iomfs(&["fsck"]);

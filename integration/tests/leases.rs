@@ -64,18 +64,10 @@ impl Drop for Resume {
     }
 }
 
-/// Blocks stored by `iomfs scrub` (its summary line).
-fn scrubbed_blocks(c: &Cluster) -> u64 {
-    let text = c.must_scrub_clean();
-    let line = text.lines().find(|l| l.starts_with("scrub:")).unwrap_or_else(|| panic!("no summary:\n{text}"));
-    let n = line.split(',').nth(1).and_then(|p| p.split_whitespace().next()).and_then(|n| n.parse().ok());
-    n.unwrap_or_else(|| panic!("no block count in '{line}'"))
-}
-
 fn wait_blocks(c: &Cluster, want: u64, within: Duration, what: &str) {
     let deadline = Instant::now() + within;
     loop {
-        let n = scrubbed_blocks(c);
+        let n = c.scrubbed_blocks();
         if n == want {
             return;
         }
@@ -107,7 +99,7 @@ fn a_killed_client_leaves_a_consistent_tree_and_its_unlinked_open_file_is_reclai
     let kept = Rng(1).bytes(1 << 20);
     fs::write(mb.join("kept"), &kept).unwrap();
     fs::create_dir(mb.join("w")).unwrap();
-    let baseline = scrubbed_blocks(&c);
+    let baseline = c.scrubbed_blocks();
 
     // Client A holds an unlinked 2 MiB file open ...
     let held_data = Rng(2).bytes(2 << 20);
@@ -151,7 +143,7 @@ fn a_killed_client_leaves_a_consistent_tree_and_its_unlinked_open_file_is_reclai
     fs::remove_dir_all(mb.join("w")).unwrap();
     fs::remove_file(mb.join("after")).unwrap();
     if t_kill.elapsed() < Duration::from_secs(LEASE_S - 1) {
-        assert!(scrubbed_blocks(&c) > baseline, "the unlinked file went before its client's lease ran out");
+        assert!(c.scrubbed_blocks() > baseline, "the unlinked file went before its client's lease ran out");
     }
     // ... and once the lease has run out it is reclaimed.
     wait_blocks(&c, baseline, Duration::from_secs(LEASE_S + 20), "the dead client's unlinked file");
@@ -172,7 +164,7 @@ fn a_client_stalled_past_its_lease_gets_estale_for_a_reclaimed_file_and_keeps_wo
     let (pc, mc) = mount_child(&mut c, "c");
     let kept = Rng(3).bytes(300_000);
     fs::write(mb.join("kept"), &kept).unwrap();
-    let baseline = scrubbed_blocks(&c);
+    let baseline = c.scrubbed_blocks();
     // B writes a file, C opens it (reads nothing yet, so its kernel has
     // nothing cached), B unlinks it: C's handle keeps it. The handle lives
     // in a holder process, not in this test: every close of a FUSE file
@@ -194,7 +186,7 @@ fn a_client_stalled_past_its_lease_gets_estale_for_a_reclaimed_file_and_keeps_wo
     assert_eq!(line.trim(), "open", "holder: {line}");
     fs::remove_file(mb.join("h")).unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    assert!(scrubbed_blocks(&c) > baseline, "the open, unlinked file lost its blocks");
+    assert!(c.scrubbed_blocks() > baseline, "the open, unlinked file lost its blocks");
 
     signal(pc, libc::SIGSTOP);
     let resume = Resume(pc);

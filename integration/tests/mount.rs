@@ -558,14 +558,6 @@ fn local_cluster_stop_and_start_keeps_everything() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
 }
 
-/// Blocks stored by `iomfs scrub` (its summary line).
-fn scrubbed_blocks(c: &Cluster) -> u64 {
-    let text = c.must_scrub_clean();
-    let line = text.lines().find(|l| l.starts_with("scrub:")).unwrap_or_else(|| panic!("no summary:\n{text}"));
-    let n = line.split(',').nth(1).and_then(|p| p.split_whitespace().next()).and_then(|n| n.parse().ok());
-    n.unwrap_or_else(|| panic!("no block count in '{line}'"))
-}
-
 /// Deleted files give their blocks back: at once when nobody has them open
 /// (dropped in batches by the namespace), after the last close otherwise
 /// (closes reported in batches too).
@@ -575,7 +567,7 @@ fn deleted_files_give_their_blocks_back_after_the_last_close() {
     let (c, m) = up();
     let kept = Rng(3).bytes(1 << 20);
     fs::write(m.join("kept"), &kept).unwrap();
-    let baseline = scrubbed_blocks(&c);
+    let baseline = c.scrubbed_blocks();
     for i in 0..20 {
         fs::write(m.join(format!("gone{i}")), Rng(i).bytes(300_000)).unwrap();
     }
@@ -589,7 +581,7 @@ fn deleted_files_give_their_blocks_back_after_the_last_close() {
     let wait_for = |want: &dyn Fn(u64) -> bool| {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let n = scrubbed_blocks(&c);
+            let n = c.scrubbed_blocks();
             if want(n) {
                 return n;
             }
