@@ -574,16 +574,19 @@ fn parse_segment(buf: &[u8], path: &Path) -> Result<(Vec<Vec<u8>>, Option<usize>
             Some(Err(())) => {
                 // Zeros to the end are the space filled ahead of the last
                 // record (a clean end); anything else is torn.
-                let clean = buf[pos..].iter().all(|&b| b == 0);
-                return Ok((out, if clean { None } else { Some(pos) }));
+                // A zeroed length field with records after it is damage,
+                // like any other bad record: fall through to the check.
+                if buf[pos..].iter().all(|&b| b == 0) {
+                    return Ok((out, None));
+                }
+                if let Some(after) = durable_after(buf, pos, ver) {
+                    return Err(damaged(path, pos, after));
+                }
+                return Ok((out, Some(pos)));
             }
             None => {
                 if let Some(after) = durable_after(buf, pos, ver) {
-                    return Err(Error::Format(format!(
-                        "{}: damaged record at offset {pos}, though a later record says the segment was durable \
-                         up to {after}: it was on stable storage and has been damaged since",
-                        path.display()
-                    )));
+                    return Err(damaged(path, pos, after));
                 }
                 return Ok((out, Some(pos)));
             }
@@ -592,31 +595,43 @@ fn parse_segment(buf: &[u8], path: &Path) -> Result<(Vec<Vec<u8>>, Option<usize>
     Ok((out, None))
 }
 
-/// After a bad record at `bad`: skipping it by its length field (intact
-/// when only its payload was damaged), the largest durable offset a later
-/// intact record names, if it lies beyond `bad`.
+fn damaged(path: &Path, pos: usize, after: u32) -> Error {
+    Error::Format(format!(
+        "{}: damaged record at offset {pos}, though a later record says the segment was durable up to {after}: \
+         it was on stable storage and has been damaged since (restore this IOM's disk with `iomfs replace`)",
+        path.display()
+    ))
+}
+
+/// After a bad record at `bad`: the durable offset named by an intact
+/// record found after it, if that offset lies beyond `bad` — proof that the
+/// bad record had reached stable storage.
+///
+/// The bad record's own length field may be what was damaged (zeroed, or
+/// a flipped bit), so this does not skip by it: it resynchronises, trying
+/// every later byte offset. A candidate must name a durable offset in
+/// `(bad, p]` (a record is framed before it is written, so the offset it
+/// names never lies past itself) before its checksum is computed; the two
+/// together leave a chance of a false match far below a disk's own error
+/// rate. In a torn tail (a crash while appending) every record after the
+/// tear was framed when the journal was durable only up to before it, so
+/// none qualifies.
 fn durable_after(buf: &[u8], bad: usize, ver: u32) -> Option<u32> {
-    if ver == 1 || buf.len() - bad < 12 {
+    if ver == 1 {
         return None;
     }
-    let len = u32::from_le_bytes(buf[bad..bad + 4].try_into().expect("4 bytes")) as usize;
-    if len == 0 || len > MAX_RECORD {
-        return None;
-    }
-    let mut pos = bad + 12 + len;
-    let mut best = None;
-    while pos < buf.len() {
-        match record_at(buf, pos, ver) {
-            Some(Ok((_, durable, n))) => {
-                if durable as usize > bad {
-                    best = best.max(Some(durable));
-                }
-                pos += n;
+    let mut p = bad + 1;
+    while p + 12 <= buf.len() {
+        let len = u32::from_le_bytes(buf[p..p + 4].try_into().expect("4 bytes")) as usize;
+        let durable = u32::from_le_bytes(buf[p + 8..p + 12].try_into().expect("4 bytes")) as usize;
+        if len > 0 && len <= MAX_RECORD && durable > bad && durable <= p && buf.len() - p - 12 >= len {
+            if let Some(Ok((_, d, _))) = record_at(buf, p, ver) {
+                return Some(d);
             }
-            _ => break,
         }
+        p += 1;
     }
-    best
+    None
 }
 
 impl Journal {
@@ -881,6 +896,28 @@ mod tests {
         let e = Journal::open(d.path(), 0, Arc::new(tempfile::tempfile().unwrap()), Duration::from_millis(5));
         let msg = e.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("damaged since") && msg.contains(&seg_name(r.segment)), "{msg}");
+        // The first record's length field zeroed, or with a bit flipped:
+        // the same damage, though the record can no longer be skipped.
+        let set_len = |len: u32| {
+            let mut b = good.clone();
+            b[SEG_HEADER..SEG_HEADER + 4].copy_from_slice(&len.to_le_bytes());
+            fs::write(&p, &b).unwrap();
+        };
+        for len in [0u32, 12 ^ (1 << 20), 13] {
+            set_len(len);
+            let e = Journal::open(d.path(), 0, Arc::new(tempfile::tempfile().unwrap()), Duration::from_millis(5));
+            let msg = e.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(msg.contains("damaged since"), "length {len}: {msg}");
+        }
+        // The last record's length zeroed: nothing vouches for it, a torn tail.
+        let third = good.windows(5).position(|w| w == b"third").unwrap() - 12;
+        let mut b = good.clone();
+        b[third..third + 4].fill(0);
+        let dz = tempfile::tempdir().unwrap();
+        fs::write(dz.path().join(seg_name(r.segment)), &b).unwrap();
+        let (j1, r1) = open(dz.path(), 0);
+        assert_eq!(r1.records, vec![b"first record".to_vec(), b"second".to_vec()]);
+        j1.stop().await;
         // The last record's payload: a torn tail, truncated.
         let last = good.len() - good.iter().rev().take_while(|&&b| b == 0).count() - 1;
         flip(last);
