@@ -15,7 +15,7 @@ use common::wire::{Ballot, MemberReq, MemberResp, Reply, Request};
 use common::{Epoch, IomId};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 impl Iom {
     /// Pings every peer every heartbeat; learns newer maps from their answers.
@@ -51,7 +51,7 @@ impl Iom {
                 tokio::spawn(async move {
                     let req = Request::Member(MemberReq::Ping { from: me.id, epoch: me.member.epoch() });
                     if let Ok((Reply::Member(MemberResp::Pong { epoch, .. }), _)) =
-                        me.pool.call_timeout(j, &req, Bytes::new(), hb * 4).await
+                        me.pool.call_timeout(j, &req, Bytes::new(), me.timeouts.ping_call).await
                     {
                         me.member.seen(j);
                         if epoch > me.member.epoch() {
@@ -66,7 +66,7 @@ impl Iom {
     /// Installs `j`'s map if it is newer.
     pub async fn fetch_map(&self, j: IomId) {
         if let Ok((Reply::Member(MemberResp::Map(m)), _)) =
-            self.pool.call_timeout(j, &Request::Member(MemberReq::GetMap), Bytes::new(), Duration::from_secs(1)).await
+            self.pool.call_timeout(j, &Request::Member(MemberReq::GetMap), Bytes::new(), self.timeouts.probe_call).await
         {
             self.member.install(m);
         }
@@ -141,7 +141,7 @@ impl Iom {
             .map(|j| {
                 let me = self.clone();
                 let req = Request::Member(MemberReq::Propose { ballot, map: next.clone(), changed });
-                async move { me.pool.call_timeout(j, &req, Bytes::new(), Duration::from_millis(700)).await }
+                async move { me.pool.call_timeout(j, &req, Bytes::new(), me.timeouts.vote_call).await }
             })
             .collect();
         let mut votes = 1usize;
@@ -171,7 +171,7 @@ impl Iom {
             let me = self.clone();
             let req = Request::Member(MemberReq::Commit { map: next.clone() });
             tokio::spawn(async move {
-                let _ = me.pool.call_timeout(j, &req, Bytes::new(), Duration::from_secs(1)).await;
+                let _ = me.pool.call_timeout(j, &req, Bytes::new(), me.timeouts.probe_call).await;
             });
         }
         true
@@ -280,7 +280,7 @@ impl Iom {
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                _ = tokio::time::sleep(self.timeouts.retry_pause) => {}
             }
         }
     }
@@ -323,7 +323,7 @@ impl Iom {
                     j,
                     &Request::Member(MemberReq::DoneSeen { of: self.id }),
                     Bytes::new(),
-                    Duration::from_secs(1),
+                    self.timeouts.probe_call,
                 )
                 .await;
             match r {

@@ -35,6 +35,7 @@ pub mod restart;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod timeouts;
 pub mod write_path;
 
 pub use server::{Iom, StartOptions};

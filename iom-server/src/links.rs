@@ -117,7 +117,7 @@ impl Links {
 
 /// Keeps the channel to `role` open for as long as the IOM runs.
 async fn supervise(iom: Arc<Iom>, role: IomId) {
-    let mut backoff = Duration::from_millis(20);
+    let mut backoff = iom.timeouts.link_backoff_min;
     let mut epochs = iom.member.subscribe();
     loop {
         if iom.shutdown.is_cancelled() && iom.inflight.is_empty() {
@@ -131,11 +131,11 @@ async fn supervise(iom: Arc<Iom>, role: IomId) {
             continue;
         };
         match run_stream(&iom, role, server, &mut epochs).await {
-            Ok(()) => backoff = Duration::from_millis(20),
+            Ok(()) => backoff = iom.timeouts.link_backoff_min,
             Err(e) => {
                 tracing::debug!(iom = iom.id.0, role = role.0, server = server.0, "parity channel: {e}");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
+                backoff = (backoff * 2).min(iom.timeouts.link_backoff_max);
             }
         }
     }

@@ -45,7 +45,7 @@ impl Iom {
                             j,
                             &Request::Member(MemberReq::Unfinished { about: i }),
                             Bytes::new(),
-                            Duration::from_secs(2),
+                            self.timeouts.peer_call,
                         )
                         .await
                     {
@@ -66,7 +66,7 @@ impl Iom {
             if todo.is_empty() || self.shutdown.is_cancelled() {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(self.timeouts.collect_pause).await;
         }
         self.activated.lock().insert(i);
         self.activation.notify_waiters();

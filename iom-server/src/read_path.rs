@@ -191,7 +191,7 @@ impl Iom {
         // once it reaches `Durable` (its a11 synced, the parity IOM reported
         // b12). The syncs on the way usually cover `pos` already, so the
         // last step rarely costs a sync of its own.
-        self.journal.hurry(std::time::Duration::from_millis(100));
+        self.journal.hurry(self.timeouts.flush_hurry);
         let pos = self.journal.position();
         // Parity batches already queued lazily (b11) are synced now.
         drop(self.journal.flush_request());
@@ -219,7 +219,7 @@ impl Iom {
                     .lock()
                     .values()
                     .any(|t| t.group.object == object && t.group.group >= from && t.applied.is_none());
-            if !busy || start.elapsed() > Duration::from_secs(60) {
+            if !busy || start.elapsed() > self.timeouts.drop_wait_max {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

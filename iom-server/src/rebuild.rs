@@ -53,7 +53,7 @@ impl Iom {
     }
 
     async fn marks_from(&self, proxy: IomId, req: MemberReq) -> Option<RebuildMarks> {
-        match self.pool.call_timeout(proxy, &Request::Member(req), Bytes::new(), Duration::from_secs(10)).await {
+        match self.pool.call_timeout(proxy, &Request::Member(req), Bytes::new(), self.timeouts.handover_call).await {
             Ok((Reply::Member(MemberResp::Marks(m)), _)) => Some(m),
             _ => None,
         }
@@ -65,7 +65,7 @@ impl Iom {
         let me = self.id;
         let mut recovered = false;
         // Let the peers hear this IOM before it asks them to vote it back.
-        tokio::time::sleep(self.member.heartbeat * 3).await;
+        tokio::time::sleep(self.timeouts.rejoin_grace).await;
         loop {
             if self.shutdown.is_cancelled() {
                 return;
@@ -77,7 +77,7 @@ impl Iom {
             };
             let Some(marks) = self.marks_from(proxy, MemberReq::RebuildMarks { about: me }).await else {
                 tracing::warn!(iom = me.0, proxy = proxy.0, "rejoin: stand-in not reachable yet");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(self.timeouts.unreachable_pause).await;
                 continue;
             };
             if !recovered {
@@ -97,7 +97,7 @@ impl Iom {
                 next.epoch = Epoch(map.epoch.0 + 1);
                 next.states[me.0 as usize] = IomState::Rebuilding { proxy };
                 if !self.propose(next, me).await {
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    tokio::time::sleep(self.timeouts.retry_pause).await;
                     continue;
                 }
             }
@@ -125,10 +125,10 @@ impl Iom {
                     proxy,
                     &Request::Member(MemberReq::Unfreeze { about: me }),
                     Bytes::new(),
-                    Duration::from_secs(2),
+                    self.timeouts.peer_call,
                 )
                 .await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::time::sleep(self.timeouts.retry_pause).await;
         }
         self.rebuild.active.store(false, Ordering::Release);
         if self.replacing.swap(false, Ordering::AcqRel) {
@@ -161,7 +161,7 @@ impl Iom {
                 Ok(x) => break x,
                 Err(e) => {
                     tracing::warn!(iom = self.id.0, "replacement: cannot list the other IOMs yet: {e}");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::time::sleep(self.timeouts.unreachable_pause).await;
                 }
             }
         };
@@ -188,7 +188,7 @@ impl Iom {
                     groups = groups.len(),
                     "replacement: some blocks could not be rebuilt yet; trying again"
                 );
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(self.timeouts.unreachable_pause).await;
             }
             let m = RebuildMarks {
                 blocks: blocks.clone(),
@@ -264,7 +264,7 @@ impl Iom {
         loop {
             let page = match self
                 .pool
-                .call_timeout(j, &Request::Data(req(after)), Bytes::new(), Duration::from_secs(10))
+                .call_timeout(j, &Request::Data(req(after)), Bytes::new(), self.timeouts.listing_call)
                 .await
             {
                 Ok((Reply::Data(r), _)) => {
@@ -291,7 +291,7 @@ impl Iom {
                 return;
             }
             let Some(m) = self.marks_from(proxy, MemberReq::RebuildMarks { about: self.id }).await else {
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                tokio::time::sleep(self.timeouts.retry_pause).await;
                 continue;
             };
             if is_empty(&m) {
@@ -371,7 +371,7 @@ impl Iom {
                 proxy,
                 &Request::Member(MemberReq::ClearMarks { about: self.id, marks: done }),
                 Bytes::new(),
-                Duration::from_secs(5),
+                self.timeouts.role_call,
             )
             .await;
         self.journal.flush().await;

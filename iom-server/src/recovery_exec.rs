@@ -88,7 +88,7 @@ impl Iom {
         make: impl Fn(Route) -> Request + Send + 'a,
         payload: Bytes,
     ) -> BoxFut<'a, Result<(Reply, Bytes), Error>> {
-        self.call_role_within(role, make, payload, Duration::from_secs(5))
+        self.call_role_within(role, make, payload, self.timeouts.role_call)
     }
 
     /// [`Iom::call_role`] with its own deadline for a remote server.
@@ -125,7 +125,7 @@ impl Iom {
         if role == self.id {
             return self.member_call(role, req).await;
         }
-        match self.pool.call_timeout(role, &Request::Member(req.clone()), Bytes::new(), Duration::from_secs(2)).await {
+        match self.pool.call_timeout(role, &Request::Member(req.clone()), Bytes::new(), self.timeouts.peer_call).await {
             Ok((Reply::Member(m), _)) => Ok(m),
             Ok((r, _)) => Err(Error::Format(format!("unexpected reply {r:?}"))),
             Err(e) if e.is_transport() => self.member_call(role, req).await,
@@ -559,7 +559,7 @@ impl Iom {
         for (tx, t) in dtx {
             by_key.entry(t.key).or_default().push((tx, t));
         }
-        let mut delay = Duration::from_millis(100);
+        let mut delay = self.timeouts.recovery_backoff_min;
         while !by_key.is_empty() && !self.shutdown.is_cancelled() {
             let mut left = BTreeMap::new();
             for (key, txs) in std::mem::take(&mut by_key) {
@@ -584,12 +584,12 @@ impl Iom {
             by_key = left;
             if !by_key.is_empty() {
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                delay = (delay * 2).min(self.timeouts.recovery_backoff_max);
             }
         }
         // Parity side.
         let mut pending: Vec<TxRef> = ptx.into_iter().map(|(t, _)| t).collect();
-        let mut delay = Duration::from_millis(100);
+        let mut delay = self.timeouts.recovery_backoff_min;
         while !pending.is_empty() && !self.shutdown.is_cancelled() {
             let mut left = Vec::new();
             for tx in pending {
@@ -610,7 +610,7 @@ impl Iom {
             pending = left;
             if !pending.is_empty() {
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                delay = (delay * 2).min(self.timeouts.recovery_backoff_max);
             }
         }
         tracing::warn!(

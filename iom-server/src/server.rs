@@ -11,6 +11,7 @@ use crate::namespace::Namespace;
 use crate::parity::ParitySide;
 use crate::records::Record;
 use crate::store::{Allocator, Store};
+use crate::timeouts::Timeouts;
 use crate::write_path::Inflight;
 use crate::Error;
 use common::cluster::ClusterMap;
@@ -23,7 +24,6 @@ use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -77,6 +77,8 @@ pub struct Iom {
     /// Transactions the journal left open at start-up, for recovery.
     pub startup_open: parking_lot::Mutex<Option<crate::recovery_exec::OpenTxs>>,
     pub member: Membership,
+    /// Every time limit, from `[tuning]` (see `timeouts`).
+    pub timeouts: Timeouts,
     pub namespace: Namespace,
     pub shutdown: CancellationToken,
     pub endpoint: quinn::Endpoint,
@@ -106,6 +108,7 @@ impl Iom {
     /// Opens storage, replays the journal and binds the QUIC endpoint.
     pub async fn start(opts: StartOptions) -> Result<Arc<Iom>, Error> {
         let cfg = ClusterConfig::load(&opts.dir)?;
+        let timeouts = Timeouts::from_tuning(&cfg.tuning);
         let paths = ClusterPaths::new(&opts.dir);
         let icfg = cfg.iom(opts.id)?.clone();
         let layout = cfg.layout();
@@ -143,8 +146,7 @@ impl Iom {
         };
         let from = map.load_snapshot(&data_dir).map_err(damaged)?;
         let (journal, replayed) =
-            Journal::open(&journal_dir, from, store.file(), Duration::from_millis(cfg.tuning.journal_flush_ms.max(1)))
-                .map_err(damaged)?;
+            Journal::open(&journal_dir, from, store.file(), timeouts.journal_flush).map_err(damaged)?;
         let n = replayed.records.len();
         for (i, raw) in replayed.records.iter().enumerate() {
             let rec: Record = codec::decode(raw)
@@ -181,18 +183,13 @@ impl Iom {
             // A replacement holds no namespace: it gets a copy from the
             // namespace server when it becomes the mirror again.
             cfg.meta_home == opts.id.0 && !replacing,
-            Duration::from_millis(cfg.tuning.journal_flush_ms.max(1)),
+            timeouts.journal_flush,
             cfg.client_lease(),
         )?;
         let state_map = crate::membership_state::load(&data_dir)?
             .unwrap_or_else(|| ClusterMap::initial(cfg.width(), IomId(cfg.meta_home)));
-        let member = Membership::new(
-            opts.id,
-            state_map,
-            data_dir.clone(),
-            Duration::from_millis(cfg.tuning.heartbeat_ms.max(10)),
-            Duration::from_millis(cfg.tuning.failure_timeout_ms.max(100)),
-        );
+        let member =
+            Membership::new(opts.id, state_map, data_dir.clone(), timeouts.heartbeat, timeouts.failure_timeout);
 
         let bind: SocketAddr = tokio::net::lookup_host(&icfg.addr)
             .await
@@ -249,6 +246,7 @@ impl Iom {
             map,
             pool,
             member,
+            timeouts,
             namespace,
             endpoint,
             _lock: lock,
@@ -319,7 +317,7 @@ impl Iom {
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = tokio::time::sleep(self.timeouts.checkpoint_poll) => {}
             }
             if self.journal.stats.bytes_since_rotate.load(Ordering::Relaxed) > CHECKPOINT_BYTES {
                 if let Err(e) = self.checkpoint().await {
@@ -334,7 +332,7 @@ impl Iom {
     pub async fn stop(&self) {
         self.shutdown.cancel();
         self.endpoint.set_server_config(None);
-        let drained = tokio::time::timeout(Duration::from_secs(3), self.inflight.wait_all()).await.is_ok();
+        let drained = tokio::time::timeout(self.timeouts.shutdown_drain, self.inflight.wait_all()).await.is_ok();
         if !drained {
             tracing::warn!(iom = self.id.0, "stopping with unfinished writes; recovery will finish them");
         }

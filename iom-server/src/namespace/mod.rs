@@ -290,7 +290,7 @@ impl Namespace {
     /// it), or durable locally when there is no mirror.
     async fn settle(&self, iom: &Iom, lsn: u64) {
         let mut rx = self.acked.subscribe();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + iom.timeouts.mirror_ack_wait;
         loop {
             let (g, a) = *rx.borrow_and_update();
             if g != 0 && a >= lsn {
@@ -387,7 +387,7 @@ impl Namespace {
             return Ok(MetaResp::Done);
         }
         if matches!(req, MetaReq::StatFs) {
-            let fresh = self.fs_stats.lock().1.is_some_and(|t| t.elapsed() < Duration::from_secs(2));
+            let fresh = self.fs_stats.lock().1.is_some_and(|t| t.elapsed() < iom.timeouts.statfs_max_age);
             if !fresh {
                 Self::refresh_stats(iom).await;
             }
@@ -597,7 +597,7 @@ impl Namespace {
                 Some(m) => {
                     if let Err(e) = Self::run_mirror_stream(&iom, m, &mut epochs).await {
                         tracing::debug!(iom = iom.id.0, mirror = m.0, "namespace mirror stream: {e}");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        tokio::time::sleep(iom.timeouts.mirror_retry).await;
                     }
                 }
             }
@@ -826,8 +826,7 @@ impl Namespace {
         }
         // The received copy replaces everything this replica had.
         Journal::remove_before(&dir, u64::MAX)?;
-        let (journal, replayed) =
-            Journal::open(&dir, 0, iom.store.file(), Duration::from_millis(iom.cfg.tuning.journal_flush_ms.max(1)))?;
+        let (journal, replayed) = Journal::open(&dir, 0, iom.store.file(), iom.timeouts.journal_flush)?;
         write_snap(&dir, &Snap { term, lsn, replay_from: replayed.segment, state: state.clone() })?;
         *self.rep.lock() = Some(Replica {
             state,
@@ -851,7 +850,7 @@ impl Namespace {
         loop {
             tokio::select! {
                 _ = iom.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = tokio::time::sleep(iom.timeouts.namespace_tick) => {}
             }
             tick += 1;
             let serving = iom.member.current().meta_server() == Some(iom.id);
@@ -886,7 +885,7 @@ impl Namespace {
             }
             match iom
                 .pool
-                .call_timeout(IomId(i), &Request::Admin(AdminReq::Stats), Bytes::new(), Duration::from_secs(1))
+                .call_timeout(IomId(i), &Request::Admin(AdminReq::Stats), Bytes::new(), iom.timeouts.probe_call)
                 .await
             {
                 Ok((Reply::Admin(AdminResp::Stats(s)), _)) => Some(s),
@@ -948,7 +947,7 @@ impl Namespace {
             let iom = iom.clone();
             async move {
                 let make = |route| Request::Data(DataReq::DropObjects { route, objects: objects.clone() });
-                iom.call_role_within(IomId(i), make, Bytes::new(), Duration::from_secs(30)).await.is_ok()
+                iom.call_role_within(IomId(i), make, Bytes::new(), iom.timeouts.gc_drop_call).await.is_ok()
             }
         });
         let done = if futures::future::join_all(calls).await.into_iter().all(|x| x) { dead } else { Vec::new() };
