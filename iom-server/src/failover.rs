@@ -20,7 +20,7 @@ use std::time::Instant;
 impl Iom {
     /// Pings every peer every heartbeat; learns newer maps from their answers.
     pub async fn heartbeat_worker(self: Arc<Self>) {
-        let hb = self.member.heartbeat;
+        let hb = self.timeouts.heartbeat;
         let mut stalled_said = false;
         loop {
             tokio::select! {
@@ -30,7 +30,7 @@ impl Iom {
             self.member.tick();
             // A stalled disk: fall silent, so the cluster declares this IOM
             // down and its proxy serves (see `fsutil::disk_stalled`).
-            if let Some(d) = crate::fsutil::disk_stalled(self.member.failure_timeout) {
+            if let Some(d) = crate::fsutil::disk_stalled(self.timeouts.failure_timeout) {
                 if !stalled_said {
                     tracing::error!(
                         stalled = ?d,
@@ -78,7 +78,7 @@ impl Iom {
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(self.member.heartbeat) => {}
+                _ = tokio::time::sleep(self.timeouts.heartbeat) => {}
             }
             self.member.tick();
             let map = self.member.current();
@@ -92,7 +92,7 @@ impl Iom {
                 if self.member.proposer_for(j) != Some(self.id) {
                     continue;
                 }
-                if last_try.get(&j).is_some_and(|t| t.elapsed() < self.member.failure_timeout) {
+                if last_try.get(&j).is_some_and(|t| t.elapsed() < self.timeouts.failure_timeout) {
                     continue;
                 }
                 last_try.insert(j, Instant::now());

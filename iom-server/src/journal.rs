@@ -571,20 +571,13 @@ fn parse_segment(buf: &[u8], path: &Path) -> Result<(Vec<Vec<u8>>, Option<usize>
                 out.push(payload.to_vec());
                 pos += n;
             }
-            Some(Err(())) => {
-                // Zeros to the end are the space filled ahead of the last
-                // record (a clean end); anything else is torn.
-                // A zeroed length field with records after it is damage,
-                // like any other bad record: fall through to the check.
-                if buf[pos..].iter().all(|&b| b == 0) {
-                    return Ok((out, None));
-                }
-                if let Some(after) = durable_after(buf, pos, ver) {
-                    return Err(damaged(path, pos, after));
-                }
-                return Ok((out, Some(pos)));
-            }
-            None => {
+            // Zeros to the end are the space filled ahead of the last
+            // record: a clean end.
+            Some(Err(())) if buf[pos..].iter().all(|&b| b == 0) => return Ok((out, None)),
+            // Anything else that is not a whole record — a zeroed length
+            // field with bytes after it included — is a torn tail, unless
+            // a later record proves it was durable.
+            _ => {
                 if let Some(after) = durable_after(buf, pos, ver) {
                     return Err(damaged(path, pos, after));
                 }
@@ -622,9 +615,8 @@ fn durable_after(buf: &[u8], bad: usize, ver: u32) -> Option<u32> {
     }
     let mut p = bad + 1;
     while p + 12 <= buf.len() {
-        let len = u32::from_le_bytes(buf[p..p + 4].try_into().expect("4 bytes")) as usize;
         let durable = u32::from_le_bytes(buf[p + 8..p + 12].try_into().expect("4 bytes")) as usize;
-        if len > 0 && len <= MAX_RECORD && durable > bad && durable <= p && buf.len() - p - 12 >= len {
+        if durable > bad && durable <= p {
             if let Some(Ok((_, d, _))) = record_at(buf, p, ver) {
                 return Some(d);
             }

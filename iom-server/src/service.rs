@@ -326,7 +326,7 @@ async fn data_one(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataR
 async fn member(iom: &Arc<Iom>, req: MemberReq) -> Result<MemberResp, Error> {
     match req {
         MemberReq::Ping { from, .. } => {
-            if let Some(d) = crate::fsutil::disk_stalled(iom.member.failure_timeout) {
+            if let Some(d) = crate::fsutil::disk_stalled(iom.timeouts.failure_timeout) {
                 return Err(Error::Wire(WireError::new(
                     ErrorCode::NotServing,
                     format!("IOM {}'s disk has finished nothing for {d:?}", iom.id),
