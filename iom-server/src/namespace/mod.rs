@@ -467,7 +467,7 @@ impl Namespace {
                     let p = s.create(parent, &name, kind, perm, rdev, caller, target, now);
                     if open {
                         if let Ok(Plan { reply: MetaResp::Created { attr, .. }, .. }) = &p {
-                            r.sessions.open(client, attr.ino, at);
+                            r.sessions.open(client, seq, attr.ino, at);
                         }
                     }
                     p
@@ -487,7 +487,7 @@ impl Namespace {
                 MetaReq::Open { ino, truncate } => {
                     let (p, attr) = s.open(ino, truncate, now).map_err(nserr)?;
                     let t = attr.toughness;
-                    r.sessions.open(client, ino, at);
+                    r.sessions.open(client, seq, ino, at);
                     match p {
                         None => return Ok(MetaResp::Opened { attr, toughness: t }),
                         Some(p) => Ok(Plan { recs: p.recs, reply: MetaResp::Opened { attr, toughness: t } }),

@@ -30,10 +30,19 @@ use std::time::{Duration, Instant};
 /// had lost its session.
 const EXPIRED_KEPT: usize = 4096;
 
+/// Request numbers of a client's counted opens remembered, so that a
+/// retried `Open` (its answer lost, the same request sent again) is not
+/// counted twice. Retries come within seconds; a client has far fewer
+/// opens than this in flight.
+const OPENS_REMEMBERED: usize = 1024;
+
 #[derive(Debug)]
 struct Session {
     last: Instant,
     opens: HashMap<Ino, u32>,
+    /// Request numbers (`MetaCall::seq`) of the opens counted, newest last.
+    counted: VecDeque<u64>,
+    counted_set: HashSet<u64>,
     /// Took its client's list of open handles (a `Renew`) since this
     /// replica began serving.
     claimed: bool,
@@ -118,6 +127,8 @@ impl Sessions {
         self.map.entry(client).and_modify(|s| s.last = now).or_insert_with(|| Session {
             last: now,
             opens: HashMap::new(),
+            counted: VecDeque::new(),
+            counted_set: HashSet::new(),
             claimed: false,
         });
     }
@@ -133,12 +144,24 @@ impl Sessions {
         !self.is_open(ino) && !kept_for_grace
     }
 
-    pub fn open(&mut self, client: u64, ino: Ino, now: Instant) {
+    /// Counts one handle of `client` on `ino`, opened by its request `seq`
+    /// (`MetaCall::seq`): a retry of a request already counted (its answer
+    /// was lost, and the client sent it again) counts nothing.
+    pub fn open(&mut self, client: u64, seq: u64, ino: Ino, now: Instant) {
         if client == 0 {
             return;
         }
         self.touch(client, now);
         if let Some(s) = self.map.get_mut(&client) {
+            if !s.counted_set.insert(seq) {
+                return;
+            }
+            s.counted.push_back(seq);
+            if s.counted.len() > OPENS_REMEMBERED {
+                if let Some(old) = s.counted.pop_front() {
+                    s.counted_set.remove(&old);
+                }
+            }
             *s.opens.entry(ino).or_default() += 1;
         }
     }
@@ -245,23 +268,37 @@ mod tests {
     fn a_file_goes_with_its_last_handle_across_clients() {
         let t = Instant::now();
         let mut s = serving(t, vec![]);
-        s.open(1, Ino(5), t);
-        s.open(2, Ino(5), t);
-        s.open(2, Ino(5), t);
+        s.open(1, 1, Ino(5), t);
+        s.open(2, 2, Ino(5), t);
+        s.open(2, 3, Ino(5), t);
         assert!(s.release(1, &[Ino(5)], t).is_empty(), "client 2 still holds it");
         assert!(s.release(2, &[Ino(5)], t).is_empty());
         assert_eq!(s.release(2, &[Ino(5)], t), vec![Ino(5)]);
         // A release of a handle the session never had changes nothing.
-        s.open(1, Ino(6), t);
+        s.open(1, 4, Ino(6), t);
         assert!(s.release(2, &[Ino(6)], t).is_empty());
+    }
+
+    #[test]
+    fn a_retried_open_counts_once() {
+        let t = Instant::now();
+        let mut s = serving(t, vec![]);
+        s.open(1, 40, Ino(5), t);
+        s.open(1, 40, Ino(5), t);
+        assert_eq!(s.release(1, &[Ino(5)], t), vec![Ino(5)], "one handle, one release");
+        // The same request number from another client is another open.
+        s.open(1, 41, Ino(6), t);
+        s.open(2, 41, Ino(6), t);
+        assert!(s.release(1, &[Ino(6)], t).is_empty());
+        assert_eq!(s.release(2, &[Ino(6)], t), vec![Ino(6)]);
     }
 
     #[test]
     fn a_silent_client_loses_its_handles_after_one_lease_and_is_told_so() {
         let t = Instant::now();
         let mut s = serving(t, vec![]);
-        s.open(1, Ino(5), t);
-        s.open(2, Ino(7), t);
+        s.open(1, 5, Ino(5), t);
+        s.open(2, 6, Ino(7), t);
         assert!(s.expire(t + L / 2).is_empty());
         s.touch(2, t + L / 2);
         assert_eq!(s.expire(t + L + Duration::from_millis(1)), vec![Ino(5)]);
@@ -281,7 +318,7 @@ mod tests {
         assert!(!s.reclaimable(Ino(6), t + L / 2));
         // Client 1 claims ino 6 with two handles; an Open answered before the
         // claim arrived is kept (maximum, not sum).
-        s.open(1, Ino(8), t);
+        s.open(1, 7, Ino(8), t);
         assert!(!s.renew(1, &[(Ino(6), 2), (Ino(8), 1)], t + L / 3));
         // A second list is not taken: the session already claimed.
         s.renew(1, &[(Ino(6), 5)], t + L / 2);
@@ -296,7 +333,7 @@ mod tests {
     fn serving_again_forgets_old_sessions_and_starts_a_new_grace() {
         let t = Instant::now();
         let mut s = serving(t, vec![]);
-        s.open(1, Ino(5), t);
+        s.open(1, 8, Ino(5), t);
         s.set_serving(false, t + L, Vec::new);
         s.set_serving(true, t + 2 * L, || vec![Ino(5)]);
         assert!(!s.is_open(Ino(5)));
