@@ -8,6 +8,7 @@
 //! start-up path: learn the current map, then recover (still up) or rejoin
 //! (declared down meanwhile).
 
+use crate::workers::Tier;
 use crate::Iom;
 use bytes::Bytes;
 use common::cluster::{ClusterMap, IomState};
@@ -48,7 +49,7 @@ impl Iom {
                     continue;
                 }
                 let me = self.clone();
-                tokio::spawn(async move {
+                self.workers.spawn(Tier::Background, "ping", async move {
                     let req = Request::Member(MemberReq::Ping { from: me.id, epoch: me.member.epoch() });
                     if let Ok((Reply::Member(MemberResp::Pong { epoch, .. }), _)) =
                         me.pool.call_timeout(j, &req, Bytes::new(), me.timeouts.ping_call).await
@@ -170,7 +171,7 @@ impl Iom {
         for j in (0..w).map(IomId).filter(|&j| j != self.id) {
             let me = self.clone();
             let req = Request::Member(MemberReq::Commit { map: next.clone() });
-            tokio::spawn(async move {
+            self.workers.spawn(Tier::Background, "map-commit", async move {
                 let _ = me.pool.call_timeout(j, &req, Bytes::new(), me.timeouts.probe_call).await;
             });
         }
@@ -194,7 +195,11 @@ impl Iom {
             if let IomState::Down { proxy } | IomState::Rebuilding { proxy } = prev.state(j) {
                 if proxy == self.id && j != self.id {
                     let me = self.clone();
-                    tokio::spawn(async move { me.standin_activate(j).await });
+                    self.workers.spawn(
+                        Tier::Background,
+                        "standin-activate",
+                        async move { me.standin_activate(j).await },
+                    );
                 }
             }
         }
@@ -218,7 +223,8 @@ impl Iom {
                             "standing in for failed IOM"
                         );
                         let me = self.clone();
-                        tokio::spawn(async move { me.standin_activate(j).await });
+                        self.workers
+                            .spawn(Tier::Background, "standin-activate", async move { me.standin_activate(j).await });
                     }
                     IomState::Up => {
                         if let IomState::Down { proxy } | IomState::Rebuilding { proxy } = was {

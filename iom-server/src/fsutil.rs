@@ -26,6 +26,18 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
     sync_dir(dir)
 }
 
+/// Runs `f` (file writes, fsyncs) on tokio's blocking pool, so the event
+/// loop that answers heartbeats is never held up by the disk.
+pub async fn off_loop<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(Error::Format(format!("{what}: the blocking task failed: {e}"))),
+    }
+}
+
 /// Removes temp files left by a crash during [`write_atomic`].
 pub fn sweep_temp(dir: &Path) {
     if let Ok(rd) = fs::read_dir(dir) {

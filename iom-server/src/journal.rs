@@ -993,6 +993,7 @@ mod tests {
     }
 
     #[tokio::test]
+    #[allow(clippy::disallowed_methods)] // a test's own tasks
     async fn group_commit_batches_flushes() {
         let d = tempfile::tempdir().unwrap();
         let (j, _) = open(d.path(), 0);

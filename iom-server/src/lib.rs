@@ -36,6 +36,7 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod timeouts;
+pub mod workers;
 pub mod write_path;
 
 pub use server::{Iom, StartOptions};

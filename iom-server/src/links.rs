@@ -8,6 +8,7 @@
 //! after a failure) and everything unfinished is sent again, in transaction
 //! order. The parity side ignores what it already has.
 
+use crate::workers::Tier;
 use crate::Iom;
 use bytes::Bytes;
 use common::wire::{ErrorCode, MemberResp, ParityAck, ParityMsg, ParityUpdate, Reply, Request};
@@ -110,7 +111,8 @@ impl Links {
         let link = &self.links[role.0 as usize];
         if !link.started.swap(true, Ordering::AcqRel) {
             let iom = iom.clone();
-            tokio::spawn(async move { supervise(iom, role).await });
+            let w = iom.clone();
+            w.workers.spawn(Tier::Protocol, "parity-link", async move { supervise(iom, role).await });
         }
     }
 }
@@ -120,7 +122,7 @@ async fn supervise(iom: Arc<Iom>, role: IomId) {
     let mut backoff = iom.timeouts.link_backoff_min;
     let mut epochs = iom.member.subscribe();
     loop {
-        if iom.shutdown.is_cancelled() && iom.inflight.is_empty() {
+        if iom.workers.stopping(Tier::Protocol) && iom.inflight.is_empty() {
             return;
         }
         let Some(server) = iom.member.server_for(role) else {
@@ -168,7 +170,7 @@ async fn run_stream(
         }
         s.out = Some(tx);
     }
-    let writer = tokio::spawn(async move {
+    let writer = iom.workers.spawn(Tier::Protocol, "parity-link-writer", async move {
         while let Some(Out::Msg(m, payload)) = rx.recv().await {
             if write_frame(&mut send, &m, payload).await.is_err() {
                 return;
@@ -176,6 +178,7 @@ async fn run_stream(
         }
         let _ = send.finish();
     });
+    let protocol = iom.workers.token(Tier::Protocol);
     let result = loop {
         tokio::select! {
             f = read_frame::<ParityAck>(&mut recv) => match f {
@@ -188,6 +191,8 @@ async fn run_stream(
                     break Ok(());
                 }
             }
+            // A stop, once every write transaction has finished.
+            _ = async { protocol.cancelled().await; iom.inflight.wait_all().await } => break Ok(()),
         }
     };
     link.state.lock().out = None;
@@ -228,8 +233,9 @@ fn on_ack(iom: &Arc<Iom>, role: IomId, ack: ParityAck) {
             // be read or recomputed yet): the update stays pending and is
             // sent again after a pause, like after a broken channel.
             tracing::warn!(iom = iom.id.0, role = role.0, tx = ?tx, "parity update refused, resending in 500 ms: {error}");
-            let iom = iom.clone();
-            tokio::spawn(async move {
+            let me = iom.clone();
+            iom.workers.spawn(Tier::Protocol, "parity-resend", async move {
+                let iom = me;
                 tokio::time::sleep(RESEND_AFTER_FAILED).await;
                 let s = iom.links.links[role.0 as usize].state.lock();
                 if let (Some(p), Some(out)) = (s.pending.get(&tx.tx), &s.out) {

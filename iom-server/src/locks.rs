@@ -63,6 +63,7 @@ impl<K: Hash + Eq + Copy> Drop for KeyGuard<'_, K> {
 mod tests {
     use super::*;
     #[tokio::test]
+    #[allow(clippy::disallowed_methods)] // a test's own tasks
     async fn fifo_and_cleanup() {
         let l = Arc::new(KeyLocks::<u64>::default());
         let order = Arc::new(Mutex::new(Vec::new()));

@@ -68,14 +68,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::write(&pid_path, format!("{}\n", std::process::id()))
         .with_context(|| format!("write pid file {}", pid_path.display()))?;
     tracing::info!(iom = args.id, addr = %iom.endpoint.local_addr()?, "serving");
-    let server = tokio::spawn(iom_server::service::serve(iom.clone()));
-    tokio::spawn(iom.clone().join());
-    tokio::spawn(iom.clone().heartbeat_worker());
-    tokio::spawn(iom.clone().detector_worker());
-    tokio::spawn(iom.clone().map_watcher());
-    tokio::spawn(iom.clone().checkpoint_worker());
-    tokio::spawn(iom_server::namespace::Namespace::mirror_worker(iom.clone()));
-    tokio::spawn(iom_server::namespace::Namespace::worker(iom.clone()));
+    iom.start_workers();
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -85,7 +78,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!(iom = args.id, "stopping");
     iom.stop().await;
-    server.abort();
     let _ = std::fs::remove_file(&pid_path);
     tracing::info!(iom = args.id, "stopped cleanly");
     Ok(())

@@ -106,6 +106,25 @@ struct Snapshot {
     marks: Vec<SnapMarks>,
 }
 
+/// A map checkpoint copied out of the map, not yet written.
+pub struct SnapshotCut {
+    snap: Snapshot,
+    seen: Vec<(IomId, u64)>,
+}
+
+impl SnapshotCut {
+    /// Encodes the copy and replaces the checkpoint file with it (fsync'd).
+    pub fn write(self, dir: &Path) -> Result<(), Error> {
+        let body = codec::encode_large(&(self.snap, self.seen)).map_err(|e| Error::Format(e.to_string()))?;
+        let mut out = Vec::with_capacity(body.len() + 16);
+        out.extend_from_slice(SNAP_MAGIC);
+        out.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&codec::crc(&body).to_le_bytes());
+        out.extend_from_slice(&body);
+        crate::fsutil::write_atomic(&dir.join(SNAPSHOT_FILE), &out)
+    }
+}
+
 /// Blocks and groups a stand-in marked for rebuild of a failed IOM.
 #[derive(Clone, Debug, Default)]
 pub struct Marks {
@@ -526,6 +545,15 @@ impl BlockMap {
     /// Writes a checkpoint: the whole map plus unfinished transactions, valid
     /// for replay from journal segment `replay_from`.
     pub fn write_snapshot(&self, dir: &Path, replay_from: u64) -> Result<(), Error> {
+        self.snapshot_cut(replay_from).write(dir)
+    }
+
+    /// A copy of the map as it is now, to be written by [`SnapshotCut::write`]
+    /// (off the event loop: encoding and fsync of a large map take long).
+    /// Taken together with the journal's rotation to `replay_from`, with no
+    /// `.await` between them, it is a consistent cut: every record in the
+    /// segments before it is in the copy.
+    pub fn snapshot_cut(&self, replay_from: u64) -> SnapshotCut {
         let snap = Snapshot {
             replay_from,
             next_tx: self.next_tx.load(Ordering::Relaxed),
@@ -558,13 +586,7 @@ impl BlockMap {
                 .collect(),
         };
         let seen: Vec<(IomId, u64)> = self.done_seen.lock().iter().map(|(k, v)| (*k, *v)).collect();
-        let body = codec::encode_large(&(snap, seen)).map_err(|e| Error::Format(e.to_string()))?;
-        let mut out = Vec::with_capacity(body.len() + 16);
-        out.extend_from_slice(SNAP_MAGIC);
-        out.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&codec::crc(&body).to_le_bytes());
-        out.extend_from_slice(&body);
-        crate::fsutil::write_atomic(&dir.join(SNAPSHOT_FILE), &out)
+        SnapshotCut { snap, seen }
     }
 
     /// Loads a checkpoint if there is one; returns the journal segment to replay from.

@@ -11,6 +11,7 @@ use crate::cache::CacheKey;
 use crate::crash_point;
 use crate::journal::Wait;
 use crate::records::{PVerRef, Record};
+use crate::workers::Tier;
 use crate::write_path::xor_into;
 use crate::{Error, Iom};
 use bytes::{Bytes, BytesMut};
@@ -97,7 +98,7 @@ impl ParitySide {
             return;
         }
         let me = iom.clone();
-        tokio::spawn(async move { me.group_worker(g).await });
+        iom.workers.spawn(Tier::Protocol, "parity-group", async move { me.group_worker(g).await });
     }
 }
 
@@ -107,7 +108,7 @@ pub async fn run_channel(iom: Arc<Iom>, from: IomId, mut send: quinn::SendStream
         return;
     }
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<ParityAck>();
-    let writer = tokio::spawn(async move {
+    let writer = iom.workers.spawn(Tier::Connections, "parity-ack-writer", async move {
         while let Some(a) = ack_rx.recv().await {
             if write_frame(&mut send, &a, Bytes::new()).await.is_err() {
                 return;
@@ -150,7 +151,7 @@ impl Iom {
             self.mark_group(role, u.group);
             let me = self.clone();
             let tx = u.tx;
-            tokio::spawn(async move {
+            self.workers.spawn(Tier::Protocol, "parity-ack", async move {
                 me.journal.flush().await;
                 let _ = acks.send(ParityAck::Held { tx });
                 let _ = acks.send(ParityAck::Done { tx });
@@ -169,7 +170,7 @@ impl Iom {
             if pt.applied.is_some() {
                 let me = self.clone();
                 let tx = u.tx;
-                tokio::spawn(async move {
+                self.workers.spawn(Tier::Protocol, "parity-ack", async move {
                     me.journal.flush().await;
                     let _ = acks.send(ParityAck::Held { tx });
                     let _ = acks.send(ParityAck::Done { tx });
@@ -204,7 +205,7 @@ impl Iom {
             Some(w) => {
                 let ack = acks.clone();
                 let me4 = self.clone();
-                tokio::spawn(async move {
+                self.workers.spawn(Tier::Protocol, "parity-ack", async move {
                     let _ = w.await;
                     let _ = ack.send(ParityAck::Held { tx });
                     crash_point!(&me4, "parity::after-b4");
@@ -224,7 +225,7 @@ impl Iom {
         if !q.busy {
             q.busy = true;
             let me = self.clone();
-            tokio::spawn(async move { me.group_worker(group).await });
+            self.workers.spawn(Tier::Protocol, "parity-group", async move { me.group_worker(group).await });
         }
     }
 
@@ -397,7 +398,7 @@ impl Iom {
         crash_point!(self, "parity::after-b10");
         // b12: tell each data IOM, once the record is durable.
         let me = self.clone();
-        tokio::spawn(async move {
+        self.workers.spawn(Tier::Protocol, "parity-b12", async move {
             if let Some(d) = durable {
                 let _ = d.await;
             }

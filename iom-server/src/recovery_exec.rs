@@ -13,6 +13,7 @@ use crate::journal::Wait;
 use crate::map::{DTx, PTx};
 use crate::records::{PVerRef, Record, VerRef};
 use crate::recovery::{decide, Action, DSide, PSide};
+use crate::workers::Tier;
 use crate::write_path::xor_into;
 use crate::{Error, Iom};
 use bytes::{Bytes, BytesMut};
@@ -630,6 +631,6 @@ impl Iom {
         let (held, done) = self.links.send_update(self, t.parity, upd, delta);
         let p = crate::write_path::Pending::resumed(self, tx, t.key, t.old, t.new, held, done);
         let me = self.clone();
-        tokio::spawn(async move { me.finish_pending(p).await });
+        self.workers.spawn(Tier::Protocol, "write-finish", async move { me.finish_pending(p).await });
     }
 }

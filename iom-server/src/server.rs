@@ -12,6 +12,7 @@ use crate::parity::ParitySide;
 use crate::records::Record;
 use crate::store::{Allocator, Store};
 use crate::timeouts::Timeouts;
+use crate::workers::{Tier, Workers};
 use crate::write_path::Inflight;
 use crate::Error;
 use common::cluster::ClusterMap;
@@ -80,7 +81,13 @@ pub struct Iom {
     /// Every time limit, from `[tuning]` (see `timeouts`).
     pub timeouts: Timeouts,
     pub namespace: Namespace,
+    /// Told to stop when this IOM's background tasks must end (the
+    /// Background tier's token of `workers`).
     pub shutdown: CancellationToken,
+    /// Every task this IOM runs, named and tracked (see `workers`).
+    pub workers: Workers,
+    /// Held while a map checkpoint is taken and written.
+    checkpointing: tokio::sync::Mutex<()>,
     pub endpoint: quinn::Endpoint,
     _lock: File,
 }
@@ -216,6 +223,7 @@ impl Iom {
             cfg.ioms.iter().map(|i| i.addr.clone()).collect(),
         );
         let cache = Arc::new(Cache::new((cfg.tuning.cache_mib as usize) << 20));
+        let workers = Workers::new();
         let iom = Arc::new(Iom {
             id: opts.id,
             links: Links::new(cfg.width()),
@@ -234,7 +242,9 @@ impl Iom {
             rebuild: Default::default(),
             startup_open: parking_lot::Mutex::new(Some(open_at_start)),
             locks: KeyLocks::default(),
-            shutdown: CancellationToken::new(),
+            shutdown: workers.token(Tier::Background),
+            workers,
+            checkpointing: tokio::sync::Mutex::new(()),
             cfg,
             paths,
             layout,
@@ -304,10 +314,20 @@ impl Iom {
     }
 
     /// Writes a checkpoint of the map and drops the journal segments it covers.
+    /// The cut (rotation and the copy of the map, with no `.await`
+    /// between them) is taken on the event loop; encoding, writing and
+    /// fsyncing it and removing the old segments run off it. One
+    /// checkpoint at a time, so an older cut never replaces a newer one.
     pub async fn checkpoint(&self) -> Result<(), Error> {
+        let _one = self.checkpointing.lock().await;
         let seg = self.journal.rotate_now();
-        self.map.write_snapshot(&self.data_dir, seg)?;
-        Journal::remove_before(&self.journal_dir, seg)?;
+        let cut = self.map.snapshot_cut(seg);
+        let (data_dir, journal_dir) = (self.data_dir.clone(), self.journal_dir.clone());
+        crate::fsutil::off_loop("map checkpoint", move || {
+            cut.write(&data_dir)?;
+            Journal::remove_before(&journal_dir, seg)
+        })
+        .await?;
         tracing::info!(iom = self.id.0, segment = seg, "checkpoint written");
         Ok(())
     }
@@ -327,15 +347,37 @@ impl Iom {
         }
     }
 
-    /// Orderly stop: no new requests, in-flight writes drained (bounded),
-    /// checkpoint, journal flushed and closed.
+    /// Starts the IOM's long-lived tasks: the acceptor, joining the
+    /// cluster (then recovery or rejoin), heartbeats, failure detection,
+    /// map reactions, checkpoints and the namespace's mirror and GC.
+    pub fn start_workers(self: &Arc<Self>) {
+        let w = &self.workers;
+        w.spawn(Tier::Intake, "acceptor", crate::service::serve(self.clone()));
+        w.spawn(Tier::Background, "join", self.clone().join());
+        w.spawn(Tier::Background, "heartbeat", self.clone().heartbeat_worker());
+        w.spawn(Tier::Background, "detector", self.clone().detector_worker());
+        w.spawn(Tier::Background, "map-watcher", self.clone().map_watcher());
+        w.spawn(Tier::Background, "checkpointer", self.clone().checkpoint_worker());
+        w.spawn(Tier::Background, "ns-mirror", Namespace::mirror_worker(self.clone()));
+        w.spawn(Tier::Background, "ns-worker", Namespace::worker(self.clone()));
+    }
+
+    /// Orderly stop, tier by tier (`workers::Tier`): no new connections
+    /// or writes; background work ends (peers stop hearing heartbeats);
+    /// write transactions drain (bounded) and the parity side's batches
+    /// and links end; checkpoint, journal flushed and closed; connections
+    /// closed. Each tier gets a deadline; tasks still running past it are
+    /// named in the log (the process exits after the last tier anyway).
     pub async fn stop(&self) {
-        self.shutdown.cancel();
+        let t = &self.timeouts;
         self.endpoint.set_server_config(None);
-        let drained = tokio::time::timeout(self.timeouts.shutdown_drain, self.inflight.wait_all()).await.is_ok();
+        let mut left = self.workers.stop_tier(Tier::Intake, t.stop_tier).await;
+        left.extend(self.workers.stop_tier(Tier::Background, t.stop_tier).await);
+        let drained = tokio::time::timeout(t.shutdown_drain, self.inflight.wait_all()).await.is_ok();
         if !drained {
             tracing::warn!(iom = self.id.0, "stopping with unfinished writes; recovery will finish them");
         }
+        left.extend(self.workers.stop_tier(Tier::Protocol, t.stop_tier).await);
         if let Err(e) = self.checkpoint().await {
             tracing::error!(iom = self.id.0, "final checkpoint failed: {e}");
         }
@@ -344,6 +386,10 @@ impl Iom {
         self.journal.stop().await;
         self.pool.close();
         self.endpoint.close(0u32.into(), b"shutdown");
+        left.extend(self.workers.stop_tier(Tier::Connections, t.stop_tier).await);
+        for (name, n) in left {
+            tracing::warn!(iom = self.id.0, task = name, count = n, "task still running at stop");
+        }
     }
 
     pub fn stats(&self) -> IomStats {

@@ -3,6 +3,7 @@
 //! stream's request to its handler. A malformed or oversized frame ends
 //! that stream with an error; the connection and the server go on.
 
+use crate::workers::Tier;
 use crate::write_path::Op;
 use crate::{Error, Iom};
 use bytes::Bytes;
@@ -21,16 +22,18 @@ struct ConnState {
 
 /// Accepts connections until shutdown.
 pub async fn serve(iom: Arc<Iom>) {
+    let intake = iom.workers.token(Tier::Intake);
     loop {
         let incoming = tokio::select! {
-            _ = iom.shutdown.cancelled() => return,
+            _ = intake.cancelled() => return,
             i = iom.endpoint.accept() => match i {
                 Some(i) => i,
                 None => return,
             },
         };
-        let iom = iom.clone();
-        tokio::spawn(async move {
+        let me = iom.clone();
+        iom.workers.spawn(Tier::Connections, "conn", async move {
+            let iom = me;
             let remote = incoming.remote_address();
             match incoming.await {
                 Ok(conn) => serve_conn(iom, conn).await,
@@ -49,8 +52,8 @@ async fn serve_conn(iom: Arc<Iom>, conn: quinn::Connection) {
             Ok(s) => s,
             Err(_) => return,
         };
-        let (iom, state) = (iom.clone(), state.clone());
-        tokio::spawn(async move { serve_stream(iom, state, send, recv).await });
+        let (me, state) = (iom.clone(), state.clone());
+        iom.workers.spawn(Tier::Connections, "stream", async move { serve_stream(me, state, send, recv).await });
     }
 }
 

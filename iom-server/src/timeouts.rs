@@ -68,6 +68,8 @@ pub struct Timeouts {
     // bounded waits
     /// In-flight writes drained at SIGTERM.
     pub shutdown_drain: Duration,
+    /// Each tier of tasks (`workers::Tier`) ends within this at a stop.
+    pub stop_tier: Duration,
     pub mirror_ack_wait: Duration,
     pub mirror_sync_wait: Duration,
     /// Open transactions on an object before it is dropped anyway.
@@ -105,6 +107,7 @@ impl Timeouts {
             recovery_backoff_min: ms(100),
             recovery_backoff_max: s(2),
             shutdown_drain: s(3),
+            stop_tier: s(1),
             mirror_ack_wait: s(5),
             mirror_sync_wait: s(3),
             drop_wait_max: s(60),
@@ -145,6 +148,7 @@ mod tests {
             (t.recovery_backoff_min, 100),
             (t.recovery_backoff_max, 2000),
             (t.shutdown_drain, 3000),
+            (t.stop_tier, 1000),
             (t.mirror_ack_wait, 5000),
             (t.mirror_sync_wait, 3000),
             (t.drop_wait_max, 60_000),

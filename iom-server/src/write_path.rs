@@ -10,6 +10,7 @@ use crate::cache::CacheKey;
 use crate::crash_point;
 use crate::journal::Wait;
 use crate::records::{Record, VerRef};
+use crate::workers::Tier;
 use crate::{Error, Iom};
 use bytes::{Bytes, BytesMut};
 use common::wire::ParityUpdate;
@@ -211,7 +212,7 @@ impl Iom {
         toughness: Toughness,
         hint: u8,
     ) -> Result<Version, Error> {
-        if self.shutdown.is_cancelled() {
+        if self.workers.stopping(Tier::Intake) {
             return Err(Error::Shutdown);
         }
         let bs = self.cfg.block_size;
@@ -231,7 +232,7 @@ impl Iom {
         let mut watch = p.progress.subscribe();
         let written = p.written.take();
         let me = self.clone();
-        tokio::spawn(async move { me.finish(p, written).await });
+        self.workers.spawn(Tier::Protocol, "write-finish", async move { me.finish(p, written).await });
         let want = match toughness {
             Toughness::Fast => return Ok(version),
             Toughness::Atomic => Progress::Held,

@@ -14,6 +14,7 @@ pub mod sessions;
 pub mod state;
 
 use crate::journal::{Journal, Wait};
+use crate::workers::Tier;
 use crate::{Error, Iom};
 use bytes::Bytes;
 use common::meta::*;
@@ -76,6 +77,8 @@ pub struct Namespace {
     syncs: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     next_token: AtomicU64,
     fs_stats: Mutex<(FsStats, Option<std::time::Instant>)>,
+    /// Held while a checkpoint is taken and written, and by `install`.
+    checkpointing: tokio::sync::Mutex<()>,
 }
 
 impl Replica {
@@ -110,6 +113,7 @@ impl Default for Namespace {
             syncs: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(1),
             fs_stats: Mutex::new((FsStats::default(), None)),
+            checkpointing: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -234,6 +238,9 @@ impl Namespace {
 
     /// Writes a checkpoint and drops the journal segments it covers.
     pub async fn checkpoint(&self) -> Result<(), Error> {
+        // One at a time, and never beside an `install` (an older copy
+        // must not replace a newer one).
+        let _one = self.checkpointing.lock().await;
         // Rotation and the copy of the state happen under one lock: the
         // checkpoint covers exactly the segments before the new one.
         let (snap, dir, seg) = {
@@ -242,9 +249,12 @@ impl Namespace {
             let seg = r.journal.rotate_now();
             (Snap { term: r.term, lsn: r.lsn, replay_from: seg, state: r.state.clone() }, r.dir.clone(), seg)
         };
-        write_snap(&dir, &snap)?;
-        Journal::remove_before(&dir, seg)?;
-        Ok(())
+        // Encoding and fsync off the event loop.
+        crate::fsutil::off_loop("namespace checkpoint", move || {
+            write_snap(&dir, &snap)?;
+            Journal::remove_before(&dir, seg)
+        })
+        .await
     }
 
     pub async fn stop(&self) {
@@ -644,7 +654,7 @@ impl Namespace {
             let _ = mterm;
         }
         tracing::info!(iom = iom.id.0, mirror = m.0, from_lsn = mlsn, "namespace mirror attached");
-        let writer = tokio::spawn(async move {
+        let writer = iom.workers.spawn(Tier::Background, "ns-mirror-writer", async move {
             while let Some((msg, payload)) = rx.recv().await {
                 if write_frame(&mut send, &msg, payload).await.is_err() {
                     return;
@@ -718,7 +728,7 @@ impl Namespace {
             return;
         }
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<MirrorAck>();
-        let writer = tokio::spawn(async move {
+        let writer = iom.workers.spawn(Tier::Connections, "ns-mirror-ack-writer", async move {
             while let Some(a) = ack_rx.recv().await {
                 if write_frame(&mut send, &a, Bytes::new()).await.is_err() {
                     return;
@@ -765,7 +775,7 @@ impl Namespace {
                         r.journal.append(payload.to_vec(), false, Wait::Written, None)
                     };
                     let ack = ack_tx.clone();
-                    tokio::spawn(async move {
+                    iom.workers.spawn(Tier::Connections, "ns-mirror-ack", async move {
                         if let Some(w) = written {
                             let _ = w.await;
                         }
@@ -802,7 +812,7 @@ impl Namespace {
                         let g = ns.rep.lock();
                         g.as_ref().map(|r| r.journal.flush_request())
                     };
-                    tokio::spawn(async move {
+                    iom.workers.spawn(Tier::Connections, "ns-mirror-ack", async move {
                         if let Some(f) = f {
                             let _ = f.await;
                         }
@@ -818,6 +828,7 @@ impl Namespace {
 
     /// Replaces this replica with a copy received from the namespace server.
     async fn install(&self, iom: &Arc<Iom>, state: NsState, term: u64, lsn: u64) -> Result<(), Error> {
+        let _one = self.checkpointing.lock().await;
         let dir = iom.data_dir.join(META_DIR);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         let old = self.rep.lock().take();
