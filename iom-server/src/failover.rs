@@ -298,7 +298,7 @@ impl Iom {
     /// Transaction ids rise with every start (`start_incarnation`), so a
     /// store that is the latest one always starts above every id a peer saw.
     fn refuse_a_stale_store(&self, seen: Option<(IomId, u64)>) {
-        let mine = self.map.peek_next_tx();
+        let mine = self.storage.map.peek_next_tx();
         let Some((j, tx)) = seen else { return };
         if tx < mine {
             return;
@@ -359,10 +359,10 @@ impl Iom {
             if let Some((_, tx)) = seen {
                 // Transaction ids of the new store start above the old one's.
                 let inc = (tx >> 40) + 1;
-                if let Err(e) = crate::server::raise_incarnation(&self.data_dir, inc) {
+                if let Err(e) = crate::storage::raise_incarnation(&self.data_dir, inc) {
                     tracing::error!(iom = self.id.0, "cannot raise the start counter: {e}");
                 }
-                self.map.start_incarnation(inc);
+                self.storage.map.start_incarnation(inc);
             }
         } else {
             self.refuse_a_stale_store(seen);
@@ -375,7 +375,7 @@ impl Iom {
                 return;
             }
         }
-        self.ready.store(true, std::sync::atomic::Ordering::Release);
+        self.ready.send_replace(true);
         let map = self.member.current();
         tracing::info!(iom = self.id.0, epoch = map.epoch.0, state = ?map.state(self.id), "joined the cluster map");
         match map.state(self.id) {

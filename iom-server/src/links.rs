@@ -126,9 +126,12 @@ async fn supervise(iom: Arc<Iom>, role: IomId) {
             return;
         }
         let Some(server) = iom.member.server_for(role) else {
+            // No IOM serves the role: wait for a map that names one, or a
+            // stop once every write transaction has finished.
+            let protocol = iom.workers.token(Tier::Protocol);
             tokio::select! {
                 _ = epochs.changed() => {}
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = async { protocol.cancelled().await; iom.inflight.wait_all().await } => {}
             }
             continue;
         };

@@ -149,6 +149,9 @@ pub struct BlockMap {
     pub done_seen: Mutex<BTreeMap<IomId, u64>>,
     next_tx: AtomicU64,
     next_pseq: AtomicU64,
+    /// Fired when a record closes a transaction (data side: completed or
+    /// rolled back; parity side: applied or discarded).
+    pub txs_closed: tokio::sync::Notify,
 }
 
 fn shard_of<K: Hash>(k: &K) -> usize {
@@ -163,6 +166,7 @@ impl BlockMap {
             layout,
             data: (0..SHARDS).map(|_| Mutex::new(BTreeMap::new())).collect(),
             parity: (0..SHARDS).map(|_| Mutex::new(BTreeMap::new())).collect(),
+            txs_closed: tokio::sync::Notify::new(),
             dtx: Mutex::new(BTreeMap::new()),
             ptx: Mutex::new(HashMap::new()),
             awaiting: Mutex::new(HashMap::new()),
@@ -257,6 +261,17 @@ impl BlockMap {
     /// Applies one record to memory; returns the disk addresses it frees.
     /// Idempotent: applying a record twice has the effect of applying it once.
     pub fn apply(&self, rec: &Record) -> Vec<DiskAddr> {
+        let freed = self.apply_inner(rec);
+        if matches!(
+            rec,
+            Record::Completed { .. } | Record::RolledBack { .. } | Record::ParityDone { .. } | Record::Discarded { .. }
+        ) {
+            self.txs_closed.notify_waiters();
+        }
+        freed
+    }
+
+    fn apply_inner(&self, rec: &Record) -> Vec<DiskAddr> {
         let mut freed = Vec::new();
         match rec {
             Record::Issued { tx, key, old, new, parity } => {

@@ -12,6 +12,7 @@
 //! blocks. A returning IOM proposes its own way back (rebuilding, then up),
 //! which voters grant when they can reach it.
 
+use crate::liveness::Liveness;
 use crate::Error;
 use common::cluster::{ClusterMap, IomState};
 use common::wire::{Ballot, ErrorCode, Route, WireError};
@@ -25,34 +26,17 @@ pub struct Membership {
     me: IomId,
     map: RwLock<ClusterMap>,
     changes: watch::Sender<Epoch>,
-    last_seen: Mutex<Vec<Option<Instant>>>,
-    /// When this IOM's own liveness loops last ran, and when they last
-    /// resumed after running late (this process or the whole machine
-    /// stalled): see `accusable_silence`.
-    ticks: Mutex<(Instant, Option<Instant>)>,
+    /// Whom this IOM hears (a pure machine; see `liveness`).
+    live: Mutex<Liveness>,
     voted: Mutex<Option<Ballot>>,
-    started: Instant,
-    pub heartbeat: Duration,
-    pub failure_timeout: Duration,
     dir: PathBuf,
 }
 
 impl Membership {
     pub fn new(me: IomId, map: ClusterMap, dir: PathBuf, heartbeat: Duration, failure_timeout: Duration) -> Membership {
         let (changes, _) = watch::channel(map.epoch);
-        let w = map.width() as usize;
-        Membership {
-            me,
-            map: RwLock::new(map),
-            changes,
-            last_seen: Mutex::new(vec![None; w]),
-            ticks: Mutex::new((Instant::now(), None)),
-            voted: Mutex::new(None),
-            started: Instant::now(),
-            heartbeat,
-            failure_timeout,
-            dir,
-        }
+        let live = Liveness::new(me, map.width(), heartbeat, failure_timeout, Instant::now());
+        Membership { me, map: RwLock::new(map), changes, live: Mutex::new(live), voted: Mutex::new(None), dir }
     }
 
     pub fn me(&self) -> IomId {
@@ -101,52 +85,28 @@ impl Membership {
     // ------------------------------------------------------------- liveness
 
     pub fn seen(&self, j: IomId) {
-        if let Some(s) = self.last_seen.lock().get_mut(j.0 as usize) {
-            *s = Some(Instant::now());
-        }
+        self.live.lock().seen(j, Instant::now());
     }
 
     /// Time since `j` last answered a heartbeat (since start-up if never).
     pub fn silence(&self, j: IomId) -> Duration {
-        match self.last_seen.lock().get(j.0 as usize).copied().flatten() {
-            Some(t) => t.elapsed(),
-            None => self.started.elapsed(),
-        }
+        self.live.lock().silence(j, Instant::now())
     }
 
-    /// Called by the heartbeat and detector loops each time they run. A gap
-    /// well beyond the heartbeat period means this IOM itself was not
-    /// running (a stalled process, a paused or overloaded machine): the
-    /// silence it then sees from its peers is its own, so it gives them a
-    /// fresh `failure_timeout` before accusing any of them.
+    /// Called by the heartbeat and detector loops each time they run (see
+    /// `Liveness::tick`).
     pub fn tick(&self) {
-        let now = Instant::now();
-        let mut t = self.ticks.lock();
-        if now.duration_since(t.0) > self.heartbeat + self.failure_timeout / 4 {
+        if let Some(late) = self.live.lock().tick(Instant::now()) {
             tracing::warn!(
                 iom = self.me.0,
-                late_ms = (now.duration_since(t.0) - self.heartbeat).as_millis() as u64,
+                late_ms = late.as_millis() as u64,
                 "this IOM ran late: peers get a full failure timeout before being suspected"
             );
-            t.1 = Some(now);
-        }
-        t.0 = now;
-    }
-
-    /// Silence of `j` that counts against it: not longer than the time since
-    /// this IOM last resumed from a stall of its own. Only accusations use
-    /// it; the quorum lease (`has_quorum`) keeps the plain silence, so a
-    /// stalled IOM still stops writing before others take its role.
-    pub fn accusable_silence(&self, j: IomId) -> Duration {
-        let s = self.silence(j);
-        match self.ticks.lock().1 {
-            Some(resumed) => s.min(resumed.elapsed()),
-            None => s,
         }
     }
 
     pub fn suspects(&self, j: IomId) -> bool {
-        j != self.me && self.accusable_silence(j) > self.failure_timeout
+        self.live.lock().suspects(j, Instant::now())
     }
 
     pub fn majority(&self) -> usize {
@@ -155,13 +115,7 @@ impl Membership {
 
     /// Whether this IOM heard from a majority (itself included) recently.
     pub fn has_quorum(&self) -> bool {
-        let lease = self.failure_timeout / 2;
-        if self.started.elapsed() < self.failure_timeout {
-            return true;
-        }
-        let w = self.width();
-        let heard = (0..w).filter(|&j| IomId(j) != self.me && self.silence(IomId(j)) < lease).count();
-        heard + 1 >= self.majority()
+        self.live.lock().has_quorum(Instant::now())
     }
 
     // --------------------------------------------------------------- voting
@@ -185,18 +139,7 @@ impl Membership {
     /// Whether this IOM agrees with `proposer`'s proposed change of
     /// `changed`'s state.
     pub fn agrees(&self, proposed: &ClusterMap, changed: IomId, proposer: IomId) -> bool {
-        match proposed.state(changed) {
-            // An IOM may always declare itself down (a replacement whose
-            // store is not rebuilt yet).
-            IomState::Down { .. } if proposer == changed => true,
-            // Declaring another down: it must be silent to us too (half the
-            // timeout: heartbeats from different IOMs are not in step).
-            IomState::Down { .. } => changed != self.me && self.accusable_silence(changed) > self.failure_timeout / 2,
-            // It comes back: we must hear it.
-            IomState::Up | IomState::Rebuilding { .. } => {
-                changed == self.me || self.silence(changed) < self.failure_timeout
-            }
-        }
+        self.live.lock().agrees(proposed.state(changed), changed, proposer, Instant::now())
     }
 
     /// Checks that this IOM serves `route.target` in its current map; writes
@@ -241,70 +184,4 @@ impl Membership {
 /// Errors of membership operations (logged, then retried).
 pub fn stopped() -> Error {
     Error::Wire(WireError::new(ErrorCode::ClusterStopped, "cluster stopped"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn member(hb: u64, timeout: u64) -> Membership {
-        let dir = std::env::temp_dir().join(format!("iomfs-member-{}", std::process::id()));
-        Membership::new(
-            IomId(0),
-            ClusterMap::initial(5, IomId(0)),
-            dir,
-            Duration::from_millis(hb),
-            Duration::from_millis(timeout),
-        )
-    }
-
-    /// Ticks every heartbeat until `j` is suspected; false if it never is
-    /// within 5 s (a loaded test machine may oversleep a tick now and then,
-    /// which restarts the grace, so no fixed count of ticks is assumed).
-    fn ticks_until_suspected(m: &Membership, j: IomId) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            std::thread::sleep(m.heartbeat);
-            m.tick();
-            if m.suspects(j) {
-                return true;
-            }
-        }
-        false
-    }
-
-    #[test]
-    fn silence_seen_after_a_stall_of_our_own_is_not_held_against_peers() {
-        let m = member(20, 400);
-        m.seen(IomId(1));
-        m.tick();
-        // This IOM does not run for 3 timeouts (a stalled process or VM).
-        std::thread::sleep(Duration::from_millis(1200));
-        assert!(m.silence(IomId(1)) > m.failure_timeout);
-        m.tick();
-        assert!(!m.suspects(IomId(1)), "accused a peer for our own stall");
-        let down = {
-            let mut p = m.current();
-            p.epoch = Epoch(2);
-            p.states[1] = IomState::Down { proxy: IomId(2) };
-            p
-        };
-        assert!(!m.agrees(&down, IomId(1), IomId(2)), "voted a peer down for our own stall");
-        // An IOM declaring itself down (a replacement) is always believed.
-        assert!(m.agrees(&down, IomId(1), IomId(1)));
-        // The quorum lease still sees the plain silence: a stalled IOM
-        // refuses writes until it hears the majority again.
-        assert!(!m.has_quorum());
-        // Peers that stay silent a full timeout after we resumed are suspected.
-        assert!(ticks_until_suspected(&m, IomId(1)));
-        assert!(m.agrees(&down, IomId(1), IomId(2)));
-    }
-
-    #[test]
-    fn regular_ticks_leave_silence_as_it_is() {
-        let m = member(20, 400);
-        m.seen(IomId(1));
-        assert!(ticks_until_suspected(&m, IomId(1)));
-        assert!(!m.suspects(IomId(0)), "an IOM never suspects itself");
-    }
 }

@@ -54,6 +54,10 @@ pub struct ParitySide {
     pub deltas: AtomicU64,
     /// Parity versions recomputed from the data because b3 could not read them.
     pub repairs: AtomicU64,
+    /// Fired whenever a group's queue or busy flag may have changed (each
+    /// batch taken, a group idle, a delta dropped): `pause` and
+    /// `wait_unqueued` wait on it.
+    changed: tokio::sync::Notify,
 }
 
 impl ParitySide {
@@ -72,11 +76,15 @@ impl ParitySide {
         for q in self.groups.lock().values_mut() {
             q.queue.retain(|d| d.upd.tx != tx);
         }
+        self.changed.notify_waiters();
     }
 
     /// Stops applying deltas to group `g` (waits for a running batch).
     pub async fn pause(&self, g: GroupKey) {
         loop {
+            // Armed before the check: `notify_waiters` reaches a
+            // `Notified` from its creation on.
+            let changed = self.changed.notified();
             {
                 let mut groups = self.groups.lock();
                 let q = groups.entry(g).or_default();
@@ -85,7 +93,22 @@ impl ParitySide {
                     return;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            changed.await;
+        }
+    }
+
+    /// Waits (at most `max`) until the delta of `tx` is neither queued in
+    /// group `g` nor in a batch being applied; returns whether it is.
+    pub async fn wait_unqueued(&self, g: GroupKey, tx: TxRef, max: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let changed = self.changed.notified();
+            if !self.is_queued(g, tx) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return false;
+            }
         }
     }
 
@@ -95,6 +118,8 @@ impl ParitySide {
         let Some(q) = groups.get_mut(&g) else { return };
         if q.queue.is_empty() {
             groups.remove(&g);
+            drop(groups);
+            self.changed.notify_waiters();
             return;
         }
         let me = iom.clone();
@@ -152,7 +177,7 @@ impl Iom {
             let me = self.clone();
             let tx = u.tx;
             self.workers.spawn(Tier::Protocol, "parity-ack", async move {
-                me.journal.flush().await;
+                me.storage.journal.flush().await;
                 let _ = acks.send(ParityAck::Held { tx });
                 let _ = acks.send(ParityAck::Done { tx });
             });
@@ -165,13 +190,13 @@ impl Iom {
         self.parity.deltas.fetch_add(1, Ordering::Relaxed);
 
         // A resent update: answer from what is known.
-        let known = self.map.ptx.lock().get(&u.tx).cloned();
+        let known = self.storage.map.ptx.lock().get(&u.tx).cloned();
         if let Some(pt) = known {
             if pt.applied.is_some() {
                 let me = self.clone();
                 let tx = u.tx;
                 self.workers.spawn(Tier::Protocol, "parity-ack", async move {
-                    me.journal.flush().await;
+                    me.storage.journal.flush().await;
                     let _ = acks.send(ParityAck::Held { tx });
                     let _ = acks.send(ParityAck::Done { tx });
                 });
@@ -191,7 +216,7 @@ impl Iom {
 
         // b1: journal "update parity received".
         let rec = Record::Received { tx: u.tx, group: u.group, index: u.index, old: u.old, new: u.new };
-        let written = self.commit(&rec, false, Wait::Written);
+        let written = self.storage.commit(&rec, false, Wait::Written);
         crate::crash_point_sync!(self, "parity::after-b1");
         // b2: the delta came with the request (pushed by D, DESIGN a8).
         // b4: hold the delta and confirm receipt once b1 is written.
@@ -235,10 +260,10 @@ impl Iom {
             return Ok(Bytes::new());
         };
         let ck = CacheKey::Parity(g, p.seq);
-        if let Some(b) = self.cache.get(&ck) {
+        if let Some(b) = self.storage.cache.get(&ck) {
             return Ok(b);
         }
-        let store = self.store.clone();
+        let store = self.storage.store.clone();
         let len = p.len;
         let buf = tokio::task::spawn_blocking(move || store.read(addr, len))
             .await
@@ -250,7 +275,7 @@ impl Iom {
             )));
         }
         let b = Bytes::from(buf);
-        self.cache.put(ck, b.clone());
+        self.storage.cache.put(ck, b.clone());
         Ok(b)
     }
 
@@ -300,7 +325,7 @@ impl Iom {
         if !waited && q.queue.len() < want {
             return Next::Wait;
         }
-        let head = self.map.parity_head(&g);
+        let head = self.storage.map.parity_head(&g);
         let mut members = head.members.clone();
         q.queue.sort_by_key(|d| (d.upd.index, d.upd.old));
         let mut batch = Vec::new();
@@ -325,13 +350,14 @@ impl Iom {
             }
         }
         drop(groups);
+        self.parity.changed.notify_waiters();
         for d in stale {
             // Already covered by the parity (a resend that raced its
             // original, or a parity recomputed from the data).
             let _ = d.acks.send(ParityAck::Held { tx: d.upd.tx });
             let _ = d.acks.send(ParityAck::Done { tx: d.upd.tx });
-            if self.map.ptx.lock().get(&d.upd.tx).is_some_and(|p| p.applied.is_none()) {
-                self.commit(&Record::Discarded { tx: d.upd.tx }, false, Wait::Nothing);
+            if self.storage.map.ptx.lock().get(&d.upd.tx).is_some_and(|p| p.applied.is_none()) {
+                self.storage.commit(&Record::Discarded { tx: d.upd.tx }, false, Wait::Nothing);
             }
         }
         if batch.is_empty() {
@@ -355,7 +381,7 @@ impl Iom {
         };
         crash_point!(self, "parity::after-b3");
         // b5: a new parity address and buffer.
-        let addr = self.store.alloc()?;
+        let addr = self.storage.store.alloc()?;
         let len = batch
             .iter()
             .map(|d| d.upd.delta_offset as usize + d.delta.len())
@@ -379,21 +405,21 @@ impl Iom {
         crash_point!(self, "parity::after-b7");
         // b8: issue the write of the new parity at the new address.
         let bytes = buf.freeze();
-        self.store.write(addr, &bytes)?;
+        self.storage.store.write(addr, &bytes)?;
         self.parity.writes.fetch_add(1, Ordering::Relaxed);
         crash_point!(self, "parity::after-b8");
         let new = PVerRef {
-            seq: self.map.next_pseq(),
+            seq: self.storage.map.next_pseq(),
             addr: Some(addr),
             len: bytes.len() as u32,
             crc: codec::crc(&bytes),
             members,
         };
-        self.cache.put(CacheKey::Parity(g, new.seq), bytes);
+        self.storage.cache.put(CacheKey::Parity(g, new.seq), bytes);
         // b9 + b10 + b11: the write completes (block file synced before the
         // record), the parity map switches, "update parity completed" is journaled.
         let rec = Record::ParityDone { group: g, old, new, txs };
-        let durable = self.commit(&rec, true, if urgent { Wait::Durable } else { Wait::DurableLazy });
+        let durable = self.storage.commit(&rec, true, if urgent { Wait::Durable } else { Wait::DurableLazy });
         crash_point!(self, "parity::after-b9");
         crash_point!(self, "parity::after-b10");
         // b12: tell each data IOM, once the record is durable.
@@ -457,18 +483,18 @@ impl Iom {
     /// b13: a data IOM's write completed; free the old parity once every
     /// transaction of its batch has.
     pub fn write_done(self: &Arc<Self>, tx: TxRef) {
-        let Some((g, seq)) = self.map.ptx.lock().get(&tx).and_then(|p| p.applied.map(|s| (p.group, s))) else {
+        let Some((g, seq)) = self.storage.map.ptx.lock().get(&tx).and_then(|p| p.applied.map(|s| (p.group, s))) else {
             return;
         };
         {
             // The data IOM made this transaction's a14 durable before a13:
             // its store holds it from now on (see `done_seen`).
-            let mut seen = self.map.done_seen.lock();
+            let mut seen = self.storage.map.done_seen.lock();
             let e = seen.entry(tx.iom).or_insert(0);
             *e = (*e).max(tx.tx.0);
         }
         let complete = {
-            let mut a = self.map.awaiting.lock();
+            let mut a = self.storage.map.awaiting.lock();
             match a.get_mut(&(g, seq)) {
                 Some(set) => {
                     set.remove(&tx);
@@ -478,9 +504,9 @@ impl Iom {
             }
         };
         if complete {
-            self.commit(&Record::ParityFreed { group: g, seq }, false, Wait::Nothing);
+            self.storage.commit(&Record::ParityFreed { group: g, seq }, false, Wait::Nothing);
             crate::crash_point_sync!(self, "parity::after-b13");
-            self.cache.remove(&CacheKey::Parity(g, seq));
+            self.storage.cache.remove(&CacheKey::Parity(g, seq));
         }
     }
 }

@@ -18,9 +18,7 @@ use crate::{Error, Iom};
 use bytes::Bytes;
 use common::wire::{ErrorCode, MemberReq, MemberResp, ParityUpdate, RebuildMarks, Reply, Request, WireError};
 use common::{BlockKey, GroupNo, IomId, ObjectId, Toughness, TxRef, Version};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 impl Iom {
     /// Takes over for failed IOM `i`: the other IOMs publish the unfinished
@@ -75,13 +73,16 @@ impl Iom {
 
     /// Waits (a bounded time) until the stand-in for `owner` is active.
     async fn standin_ready(&self, owner: IomId) {
-        for _ in 0..100 {
-            let n = self.activation.notified();
-            if self.activated.lock().contains(&owner) {
-                return;
+        let ready = async {
+            loop {
+                let n = self.activation.notified();
+                if self.activated.lock().contains(&owner) {
+                    return;
+                }
+                n.await;
             }
-            let _ = tokio::time::timeout(Duration::from_millis(100), n).await;
-        }
+        };
+        let _ = tokio::time::timeout(self.timeouts.standin_ready_max, ready).await;
     }
 
     /// `Unfinished`: this IOM's parity-side transactions from failed IOM `i`,
@@ -89,6 +90,7 @@ impl Iom {
     /// blocks with the version the parity now covers.
     pub async fn unfinished_about(self: &Arc<Self>, i: IomId) -> Vec<(BlockKey, Version)> {
         let mine: Vec<(TxRef, crate::map::PTx)> = self
+            .storage
             .map
             .ptx
             .lock()
@@ -101,14 +103,10 @@ impl Iom {
             .collect();
         let mut out = Vec::new();
         for (tx, p) in mine {
-            for _ in 0..400 {
-                if !self.parity.is_queued(p.group, tx) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            self.parity.wait_unqueued(p.group, tx, self.timeouts.held_delta_wait).await;
             let key = BlockKey { object: p.group.object, block: self.layout.member_block(p.group.group, p.index) };
-            let covers = self.map.parity_head(&p.group).members.get(p.index as usize).copied().unwrap_or(Version(0));
+            let covers =
+                self.storage.map.parity_head(&p.group).members.get(p.index as usize).copied().unwrap_or(Version(0));
             out.push((key, covers));
         }
         out
@@ -118,8 +116,8 @@ impl Iom {
     pub fn standin_done(self: &Arc<Self>, i: IomId) {
         self.frozen.lock().remove(&i);
         self.activated.lock().remove(&i);
-        if self.map.marks.lock().contains_key(&i) {
-            self.commit(&Record::MarksCleared { owner: i }, false, Wait::Nothing);
+        if self.storage.map.marks.lock().contains_key(&i) {
+            self.storage.commit(&Record::MarksCleared { owner: i }, false, Wait::Nothing);
         }
     }
 
@@ -162,10 +160,13 @@ impl Iom {
             return Err(self.frozen_err(owner));
         }
         self.standin_ready(owner).await;
-        self.standin_ops.fetch_add(1, Ordering::AcqRel);
-        let r = self.standin_write_inner(owner, key, op, toughness, hint).await;
-        self.standin_ops.fetch_sub(1, Ordering::AcqRel);
-        r
+        let _op = StandinOp::new(&self.standin_ops);
+        // Counted, then checked again: a freeze that began meanwhile either
+        // sees this write counted (and waits for it) or this check sees it.
+        if self.is_frozen(owner) {
+            return Err(self.frozen_err(owner));
+        }
+        self.standin_write_inner(owner, key, op, toughness, hint).await
     }
 
     async fn standin_write_inner(
@@ -181,11 +182,11 @@ impl Iom {
         let (v, old) = self.reconstruct(key, None).await?;
         let (new, delta_offset, delta) = build_new(&old, &op);
         let next = v.next();
-        let tx = self.map.next_tx();
+        let tx = self.storage.map.next_tx();
         let group = self.layout.group_key(key);
         let parity = self.layout.parity_iom(key.object, group.group);
         let wait = if toughness == Toughness::Durable { Wait::Durable } else { Wait::Written };
-        let mark = self.commit(&Record::Marked { owner, key, version: next }, false, wait);
+        let mark = self.storage.commit(&Record::Marked { owner, key, version: next }, false, wait);
         let upd = ParityUpdate {
             tx: TxRef { iom: self.id, tx },
             group,
@@ -207,7 +208,7 @@ impl Iom {
         // the next write of this block rebuilds it right.
         done.await.map_err(|_| unavailable())?;
         if !new.is_empty() {
-            self.cache.put(crate::cache::CacheKey::Data(key, next), new);
+            self.storage.cache.put(crate::cache::CacheKey::Data(key, next), new);
         }
         self.links.send_write_done(self, parity, TxRef { iom: self.id, tx });
         Ok(next)
@@ -218,14 +219,14 @@ impl Iom {
         if self.is_frozen(owner) {
             return Err(self.frozen_err(owner));
         }
-        self.commit(&Record::MarkedDrop { owner, object, from }, false, Wait::Written);
+        self.storage.commit(&Record::MarkedDrop { owner, object, from }, false, Wait::Written);
         Ok(())
     }
 
     /// `RebuildMarks`.
     pub fn rebuild_marks(&self, i: IomId) -> RebuildMarks {
         let frozen = self.is_frozen(i);
-        match self.map.marks.lock().get(&i) {
+        match self.storage.map.marks.lock().get(&i) {
             Some(m) => RebuildMarks {
                 blocks: m.blocks.iter().map(|(k, v)| (*k, *v)).collect(),
                 groups: m.groups.iter().copied().collect(),
@@ -238,7 +239,7 @@ impl Iom {
 
     /// `ClearMarks`: the rejoining IOM rebuilt these.
     pub fn clear_marks(&self, i: IomId, m: RebuildMarks) {
-        self.commit(
+        self.storage.commit(
             &Record::MarksDone { owner: i, blocks: m.blocks, groups: m.groups, drops: m.drops },
             false,
             Wait::Written,
@@ -249,17 +250,32 @@ impl Iom {
     /// and answer with the marks left.
     pub async fn freeze(self: &Arc<Self>, i: IomId) -> RebuildMarks {
         self.frozen.lock().insert(i);
-        for _ in 0..2000 {
-            if self.standin_ops.load(Ordering::Acquire) == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut ops = self.standin_ops.subscribe();
+        if tokio::time::timeout(self.timeouts.freeze_drain_max, ops.wait_for(|n| *n == 0)).await.is_err() {
+            tracing::warn!(iom = self.id.0, failed = i.0, "handover goes on with stand-in writes still running");
         }
-        self.journal.flush().await;
+        self.storage.journal.flush().await;
         self.rebuild_marks(i)
     }
 
     pub fn unfreeze(&self, i: IomId) {
         self.frozen.lock().remove(&i);
+    }
+}
+
+/// One running stand-in write, counted in `Iom::standin_ops` for as long as
+/// it lives (also when its future is dropped unfinished).
+struct StandinOp<'a>(&'a tokio::sync::watch::Sender<u64>);
+
+impl<'a> StandinOp<'a> {
+    fn new(ops: &'a tokio::sync::watch::Sender<u64>) -> StandinOp<'a> {
+        ops.send_modify(|n| *n += 1);
+        StandinOp(ops)
+    }
+}
+
+impl Drop for StandinOp<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
     }
 }

@@ -9,7 +9,6 @@ use bytes::Bytes;
 use common::wire::{BlockInfo, GroupInfo};
 use common::{codec, BlockKey, GroupKey, GroupNo, ObjectId, Version};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Whether a failed read of a stored version may be answered by
 /// rebuilding it from its group: damaged bytes or a read error of the
@@ -31,7 +30,7 @@ impl Iom {
         self.fence.wait(&key).await;
         let mut tries = 0;
         loop {
-            let head = self.map.head(&key);
+            let head = self.storage.map.head(&key);
             match self.version_bytes(key, head).await {
                 Ok(b) => {
                     let start = (offset as usize).min(b.len());
@@ -40,14 +39,14 @@ impl Iom {
                 }
                 // The version may have been superseded and its slot reused
                 // while we read it: try again with the new head.
-                Err(Error::Corrupt(m)) if tries < 3 && self.map.head(&key).version != head.version => {
+                Err(Error::Corrupt(m)) if tries < 3 && self.storage.map.head(&key).version != head.version => {
                     tries += 1;
                     tracing::debug!("read raced a write: {m}");
                 }
                 Err(e) if healable(&e) && tries < 3 => {
                     tries += 1;
                     let _g = self.locks.lock(key).await;
-                    if self.map.head(&key) != head {
+                    if self.storage.map.head(&key) != head {
                         continue;
                     }
                     let b = self.heal_block(key, head, e).await?;
@@ -62,7 +61,7 @@ impl Iom {
 
     /// A specific version of a block, if it is still kept.
     pub async fn read_version(&self, key: BlockKey, v: Version) -> Result<Bytes, Error> {
-        let Some(vr) = self.map.version(&key, v) else {
+        let Some(vr) = self.storage.map.version(&key, v) else {
             return Err(Error::VersionGone(format!("object {} block {} version {}", key.object, key.block, v.0)));
         };
         self.version_bytes(key, vr).await
@@ -72,7 +71,7 @@ impl Iom {
     /// parity block that cannot be read is recomputed from the group's data
     /// blocks first, when all of them can be read.
     pub async fn read_parity(self: &Arc<Self>, g: GroupKey) -> Result<(Vec<Version>, Bytes), Error> {
-        let head = self.map.parity_head(&g);
+        let head = self.storage.map.parity_head(&g);
         match self.parity_bytes(g, &head).await {
             Ok(b) => Ok((head.members, b)),
             Err(e) if healable(&e) && self.group_is_whole(g) => {
@@ -85,7 +84,7 @@ impl Iom {
                 self.recompute_parity(g).await?;
                 self.parity.repairs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(iom = self.id.0, object = g.object.0, group = g.group.0, "parity recomputed");
-                let head = self.map.parity_head(&g);
+                let head = self.storage.map.parity_head(&g);
                 let b = self.parity_bytes(g, &head).await?;
                 Ok((head.members, b))
             }
@@ -117,7 +116,7 @@ impl Iom {
             // The answer is ready (rebuilt, or the error): the journal has
             // the repairs. A disk failing this often is retired, not
             // patched: the proxy serves its role until it is replaced.
-            self.journal.flush().await;
+            self.storage.journal.flush().await;
             let e = std::io::Error::other(format!(
                 "{errors} read errors or checksum mismatches (tuning.disk_errors_before_stop = {limit}); \
                  replace the disk with `iomfs replace`"
@@ -161,16 +160,16 @@ impl Iom {
             return Err(why);
         }
         let bytes = Bytes::from(bytes);
-        let addr = self.store.alloc()?;
-        if let Err(e) = self.store.write(addr, &bytes) {
-            self.store.free(addr);
+        let addr = self.storage.store.alloc()?;
+        if let Err(e) = self.storage.store.write(addr, &bytes) {
+            self.storage.store.free(addr);
             return Err(e);
         }
         let good = VerRef { addr: Some(addr), ..bad };
-        if let Some(d) = self.commit(&Record::Repaired { key, bad, good }, true, Wait::Durable) {
+        if let Some(d) = self.storage.commit(&Record::Repaired { key, bad, good }, true, Wait::Durable) {
             let _ = d.await;
         }
-        self.cache.put(CacheKey::Data(key, bad.version), bytes.clone());
+        self.storage.cache.put(CacheKey::Data(key, bad.version), bytes.clone());
         self.repairs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(
             iom = self.id.0,
@@ -191,12 +190,12 @@ impl Iom {
         // once it reaches `Durable` (its a11 synced, the parity IOM reported
         // b12). The syncs on the way usually cover `pos` already, so the
         // last step rarely costs a sync of its own.
-        self.journal.hurry(self.timeouts.flush_hurry);
-        let pos = self.journal.position();
+        self.storage.journal.hurry(self.timeouts.flush_hurry);
+        let pos = self.storage.journal.position();
         // Parity batches already queued lazily (b11) are synced now.
-        drop(self.journal.flush_request());
+        drop(self.storage.journal.flush_request());
         self.inflight.wait_durable().await?;
-        if let Some(d) = self.journal.durable_at(pos) {
+        if let Some(d) = self.storage.journal.durable_at(pos) {
             let _ = d.await;
         }
         Ok(())
@@ -210,21 +209,24 @@ impl Iom {
         // transaction that cannot finish (a peer down) delays the drop by
         // at most a minute, never for ever.
         let first = from.0 * self.layout.n() as u64;
-        let start = std::time::Instant::now();
+        let deadline = tokio::time::Instant::now() + self.timeouts.drop_wait_max;
         loop {
-            let busy = self.map.dtx.lock().values().any(|t| t.key.object == object && t.key.block.0 >= first)
+            // Armed before the check, so a transaction closing in between
+            // is not missed.
+            let closed = self.storage.map.txs_closed.notified();
+            let busy = self.storage.map.dtx.lock().values().any(|t| t.key.object == object && t.key.block.0 >= first)
                 || self
+                    .storage
                     .map
                     .ptx
                     .lock()
                     .values()
                     .any(|t| t.group.object == object && t.group.group >= from && t.applied.is_none());
-            if !busy || start.elapsed() > self.timeouts.drop_wait_max {
+            if !busy || tokio::time::timeout_at(deadline, closed).await.is_err() {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let w = self.commit(&Record::Dropped { object, from }, false, Wait::Written);
+        let w = self.storage.commit(&Record::Dropped { object, from }, false, Wait::Written);
         if let Some(w) = w {
             let _ = w.await;
         }
@@ -232,7 +234,8 @@ impl Iom {
     }
 
     pub fn list_blocks(&self, after: Option<BlockKey>, limit: u32) -> Vec<BlockInfo> {
-        self.map
+        self.storage
+            .map
             .list_data(after, limit.min(10_000) as usize)
             .into_iter()
             .map(|(key, e)| {
@@ -243,7 +246,8 @@ impl Iom {
     }
 
     pub fn list_groups(&self, after: Option<GroupKey>, limit: u32) -> Vec<GroupInfo> {
-        self.map
+        self.storage
+            .map
             .list_parity(after, limit.min(10_000) as usize)
             .into_iter()
             .map(|(key, e)| GroupInfo { key, versions: e.head.members, len: e.head.len, crc: e.head.crc })

@@ -132,7 +132,7 @@ impl Iom {
         }
         self.rebuild.active.store(false, Ordering::Release);
         if self.replacing.swap(false, Ordering::AcqRel) {
-            let m = self.data_dir.join(crate::server::REPLACING_MARKER);
+            let m = self.data_dir.join(crate::storage::REPLACING_MARKER);
             if let Err(e) = std::fs::remove_file(&m)
                 .map_err(|e| e.to_string())
                 .and_then(|_| crate::fsutil::sync_dir(&self.data_dir).map_err(|e| e.to_string()))
@@ -172,9 +172,9 @@ impl Iom {
             "replacement: rebuilding everything this IOM held from the other IOMs"
         );
         for pass in 0u32.. {
-            blocks.retain(|(k, want)| self.map.head(k).version < *want);
+            blocks.retain(|(k, want)| self.storage.map.head(k).version < *want);
             groups.retain(|(g, want)| {
-                let have = self.map.parity_head(g).members;
+                let have = self.storage.map.parity_head(g).members;
                 want.iter().enumerate().any(|(k, w)| have.get(k).copied().unwrap_or_default() < *w)
             });
             if blocks.is_empty() && groups.is_empty() || self.shutdown.is_cancelled() {
@@ -325,7 +325,7 @@ impl Iom {
         let done0 = self.rebuild.done.load(Ordering::Relaxed);
         self.rebuild.total.store(done0 + total, Ordering::Relaxed);
         for (o, from) in &m.drops {
-            self.commit(&Record::Dropped { object: *o, from: *from }, false, Wait::Written);
+            self.storage.commit(&Record::Dropped { object: *o, from: *from }, false, Wait::Written);
         }
         let limit = self.cfg.tuning.rebuild_mib_s << 20;
         let started = Instant::now();
@@ -374,6 +374,6 @@ impl Iom {
                 self.timeouts.role_call,
             )
             .await;
-        self.journal.flush().await;
+        self.storage.journal.flush().await;
     }
 }

@@ -57,7 +57,9 @@ impl Fence {
             if !self.keys.lock().contains(key) {
                 return;
             }
-            let _ = tokio::time::timeout(Duration::from_millis(200), n).await;
+            // `notify_waiters` reaches a `Notified` from its creation on,
+            // so a clear between the check and here is not missed.
+            n.await;
         }
     }
 }
@@ -259,17 +261,22 @@ impl Iom {
             members.push(pointer);
         }
         let bytes = acc.freeze();
-        let prev = self.map.parity_head(&g);
-        let addr = if bytes.is_empty() { None } else { Some(self.store.alloc()?) };
+        let prev = self.storage.map.parity_head(&g);
+        let addr = if bytes.is_empty() { None } else { Some(self.storage.store.alloc()?) };
         if let Some(a) = addr {
-            self.store.write(a, &bytes)?;
+            self.storage.store.write(a, &bytes)?;
         }
-        let ver =
-            PVerRef { seq: self.map.next_pseq(), addr, len: bytes.len() as u32, crc: codec::crc(&bytes), members };
+        let ver = PVerRef {
+            seq: self.storage.map.next_pseq(),
+            addr,
+            len: bytes.len() as u32,
+            crc: codec::crc(&bytes),
+            members,
+        };
         if addr.is_some() {
-            self.cache.put(crate::cache::CacheKey::Parity(g, ver.seq), bytes);
+            self.storage.cache.put(crate::cache::CacheKey::Parity(g, ver.seq), bytes);
         }
-        let d = self.commit(&Record::ParitySet { group: g, ver, prev: Some(prev) }, true, Wait::Durable);
+        let d = self.storage.commit(&Record::ParitySet { group: g, ver, prev: Some(prev) }, true, Wait::Durable);
         if let Some(d) = d {
             let _ = d.await;
         }
@@ -279,7 +286,7 @@ impl Iom {
     /// `RebuildBlock`: installs version `version` of block `key`, rebuilt from its group.
     pub async fn rebuild_block(self: &Arc<Self>, key: BlockKey, version: Version) -> Result<(), Error> {
         let _g = self.locks.lock(key).await;
-        if self.map.head(&key).version >= version {
+        if self.storage.map.head(&key).version >= version {
             return Ok(());
         }
         let (_, bytes) = self.reconstruct(key, Some(version)).await?;
@@ -288,16 +295,16 @@ impl Iom {
 
     /// Writes `bytes` as version `version` of a block and points the map at it.
     pub async fn install_version(&self, key: BlockKey, version: Version, bytes: Bytes) -> Result<(), Error> {
-        let addr = if bytes.is_empty() { None } else { Some(self.store.alloc()?) };
+        let addr = if bytes.is_empty() { None } else { Some(self.storage.store.alloc()?) };
         if let Some(a) = addr {
-            self.store.write(a, &bytes)?;
+            self.storage.store.write(a, &bytes)?;
         }
         let ver = VerRef { version, addr, len: bytes.len() as u32, crc: codec::crc(&bytes) };
         if addr.is_some() {
-            self.cache.put(crate::cache::CacheKey::Data(key, version), bytes);
+            self.storage.cache.put(crate::cache::CacheKey::Data(key, version), bytes);
         }
-        let prev = self.map.entry(&key).map(|e| e.head());
-        if let Some(d) = self.commit(&Record::DataSet { key, ver, prev }, true, Wait::Durable) {
+        let prev = self.storage.map.entry(&key).map(|e| e.head());
+        if let Some(d) = self.storage.commit(&Record::DataSet { key, ver, prev }, true, Wait::Durable) {
             let _ = d.await;
         }
         Ok(())
@@ -315,23 +322,18 @@ impl Iom {
                 return TxView::Parity { state: ParityTxState::None, standin: true, covers: Version(0) };
             }
             // A delta held in memory is applied before the answer.
-            for _ in 0..400 {
-                if !self.parity.is_queued(g, tx) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            let state = match self.map.ptx.lock().get(&tx) {
+            self.parity.wait_unqueued(g, tx, self.timeouts.held_delta_wait).await;
+            let state = match self.storage.map.ptx.lock().get(&tx) {
                 Some(p) if p.applied.is_some() => ParityTxState::Completed,
                 Some(_) => ParityTxState::Received,
                 None => ParityTxState::None,
             };
             let j = self.layout.index_in_group(key.block) as usize;
-            let covers = self.map.parity_head(&g).members.get(j).copied().unwrap_or(Version(0));
+            let covers = self.storage.map.parity_head(&g).members.get(j).copied().unwrap_or(Version(0));
             TxView::Parity { state, standin: false, covers }
         } else {
-            let open = tx.iom == self.id && self.map.dtx.lock().contains_key(&tx.tx);
-            let (pointer, head) = match self.map.entry(&key) {
+            let open = tx.iom == self.id && self.storage.map.dtx.lock().contains_key(&tx.tx);
+            let (pointer, head) = match self.storage.map.entry(&key) {
                 Some(e) => (e.pointer, e.head().version),
                 None => (Version(0), Version(0)),
             };
@@ -342,17 +344,17 @@ impl Iom {
     /// `DiscardTx`: forget a received update whose write was rolled back.
     pub fn discard_tx(self: &Arc<Self>, tx: TxRef) {
         self.parity.unqueue(tx);
-        let known = self.map.ptx.lock().get(&tx).map(|p| p.applied.is_none());
+        let known = self.storage.map.ptx.lock().get(&tx).map(|p| p.applied.is_none());
         if known == Some(true) {
-            self.commit(&Record::Discarded { tx }, false, Wait::Nothing);
+            self.storage.commit(&Record::Discarded { tx }, false, Wait::Nothing);
         }
     }
 
     /// Records that the parity group `g` of failed IOM `owner` must be recomputed.
     pub fn mark_group(&self, owner: IomId, g: GroupKey) {
-        let known = self.map.marks.lock().get(&owner).is_some_and(|m| m.groups.contains(&g));
+        let known = self.storage.map.marks.lock().get(&owner).is_some_and(|m| m.groups.contains(&g));
         if !known {
-            self.commit(&Record::MarkedGroup { owner, group: g }, false, Wait::Written);
+            self.storage.commit(&Record::MarkedGroup { owner, group: g }, false, Wait::Written);
         }
     }
 
@@ -446,18 +448,18 @@ impl Iom {
                     // The new version's own slot: written again with the rebuilt bytes.
                     let mut b = BytesMut::from(&bytes[..]);
                     b.resize(t.new.len as usize, 0);
-                    self.store.write(a, &b)?;
-                    self.cache.put(crate::cache::CacheKey::Data(t.key, t.new.version), b.freeze());
+                    self.storage.store.write(a, &b)?;
+                    self.storage.cache.put(crate::cache::CacheKey::Data(t.key, t.new.version), b.freeze());
                 }
                 self.redrive(tx, t).await?;
                 tally.rebuilt += 1;
                 Ok(false)
             }
             Action::RollBack => {
-                if let Some(d) = self.commit(&Record::RolledBack { tx }, false, Wait::Durable) {
+                if let Some(d) = self.storage.commit(&Record::RolledBack { tx }, false, Wait::Durable) {
                     let _ = d.await;
                 }
-                self.cache.remove(&crate::cache::CacheKey::Data(t.key, t.new.version));
+                self.storage.cache.remove(&crate::cache::CacheKey::Data(t.key, t.new.version));
                 if pside == PSide::Received {
                     self.recovery_call(t.parity, MemberReq::DiscardTx { tx: TxRef { iom: self.id, tx } }).await?;
                 }
@@ -512,7 +514,7 @@ impl Iom {
         if p.applied.is_some() {
             self.write_done(tx);
         } else {
-            self.commit(&Record::Discarded { tx }, false, Wait::Nothing);
+            self.storage.commit(&Record::Discarded { tx }, false, Wait::Nothing);
         }
     }
 
@@ -529,14 +531,14 @@ impl Iom {
     pub async fn recover_with(self: Arc<Self>, marks: Option<&common::wire::RebuildMarks>) {
         // Only what the journal left open: transactions started since are live.
         let Some(OpenTxs { data: mut dtx, parity: mut ptx }) = self.startup_open.lock().take() else { return };
-        dtx.retain(|(tx, _)| self.map.dtx.lock().contains_key(tx));
-        ptx.retain(|(tx, _)| self.map.ptx.lock().contains_key(tx));
+        dtx.retain(|(tx, _)| self.storage.map.dtx.lock().contains_key(tx));
+        ptx.retain(|(tx, _)| self.storage.map.ptx.lock().contains_key(tx));
         if let Some(m) = marks {
             let blocks: HashSet<BlockKey> = m.blocks.iter().map(|(k, _)| *k).collect();
             let groups: HashSet<GroupKey> = m.groups.iter().copied().collect();
             for (tx, t) in dtx.iter().filter(|(_, t)| blocks.contains(&t.key)) {
-                self.commit(&Record::RolledBack { tx: *tx }, false, Wait::Written);
-                self.cache.remove(&crate::cache::CacheKey::Data(t.key, t.new.version));
+                self.storage.commit(&Record::RolledBack { tx: *tx }, false, Wait::Written);
+                self.storage.cache.remove(&crate::cache::CacheKey::Data(t.key, t.new.version));
             }
             for (tx, p) in ptx.iter().filter(|(_, p)| groups.contains(&p.group)) {
                 self.finish_ptx(*tx, p);
@@ -594,7 +596,7 @@ impl Iom {
         while !pending.is_empty() && !self.shutdown.is_cancelled() {
             let mut left = Vec::new();
             for tx in pending {
-                let Some(p) = self.map.ptx.lock().get(&tx).cloned() else { continue };
+                let Some(p) = self.storage.map.ptx.lock().get(&tx).cloned() else { continue };
                 match self.resolve_parity_tx(tx, &p, &mut tally).await {
                     Ok(true) => {}
                     // The data IOM still has it open: it resends the update

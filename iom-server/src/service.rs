@@ -110,7 +110,7 @@ async fn serve_stream(iom: Arc<Iom>, state: Arc<ConnState>, mut send: quinn::Sen
     }
     let serves_data =
         matches!(req, Request::Data(_) | Request::Meta(_) | Request::ParityChannel { .. } | Request::MetaMirror { .. });
-    if serves_data && !iom.ready.load(std::sync::atomic::Ordering::Acquire) {
+    if serves_data && !*iom.ready.borrow() {
         reply(
             &mut send,
             err(
@@ -362,7 +362,7 @@ async fn member(iom: &Arc<Iom>, req: MemberReq) -> Result<MemberResp, Error> {
             Ok(MemberResp::TxStatus(iom.tx_status(tx, key, parity_side).await))
         }
         MemberReq::DoneSeen { of } => {
-            Ok(MemberResp::DoneSeen { tx: iom.map.done_seen.lock().get(&of).copied().unwrap_or(0) })
+            Ok(MemberResp::DoneSeen { tx: iom.storage.map.done_seen.lock().get(&of).copied().unwrap_or(0) })
         }
         MemberReq::DiscardTx { tx } => {
             iom.discard_tx(tx);

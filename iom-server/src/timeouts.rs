@@ -70,6 +70,12 @@ pub struct Timeouts {
     pub shutdown_drain: Duration,
     /// Each tier of tasks (`workers::Tier`) ends within this at a stop.
     pub stop_tier: Duration,
+    /// A delta held in memory applied before a peer is answered about it.
+    pub held_delta_wait: Duration,
+    /// Running stand-in writes finished before a handover goes on.
+    pub freeze_drain_max: Duration,
+    /// A stand-in write waits for the stand-in to be active.
+    pub standin_ready_max: Duration,
     pub mirror_ack_wait: Duration,
     pub mirror_sync_wait: Duration,
     /// Open transactions on an object before it is dropped anyway.
@@ -108,6 +114,9 @@ impl Timeouts {
             recovery_backoff_max: s(2),
             shutdown_drain: s(3),
             stop_tier: s(1),
+            held_delta_wait: s(2),
+            freeze_drain_max: s(10),
+            standin_ready_max: s(10),
             mirror_ack_wait: s(5),
             mirror_sync_wait: s(3),
             drop_wait_max: s(60),
@@ -149,6 +158,9 @@ mod tests {
             (t.recovery_backoff_max, 2000),
             (t.shutdown_drain, 3000),
             (t.stop_tier, 1000),
+            (t.held_delta_wait, 2000),
+            (t.freeze_drain_max, 10_000),
+            (t.standin_ready_max, 10_000),
             (t.mirror_ack_wait, 5000),
             (t.mirror_sync_wait, 3000),
             (t.drop_wait_max, 60_000),

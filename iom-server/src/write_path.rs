@@ -185,10 +185,10 @@ impl Iom {
             return Ok(Bytes::new());
         };
         let ck = CacheKey::Data(key, v.version);
-        if let Some(b) = self.cache.get(&ck) {
+        if let Some(b) = self.storage.cache.get(&ck) {
             return Ok(b);
         }
-        let store = self.store.clone();
+        let store = self.storage.store.clone();
         let buf = tokio::task::spawn_blocking(move || store.read(addr, v.len))
             .await
             .map_err(|e| Error::Format(format!("read task: {e}")))??;
@@ -199,7 +199,7 @@ impl Iom {
             )));
         }
         let b = Bytes::from(buf);
-        self.cache.put(ck, b.clone());
+        self.storage.cache.put(ck, b.clone());
         Ok(b)
     }
 
@@ -251,7 +251,7 @@ impl Iom {
     /// a1–a8 under the block's lock: from the old version to the delta on its way.
     async fn issue(self: &Arc<Self>, key: BlockKey, op: &Op, hint: u8, urgent: bool) -> Result<Pending, Error> {
         // a1: the old block, from the buffer cache or the disk (zeros if it never existed).
-        let old = self.map.head(&key);
+        let old = self.storage.map.head(&key);
         let old_bytes = match self.version_bytes(key, old).await {
             Ok(b) => b,
             Err(e) if crate::read_path::healable(&e) => self.heal_block(key, old, e).await?,
@@ -269,7 +269,7 @@ impl Iom {
         } else if new_bytes.is_empty() && matches!(op, Op::Truncate { keep: 0 }) {
             None
         } else {
-            Some(self.store.alloc_for_client()?)
+            Some(self.storage.store.alloc_for_client()?)
         };
         crash_point!(self, "write::after-a2");
         crash_point!(self, "write::after-a3");
@@ -277,25 +277,25 @@ impl Iom {
 
         // a4: issue the write of the new block at the new address.
         if let Some(a) = addr {
-            if let Err(e) = self.store.write(a, &new_bytes) {
+            if let Err(e) = self.storage.store.write(a, &new_bytes) {
                 // Nothing refers to the slot yet: give it back at once.
-                self.store.free(a);
+                self.storage.store.free(a);
                 return Err(e);
             }
         }
         let new =
             VerRef { version: old.version.next(), addr, len: new_bytes.len() as u32, crc: codec::crc(&new_bytes) };
         if addr.is_some() {
-            self.cache.put(CacheKey::Data(key, new.version), new_bytes);
+            self.storage.cache.put(CacheKey::Data(key, new.version), new_bytes);
         }
         crash_point!(self, "write::after-a4");
 
         // a5: journal "write issued" with old and new addresses.
-        let tx = self.map.next_tx();
+        let tx = self.storage.map.next_tx();
         let group = self.layout.group_key(key);
         let parity = self.layout.parity_iom(key.object, group.group);
         let rec = Record::Issued { tx, key, old, new, parity };
-        let written = self.commit(&rec, false, Wait::Written);
+        let written = self.storage.commit(&rec, false, Wait::Written);
         let progress = self.inflight.register(tx);
         crash_point!(self, "write::after-a5");
 
@@ -340,7 +340,7 @@ impl Iom {
         // a10 + a11: the new block's write completes (block file synced by the
         // journal writer before this record) and the map switches to it.
         let rec = Record::Switched { tx };
-        let switched = self.commit(&rec, true, durably);
+        let switched = self.storage.commit(&rec, true, durably);
         if let Some(s) = switched {
             let _ = s.await;
         }
@@ -361,7 +361,7 @@ impl Iom {
         // durable. It is made durable before a13, so a parity IOM that has
         // freed (and forgotten) a transaction implies its data IOM completed it.
         let _ = (old, new);
-        if let Some(d) = self.commit(&Record::Completed { tx }, false, Wait::Background) {
+        if let Some(d) = self.storage.commit(&Record::Completed { tx }, false, Wait::Background) {
             let _ = d.await;
         }
         crash_point!(&self, "write::after-a14");

@@ -79,6 +79,8 @@ pub struct Namespace {
     fs_stats: Mutex<(FsStats, Option<std::time::Instant>)>,
     /// Held while a checkpoint is taken and written, and by `install`.
     checkpointing: tokio::sync::Mutex<()>,
+    /// Fired when a replica is installed (the mirror worker waits on it).
+    installed: tokio::sync::Notify,
 }
 
 impl Replica {
@@ -114,6 +116,7 @@ impl Default for Namespace {
             next_token: AtomicU64::new(1),
             fs_stats: Mutex::new((FsStats::default(), None)),
             checkpointing: tokio::sync::Mutex::new(()),
+            installed: tokio::sync::Notify::new(),
         }
     }
 }
@@ -585,12 +588,16 @@ impl Namespace {
     /// Namespace server side: keeps a mirror stream open to the mirror IOM.
     pub async fn mirror_worker(iom: Arc<Iom>) {
         let mut epochs = iom.member.subscribe();
+        let mut ready_rx = iom.ready.subscribe();
         loop {
             if iom.shutdown.is_cancelled() {
                 return;
             }
+            // Armed before the checks: a change in between wakes the wait.
+            let installed = iom.namespace.installed.notified();
+            ready_rx.borrow_and_update();
             let map = iom.member.current();
-            let ready = iom.ready.load(std::sync::atomic::Ordering::Acquire);
+            let ready = *iom.ready.borrow();
             let target = if ready && map.meta_server() == Some(iom.id) && iom.namespace.holds_replica() {
                 map.meta_mirror()
             } else {
@@ -600,7 +607,8 @@ impl Namespace {
                 None => {
                     tokio::select! {
                         _ = epochs.changed() => {}
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = ready_rx.changed() => {}
+                        _ = installed => {}
                         _ = iom.shutdown.cancelled() => return,
                     }
                 }
@@ -837,7 +845,7 @@ impl Namespace {
         }
         // The received copy replaces everything this replica had.
         Journal::remove_before(&dir, u64::MAX)?;
-        let (journal, replayed) = Journal::open(&dir, 0, iom.store.file(), iom.timeouts.journal_flush)?;
+        let (journal, replayed) = Journal::open(&dir, 0, iom.storage.store.file(), iom.timeouts.journal_flush)?;
         write_snap(&dir, &Snap { term, lsn, replay_from: replayed.segment, state: state.clone() })?;
         *self.rep.lock() = Some(Replica {
             state,
@@ -849,6 +857,7 @@ impl Namespace {
             recent: VecDeque::new(),
             mirror: None,
         });
+        self.installed.notify_waiters();
         Ok(())
     }
 

@@ -1,0 +1,324 @@
+//! The storage role of one IOM: its block store, buffer cache, journal and
+//! block map, opened and replayed together, with the one way to change
+//! them (`commit`: apply to the map, then append to the journal) and the
+//! checkpoint that bounds the journal. Every other role holds an
+//! `Arc<Storage>`, never the stores one by one.
+
+use crate::cache::{Cache, CacheKey};
+use crate::journal::{Journal, Wait};
+use crate::map::BlockMap;
+use crate::records::Record;
+use crate::recovery_exec::OpenTxs;
+use crate::store::{Allocator, Store};
+use crate::timeouts::Timeouts;
+use crate::Error;
+use common::config::{ClusterConfig, ClusterPaths, IomConfig};
+use common::{codec, DiskAddr, IomId, Layout};
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+/// Journal bytes since the last checkpoint that trigger a new one.
+pub const CHECKPOINT_BYTES: u64 = 64 << 20;
+
+pub struct Storage {
+    id: IomId,
+    layout: Layout,
+    data_dir: PathBuf,
+    pub journal_dir: PathBuf,
+    pub store: Arc<Store>,
+    pub cache: Arc<Cache>,
+    pub journal: Journal,
+    pub map: BlockMap,
+    /// Held while a map checkpoint is taken and written.
+    checkpointing: tokio::sync::Mutex<()>,
+    /// The data directory's lock (one IOM process per store).
+    _lock: File,
+}
+
+/// What opening the store found.
+pub struct Opened {
+    /// The store was created now (`iomfs init` or `iomfs replace`).
+    pub fresh: bool,
+    /// It replaces a lost store: a full rebuild on rejoin.
+    pub replacing: bool,
+    /// Transactions the journal left open, for recovery.
+    pub open_txs: OpenTxs,
+}
+
+impl Storage {
+    /// Opens (or, when allowed, creates) the store of IOM `id`, loads the
+    /// map checkpoint and replays the journal after it.
+    pub fn open(
+        id: IomId,
+        cfg: &ClusterConfig,
+        paths: &ClusterPaths,
+        icfg: &IomConfig,
+        data_dir: PathBuf,
+        journal_dir: PathBuf,
+        timeouts: &Timeouts,
+    ) -> Result<(Storage, Opened), Error> {
+        let layout = cfg.layout();
+        let lock = lock_dir(&data_dir)?;
+        crate::fsutil::sweep_temp(&data_dir);
+
+        let replacing = prepare_store(paths, &data_dir, id)?;
+        let (store, fresh) = Store::open(&data_dir, cfg.block_size, id.0, &cfg.cluster_id)?;
+        if fresh {
+            // The store exists now: the marker that allowed it is spent.
+            let marker = paths.new_store_marker(id);
+            if let Err(e) = std::fs::remove_file(&marker) {
+                tracing::warn!("cannot remove {}: {e}", marker.display());
+            }
+            crate::fsutil::sync_dir(&paths.iom_dir(id))?;
+        }
+        let store = Arc::new(store);
+        let map = BlockMap::new(layout);
+        // A damaged checkpoint or sealed journal segment: this store cannot
+        // be trusted, and guessing would risk serving wrong data. Stop and
+        // say how to get the IOM back (its proxy serves it meanwhile).
+        let damaged = |e: Error| match e {
+            Error::Format(m) => Error::Format(format!(
+                "{m}. IOM {id}'s store is damaged and it will not start; the cluster serves its share from \
+                 its proxy (degraded). If the disk is failing, or to rebuild the store: move everything in {} \
+                 away except node.pem and node.key, then run `iomfs replace --dir {} --id {id}`",
+                data_dir.display(),
+                paths.dir.display(),
+                id = id.0
+            )),
+            other => other,
+        };
+        let from = map.load_snapshot(&data_dir).map_err(damaged)?;
+        let (journal, replayed) =
+            Journal::open(&journal_dir, from, store.file(), timeouts.journal_flush).map_err(damaged)?;
+        let n = replayed.records.len();
+        for (i, raw) in replayed.records.iter().enumerate() {
+            let rec: Record = codec::decode(raw)
+                .map_err(|e| damaged(Error::Format(format!("journal record {i} of {n} cannot be decoded: {e}"))))?;
+            map.apply(&rec);
+        }
+        let capacity = match icfg.capacity {
+            Some(c) => c / cfg.block_size as u64,
+            None => fs_capacity(&data_dir, cfg.block_size),
+        };
+        store.set_allocator(Allocator::from_live(capacity + 1, map.live_addrs()));
+        // Transaction ids carry this start's incarnation, so an update sent
+        // just before a crash (its a5 never journaled) can never be confused
+        // with a transaction of a later start.
+        let incarnation = next_incarnation(&data_dir)?;
+        map.start_incarnation(incarnation);
+        let (open_d, open_p) = (map.dtx.lock().len(), map.ptx.lock().len());
+        let open_at_start = crate::recovery_exec::OpenTxs {
+            data: map.dtx.lock().iter().map(|(k, v)| (*k, v.clone())).collect(),
+            parity: map.ptx.lock().iter().map(|(k, v)| (*k, v.clone())).collect(),
+        };
+        tracing::info!(
+            iom = id.0,
+            fresh,
+            replayed = n,
+            open_data_txs = open_d,
+            open_parity_txs = open_p,
+            "storage opened"
+        );
+        let storage = Storage {
+            id,
+            layout,
+            data_dir,
+            journal_dir,
+            store,
+            cache: Arc::new(Cache::new((cfg.tuning.cache_mib as usize) << 20)),
+            journal,
+            map,
+            checkpointing: tokio::sync::Mutex::new(()),
+            _lock: lock,
+        };
+        Ok((storage, Opened { fresh, replacing, open_txs: open_at_start }))
+    }
+
+    /// Applies `rec` to the map, then appends it to the journal (the order
+    /// checkpoints rely on). Slots the record frees return to the allocator
+    /// once it is durable.
+    pub fn commit(&self, rec: &Record, after_data_sync: bool, wait: Wait) -> Option<oneshot::Receiver<()>> {
+        let freed = self.map.apply(rec);
+        self.uncache(rec);
+        let payload = codec::encode(rec).expect("journal records encode");
+        let cb = self.free_on_durable(freed);
+        self.journal.append(payload, after_data_sync, wait, cb)
+    }
+
+    fn uncache(&self, rec: &Record) {
+        if let Record::Issued { key, new, .. } = rec {
+            if self.map.entry(key).is_none() {
+                // A write that raced a drop (the map ignored it): its new
+                // bytes must not outlive it in the cache, where a later
+                // incarnation of the block (versions restart at 1) could
+                // find them.
+                self.cache.remove(&CacheKey::Data(*key, new.version));
+            }
+        }
+        if let Record::Dropped { object, from } = rec {
+            // Versions of a dropped block restart at 1: forget cached ones.
+            let first = from.0 * self.layout.n() as u64;
+            let (o, g) = (*object, *from);
+            self.cache.retain(|k| match k {
+                CacheKey::Data(b, _) => !(b.object == o && b.block.0 >= first),
+                CacheKey::Parity(p, _) => !(p.object == o && p.group >= g),
+            });
+        }
+    }
+
+    pub fn free_on_durable(&self, freed: Vec<DiskAddr>) -> Option<Box<dyn FnOnce() + Send>> {
+        if freed.is_empty() {
+            return None;
+        }
+        let store = self.store.clone();
+        Some(Box::new(move || {
+            for a in freed {
+                store.free(a);
+            }
+        }))
+    }
+
+    /// Background: checkpoint when the journal has grown by
+    /// `CHECKPOINT_BYTES`, until `stop`.
+    pub async fn checkpoint_worker(self: Arc<Self>, stop: CancellationToken, poll: Duration) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(poll) => {}
+            }
+            if self.journal.stats.bytes_since_rotate.load(Ordering::Relaxed) > CHECKPOINT_BYTES {
+                if let Err(e) = self.checkpoint().await {
+                    tracing::error!(iom = self.id.0, "checkpoint failed: {e}");
+                }
+            }
+        }
+    }
+
+    /// Flushes and closes the journal (the last step of a stop).
+    pub async fn close(&self) {
+        self.journal.flush().await;
+        self.journal.stop().await;
+    }
+
+    /// Writes a checkpoint of the map and drops the journal segments it covers.
+    /// The cut (rotation and the copy of the map, with no `.await`
+    /// between them) is taken on the event loop; encoding, writing and
+    /// fsyncing it and removing the old segments run off it. One
+    /// checkpoint at a time, so an older cut never replaces a newer one.
+    pub async fn checkpoint(&self) -> Result<(), Error> {
+        let _one = self.checkpointing.lock().await;
+        let seg = self.journal.rotate_now();
+        let cut = self.map.snapshot_cut(seg);
+        let (data_dir, journal_dir) = (self.data_dir.clone(), self.journal_dir.clone());
+        crate::fsutil::off_loop("map checkpoint", move || {
+            cut.write(&data_dir)?;
+            Journal::remove_before(&journal_dir, seg)
+        })
+        .await?;
+        tracing::info!(iom = self.id.0, segment = seg, "checkpoint written");
+        Ok(())
+    }
+}
+
+fn lock_dir(dir: &std::path::Path) -> Result<File, Error> {
+    let p = dir.join("lock");
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(|e| Error::io(format!("open {}", p.display()), e))?;
+    // SAFETY: flock on a valid descriptor we own.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        return Err(Error::Format(format!(
+            "{} is locked: another iom-server is already running on this directory",
+            dir.display()
+        )));
+    }
+    Ok(f)
+}
+
+/// Marker in the data directory while a replacement's full rebuild is not
+/// finished (it survives restarts, so a crash mid-rebuild continues it).
+pub const REPLACING_MARKER: &str = "replacing";
+
+/// Checks that this IOM may open its store. A store that exists is opened
+/// (its header names cluster and IOM). A missing one may only be created
+/// when `iomfs init` or `iomfs replace` left the marker allowing it: an IOM
+/// that comes up on an empty disk without it would answer every read of
+/// the blocks it held with zeros. Returns whether this store replaces a
+/// lost one (full rebuild on rejoin).
+fn prepare_store(paths: &ClusterPaths, data_dir: &std::path::Path, id: IomId) -> Result<bool, Error> {
+    let replacing = data_dir.join(REPLACING_MARKER);
+    if data_dir.join(crate::store::BLOCK_FILE).exists() {
+        return Ok(replacing.exists());
+    }
+    let marker = paths.new_store_marker(id);
+    let kind = match std::fs::read_to_string(&marker) {
+        Ok(k) => k.trim().to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::Format(format!(
+                "IOM {id}'s store in {} is empty (no {}), but this IOM held data for the cluster: its disk was \
+                 replaced or its files were moved. Serving from an empty store would return zeros, so this IOM \
+                 will not start. If the disk was replaced, run `iomfs replace --dir {} --id {id}`: it joins as a \
+                 replacement and rebuilds everything from the other IOMs (the cluster stays degraded until then). \
+                 If the files were moved, put them back.",
+                data_dir.display(),
+                crate::store::BLOCK_FILE,
+                paths.dir.display(),
+            )))
+        }
+        Err(e) => return Err(Error::io(format!("read {}", marker.display()), e)),
+    };
+    match kind.as_str() {
+        "new" => Ok(false),
+        "replace" => {
+            // Recorded before the store exists, so a crash between the two
+            // can never leave an empty store that looks like a normal one.
+            crate::fsutil::write_atomic(&replacing, b"full rebuild pending\n")?;
+            Ok(true)
+        }
+        other => {
+            Err(Error::Format(format!("{}: unknown content '{other}' (expected new or replace)", marker.display())))
+        }
+    }
+}
+
+/// Bumps and returns the start counter kept in `D/iom-I/incarnation`.
+fn next_incarnation(dir: &std::path::Path) -> Result<u64, Error> {
+    let p = dir.join("incarnation");
+    let cur = match std::fs::read_to_string(&p) {
+        Ok(s) => s.trim().parse::<u64>().map_err(|e| Error::Format(format!("{}: {e}", p.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
+    };
+    let next = cur + 1;
+    crate::fsutil::write_atomic(&p, format!("{next}\n").as_bytes())?;
+    Ok(next)
+}
+
+/// Raises the start counter in `D/iom-I/incarnation` to at least `at_least`
+/// (a replacement store starts above every transaction id its IOM's lost
+/// store used, so the store-age check never mistakes it for a stale one).
+pub fn raise_incarnation(dir: &std::path::Path, at_least: u64) -> Result<(), Error> {
+    let p = dir.join("incarnation");
+    let cur = std::fs::read_to_string(&p).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+    if cur < at_least {
+        crate::fsutil::write_atomic(&p, format!("{at_least}\n").as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Slots the filesystem under `dir` can hold (free space plus what the block file uses).
+fn fs_capacity(dir: &std::path::Path, block_size: u32) -> u64 {
+    let Some((free, _)) = crate::fsutil::fs_space(dir) else { return 1 << 24 };
+    let used = std::fs::metadata(dir.join(crate::store::BLOCK_FILE)).map(|m| m.len()).unwrap_or(0);
+    (free + used) / block_size as u64
+}
