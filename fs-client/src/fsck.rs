@@ -89,7 +89,7 @@ pub async fn repair_namespace(c: &ClusterClient) -> Result<Vec<String>> {
 /// GC drops from every IOM.
 pub async fn reclaim(c: &ClusterClient, orphans: &BTreeMap<ObjectId, u64>) -> Result<()> {
     let objects: Vec<ObjectId> = orphans.keys().copied().collect();
-    for chunk in objects.chunks(4096) {
+    for chunk in objects.chunks(common::wire::MAX_DROP_OBJECTS) {
         c.meta(MetaReq::Reclaim { objects: chunk.to_vec() }).await?;
     }
     Ok(())

@@ -8,6 +8,7 @@
 //! start-up path: learn the current map, then recover (still up) or rejoin
 //! (declared down meanwhile).
 
+use crate::membership::Transition;
 use crate::workers::Tier;
 use crate::Iom;
 use bytes::Bytes;
@@ -191,17 +192,9 @@ impl Iom {
         let mut rx = self.member.subscribe();
         let mut prev = self.member.current();
         // Standing in already (this IOM restarted while a peer was down).
-        for j in (0..prev.width()).map(IomId) {
-            if let IomState::Down { proxy } | IomState::Rebuilding { proxy } = prev.state(j) {
-                if proxy == self.id && j != self.id {
-                    let me = self.clone();
-                    self.workers.spawn(
-                        Tier::Background,
-                        "standin-activate",
-                        async move { me.standin_activate(j).await },
-                    );
-                }
-            }
+        for j in crate::membership::standing_in_for(&prev, self.id) {
+            let me = self.clone();
+            self.workers.spawn(Tier::Background, "standin-activate", async move { me.standin_activate(j).await });
         }
         loop {
             tokio::select! {
@@ -209,13 +202,9 @@ impl Iom {
                 r = rx.changed() => if r.is_err() { return },
             }
             let cur = self.member.current();
-            for j in (0..cur.width()).map(IomId) {
-                let (was, now) = (prev.state(j), cur.state(j));
-                if was == now {
-                    continue;
-                }
-                match now {
-                    IomState::Down { proxy } if proxy == self.id && !matches!(was, IomState::Down { .. }) => {
+            for t in crate::membership::transitions(&prev, &cur, self.id) {
+                match t {
+                    Transition::StandInFor(j) => {
                         tracing::warn!(
                             iom = self.id.0,
                             failed = j.0,
@@ -226,33 +215,29 @@ impl Iom {
                         self.workers
                             .spawn(Tier::Background, "standin-activate", async move { me.standin_activate(j).await });
                     }
-                    IomState::Up => {
-                        if let IomState::Down { proxy } | IomState::Rebuilding { proxy } = was {
-                            if proxy == self.id && j != self.id {
-                                tracing::warn!(
-                                    iom = self.id.0,
-                                    back = j.0,
-                                    epoch = cur.epoch.0,
-                                    "IOM back: stand-in duty over"
-                                );
-                                self.standin_done(j);
-                            }
-                        }
+                    Transition::StandInOver(j) => {
+                        tracing::warn!(
+                            iom = self.id.0,
+                            back = j.0,
+                            epoch = cur.epoch.0,
+                            "IOM back: stand-in duty over"
+                        );
+                        self.standin_done(j);
                     }
-                    _ => {}
+                    Transition::DeclaredDown if !self.rejoining() => {
+                        tracing::error!(
+                            iom = self.id.0,
+                            epoch = cur.epoch.0,
+                            "this IOM was declared down by the cluster (it was silent to the majority); restarting to rejoin"
+                        );
+                        crate::restart::rejoin_by_restart(self.id, cur.epoch);
+                    }
+                    Transition::DeclaredDown => {}
+                    Transition::NamespaceHome => {
+                        tracing::warn!(iom = self.id.0, epoch = cur.epoch.0, "taking the namespace over");
+                        self.namespace.promote(cur.epoch.0);
+                    }
                 }
-                if j == self.id && now != IomState::Up && was == IomState::Up && !self.rejoining() {
-                    tracing::error!(
-                        iom = self.id.0,
-                        epoch = cur.epoch.0,
-                        "this IOM was declared down by the cluster (it was silent to the majority); restarting to rejoin"
-                    );
-                    crate::restart::rejoin_by_restart(self.id, cur.epoch);
-                }
-            }
-            if cur.meta_home == self.id && prev.meta_home != self.id {
-                tracing::warn!(iom = self.id.0, epoch = cur.epoch.0, "taking the namespace over");
-                self.namespace.promote(cur.epoch.0);
             }
             prev = cur;
         }

@@ -173,7 +173,7 @@ async fn run_stream(
         }
         s.out = Some(tx);
     }
-    let writer = iom.workers.spawn(Tier::Protocol, "parity-link-writer", async move {
+    let mut writer = iom.workers.spawn(Tier::Protocol, "parity-link-writer", async move {
         while let Some(Out::Msg(m, payload)) = rx.recv().await {
             if write_frame(&mut send, &m, payload).await.is_err() {
                 return;
@@ -182,6 +182,7 @@ async fn run_stream(
         let _ = send.finish();
     });
     let protocol = iom.workers.token(Tier::Protocol);
+    let mut stopping = false;
     let result = loop {
         tokio::select! {
             f = read_frame::<ParityAck>(&mut recv) => match f {
@@ -195,11 +196,22 @@ async fn run_stream(
                 }
             }
             // A stop, once every write transaction has finished.
-            _ = async { protocol.cancelled().await; iom.inflight.wait_all().await } => break Ok(()),
+            _ = async { protocol.cancelled().await; iom.inflight.wait_all().await } => {
+                stopping = true;
+                break Ok(());
+            }
         }
     };
     link.state.lock().out = None;
-    writer.abort();
+    if stopping {
+        // The last a13 ("write completed") messages may still be queued:
+        // with the sender gone, the writer sends them and finishes.
+        if tokio::time::timeout(iom.timeouts.stop_tier, &mut writer).await.is_err() {
+            writer.abort();
+        }
+    } else {
+        writer.abort();
+    }
     result
 }
 

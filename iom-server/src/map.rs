@@ -264,7 +264,11 @@ impl BlockMap {
         let freed = self.apply_inner(rec);
         if matches!(
             rec,
-            Record::Completed { .. } | Record::RolledBack { .. } | Record::ParityDone { .. } | Record::Discarded { .. }
+            Record::Completed { .. }
+                | Record::RolledBack { .. }
+                | Record::ParityDone { .. }
+                | Record::Discarded { .. }
+                | Record::Dropped { .. }
         ) {
             self.txs_closed.notify_waiters();
         }

@@ -96,7 +96,8 @@ impl Membership {
     /// Called by the heartbeat and detector loops each time they run (see
     /// `Liveness::tick`).
     pub fn tick(&self) {
-        if let Some(late) = self.live.lock().tick(Instant::now()) {
+        let late = self.live.lock().tick(Instant::now());
+        if let Some(late) = late {
             tracing::warn!(
                 iom = self.me.0,
                 late_ms = late.as_millis() as u64,
@@ -184,4 +185,110 @@ impl Membership {
 /// Errors of membership operations (logged, then retried).
 pub fn stopped() -> Error {
     Error::Wire(WireError::new(ErrorCode::ClusterStopped, "cluster stopped"))
+}
+
+/// What a new cluster map asks of this IOM, compared with the one before:
+/// the map watcher's reactions, as a pure function of the two maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transition {
+    /// IOM `j` was declared down and this IOM is its proxy: stand in.
+    StandInFor(IomId),
+    /// IOM `j`, which this IOM stood in for, is up again: duty over.
+    StandInOver(IomId),
+    /// This IOM was declared down although it runs (it was silent to the
+    /// majority): it must restart and rejoin.
+    DeclaredDown,
+    /// This IOM became the namespace home (took the namespace over).
+    NamespaceHome,
+}
+
+/// The reactions `cur` asks of IOM `me` after `prev`, in IOM order, the
+/// namespace last.
+pub fn transitions(prev: &ClusterMap, cur: &ClusterMap, me: IomId) -> Vec<Transition> {
+    let mut out = Vec::new();
+    for j in (0..cur.width()).map(IomId) {
+        let (was, now) = (prev.state(j), cur.state(j));
+        if was == now {
+            continue;
+        }
+        match now {
+            IomState::Down { proxy } if proxy == me && !matches!(was, IomState::Down { .. }) => {
+                out.push(Transition::StandInFor(j))
+            }
+            IomState::Up => {
+                if let IomState::Down { proxy } | IomState::Rebuilding { proxy } = was {
+                    if proxy == me && j != me {
+                        out.push(Transition::StandInOver(j));
+                    }
+                }
+            }
+            _ => {}
+        }
+        if j == me && now != IomState::Up && was == IomState::Up {
+            out.push(Transition::DeclaredDown);
+        }
+    }
+    if cur.meta_home == me && prev.meta_home != me {
+        out.push(Transition::NamespaceHome);
+    }
+    out
+}
+
+/// The failed IOMs `me` stands in for in `map` (at start-up: it restarted
+/// while a peer was down or rebuilding).
+pub fn standing_in_for(map: &ClusterMap, me: IomId) -> Vec<IomId> {
+    (0..map.width())
+        .map(IomId)
+        .filter(|&j| {
+            j != me && matches!(map.state(j), IomState::Down { proxy } | IomState::Rebuilding { proxy } if proxy == me)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(base: &ClusterMap, changes: &[(u32, IomState)], home: u32) -> ClusterMap {
+        let mut m = base.clone();
+        m.epoch = Epoch(m.epoch.0 + 1);
+        for (j, st) in changes {
+            m.states[*j as usize] = *st;
+        }
+        m.meta_home = IomId(home);
+        m
+    }
+
+    #[test]
+    fn map_changes_become_the_reactions_of_each_iom() {
+        let m0 = ClusterMap::initial(5, IomId(0));
+        let down2 = IomState::Down { proxy: IomId(3) };
+        let m1 = with(&m0, &[(2, down2)], 0);
+        assert_eq!(transitions(&m0, &m1, IomId(3)), vec![Transition::StandInFor(IomId(2))]);
+        assert_eq!(transitions(&m0, &m1, IomId(2)), vec![Transition::DeclaredDown]);
+        assert!(transitions(&m0, &m1, IomId(4)).is_empty(), "not its business");
+        // Rebuilding, then up: the stand-in's duty ends only at up.
+        let m2 = with(&m1, &[(2, IomState::Rebuilding { proxy: IomId(3) })], 0);
+        assert!(transitions(&m1, &m2, IomId(3)).is_empty());
+        let m3 = with(&m2, &[(2, IomState::Up)], 0);
+        assert_eq!(transitions(&m2, &m3, IomId(3)), vec![Transition::StandInOver(IomId(2))]);
+        assert!(transitions(&m2, &m3, IomId(2)).is_empty(), "its own return is no reaction");
+        // The namespace home fails: its mirror (and proxy) takes over.
+        let m4 = with(&m3, &[(0, IomState::Down { proxy: IomId(1) })], 1);
+        assert_eq!(transitions(&m3, &m4, IomId(1)), vec![Transition::StandInFor(IomId(0)), Transition::NamespaceHome]);
+        // A down IOM that stays down with another proxy is no new duty.
+        let m5 = with(&m4, &[(0, IomState::Down { proxy: IomId(2) })], 1);
+        assert!(transitions(&m4, &m5, IomId(2)).is_empty());
+    }
+
+    #[test]
+    fn a_restarted_proxy_finds_whom_it_stands_in_for() {
+        let m = with(
+            &ClusterMap::initial(5, IomId(0)),
+            &[(1, IomState::Down { proxy: IomId(2) }), (4, IomState::Rebuilding { proxy: IomId(2) })],
+            0,
+        );
+        assert_eq!(standing_in_for(&m, IomId(2)), vec![IomId(1), IomId(4)]);
+        assert!(standing_in_for(&m, IomId(3)).is_empty());
+    }
 }

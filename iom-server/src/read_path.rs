@@ -236,7 +236,7 @@ impl Iom {
     pub fn list_blocks(&self, after: Option<BlockKey>, limit: u32) -> Vec<BlockInfo> {
         self.storage
             .map
-            .list_data(after, limit.min(10_000) as usize)
+            .list_data(after, limit.min(common::wire::MAX_LIST_ENTRIES) as usize)
             .into_iter()
             .map(|(key, e)| {
                 let h = e.head();
@@ -248,7 +248,7 @@ impl Iom {
     pub fn list_groups(&self, after: Option<GroupKey>, limit: u32) -> Vec<GroupInfo> {
         self.storage
             .map
-            .list_parity(after, limit.min(10_000) as usize)
+            .list_parity(after, limit.min(common::wire::MAX_LIST_ENTRIES) as usize)
             .into_iter()
             .map(|(key, e)| GroupInfo { key, versions: e.head.members, len: e.head.len, crc: e.head.crc })
             .collect()

@@ -6,6 +6,8 @@
 //! naive model of the protocol crashed at every step. The code that carries
 //! the decisions out lives in `recovery_exec`.
 
+use common::Version;
+
 /// What the data IOM's journal says about a transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DSide {
@@ -92,6 +94,83 @@ pub fn decide(d: DSide, p: PSide, new_intact: bool) -> Action {
         }
         (DSide::Completed, PSide::Completed) => Action::FinishFrees,
         (DSide::Completed, PSide::None | PSide::Received) => Action::RecomputeParity,
+    }
+}
+
+/// The parity side of a data transaction, from the parity IOM's answer to
+/// `TxStatus`: its journal's state, unless the parity it holds already
+/// covers the new version (or a later one) — then the update was applied,
+/// whatever records the parity IOM still keeps. A stand-in's answer has no
+/// parity to judge by (it keeps none for the failed IOM).
+pub fn pside_from(state: common::wire::ParityTxState, covers: Version, standin: bool, new: Version) -> PSide {
+    use common::wire::ParityTxState;
+    match state {
+        _ if !standin && covers >= new => PSide::Completed,
+        ParityTxState::None => PSide::None,
+        ParityTxState::Received => PSide::Received,
+        ParityTxState::Completed => PSide::Completed,
+    }
+}
+
+/// The data side of a parity transaction, from the data IOM's answer
+/// (when it no longer has the transaction open): completed if its map
+/// points at the new version or later, else nothing recorded.
+pub fn dside_from(pointer: Version, new: Version) -> DSide {
+    if pointer >= new {
+        DSide::Completed
+    } else {
+        DSide::None
+    }
+}
+
+/// The action for an unfinished data transaction, with the override of a
+/// recovery that must roll back (`force_back`: an earlier transaction of the
+/// same block was rolled back, so this one, built on it, cannot stand
+/// unless the parity already holds it).
+pub fn decide_data(d: DSide, p: PSide, new_intact: bool, force_back: bool) -> Action {
+    if force_back && p != PSide::Completed {
+        Action::RollBack
+    } else {
+        decide(d, p, new_intact)
+    }
+}
+
+#[cfg(test)]
+mod answer_tests {
+    use super::*;
+    use common::wire::ParityTxState as S;
+
+    #[test]
+    fn a_parity_that_covers_the_version_counts_as_completed_unless_it_is_a_stand_in() {
+        let v = Version;
+        for state in [S::None, S::Received, S::Completed] {
+            assert_eq!(pside_from(state, v(5), false, v(5)), PSide::Completed);
+            assert_eq!(pside_from(state, v(6), false, v(5)), PSide::Completed);
+        }
+        assert_eq!(pside_from(S::None, v(4), false, v(5)), PSide::None);
+        assert_eq!(pside_from(S::Received, v(4), false, v(5)), PSide::Received);
+        assert_eq!(pside_from(S::Completed, v(4), false, v(5)), PSide::Completed);
+        // A stand-in says `None` and covers nothing it could vouch for.
+        assert_eq!(pside_from(S::None, v(9), true, v(5)), PSide::None);
+    }
+
+    #[test]
+    fn the_data_side_of_a_parity_transaction_follows_the_map_pointer() {
+        assert_eq!(dside_from(Version(5), Version(5)), DSide::Completed);
+        assert_eq!(dside_from(Version(7), Version(5)), DSide::Completed);
+        assert_eq!(dside_from(Version(4), Version(5)), DSide::None);
+    }
+
+    #[test]
+    fn force_back_rolls_back_everything_but_what_the_parity_holds() {
+        for d in [DSide::Issued, DSide::Switched] {
+            for intact in [false, true] {
+                assert_eq!(decide_data(d, PSide::None, intact, true), Action::RollBack);
+                assert_eq!(decide_data(d, PSide::Received, intact, true), Action::RollBack);
+                assert_eq!(decide_data(d, PSide::Completed, intact, true), decide(d, PSide::Completed, intact));
+                assert_eq!(decide_data(d, PSide::Received, intact, false), decide(d, PSide::Received, intact));
+            }
+        }
     }
 }
 

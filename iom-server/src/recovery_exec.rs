@@ -12,7 +12,7 @@
 use crate::journal::Wait;
 use crate::map::{DTx, PTx};
 use crate::records::{PVerRef, Record, VerRef};
-use crate::recovery::{decide, Action, DSide, PSide};
+use crate::recovery::{self, decide, Action, DSide, PSide};
 use crate::workers::Tier;
 use crate::write_path::xor_into;
 use crate::{Error, Iom};
@@ -408,17 +408,9 @@ impl Iom {
         let MemberResp::TxStatus(TxView::Parity { state, covers, standin }) = view else {
             return Err(Error::Format(format!("unexpected answer {view:?}")));
         };
-        let pside = match state {
-            // The parity covers this version (or a later one): the update was
-            // applied, whatever records the parity IOM still keeps.
-            _ if !standin && covers >= t.new.version => PSide::Completed,
-            ParityTxState::None => PSide::None,
-            ParityTxState::Received => PSide::Received,
-            ParityTxState::Completed => PSide::Completed,
-        };
+        let pside = recovery::pside_from(state, covers, standin, t.new.version);
         let dside = if t.switched { DSide::Switched } else { DSide::Issued };
-        let action =
-            if force_back && pside != PSide::Completed { Action::RollBack } else { decide(dside, pside, intact) };
+        let action = recovery::decide_data(dside, pside, intact, force_back);
         tracing::info!(
             iom = self.id.0,
             tx = tx.0,
@@ -482,7 +474,7 @@ impl Iom {
         if open {
             return Ok(false);
         }
-        let dside = if pointer >= p.new { DSide::Completed } else { DSide::None };
+        let dside = recovery::dside_from(pointer, p.new);
         let pside = if p.applied.is_some() { PSide::Completed } else { PSide::Received };
         let action = decide(dside, pside, false);
         tracing::info!(iom = self.id.0, tx = ?tx, group = ?p.group, ?dside, ?pside, ?action, "recovery: parity transaction");

@@ -7,10 +7,12 @@ use crate::workers::Tier;
 use crate::write_path::Op;
 use crate::{Error, Iom};
 use bytes::Bytes;
+use common::toughness::Toughness;
 use common::wire::{
-    AdminReq, AdminResp, DataReq, DataResp, ErrorCode, HelloOk, MemberReq, MemberResp, PeerKind, Reply, Request,
-    WireError, PROTOCOL_VERSION,
+    AdminReq, AdminResp, DataReq, DataResp, ErrorCode, HelloOk, MemberReq, MemberResp, PeerKind, Reply, Request, Route,
+    WireError, MAX_DROP_OBJECTS, MAX_PIECES, PROTOCOL_VERSION,
 };
+use common::{BlockKey, GroupKey, GroupNo, IomId, ObjectId, Version};
 use net::frame::{read_frame, write_frame, write_frame_chunks};
 use net::NetError;
 use std::sync::Arc;
@@ -164,40 +166,94 @@ async fn dispatch(iom: &Arc<Iom>, req: Request, payload: Bytes) -> Result<(Reply
     }
 }
 
+/// Which role answers a data request, decided once per request from its
+/// route: this IOM's own blocks, or a failed IOM's as its stand-in.
+#[derive(Clone, Copy)]
+enum Plane {
+    Own,
+    StandIn(IomId),
+}
+
+impl Plane {
+    /// Checks that this IOM serves `route` now (writes need a quorum too)
+    /// and says as what.
+    fn of(iom: &Iom, route: &Route, write: bool) -> Result<Plane, Error> {
+        iom.member.check_route(route, write)?;
+        Ok(if route.target == iom.id { Plane::Own } else { Plane::StandIn(route.target) })
+    }
+
+    async fn read(self, iom: &Arc<Iom>, key: BlockKey, offset: u32, len: u32) -> Result<(Version, Bytes), Error> {
+        match self {
+            Plane::Own => iom.read_block(key, offset, len).await,
+            Plane::StandIn(owner) => iom.standin_read(owner, key, offset, len).await,
+        }
+    }
+
+    async fn write(self, iom: &Arc<Iom>, key: BlockKey, op: Op, t: Toughness, hint: u8) -> Result<Version, Error> {
+        match self {
+            Plane::Own => iom.write_block(key, op, t, hint).await,
+            Plane::StandIn(owner) => iom.standin_write(owner, key, op, t, hint).await,
+        }
+    }
+
+    async fn drop_object(self, iom: &Arc<Iom>, object: ObjectId, from: GroupNo) -> Result<(), Error> {
+        match self {
+            Plane::Own => iom.drop_object(object, from).await,
+            Plane::StandIn(owner) => iom.standin_drop(owner, object, from),
+        }
+    }
+
+    async fn read_version(self, iom: &Arc<Iom>, key: BlockKey, version: Version) -> Result<Bytes, Error> {
+        match self {
+            Plane::Own => iom.read_version(key, version).await,
+            Plane::StandIn(_) => {
+                let (v, b) = iom.reconstruct(key, Some(version)).await?;
+                debug_assert_eq!(v, version);
+                Ok(b)
+            }
+        }
+    }
+
+    /// A stand-in keeps no parity for the failed IOM.
+    fn own_parity(self, group: GroupKey, what: &str) -> Result<(), Error> {
+        match self {
+            Plane::Own => Ok(()),
+            Plane::StandIn(owner) => Err(Error::Wire(WireError::new(
+                ErrorCode::Unavailable,
+                format!("the parity of {group:?} lives on failed IOM {owner}: {what}"),
+            ))),
+        }
+    }
+}
+
 async fn data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp, Vec<Bytes>), Error> {
     match req {
         DataReq::ReadMany { route, pieces } => {
-            iom.member.check_route(&route, false)?;
+            let plane = Plane::of(iom, &route, false)?;
             let bs = iom.cfg.block_size as u64;
-            if pieces.len() > 1024 || pieces.iter().any(|p| p.offset as u64 + p.len as u64 > bs) {
+            if pieces.len() > MAX_PIECES || pieces.iter().any(|p| p.offset as u64 + p.len as u64 > bs) {
                 return Err(Error::BadRequest(format!(
-                    "multi-block read of {} pieces: at most 1024, each inside a {bs}-byte block",
+                    "multi-block read of {} pieces: at most {MAX_PIECES}, each inside a {bs}-byte block",
                     pieces.len()
                 )));
             }
-            let reads = pieces.into_iter().map(|p| async move {
-                let (_, b) = if route.target != iom.id {
-                    iom.standin_read(route.target, p.key, p.offset, p.len).await?
-                } else {
-                    iom.read_block(p.key, p.offset, p.len).await?
-                };
-                Ok::<Bytes, Error>(b)
-            });
+            let reads = pieces
+                .into_iter()
+                .map(|p| async move { Ok::<Bytes, Error>(plane.read(iom, p.key, p.offset, p.len).await?.1) });
             let parts = futures::future::try_join_all(reads).await?;
             let lens = parts.iter().map(|b| b.len() as u32).collect();
             Ok((DataResp::ReadAll { lens }, parts))
         }
         DataReq::DropObjects { route, objects } => {
-            iom.member.check_route(&route, true)?;
-            if objects.len() > 4096 {
-                return Err(Error::BadRequest(format!("drop of {} objects: at most 4096", objects.len())));
+            let plane = Plane::of(iom, &route, true)?;
+            if objects.len() > MAX_DROP_OBJECTS {
+                return Err(Error::BadRequest(format!(
+                    "drop of {} objects: at most {MAX_DROP_OBJECTS}",
+                    objects.len()
+                )));
             }
             for o in objects {
-                if route.target != iom.id {
-                    iom.standin_drop(route.target, o, common::GroupNo(0))?;
-                } else {
-                    iom.drop_object(o, common::GroupNo(0)).await?;
-                }
+                plane.drop_object(iom, o, GroupNo(0)).await?;
             }
             Ok((DataResp::Dropped, Vec::new()))
         }
@@ -206,37 +262,26 @@ async fn data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp,
 }
 
 async fn data_one(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp, Bytes), Error> {
-    // Requests for a failed IOM's role go to the stand-in functions.
-    let standin = |route: &common::wire::Route| route.target != iom.id;
     match req {
         DataReq::Read { route, key, offset, len } => {
-            iom.member.check_route(&route, false)?;
-            let (version, b) = if standin(&route) {
-                iom.standin_read(route.target, key, offset, len).await?
-            } else {
-                iom.read_block(key, offset, len).await?
-            };
+            let (version, b) = Plane::of(iom, &route, false)?.read(iom, key, offset, len).await?;
             Ok((DataResp::Read { version }, b))
         }
         DataReq::Write { route, key, offset, toughness, group_hint } => {
-            iom.member.check_route(&route, true)?;
+            let plane = Plane::of(iom, &route, true)?;
             let op = Op::Write { offset, data: payload };
-            let v = if standin(&route) {
-                iom.standin_write(route.target, key, op, toughness, group_hint).await?
-            } else {
-                iom.write_block(key, op, toughness, group_hint).await?
-            };
+            let v = plane.write(iom, key, op, toughness, group_hint).await?;
             Ok((DataResp::Written { version: v }, Bytes::new()))
         }
         DataReq::WriteMany { route, pieces, toughness } => {
-            iom.member.check_route(&route, true)?;
+            let plane = Plane::of(iom, &route, true)?;
             let total: u64 = pieces.iter().map(|p| p.len as u64).sum();
             let bs = iom.cfg.block_size as u64;
             let fits = pieces.iter().all(|p| p.len > 0 && p.offset as u64 + p.len as u64 <= bs);
-            if total != payload.len() as u64 || pieces.len() > 1024 || !fits {
+            if total != payload.len() as u64 || pieces.len() > MAX_PIECES || !fits {
                 return Err(Error::BadRequest(format!(
-                    "multi-block write of {} pieces ({total} bytes, payload {}): pieces must be non-empty, \
-                     fit a {bs}-byte block and add up to the payload",
+                    "multi-block write of {} pieces ({total} bytes, payload {}): at most {MAX_PIECES} pieces, \
+                     each non-empty and inside a {bs}-byte block, adding up to the payload",
                     pieces.len(),
                     payload.len()
                 )));
@@ -245,26 +290,13 @@ async fn data_one(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataR
             let writes = pieces.into_iter().map(|p| {
                 let op = Op::Write { offset: p.offset, data: payload.slice(at..at + p.len as usize) };
                 at += p.len as usize;
-                let iom = iom.clone();
-                async move {
-                    if standin(&route) {
-                        iom.standin_write(route.target, p.key, op, toughness, p.group_hint).await
-                    } else {
-                        iom.write_block(p.key, op, toughness, p.group_hint).await
-                    }
-                }
+                plane.write(iom, p.key, op, toughness, p.group_hint)
             });
             futures::future::try_join_all(writes).await?;
             Ok((DataResp::WrittenAll, Bytes::new()))
         }
         DataReq::Truncate { route, key, keep, toughness } => {
-            iom.member.check_route(&route, true)?;
-            let op = Op::Truncate { keep };
-            let v = if standin(&route) {
-                iom.standin_write(route.target, key, op, toughness, 1).await?
-            } else {
-                iom.write_block(key, op, toughness, 1).await?
-            };
+            let v = Plane::of(iom, &route, true)?.write(iom, key, Op::Truncate { keep }, toughness, 1).await?;
             Ok((DataResp::Written { version: v }, Bytes::new()))
         }
         DataReq::Flush { route } => {
@@ -273,39 +305,21 @@ async fn data_one(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataR
             Ok((DataResp::Flushed, Bytes::new()))
         }
         DataReq::DropObject { route, object, from } => {
-            iom.member.check_route(&route, true)?;
-            if standin(&route) {
-                iom.standin_drop(route.target, object, from)?;
-            } else {
-                iom.drop_object(object, from).await?;
-            }
+            Plane::of(iom, &route, true)?.drop_object(iom, object, from).await?;
             Ok((DataResp::Dropped, Bytes::new()))
         }
         DataReq::ReadVersion { route, key, version } => {
-            iom.member.check_route(&route, false)?;
-            let b = if standin(&route) {
-                let (v, b) = iom.reconstruct(key, Some(version)).await?;
-                debug_assert_eq!(v, version);
-                b
-            } else {
-                iom.read_version(key, version).await?
-            };
+            let b = Plane::of(iom, &route, false)?.read_version(iom, key, version).await?;
             Ok((DataResp::Version { version }, b))
         }
         DataReq::ReadParity { route, group } => {
-            iom.member.check_route(&route, false)?;
-            if standin(&route) {
-                return Err(Error::Wire(WireError::new(
-                    ErrorCode::Unavailable,
-                    format!("the parity of {group:?} lives on failed IOM {}", route.target),
-                )));
-            }
+            Plane::of(iom, &route, false)?.own_parity(group, "it is rebuilt when that IOM comes back")?;
             let (versions, b) = iom.read_parity(group).await?;
             Ok((DataResp::Parity { versions }, b))
         }
         DataReq::RecomputeParity { route, group } => {
-            iom.member.check_route(&route, true)?;
-            if standin(&route) || !iom.group_is_whole(group) {
+            Plane::of(iom, &route, true)?.own_parity(group, "it can only be recomputed while all its IOMs are up")?;
+            if !iom.group_is_whole(group) {
                 return Err(Error::Wire(WireError::new(
                     ErrorCode::Unavailable,
                     format!("the parity of {group:?} can only be recomputed while all its IOMs are up"),

@@ -36,7 +36,7 @@ pub struct Storage {
     pub journal: Journal,
     pub map: BlockMap,
     /// Held while a map checkpoint is taken and written.
-    checkpointing: tokio::sync::Mutex<()>,
+    checkpointing: Arc<tokio::sync::Mutex<()>>,
     /// The data directory's lock (one IOM process per store).
     _lock: File,
 }
@@ -134,7 +134,7 @@ impl Storage {
             cache: Arc::new(Cache::new((cfg.tuning.cache_mib as usize) << 20)),
             journal,
             map,
-            checkpointing: tokio::sync::Mutex::new(()),
+            checkpointing: Arc::new(tokio::sync::Mutex::new(())),
             _lock: lock,
         };
         Ok((storage, Opened { fresh, replacing, open_txs: open_at_start }))
@@ -212,11 +212,14 @@ impl Storage {
     /// fsyncing it and removing the old segments run off it. One
     /// checkpoint at a time, so an older cut never replaces a newer one.
     pub async fn checkpoint(&self) -> Result<(), Error> {
-        let _one = self.checkpointing.lock().await;
+        // Owned, and moved into the writer: held until the write is done
+        // even if this future were dropped.
+        let one = self.checkpointing.clone().lock_owned().await;
         let seg = self.journal.rotate_now();
         let cut = self.map.snapshot_cut(seg);
         let (data_dir, journal_dir) = (self.data_dir.clone(), self.journal_dir.clone());
         crate::fsutil::off_loop("map checkpoint", move || {
+            let _one = one;
             cut.write(&data_dir)?;
             Journal::remove_before(&journal_dir, seg)
         })

@@ -39,6 +39,8 @@ pub enum Progress {
 #[derive(Default)]
 pub struct Inflight {
     txs: Mutex<BTreeMap<TxId, watch::Receiver<Progress>>>,
+    /// Fired when a transaction leaves the table.
+    removed: tokio::sync::Notify,
 }
 
 impl Inflight {
@@ -49,6 +51,7 @@ impl Inflight {
     }
     fn remove(&self, tx: TxId) {
         self.txs.lock().remove(&tx);
+        self.removed.notify_waiters();
     }
     pub fn len(&self) -> usize {
         self.txs.lock().len()
@@ -76,13 +79,20 @@ impl Inflight {
     /// Waits until nothing is in flight.
     pub async fn wait_all(&self) {
         loop {
+            // Armed before the look, so a removal in between is not missed.
+            let removed = self.removed.notified();
             let now: Vec<_> = self.txs.lock().values().cloned().collect();
             if now.is_empty() {
                 return;
             }
             for mut r in now {
+                // Done, failed, or its sender gone: either way, what is
+                // left is the removal from the table.
                 let _ = r.wait_for(|p| *p >= Progress::Done).await;
             }
+            // Every one of them reached its end; wait for (at least) one to
+            // leave the table rather than look again at once.
+            removed.await;
         }
     }
 }

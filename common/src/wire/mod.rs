@@ -27,6 +27,14 @@ pub const MAX_HEADER: usize = 1 << 20;
 pub const MAX_PAYLOAD: usize = 16 << 20;
 /// Size of the fixed frame prefix.
 pub const FRAME_PREFIX: usize = 8;
+/// Most pieces in one `ReadMany` or `WriteMany`.
+pub const MAX_PIECES: usize = 1024;
+/// Most objects in one `DropObjects` (and in one `MetaReq::Reclaim`).
+pub const MAX_DROP_OBJECTS: usize = 4096;
+/// Most entries in one `ListBlocks` or `ListGroups` answer.
+pub const MAX_LIST_ENTRIES: u32 = 10_000;
+/// Most entries in one `ReadDir` answer.
+pub const MAX_READDIR_ENTRIES: u32 = 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerKind {

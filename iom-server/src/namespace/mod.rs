@@ -78,7 +78,7 @@ pub struct Namespace {
     next_token: AtomicU64,
     fs_stats: Mutex<(FsStats, Option<std::time::Instant>)>,
     /// Held while a checkpoint is taken and written, and by `install`.
-    checkpointing: tokio::sync::Mutex<()>,
+    checkpointing: Arc<tokio::sync::Mutex<()>>,
     /// Fired when a replica is installed (the mirror worker waits on it).
     installed: tokio::sync::Notify,
 }
@@ -115,7 +115,7 @@ impl Default for Namespace {
             syncs: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(1),
             fs_stats: Mutex::new((FsStats::default(), None)),
-            checkpointing: tokio::sync::Mutex::new(()),
+            checkpointing: Arc::new(tokio::sync::Mutex::new(())),
             installed: tokio::sync::Notify::new(),
         }
     }
@@ -243,7 +243,7 @@ impl Namespace {
     pub async fn checkpoint(&self) -> Result<(), Error> {
         // One at a time, and never beside an `install` (an older copy
         // must not replace a newer one).
-        let _one = self.checkpointing.lock().await;
+        let one = self.checkpointing.clone().lock_owned().await;
         // Rotation and the copy of the state happen under one lock: the
         // checkpoint covers exactly the segments before the new one.
         let (snap, dir, seg) = {
@@ -254,6 +254,7 @@ impl Namespace {
         };
         // Encoding and fsync off the event loop.
         crate::fsutil::off_loop("namespace checkpoint", move || {
+            let _one = one;
             write_snap(&dir, &snap)?;
             Journal::remove_before(&dir, seg)
         })
@@ -439,7 +440,10 @@ impl Namespace {
                 MetaReq::Lookup { parent, name } => return s.lookup(parent, &name).map(MetaResp::Attr).map_err(nserr),
                 MetaReq::GetAttr { ino } => return s.inode(ino).map(|i| MetaResp::Attr(i.attr.clone())).map_err(nserr),
                 MetaReq::ReadDir { ino, cookie, max, plus } => {
-                    return s.readdir(ino, cookie, max.min(4096), plus).map(MetaResp::Entries).map_err(nserr)
+                    return s
+                        .readdir(ino, cookie, max.min(common::wire::MAX_READDIR_ENTRIES), plus)
+                        .map(MetaResp::Entries)
+                        .map_err(nserr)
                 }
                 MetaReq::ReadLink { ino } => {
                     let i = s.inode(ino).map_err(nserr)?;

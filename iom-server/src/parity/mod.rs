@@ -7,6 +7,8 @@
 //! together by several data IOMs cost one parity write. Every transaction is
 //! still journaled (b1) on its own.
 
+pub mod plan;
+
 use crate::cache::CacheKey;
 use crate::crash_point;
 use crate::journal::Wait;
@@ -321,25 +323,26 @@ impl Iom {
         let Some(q) = groups.get_mut(&g) else {
             return Next::Idle;
         };
-        let want = q.queue.iter().map(|d| d.upd.hint.max(1) as usize).max().unwrap_or(1);
-        if !waited && q.queue.len() < want {
+        let queued = |q: &GroupQueue| -> Vec<plan::Queued> {
+            q.queue
+                .iter()
+                .map(|d| plan::Queued { index: d.upd.index, old: d.upd.old, new: d.upd.new, hint: d.upd.hint })
+                .collect()
+        };
+        if plan::should_wait(&queued(q), waited) {
             return Next::Wait;
         }
         let head = self.storage.map.parity_head(&g);
-        let mut members = head.members.clone();
         q.queue.sort_by_key(|d| (d.upd.index, d.upd.old));
+        let (members, fates) = plan::plan_batch(&queued(q), &head.members);
         let mut batch = Vec::new();
         let mut rest = Vec::new();
         let mut stale = Vec::new();
-        for d in q.queue.drain(..) {
-            let j = d.upd.index as usize;
-            if d.upd.old == members[j] {
-                members[j] = d.upd.new;
-                batch.push(d);
-            } else if d.upd.old < members[j] {
-                stale.push(d);
-            } else {
-                rest.push(d);
+        for (d, fate) in q.queue.drain(..).zip(fates) {
+            match fate {
+                plan::Fate::Take => batch.push(d),
+                plan::Fate::Stale => stale.push(d),
+                plan::Fate::Keep => rest.push(d),
             }
         }
         q.queue = rest;
