@@ -182,6 +182,13 @@ async fn run_stream(
         let _ = send.finish();
     });
     let protocol = iom.workers.token(Tier::Protocol);
+    // A stop, once every write transaction has finished: made once, not
+    // for every acknowledgement the loop below takes.
+    let stop = async {
+        protocol.cancelled().await;
+        iom.inflight.wait_all().await
+    };
+    tokio::pin!(stop);
     let mut stopping = false;
     let result = loop {
         tokio::select! {
@@ -195,8 +202,7 @@ async fn run_stream(
                     break Ok(());
                 }
             }
-            // A stop, once every write transaction has finished.
-            _ = async { protocol.cancelled().await; iom.inflight.wait_all().await } => {
+            _ = &mut stop => {
                 stopping = true;
                 break Ok(());
             }
