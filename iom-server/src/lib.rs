@@ -14,6 +14,7 @@
 //! (a11, b11) reach the disk only after that data.
 
 pub mod cache;
+pub mod caller;
 pub mod failover;
 pub mod failpoint;
 pub mod fsutil;

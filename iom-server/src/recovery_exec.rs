@@ -17,15 +17,10 @@ use crate::workers::Tier;
 use crate::write_path::xor_into;
 use crate::{Error, Iom};
 use bytes::{Bytes, BytesMut};
-use common::wire::{
-    DataReq, DataResp, ErrorCode, MemberReq, MemberResp, ParityTxState, ParityUpdate, Reply, Request, Route, TxView,
-    WireError,
-};
+use common::wire::{ErrorCode, MemberReq, MemberResp, ParityTxState, ParityUpdate, Reply, Request, TxView, WireError};
 use common::{codec, BlockKey, GroupKey, IomId, TxId, TxRef, Version};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashSet};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -70,8 +65,6 @@ pub struct OpenTxs {
     pub parity: Vec<(TxRef, PTx)>,
 }
 
-type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
 /// Counters for the recovery log line.
 #[derive(Default, Debug)]
 struct Tally {
@@ -84,62 +77,19 @@ struct Tally {
 }
 
 impl Iom {
-    /// One request to whoever serves `role` now; handled in-process when that is this IOM.
-    pub fn call_role<'a>(
-        self: &'a Arc<Self>,
-        role: IomId,
-        make: impl Fn(Route) -> Request + Send + 'a,
-        payload: Bytes,
-    ) -> BoxFut<'a, Result<(Reply, Bytes), Error>> {
-        self.call_role_within(role, make, payload, self.timeouts.role_call)
-    }
-
-    /// [`Iom::call_role`] with its own deadline for a remote server.
-    pub fn call_role_within<'a>(
-        self: &'a Arc<Self>,
-        role: IomId,
-        make: impl Fn(Route) -> Request + Send + 'a,
-        payload: Bytes,
-        timeout: Duration,
-    ) -> BoxFut<'a, Result<(Reply, Bytes), Error>> {
-        Box::pin(async move {
-            let map = self.member.current();
-            let server = map
-                .server_for(role)
-                .ok_or_else(|| Error::Wire(WireError::new(ErrorCode::ClusterStopped, "more than one IOM is down")))?;
-            let req = make(Route { epoch: map.epoch, target: role });
-            let r = if server == self.id {
-                crate::service::handle(self, req, payload).await?
-            } else {
-                self.pool.call_timeout(server, &req, payload, timeout).await?
-            };
-            match r {
-                (Reply::Error(e), _) => Err(Error::Wire(e)),
-                ok => Ok(ok),
-            }
-        })
-    }
-
     /// A recovery question for IOM `role`: asked of that IOM itself when it
     /// runs (also while the map calls it down, or the cluster stopped —
     /// recovery is what gets a stopped cluster going again), else of
     /// whoever serves its role.
     async fn recovery_call(self: &Arc<Self>, role: IomId, req: MemberReq) -> Result<MemberResp, Error> {
         if role == self.id {
-            return self.member_call(role, req).await;
+            return self.rpc_member(role, req).await;
         }
         match self.pool.call_timeout(role, &Request::Member(req.clone()), Bytes::new(), self.timeouts.peer_call).await {
             Ok((Reply::Member(m), _)) => Ok(m),
             Ok((r, _)) => Err(Error::Format(format!("unexpected reply {r:?}"))),
-            Err(e) if e.is_transport() => self.member_call(role, req).await,
+            Err(e) if e.is_transport() => self.rpc_member(role, req).await,
             Err(e) => Err(e.into()),
-        }
-    }
-
-    async fn member_call(self: &Arc<Self>, role: IomId, req: MemberReq) -> Result<MemberResp, Error> {
-        match self.call_role(role, |_| Request::Member(req.clone()), Bytes::new()).await? {
-            (Reply::Member(m), _) => Ok(m),
-            (r, _) => Err(Error::Format(format!("unexpected reply {r:?}"))),
         }
     }
 
@@ -159,12 +109,8 @@ impl Iom {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(10 * attempt.min(20))).await;
             }
-            let (versions, parity) = match self
-                .call_role(p, |route| Request::Data(DataReq::ReadParity { route, group: g }), Bytes::new())
-                .await
-            {
-                Ok((Reply::Data(DataResp::Parity { versions }), b)) => (versions, b),
-                Ok((r, _)) => return Err(Error::Format(format!("unexpected reply {r:?}"))),
+            let (versions, parity) = match self.rpc_read_parity(p, g).await {
+                Ok(x) => x,
                 Err(e) => {
                     last = e.to_string();
                     continue;
@@ -188,15 +134,8 @@ impl Iom {
                     continue;
                 }
                 let kk = BlockKey { object: key.object, block: self.layout.member_block(g.group, k as u32) };
-                match self
-                    .call_role(
-                        *d,
-                        |route| Request::Data(DataReq::ReadVersion { route, key: kk, version: vk }),
-                        Bytes::new(),
-                    )
-                    .await
-                {
-                    Ok((_, b)) => {
+                match self.rpc_read_version(*d, kk, vk).await {
+                    Ok(b) => {
                         if acc.len() < b.len() {
                             acc.resize(b.len(), 0);
                         }
@@ -240,19 +179,13 @@ impl Iom {
         for (k, d) in data.iter().enumerate() {
             let key = BlockKey { object: g.object, block: self.layout.member_block(g.group, k as u32) };
             let view = self
-                .member_call(*d, MemberReq::TxStatus { tx: TxRef { iom: *d, tx: TxId(0) }, key, parity_side: false })
+                .rpc_member(*d, MemberReq::TxStatus { tx: TxRef { iom: *d, tx: TxId(0) }, key, parity_side: false })
                 .await?;
             let MemberResp::TxStatus(TxView::Data { pointer, .. }) = view else {
                 return Err(Error::Format(format!("unexpected answer {view:?}")));
             };
             if pointer != Version(0) {
-                let (_, b) = self
-                    .call_role(
-                        *d,
-                        |route| Request::Data(DataReq::ReadVersion { route, key, version: pointer }),
-                        Bytes::new(),
-                    )
-                    .await?;
+                let b = self.rpc_read_version(*d, key, pointer).await?;
                 if acc.len() < b.len() {
                     acc.resize(b.len(), 0);
                 }

@@ -142,17 +142,6 @@ async fn serve_stream(iom: Arc<Iom>, state: Arc<ConnState>, mut send: quinn::Sen
     }
 }
 
-/// Serves one request in-process (used by an IOM calling a role it serves itself).
-pub async fn handle(iom: &Arc<Iom>, req: Request, payload: Bytes) -> Result<(Reply, Bytes), Error> {
-    let (r, mut p) = dispatch(iom, req, payload).await?;
-    let p = match p.len() {
-        0 => Bytes::new(),
-        1 => p.pop().expect("one chunk"),
-        _ => Bytes::from(p.concat()),
-    };
-    Ok((r, p))
-}
-
 /// A request's reply and its payload (buffers sent one after another).
 async fn dispatch(iom: &Arc<Iom>, req: Request, payload: Bytes) -> Result<(Reply, Vec<Bytes>), Error> {
     match req {
@@ -226,6 +215,37 @@ impl Plane {
     }
 }
 
+/// `DropObjects`: the data of these objects goes, on this IOM's own role or
+/// on the failed IOM's it stands in for (also called directly by this
+/// IOM's namespace garbage collection, see `caller`).
+pub(crate) async fn drop_objects(iom: &Arc<Iom>, route: Route, objects: Vec<ObjectId>) -> Result<(), Error> {
+    let plane = Plane::of(iom, &route, true)?;
+    if objects.len() > MAX_DROP_OBJECTS {
+        return Err(Error::BadRequest(format!("drop of {} objects: at most {MAX_DROP_OBJECTS}", objects.len())));
+    }
+    for o in objects {
+        plane.drop_object(iom, o, GroupNo(0)).await?;
+    }
+    Ok(())
+}
+
+/// `ReadVersion`: one version of a block (rebuilt from its group by a
+/// stand-in).
+pub(crate) async fn read_version(
+    iom: &Arc<Iom>,
+    route: Route,
+    key: BlockKey,
+    version: Version,
+) -> Result<Bytes, Error> {
+    Plane::of(iom, &route, false)?.read_version(iom, key, version).await
+}
+
+/// `ReadParity`: a group's parity with the member versions it covers.
+pub(crate) async fn read_parity(iom: &Arc<Iom>, route: Route, group: GroupKey) -> Result<(Vec<Version>, Bytes), Error> {
+    Plane::of(iom, &route, false)?.own_parity(group, "it is rebuilt when that IOM comes back")?;
+    iom.read_parity(group).await
+}
+
 async fn data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp, Vec<Bytes>), Error> {
     match req {
         DataReq::ReadMany { route, pieces } => {
@@ -245,16 +265,7 @@ async fn data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp,
             Ok((DataResp::ReadAll { lens }, parts))
         }
         DataReq::DropObjects { route, objects } => {
-            let plane = Plane::of(iom, &route, true)?;
-            if objects.len() > MAX_DROP_OBJECTS {
-                return Err(Error::BadRequest(format!(
-                    "drop of {} objects: at most {MAX_DROP_OBJECTS}",
-                    objects.len()
-                )));
-            }
-            for o in objects {
-                plane.drop_object(iom, o, GroupNo(0)).await?;
-            }
+            drop_objects(iom, route, objects).await?;
             Ok((DataResp::Dropped, Vec::new()))
         }
         other => data_one(iom, other, payload).await.map(|(r, p)| (r, if p.is_empty() { Vec::new() } else { vec![p] })),
@@ -309,12 +320,11 @@ async fn data_one(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataR
             Ok((DataResp::Dropped, Bytes::new()))
         }
         DataReq::ReadVersion { route, key, version } => {
-            let b = Plane::of(iom, &route, false)?.read_version(iom, key, version).await?;
+            let b = read_version(iom, route, key, version).await?;
             Ok((DataResp::Version { version }, b))
         }
         DataReq::ReadParity { route, group } => {
-            Plane::of(iom, &route, false)?.own_parity(group, "it is rebuilt when that IOM comes back")?;
-            let (versions, b) = iom.read_parity(group).await?;
+            let (versions, b) = read_parity(iom, route, group).await?;
             Ok((DataResp::Parity { versions }, b))
         }
         DataReq::RecomputeParity { route, group } => {
@@ -340,7 +350,9 @@ async fn data_one(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataR
     }
 }
 
-async fn member(iom: &Arc<Iom>, req: MemberReq) -> Result<MemberResp, Error> {
+/// A membership, handover or recovery request (also called directly for
+/// this IOM's own questions, see `caller`).
+pub(crate) async fn member(iom: &Arc<Iom>, req: MemberReq) -> Result<MemberResp, Error> {
     match req {
         MemberReq::Ping { from, .. } => {
             if let Some(d) = crate::fsutil::disk_stalled(iom.timeouts.failure_timeout) {

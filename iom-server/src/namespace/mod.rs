@@ -19,7 +19,7 @@ use crate::{Error, Iom};
 use bytes::Bytes;
 use common::meta::*;
 use common::wire::{
-    AdminReq, AdminResp, DataReq, ErrorCode, MemberResp, MetaCall, MirrorAck, MirrorMsg, Reply, Request, WireError,
+    AdminReq, AdminResp, ErrorCode, MemberResp, MetaCall, MirrorAck, MirrorMsg, Reply, Request, WireError,
 };
 use common::{codec, Ino, IomId, ObjectId};
 use net::frame::{read_frame, write_frame};
@@ -969,10 +969,7 @@ impl Namespace {
         let calls = (0..iom.cfg.width()).map(|i| {
             let objects = dead.clone();
             let iom = iom.clone();
-            async move {
-                let make = |route| Request::Data(DataReq::DropObjects { route, objects: objects.clone() });
-                iom.call_role_within(IomId(i), make, Bytes::new(), iom.timeouts.gc_drop_call).await.is_ok()
-            }
+            async move { iom.rpc_drop_objects(IomId(i), objects, iom.timeouts.gc_drop_call).await.is_ok() }
         });
         let done = if futures::future::join_all(calls).await.into_iter().all(|x| x) { dead } else { Vec::new() };
         if done.is_empty() {
