@@ -18,11 +18,7 @@ use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
-
-/// Pause before an update the parity IOM refused is sent again.
-const RESEND_AFTER_FAILED: Duration = Duration::from_millis(500);
 
 struct PendingUpdate {
     upd: ParityUpdate,
@@ -253,11 +249,12 @@ fn on_ack(iom: &Arc<Iom>, role: IomId, ack: ParityAck) {
             // A refusal that can pass (the role moved, the parity could not
             // be read or recomputed yet): the update stays pending and is
             // sent again after a pause, like after a broken channel.
-            tracing::warn!(iom = iom.id.0, role = role.0, tx = ?tx, "parity update refused, resending in 500 ms: {error}");
+            let after = iom.timeouts.link_resend_after_failed;
+            tracing::warn!(iom = iom.id.0, role = role.0, tx = ?tx, "parity update refused, resending in {after:?}: {error}");
             let me = iom.clone();
             iom.workers.spawn(Tier::Protocol, "parity-resend", async move {
                 let iom = me;
-                tokio::time::sleep(RESEND_AFTER_FAILED).await;
+                tokio::time::sleep(iom.timeouts.link_resend_after_failed).await;
                 let s = iom.links.links[role.0 as usize].state.lock();
                 if let (Some(p), Some(out)) = (s.pending.get(&tx.tx), &s.out) {
                     let _ = out.send(Out::Msg(ParityMsg::Update(p.upd.clone()), p.delta.clone()));

@@ -22,7 +22,6 @@ use common::{codec, BlockKey, GroupKey, IomId, TxId, TxRef, Version};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::Notify;
 
 /// Blocks whose unfinished transactions are not resolved yet: reads and
@@ -105,9 +104,10 @@ impl Iom {
         let j = self.layout.index_in_group(key.block) as usize;
         let (data, p) = self.layout.group_ioms(g.object, g.group);
         let mut last = String::new();
-        for attempt in 0..50u64 {
+        let t = &self.timeouts;
+        for attempt in 0..t.reconstruct_attempts {
             if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(10 * attempt.min(20))).await;
+                tokio::time::sleep((t.reconstruct_step * attempt).min(t.reconstruct_cap)).await;
             }
             let (versions, parity) = match self.rpc_read_parity(p, g).await {
                 Ok(x) => x,

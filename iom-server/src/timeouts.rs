@@ -70,6 +70,14 @@ pub struct Timeouts {
     pub shutdown_drain: Duration,
     /// Each tier of tasks (`workers::Tier`) ends within this at a stop.
     pub stop_tier: Duration,
+    /// A parity update the parity IOM refused for a passing reason
+    /// (`Failed`) is sent again after this.
+    pub link_resend_after_failed: Duration,
+    /// Rebuilding a block from its group: the pause grows by this per
+    /// attempt, up to `reconstruct_cap`, for `reconstruct_attempts` attempts.
+    pub reconstruct_step: Duration,
+    pub reconstruct_cap: Duration,
+    pub reconstruct_attempts: u32,
     /// A delta held in memory applied before a peer is answered about it.
     pub held_delta_wait: Duration,
     /// Running stand-in writes finished before a handover goes on.
@@ -114,6 +122,10 @@ impl Timeouts {
             recovery_backoff_max: s(2),
             shutdown_drain: s(3),
             stop_tier: s(1),
+            link_resend_after_failed: ms(500),
+            reconstruct_step: ms(10),
+            reconstruct_cap: ms(200),
+            reconstruct_attempts: 50,
             held_delta_wait: s(2),
             freeze_drain_max: s(10),
             standin_ready_max: s(10),
@@ -137,6 +149,7 @@ mod tests {
     #[test]
     fn defaults_are_the_old_literals() {
         let t = Timeouts::from_tuning(&Tuning::default());
+        assert_eq!(t.reconstruct_attempts, 50);
         let want = [
             (t.heartbeat, 100),
             (t.ping_call, 400),
@@ -158,6 +171,9 @@ mod tests {
             (t.recovery_backoff_max, 2000),
             (t.shutdown_drain, 3000),
             (t.stop_tier, 1000),
+            (t.link_resend_after_failed, 500),
+            (t.reconstruct_step, 10),
+            (t.reconstruct_cap, 200),
             (t.held_delta_wait, 2000),
             (t.freeze_drain_max, 10_000),
             (t.standin_ready_max, 10_000),
