@@ -31,7 +31,7 @@ impl Iom {
         let mut tries = 0;
         loop {
             let head = self.storage.map.head(&key);
-            match self.version_bytes(key, head).await {
+            match self.storage.read_data(key, head).await {
                 Ok(b) => {
                     let start = (offset as usize).min(b.len());
                     let end = (offset as usize + len as usize).min(b.len());
@@ -64,7 +64,7 @@ impl Iom {
         let Some(vr) = self.storage.map.version(&key, v) else {
             return Err(Error::VersionGone(format!("object {} block {} version {}", key.object, key.block, v.0)));
         };
-        self.version_bytes(key, vr).await
+        self.storage.read_data(key, vr).await
     }
 
     /// The parity block of a group and the member versions it covers. A
@@ -72,7 +72,7 @@ impl Iom {
     /// blocks first, when all of them can be read.
     pub async fn read_parity(self: &Arc<Self>, g: GroupKey) -> Result<(Vec<Version>, Bytes), Error> {
         let head = self.storage.map.parity_head(&g);
-        match self.parity_bytes(g, &head).await {
+        match self.storage.read_parity(g, &head).await {
             Ok(b) => Ok((head.members, b)),
             Err(e) if healable(&e) && self.group_is_whole(g) => {
                 tracing::error!(
@@ -85,7 +85,7 @@ impl Iom {
                 self.parity.repairs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(iom = self.id.0, object = g.object.0, group = g.group.0, "parity recomputed");
                 let head = self.storage.map.parity_head(&g);
-                let b = self.parity_bytes(g, &head).await?;
+                let b = self.storage.read_parity(g, &head).await?;
                 Ok((head.members, b))
             }
             Err(e) => Err(e),

@@ -295,14 +295,14 @@ impl Iom {
     async fn intact(&self, key: BlockKey, v: VerRef) -> bool {
         match v.addr {
             None => true,
-            Some(_) => self.version_bytes(key, v).await.is_ok(),
+            Some(_) => self.storage.read_data(key, v).await.is_ok(),
         }
     }
 
     /// Sends a data transaction's update again and finishes it normally.
     async fn redrive(self: &Arc<Self>, tx: TxId, t: &DTx) -> Result<(), Error> {
-        let old = self.version_bytes(t.key, t.old).await?;
-        let new = self.version_bytes(t.key, t.new).await?;
+        let old = self.storage.read_data(t.key, t.old).await?;
+        let new = self.storage.read_data(t.key, t.new).await?;
         let mut delta = BytesMut::zeroed(old.len().max(new.len()));
         delta[..old.len()].copy_from_slice(&old);
         xor_into(&mut delta[..new.len()], &new);

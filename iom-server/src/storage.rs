@@ -8,12 +8,14 @@ use crate::cache::{Cache, CacheKey};
 use crate::journal::{Journal, Wait};
 use crate::map::BlockMap;
 use crate::records::Record;
+use crate::records::{PVerRef, VerRef};
 use crate::recovery_exec::OpenTxs;
 use crate::store::{Allocator, Store};
 use crate::timeouts::Timeouts;
 use crate::Error;
+use bytes::Bytes;
 use common::config::{ClusterConfig, ClusterPaths, IomConfig};
-use common::{codec, DiskAddr, IomId, Layout};
+use common::{codec, BlockKey, DiskAddr, GroupKey, IomId, Layout};
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
@@ -182,6 +184,48 @@ impl Storage {
                 store.free(a);
             }
         }))
+    }
+
+    /// The bytes of data version `v` of block `key`: from the cache, else
+    /// from the disk with its checksum checked (`Corrupt` if it does not
+    /// match; the caller repairs from the group).
+    pub async fn read_data(&self, key: BlockKey, v: VerRef) -> Result<Bytes, Error> {
+        let what = || format!("object {} block {} version {} on IOM {}", key.object, key.block, v.version.0, self.id);
+        self.read_checked(CacheKey::Data(key, v.version), v.addr, v.len, v.crc, what).await
+    }
+
+    /// The bytes of parity version `p` of group `g`, like [`Storage::read_data`].
+    pub async fn read_parity(&self, g: GroupKey, p: &PVerRef) -> Result<Bytes, Error> {
+        let what = || format!("parity of object {} group {} on IOM {}", g.object, g.group, self.id);
+        self.read_checked(CacheKey::Parity(g, p.seq), p.addr, p.len, p.crc, what).await
+    }
+
+    /// Cache, else disk (on the blocking pool) with the checksum checked;
+    /// what is read from disk is cached. No slot: an empty block.
+    async fn read_checked(
+        &self,
+        ck: CacheKey,
+        addr: Option<DiskAddr>,
+        len: u32,
+        crc: u32,
+        what: impl FnOnce() -> String,
+    ) -> Result<Bytes, Error> {
+        let Some(addr) = addr else {
+            return Ok(Bytes::new());
+        };
+        if let Some(b) = self.cache.get(&ck) {
+            return Ok(b);
+        }
+        let store = self.store.clone();
+        let buf = tokio::task::spawn_blocking(move || store.read(addr, len))
+            .await
+            .map_err(|e| Error::Format(format!("read task: {e}")))??;
+        if codec::crc(&buf) != crc {
+            return Err(Error::Corrupt(format!("{} (slot {})", what(), addr.0)));
+        }
+        let b = Bytes::from(buf);
+        self.cache.put(ck, b.clone());
+        Ok(b)
     }
 
     /// Background: checkpoint when the journal has grown by

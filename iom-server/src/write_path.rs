@@ -188,31 +188,6 @@ impl Iom {
         self.finish(p, None).await
     }
 
-    /// Bytes of a block version: buffer cache, else the disk (checksum
-    /// verified), else zeros (an absent version is empty).
-    pub async fn version_bytes(&self, key: BlockKey, v: VerRef) -> Result<Bytes, Error> {
-        let Some(addr) = v.addr else {
-            return Ok(Bytes::new());
-        };
-        let ck = CacheKey::Data(key, v.version);
-        if let Some(b) = self.storage.cache.get(&ck) {
-            return Ok(b);
-        }
-        let store = self.storage.store.clone();
-        let buf = tokio::task::spawn_blocking(move || store.read(addr, v.len))
-            .await
-            .map_err(|e| Error::Format(format!("read task: {e}")))??;
-        if codec::crc(&buf) != v.crc {
-            return Err(Error::Corrupt(format!(
-                "object {} block {} version {} on IOM {} (slot {})",
-                key.object, key.block, v.version.0, self.id, addr.0
-            )));
-        }
-        let b = Bytes::from(buf);
-        self.storage.cache.put(ck, b.clone());
-        Ok(b)
-    }
-
     /// Runs one data transaction and answers at the point `toughness` names.
     #[tracing::instrument(level = "debug", skip(self, op), fields(iom = self.id.0, object = key.object.0, block = key.block.0))]
     pub async fn write_block(
@@ -262,7 +237,7 @@ impl Iom {
     async fn issue(self: &Arc<Self>, key: BlockKey, op: &Op, hint: u8, urgent: bool) -> Result<Pending, Error> {
         // a1: the old block, from the buffer cache or the disk (zeros if it never existed).
         let old = self.storage.map.head(&key);
-        let old_bytes = match self.version_bytes(key, old).await {
+        let old_bytes = match self.storage.read_data(key, old).await {
             Ok(b) => b,
             Err(e) if crate::read_path::healable(&e) => self.heal_block(key, old, e).await?,
             Err(e) => return Err(e),

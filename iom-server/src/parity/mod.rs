@@ -256,31 +256,6 @@ impl Iom {
         }
     }
 
-    /// Bytes of a parity version (cache, else disk with checksum, else zeros).
-    pub async fn parity_bytes(&self, g: GroupKey, p: &PVerRef) -> Result<Bytes, Error> {
-        let Some(addr) = p.addr else {
-            return Ok(Bytes::new());
-        };
-        let ck = CacheKey::Parity(g, p.seq);
-        if let Some(b) = self.storage.cache.get(&ck) {
-            return Ok(b);
-        }
-        let store = self.storage.store.clone();
-        let len = p.len;
-        let buf = tokio::task::spawn_blocking(move || store.read(addr, len))
-            .await
-            .map_err(|e| Error::Format(format!("read task: {e}")))??;
-        if codec::crc(&buf) != p.crc {
-            return Err(Error::Corrupt(format!(
-                "parity of object {} group {} on IOM {} (slot {})",
-                g.object, g.group, self.id, addr.0
-            )));
-        }
-        let b = Bytes::from(buf);
-        self.storage.cache.put(ck, b.clone());
-        Ok(b)
-    }
-
     /// b3–b12 for one group, batch after batch, until nothing can be applied.
     async fn group_worker(self: Arc<Self>, g: GroupKey) {
         let mut waited = false;
@@ -378,7 +353,7 @@ impl Iom {
         batch: Vec<Delta>,
     ) -> Result<(), Error> {
         // b3: the old parity block, from the buffer or the disk (zeros if none).
-        let old_bytes = match self.parity_bytes(g, &old).await {
+        let old_bytes = match self.storage.read_parity(g, &old).await {
             Ok(b) => b,
             Err(e) => return self.repair_parity(g, e, batch).await,
         };
