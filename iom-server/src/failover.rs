@@ -187,14 +187,18 @@ impl Iom {
         (granted, self.member.current())
     }
 
+    fn spawn_standin_activate(self: &Arc<Self>, j: IomId) {
+        let me = self.clone();
+        self.workers.spawn(Tier::Background, "standin-activate", async move { me.standin_activate(j).await });
+    }
+
     /// Reacts to every new cluster map.
     pub async fn map_watcher(self: Arc<Self>) {
         let mut rx = self.member.subscribe();
         let mut prev = self.member.current();
         // Standing in already (this IOM restarted while a peer was down).
         for j in crate::membership::standing_in_for(&prev, self.id) {
-            let me = self.clone();
-            self.workers.spawn(Tier::Background, "standin-activate", async move { me.standin_activate(j).await });
+            self.spawn_standin_activate(j);
         }
         loop {
             tokio::select! {
@@ -211,9 +215,7 @@ impl Iom {
                             epoch = cur.epoch.0,
                             "standing in for failed IOM"
                         );
-                        let me = self.clone();
-                        self.workers
-                            .spawn(Tier::Background, "standin-activate", async move { me.standin_activate(j).await });
+                        self.spawn_standin_activate(j);
                     }
                     Transition::StandInOver(j) => {
                         tracing::warn!(

@@ -106,9 +106,8 @@ impl Links {
     fn ensure_started(&self, iom: &Arc<Iom>, role: IomId) {
         let link = &self.links[role.0 as usize];
         if !link.started.swap(true, Ordering::AcqRel) {
-            let iom = iom.clone();
-            let w = iom.clone();
-            w.workers.spawn(Tier::Protocol, "parity-link", async move { supervise(iom, role).await });
+            let me = iom.clone();
+            iom.workers.spawn(Tier::Protocol, "parity-link", async move { supervise(me, role).await });
         }
     }
 }
@@ -124,10 +123,9 @@ async fn supervise(iom: Arc<Iom>, role: IomId) {
         let Some(server) = iom.member.server_for(role) else {
             // No IOM serves the role: wait for a map that names one, or a
             // stop once every write transaction has finished.
-            let protocol = iom.workers.token(Tier::Protocol);
             tokio::select! {
                 _ = epochs.changed() => {}
-                _ = async { protocol.cancelled().await; iom.inflight.wait_all().await } => {}
+                _ = stop_after_writes(&iom) => {}
             }
             continue;
         };
@@ -140,6 +138,13 @@ async fn supervise(iom: Arc<Iom>, role: IomId) {
             }
         }
     }
+}
+
+/// Completes when the links must end: the protocol tier is stopping and
+/// every write transaction has finished (their a13 messages are queued).
+async fn stop_after_writes(iom: &Iom) {
+    iom.workers.token(Tier::Protocol).cancelled().await;
+    iom.inflight.wait_all().await
 }
 
 async fn run_stream(
@@ -177,13 +182,8 @@ async fn run_stream(
         }
         let _ = send.finish();
     });
-    let protocol = iom.workers.token(Tier::Protocol);
-    // A stop, once every write transaction has finished: made once, not
-    // for every acknowledgement the loop below takes.
-    let stop = async {
-        protocol.cancelled().await;
-        iom.inflight.wait_all().await
-    };
+    // Made once, not for every acknowledgement the loop below takes.
+    let stop = stop_after_writes(iom);
     tokio::pin!(stop);
     let mut stopping = false;
     let result = loop {
@@ -253,9 +253,8 @@ fn on_ack(iom: &Arc<Iom>, role: IomId, ack: ParityAck) {
             tracing::warn!(iom = iom.id.0, role = role.0, tx = ?tx, "parity update refused, resending in {after:?}: {error}");
             let me = iom.clone();
             iom.workers.spawn(Tier::Protocol, "parity-resend", async move {
-                let iom = me;
-                tokio::time::sleep(iom.timeouts.link_resend_after_failed).await;
-                let s = iom.links.links[role.0 as usize].state.lock();
+                tokio::time::sleep(after).await;
+                let s = me.links.links[role.0 as usize].state.lock();
                 if let (Some(p), Some(out)) = (s.pending.get(&tx.tx), &s.out) {
                     let _ = out.send(Out::Msg(ParityMsg::Update(p.upd.clone()), p.delta.clone()));
                 }

@@ -41,10 +41,6 @@ impl Liveness {
         }
     }
 
-    pub fn failure_timeout(&self) -> Duration {
-        self.failure_timeout
-    }
-
     fn majority(&self) -> usize {
         self.last_seen.len() / 2 + 1
     }

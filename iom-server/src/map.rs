@@ -561,13 +561,9 @@ impl BlockMap {
         v
     }
 
-    /// Writes a checkpoint: the whole map plus unfinished transactions, valid
-    /// for replay from journal segment `replay_from`.
-    pub fn write_snapshot(&self, dir: &Path, replay_from: u64) -> Result<(), Error> {
-        self.snapshot_cut(replay_from).write(dir)
-    }
-
-    /// A copy of the map as it is now, to be written by [`SnapshotCut::write`]
+    /// A checkpoint's content — the whole map plus unfinished transactions,
+    /// valid for replay from journal segment `replay_from` — copied out of
+    /// the map as it is now, to be written by [`SnapshotCut::write`]
     /// (off the event loop: encoding and fsync of a large map take long).
     /// Taken together with the journal's rotation to `replay_from`, with no
     /// `.await` between them, it is a consistent cut: every record in the
@@ -737,7 +733,7 @@ mod tests {
 
         // snapshot round trip
         let d = tempfile::tempdir().unwrap();
-        m2.write_snapshot(d.path(), 7).unwrap();
+        m2.snapshot_cut(7).write(d.path()).unwrap();
         let m3 = BlockMap::new(layout());
         assert_eq!(m3.load_snapshot(d.path()).unwrap(), 7);
         assert_eq!(m3.head(&key(0)), ver(2, 11));

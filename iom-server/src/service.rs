@@ -35,10 +35,9 @@ pub async fn serve(iom: Arc<Iom>) {
         };
         let me = iom.clone();
         iom.workers.spawn(Tier::Connections, "conn", async move {
-            let iom = me;
             let remote = incoming.remote_address();
             match incoming.await {
-                Ok(conn) => serve_conn(iom, conn).await,
+                Ok(conn) => serve_conn(me, conn).await,
                 // A peer without a certificate of this cluster ends here.
                 Err(e) => tracing::info!(%remote, "refused connection: {e}"),
             }

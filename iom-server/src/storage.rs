@@ -7,8 +7,7 @@
 use crate::cache::{Cache, CacheKey};
 use crate::journal::{Journal, Wait};
 use crate::map::BlockMap;
-use crate::records::Record;
-use crate::records::{PVerRef, VerRef};
+use crate::records::{PVerRef, Record, VerRef};
 use crate::recovery_exec::OpenTxs;
 use crate::store::{Allocator, Store};
 use crate::timeouts::Timeouts;
@@ -25,14 +24,15 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-/// Journal bytes since the last checkpoint that trigger a new one.
+/// Journal bytes since the last checkpoint that trigger a new one (the
+/// namespace's journal too).
 pub const CHECKPOINT_BYTES: u64 = 64 << 20;
 
 pub struct Storage {
     id: IomId,
     layout: Layout,
     data_dir: PathBuf,
-    pub journal_dir: PathBuf,
+    journal_dir: PathBuf,
     pub store: Arc<Store>,
     pub cache: Arc<Cache>,
     pub journal: Journal,
@@ -45,8 +45,6 @@ pub struct Storage {
 
 /// What opening the store found.
 pub struct Opened {
-    /// The store was created now (`iomfs init` or `iomfs replace`).
-    pub fresh: bool,
     /// It replaces a lost store: a full rebuild on rejoin.
     pub replacing: bool,
     /// Transactions the journal left open, for recovery.
@@ -139,7 +137,7 @@ impl Storage {
             checkpointing: Arc::new(tokio::sync::Mutex::new(())),
             _lock: lock,
         };
-        Ok((storage, Opened { fresh, replacing, open_txs: open_at_start }))
+        Ok((storage, Opened { replacing, open_txs: open_at_start }))
     }
 
     /// Applies `rec` to the map, then appends it to the journal (the order

@@ -136,7 +136,8 @@ impl Workers {
     }
 
     /// Names and counts of the tasks running now, by tier.
-    pub fn running(&self) -> Vec<(Tier, &'static str, usize)> {
+    #[cfg(test)]
+    fn running(&self) -> Vec<(Tier, &'static str, usize)> {
         let all = [Tier::Intake, Tier::Background, Tier::Protocol, Tier::Connections];
         all.iter()
             .flat_map(|tier| {

@@ -599,9 +599,8 @@ impl Namespace {
             }
             // Armed before the checks: a change in between wakes the wait.
             let installed = iom.namespace.installed.notified();
-            ready_rx.borrow_and_update();
+            let ready = *ready_rx.borrow_and_update();
             let map = iom.member.current();
-            let ready = *iom.ready.borrow();
             let target = if ready && map.meta_server() == Some(iom.id) && iom.namespace.holds_replica() {
                 map.meta_mirror()
             } else {
@@ -891,7 +890,7 @@ impl Namespace {
                 iom.namespace.expire_sessions(&iom).await;
             }
             Self::collect_garbage(&iom).await;
-            if iom.namespace.journal_bytes() > 64 << 20 {
+            if iom.namespace.journal_bytes() > crate::storage::CHECKPOINT_BYTES {
                 if let Err(e) = iom.namespace.checkpoint().await {
                     tracing::error!("namespace checkpoint failed: {e}");
                 }

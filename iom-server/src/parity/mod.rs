@@ -163,6 +163,17 @@ pub async fn run_channel(iom: Arc<Iom>, from: IomId, mut send: quinn::SendStream
 
 impl Iom {
     /// b1–b4: journal the update, hold its delta, confirm receipt.
+    /// Answers `Held` and `Done` for `tx` once what the journal holds is
+    /// written (an update already covered, or marked by a stand-in).
+    fn ack_done_after_flush(self: &Arc<Self>, tx: TxRef, acks: AckTx) {
+        let me = self.clone();
+        self.workers.spawn(Tier::Protocol, "parity-ack", async move {
+            me.storage.journal.flush().await;
+            let _ = acks.send(ParityAck::Held { tx });
+            let _ = acks.send(ParityAck::Done { tx });
+        });
+    }
+
     fn receive_update(self: &Arc<Self>, u: ParityUpdate, delta: Bytes, acks: AckTx) -> Result<(), Error> {
         let n = self.layout.n();
         let role = self.layout.parity_iom(u.group.object, u.group.group);
@@ -176,13 +187,7 @@ impl Iom {
             // Stand-in for a failed parity IOM: the group's parity will be
             // recomputed when it comes back; remember that, durably.
             self.mark_group(role, u.group);
-            let me = self.clone();
-            let tx = u.tx;
-            self.workers.spawn(Tier::Protocol, "parity-ack", async move {
-                me.storage.journal.flush().await;
-                let _ = acks.send(ParityAck::Held { tx });
-                let _ = acks.send(ParityAck::Done { tx });
-            });
+            self.ack_done_after_flush(u.tx, acks);
             return Ok(());
         }
         if u.index >= n || u.new != u.old.next() || u.delta_offset as usize + delta.len() > self.cfg.block_size as usize
@@ -195,13 +200,7 @@ impl Iom {
         let known = self.storage.map.ptx.lock().get(&u.tx).cloned();
         if let Some(pt) = known {
             if pt.applied.is_some() {
-                let me = self.clone();
-                let tx = u.tx;
-                self.workers.spawn(Tier::Protocol, "parity-ack", async move {
-                    me.storage.journal.flush().await;
-                    let _ = acks.send(ParityAck::Held { tx });
-                    let _ = acks.send(ParityAck::Done { tx });
-                });
+                self.ack_done_after_flush(u.tx, acks);
                 return Ok(());
             }
             let mut groups = self.parity.groups.lock();
@@ -298,18 +297,17 @@ impl Iom {
         let Some(q) = groups.get_mut(&g) else {
             return Next::Idle;
         };
-        let queued = |q: &GroupQueue| -> Vec<plan::Queued> {
-            q.queue
-                .iter()
-                .map(|d| plan::Queued { index: d.upd.index, old: d.upd.old, new: d.upd.new, hint: d.upd.hint })
-                .collect()
-        };
-        if plan::should_wait(&queued(q), waited) {
+        q.queue.sort_by_key(|d| (d.upd.index, d.upd.old));
+        let queued: Vec<plan::Queued> = q
+            .queue
+            .iter()
+            .map(|d| plan::Queued { index: d.upd.index, old: d.upd.old, new: d.upd.new, hint: d.upd.hint })
+            .collect();
+        if plan::should_wait(&queued, waited) {
             return Next::Wait;
         }
         let head = self.storage.map.parity_head(&g);
-        q.queue.sort_by_key(|d| (d.upd.index, d.upd.old));
-        let (members, fates) = plan::plan_batch(&queued(q), &head.members);
+        let (members, fates) = plan::plan_batch(&queued, &head.members);
         let mut batch = Vec::new();
         let mut rest = Vec::new();
         let mut stale = Vec::new();
