@@ -1,17 +1,48 @@
-//! Outgoing calls to whoever serves a role now, one typed function per
-//! kind of request (`rpc_*`). A call to a role this IOM serves itself goes
-//! straight to the local handler — the same functions the router runs for
-//! a request from the network, with the same routing check (own role or
-//! stand-in) — and no request is built, encoded or dispatched for it.
-//! (Boxed: reconstruction reads parity, whose repair reads versions, whose
-//! stand-in path reconstructs — a recursion the compiler must size.)
+//! `RoleCaller`: every outgoing call of an IOM, one typed function per
+//! kind of request (`rpc_*`), plus the plain peer calls of membership
+//! (`call_peer`, `conn`).
+//!
+//! A role call goes to whoever serves the role in the current map. When
+//! that is this IOM, it goes straight to the local handler — the same
+//! functions the router runs for a request from the network, with the
+//! same routing check (own role or stand-in) — and no request is built,
+//! encoded or dispatched. The local side is reached through the
+//! [`LocalRoles`] trait, bound once the node is built (`bind_local`), so
+//! this module imports no role and no role needs the node to call another
+//! IOM. (Futures are boxed: reconstruction reads parity, whose repair
+//! reads versions, whose stand-in path reconstructs — a recursion the
+//! compiler must size.)
 
-use crate::{service, Error, Iom};
+use crate::membership::Membership;
+use crate::timeouts::Timeouts;
+use crate::Error;
 use bytes::Bytes;
 use common::wire::{DataReq, DataResp, ErrorCode, MemberReq, MemberResp, Reply, Request, Route, WireError};
 use common::{BlockKey, GroupKey, IomId, ObjectId, Version};
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
+
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The handlers of the roles this IOM serves, as the caller reaches them
+/// for a call that stays local (implemented by the router).
+pub trait LocalRoles: Send + Sync {
+    fn read_parity(self: Arc<Self>, route: Route, g: GroupKey)
+        -> BoxFut<'static, Result<(Vec<Version>, Bytes), Error>>;
+    fn read_version(self: Arc<Self>, route: Route, key: BlockKey, v: Version) -> BoxFut<'static, Result<Bytes, Error>>;
+    fn drop_objects(self: Arc<Self>, route: Route, objects: Vec<ObjectId>) -> BoxFut<'static, Result<(), Error>>;
+    fn member(self: Arc<Self>, req: MemberReq) -> BoxFut<'static, Result<MemberResp, Error>>;
+}
+
+pub struct RoleCaller {
+    me: IomId,
+    pool: net::Pool,
+    member: Arc<Membership>,
+    timeouts: Timeouts,
+    local: OnceLock<Weak<dyn LocalRoles>>,
+}
 
 fn unexpected(r: Reply) -> Error {
     match r {
@@ -20,7 +51,23 @@ fn unexpected(r: Reply) -> Error {
     }
 }
 
-impl Iom {
+impl RoleCaller {
+    pub fn new(me: IomId, pool: net::Pool, member: Arc<Membership>, timeouts: Timeouts) -> RoleCaller {
+        RoleCaller { me, pool, member, timeouts, local: OnceLock::new() }
+    }
+
+    /// Binds the local roles (once, after the node is built).
+    pub fn bind_local(&self, local: Weak<dyn LocalRoles>) {
+        let _already = self.local.set(local);
+    }
+
+    fn local(&self) -> Result<Arc<dyn LocalRoles>, Error> {
+        self.local
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| Error::Wire(WireError::new(ErrorCode::NotServing, format!("IOM {} is stopping", self.me))))
+    }
+
     /// The IOM serving `role` in the current map, and the route naming it.
     fn route_to(&self, role: IomId) -> Result<(IomId, Route), Error> {
         let map = self.member.current();
@@ -31,10 +78,10 @@ impl Iom {
     }
 
     /// The parity of group `g` (b3's read) from its parity role.
-    pub async fn rpc_read_parity(self: &Arc<Self>, role: IomId, g: GroupKey) -> Result<(Vec<Version>, Bytes), Error> {
+    pub async fn rpc_read_parity(&self, role: IomId, g: GroupKey) -> Result<(Vec<Version>, Bytes), Error> {
         let (server, route) = self.route_to(role)?;
-        if server == self.id {
-            return Box::pin(service::read_parity(self, route, g)).await;
+        if server == self.me {
+            return self.local()?.read_parity(route, g).await;
         }
         let req = Request::Data(DataReq::ReadParity { route, group: g });
         match self.pool.call_timeout(server, &req, Bytes::new(), self.timeouts.role_call).await? {
@@ -45,15 +92,10 @@ impl Iom {
 
     /// Version `version` of block `key` from its data role (or its stand-in,
     /// which rebuilds it from the group).
-    pub async fn rpc_read_version(
-        self: &Arc<Self>,
-        role: IomId,
-        key: BlockKey,
-        version: Version,
-    ) -> Result<Bytes, Error> {
+    pub async fn rpc_read_version(&self, role: IomId, key: BlockKey, version: Version) -> Result<Bytes, Error> {
         let (server, route) = self.route_to(role)?;
-        if server == self.id {
-            return Box::pin(service::read_version(self, route, key, version)).await;
+        if server == self.me {
+            return self.local()?.read_version(route, key, version).await;
         }
         let req = Request::Data(DataReq::ReadVersion { route, key, version });
         match self.pool.call_timeout(server, &req, Bytes::new(), self.timeouts.role_call).await? {
@@ -64,15 +106,10 @@ impl Iom {
 
     /// Drops `objects` on role `role` (the namespace's garbage collection),
     /// waiting at most `within` for a remote server.
-    pub async fn rpc_drop_objects(
-        self: &Arc<Self>,
-        role: IomId,
-        objects: Vec<ObjectId>,
-        within: Duration,
-    ) -> Result<(), Error> {
+    pub async fn rpc_drop_objects(&self, role: IomId, objects: Vec<ObjectId>, within: Duration) -> Result<(), Error> {
         let (server, route) = self.route_to(role)?;
-        if server == self.id {
-            return Box::pin(service::drop_objects(self, route, objects)).await;
+        if server == self.me {
+            return self.local()?.drop_objects(route, objects).await;
         }
         let req = Request::Data(DataReq::DropObjects { route, objects });
         match self.pool.call_timeout(server, &req, Bytes::new(), within).await? {
@@ -83,14 +120,53 @@ impl Iom {
 
     /// A membership, handover or recovery question for whoever serves
     /// `role` now.
-    pub async fn rpc_member(self: &Arc<Self>, role: IomId, req: MemberReq) -> Result<MemberResp, Error> {
+    pub async fn rpc_member(&self, role: IomId, req: MemberReq) -> Result<MemberResp, Error> {
         let (server, _) = self.route_to(role)?;
-        if server == self.id {
-            return Box::pin(service::member(self, req)).await;
+        if server == self.me {
+            return self.local()?.member(req).await;
         }
         match self.pool.call_timeout(server, &Request::Member(req), Bytes::new(), self.timeouts.role_call).await? {
             (Reply::Member(m), _) => Ok(m),
             (r, _) => Err(unexpected(r)),
         }
+    }
+
+    /// A recovery question for IOM `role`: asked of that IOM itself when it
+    /// runs (also while the map calls it down, or the cluster stopped —
+    /// recovery is what gets a stopped cluster going again), else of
+    /// whoever serves its role.
+    pub async fn rpc_recovery(&self, role: IomId, req: MemberReq) -> Result<MemberResp, Error> {
+        if role == self.me {
+            return self.rpc_member(role, req).await;
+        }
+        match self.pool.call_timeout(role, &Request::Member(req.clone()), Bytes::new(), self.timeouts.peer_call).await {
+            Ok((Reply::Member(m), _)) => Ok(m),
+            Ok((r, _)) => Err(unexpected(r)),
+            Err(e) if e.is_transport() => self.rpc_member(role, req).await,
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A call to IOM `to` itself, whatever the map says of it (heartbeats,
+    /// votes, map fetches, handover questions to a named proxy).
+    pub async fn call_peer(
+        &self,
+        to: IomId,
+        req: &Request,
+        payload: Bytes,
+        within: Duration,
+    ) -> Result<(Reply, Bytes), net::NetError> {
+        self.pool.call_timeout(to, req, payload, within).await
+    }
+
+    /// The connection to IOM `to` (for long-lived streams: parity links,
+    /// the namespace mirror).
+    pub async fn conn(&self, to: IomId) -> Result<quinn::Connection, net::NetError> {
+        self.pool.conn(to).await
+    }
+
+    /// Closes every connection (the node's stop).
+    pub fn close(&self) {
+        self.pool.close()
     }
 }

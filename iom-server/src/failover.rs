@@ -53,7 +53,7 @@ impl Iom {
                 self.workers.spawn(Tier::Background, "ping", async move {
                     let req = Request::Member(MemberReq::Ping { from: me.id, epoch: me.member.epoch() });
                     if let Ok((Reply::Member(MemberResp::Pong { epoch, .. }), _)) =
-                        me.pool.call_timeout(j, &req, Bytes::new(), me.timeouts.ping_call).await
+                        me.caller.call_peer(j, &req, Bytes::new(), me.timeouts.ping_call).await
                     {
                         me.member.seen(j);
                         if epoch > me.member.epoch() {
@@ -68,7 +68,7 @@ impl Iom {
     /// Installs `j`'s map if it is newer.
     pub async fn fetch_map(&self, j: IomId) {
         if let Ok((Reply::Member(MemberResp::Map(m)), _)) =
-            self.pool.call_timeout(j, &Request::Member(MemberReq::GetMap), Bytes::new(), self.timeouts.probe_call).await
+            self.caller.call_peer(j, &Request::Member(MemberReq::GetMap), Bytes::new(), self.timeouts.probe_call).await
         {
             self.member.install(m);
         }
@@ -143,7 +143,7 @@ impl Iom {
             .map(|j| {
                 let me = self.clone();
                 let req = Request::Member(MemberReq::Propose { ballot, map: next.clone(), changed });
-                async move { me.pool.call_timeout(j, &req, Bytes::new(), me.timeouts.vote_call).await }
+                async move { me.caller.call_peer(j, &req, Bytes::new(), me.timeouts.vote_call).await }
             })
             .collect();
         let mut votes = 1usize;
@@ -173,7 +173,7 @@ impl Iom {
             let me = self.clone();
             let req = Request::Member(MemberReq::Commit { map: next.clone() });
             self.workers.spawn(Tier::Background, "map-commit", async move {
-                let _ = me.pool.call_timeout(j, &req, Bytes::new(), me.timeouts.probe_call).await;
+                let _ = me.caller.call_peer(j, &req, Bytes::new(), me.timeouts.probe_call).await;
             });
         }
         true
@@ -311,8 +311,8 @@ impl Iom {
         let w = self.cfg.width();
         let asks = (0..w).map(IomId).filter(|&j| j != self.id).map(|j| async move {
             let r = self
-                .pool
-                .call_timeout(
+                .caller
+                .call_peer(
                     j,
                     &Request::Member(MemberReq::DoneSeen { of: self.id }),
                     Bytes::new(),

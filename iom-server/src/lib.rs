@@ -18,6 +18,7 @@ pub mod caller;
 pub mod failover;
 pub mod failpoint;
 pub mod fsutil;
+pub mod group;
 pub mod journal;
 pub mod links;
 pub mod liveness;

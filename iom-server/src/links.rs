@@ -154,7 +154,7 @@ async fn run_stream(
     epochs: &mut tokio::sync::watch::Receiver<common::Epoch>,
 ) -> Result<(), String> {
     let link = &iom.links.links[role.0 as usize];
-    let conn = iom.pool.conn(server).await.map_err(|e| e.to_string())?;
+    let conn = iom.caller.conn(server).await.map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let open = Request::ParityChannel { from: iom.id, epoch: iom.member.epoch() };
     write_frame(&mut send, &open, Bytes::new()).await.map_err(|e| e.to_string())?;

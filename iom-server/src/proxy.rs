@@ -38,8 +38,8 @@ impl Iom {
                     Ok(self.unfinished_about(i).await)
                 } else {
                     match self
-                        .pool
-                        .call_timeout(
+                        .caller
+                        .call_peer(
                             j,
                             &Request::Member(MemberReq::Unfinished { about: i }),
                             Bytes::new(),
@@ -141,7 +141,7 @@ impl Iom {
             return Err(self.frozen_err(owner));
         }
         self.standin_ready(owner).await;
-        let (v, b) = self.reconstruct(key, None).await?;
+        let (v, b) = self.group.reconstruct(key, None).await?;
         let start = (offset as usize).min(b.len());
         let end = (offset as usize + len as usize).min(b.len());
         Ok((v, b.slice(start..end)))
@@ -179,7 +179,7 @@ impl Iom {
     ) -> Result<Version, Error> {
         let _g = self.locks.lock(key).await;
         // The old block, as the group knows it.
-        let (v, old) = self.reconstruct(key, None).await?;
+        let (v, old) = self.group.reconstruct(key, None).await?;
         let (new, delta_offset, delta) = build_new(&old, &op);
         let next = v.next();
         let tx = self.storage.map.next_tx();

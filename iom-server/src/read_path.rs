@@ -74,7 +74,7 @@ impl Iom {
         let head = self.storage.map.parity_head(&g);
         match self.storage.read_parity(g, &head).await {
             Ok(b) => Ok((head.members, b)),
-            Err(e) if healable(&e) && self.group_is_whole(g) => {
+            Err(e) if healable(&e) && self.group.is_whole(g) => {
                 tracing::error!(
                     iom = self.id.0,
                     object = g.object.0,
@@ -90,14 +90,6 @@ impl Iom {
             }
             Err(e) => Err(e),
         }
-    }
-
-    /// Whether every IOM of group `g` (data and parity) is up: only then
-    /// can one of its blocks be rebuilt from the others.
-    pub fn group_is_whole(&self, g: GroupKey) -> bool {
-        let map = self.member.current();
-        let (data, p) = self.layout.group_ioms(g.object, g.group);
-        data.iter().chain(std::iter::once(&p)).all(|&i| map.state(i) == common::IomState::Up)
     }
 
     /// Self-healing read (the caller holds the block's lock): version `bad`
@@ -128,7 +120,7 @@ impl Iom {
 
     async fn heal_block_now(self: &Arc<Self>, key: BlockKey, bad: VerRef, why: Error) -> Result<Bytes, Error> {
         let g = self.layout.group_key(key);
-        if !self.group_is_whole(g) {
+        if !self.group.is_whole(g) {
             return Err(why);
         }
         tracing::error!(
@@ -138,7 +130,7 @@ impl Iom {
             version = bad.version.0,
             "block unreadable ({why}); rebuilding it from its group"
         );
-        let (v, rebuilt) = match self.reconstruct(key, Some(bad.version)).await {
+        let (v, rebuilt) = match self.group.reconstruct(key, Some(bad.version)).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(iom = self.id.0, object = key.object.0, block = key.block.0, "cannot rebuild: {e}");

@@ -53,7 +53,7 @@ impl Iom {
     }
 
     async fn marks_from(&self, proxy: IomId, req: MemberReq) -> Option<RebuildMarks> {
-        match self.pool.call_timeout(proxy, &Request::Member(req), Bytes::new(), self.timeouts.handover_call).await {
+        match self.caller.call_peer(proxy, &Request::Member(req), Bytes::new(), self.timeouts.handover_call).await {
             Ok((Reply::Member(MemberResp::Marks(m)), _)) => Some(m),
             _ => None,
         }
@@ -120,8 +120,8 @@ impl Iom {
                 break;
             }
             let _ = self
-                .pool
-                .call_timeout(
+                .caller
+                .call_peer(
                     proxy,
                     &Request::Member(MemberReq::Unfreeze { about: me }),
                     Bytes::new(),
@@ -263,8 +263,8 @@ impl Iom {
         let (mut all, mut after) = (Vec::new(), None);
         loop {
             let page = match self
-                .pool
-                .call_timeout(j, &Request::Data(req(after)), Bytes::new(), self.timeouts.listing_call)
+                .caller
+                .call_peer(j, &Request::Data(req(after)), Bytes::new(), self.timeouts.listing_call)
                 .await
             {
                 Ok((Reply::Data(r), _)) => {
@@ -336,12 +336,12 @@ impl Iom {
                 let me = me.clone();
                 async move {
                     let g = me.locks.lock(key).await;
-                    let (v, bytes) = me.reconstruct(key, None).await.ok()?;
+                    let (v, bytes) = me.group.reconstruct(key, None).await.ok()?;
                     if v < want {
                         return None; // parity not there yet: next round
                     }
                     let n = bytes.len() as u64;
-                    me.install_version(key, v, bytes).await.ok()?;
+                    me.storage.install_data(key, v, bytes).await.ok()?;
                     drop(g);
                     me.rebuilt_one(n, limit, started, bytes0).await;
                     Some((key, v))
@@ -366,8 +366,8 @@ impl Iom {
             .await;
         let done = RebuildMarks { blocks: rebuilt, groups, drops: m.drops.clone(), frozen: false };
         let _ = self
-            .pool
-            .call_timeout(
+            .caller
+            .call_peer(
                 proxy,
                 &Request::Member(MemberReq::ClearMarks { about: self.id, marks: done }),
                 Bytes::new(),

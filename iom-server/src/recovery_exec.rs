@@ -7,17 +7,18 @@
 //! [`recovery::decide`]; as parity IOM it asks the data IOM. Rolling forward
 //! re-drives the normal protocol (the update is sent again and the parity
 //! side ignores what it already applied), so no separate code path writes
-//! parity for recovery except [`Iom::recompute_parity`].
+//! parity for recovery except [`Iom::recompute_parity`] (which
+//! installs what [`crate::group::Group::gather`] computes).
 
+use crate::group::xor_into;
 use crate::journal::Wait;
 use crate::map::{DTx, PTx};
-use crate::records::{PVerRef, Record, VerRef};
+use crate::records::{Record, VerRef};
 use crate::recovery::{self, decide, Action, DSide, PSide};
 use crate::workers::Tier;
-use crate::write_path::xor_into;
 use crate::{Error, Iom};
 use bytes::{Bytes, BytesMut};
-use common::wire::{ErrorCode, MemberReq, MemberResp, ParityTxState, ParityUpdate, Reply, Request, TxView, WireError};
+use common::wire::{MemberReq, MemberResp, ParityTxState, ParityUpdate, TxView};
 use common::{codec, BlockKey, GroupKey, IomId, TxId, TxRef, Version};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashSet};
@@ -76,93 +77,6 @@ struct Tally {
 }
 
 impl Iom {
-    /// A recovery question for IOM `role`: asked of that IOM itself when it
-    /// runs (also while the map calls it down, or the cluster stopped —
-    /// recovery is what gets a stopped cluster going again), else of
-    /// whoever serves its role.
-    async fn recovery_call(self: &Arc<Self>, role: IomId, req: MemberReq) -> Result<MemberResp, Error> {
-        if role == self.id {
-            return self.rpc_member(role, req).await;
-        }
-        match self.pool.call_timeout(role, &Request::Member(req.clone()), Bytes::new(), self.timeouts.peer_call).await {
-            Ok((Reply::Member(m), _)) => Ok(m),
-            Ok((r, _)) => Err(Error::Format(format!("unexpected reply {r:?}"))),
-            Err(e) if e.is_transport() => self.rpc_member(role, req).await,
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Rebuilds the bytes of block `key` from its group: parity XOR the
-    /// other members, each at the version the parity covers. With `want`,
-    /// waits until the parity covers exactly that version of the block.
-    pub async fn reconstruct(
-        self: &Arc<Self>,
-        key: BlockKey,
-        want: Option<Version>,
-    ) -> Result<(Version, Bytes), Error> {
-        let g = self.layout.group_key(key);
-        let j = self.layout.index_in_group(key.block) as usize;
-        let (data, p) = self.layout.group_ioms(g.object, g.group);
-        let mut last = String::new();
-        let t = &self.timeouts;
-        for attempt in 0..t.reconstruct_attempts {
-            if attempt > 0 {
-                tokio::time::sleep((t.reconstruct_step * attempt).min(t.reconstruct_cap)).await;
-            }
-            let (versions, parity) = match self.rpc_read_parity(p, g).await {
-                Ok(x) => x,
-                Err(e) => {
-                    last = e.to_string();
-                    continue;
-                }
-            };
-            let v = versions.get(j).copied().unwrap_or(Version(0));
-            if let Some(w) = want {
-                if v < w {
-                    last = format!("parity covers version {} of block {}, waiting for {}", v.0, key.block, w.0);
-                    continue;
-                }
-                if v > w {
-                    return Err(Error::VersionGone(format!("parity already covers version {} > {}", v.0, w.0)));
-                }
-            }
-            let mut acc = BytesMut::from(&parity[..]);
-            let mut complete = true;
-            for (k, d) in data.iter().enumerate() {
-                let vk = versions.get(k).copied().unwrap_or(Version(0));
-                if k == j || vk == Version(0) {
-                    continue;
-                }
-                let kk = BlockKey { object: key.object, block: self.layout.member_block(g.group, k as u32) };
-                match self.rpc_read_version(*d, kk, vk).await {
-                    Ok(b) => {
-                        if acc.len() < b.len() {
-                            acc.resize(b.len(), 0);
-                        }
-                        xor_into(&mut acc[..b.len()], &b);
-                    }
-                    Err(e) => {
-                        last = e.to_string();
-                        complete = false;
-                        break;
-                    }
-                }
-            }
-            if complete {
-                let mut n = acc.len();
-                while n > 0 && acc[n - 1] == 0 {
-                    n -= 1;
-                }
-                acc.truncate(n);
-                return Ok((v, acc.freeze()));
-            }
-        }
-        Err(Error::Wire(WireError::new(
-            ErrorCode::Unavailable,
-            format!("cannot rebuild object {} block {}: {last}", key.object, key.block),
-        )))
-    }
-
     /// Recomputes the parity of group `g` from its members' map versions and
     /// installs it (recovery, rebuild of a parity block).
     pub async fn recompute_parity(self: &Arc<Self>, g: GroupKey) -> Result<(), Error> {
@@ -173,47 +87,8 @@ impl Iom {
     }
 
     pub(crate) async fn recompute_parity_paused(self: &Arc<Self>, g: GroupKey) -> Result<(), Error> {
-        let (data, _) = self.layout.group_ioms(g.object, g.group);
-        let mut members = Vec::with_capacity(data.len());
-        let mut acc = BytesMut::new();
-        for (k, d) in data.iter().enumerate() {
-            let key = BlockKey { object: g.object, block: self.layout.member_block(g.group, k as u32) };
-            let view = self
-                .rpc_member(*d, MemberReq::TxStatus { tx: TxRef { iom: *d, tx: TxId(0) }, key, parity_side: false })
-                .await?;
-            let MemberResp::TxStatus(TxView::Data { pointer, .. }) = view else {
-                return Err(Error::Format(format!("unexpected answer {view:?}")));
-            };
-            if pointer != Version(0) {
-                let b = self.rpc_read_version(*d, key, pointer).await?;
-                if acc.len() < b.len() {
-                    acc.resize(b.len(), 0);
-                }
-                xor_into(&mut acc[..b.len()], &b);
-            }
-            members.push(pointer);
-        }
-        let bytes = acc.freeze();
-        let prev = self.storage.map.parity_head(&g);
-        let addr = if bytes.is_empty() { None } else { Some(self.storage.store.alloc()?) };
-        if let Some(a) = addr {
-            self.storage.store.write(a, &bytes)?;
-        }
-        let ver = PVerRef {
-            seq: self.storage.map.next_pseq(),
-            addr,
-            len: bytes.len() as u32,
-            crc: codec::crc(&bytes),
-            members,
-        };
-        if addr.is_some() {
-            self.storage.cache.put(crate::cache::CacheKey::Parity(g, ver.seq), bytes);
-        }
-        let d = self.storage.commit(&Record::ParitySet { group: g, ver, prev: Some(prev) }, true, Wait::Durable);
-        if let Some(d) = d {
-            let _ = d.await;
-        }
-        Ok(())
+        let (members, bytes) = self.group.gather(g).await?;
+        self.storage.install_parity(g, members, bytes).await
     }
 
     /// `RebuildBlock`: installs version `version` of block `key`, rebuilt from its group.
@@ -222,25 +97,8 @@ impl Iom {
         if self.storage.map.head(&key).version >= version {
             return Ok(());
         }
-        let (_, bytes) = self.reconstruct(key, Some(version)).await?;
-        self.install_version(key, version, bytes).await
-    }
-
-    /// Writes `bytes` as version `version` of a block and points the map at it.
-    pub async fn install_version(&self, key: BlockKey, version: Version, bytes: Bytes) -> Result<(), Error> {
-        let addr = if bytes.is_empty() { None } else { Some(self.storage.store.alloc()?) };
-        if let Some(a) = addr {
-            self.storage.store.write(a, &bytes)?;
-        }
-        let ver = VerRef { version, addr, len: bytes.len() as u32, crc: codec::crc(&bytes) };
-        if addr.is_some() {
-            self.storage.cache.put(crate::cache::CacheKey::Data(key, version), bytes);
-        }
-        let prev = self.storage.map.entry(&key).map(|e| e.head());
-        if let Some(d) = self.storage.commit(&Record::DataSet { key, ver, prev }, true, Wait::Durable) {
-            let _ = d.await;
-        }
-        Ok(())
+        let (_, bytes) = self.group.reconstruct(key, Some(version)).await?;
+        self.storage.install_data(key, version, bytes).await
     }
 
     /// `TxStatus`: what this IOM knows of a transaction.
@@ -333,7 +191,8 @@ impl Iom {
     ) -> Result<bool, Error> {
         let intact = self.intact(t.key, t.new).await;
         let view = self
-            .recovery_call(
+            .caller
+            .rpc_recovery(
                 t.parity,
                 MemberReq::TxStatus { tx: TxRef { iom: self.id, tx }, key: t.key, parity_side: true },
             )
@@ -362,7 +221,7 @@ impl Iom {
                 Ok(false)
             }
             Action::RebuildData => {
-                let (_, bytes) = self.reconstruct(t.key, Some(t.new.version)).await?;
+                let (_, bytes) = self.group.reconstruct(t.key, Some(t.new.version)).await?;
                 if codec::crc(&bytes) != t.new.crc && t.new.addr.is_some() {
                     return Err(Error::Corrupt(format!(
                         "rebuilt object {} block {} does not match its recorded checksum",
@@ -386,7 +245,7 @@ impl Iom {
                 }
                 self.storage.cache.remove(&crate::cache::CacheKey::Data(t.key, t.new.version));
                 if pside == PSide::Received {
-                    self.recovery_call(t.parity, MemberReq::DiscardTx { tx: TxRef { iom: self.id, tx } }).await?;
+                    self.caller.rpc_recovery(t.parity, MemberReq::DiscardTx { tx: TxRef { iom: self.id, tx } }).await?;
                 }
                 tally.back += 1;
                 Ok(true)
@@ -400,7 +259,7 @@ impl Iom {
     async fn resolve_parity_tx(self: &Arc<Self>, tx: TxRef, p: &PTx, tally: &mut Tally) -> Result<bool, Error> {
         let key = BlockKey { object: p.group.object, block: self.layout.member_block(p.group.group, p.index) };
         let role = self.layout.data_iom(key.object, key.block);
-        let view = self.recovery_call(role, MemberReq::TxStatus { tx, key, parity_side: false }).await?;
+        let view = self.caller.rpc_recovery(role, MemberReq::TxStatus { tx, key, parity_side: false }).await?;
         let MemberResp::TxStatus(TxView::Data { open, pointer, .. }) = view else {
             return Err(Error::Format(format!("unexpected answer {view:?}")));
         };
@@ -426,7 +285,7 @@ impl Iom {
                 tally.recomputed += 1;
             }
             Action::RebuildData => {
-                self.recovery_call(role, MemberReq::RebuildBlock { key, version: p.new }).await?;
+                self.caller.rpc_recovery(role, MemberReq::RebuildBlock { key, version: p.new }).await?;
                 self.finish_ptx(tx, p);
                 tally.rebuilt += 1;
             }

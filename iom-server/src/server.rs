@@ -1,6 +1,8 @@
 //! Wiring of one IOM: opens its storage, builds the shared state every
 //! handler uses, starts its tasks (`workers`) and stops them in order.
 
+use crate::caller::{LocalRoles, RoleCaller};
+use crate::group::Group;
 use crate::links::Links;
 use crate::locks::KeyLocks;
 use crate::membership::Membership;
@@ -37,7 +39,10 @@ pub struct Iom {
     /// Block store, cache, journal and map (see `storage`).
     pub storage: Arc<Storage>,
     pub locks: KeyLocks<BlockKey>,
-    pub pool: net::Pool,
+    /// Every outgoing call (see `caller`).
+    pub caller: Arc<RoleCaller>,
+    /// Reconstruction from a parity group (see `group`).
+    pub group: Group,
     pub links: Links,
     pub parity: ParitySide,
     pub inflight: Inflight,
@@ -64,7 +69,7 @@ pub struct Iom {
     pub rebuild: crate::rebuild::RebuildProgress,
     /// Transactions the journal left open at start-up, for recovery.
     pub startup_open: parking_lot::Mutex<Option<crate::recovery_exec::OpenTxs>>,
-    pub member: Membership,
+    pub member: Arc<Membership>,
     /// Every time limit, from `[tuning]` (see `timeouts`).
     pub timeouts: Timeouts,
     pub namespace: Namespace,
@@ -103,8 +108,13 @@ impl Iom {
         )?;
         let state_map = crate::membership_state::load(&data_dir)?
             .unwrap_or_else(|| ClusterMap::initial(cfg.width(), IomId(cfg.meta_home)));
-        let member =
-            Membership::new(opts.id, state_map, data_dir.clone(), timeouts.heartbeat, timeouts.failure_timeout);
+        let member = Arc::new(Membership::new(
+            opts.id,
+            state_map,
+            data_dir.clone(),
+            timeouts.heartbeat,
+            timeouts.failure_timeout,
+        ));
 
         let bind: SocketAddr = tokio::net::lookup_host(&icfg.addr)
             .await
@@ -130,6 +140,8 @@ impl Iom {
             Hello { protocol: PROTOCOL_VERSION, cluster_id: cfg.cluster_id.clone(), peer: PeerKind::Iom(opts.id) },
             cfg.ioms.iter().map(|i| i.addr.clone()).collect(),
         );
+        let caller = Arc::new(RoleCaller::new(opts.id, pool, member.clone(), timeouts));
+        let group = Group::new(layout, caller.clone(), member.clone(), timeouts);
         let workers = Workers::new();
         let iom = Arc::new(Iom {
             id: opts.id,
@@ -156,12 +168,15 @@ impl Iom {
             layout,
             data_dir,
             storage,
-            pool,
+            caller,
+            group,
             member,
             timeouts,
             namespace,
             endpoint,
         });
+        let local: std::sync::Weak<dyn LocalRoles> = Arc::downgrade(&iom) as _;
+        iom.caller.bind_local(local);
         Ok(iom)
     }
 
@@ -202,7 +217,7 @@ impl Iom {
         }
         self.namespace.stop().await;
         self.storage.close().await;
-        self.pool.close();
+        self.caller.close();
         self.endpoint.close(0u32.into(), b"shutdown");
         left.extend(self.workers.stop_tier(Tier::Connections, t.stop_tier).await);
         for (name, n) in left {

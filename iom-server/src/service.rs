@@ -195,7 +195,7 @@ impl Plane {
         match self {
             Plane::Own => iom.read_version(key, version).await,
             Plane::StandIn(_) => {
-                let (v, b) = iom.reconstruct(key, Some(version)).await?;
+                let (v, b) = iom.group.reconstruct(key, Some(version)).await?;
                 debug_assert_eq!(v, version);
                 Ok(b)
             }
@@ -328,7 +328,7 @@ async fn data_one(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataR
         }
         DataReq::RecomputeParity { route, group } => {
             Plane::of(iom, &route, true)?.own_parity(group, "it can only be recomputed while all its IOMs are up")?;
-            if !iom.group_is_whole(group) {
+            if !iom.group.is_whole(group) {
                 return Err(Error::Wire(WireError::new(
                     ErrorCode::Unavailable,
                     format!("the parity of {group:?} can only be recomputed while all its IOMs are up"),
@@ -397,5 +397,38 @@ pub(crate) async fn member(iom: &Arc<Iom>, req: MemberReq) -> Result<MemberResp,
             iom.rebuild_block(key, version).await?;
             Ok(MemberResp::Ack)
         }
+    }
+}
+
+/// The local side of [`crate::caller::RoleCaller`]: a call to a role this
+/// IOM serves runs the same handler as a request from the network.
+impl crate::caller::LocalRoles for Iom {
+    fn read_parity(
+        self: Arc<Self>,
+        route: Route,
+        g: GroupKey,
+    ) -> crate::caller::BoxFut<'static, Result<(Vec<Version>, Bytes), Error>> {
+        Box::pin(async move { read_parity(&self, route, g).await })
+    }
+
+    fn read_version(
+        self: Arc<Self>,
+        route: Route,
+        key: BlockKey,
+        v: Version,
+    ) -> crate::caller::BoxFut<'static, Result<Bytes, Error>> {
+        Box::pin(async move { read_version(&self, route, key, v).await })
+    }
+
+    fn drop_objects(
+        self: Arc<Self>,
+        route: Route,
+        objects: Vec<ObjectId>,
+    ) -> crate::caller::BoxFut<'static, Result<(), Error>> {
+        Box::pin(async move { drop_objects(&self, route, objects).await })
+    }
+
+    fn member(self: Arc<Self>, req: MemberReq) -> crate::caller::BoxFut<'static, Result<MemberResp, Error>> {
+        Box::pin(async move { member(&self, req).await })
     }
 }

@@ -14,7 +14,7 @@ use crate::timeouts::Timeouts;
 use crate::Error;
 use bytes::Bytes;
 use common::config::{ClusterConfig, ClusterPaths, IomConfig};
-use common::{codec, BlockKey, DiskAddr, GroupKey, IomId, Layout};
+use common::{codec, BlockKey, DiskAddr, GroupKey, IomId, Layout, Version};
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
@@ -224,6 +224,43 @@ impl Storage {
         let b = Bytes::from(buf);
         self.cache.put(ck, b.clone());
         Ok(b)
+    }
+
+    /// Writes `bytes` as version `version` of block `key` (rebuilt or
+    /// copied, not written by a client) and points the map at it, durably.
+    pub async fn install_data(&self, key: BlockKey, version: Version, bytes: Bytes) -> Result<(), Error> {
+        let addr = if bytes.is_empty() { None } else { Some(self.store.alloc()?) };
+        if let Some(a) = addr {
+            self.store.write(a, &bytes)?;
+        }
+        let ver = VerRef { version, addr, len: bytes.len() as u32, crc: codec::crc(&bytes) };
+        if addr.is_some() {
+            self.cache.put(CacheKey::Data(key, version), bytes);
+        }
+        let prev = self.map.entry(&key).map(|e| e.head());
+        if let Some(d) = self.commit(&Record::DataSet { key, ver, prev }, true, Wait::Durable) {
+            let _ = d.await;
+        }
+        Ok(())
+    }
+
+    /// Installs `bytes` as the parity of group `g` covering member versions
+    /// `members` (recomputed from the group), durably.
+    pub async fn install_parity(&self, g: GroupKey, members: Vec<Version>, bytes: Bytes) -> Result<(), Error> {
+        let prev = self.map.parity_head(&g);
+        let addr = if bytes.is_empty() { None } else { Some(self.store.alloc()?) };
+        if let Some(a) = addr {
+            self.store.write(a, &bytes)?;
+        }
+        let ver =
+            PVerRef { seq: self.map.next_pseq(), addr, len: bytes.len() as u32, crc: codec::crc(&bytes), members };
+        if addr.is_some() {
+            self.cache.put(CacheKey::Parity(g, ver.seq), bytes);
+        }
+        if let Some(d) = self.commit(&Record::ParitySet { group: g, ver, prev: Some(prev) }, true, Wait::Durable) {
+            let _ = d.await;
+        }
+        Ok(())
     }
 
     /// Background: checkpoint when the journal has grown by

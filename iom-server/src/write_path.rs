@@ -8,6 +8,7 @@
 
 use crate::cache::CacheKey;
 use crate::crash_point;
+use crate::group::xor_into;
 use crate::journal::Wait;
 use crate::records::{Record, VerRef};
 use crate::workers::Tier;
@@ -135,21 +136,6 @@ pub fn build_new(old: &Bytes, op: &Op) -> (Bytes, u32, Bytes) {
             let keep = (*keep as usize).min(old.len());
             (old.slice(..keep), keep as u32, old.slice(keep..))
         }
-    }
-}
-
-/// `dst ^= src` over `src.len()` bytes.
-pub fn xor_into(dst: &mut [u8], src: &[u8]) {
-    let n = src.len().min(dst.len());
-    let (d8, s8) = (&mut dst[..n], &src[..n]);
-    let mut dc = d8.chunks_exact_mut(8);
-    let mut sc = s8.chunks_exact(8);
-    for (d, s) in (&mut dc).zip(&mut sc) {
-        let x = u64::from_ne_bytes(d.try_into().expect("8")) ^ u64::from_ne_bytes(s.try_into().expect("8"));
-        d.copy_from_slice(&x.to_ne_bytes());
-    }
-    for (d, s) in dc.into_remainder().iter_mut().zip(sc.remainder()) {
-        *d ^= *s;
     }
 }
 
@@ -396,12 +382,5 @@ mod tests {
         let (new, _, delta) = build_new(&Bytes::new(), &Op::Write { offset: 5, data: Bytes::from_static(b"ab") });
         assert_eq!(&new[..], b"\0\0\0\0\0ab");
         assert_eq!(&delta[..], b"ab");
-    }
-
-    #[test]
-    fn xor_into_works_on_odd_lengths() {
-        let mut a = vec![0xffu8; 13];
-        xor_into(&mut a, &[0x0f; 13]);
-        assert!(a.iter().all(|&x| x == 0xf0));
     }
 }

@@ -631,7 +631,7 @@ impl Namespace {
         epochs: &mut watch::Receiver<common::Epoch>,
     ) -> Result<(), String> {
         let ns = &iom.namespace;
-        let conn = iom.pool.conn(m).await.map_err(|e| e.to_string())?;
+        let conn = iom.caller.conn(m).await.map_err(|e| e.to_string())?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         write_frame(&mut send, &Request::MetaMirror { from: iom.id, epoch: iom.member.epoch() }, Bytes::new())
             .await
@@ -907,8 +907,8 @@ impl Namespace {
                 return Some(iom.stats());
             }
             match iom
-                .pool
-                .call_timeout(IomId(i), &Request::Admin(AdminReq::Stats), Bytes::new(), iom.timeouts.probe_call)
+                .caller
+                .call_peer(IomId(i), &Request::Admin(AdminReq::Stats), Bytes::new(), iom.timeouts.probe_call)
                 .await
             {
                 Ok((Reply::Admin(AdminResp::Stats(s)), _)) => Some(s),
@@ -968,7 +968,7 @@ impl Namespace {
         let calls = (0..iom.cfg.width()).map(|i| {
             let objects = dead.clone();
             let iom = iom.clone();
-            async move { iom.rpc_drop_objects(IomId(i), objects, iom.timeouts.gc_drop_call).await.is_ok() }
+            async move { iom.caller.rpc_drop_objects(IomId(i), objects, iom.timeouts.gc_drop_call).await.is_ok() }
         });
         let done = if futures::future::join_all(calls).await.into_iter().all(|x| x) { dead } else { Vec::new() };
         if done.is_empty() {

@@ -11,10 +11,10 @@ pub mod plan;
 
 use crate::cache::CacheKey;
 use crate::crash_point;
+use crate::group::xor_into;
 use crate::journal::Wait;
 use crate::records::{PVerRef, Record};
 use crate::workers::Tier;
-use crate::write_path::xor_into;
 use crate::{Error, Iom};
 use bytes::{Bytes, BytesMut};
 use common::wire::{ErrorCode, MemberResp, ParityAck, ParityMsg, ParityUpdate, Reply, WireError};
