@@ -47,13 +47,8 @@ pub struct Iom {
     pub parity: ParitySide,
     pub inflight: Inflight,
     pub fence: crate::recovery_exec::Fence,
-    /// Failed IOMs whose role this stand-in is handing back.
-    pub frozen: parking_lot::Mutex<std::collections::HashSet<IomId>>,
-    /// Stand-in writes running (a handover waits for them).
-    pub standin_ops: tokio::sync::watch::Sender<u64>,
-    /// Failed IOMs this one stands in for, once their unfinished work is published.
-    pub activated: parking_lot::Mutex<std::collections::HashSet<IomId>>,
-    pub activation: tokio::sync::Notify,
+    /// Which failed IOMs' roles this stand-in serves, freezes or hands back.
+    pub handover: crate::standin::handover::HandoverState,
     pub rejoin_flag: std::sync::atomic::AtomicBool,
     /// This IOM's store replaced a lost one (`iomfs replace`): it rejoins
     /// by rebuilding everything it held, not only what changed meanwhile.
@@ -149,10 +144,7 @@ impl Iom {
             parity: ParitySide::default(),
             inflight: Inflight::default(),
             fence: Default::default(),
-            frozen: Default::default(),
-            standin_ops: tokio::sync::watch::Sender::new(0),
-            activated: Default::default(),
-            activation: Default::default(),
+            handover: Default::default(),
             rejoin_flag: Default::default(),
             replacing: std::sync::atomic::AtomicBool::new(replacing),
             ready: tokio::sync::watch::Sender::new(false),

@@ -379,7 +379,7 @@ pub(crate) async fn member(iom: &Arc<Iom>, req: MemberReq) -> Result<MemberResp,
         }
         MemberReq::Freeze { about } => Ok(MemberResp::Marks(iom.freeze(about).await)),
         MemberReq::Unfreeze { about } => {
-            iom.unfreeze(about);
+            iom.handover.unfreeze(about);
             Ok(MemberResp::Ack)
         }
         MemberReq::GetMap => Ok(MemberResp::Map(iom.member.current())),

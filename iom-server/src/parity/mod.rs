@@ -178,7 +178,7 @@ impl Iom {
         let n = self.layout.n();
         let role = self.layout.parity_iom(u.group.object, u.group.group);
         if role != self.id {
-            if !self.member.is_standin_for(role) || self.is_frozen(role) {
+            if !self.member.is_standin_for(role) || self.handover.is_frozen(role) {
                 return Err(Error::Wire(WireError::new(
                     ErrorCode::NotServing,
                     format!("IOM {} does not hold parity of group {:?}", self.id, u.group),

@@ -10,6 +10,10 @@
 //!   mark the group (its parity is recomputed when the IOM comes back).
 //! - When it takes over, the other IOMs publish their unfinished
 //!   transactions with the failed IOM; every block they touch is marked.
+//!
+//! Which roles are stood in for, frozen or handed back: `handover`.
+
+pub mod handover;
 
 use crate::journal::Wait;
 use crate::records::Record;
@@ -66,23 +70,8 @@ impl Iom {
             }
             tokio::time::sleep(self.timeouts.collect_pause).await;
         }
-        self.activated.lock().insert(i);
-        self.activation.notify_waiters();
+        self.handover.activate(i);
         tracing::warn!(iom = self.id.0, failed = i.0, unfinished = open, unreachable_peers = ?todo, "stand-in active");
-    }
-
-    /// Waits (a bounded time) until the stand-in for `owner` is active.
-    async fn standin_ready(&self, owner: IomId) {
-        let ready = async {
-            loop {
-                let n = self.activation.notified();
-                if self.activated.lock().contains(&owner) {
-                    return;
-                }
-                n.await;
-            }
-        };
-        let _ = tokio::time::timeout(self.timeouts.standin_ready_max, ready).await;
     }
 
     /// `Unfinished`: this IOM's parity-side transactions from failed IOM `i`,
@@ -114,19 +103,10 @@ impl Iom {
 
     /// The failed IOM `i` is up again: forget what was kept for it.
     pub fn standin_done(self: &Arc<Self>, i: IomId) {
-        self.frozen.lock().remove(&i);
-        self.activated.lock().remove(&i);
+        self.handover.forget(i);
         if self.storage.map.marks.lock().contains_key(&i) {
             self.storage.commit(&Record::MarksCleared { owner: i }, false, Wait::Nothing);
         }
-    }
-
-    fn frozen_err(&self, i: IomId) -> Error {
-        Error::Wire(WireError::new(ErrorCode::NotServing, format!("IOM {i} is taking its role back")))
-    }
-
-    pub fn is_frozen(&self, i: IomId) -> bool {
-        self.frozen.lock().contains(&i)
     }
 
     /// Degraded read of a block of failed IOM `owner`.
@@ -137,10 +117,8 @@ impl Iom {
         offset: u32,
         len: u32,
     ) -> Result<(Version, Bytes), Error> {
-        if self.is_frozen(owner) {
-            return Err(self.frozen_err(owner));
-        }
-        self.standin_ready(owner).await;
+        self.handover.check(owner)?;
+        self.handover.wait_active(owner, self.timeouts.standin_ready_max).await;
         let (v, b) = self.group.reconstruct(key, None).await?;
         let start = (offset as usize).min(b.len());
         let end = (offset as usize + len as usize).min(b.len());
@@ -156,16 +134,12 @@ impl Iom {
         toughness: Toughness,
         hint: u8,
     ) -> Result<Version, Error> {
-        if self.is_frozen(owner) {
-            return Err(self.frozen_err(owner));
-        }
-        self.standin_ready(owner).await;
-        let _op = StandinOp::new(&self.standin_ops);
+        self.handover.check(owner)?;
+        self.handover.wait_active(owner, self.timeouts.standin_ready_max).await;
+        let _op = self.handover.op();
         // Counted, then checked again: a freeze that began meanwhile either
         // sees this write counted (and waits for it) or this check sees it.
-        if self.is_frozen(owner) {
-            return Err(self.frozen_err(owner));
-        }
+        self.handover.check(owner)?;
         self.standin_write_inner(owner, key, op, toughness, hint).await
     }
 
@@ -216,16 +190,14 @@ impl Iom {
 
     /// A failed IOM's blocks of `object` in groups >= `from` were dropped.
     pub fn standin_drop(&self, owner: IomId, object: ObjectId, from: GroupNo) -> Result<(), Error> {
-        if self.is_frozen(owner) {
-            return Err(self.frozen_err(owner));
-        }
+        self.handover.check(owner)?;
         self.storage.commit(&Record::MarkedDrop { owner, object, from }, false, Wait::Written);
         Ok(())
     }
 
     /// `RebuildMarks`.
     pub fn rebuild_marks(&self, i: IomId) -> RebuildMarks {
-        let frozen = self.is_frozen(i);
+        let frozen = self.handover.is_frozen(i);
         match self.storage.map.marks.lock().get(&i) {
             Some(m) => RebuildMarks {
                 blocks: m.blocks.iter().map(|(k, v)| (*k, *v)).collect(),
@@ -249,33 +221,11 @@ impl Iom {
     /// `Freeze`: stop serving `i`'s role, let running stand-in writes finish,
     /// and answer with the marks left.
     pub async fn freeze(self: &Arc<Self>, i: IomId) -> RebuildMarks {
-        self.frozen.lock().insert(i);
-        let mut ops = self.standin_ops.subscribe();
-        if tokio::time::timeout(self.timeouts.freeze_drain_max, ops.wait_for(|n| *n == 0)).await.is_err() {
+        self.handover.freeze(i);
+        if !self.handover.drain(self.timeouts.freeze_drain_max).await {
             tracing::warn!(iom = self.id.0, failed = i.0, "handover goes on with stand-in writes still running");
         }
         self.storage.journal.flush().await;
         self.rebuild_marks(i)
-    }
-
-    pub fn unfreeze(&self, i: IomId) {
-        self.frozen.lock().remove(&i);
-    }
-}
-
-/// One running stand-in write, counted in `Iom::standin_ops` for as long as
-/// it lives (also when its future is dropped unfinished).
-struct StandinOp<'a>(&'a tokio::sync::watch::Sender<u64>);
-
-impl<'a> StandinOp<'a> {
-    fn new(ops: &'a tokio::sync::watch::Sender<u64>) -> StandinOp<'a> {
-        ops.send_modify(|n| *n += 1);
-        StandinOp(ops)
-    }
-}
-
-impl Drop for StandinOp<'_> {
-    fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
     }
 }
