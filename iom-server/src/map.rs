@@ -741,6 +741,51 @@ mod tests {
         assert!(m3.next_tx().0 >= 4);
     }
 
+    /// The checkpoint header as written today: magic, format version,
+    /// crc32c of the body, then the body. The on-disk format must not change.
+    #[test]
+    fn golden_snapshot_header() {
+        let d = tempfile::tempdir().unwrap();
+        BlockMap::new(layout()).snapshot_cut(5).write(d.path()).unwrap();
+        let b = std::fs::read(d.path().join(SNAPSHOT_FILE)).unwrap();
+        assert_eq!(&b[..12], b"IOMFSMAP\x02\x00\x00\x00");
+        assert_eq!(b[12..16], crc32c::crc32c(&b[16..]).to_le_bytes());
+        let cut = BlockMap::new(layout()).snapshot_cut(5);
+        assert_eq!(&b[16..], &codec::encode_large(&(cut.snap, cut.seen)).unwrap()[..]);
+    }
+
+    /// What a bad checkpoint header gives, as today: errors naming the file.
+    #[test]
+    fn bad_snapshot_headers() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(SNAPSHOT_FILE);
+        BlockMap::new(layout()).snapshot_cut(5).write(d.path()).unwrap();
+        let good = std::fs::read(&p).unwrap();
+        let load = |b: &[u8]| {
+            std::fs::write(&p, b).unwrap();
+            BlockMap::new(layout()).load_snapshot(d.path()).map_err(|e| e.to_string())
+        };
+        assert_eq!(load(&good), Ok(5));
+        let name = p.display().to_string();
+        for n in 0..16 {
+            assert_eq!(load(&good[..n]), Err(format!("{name}: not an iomfs map checkpoint")), "{n}");
+        }
+        let mut m = good.clone();
+        m[3] ^= 1;
+        assert_eq!(load(&m), Err(format!("{name}: not an iomfs map checkpoint")));
+        for ver in [0u32, 3, u32::MAX] {
+            let mut v = good.clone();
+            v[8..12].copy_from_slice(&ver.to_le_bytes());
+            assert_eq!(load(&v), Err(format!("{name}: format version {ver}; this build reads 1 and 2")));
+        }
+        let mut c = good.clone();
+        c[14] ^= 1;
+        assert_eq!(load(&c), Err(format!("{name}: checksum mismatch")));
+        let mut c = good.clone();
+        *c.last_mut().unwrap() ^= 1;
+        assert_eq!(load(&c), Err(format!("{name}: checksum mismatch")));
+    }
+
     #[test]
     fn unfinished_tx_keeps_both_versions_and_rollback_restores_old() {
         let m = BlockMap::new(layout());

@@ -83,6 +83,49 @@ mod tests {
         assert!(e.contains("checksum mismatch") && e.contains("move it away"), "{e}");
     }
 
+    /// The header as written today: magic, format version, crc32c of the
+    /// body, then the body. The on-disk format must not change.
+    #[test]
+    fn golden_header() {
+        let b = encode(&map()).unwrap();
+        let body = codec::encode(&map()).unwrap();
+        assert_eq!(&b[..12], b"IOMFSCST\x01\x00\x00\x00");
+        assert_eq!(b[12..16], crc32c::crc32c(&body).to_le_bytes());
+        assert_eq!(&b[16..], &body[..]);
+    }
+
+    /// What a bad header gives, as today: without the magic the file is
+    /// read as a headerless body; an unknown version and a damaged body
+    /// are errors saying so.
+    #[test]
+    fn bad_headers() {
+        let good = encode(&map()).unwrap();
+        for ver in [0u32, 2, u32::MAX] {
+            let mut v = good.clone();
+            v[8..12].copy_from_slice(&ver.to_le_bytes());
+            assert_eq!(decode(&v).unwrap_err(), format!("format version {ver}; this build reads 1"));
+        }
+        let mut c = good.clone();
+        c[12] ^= 1;
+        assert_eq!(decode(&c).unwrap_err(), "checksum mismatch");
+        let mut m = good.clone();
+        m[0] = b'X';
+        assert!(decode(&m).unwrap_err().starts_with("not an iomfs cluster state ("));
+        for n in 0..16 {
+            assert!(decode(&good[..n]).unwrap_err().starts_with("not an iomfs cluster state ("), "{n}");
+        }
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(FILE), &c).unwrap();
+        let e = load(d.path()).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: checksum mismatch; move it away and start the IOM again: it learns the current map from the other IOMs",
+                d.path().join(FILE).display()
+            )
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..Default::default() })]
         #[test]

@@ -480,6 +480,50 @@ mod tests {
         }
     }
 
+    /// The block file header as written today: magic, format version,
+    /// block size, IOM, length of the cluster id, the id. The on-disk
+    /// format must not change.
+    #[test]
+    fn golden_block_file_header() {
+        let d = tempfile::tempdir().unwrap();
+        drop(Store::open(d.path(), 4096, 2, "clu").unwrap());
+        let b = std::fs::read(d.path().join(BLOCK_FILE)).unwrap();
+        let want: &[u8] = b"IOMFSBLK\x01\x00\x00\x00\x00\x10\x00\x00\x02\x00\x00\x00\x03\x00\x00\x00clu";
+        assert_eq!(&b[..want.len()], want);
+        assert!(b[want.len()..].iter().all(|&x| x == 0));
+        let h = Header { block_size: 4096, iom: 2, cluster_id: "clu".into() };
+        assert_eq!(h.encode(), want);
+    }
+
+    /// What a bad block file header gives, as today.
+    #[test]
+    fn bad_block_file_headers() {
+        let good = Header { block_size: 4096, iom: 2, cluster_id: "clu".into() }.encode();
+        let h = Header::decode(&good).unwrap();
+        assert_eq!((h.block_size, h.iom, h.cluster_id.as_str()), (4096, 2, "clu"));
+        for n in 0..24 {
+            assert_eq!(Header::decode(&good[..n]).err().unwrap(), "not an iomfs block file (bad magic)");
+        }
+        for n in 24..good.len() {
+            assert_eq!(Header::decode(&good[..n]).err().unwrap(), "truncated header");
+        }
+        let mut m = good.clone();
+        m[7] ^= 1;
+        assert_eq!(Header::decode(&m).err().unwrap(), "not an iomfs block file (bad magic)");
+        for ver in [0u32, 2, u32::MAX] {
+            let mut v = good.clone();
+            v[8..12].copy_from_slice(&ver.to_le_bytes());
+            assert_eq!(
+                Header::decode(&v).err().unwrap(),
+                format!("block file format version {ver}; this build reads version 1")
+            );
+        }
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(BLOCK_FILE), b"IOMFSBLX").unwrap();
+        let e = Store::open(d.path(), 4096, 2, "clu").err().unwrap().to_string();
+        assert_eq!(e, format!("{}: not an iomfs block file (bad magic)", d.path().join(BLOCK_FILE).display()));
+    }
+
     #[test]
     fn header_checks() {
         let d = tempfile::tempdir().unwrap();

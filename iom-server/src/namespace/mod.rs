@@ -983,3 +983,57 @@ impl Namespace {
         iom.namespace.settle(iom, lsn).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap() -> Snap {
+        Snap { term: 3, lsn: 9, replay_from: 2, state: NsState::default() }
+    }
+
+    /// The checkpoint header as written today: magic, format version,
+    /// crc32c of the body, then the body. The on-disk format must not change.
+    #[test]
+    fn golden_snapshot_header() {
+        let d = tempfile::tempdir().unwrap();
+        write_snap(d.path(), &snap()).unwrap();
+        let b = std::fs::read(d.path().join(SNAP_FILE)).unwrap();
+        let body = codec::encode_large(&snap()).unwrap();
+        assert_eq!(&b[..12], b"IOMFSNSP\x01\x00\x00\x00");
+        assert_eq!(b[12..16], crc32c::crc32c(&body).to_le_bytes());
+        assert_eq!(&b[16..], &body[..]);
+    }
+
+    /// What a bad checkpoint header gives, as today: errors naming the file.
+    #[test]
+    fn bad_snapshot_headers() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(SNAP_FILE);
+        write_snap(d.path(), &snap()).unwrap();
+        let good = std::fs::read(&p).unwrap();
+        let read = |b: &[u8]| {
+            std::fs::write(&p, b).unwrap();
+            read_snap(d.path()).map(|s| s.map(|s| (s.term, s.lsn, s.replay_from))).map_err(|e| e.to_string())
+        };
+        assert_eq!(read(&good), Ok(Some((3, 9, 2))));
+        let name = p.display().to_string();
+        for n in 0..16 {
+            assert_eq!(read(&good[..n]), Err(format!("{name}: not an iomfs namespace checkpoint")), "{n}");
+        }
+        let mut m = good.clone();
+        m[5] ^= 1;
+        assert_eq!(read(&m), Err(format!("{name}: not an iomfs namespace checkpoint")));
+        for ver in [0u32, 2, u32::MAX] {
+            let mut v = good.clone();
+            v[8..12].copy_from_slice(&ver.to_le_bytes());
+            assert_eq!(read(&v), Err(format!("{name}: format version {ver}; this build reads 1")));
+        }
+        let mut c = good.clone();
+        c[13] ^= 1;
+        assert_eq!(read(&c), Err(format!("{name}: checksum mismatch")));
+        let mut c = good.clone();
+        *c.last_mut().unwrap() ^= 1;
+        assert_eq!(read(&c), Err(format!("{name}: checksum mismatch")));
+    }
+}
