@@ -4,14 +4,15 @@
 //! (u32 LE), then the map in the codec's encoding. A file without the magic
 //! is read as the body alone (written before the header existed).
 
+use crate::format::{Format, HeaderError};
 use crate::Error;
 use common::cluster::ClusterMap;
 use common::codec;
 use std::path::Path;
 
 const FILE: &str = "cluster.state";
-const MAGIC: &[u8; 8] = b"IOMFSCST";
 pub const FORMAT_VERSION: u32 = 1;
+const FORMAT: Format = Format { magic: b"IOMFSCST", version: FORMAT_VERSION, oldest: FORMAT_VERSION };
 
 pub fn load(dir: &Path) -> Result<Option<ClusterMap>, Error> {
     let p = dir.join(FILE);
@@ -29,28 +30,20 @@ pub fn load(dir: &Path) -> Result<Option<ClusterMap>, Error> {
 }
 
 fn decode(b: &[u8]) -> Result<ClusterMap, String> {
-    if b.len() < 16 || &b[..8] != MAGIC {
+    match FORMAT.unseal(b) {
+        Ok((_, body)) => codec::decode(body).map_err(|e| e.to_string()),
         // Written before the header existed: the body alone.
-        return codec::decode(b).map_err(|e| format!("not an iomfs cluster state ({e})"));
+        Err(HeaderError::Short | HeaderError::Magic) => {
+            codec::decode(b).map_err(|e| format!("not an iomfs cluster state ({e})"))
+        }
+        Err(HeaderError::Version(v)) => Err(format!("format version {v}; this build reads {FORMAT_VERSION}")),
+        Err(HeaderError::Checksum) => Err("checksum mismatch".into()),
     }
-    let v = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
-    if v != FORMAT_VERSION {
-        return Err(format!("format version {v}; this build reads {FORMAT_VERSION}"));
-    }
-    if codec::crc(&b[16..]) != u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")) {
-        return Err("checksum mismatch".into());
-    }
-    codec::decode(&b[16..]).map_err(|e| e.to_string())
 }
 
 fn encode(m: &ClusterMap) -> Result<Vec<u8>, Error> {
     let body = codec::encode(m).map_err(|e| Error::Format(e.to_string()))?;
-    let mut out = Vec::with_capacity(body.len() + 16);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&codec::crc(&body).to_le_bytes());
-    out.extend_from_slice(&body);
-    Ok(out)
+    Ok(FORMAT.seal(&body))
 }
 
 pub fn save(dir: &Path, m: &ClusterMap) -> Result<(), Error> {

@@ -13,6 +13,7 @@
 pub mod sessions;
 pub mod state;
 
+use crate::format::{Format, HeaderError};
 use crate::journal::{Journal, Wait};
 use crate::workers::Tier;
 use crate::{Error, Iom};
@@ -36,8 +37,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub const META_DIR: &str = "meta";
 const SNAP_FILE: &str = "meta.snap";
-const SNAP_MAGIC: &[u8; 8] = b"IOMFSNSP";
 const SNAP_VERSION: u32 = 1;
+const SNAP_FORMAT: Format = Format { magic: b"IOMFSNSP", version: SNAP_VERSION, oldest: SNAP_VERSION };
 /// Batches kept in memory for a mirror that falls briefly behind.
 const RECENT: usize = 4096;
 
@@ -137,12 +138,7 @@ fn encode_entry(term: u64, lsn: u64, recs: &[NsRec]) -> Vec<u8> {
 
 fn write_snap(dir: &Path, s: &Snap) -> Result<(), Error> {
     let body = codec::encode_large(s).map_err(|e| Error::Format(e.to_string()))?;
-    let mut out = Vec::with_capacity(body.len() + 16);
-    out.extend_from_slice(SNAP_MAGIC);
-    out.extend_from_slice(&SNAP_VERSION.to_le_bytes());
-    out.extend_from_slice(&codec::crc(&body).to_le_bytes());
-    out.extend_from_slice(&body);
-    crate::fsutil::write_atomic(&dir.join(SNAP_FILE), &out)
+    crate::fsutil::write_atomic(&dir.join(SNAP_FILE), &SNAP_FORMAT.seal(&body))
 }
 
 fn read_snap(dir: &Path) -> Result<Option<Snap>, Error> {
@@ -153,17 +149,14 @@ fn read_snap(dir: &Path) -> Result<Option<Snap>, Error> {
         Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
     };
     let bad = |m: String| Error::Format(format!("{}: {m}", p.display()));
-    if b.len() < 16 || &b[..8] != SNAP_MAGIC {
-        return Err(bad("not an iomfs namespace checkpoint".into()));
-    }
-    let v = u32::from_le_bytes(b[8..12].try_into().expect("4"));
-    if v != SNAP_VERSION {
-        return Err(bad(format!("format version {v}; this build reads {SNAP_VERSION}")));
-    }
-    if codec::crc(&b[16..]) != u32::from_le_bytes(b[12..16].try_into().expect("4")) {
-        return Err(bad("checksum mismatch".into()));
-    }
-    codec::decode_large(&b[16..]).map(Some).map_err(|e| bad(e.to_string()))
+    let (_, body) = SNAP_FORMAT.unseal(&b).map_err(|e| {
+        bad(match e {
+            HeaderError::Short | HeaderError::Magic => "not an iomfs namespace checkpoint".into(),
+            HeaderError::Version(v) => format!("format version {v}; this build reads {SNAP_VERSION}"),
+            HeaderError::Checksum => "checksum mismatch".into(),
+        })
+    })?;
+    codec::decode_large(body).map(Some).map_err(|e| bad(e.to_string()))
 }
 
 impl Namespace {
