@@ -16,6 +16,7 @@
 //! version, then records `[u32 len][u32 crc32c][payload]`. Replay stops at a
 //! torn tail of the last segment and truncates it.
 
+use crate::format::{Format, HeaderError};
 use crate::Error;
 use common::codec;
 use std::fs::{self, File, OpenOptions};
@@ -29,7 +30,8 @@ use tokio::sync::oneshot;
 /// 2: each record also carries the offset of its segment known durable when
 /// it was framed (torn tail or damage, see `parse_segment`). 1 is read.
 pub const JOURNAL_FORMAT_VERSION: u32 = 2;
-const SEG_MAGIC: &[u8; 8] = b"IOMFSJNL";
+const SEG_FORMAT: Format = Format { magic: b"IOMFSJNL", version: JOURNAL_FORMAT_VERSION, oldest: 1 };
+/// Magic, format version, four reserved zero bytes.
 const SEG_HEADER: usize = 16;
 /// Largest single record accepted at replay.
 const MAX_RECORD: usize = 8 << 20;
@@ -493,13 +495,19 @@ fn new_segment(dir: &Path, n: u64) -> Result<File, Error> {
         .write(true)
         .open(&p)
         .map_err(|e| Error::io(format!("create {}", p.display()), e))?;
-    let mut h = Vec::with_capacity(SEG_HEADER);
-    h.extend_from_slice(SEG_MAGIC);
-    h.extend_from_slice(&JOURNAL_FORMAT_VERSION.to_le_bytes());
-    h.extend_from_slice(&0u32.to_le_bytes());
-    f.write_all(&h).and_then(|_| f.sync_all()).map_err(|e| Error::io(format!("write {}", p.display()), e))?;
+    f.write_all(&segment_header())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(format!("write {}", p.display()), e))?;
     crate::fsutil::sync_dir(dir)?;
     Ok(f)
+}
+
+/// The header a segment starts with ([`SEG_HEADER`] bytes).
+fn segment_header() -> Vec<u8> {
+    let mut h = Vec::with_capacity(SEG_HEADER);
+    SEG_FORMAT.put_head(&mut h);
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h
 }
 
 /// Frames one record: length, checksum (of what follows it), the offset of
@@ -549,20 +557,21 @@ fn record_at(buf: &[u8], pos: usize, ver: u32) -> Option<Result<(&[u8], u32, usi
 /// reached stable storage and was damaged since, and replaying without it
 /// would silently lose an acknowledged update, so that is an error.
 fn parse_segment(buf: &[u8], path: &Path) -> Result<(Vec<Vec<u8>>, Option<usize>), Error> {
-    if buf.len() < SEG_HEADER || &buf[..8] != SEG_MAGIC {
-        if buf.len() < SEG_HEADER {
-            // Crash while creating the segment: nothing was ever appended to it.
-            return Ok((Vec::new(), Some(0)));
+    let ver = match SEG_FORMAT.check_head(buf, SEG_HEADER) {
+        Ok(ver) => ver,
+        // Crash while creating the segment: nothing was ever appended to it.
+        Err(HeaderError::Short) => return Ok((Vec::new(), Some(0))),
+        // (A segment header has no checksum: check_head never says Checksum.)
+        Err(HeaderError::Magic | HeaderError::Checksum) => {
+            return Err(Error::Format(format!("{}: not an iomfs journal segment", path.display())))
         }
-        return Err(Error::Format(format!("{}: not an iomfs journal segment", path.display())));
-    }
-    let ver = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
-    if ver != JOURNAL_FORMAT_VERSION && ver != 1 {
-        return Err(Error::Format(format!(
-            "{}: journal format version {ver}; this build reads versions 1 to {JOURNAL_FORMAT_VERSION}",
-            path.display()
-        )));
-    }
+        Err(HeaderError::Version(ver)) => {
+            return Err(Error::Format(format!(
+                "{}: journal format version {ver}; this build reads versions 1 to {JOURNAL_FORMAT_VERSION}",
+                path.display()
+            )))
+        }
+    };
     let mut pos = SEG_HEADER;
     let mut out = Vec::new();
     while pos < buf.len() {
@@ -834,10 +843,7 @@ mod tests {
             edits in proptest::collection::vec((0u8..3, proptest::prelude::any::<u16>(), proptest::prelude::any::<u8>()), 0..6),
         ) {
             use crate::records::Record;
-            let mut b = Vec::new();
-            b.extend_from_slice(SEG_MAGIC);
-            b.extend_from_slice(&JOURNAL_FORMAT_VERSION.to_le_bytes());
-            b.extend_from_slice(&0u32.to_le_bytes());
+            let mut b = segment_header();
             for tx in 0..4u64 {
                 frame(&codec::encode(&Record::Completed { tx: common::TxId(tx * 1000) }).unwrap(), 0, &mut b);
                 frame(&codec::encode(&Record::Switched { tx: common::TxId(tx) }).unwrap(), 0, &mut b);
@@ -856,6 +862,45 @@ mod tests {
                     let _ = codec::decode::<Record>(&r);
                 }
             }
+        }
+    }
+
+    /// The segment header as written today: magic, format version, four
+    /// reserved zero bytes. The on-disk format must not change.
+    #[test]
+    fn golden_segment_header() {
+        let d = tempfile::tempdir().unwrap();
+        drop(new_segment(d.path(), 3).unwrap());
+        let b = fs::read(d.path().join(seg_name(3))).unwrap();
+        assert_eq!(b, b"IOMFSJNL\x02\x00\x00\x00\x00\x00\x00\x00");
+        assert_eq!(b.len(), SEG_HEADER);
+    }
+
+    /// What a bad segment header gives, as today: a short segment is empty
+    /// (a crash while creating it), a wrong magic and an unknown version are
+    /// errors naming the file; versions 1 and 2 read.
+    #[test]
+    fn bad_segment_headers() {
+        let p = Path::new("dir/seg-7.log");
+        let good = b"IOMFSJNL\x02\x00\x00\x00\x00\x00\x00\x00".to_vec();
+        for n in 0..SEG_HEADER {
+            let (recs, end) = parse_segment(&good[..n], p).unwrap();
+            assert!(recs.is_empty() && end == Some(0), "{n}");
+        }
+        let (recs, end) = parse_segment(&good, p).unwrap();
+        assert!(recs.is_empty() && end.is_none());
+        let mut v1 = good.clone();
+        v1[8] = 1;
+        assert!(parse_segment(&v1, p).unwrap().0.is_empty());
+        let mut m = good.clone();
+        m[0] = b'X';
+        let e = parse_segment(&m, p).unwrap_err().to_string();
+        assert_eq!(e, "dir/seg-7.log: not an iomfs journal segment");
+        for ver in [0u32, 3, u32::MAX] {
+            let mut v = good.clone();
+            v[8..12].copy_from_slice(&ver.to_le_bytes());
+            let e = parse_segment(&v, p).unwrap_err().to_string();
+            assert_eq!(e, format!("dir/seg-7.log: journal format version {ver}; this build reads versions 1 to 2"));
         }
     }
 
@@ -918,10 +963,8 @@ mod tests {
         j2.stop().await;
         // Format 1 (8-byte frame heads, no durable offsets) replays.
         let d1 = tempfile::tempdir().unwrap();
-        let mut b = Vec::new();
-        b.extend_from_slice(SEG_MAGIC);
-        b.extend_from_slice(&1u32.to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
+        let mut b = segment_header();
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
         for rec in [&b"old"[..], b"format"] {
             b.extend_from_slice(&(rec.len() as u32).to_le_bytes());
             b.extend_from_slice(&codec::crc(rec).to_le_bytes());

@@ -17,6 +17,7 @@ pub mod cache;
 pub mod caller;
 pub mod failover;
 pub mod failpoint;
+pub mod format;
 pub mod fsutil;
 pub mod group;
 pub mod journal;

@@ -8,6 +8,7 @@
 //! restart is the map before it. `apply` is idempotent, so records also
 //! covered by a checkpoint can be replayed again.
 
+use crate::format::{Format, HeaderError};
 use crate::records::{PVerRef, Record, VerRef};
 use crate::Error;
 use common::codec;
@@ -21,9 +22,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 const SHARDS: usize = 64;
 pub const SNAPSHOT_FILE: &str = "map.snap";
-const SNAP_MAGIC: &[u8; 8] = b"IOMFSMAP";
 /// 2: followed by the per-IOM `done_seen` (version 1 files still load).
 pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
+const SNAP_FORMAT: Format = Format { magic: b"IOMFSMAP", version: SNAPSHOT_FORMAT_VERSION, oldest: 1 };
 
 /// Versions of one data block that are still referenced.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,12 +117,7 @@ impl SnapshotCut {
     /// Encodes the copy and replaces the checkpoint file with it (fsync'd).
     pub fn write(self, dir: &Path) -> Result<(), Error> {
         let body = codec::encode_large(&(self.snap, self.seen)).map_err(|e| Error::Format(e.to_string()))?;
-        let mut out = Vec::with_capacity(body.len() + 16);
-        out.extend_from_slice(SNAP_MAGIC);
-        out.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&codec::crc(&body).to_le_bytes());
-        out.extend_from_slice(&body);
-        crate::fsutil::write_atomic(&dir.join(SNAPSHOT_FILE), &out)
+        crate::fsutil::write_atomic(&dir.join(SNAPSHOT_FILE), &SNAP_FORMAT.seal(&body))
     }
 }
 
@@ -613,21 +609,19 @@ impl BlockMap {
             Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
         };
         let bad = |m: String| Error::Format(format!("{}: {m}", path.display()));
-        if buf.len() < 16 || &buf[..8] != SNAP_MAGIC {
-            return Err(bad("not an iomfs map checkpoint".into()));
-        }
-        let ver = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes"));
-        if ver != SNAPSHOT_FORMAT_VERSION && ver != 1 {
-            return Err(bad(format!("format version {ver}; this build reads 1 and {SNAPSHOT_FORMAT_VERSION}")));
-        }
-        let crc = u32::from_le_bytes(buf[12..16].try_into().expect("4 bytes"));
-        if codec::crc(&buf[16..]) != crc {
-            return Err(bad("checksum mismatch".into()));
-        }
+        let (ver, body) = SNAP_FORMAT.unseal(&buf).map_err(|e| {
+            bad(match e {
+                HeaderError::Short | HeaderError::Magic => "not an iomfs map checkpoint".into(),
+                HeaderError::Version(v) => {
+                    format!("format version {v}; this build reads 1 and {SNAPSHOT_FORMAT_VERSION}")
+                }
+                HeaderError::Checksum => "checksum mismatch".into(),
+            })
+        })?;
         let (s, seen): (Snapshot, Vec<(IomId, u64)>) = if ver == 1 {
-            (codec::decode_large(&buf[16..]).map_err(|e| bad(e.to_string()))?, Vec::new())
+            (codec::decode_large(body).map_err(|e| bad(e.to_string()))?, Vec::new())
         } else {
-            codec::decode_large(&buf[16..]).map_err(|e| bad(e.to_string()))?
+            codec::decode_large(body).map_err(|e| bad(e.to_string()))?
         };
         self.done_seen.lock().extend(seen);
         self.next_tx.store(s.next_tx, Ordering::Relaxed);
@@ -739,6 +733,51 @@ mod tests {
         assert_eq!(m3.head(&key(0)), ver(2, 11));
         assert_eq!(m3.parity_head(&g), m2.parity_head(&g));
         assert!(m3.next_tx().0 >= 4);
+    }
+
+    /// The checkpoint header as written today: magic, format version,
+    /// crc32c of the body, then the body. The on-disk format must not change.
+    #[test]
+    fn golden_snapshot_header() {
+        let d = tempfile::tempdir().unwrap();
+        BlockMap::new(layout()).snapshot_cut(5).write(d.path()).unwrap();
+        let b = std::fs::read(d.path().join(SNAPSHOT_FILE)).unwrap();
+        assert_eq!(&b[..12], b"IOMFSMAP\x02\x00\x00\x00");
+        assert_eq!(b[12..16], crc32c::crc32c(&b[16..]).to_le_bytes());
+        let cut = BlockMap::new(layout()).snapshot_cut(5);
+        assert_eq!(&b[16..], &codec::encode_large(&(cut.snap, cut.seen)).unwrap()[..]);
+    }
+
+    /// What a bad checkpoint header gives, as today: errors naming the file.
+    #[test]
+    fn bad_snapshot_headers() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(SNAPSHOT_FILE);
+        BlockMap::new(layout()).snapshot_cut(5).write(d.path()).unwrap();
+        let good = std::fs::read(&p).unwrap();
+        let load = |b: &[u8]| {
+            std::fs::write(&p, b).unwrap();
+            BlockMap::new(layout()).load_snapshot(d.path()).map_err(|e| e.to_string())
+        };
+        assert_eq!(load(&good), Ok(5));
+        let name = p.display().to_string();
+        for n in 0..16 {
+            assert_eq!(load(&good[..n]), Err(format!("{name}: not an iomfs map checkpoint")), "{n}");
+        }
+        let mut m = good.clone();
+        m[3] ^= 1;
+        assert_eq!(load(&m), Err(format!("{name}: not an iomfs map checkpoint")));
+        for ver in [0u32, 3, u32::MAX] {
+            let mut v = good.clone();
+            v[8..12].copy_from_slice(&ver.to_le_bytes());
+            assert_eq!(load(&v), Err(format!("{name}: format version {ver}; this build reads 1 and 2")));
+        }
+        let mut c = good.clone();
+        c[14] ^= 1;
+        assert_eq!(load(&c), Err(format!("{name}: checksum mismatch")));
+        let mut c = good.clone();
+        *c.last_mut().unwrap() ^= 1;
+        assert_eq!(load(&c), Err(format!("{name}: checksum mismatch")));
     }
 
     #[test]

@@ -4,14 +4,15 @@
 //! (u32 LE), then the map in the codec's encoding. A file without the magic
 //! is read as the body alone (written before the header existed).
 
+use crate::format::{Format, HeaderError};
 use crate::Error;
 use common::cluster::ClusterMap;
 use common::codec;
 use std::path::Path;
 
 const FILE: &str = "cluster.state";
-const MAGIC: &[u8; 8] = b"IOMFSCST";
 pub const FORMAT_VERSION: u32 = 1;
+const FORMAT: Format = Format { magic: b"IOMFSCST", version: FORMAT_VERSION, oldest: FORMAT_VERSION };
 
 pub fn load(dir: &Path) -> Result<Option<ClusterMap>, Error> {
     let p = dir.join(FILE);
@@ -29,28 +30,20 @@ pub fn load(dir: &Path) -> Result<Option<ClusterMap>, Error> {
 }
 
 fn decode(b: &[u8]) -> Result<ClusterMap, String> {
-    if b.len() < 16 || &b[..8] != MAGIC {
+    match FORMAT.unseal(b) {
+        Ok((_, body)) => codec::decode(body).map_err(|e| e.to_string()),
         // Written before the header existed: the body alone.
-        return codec::decode(b).map_err(|e| format!("not an iomfs cluster state ({e})"));
+        Err(HeaderError::Short | HeaderError::Magic) => {
+            codec::decode(b).map_err(|e| format!("not an iomfs cluster state ({e})"))
+        }
+        Err(HeaderError::Version(v)) => Err(format!("format version {v}; this build reads {FORMAT_VERSION}")),
+        Err(HeaderError::Checksum) => Err("checksum mismatch".into()),
     }
-    let v = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
-    if v != FORMAT_VERSION {
-        return Err(format!("format version {v}; this build reads {FORMAT_VERSION}"));
-    }
-    if codec::crc(&b[16..]) != u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")) {
-        return Err("checksum mismatch".into());
-    }
-    codec::decode(&b[16..]).map_err(|e| e.to_string())
 }
 
 fn encode(m: &ClusterMap) -> Result<Vec<u8>, Error> {
     let body = codec::encode(m).map_err(|e| Error::Format(e.to_string()))?;
-    let mut out = Vec::with_capacity(body.len() + 16);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&codec::crc(&body).to_le_bytes());
-    out.extend_from_slice(&body);
-    Ok(out)
+    Ok(FORMAT.seal(&body))
 }
 
 pub fn save(dir: &Path, m: &ClusterMap) -> Result<(), Error> {
@@ -81,6 +74,49 @@ mod tests {
         std::fs::write(d.path().join(FILE), b).unwrap();
         let e = load(d.path()).unwrap_err().to_string();
         assert!(e.contains("checksum mismatch") && e.contains("move it away"), "{e}");
+    }
+
+    /// The header as written today: magic, format version, crc32c of the
+    /// body, then the body. The on-disk format must not change.
+    #[test]
+    fn golden_header() {
+        let b = encode(&map()).unwrap();
+        let body = codec::encode(&map()).unwrap();
+        assert_eq!(&b[..12], b"IOMFSCST\x01\x00\x00\x00");
+        assert_eq!(b[12..16], crc32c::crc32c(&body).to_le_bytes());
+        assert_eq!(&b[16..], &body[..]);
+    }
+
+    /// What a bad header gives, as today: without the magic the file is
+    /// read as a headerless body; an unknown version and a damaged body
+    /// are errors saying so.
+    #[test]
+    fn bad_headers() {
+        let good = encode(&map()).unwrap();
+        for ver in [0u32, 2, u32::MAX] {
+            let mut v = good.clone();
+            v[8..12].copy_from_slice(&ver.to_le_bytes());
+            assert_eq!(decode(&v).unwrap_err(), format!("format version {ver}; this build reads 1"));
+        }
+        let mut c = good.clone();
+        c[12] ^= 1;
+        assert_eq!(decode(&c).unwrap_err(), "checksum mismatch");
+        let mut m = good.clone();
+        m[0] = b'X';
+        assert!(decode(&m).unwrap_err().starts_with("not an iomfs cluster state ("));
+        for n in 0..16 {
+            assert!(decode(&good[..n]).unwrap_err().starts_with("not an iomfs cluster state ("), "{n}");
+        }
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(FILE), &c).unwrap();
+        let e = load(d.path()).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: checksum mismatch; move it away and start the IOM again: it learns the current map from the other IOMs",
+                d.path().join(FILE).display()
+            )
+        );
     }
 
     proptest! {

@@ -5,6 +5,7 @@
 //! protocol says so (a14/b13), after the record that makes the change
 //! permanent is durable. Slot 0 holds the file header.
 
+use crate::format::{Format, HeaderError};
 use crate::Error;
 use common::DiskAddr;
 use parking_lot::Mutex;
@@ -15,8 +16,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub const BLOCK_FILE: &str = "blocks.dat";
-const MAGIC: &[u8; 8] = b"IOMFSBLK";
 pub const STORE_FORMAT_VERSION: u32 = 1;
+const STORE_FORMAT: Format = Format { magic: b"IOMFSBLK", version: STORE_FORMAT_VERSION, oldest: STORE_FORMAT_VERSION };
 
 /// Free-slot bookkeeping. Addresses start at 1 (slot 0 is the header).
 #[derive(Debug, Default)]
@@ -418,8 +419,7 @@ struct Header {
 impl Header {
     fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(64);
-        v.extend_from_slice(MAGIC);
-        v.extend_from_slice(&STORE_FORMAT_VERSION.to_le_bytes());
+        STORE_FORMAT.put_head(&mut v);
         v.extend_from_slice(&self.block_size.to_le_bytes());
         v.extend_from_slice(&self.iom.to_le_bytes());
         v.extend_from_slice(&(self.cluster_id.len() as u32).to_le_bytes());
@@ -427,16 +427,16 @@ impl Header {
         v
     }
     fn decode(b: &[u8]) -> Result<Header, String> {
-        if b.len() < 24 || &b[..8] != MAGIC {
-            return Err("not an iomfs block file (bad magic)".into());
-        }
+        STORE_FORMAT.check_head(b, 24).map_err(|e| match e {
+            HeaderError::Version(version) => {
+                format!("block file format version {version}; this build reads version {STORE_FORMAT_VERSION}")
+            }
+            // (The block file header has no checksum: check_head never says Checksum.)
+            HeaderError::Short | HeaderError::Magic | HeaderError::Checksum => {
+                "not an iomfs block file (bad magic)".to_string()
+            }
+        })?;
         let u = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-        let version = u(8);
-        if version != STORE_FORMAT_VERSION {
-            return Err(format!(
-                "block file format version {version}; this build reads version {STORE_FORMAT_VERSION}"
-            ));
-        }
         let n = u(20) as usize;
         let id = b.get(24..24 + n).ok_or("truncated header")?;
         Ok(Header { block_size: u(12), iom: u(16), cluster_id: String::from_utf8_lossy(id).into_owned() })
@@ -478,6 +478,50 @@ mod tests {
                 prop_assert_eq!(a.used(), live.len() as u64);
             }
         }
+    }
+
+    /// The block file header as written today: magic, format version,
+    /// block size, IOM, length of the cluster id, the id. The on-disk
+    /// format must not change.
+    #[test]
+    fn golden_block_file_header() {
+        let d = tempfile::tempdir().unwrap();
+        drop(Store::open(d.path(), 4096, 2, "clu").unwrap());
+        let b = std::fs::read(d.path().join(BLOCK_FILE)).unwrap();
+        let want: &[u8] = b"IOMFSBLK\x01\x00\x00\x00\x00\x10\x00\x00\x02\x00\x00\x00\x03\x00\x00\x00clu";
+        assert_eq!(&b[..want.len()], want);
+        assert!(b[want.len()..].iter().all(|&x| x == 0));
+        let h = Header { block_size: 4096, iom: 2, cluster_id: "clu".into() };
+        assert_eq!(h.encode(), want);
+    }
+
+    /// What a bad block file header gives, as today.
+    #[test]
+    fn bad_block_file_headers() {
+        let good = Header { block_size: 4096, iom: 2, cluster_id: "clu".into() }.encode();
+        let h = Header::decode(&good).unwrap();
+        assert_eq!((h.block_size, h.iom, h.cluster_id.as_str()), (4096, 2, "clu"));
+        for n in 0..24 {
+            assert_eq!(Header::decode(&good[..n]).err().unwrap(), "not an iomfs block file (bad magic)");
+        }
+        for n in 24..good.len() {
+            assert_eq!(Header::decode(&good[..n]).err().unwrap(), "truncated header");
+        }
+        let mut m = good.clone();
+        m[7] ^= 1;
+        assert_eq!(Header::decode(&m).err().unwrap(), "not an iomfs block file (bad magic)");
+        for ver in [0u32, 2, u32::MAX] {
+            let mut v = good.clone();
+            v[8..12].copy_from_slice(&ver.to_le_bytes());
+            assert_eq!(
+                Header::decode(&v).err().unwrap(),
+                format!("block file format version {ver}; this build reads version 1")
+            );
+        }
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(BLOCK_FILE), b"IOMFSBLX").unwrap();
+        let e = Store::open(d.path(), 4096, 2, "clu").err().unwrap().to_string();
+        assert_eq!(e, format!("{}: not an iomfs block file (bad magic)", d.path().join(BLOCK_FILE).display()));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 pub mod sessions;
 pub mod state;
 
+use crate::format::{Format, HeaderError};
 use crate::journal::{Journal, Wait};
 use crate::workers::Tier;
 use crate::{Error, Iom};
@@ -36,8 +37,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub const META_DIR: &str = "meta";
 const SNAP_FILE: &str = "meta.snap";
-const SNAP_MAGIC: &[u8; 8] = b"IOMFSNSP";
 const SNAP_VERSION: u32 = 1;
+const SNAP_FORMAT: Format = Format { magic: b"IOMFSNSP", version: SNAP_VERSION, oldest: SNAP_VERSION };
 /// Batches kept in memory for a mirror that falls briefly behind.
 const RECENT: usize = 4096;
 
@@ -137,12 +138,7 @@ fn encode_entry(term: u64, lsn: u64, recs: &[NsRec]) -> Vec<u8> {
 
 fn write_snap(dir: &Path, s: &Snap) -> Result<(), Error> {
     let body = codec::encode_large(s).map_err(|e| Error::Format(e.to_string()))?;
-    let mut out = Vec::with_capacity(body.len() + 16);
-    out.extend_from_slice(SNAP_MAGIC);
-    out.extend_from_slice(&SNAP_VERSION.to_le_bytes());
-    out.extend_from_slice(&codec::crc(&body).to_le_bytes());
-    out.extend_from_slice(&body);
-    crate::fsutil::write_atomic(&dir.join(SNAP_FILE), &out)
+    crate::fsutil::write_atomic(&dir.join(SNAP_FILE), &SNAP_FORMAT.seal(&body))
 }
 
 fn read_snap(dir: &Path) -> Result<Option<Snap>, Error> {
@@ -153,17 +149,14 @@ fn read_snap(dir: &Path) -> Result<Option<Snap>, Error> {
         Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
     };
     let bad = |m: String| Error::Format(format!("{}: {m}", p.display()));
-    if b.len() < 16 || &b[..8] != SNAP_MAGIC {
-        return Err(bad("not an iomfs namespace checkpoint".into()));
-    }
-    let v = u32::from_le_bytes(b[8..12].try_into().expect("4"));
-    if v != SNAP_VERSION {
-        return Err(bad(format!("format version {v}; this build reads {SNAP_VERSION}")));
-    }
-    if codec::crc(&b[16..]) != u32::from_le_bytes(b[12..16].try_into().expect("4")) {
-        return Err(bad("checksum mismatch".into()));
-    }
-    codec::decode_large(&b[16..]).map(Some).map_err(|e| bad(e.to_string()))
+    let (_, body) = SNAP_FORMAT.unseal(&b).map_err(|e| {
+        bad(match e {
+            HeaderError::Short | HeaderError::Magic => "not an iomfs namespace checkpoint".into(),
+            HeaderError::Version(v) => format!("format version {v}; this build reads {SNAP_VERSION}"),
+            HeaderError::Checksum => "checksum mismatch".into(),
+        })
+    })?;
+    codec::decode_large(body).map(Some).map_err(|e| bad(e.to_string()))
 }
 
 impl Namespace {
@@ -981,5 +974,59 @@ impl Namespace {
         };
         let _ = gen;
         iom.namespace.settle(iom, lsn).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap() -> Snap {
+        Snap { term: 3, lsn: 9, replay_from: 2, state: NsState::default() }
+    }
+
+    /// The checkpoint header as written today: magic, format version,
+    /// crc32c of the body, then the body. The on-disk format must not change.
+    #[test]
+    fn golden_snapshot_header() {
+        let d = tempfile::tempdir().unwrap();
+        write_snap(d.path(), &snap()).unwrap();
+        let b = std::fs::read(d.path().join(SNAP_FILE)).unwrap();
+        let body = codec::encode_large(&snap()).unwrap();
+        assert_eq!(&b[..12], b"IOMFSNSP\x01\x00\x00\x00");
+        assert_eq!(b[12..16], crc32c::crc32c(&body).to_le_bytes());
+        assert_eq!(&b[16..], &body[..]);
+    }
+
+    /// What a bad checkpoint header gives, as today: errors naming the file.
+    #[test]
+    fn bad_snapshot_headers() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(SNAP_FILE);
+        write_snap(d.path(), &snap()).unwrap();
+        let good = std::fs::read(&p).unwrap();
+        let read = |b: &[u8]| {
+            std::fs::write(&p, b).unwrap();
+            read_snap(d.path()).map(|s| s.map(|s| (s.term, s.lsn, s.replay_from))).map_err(|e| e.to_string())
+        };
+        assert_eq!(read(&good), Ok(Some((3, 9, 2))));
+        let name = p.display().to_string();
+        for n in 0..16 {
+            assert_eq!(read(&good[..n]), Err(format!("{name}: not an iomfs namespace checkpoint")), "{n}");
+        }
+        let mut m = good.clone();
+        m[5] ^= 1;
+        assert_eq!(read(&m), Err(format!("{name}: not an iomfs namespace checkpoint")));
+        for ver in [0u32, 2, u32::MAX] {
+            let mut v = good.clone();
+            v[8..12].copy_from_slice(&ver.to_le_bytes());
+            assert_eq!(read(&v), Err(format!("{name}: format version {ver}; this build reads 1")));
+        }
+        let mut c = good.clone();
+        c[13] ^= 1;
+        assert_eq!(read(&c), Err(format!("{name}: checksum mismatch")));
+        let mut c = good.clone();
+        *c.last_mut().unwrap() ^= 1;
+        assert_eq!(read(&c), Err(format!("{name}: checksum mismatch")));
     }
 }
