@@ -11,7 +11,7 @@
 //! applies its result to the listing or, when it failed or its result is
 //! unknown, drops the listing.
 
-use super::{Inner, R};
+use super::{wrong_reply, Inner, R};
 use common::meta::*;
 use common::Ino;
 use fuser::Errno;
@@ -72,7 +72,7 @@ impl Inner {
         }
         match self.meta(MetaReq::Lookup { parent, name: nm }).await? {
             MetaResp::Attr(a) => Ok(self.remember(&a)),
-            _ => Err(Errno::EIO),
+            _ => Err(wrong_reply()),
         }
     }
 
@@ -196,7 +196,7 @@ impl Inner {
                 }
                 Ok(a)
             }
-            _ => Err(Errno::EIO),
+            _ => Err(wrong_reply()),
         }
     }
 
@@ -257,7 +257,7 @@ impl Inner {
         }
         match res {
             Ok(MetaResp::Attr(a)) => Ok(self.remember(&a)),
-            Ok(_) => Err(Errno::EIO),
+            Ok(_) => Err(wrong_reply()),
             Err(e) => Err(e),
         }
     }
@@ -267,7 +267,7 @@ impl Inner {
     pub(super) async fn read_dir(&self, dir: Ino, cookie: u64, max: u32, plus: bool) -> R<Vec<DirEntry>> {
         match self.meta(MetaReq::ReadDir { ino: dir, cookie, max, plus }).await? {
             MetaResp::Entries(es) => Ok(es),
-            _ => Err(Errno::EIO),
+            _ => Err(wrong_reply()),
         }
     }
 

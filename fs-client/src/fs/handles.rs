@@ -11,7 +11,7 @@
 //! namespace answered, and a file the namespace reclaimed while the session
 //! had lapsed answers ESTALE.
 
-use super::{errno, Inner, R};
+use super::{errno, wrong_reply, Inner, R};
 use common::meta::*;
 use common::Ino;
 use fuser::{Errno, FileHandle, FopenFlags};
@@ -61,7 +61,7 @@ impl Inner {
         let before = self.node(ino).and_then(|n| n.opened_as);
         let attr = match self.meta(MetaReq::Open { ino, truncate }).await? {
             MetaResp::Opened { attr, .. } => attr,
-            _ => return Err(Errno::EIO),
+            _ => return Err(wrong_reply()),
         };
         let now_as = (attr.change, attr.object, attr.size);
         let keep = before == Some(now_as) && !truncate;
@@ -170,7 +170,7 @@ impl Inner {
         let sent = Instant::now();
         let (expired, missing) = match self.c.meta(MetaReq::Renew { opens }).await.map_err(errno)? {
             MetaResp::Renewed { expired, missing, .. } => (expired, missing),
-            _ => return Err(Errno::EIO),
+            _ => return Err(wrong_reply()),
         };
         if expired || !missing.is_empty() {
             tracing::error!(

@@ -12,7 +12,7 @@
 //! covered it (on an error it stays, and the next flush tries again); a
 //! node with open handles or unpublished state is never evicted.
 
-use super::{errno, Inner, R};
+use super::{errno, wrong_reply, Inner, R};
 use bytes::Bytes;
 use common::meta::*;
 use common::{Ino, ObjectId, Toughness};
@@ -137,7 +137,7 @@ impl Inner {
     pub(super) async fn attr_of(&self, ino: Ino) -> R<Attr> {
         match self.meta(MetaReq::GetAttr { ino }).await? {
             MetaResp::Attr(a) => Ok(self.remember(&a)),
-            _ => Err(Errno::EIO),
+            _ => Err(wrong_reply()),
         }
     }
 
@@ -312,7 +312,7 @@ impl Inner {
             self.publish(ino).await?;
         }
         let resp = self.meta(MetaReq::SetAttr { ino, set: set.clone(), caller }).await?;
-        let MetaResp::Attr(a) = resp else { return Err(Errno::EIO) };
+        let MetaResp::Attr(a) = resp else { return Err(wrong_reply()) };
         if set.size.is_some() {
             if let Some(n) = self.nodes.lock().get_mut(&ino) {
                 n.dirty_end = 0;
@@ -359,7 +359,7 @@ impl Inner {
     pub(super) async fn readlink(&self, ino: Ino) -> R<Vec<u8>> {
         match self.meta(MetaReq::ReadLink { ino }).await? {
             MetaResp::Data(d) => Ok(d),
-            _ => Err(Errno::EIO),
+            _ => Err(wrong_reply()),
         }
     }
 }

@@ -10,9 +10,10 @@
 //! and keeps the kernel's page cache only if the file did not change.
 //!
 //! This module owns the shared state ([`Inner`]: the mount options, the
-//! cluster client and the tables below) and the one place a [`ClientError`]
-//! becomes the errno a request answers ([`errno`], over
-//! [`ClientError::errno`]). The parts:
+//! cluster client and the tables below) and the way a [`ClientError`], or a
+//! reply of the wrong kind, becomes the errno a request answers ([`errno`],
+//! [`wrong_reply`]: both over [`ClientError::errno`], the one mapping).
+//! The parts:
 //! - [`adapter`]: the `impl Filesystem`, which decodes kernel requests, calls
 //!   the operations here and replies; it decides only the errnos of its own
 //!   request checks;
@@ -121,6 +122,13 @@ fn errno(e: ClientError) -> Errno {
     Errno::from_i32(n)
 }
 
+/// The errno when the namespace answered a request with another kind of
+/// reply than it asks for: what [`ClientError::Unexpected`] maps to (an
+/// I/O error), without its log line.
+fn wrong_reply() -> Errno {
+    Errno::from_i32(ClientError::Unexpected(String::new()).errno())
+}
+
 impl IomFs {
     pub fn new(rt: tokio::runtime::Handle, c: Arc<ClusterClient>, o: FsOptions) -> IomFs {
         IomFs {
@@ -173,7 +181,7 @@ impl Inner {
     async fn statfs(&self) -> R<FsStats> {
         match self.meta(MetaReq::StatFs).await? {
             MetaResp::StatFs(s) => Ok(s),
-            _ => Err(Errno::EIO),
+            _ => Err(wrong_reply()),
         }
     }
 }

@@ -11,7 +11,7 @@
 //! it was seen at, and forgotten around every change of its attributes
 //! by this client.
 
-use super::{Inner, R};
+use super::{wrong_reply, Inner, R};
 use common::meta::*;
 use common::toughness::{LAYOUT_XATTR, TOUGHNESS_XATTR};
 use common::{Ino, Toughness};
@@ -70,7 +70,7 @@ impl Inner {
         };
         match self.meta(MetaReq::GetXattr { ino, name: nm.to_vec() }).await {
             Ok(MetaResp::Data(v)) => Ok(v),
-            Ok(_) => Err(Errno::EIO),
+            Ok(_) => Err(wrong_reply()),
             Err(e) if e == Errno::ENODATA && caps => {
                 if let (Some(change), Some(n)) = (seen, self.nodes.lock().get_mut(&ino)) {
                     n.no_caps = Some(change);
@@ -114,7 +114,7 @@ impl Inner {
                 }
                 Ok(buf)
             }
-            _ => Err(Errno::EIO),
+            _ => Err(wrong_reply()),
         }
     }
 
