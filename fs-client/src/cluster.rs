@@ -51,7 +51,9 @@ impl ClientError {
     }
 
     /// The errno a filesystem call reports for this error: the one place
-    /// wire error codes become errno values.
+    /// a client error or wire error code becomes an errno value (the
+    /// filesystem's `fs::errno` only logs and wraps it). Every code is
+    /// named, so a new one needs a decision here.
     pub fn errno(&self) -> i32 {
         let Some(code) = self.code() else {
             return libc::EIO;
@@ -74,7 +76,22 @@ impl ClientError {
             ErrorCode::TooManyLinks => libc::EMLINK,
             ErrorCode::CrossDevice => libc::EXDEV,
             ErrorCode::NoSpace => libc::ENOSPC,
-            _ => libc::EIO,
+            // Transport, cluster-state and storage failures the client
+            // could not retry away.
+            ErrorCode::VersionMismatch
+            | ErrorCode::WrongCluster
+            | ErrorCode::Malformed
+            | ErrorCode::TooLarge
+            | ErrorCode::NoHello
+            | ErrorCode::NotServing
+            | ErrorCode::ClusterStopped
+            | ErrorCode::NoQuorum
+            | ErrorCode::Unavailable
+            | ErrorCode::Corrupt
+            | ErrorCode::VersionGone
+            | ErrorCode::Io
+            | ErrorCode::Internal
+            | ErrorCode::Shutdown => libc::EIO,
         }
     }
 }
@@ -581,5 +598,97 @@ pub mod rpc_stats {
             e.0 += 1;
             e.1 += t;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every wire error code, in declaration order, with the errno a
+    /// filesystem call answers for it.
+    const PINNED: &[(ErrorCode, i32)] = &[
+        (ErrorCode::VersionMismatch, libc::EIO),
+        (ErrorCode::WrongCluster, libc::EIO),
+        (ErrorCode::Malformed, libc::EIO),
+        (ErrorCode::TooLarge, libc::EIO),
+        (ErrorCode::NoHello, libc::EIO),
+        (ErrorCode::NotServing, libc::EIO),
+        (ErrorCode::ClusterStopped, libc::EIO),
+        (ErrorCode::NoQuorum, libc::EIO),
+        (ErrorCode::Unavailable, libc::EIO),
+        (ErrorCode::Corrupt, libc::EIO),
+        (ErrorCode::VersionGone, libc::EIO),
+        (ErrorCode::NoSpace, libc::ENOSPC),
+        (ErrorCode::Io, libc::EIO),
+        (ErrorCode::Internal, libc::EIO),
+        (ErrorCode::Shutdown, libc::EIO),
+        (ErrorCode::NotFound, libc::ENOENT),
+        (ErrorCode::Exists, libc::EEXIST),
+        (ErrorCode::NotEmpty, libc::ENOTEMPTY),
+        (ErrorCode::NotDir, libc::ENOTDIR),
+        (ErrorCode::IsDir, libc::EISDIR),
+        (ErrorCode::NameTooLong, libc::ENAMETOOLONG),
+        (ErrorCode::Invalid, libc::EINVAL),
+        (ErrorCode::NoData, libc::ENODATA),
+        (ErrorCode::Range, libc::ERANGE),
+        (ErrorCode::Perm, libc::EPERM),
+        (ErrorCode::Access, libc::EACCES),
+        (ErrorCode::Stale, libc::ESTALE),
+        (ErrorCode::Unsupported, libc::EOPNOTSUPP),
+        (ErrorCode::TooBig, libc::EFBIG),
+        (ErrorCode::TooManyLinks, libc::EMLINK),
+        (ErrorCode::CrossDevice, libc::EXDEV),
+    ];
+
+    /// Its place in `PINNED`; stops compiling when `ErrorCode` gains a
+    /// variant, so the new code gets a pinned errno.
+    fn pinned_at(c: ErrorCode) -> usize {
+        match c {
+            ErrorCode::VersionMismatch => 0,
+            ErrorCode::WrongCluster => 1,
+            ErrorCode::Malformed => 2,
+            ErrorCode::TooLarge => 3,
+            ErrorCode::NoHello => 4,
+            ErrorCode::NotServing => 5,
+            ErrorCode::ClusterStopped => 6,
+            ErrorCode::NoQuorum => 7,
+            ErrorCode::Unavailable => 8,
+            ErrorCode::Corrupt => 9,
+            ErrorCode::VersionGone => 10,
+            ErrorCode::NoSpace => 11,
+            ErrorCode::Io => 12,
+            ErrorCode::Internal => 13,
+            ErrorCode::Shutdown => 14,
+            ErrorCode::NotFound => 15,
+            ErrorCode::Exists => 16,
+            ErrorCode::NotEmpty => 17,
+            ErrorCode::NotDir => 18,
+            ErrorCode::IsDir => 19,
+            ErrorCode::NameTooLong => 20,
+            ErrorCode::Invalid => 21,
+            ErrorCode::NoData => 22,
+            ErrorCode::Range => 23,
+            ErrorCode::Perm => 24,
+            ErrorCode::Access => 25,
+            ErrorCode::Stale => 26,
+            ErrorCode::Unsupported => 27,
+            ErrorCode::TooBig => 28,
+            ErrorCode::TooManyLinks => 29,
+            ErrorCode::CrossDevice => 30,
+        }
+    }
+
+    #[test]
+    fn every_error_code_maps_to_its_errno() {
+        for (i, &(code, want)) in PINNED.iter().enumerate() {
+            assert_eq!(pinned_at(code), i, "{code:?} listed once, in order");
+            let e = ClientError::Remote(WireError::new(code, "detail"));
+            assert_eq!(e.errno(), want, "{code:?}");
+        }
+        // Errors that never reached an IOM's answer are I/O errors.
+        assert_eq!(ClientError::Stopped(Duration::from_secs(1)).errno(), libc::EIO);
+        assert_eq!(ClientError::Unreachable("x".into()).errno(), libc::EIO);
+        assert_eq!(ClientError::Unexpected("x".into()).errno(), libc::EIO);
     }
 }

@@ -1,9 +1,12 @@
 //! `iomfs`: the operator CLI and FUSE client of iomfs.
 
+mod cli;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use cli::{bench, init, local, mount};
 use common::config::TransportProfile;
-use fs_client::{bench, init, local, mount, scrub, ClusterClient};
+use fs_client::{scrub, ClusterClient};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -374,7 +377,7 @@ fn run(cli: Cli) -> Result<u8> {
         }),
         Cmd::Stats { dir } => runtime()?.block_on(async {
             let c = ClusterClient::connect(&dir).await?;
-            for s in bench::stats(&c).await {
+            for s in fs_client::bench::stats(&c).await {
                 println!("{s:?}");
             }
             c.close();

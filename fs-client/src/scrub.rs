@@ -262,7 +262,7 @@ async fn check_fresh(c: &ClusterClient, g: GroupKey) -> Option<Problem> {
 /// `scrub --repair`: carries out each problem's fix. Returns, per problem
 /// with a fix, whether its IOM reported it done (the caller scrubs again
 /// to confirm).
-pub async fn repair(c: &ClusterClient, problems: &[Problem]) -> Vec<(Problem, std::result::Result<(), String>)> {
+pub async fn repair(c: &ClusterClient, problems: &[Problem]) -> Vec<(Problem, Result<()>)> {
     let mut out = Vec::new();
     for p in problems {
         let Some(fix) = p.fix else { continue };
@@ -280,7 +280,7 @@ pub async fn repair(c: &ClusterClient, problems: &[Problem]) -> Vec<(Problem, st
                     .map(|_| ())
             }
         };
-        out.push((p.clone(), r.map_err(|e| e.to_string())));
+        out.push((p.clone(), r));
     }
     out
 }

@@ -1,5 +1,8 @@
 //! `iomfs init`: makes a cluster directory (config, CA, certificates, one
 //! `iom-<id>/` per IOM).
+//!
+//! Invariants: an existing cluster directory is never overwritten; the
+//! config is written last, so its presence marks a complete directory.
 
 use anyhow::{bail, Context, Result};
 use common::config::{ClusterConfig, ClusterPaths, IomConfig, TransportProfile, Tuning, CLUSTER_FORMAT_VERSION};

@@ -1,14 +1,17 @@
 //! `iomfs local`: a whole cluster on this machine, one `iom-server`
-//! process per IOM, plus a mount; and `iomfs status`.
+//! process per IOM, plus a mount; `iomfs replace`; and `iomfs status`.
+//!
+//! Invariant: a process is signalled only after its pid (from a pid file or
+//! the local state file) is found alive with the expected command line.
 
-use crate::cluster::ClusterClient;
-use crate::mount;
+use super::mount;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use common::cluster::{ClusterMap, Health, IomState};
 use common::config::{ClusterConfig, ClusterPaths};
 use common::wire::{AdminReq, AdminResp, IomStats, MemberReq, MemberResp, Reply, Request};
 use common::IomId;
+use fs_client::ClusterClient;
 use serde::{Deserialize, Serialize};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -171,9 +174,9 @@ pub fn stop_ioms(dir: &Path) -> Result<()> {
 fn ensure_cluster(dir: &Path, ioms: u32) -> Result<()> {
     let p = ClusterPaths::new(dir);
     if !p.config().exists() {
-        let cfg = crate::init::init(
+        let cfg = super::init::init(
             dir,
-            &crate::init::InitOptions {
+            &super::init::InitOptions {
                 ioms,
                 block_size: 65536,
                 addrs: None,
@@ -225,7 +228,7 @@ pub fn stop(dir: &Path) -> Result<()> {
     ClusterConfig::load(dir)?;
     let st = load_state(&p);
     if let Some(m) = &st.mount {
-        if mount::is_mounted(m) && !mount::fusermount_u(m) {
+        if fs_client::mount::is_mounted(m) && !fs_client::mount::fusermount_u(m) {
             bail!("cannot unmount {}: is a process using it? (fuser -m {})", m.display(), m.display());
         }
     }

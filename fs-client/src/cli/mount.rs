@@ -1,0 +1,203 @@
+//! `iomfs mount`: parses the `-o` options and mounts a cluster with FUSE,
+//! in the foreground or detached (a background `iomfs mount` whose log is
+//! in the cluster directory).
+//!
+//! Invariant: a detached mount returns only once the mount point is listed
+//! in `/proc/mounts`, and fails (with the tail of the mount's log) if the
+//! mount process exits first.
+
+use anyhow::{bail, Context, Result};
+use common::meta::MetaReq;
+use common::{Ino, Toughness};
+use fs_client::fs::{FsOptions, IomFs};
+use fs_client::mount::{fusermount_u, is_mounted};
+use fs_client::ClusterClient;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Parses `-o a,b=c` options into filesystem settings.
+pub fn parse_options(opts: &[String]) -> Result<(FsOptions, bool)> {
+    let mut o = FsOptions::default();
+    let mut debug = false;
+    for raw in opts.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
+        let (k, v) = raw.split_once('=').map(|(k, v)| (k, Some(v))).unwrap_or((raw, None));
+        let secs = |v: Option<&str>| -> Result<Duration> {
+            let v = v.with_context(|| format!("-o {k} needs a value in seconds"))?;
+            let f: f64 = v.parse().with_context(|| format!("-o {k}={v}: not a number of seconds"))?;
+            anyhow::ensure!((0.0..=3600.0).contains(&f), "-o {k}={v}: out of range");
+            Ok(Duration::from_secs_f64(f))
+        };
+        match k {
+            "toughness" => {
+                let v = v.context("-o toughness needs a value: fast, atomic or durable")?;
+                o.toughness = v.parse::<Toughness>().map_err(|e| anyhow::anyhow!("-o toughness={v}: {e}"))?;
+            }
+            "attr_timeout" => o.attr_ttl = secs(v)?,
+            "entry_timeout" => o.entry_ttl = secs(v)?,
+            "ro" => o.read_only = true,
+            "rw" => o.read_only = false,
+            "debug" => debug = true,
+            // Accepted for compatibility with mount(8) and fstab.
+            "allow_other"
+            | "default_permissions"
+            | "noatime"
+            | "nodev"
+            | "nosuid"
+            | "dev"
+            | "suid"
+            | "exec"
+            | "noexec"
+            | "_netdev"
+            | "defaults" => {}
+            other => bail!("unknown mount option '{other}' (known: toughness=, attr_timeout=, entry_timeout=, ro, rw)"),
+        }
+    }
+    Ok((o, debug))
+}
+
+/// Log file of the mount process for `mnt`.
+pub fn mount_log(dir: &Path, mnt: &Path) -> PathBuf {
+    let canon = std::fs::canonicalize(mnt).unwrap_or_else(|_| mnt.to_path_buf());
+    let tag: String =
+        canon.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    dir.join(format!("mount{tag}.log"))
+}
+
+/// Makes the kernel read ahead more than its default 128 KiB on this mount,
+/// so sequential reads keep several 1 MiB requests in flight.
+fn tune_readahead(mnt: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::metadata(mnt) else { return };
+    let dev = md.dev();
+    let (maj, min) = (libc::major(dev), libc::minor(dev));
+    let p = format!("/sys/class/bdi/{maj}:{min}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&p, "4096") {
+        tracing::debug!("cannot raise readahead ({p}): {e}");
+    }
+}
+
+/// Mounts in this process and serves until unmounted or signalled.
+pub fn mount_foreground(dir: &Path, mnt: &Path, fso: FsOptions, debug: bool) -> Result<()> {
+    if !mnt.is_dir() {
+        bail!("mount point {} is not a directory", mnt.display());
+    }
+    if is_mounted(mnt) {
+        bail!("{} is already a mount point", mnt.display());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("iomfs")
+        .enable_all()
+        .build()
+        .context("start async runtime")?;
+    let client = rt.block_on(ClusterClient::connect(dir))?;
+    // Fail early and clearly when the cluster does not answer.
+    let probe = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(20), client.meta(MetaReq::GetAttr { ino: Ino::ROOT })).await
+    });
+    match probe {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => bail!("cluster in {} does not serve its namespace: {e}", dir.display()),
+        Err(_) => bail!("no answer from the cluster in {} within 20 s: are its IOMs running?", dir.display()),
+    }
+    let cluster_id = client.cfg.cluster_id.clone();
+    let fs = IomFs::new(rt.handle().clone(), client.clone(), fso.clone());
+    fs.start();
+    let inner = fs.inner();
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        fuser::MountOption::FSName(format!("iomfs:{cluster_id}")),
+        fuser::MountOption::Subtype("iomfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoAtime,
+        fuser::MountOption::Dev,
+        fuser::MountOption::Suid,
+        fuser::MountOption::AutoUnmount,
+        if fso.read_only { fuser::MountOption::RO } else { fuser::MountOption::RW },
+    ];
+    cfg.acl = fuser::SessionACL::All;
+    cfg.n_threads = Some(2);
+    cfg.clone_fd = true;
+    let _ = debug;
+    let session = fuser::Session::new(fs, mnt, &cfg).with_context(|| format!("mount at {}", mnt.display()))?;
+    let bg = session.spawn().context("start FUSE session")?;
+    tune_readahead(mnt);
+    tracing::info!(mount = %mnt.display(), "mounted");
+
+    let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        let _ = bg.join();
+        let _ = tx2.send("unmounted");
+    });
+    rt.spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("signal");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = tx.send("signal");
+    });
+    let why = rx.recv().unwrap_or("unmounted");
+    if why == "signal" {
+        tracing::info!(mount = %mnt.display(), "signal: unmounting");
+        fusermount_u(mnt);
+        let _ = rx.recv_timeout(Duration::from_secs(10));
+    }
+    // Closed handles still queued reach the namespace before we go.
+    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), inner.send_releases()).await });
+    client.close();
+    rt.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
+
+/// Starts `iomfs mount` for `mnt` as a background process and returns its
+/// pid once the mount is up.
+pub fn mount_detached(dir: &Path, mnt: &Path, opts: &[String]) -> Result<u32> {
+    if !mnt.is_dir() {
+        bail!("mount point {} is not a directory", mnt.display());
+    }
+    if is_mounted(mnt) {
+        bail!("{} is already a mount point", mnt.display());
+    }
+    parse_options(opts)?;
+    let exe = std::env::current_exe().context("locate the iomfs binary")?;
+    let log_path = mount_log(dir, mnt);
+    let log = std::fs::File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount").arg("--dir").arg(dir).arg(mnt);
+    for o in opts {
+        cmd.arg("-o").arg(o);
+    }
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    if std::env::var_os("IOMFS_LOG").is_none() {
+        cmd.env("IOMFS_LOG", "info");
+    }
+    // SAFETY: setsid in the child before exec detaches it from our session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("start the mount process")?;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if is_mounted(mnt) {
+            return Ok(child.id());
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            bail!("mount process exited ({st}):\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("{} did not appear as a mount within 40 s (log: {})", mnt.display(), log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

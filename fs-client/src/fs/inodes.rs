@@ -1,0 +1,365 @@
+//! The inode table: what this client knows of each inode ([`Node`]) — the
+//! namespace's last attributes plus what this client changed and has not
+//! published yet (the end and mtime of its writes, times set while the
+//! file is open for writing, the IOMs its writes touched since the last
+//! fsync) — and the data path that keeps it: read, write, setattr, fsync
+//! and publishing.
+//!
+//! Invariants: the kernel is told [`Node::merged`], never the namespace's
+//! attributes alone, so a size grown by this client's writes never shrinks
+//! before the namespace has it (the kernel would drop the file's tail from
+//! its page cache); unpublished state is cleared only by a publish that
+//! covered it (on an error it stays, and the next flush tries again); a
+//! node with open handles or unpublished state is never evicted.
+
+use super::{errno, wrong_reply, Inner, R};
+use bytes::Bytes;
+use common::meta::*;
+use common::{Ino, ObjectId, Toughness};
+use fuser::Errno;
+use std::time::{Duration, Instant};
+
+/// What this client knows of an inode.
+#[derive(Clone, Debug)]
+pub(super) struct Node {
+    /// Last attributes from the namespace.
+    pub(super) attr: Attr,
+    /// End of data written through this client and not yet published.
+    pub(super) dirty_end: u64,
+    pub(super) dirty_mtime: Option<Timestamp>,
+    /// Open handles with write access.
+    pub(super) writers: u32,
+    pub(super) opens: u32,
+    /// IOM roles (bit i = role i) that writes through this client touched
+    /// (data and parity) since the last fsync: the only IOMs an fsync must
+    /// flush.
+    pub(super) unsynced: u64,
+    /// The inode had no `security.capability` when its `attr.change` was
+    /// this: the kernel asks before every write (to drop a capability on
+    /// write), and is answered here while the inode has not changed.
+    pub(super) no_caps: Option<u64>,
+    /// `attr` is the state right after a change this client made (a
+    /// directory whose entries it changed): the kernel's next getattr is
+    /// answered from it until then.
+    pub(super) fresh_until: Option<Instant>,
+    /// Times set with utimens while this client had the file open for
+    /// writing, published with its size on close (like the mtime of writes).
+    pub(super) atime_set: Option<Timestamp>,
+    pub(super) mtime_set: Option<Timestamp>,
+    /// When times were last set that way (the inode's change time).
+    pub(super) times_ctime: Option<Timestamp>,
+    /// (change, object, size) the file had at this client's last open: the
+    /// kernel's page cache of it is kept at the next open only if they are
+    /// still the same. Not the attributes after this client's own publish:
+    /// another client's writes may have landed between this client's
+    /// writes and its close, and the pages this client cached would hide
+    /// them (close-to-open).
+    pub(super) opened_as: Option<(u64, ObjectId, u64)>,
+}
+
+impl Node {
+    pub(super) fn merged(&self) -> Attr {
+        let mut a = self.attr.clone();
+        if self.dirty_end > a.size {
+            a.size = self.dirty_end;
+        }
+        if let Some(m) = self.dirty_mtime {
+            a.mtime = a.mtime.max(m);
+            a.ctime = a.ctime.max(m);
+        }
+        if let Some(t) = self.atime_set {
+            a.atime = t;
+        }
+        if let Some(t) = self.mtime_set {
+            a.mtime = t;
+        }
+        if let Some(t) = self.times_ctime {
+            a.ctime = a.ctime.max(t);
+        }
+        a
+    }
+    pub(super) fn is_dirty(&self) -> bool {
+        self.dirty_mtime.is_some() || self.unsynced != 0 || self.has_times()
+    }
+    pub(super) fn has_times(&self) -> bool {
+        self.atime_set.is_some() || self.mtime_set.is_some()
+    }
+}
+
+impl Inner {
+    /// Stores attributes fresh from the namespace; returns what to tell the kernel.
+    pub(super) fn remember(&self, a: &Attr) -> Attr {
+        let mut nodes = self.nodes.lock();
+        match nodes.get_mut(&a.ino) {
+            Some(n) => {
+                n.attr = a.clone();
+                n.merged()
+            }
+            None => {
+                if nodes.len() > 200_000 {
+                    nodes.retain(|_, n| n.opens > 0 || n.is_dirty());
+                }
+                nodes.insert(
+                    a.ino,
+                    Node {
+                        attr: a.clone(),
+                        dirty_end: 0,
+                        dirty_mtime: None,
+                        writers: 0,
+                        opens: 0,
+                        unsynced: 0,
+                        no_caps: None,
+                        fresh_until: None,
+                        atime_set: None,
+                        mtime_set: None,
+                        times_ctime: None,
+                        opened_as: None,
+                    },
+                );
+                a.clone()
+            }
+        }
+    }
+
+    pub(super) fn node(&self, ino: Ino) -> Option<Node> {
+        self.nodes.lock().get(&ino).cloned()
+    }
+
+    /// Attributes this client knows exactly (right after its own change),
+    /// with how long they stay exact.
+    pub(super) fn fresh_attr(&self, ino: Ino) -> Option<(Attr, Duration)> {
+        let nodes = self.nodes.lock();
+        let n = nodes.get(&ino)?;
+        let left = n.fresh_until?.checked_duration_since(Instant::now())?;
+        Some((n.merged(), left))
+    }
+
+    pub(super) async fn attr_of(&self, ino: Ino) -> R<Attr> {
+        match self.meta(MetaReq::GetAttr { ino }).await? {
+            MetaResp::Attr(a) => Ok(self.remember(&a)),
+            _ => Err(wrong_reply()),
+        }
+    }
+
+    /// The node of an inode, fetching it if this client does not know it.
+    pub(super) async fn known(&self, ino: Ino) -> R<Node> {
+        if let Some(n) = self.node(ino) {
+            return Ok(n);
+        }
+        self.attr_of(ino).await?;
+        self.node(ino).ok_or(Errno::ESTALE)
+    }
+
+    /// Publishes size and mtime of writes made through this client.
+    pub(super) async fn publish(&self, ino: Ino) -> R<()> {
+        self.publish_and(ino, false).await
+    }
+
+    /// Publishes, and with `sync` makes every namespace change durable in
+    /// the same round trip (fsync).
+    pub(super) async fn publish_and(&self, ino: Ino, sync: bool) -> R<()> {
+        // The local size stays in force until the namespace has the new one:
+        // a getattr answered meanwhile must not report the old, smaller size
+        // (the kernel would drop the file's tail from its page cache).
+        let dirty = self.nodes.lock().get(&ino).and_then(|n| {
+            (n.dirty_mtime.is_some() || n.has_times()).then_some((n.dirty_end, n.dirty_mtime, n.atime_set, n.mtime_set))
+        });
+        let (end, mtime, atime_set, mtime_set) = match dirty {
+            Some(d) => d,
+            None if sync => return self.meta(MetaReq::Sync).await.map(|_| ()),
+            None => return Ok(()),
+        };
+        let req = match mtime {
+            Some(mtime) if atime_set.is_none() && mtime_set.is_none() => {
+                if sync {
+                    MetaReq::WrittenSync { ino, end, mtime }
+                } else {
+                    MetaReq::Written { ino, end, mtime }
+                }
+            }
+            _ => MetaReq::Publish { ino, end, mtime, atime_set, mtime_set, sync },
+        };
+        let r = self.meta(req).await;
+        if let Ok(MetaResp::Attr(a)) = &r {
+            let mut nodes = self.nodes.lock();
+            if let Some(n) = nodes.get_mut(&ino) {
+                // This publication is the only change since the inode was
+                // known to have no capability: it still has none.
+                if n.no_caps == Some(n.attr.change) && a.change == n.attr.change + 1 {
+                    n.no_caps = Some(a.change);
+                }
+                n.attr = a.clone();
+                // Clean unless this client wrote more meanwhile (published next time).
+                if n.dirty_mtime == mtime && n.dirty_end <= end {
+                    n.dirty_mtime = None;
+                    n.dirty_end = 0;
+                }
+                if n.atime_set == atime_set && n.mtime_set == mtime_set {
+                    n.atime_set = None;
+                    n.mtime_set = None;
+                    n.times_ctime = None;
+                }
+            }
+        }
+        // On an error it stays dirty, so a later flush tries again.
+        r.map(|_| ())
+    }
+
+    pub(super) fn mark_unsynced(&self, ino: Ino, roles: u64) {
+        if let Some(n) = self.nodes.lock().get_mut(&ino) {
+            n.unsynced |= roles;
+        }
+    }
+
+    pub(super) fn toughness_of(&self, n: &Node) -> Toughness {
+        n.attr.toughness.unwrap_or(self.o.toughness)
+    }
+
+    pub(super) async fn write(&self, ino: Ino, fh: u64, offset: u64, data: Bytes) -> R<u32> {
+        let sync = self.handles.lock().get(&fh).map(|h| h.sync).unwrap_or(false);
+        let n = self.known(ino).await?;
+        if n.attr.kind != FileKind::Regular {
+            return Err(Errno::EINVAL);
+        }
+        let t = if sync { Toughness::Durable } else { self.toughness_of(&n) };
+        let len = data.len() as u32;
+        let end = offset + data.len() as u64;
+        if end > i64::MAX as u64 {
+            return Err(Errno::EFBIG);
+        }
+        let roles = self.c.write_roles(n.attr.object, offset, data.len());
+        self.session_ok(ino).await?;
+        self.c.write(n.attr.object, offset, data, t).await.map_err(errno)?;
+        self.session_ok(ino).await?;
+        // Noted once answered: an fsync that started earlier need not cover it.
+        self.mark_unsynced(ino, roles);
+        let grew = {
+            let mut nodes = self.nodes.lock();
+            match nodes.get_mut(&ino) {
+                Some(n) => {
+                    n.dirty_end = n.dirty_end.max(end);
+                    n.dirty_mtime = Some(Timestamp::now());
+                    n.mtime_set = None;
+                    end > n.attr.size
+                }
+                None => false,
+            }
+        };
+        if t == Toughness::Durable && grew {
+            // The data is durable; its new size must be too.
+            self.publish_and(ino, true).await?;
+        }
+        Ok(len)
+    }
+
+    pub(super) async fn read(&self, ino: Ino, offset: u64, size: u32) -> R<Bytes> {
+        let n = self.known(ino).await?;
+        let a = n.merged();
+        if offset >= a.size {
+            return Ok(Bytes::new());
+        }
+        let len = (a.size - offset).min(size as u64) as usize;
+        self.session_ok(ino).await?;
+        let b = self.c.read(a.object, offset, len).await.map_err(errno)?;
+        self.session_ok(ino).await?;
+        Ok(b)
+    }
+
+    pub(super) async fn setattr(&self, ino: Ino, set: SetAttr, caller: Caller) -> R<Attr> {
+        let times_only = set.mode.is_none()
+            && set.uid.is_none()
+            && set.gid.is_none()
+            && set.size.is_none()
+            && !set.kill_suid
+            && (set.atime.is_some() || set.mtime.is_some());
+        if times_only {
+            // utimens of a file this client has open for writing: kept with
+            // the size and mtime of its writes and published with them on
+            // close (one round trip less per file for `cp -a`, `tar`, `rsync`).
+            let mut nodes = self.nodes.lock();
+            if let Some(n) = nodes.get_mut(&ino).filter(|n| n.writers > 0 && n.attr.kind == FileKind::Regular) {
+                let at = |t: TimeSet| match t {
+                    TimeSet::Now => Timestamp::now(),
+                    TimeSet::At(x) => x,
+                };
+                if let Some(t) = set.atime {
+                    n.atime_set = Some(at(t));
+                }
+                if let Some(t) = set.mtime {
+                    n.mtime_set = Some(at(t));
+                }
+                n.times_ctime = Some(Timestamp::now());
+                return Ok(n.merged());
+            }
+        }
+        if let Some(size) = set.size {
+            if self.o.read_only {
+                return Err(Errno::EROFS);
+            }
+            self.publish(ino).await?;
+            let n = self.known(ino).await?;
+            if n.attr.kind == FileKind::Directory {
+                return Err(Errno::EISDIR);
+            }
+            let cur = n.attr.size;
+            if size > 0 && size < cur {
+                self.c.truncate(n.attr.object, cur, size, self.toughness_of(&n)).await.map_err(errno)?;
+                self.mark_unsynced(ino, u64::MAX);
+            }
+        }
+        if self.node(ino).is_some_and(|n| n.has_times()) {
+            // Times kept back go first, so this change applies after them.
+            self.publish(ino).await?;
+        }
+        let resp = self.meta(MetaReq::SetAttr { ino, set: set.clone(), caller }).await?;
+        let MetaResp::Attr(a) = resp else { return Err(wrong_reply()) };
+        if set.size.is_some() {
+            if let Some(n) = self.nodes.lock().get_mut(&ino) {
+                n.dirty_end = 0;
+                n.dirty_mtime = None;
+            }
+        }
+        Ok(self.remember(&a))
+    }
+
+    pub(super) async fn fsync(&self, ino: Ino) -> R<()> {
+        let n = self.known(ino).await?;
+        // Data and metadata are made durable side by side: nothing is
+        // promised until both are done.
+        let data = async {
+            // Only the IOMs this client's writes to the file touched since
+            // the last fsync (their data and parity IOMs).
+            let roles = self.nodes.lock().get_mut(&ino).map(|n| std::mem::take(&mut n.unsynced)).unwrap_or(0);
+            if n.attr.kind == FileKind::Regular && roles != 0 {
+                if let Err(e) = self.c.flush_roles(roles).await {
+                    self.mark_unsynced(ino, roles);
+                    return Err(errno(e));
+                }
+            }
+            Ok(())
+        };
+        let meta = self.publish_and(ino, true);
+        futures::future::try_join(data, meta).await.map(|_| ())
+    }
+
+    /// posix_fallocate(3) (mode 0 only): the file grows to `offset + length`
+    /// if it is shorter; blocks are not reserved.
+    pub(super) async fn fallocate(&self, ino: Ino, offset: u64, length: u64, c: Caller) -> R<()> {
+        self.publish(ino).await?;
+        let n = self.known(ino).await?;
+        let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
+        let set = if end > n.attr.size {
+            SetAttr { size: Some(end), ..Default::default() }
+        } else {
+            SetAttr { ctime: Some(Timestamp::now()), ..Default::default() }
+        };
+        self.setattr(ino, set, c).await.map(|_| ())
+    }
+
+    pub(super) async fn readlink(&self, ino: Ino) -> R<Vec<u8>> {
+        match self.meta(MetaReq::ReadLink { ino }).await? {
+            MetaResp::Data(d) => Ok(d),
+            _ => Err(wrong_reply()),
+        }
+    }
+}
