@@ -5,6 +5,18 @@ use crate::ids::{Ino, ObjectId};
 use crate::toughness::Toughness;
 use serde::{Deserialize, Serialize};
 
+/// What a new inode is to be (the arguments of a create that are not
+/// where or by whom): its kind, permission bits, device number and, for a
+/// symlink, its target. Not a wire type: `MetaReq::Create` carries the
+/// same fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewNode {
+    pub kind: FileKind,
+    pub perm: u16,
+    pub rdev: u32,
+    pub target: Option<Vec<u8>>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FileKind {
     Regular,

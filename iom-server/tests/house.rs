@@ -314,7 +314,11 @@ fn each_steps_crash_point_sits_where_the_step_table_says() {
         assert!(steps.contains(&s.as_str()), "docs/architecture.md's step table has no row for {s}");
     }
     for (step, file, func) in rows {
-        let point = if step.starts_with('a') { format!("\"write::after-{step}\"") } else { format!("\"parity::after-{step}\"") };
+        let point = if step.starts_with('a') {
+            format!("\"write::after-{step}\"")
+        } else {
+            format!("\"parity::after-{step}\"")
+        };
         let path = src_dir().join(file.trim_start_matches("iom-server/src/"));
         let text = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("{step}: the table names {file}, which cannot be read: {e}"));
@@ -324,7 +328,8 @@ fn each_steps_crash_point_sits_where_the_step_table_says() {
             let t = l.trim_start();
             if let Some(i) = t.find("fn ") {
                 let head = &t[..i];
-                if head.is_empty() || head.split_whitespace().all(|w| w == "pub" || w.starts_with("pub(") || w == "async")
+                if head.is_empty()
+                    || head.split_whitespace().all(|w| w == "pub" || w.starts_with("pub(") || w == "async")
                 {
                     current_fn = t[i + 3..].chars().take_while(|&c| is_ident(c)).collect();
                 }

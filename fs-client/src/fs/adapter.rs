@@ -235,7 +235,7 @@ impl Filesystem for IomFs {
         }
         let perm = (mode & !umask & 0o7777) as u16;
         self.spawn(move |fs| async move {
-            let r = fs.create(Ino(parent.0), nm, k, perm, rdev, c, None, false).await;
+            let r = fs.create(Ino(parent.0), nm, NewNode { kind: k, perm, rdev, target: None }, c, false).await;
             entry(reply, ttl, r)
         });
     }
@@ -244,7 +244,9 @@ impl Filesystem for IomFs {
         let (nm, c, ttl) = (name(nm), caller(req), self.inner.o.entry_ttl);
         let perm = (mode & !umask & 0o7777) as u16;
         self.spawn(move |fs| async move {
-            let r = fs.create(Ino(parent.0), nm, FileKind::Directory, perm, 0, c, None, false).await;
+            let r = fs
+                .create(Ino(parent.0), nm, NewNode { kind: FileKind::Directory, perm, rdev: 0, target: None }, c, false)
+                .await;
             entry(reply, ttl, r)
         });
     }
@@ -263,7 +265,15 @@ impl Filesystem for IomFs {
         let (nm, c, ttl) = (name(link), caller(req), self.inner.o.entry_ttl);
         let t = target.as_os_str().as_bytes().to_vec();
         self.spawn(move |fs| async move {
-            let r = fs.create(Ino(parent.0), nm, FileKind::Symlink, 0o777, 0, c, Some(t), false).await;
+            let r = fs
+                .create(
+                    Ino(parent.0),
+                    nm,
+                    NewNode { kind: FileKind::Symlink, perm: 0o777, rdev: 0, target: Some(t) },
+                    c,
+                    false,
+                )
+                .await;
             entry(reply, ttl, r)
         });
     }

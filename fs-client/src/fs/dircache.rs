@@ -167,17 +167,8 @@ impl Inner {
         self.dirs.lock().get(&dir).filter(|d| d.listed.is_some()).and_then(|d| d.names.get(nm).copied())
     }
 
-    pub(super) async fn create(
-        &self,
-        parent: Ino,
-        nm: Vec<u8>,
-        kind: FileKind,
-        perm: u16,
-        rdev: u32,
-        caller: Caller,
-        target: Option<Vec<u8>>,
-        open: bool,
-    ) -> R<Attr> {
+    pub(super) async fn create(&self, parent: Ino, nm: Vec<u8>, node: NewNode, caller: Caller, open: bool) -> R<Attr> {
+        let NewNode { kind, perm, rdev, target } = node;
         if self.o.read_only {
             return Err(Errno::EROFS);
         }

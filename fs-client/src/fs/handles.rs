@@ -209,7 +209,9 @@ impl Inner {
         caller: Caller,
         flags: i32,
     ) -> R<(Attr, FileHandle)> {
-        let a = self.create(parent, nm, FileKind::Regular, perm, 0, caller, None, true).await?;
+        let a = self
+            .create(parent, nm, NewNode { kind: FileKind::Regular, perm, rdev: 0, target: None }, caller, true)
+            .await?;
         let acc = flags & libc::O_ACCMODE;
         let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
         let fh = self.new_handle(a.ino, write, flags & (libc::O_SYNC | libc::O_DSYNC) != 0);

@@ -474,7 +474,7 @@ impl Namespace {
                 // ----- mutations
                 MetaReq::SetAttr { ino, set, .. } => s.setattr(ino, &set, now),
                 MetaReq::Create { parent, name, kind, perm, rdev, caller, target, open } => {
-                    let p = s.create(parent, &name, kind, perm, rdev, caller, target, now);
+                    let p = s.create(parent, &name, NewNode { kind, perm, rdev, target }, caller, now);
                     if open {
                         if let Ok(Plan { reply: MetaResp::Created { attr, .. }, .. }) = &p {
                             r.sessions.open(client, seq, attr.ino, at);
@@ -485,7 +485,7 @@ impl Namespace {
                 MetaReq::Unlink { parent, name } => s.unlink(parent, &name, is_open, now),
                 MetaReq::Rmdir { parent, name } => s.rmdir(parent, &name, now),
                 MetaReq::Rename { parent, name, new_parent, new_name, flags } => {
-                    s.rename(parent, &name, new_parent, &new_name, flags, is_open, now)
+                    s.rename((parent, &name), (new_parent, &new_name), flags, is_open, now)
                 }
                 MetaReq::Link { ino, new_parent, new_name } => s.link(ino, new_parent, &new_name, now),
                 MetaReq::SetXattr { ino, name, value, flags } => s.set_xattr(ino, &name, &value, flags, now),

@@ -251,17 +251,8 @@ impl NsState {
         self.inodes.get(&parent).and_then(|p| p.attr.toughness)
     }
 
-    pub fn create(
-        &self,
-        parent: Ino,
-        name: &[u8],
-        kind: FileKind,
-        perm: u16,
-        rdev: u32,
-        caller: Caller,
-        target: Option<Vec<u8>>,
-        now: Timestamp,
-    ) -> NsResult<Plan> {
+    pub fn create(&self, parent: Ino, name: &[u8], node: NewNode, caller: Caller, now: Timestamp) -> NsResult<Plan> {
+        let NewNode { kind, perm, rdev, target } = node;
         check_name(name)?;
         let d = self.dir(parent)?;
         if d.entries.contains_key(name) {
@@ -436,16 +427,16 @@ impl NsState {
         false
     }
 
+    /// rename(2) of `from` (directory, name) to `to`.
     pub fn rename(
         &self,
-        parent: Ino,
-        name: &[u8],
-        new_parent: Ino,
-        new_name: &[u8],
+        from: (Ino, &[u8]),
+        to: (Ino, &[u8]),
         flags: u32,
         is_open: impl Fn(Ino) -> bool,
         now: Timestamp,
     ) -> NsResult<Plan> {
+        let ((parent, name), (new_parent, new_name)) = (from, to);
         if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
             || flags & RENAME_NOREPLACE != 0 && flags & RENAME_EXCHANGE != 0
         {
@@ -941,7 +932,13 @@ impl NsState {
                 Ok(_) => None,
                 Err(_) => {
                     let caller = Caller { uid: 0, gid: 0 };
-                    match s.create(Ino::ROOT, b"lost+found", FileKind::Directory, 0o700, 0, caller, None, now) {
+                    match s.create(
+                        Ino::ROOT,
+                        b"lost+found",
+                        NewNode { kind: FileKind::Directory, perm: 0o700, rdev: 0, target: None },
+                        caller,
+                        now,
+                    ) {
                         Ok(Plan { recs: r, reply: MetaResp::Created { attr, .. } }) => {
                             push(&mut s, r);
                             Some(attr.ino)
@@ -1039,7 +1036,8 @@ mod tests {
         }};
     }
     fn mk(s: &mut NsState, parent: Ino, name: &str, kind: FileKind) -> Attr {
-        let p = s.create(parent, name.as_bytes(), kind, 0o644, 0, caller(), None, now());
+        let p =
+            s.create(parent, name.as_bytes(), NewNode { kind, perm: 0o644, rdev: 0, target: None }, caller(), now());
         match apply_plan(s, p) {
             MetaResp::Created { attr, .. } => attr,
             r => panic!("{r:?}"),
@@ -1129,7 +1127,16 @@ mod tests {
         let f = mk(&mut s, Ino::ROOT, "f", FileKind::Regular);
         assert_eq!(s.lookup(Ino::ROOT, b"f").unwrap().ino, f.ino);
         assert_eq!(
-            s.create(Ino::ROOT, b"f", FileKind::Regular, 0, 0, caller(), None, now()).err().unwrap().0,
+            s.create(
+                Ino::ROOT,
+                b"f",
+                NewNode { kind: FileKind::Regular, perm: 0, rdev: 0, target: None },
+                caller(),
+                now()
+            )
+            .err()
+            .unwrap()
+            .0,
             ErrorCode::Exists
         );
         run!(s, s.unlink(Ino::ROOT, b"f", |_| false, now()));
@@ -1137,7 +1144,16 @@ mod tests {
         assert!(s.dead.contains(&f.object));
         // names
         assert_eq!(
-            s.create(Ino::ROOT, &[b'a'; 256], FileKind::Regular, 0, 0, caller(), None, now()).err().unwrap().0,
+            s.create(
+                Ino::ROOT,
+                &[b'a'; 256],
+                NewNode { kind: FileKind::Regular, perm: 0, rdev: 0, target: None },
+                caller(),
+                now()
+            )
+            .err()
+            .unwrap()
+            .0,
             ErrorCode::NameTooLong
         );
         assert_eq!(s.lookup(Ino::ROOT, &[b'a'; 256]).unwrap_err().0, ErrorCode::NameTooLong);
@@ -1174,32 +1190,35 @@ mod tests {
         let f = mk(&mut s, a.ino, "f", FileKind::Regular);
         let g = mk(&mut s, b.ino, "g", FileKind::Regular);
         // replace across directories
-        run!(s, s.rename(a.ino, b"f", b.ino, b"g", 0, |_| false, now()));
+        run!(s, s.rename((a.ino, b"f"), (b.ino, b"g"), 0, |_| false, now()));
         assert_eq!(s.lookup(b.ino, b"g").unwrap().ino, f.ino);
         assert!(s.inode(g.ino).is_err());
         // noreplace
         mk(&mut s, a.ino, "h", FileKind::Regular);
         assert_eq!(
-            s.rename(a.ino, b"h", b.ino, b"g", RENAME_NOREPLACE, |_| false, now()).err().unwrap().0,
+            s.rename((a.ino, b"h"), (b.ino, b"g"), RENAME_NOREPLACE, |_| false, now()).err().unwrap().0,
             ErrorCode::Exists
         );
         // exchange
-        run!(s, s.rename(a.ino, b"h", b.ino, b"g", RENAME_EXCHANGE, |_| false, now()));
+        run!(s, s.rename((a.ino, b"h"), (b.ino, b"g"), RENAME_EXCHANGE, |_| false, now()));
         assert_eq!(s.lookup(a.ino, b"h").unwrap().ino, f.ino);
         // dir into itself
-        assert_eq!(s.rename(Ino::ROOT, b"a", a.ino, b"x", 0, |_| false, now()).err().unwrap().0, ErrorCode::Invalid);
+        assert_eq!(
+            s.rename((Ino::ROOT, b"a"), (a.ino, b"x"), 0, |_| false, now()).err().unwrap().0,
+            ErrorCode::Invalid
+        );
         // dir over file / file over dir
-        assert_eq!(s.rename(Ino::ROOT, b"a", b.ino, b"g", 0, |_| false, now()).err().unwrap().0, ErrorCode::NotDir);
-        assert_eq!(s.rename(b.ino, b"g", Ino::ROOT, b"a", 0, |_| false, now()).err().unwrap().0, ErrorCode::IsDir);
+        assert_eq!(s.rename((Ino::ROOT, b"a"), (b.ino, b"g"), 0, |_| false, now()).err().unwrap().0, ErrorCode::NotDir);
+        assert_eq!(s.rename((b.ino, b"g"), (Ino::ROOT, b"a"), 0, |_| false, now()).err().unwrap().0, ErrorCode::IsDir);
         // moving a dir fixes nlink and parent
         let c = mk(&mut s, a.ino, "c", FileKind::Directory);
-        run!(s, s.rename(a.ino, b"c", b.ino, b"c", 0, |_| false, now()));
+        run!(s, s.rename((a.ino, b"c"), (b.ino, b"c"), 0, |_| false, now()));
         assert_eq!(s.inode(a.ino).unwrap().attr.nlink, 2);
         assert_eq!(s.inode(b.ino).unwrap().attr.nlink, 3);
         assert_eq!(s.dirs[&c.ino].parent, b.ino);
         // two names of one inode
         run!(s, s.link(f.ino, a.ino, b"f2", now()));
-        run!(s, s.rename(a.ino, b"f2", a.ino, b"h", 0, |_| false, now()));
+        run!(s, s.rename((a.ino, b"f2"), (a.ino, b"h"), 0, |_| false, now()));
         assert_eq!(s.inode(f.ino).unwrap().attr.nlink, 2);
     }
 
