@@ -66,6 +66,11 @@ pub struct Tuning {
     /// session: files it held open but had unlinked are reclaimed, and its
     /// handles of such files answer ESTALE. Seconds.
     pub client_lease_s: u64,
+    /// Journal growth after which an IOM writes a checkpoint of its block
+    /// map (and of the namespace, on the IOMs that hold it) and drops the
+    /// journal before it, MiB. Smaller: faster restarts, more checkpoint
+    /// writes.
+    pub checkpoint_mib: u64,
 }
 
 impl Default for Tuning {
@@ -80,6 +85,7 @@ impl Default for Tuning {
             iom_threads: 0,
             disk_errors_before_stop: 10,
             client_lease_s: 30,
+            checkpoint_mib: 64,
         }
     }
 }
@@ -170,7 +176,19 @@ impl ClusterConfig {
                 self.tuning.client_lease_s
             )));
         }
+        if self.tuning.checkpoint_mib == 0 || self.tuning.checkpoint_mib > 1 << 20 {
+            return Err(bad(format!(
+                "tuning.checkpoint_mib {} is out of range: 1 to 1048576 MiB of journal between checkpoints \
+                 (the default is 64)",
+                self.tuning.checkpoint_mib
+            )));
+        }
         Ok(())
+    }
+
+    /// Journal bytes between two checkpoints.
+    pub fn checkpoint_bytes(&self) -> u64 {
+        self.tuning.checkpoint_mib << 20
     }
 
     /// How long a client session lives without contact.

@@ -214,3 +214,85 @@ fn slow_disk(threads: u64) {
         assert!(read(&c, *o, data.len()).unwrap() == data, "object {o} lost or wrong");
     }
 }
+
+/// A map checkpoint whose write is held on the disk for three failure
+/// timeouts (paused in the `checkpoint::write` failpoint, inside the
+/// writer) does not hold up the IOM's event loop: its heartbeats go on, so
+/// nobody declares it down and the epoch stays, and reads and writes of
+/// its blocks are answered meanwhile, each well within a second. With the
+/// checkpoint written on the event loop (one runtime thread, the default)
+/// the loop would stall and the IOM would be declared down after 2 s.
+#[test]
+fn a_checkpoint_held_on_the_disk_does_not_stop_the_heartbeats() {
+    let _g = serial();
+    let mut c = cluster();
+    c.set_tuning("checkpoint_mib", 1);
+    let victim = 1u32;
+    c.env[victim as usize] = vec![("FAILPOINTS".into(), "checkpoint::write=1*return(pause)".into())];
+    c.start_all();
+    wait_status(&c, "cluster: healthy", Duration::from_secs(30));
+    let epoch = |c: &Cluster| {
+        let (_, s) = status(c);
+        s.lines().find(|l| l.starts_with("epoch ")).map(str::to_string).unwrap_or_else(|| panic!("no epoch in:\n{s}"))
+    };
+    let epoch0 = epoch(&c);
+    let marker = c.dir.join(format!("iom-{victim}/failpoint-hit"));
+    let layout = common::Layout::new(5, BS as u32).unwrap();
+    // An object whose block 0 is on the victim, for the reads and writes
+    // during the stall.
+    let probe = (1..).map(ObjectId).find(|&o| layout.data_iom(o, BlockNo(0)).0 == victim).unwrap();
+    let small = Rng(7).bytes(4096);
+    rt().block_on(async {
+        let client = c.client().await;
+        // Small writes until the victim's journal passes 1 MiB and its
+        // checkpoint starts (and pauses in its writer).
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut n = 0u64;
+        while !marker.exists() {
+            assert!(Instant::now() < deadline, "no checkpoint began after {n} writes:\n{}", c.log(victim));
+            let writes = (0..64u64).map(|k| {
+                let client = client.clone();
+                let b = Bytes::from(small.clone());
+                let obj = ObjectId(10_000 + (n + k) % 500);
+                let off = ((n + k) / 500 % 64) * 4096;
+                async move { client.write(obj, off, b, Toughness::Atomic).await }
+            });
+            for r in futures::future::join_all(writes).await {
+                r.expect("write before the checkpoint");
+            }
+            n += 64;
+        }
+        // The checkpoint is held. For three failure timeouts, the victim
+        // answers: a write and a read of its block, each timed.
+        let held = Instant::now();
+        let mut worst = Duration::ZERO;
+        let mut rounds = 0;
+        while held.elapsed() < Duration::from_secs(6) {
+            let body = Rng(rounds).bytes(BS);
+            let t = Instant::now();
+            client.write(probe, 0, Bytes::from(body.clone()), Toughness::Atomic).await.expect("write while held");
+            let got = client.read(probe, 0, BS).await.expect("read while held");
+            worst = worst.max(t.elapsed());
+            assert!(got == body, "wrong bytes while the checkpoint was held");
+            rounds += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(marker.exists(), "the checkpoint was not held the whole time");
+        assert!(worst < Duration::from_secs(1), "a write + read took {worst:?} while the checkpoint was held");
+        assert!(rounds >= 20, "only {rounds} rounds in 6 s");
+        client.close();
+    });
+    let (_, s) = status(&c);
+    assert!(s.contains("cluster: healthy"), "not healthy while a checkpoint was held:\n{s}");
+    assert_eq!(epoch(&c), epoch0, "the epoch moved (someone was declared down) while a checkpoint was held:\n{s}");
+    std::fs::remove_file(&marker).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c.log(victim).contains("checkpoint written") {
+        assert!(Instant::now() < deadline, "the checkpoint did not finish once released:\n{}", c.log(victim));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(c.stop(victim), "IOM {victim} did not stop cleanly:\n{}", c.log(victim));
+    c.start(victim);
+    wait_status(&c, "cluster: healthy", Duration::from_secs(30));
+    c.must_scrub_clean();
+}

@@ -6,6 +6,40 @@
 //! `failpoint-hit` into the IOM's directory and waits until it is removed,
 //! so a test can kill another process at exactly that moment.
 
+/// Where a crash point is hit: the IOM (for the log) and its directory
+/// (for the `failpoint-hit` marker). The node implements it, and so does
+/// [`Site`], which code away from the node (a checkpoint's writer on the
+/// blocking pool) carries.
+pub trait At {
+    fn iom(&self) -> common::IomId;
+    fn dir(&self) -> &std::path::Path;
+}
+
+/// A crash point's place, owned.
+#[derive(Clone, Debug)]
+pub struct Site {
+    pub id: common::IomId,
+    pub dir: std::path::PathBuf,
+}
+
+impl At for Site {
+    fn iom(&self) -> common::IomId {
+        self.id
+    }
+    fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+}
+
+impl<T: At + ?Sized> At for std::sync::Arc<T> {
+    fn iom(&self) -> common::IomId {
+        (**self).iom()
+    }
+    fn dir(&self) -> &std::path::Path {
+        (**self).dir()
+    }
+}
+
 /// Marks a crash point.
 #[macro_export]
 macro_rules! crash_point {
@@ -27,9 +61,9 @@ macro_rules! crash_point {
 }
 
 #[cfg(feature = "failpoints")]
-pub async fn hit(iom: &crate::Iom, name: &str, arg: &str) {
-    let marker = iom.data_dir.join("failpoint-hit");
-    tracing::warn!(iom = iom.id.0, failpoint = name, action = arg, "failpoint hit");
+pub async fn hit<T: At + ?Sized>(at: &T, name: &str, arg: &str) {
+    let marker = at.dir().join("failpoint-hit");
+    tracing::warn!(iom = at.iom().0, failpoint = name, action = arg, "failpoint hit");
     match arg {
         "pause" => {
             let _ = std::fs::write(&marker, name);
@@ -39,7 +73,7 @@ pub async fn hit(iom: &crate::Iom, name: &str, arg: &str) {
         }
         _ => {
             let _ = std::fs::write(&marker, name);
-            eprintln!("iom-server {}: failpoint {name}: abort", iom.id.0);
+            eprintln!("iom-server {}: failpoint {name}: abort", at.iom().0);
             std::process::abort();
         }
     }
@@ -66,16 +100,16 @@ macro_rules! crash_point_sync {
 }
 
 #[cfg(feature = "failpoints")]
-pub fn hit_sync(iom: &crate::Iom, name: &str, arg: &str) {
-    let marker = iom.data_dir.join("failpoint-hit");
-    tracing::warn!(iom = iom.id.0, failpoint = name, action = arg, "failpoint hit");
+pub fn hit_sync<T: At + ?Sized>(at: &T, name: &str, arg: &str) {
+    let marker = at.dir().join("failpoint-hit");
+    tracing::warn!(iom = at.iom().0, failpoint = name, action = arg, "failpoint hit");
     let _ = std::fs::write(&marker, name);
     if arg == "pause" {
         while marker.exists() {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
     } else {
-        eprintln!("iom-server {}: failpoint {name}: abort", iom.id.0);
+        eprintln!("iom-server {}: failpoint {name}: abort", at.iom().0);
         std::process::abort();
     }
 }

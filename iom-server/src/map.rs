@@ -70,6 +70,12 @@ pub struct ParityEntry {
     pub old: Vec<PVerRef>,
 }
 
+/// Transactions found open in the journal at start-up.
+pub struct OpenTxs {
+    pub data: Vec<(TxId, DTx)>,
+    pub parity: Vec<(TxRef, PTx)>,
+}
+
 /// A data-side transaction between a5 and a14.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DTx {

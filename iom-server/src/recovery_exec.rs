@@ -12,7 +12,7 @@
 
 use crate::group::xor_into;
 use crate::journal::Wait;
-use crate::map::{DTx, PTx};
+use crate::map::{DTx, OpenTxs, PTx};
 use crate::records::{Record, VerRef};
 use crate::recovery::{self, decide, Action, DSide, PSide};
 use crate::workers::Tier;
@@ -57,12 +57,6 @@ impl Fence {
             n.await;
         }
     }
-}
-
-/// Transactions found open in the journal at start-up.
-pub struct OpenTxs {
-    pub data: Vec<(TxId, DTx)>,
-    pub parity: Vec<(TxRef, PTx)>,
 }
 
 /// Counters for the recovery log line.

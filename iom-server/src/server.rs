@@ -63,7 +63,7 @@ pub struct Iom {
     pub disk_errors: std::sync::atomic::AtomicU64,
     pub rebuild: crate::rebuild::RebuildProgress,
     /// Transactions the journal left open at start-up, for recovery.
-    pub startup_open: parking_lot::Mutex<Option<crate::recovery_exec::OpenTxs>>,
+    pub startup_open: parking_lot::Mutex<Option<crate::map::OpenTxs>>,
     pub member: Arc<Membership>,
     /// Every time limit, from `[tuning]` (see `timeouts`).
     pub timeouts: Timeouts,
@@ -251,6 +251,16 @@ impl Iom {
             room_bytes: room,
             disk_bytes: disk,
         }
+    }
+}
+
+/// Crash points on the node's own paths are hit "at" this IOM.
+impl crate::failpoint::At for Iom {
+    fn iom(&self) -> IomId {
+        self.id
+    }
+    fn dir(&self) -> &std::path::Path {
+        &self.data_dir
     }
 }
 

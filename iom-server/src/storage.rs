@@ -6,9 +6,8 @@
 
 use crate::cache::{Cache, CacheKey};
 use crate::journal::{Journal, Wait};
-use crate::map::BlockMap;
+use crate::map::{BlockMap, OpenTxs};
 use crate::records::{PVerRef, Record, VerRef};
-use crate::recovery_exec::OpenTxs;
 use crate::store::{Allocator, Store};
 use crate::timeouts::Timeouts;
 use crate::Error;
@@ -24,10 +23,6 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-/// Journal bytes since the last checkpoint that trigger a new one (the
-/// namespace's journal too).
-pub const CHECKPOINT_BYTES: u64 = 64 << 20;
-
 pub struct Storage {
     id: IomId,
     layout: Layout,
@@ -37,6 +32,8 @@ pub struct Storage {
     pub cache: Arc<Cache>,
     pub journal: Journal,
     pub map: BlockMap,
+    /// Journal growth that triggers a checkpoint (`tuning.checkpoint_mib`).
+    pub checkpoint_bytes: u64,
     /// Held while a map checkpoint is taken and written.
     checkpointing: Arc<tokio::sync::Mutex<()>>,
     /// The data directory's lock (one IOM process per store).
@@ -113,7 +110,7 @@ impl Storage {
         let incarnation = next_incarnation(&data_dir)?;
         map.start_incarnation(incarnation);
         let (open_d, open_p) = (map.dtx.lock().len(), map.ptx.lock().len());
-        let open_at_start = crate::recovery_exec::OpenTxs {
+        let open_at_start = crate::map::OpenTxs {
             data: map.dtx.lock().iter().map(|(k, v)| (*k, v.clone())).collect(),
             parity: map.ptx.lock().iter().map(|(k, v)| (*k, v.clone())).collect(),
         };
@@ -134,6 +131,7 @@ impl Storage {
             cache: Arc::new(Cache::new((cfg.tuning.cache_mib as usize) << 20)),
             journal,
             map,
+            checkpoint_bytes: cfg.checkpoint_bytes(),
             checkpointing: Arc::new(tokio::sync::Mutex::new(())),
             _lock: lock,
         };
@@ -264,14 +262,14 @@ impl Storage {
     }
 
     /// Background: checkpoint when the journal has grown by
-    /// `CHECKPOINT_BYTES`, until `stop`.
+    /// `checkpoint_bytes`, until `stop`.
     pub async fn checkpoint_worker(self: Arc<Self>, stop: CancellationToken, poll: Duration) {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(poll) => {}
             }
-            if self.journal.stats.bytes_since_rotate.load(Ordering::Relaxed) > CHECKPOINT_BYTES {
+            if self.journal.stats.bytes_since_rotate.load(Ordering::Relaxed) > self.checkpoint_bytes {
                 if let Err(e) = self.checkpoint().await {
                     tracing::error!(iom = self.id.0, "checkpoint failed: {e}");
                 }
@@ -297,8 +295,10 @@ impl Storage {
         let seg = self.journal.rotate_now();
         let cut = self.map.snapshot_cut(seg);
         let (data_dir, journal_dir) = (self.data_dir.clone(), self.journal_dir.clone());
+        let site = crate::failpoint::Site { id: self.id, dir: self.data_dir.clone() };
         crate::fsutil::off_loop("map checkpoint", move || {
             let _one = one;
+            crate::crash_point_sync!(&site, "checkpoint::write");
             cut.write(&data_dir)?;
             Journal::remove_before(&journal_dir, seg)
         })

@@ -883,7 +883,7 @@ impl Namespace {
                 iom.namespace.expire_sessions(&iom).await;
             }
             Self::collect_garbage(&iom).await;
-            if iom.namespace.journal_bytes() > crate::storage::CHECKPOINT_BYTES {
+            if iom.namespace.journal_bytes() > iom.storage.checkpoint_bytes {
                 if let Err(e) = iom.namespace.checkpoint().await {
                     tracing::error!("namespace checkpoint failed: {e}");
                 }
