@@ -6,9 +6,18 @@
 //! `/proc/mounts` with their octal escapes decoded.
 
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
+
+/// Log file of the `iomfs mount` process for `mnt`, in the cluster
+/// directory `dir` (one per mount point).
+pub fn mount_log(dir: &Path, mnt: &Path) -> PathBuf {
+    let canon = std::fs::canonicalize(mnt).unwrap_or_else(|_| mnt.to_path_buf());
+    let tag: String =
+        canon.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    dir.join(format!("mount{tag}.log"))
+}
 
 /// Whether `m` is a mount point now.
 pub fn is_mounted(m: &Path) -> bool {

@@ -4,6 +4,7 @@ use integration::{serial, Cluster, Rng};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -708,5 +709,87 @@ fn fsck_finds_an_orphan_object_and_repair_gives_its_blocks_back() {
     let text = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(o.status.success(), "fsck --repair left problems:\n{text}");
     c.must_fsck_clean();
+    c.must_scrub_clean();
+}
+
+/// The pid of the `iomfs mount` process serving `mnt`.
+fn mount_pid(mnt: &Path) -> u32 {
+    let want = mnt.to_string_lossy().to_string();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmd) = fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<String> = cmd.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).to_string()).collect();
+        if args.iter().any(|a| a == "mount") && args.iter().any(|a| a == &want) && args[0].ends_with("iomfs") {
+            return pid;
+        }
+    }
+    panic!("no iomfs mount process for {want}");
+}
+
+/// A child process and its process group, killed when dropped (also
+/// when the test fails).
+struct Group(std::process::Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // SAFETY: signalling the child's own process group.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
+/// SIGTERM ends an IOM while a writer runs through the mount, and then
+/// the mount itself, each within a bounded time and with every task
+/// joined: the IOM's tiers stop in order with no task left
+/// (`task still running at stop` never logged), the mount's workers and
+/// request tasks are joined (`stopped cleanly: every task joined`), and
+/// the mount point is gone. The writer never sees an error; the stopped
+/// IOM comes back and the cluster scrubs clean.
+#[test]
+fn sigterm_stops_an_iom_and_a_mount_in_bounded_time_with_every_task_joined() {
+    let _g = serial();
+    let (mut c, m) = up();
+    // The writer in its own process group, so it and its `dd` end together.
+    let mut writer = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "i=0; while [ $i -lt 100000 ]; do dd if=/dev/zero of={m}/f$((i % 16)) bs=64k count=8 conv=fsync 2>/dev/null \
+             || exit 1; i=$((i+1)); done",
+            m = m.display()
+        ))
+        .process_group(0)
+        .spawn()
+        .map(Group)
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let t = std::time::Instant::now();
+    assert!(c.stop(2), "IOM 2 did not stop cleanly on SIGTERM:\n{}", c.log(2));
+    let took = t.elapsed();
+    let log = c.log(2);
+    assert!(took < Duration::from_secs(8), "IOM 2 took {took:?} to stop:\n{log}");
+    assert!(log.contains("stopped cleanly"), "{log}");
+    assert!(!log.contains("task still running at stop"), "a task of IOM 2 outlived its tier:\n{log}");
+    // The writer goes on through the stand-in.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(writer.0.try_wait().unwrap().is_none(), "the writer failed while IOM 2 was stopped");
+    drop(writer);
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = mount_pid(&m);
+    let t = std::time::Instant::now();
+    // SAFETY: signalling the mount process found above.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(t.elapsed() < Duration::from_secs(15), "the mount process did not end within 15 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!integration::is_mounted(&m), "still mounted after the mount process ended");
+    let mlog = fs::read_to_string(fs_client::mount::mount_log(&c.dir, &m)).unwrap_or_default();
+    assert!(mlog.contains("stopped cleanly: every task joined"), "mount log:\n{mlog}");
+    c.start(2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !String::from_utf8_lossy(&c.iomfs(&["status"]).stdout).contains("cluster: healthy") {
+        assert!(std::time::Instant::now() < deadline, "not healthy again after IOM 2 restarted");
+        std::thread::sleep(Duration::from_millis(250));
+    }
     c.must_scrub_clean();
 }

@@ -13,7 +13,7 @@ use fs_client::fs::{FsOptions, IomFs};
 use fs_client::mount::{fusermount_u, is_mounted};
 use fs_client::ClusterClient;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -55,14 +55,6 @@ pub fn parse_options(opts: &[String]) -> Result<(FsOptions, bool)> {
         }
     }
     Ok((o, debug))
-}
-
-/// Log file of the mount process for `mnt`.
-pub fn mount_log(dir: &Path, mnt: &Path) -> PathBuf {
-    let canon = std::fs::canonicalize(mnt).unwrap_or_else(|_| mnt.to_path_buf());
-    let tag: String =
-        canon.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-    dir.join(format!("mount{tag}.log"))
 }
 
 /// Makes the kernel read ahead more than its default 128 KiB on this mount,
@@ -147,10 +139,14 @@ pub fn mount_foreground(dir: &Path, mnt: &Path, fso: FsOptions, debug: bool) -> 
         fusermount_u(mnt);
         let _ = rx.recv_timeout(Duration::from_secs(10));
     }
-    // Closed handles still queued reach the namespace before we go.
-    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), inner.send_releases()).await });
+    // Every task joined; closed handles still queued reach the namespace
+    // before we go.
+    let joined = rt.block_on(inner.stop(Duration::from_secs(5)));
     client.close();
     rt.shutdown_timeout(Duration::from_secs(2));
+    if joined {
+        tracing::info!(mount = %mnt.display(), "stopped cleanly: every task joined");
+    }
     Ok(())
 }
 
@@ -165,7 +161,7 @@ pub fn mount_detached(dir: &Path, mnt: &Path, opts: &[String]) -> Result<u32> {
     }
     parse_options(opts)?;
     let exe = std::env::current_exe().context("locate the iomfs binary")?;
-    let log_path = mount_log(dir, mnt);
+    let log_path = fs_client::mount::mount_log(dir, mnt);
     let log = std::fs::File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
     let mut cmd = Command::new(exe);
     cmd.arg("mount").arg("--dir").arg(dir).arg(mnt);

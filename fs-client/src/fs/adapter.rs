@@ -105,7 +105,7 @@ impl IomFs {
         F: FnOnce(Arc<Inner>) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.rt.spawn(f(self.inner.clone()));
+        self.inner.tasks.spawn_on(f(self.inner.clone()), &self.rt);
     }
 }
 

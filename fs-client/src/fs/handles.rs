@@ -121,13 +121,31 @@ impl Inner {
         }
     }
 
+    /// Ends the mount's background work (after the unmount): the workers
+    /// stop, every task still answering a request finishes, then the
+    /// releases still queued go out. False if some task was still running
+    /// after `within`.
+    pub async fn stop(&self, within: Duration) -> bool {
+        self.stopping.cancel();
+        self.tasks.close();
+        let joined = tokio::time::timeout(within, self.tasks.wait()).await.is_ok();
+        if !joined {
+            tracing::warn!(tasks = self.tasks.len(), "stopping with tasks still running");
+        }
+        let _ = tokio::time::timeout(within, self.send_releases()).await;
+        joined
+    }
+
     /// Background task: releases go out in batches.
     pub(super) async fn release_worker(self: Arc<Self>) {
         loop {
             // A kick, or once a second (releases kept after a failure).
+            // Stopping only here, between batches: a batch taken from the
+            // queue is sent whole (`stop` sends what is left).
             tokio::select! {
                 _ = self.release_kick.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = self.stopping.cancelled() => return,
             }
             // Collect the releases of a burst of closes.
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -147,7 +165,10 @@ impl Inner {
                     every.min(Duration::from_secs(1))
                 }
             };
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.stopping.cancelled() => return,
+            }
         }
     }
 

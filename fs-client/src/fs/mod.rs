@@ -102,6 +102,11 @@ pub struct Inner {
     /// Files whose handles are stale: the namespace reclaimed them while
     /// this client's session had lapsed.
     stale: Mutex<std::collections::HashSet<Ino>>,
+    /// Every task of this mount: the release and renewal workers and one
+    /// task per FUSE request. `stop` ends the workers and joins them all.
+    tasks: tokio_util::task::TaskTracker,
+    /// Told to stop when the mount ends (the workers watch it).
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 pub struct IomFs {
@@ -146,14 +151,17 @@ impl IomFs {
                 session: tokio::sync::Mutex::new(()),
                 claimed: Mutex::new(None),
                 stale: Mutex::new(Default::default()),
+                tasks: tokio_util::task::TaskTracker::new(),
+                stopping: tokio_util::sync::CancellationToken::new(),
             }),
         }
     }
 
     /// Starts the background work of the filesystem (call once, inside the runtime's reach).
     pub fn start(&self) {
-        self.rt.spawn(self.inner.clone().release_worker());
-        self.rt.spawn(self.inner.clone().renew_worker());
+        let i = &self.inner;
+        i.tasks.spawn_on(i.clone().release_worker(), &self.rt);
+        i.tasks.spawn_on(i.clone().renew_worker(), &self.rt);
     }
 
     pub fn inner(&self) -> Arc<Inner> {
