@@ -81,7 +81,7 @@ impl Iom {
                     group = g.group.0,
                     "parity unreadable ({e}); recomputing it from the group's data blocks"
                 );
-                self.recompute_parity(g).await?;
+                self.parity.recompute(g).await?;
                 self.parity.repairs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(iom = self.id.0, object = g.object.0, group = g.group.0, "parity recomputed");
                 let head = self.storage.map.parity_head(&g);

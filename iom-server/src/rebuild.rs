@@ -355,7 +355,7 @@ impl Iom {
             .map(|g| {
                 let me = me.clone();
                 async move {
-                    me.recompute_parity(g).await.ok()?;
+                    me.parity.recompute(g).await.ok()?;
                     me.rebuilt_one(me.cfg.block_size as u64, limit, started, bytes0).await;
                     Some(g)
                 }

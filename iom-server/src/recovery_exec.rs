@@ -7,8 +7,8 @@
 //! [`recovery::decide`]; as parity IOM it asks the data IOM. Rolling forward
 //! re-drives the normal protocol (the update is sent again and the parity
 //! side ignores what it already applied), so no separate code path writes
-//! parity for recovery except [`Iom::recompute_parity`] (which
-//! installs what [`crate::group::Group::gather`] computes).
+//! parity for recovery except [`crate::parity::ParitySide::recompute`]
+//! (which installs what [`crate::group::Group::gather`] computes).
 
 use crate::group::xor_into;
 use crate::journal::Wait;
@@ -19,7 +19,7 @@ use crate::workers::Tier;
 use crate::{Error, Iom};
 use bytes::{Bytes, BytesMut};
 use common::wire::{MemberReq, MemberResp, ParityTxState, ParityUpdate, TxView};
-use common::{codec, BlockKey, GroupKey, IomId, TxId, TxRef, Version};
+use common::{codec, BlockKey, GroupKey, TxId, TxRef, Version};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -71,20 +71,6 @@ struct Tally {
 }
 
 impl Iom {
-    /// Recomputes the parity of group `g` from its members' map versions and
-    /// installs it (recovery, rebuild of a parity block).
-    pub async fn recompute_parity(self: &Arc<Self>, g: GroupKey) -> Result<(), Error> {
-        self.parity.pause(g).await;
-        let r = self.recompute_parity_paused(g).await;
-        self.parity.resume(self, g);
-        r
-    }
-
-    pub(crate) async fn recompute_parity_paused(self: &Arc<Self>, g: GroupKey) -> Result<(), Error> {
-        let (members, bytes) = self.group.gather(g).await?;
-        self.storage.install_parity(g, members, bytes).await
-    }
-
     /// `RebuildBlock`: installs version `version` of block `key`, rebuilt from its group.
     pub async fn rebuild_block(self: &Arc<Self>, key: BlockKey, version: Version) -> Result<(), Error> {
         let _g = self.locks.lock(key).await;
@@ -103,7 +89,7 @@ impl Iom {
             if role != self.id {
                 // A stand-in keeps no parity for the failed IOM: the group
                 // will be recomputed when it comes back.
-                self.mark_group(role, g);
+                self.storage.mark_group(role, g);
                 return TxView::Parity { state: ParityTxState::None, standin: true, covers: Version(0) };
             }
             // A delta held in memory is applied before the answer.
@@ -132,14 +118,6 @@ impl Iom {
         let known = self.storage.map.ptx.lock().get(&tx).map(|p| p.applied.is_none());
         if known == Some(true) {
             self.storage.commit(&Record::Discarded { tx }, false, Wait::Nothing);
-        }
-    }
-
-    /// Records that the parity group `g` of failed IOM `owner` must be recomputed.
-    pub fn mark_group(&self, owner: IomId, g: GroupKey) {
-        let known = self.storage.map.marks.lock().get(&owner).is_some_and(|m| m.groups.contains(&g));
-        if !known {
-            self.storage.commit(&Record::MarkedGroup { owner, group: g }, false, Wait::Written);
         }
     }
 
@@ -266,7 +244,7 @@ impl Iom {
         tracing::info!(iom = self.id.0, tx = ?tx, group = ?p.group, ?dside, ?pside, ?action, "recovery: parity transaction");
         match action {
             Action::FinishFrees => {
-                self.write_done(tx);
+                self.parity.write_done(tx);
                 tally.freed += 1;
             }
             Action::RollBack => {
@@ -274,7 +252,7 @@ impl Iom {
                 tally.back += 1;
             }
             Action::RecomputeParity => {
-                self.recompute_parity(p.group).await?;
+                self.parity.recompute(p.group).await?;
                 self.finish_ptx(tx, p);
                 tally.recomputed += 1;
             }
@@ -290,7 +268,7 @@ impl Iom {
 
     fn finish_ptx(self: &Arc<Self>, tx: TxRef, p: &PTx) {
         if p.applied.is_some() {
-            self.write_done(tx);
+            self.parity.write_done(tx);
         } else {
             self.storage.commit(&Record::Discarded { tx }, false, Wait::Nothing);
         }

@@ -8,6 +8,7 @@ use crate::locks::KeyLocks;
 use crate::membership::Membership;
 use crate::namespace::Namespace;
 use crate::parity::ParitySide;
+use crate::standin::handover::HandoverState;
 use crate::storage::Storage;
 use crate::timeouts::Timeouts;
 use crate::workers::{Tier, Workers};
@@ -42,13 +43,13 @@ pub struct Iom {
     /// Every outgoing call (see `caller`).
     pub caller: Arc<RoleCaller>,
     /// Reconstruction from a parity group (see `group`).
-    pub group: Group,
+    pub group: Arc<Group>,
     pub links: Links,
-    pub parity: ParitySide,
+    pub parity: Arc<ParitySide>,
     pub inflight: Inflight,
     pub fence: crate::recovery_exec::Fence,
     /// Which failed IOMs' roles this stand-in serves, freezes or hands back.
-    pub handover: crate::standin::handover::HandoverState,
+    pub handover: Arc<HandoverState>,
     pub rejoin_flag: std::sync::atomic::AtomicBool,
     /// This IOM's store replaced a lost one (`iomfs replace`): it rejoins
     /// by rebuilding everything it held, not only what changed meanwhile.
@@ -72,7 +73,7 @@ pub struct Iom {
     /// Background tier's token of `workers`).
     pub shutdown: CancellationToken,
     /// Every task this IOM runs, named and tracked (see `workers`).
-    pub workers: Workers,
+    pub workers: Arc<Workers>,
     pub endpoint: quinn::Endpoint,
 }
 
@@ -136,15 +137,27 @@ impl Iom {
             cfg.ioms.iter().map(|i| i.addr.clone()).collect(),
         );
         let caller = Arc::new(RoleCaller::new(opts.id, pool, member.clone(), timeouts));
-        let group = Group::new(layout, caller.clone(), member.clone(), timeouts);
-        let workers = Workers::new();
+        let group = Arc::new(Group::new(layout, caller.clone(), member.clone(), timeouts));
+        let workers = Arc::new(Workers::new());
+        let handover = Arc::new(HandoverState::default());
+        let parity = Arc::new(ParitySide::new(crate::parity::Handles {
+            me: opts.id,
+            layout,
+            block_size: cfg.block_size,
+            storage: storage.clone(),
+            member: member.clone(),
+            handover: handover.clone(),
+            group: group.clone(),
+            workers: workers.clone(),
+            dir: data_dir.clone(),
+        }));
         let iom = Arc::new(Iom {
             id: opts.id,
             links: Links::new(cfg.width()),
-            parity: ParitySide::default(),
+            parity,
             inflight: Inflight::default(),
             fence: Default::default(),
-            handover: Default::default(),
+            handover,
             rejoin_flag: Default::default(),
             replacing: std::sync::atomic::AtomicBool::new(replacing),
             ready: tokio::sync::watch::Sender::new(false),

@@ -125,7 +125,7 @@ async fn serve_stream(iom: Arc<Iom>, state: Arc<ConnState>, mut send: quinn::Sen
     }
     match req {
         Request::ParityChannel { from, .. } => {
-            crate::parity::run_channel(iom, from, send, recv).await;
+            crate::parity::run_channel(iom.parity.clone(), from, send, recv).await;
         }
         Request::MetaMirror { from, .. } => {
             crate::namespace::Namespace::serve_mirror(iom, from, send, recv).await;
@@ -340,7 +340,7 @@ async fn data_one(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataR
                 group = group.group.0,
                 "recomputing parity (scrub --repair)"
             );
-            iom.recompute_parity(group).await?;
+            iom.parity.recompute(group).await?;
             Ok((DataResp::Recomputed, Bytes::new()))
         }
         DataReq::ListBlocks { after, limit } => Ok((DataResp::Blocks(iom.list_blocks(after, limit)), Bytes::new())),

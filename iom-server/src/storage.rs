@@ -261,6 +261,14 @@ impl Storage {
         Ok(())
     }
 
+    /// Records that the parity group `g` of failed IOM `owner` must be recomputed.
+    pub fn mark_group(&self, owner: IomId, g: GroupKey) {
+        let known = self.map.marks.lock().get(&owner).is_some_and(|m| m.groups.contains(&g));
+        if !known {
+            self.commit(&Record::MarkedGroup { owner, group: g }, false, Wait::Written);
+        }
+    }
+
     /// Background: checkpoint when the journal has grown by
     /// `checkpoint_bytes`, until `stop`.
     pub async fn checkpoint_worker(self: Arc<Self>, stop: CancellationToken, poll: Duration) {

@@ -11,14 +11,20 @@ pub mod plan;
 
 use crate::cache::CacheKey;
 use crate::crash_point;
+use crate::failpoint::Site;
 use crate::group::xor_into;
+use crate::group::Group;
 use crate::journal::Wait;
+use crate::membership::Membership;
 use crate::records::{PVerRef, Record};
+use crate::standin::handover::HandoverState;
+use crate::storage::Storage;
 use crate::workers::Tier;
-use crate::{Error, Iom};
+use crate::workers::Workers;
+use crate::Error;
 use bytes::{Bytes, BytesMut};
 use common::wire::{ErrorCode, MemberResp, ParityAck, ParityMsg, ParityUpdate, Reply, WireError};
-use common::{codec, GroupKey, IomId, TxRef};
+use common::{codec, GroupKey, IomId, Layout, TxRef};
 use net::frame::{read_frame, write_frame};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -47,8 +53,21 @@ enum Next {
     Batch(PVerRef, Vec<common::Version>, Vec<Delta>),
 }
 
-#[derive(Default)]
+/// The parity role: receives updates (b1–b4), applies them in batches
+/// (b3–b12), frees old parity (b13), recomputes a group's parity from its
+/// members. Holds the storage, the membership (stand-in checks), the
+/// handover state, the group (reconstruction) and the workers; never the
+/// node.
 pub struct ParitySide {
+    me: IomId,
+    layout: Layout,
+    block_size: u32,
+    storage: Arc<Storage>,
+    member: Arc<Membership>,
+    handover: Arc<HandoverState>,
+    group: Arc<Group>,
+    workers: Arc<Workers>,
+    site: Site,
     groups: Mutex<HashMap<GroupKey, GroupQueue>>,
     /// Parity versions written (b8).
     pub writes: AtomicU64,
@@ -62,10 +81,46 @@ pub struct ParitySide {
     changed: tokio::sync::Notify,
 }
 
+/// What the parity role is built from (see [`ParitySide::new`]).
+pub struct Handles {
+    pub me: IomId,
+    pub layout: Layout,
+    pub block_size: u32,
+    pub storage: Arc<Storage>,
+    pub member: Arc<Membership>,
+    pub handover: Arc<HandoverState>,
+    pub group: Arc<Group>,
+    pub workers: Arc<Workers>,
+    pub dir: std::path::PathBuf,
+}
+
+impl crate::failpoint::At for ParitySide {
+    fn iom(&self) -> IomId {
+        self.me
+    }
+    fn dir(&self) -> &std::path::Path {
+        &self.site.dir
+    }
+}
+
 impl ParitySide {
-    /// Transactions whose delta is held in memory, not yet applied.
-    pub fn queued(&self) -> usize {
-        self.groups.lock().values().map(|q| q.queue.len()).sum()
+    pub fn new(h: Handles) -> ParitySide {
+        ParitySide {
+            me: h.me,
+            layout: h.layout,
+            block_size: h.block_size,
+            storage: h.storage,
+            member: h.member,
+            handover: h.handover,
+            group: h.group,
+            workers: h.workers,
+            site: Site { id: h.me, dir: h.dir },
+            groups: Mutex::default(),
+            writes: AtomicU64::new(0),
+            deltas: AtomicU64::new(0),
+            repairs: AtomicU64::new(0),
+            changed: tokio::sync::Notify::new(),
+        }
     }
 
     /// Whether the delta of `tx` waits in group `g`'s queue or is being applied.
@@ -115,7 +170,7 @@ impl ParitySide {
     }
 
     /// Applies deltas to group `g` again.
-    pub fn resume(&self, iom: &Arc<Iom>, g: GroupKey) {
+    pub fn resume(self: &Arc<Self>, g: GroupKey) {
         let mut groups = self.groups.lock();
         let Some(q) = groups.get_mut(&g) else { return };
         if q.queue.is_empty() {
@@ -124,18 +179,39 @@ impl ParitySide {
             self.changed.notify_waiters();
             return;
         }
-        let me = iom.clone();
-        iom.workers.spawn(Tier::Protocol, "parity-group", async move { me.group_worker(g).await });
+        let me = self.clone();
+        self.workers.spawn(Tier::Protocol, "parity-group", async move { me.group_worker(g).await });
+    }
+
+    /// Recomputes the parity of group `g` from its members' map versions
+    /// and installs it (recovery, rebuild of a parity block, repair), with
+    /// the group's batches paused meanwhile.
+    pub async fn recompute(self: &Arc<Self>, g: GroupKey) -> Result<(), Error> {
+        self.pause(g).await;
+        let r = self.recompute_paused(g).await;
+        self.resume(g);
+        r
+    }
+
+    /// `recompute` for a caller that holds the group paused.
+    async fn recompute_paused(&self, g: GroupKey) -> Result<(), Error> {
+        let (members, bytes) = self.group.gather(g).await?;
+        self.storage.install_parity(g, members, bytes).await
     }
 }
 
 /// Serves one parity channel opened by data IOM `from`.
-pub async fn run_channel(iom: Arc<Iom>, from: IomId, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+pub async fn run_channel(
+    parity: Arc<ParitySide>,
+    from: IomId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     if write_frame(&mut send, &Reply::Member(MemberResp::Ack), Bytes::new()).await.is_err() {
         return;
     }
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<ParityAck>();
-    let writer = iom.workers.spawn(Tier::Connections, "parity-ack-writer", async move {
+    let writer = parity.workers.spawn(Tier::Connections, "parity-ack-writer", async move {
         while let Some(a) = ack_rx.recv().await {
             if write_frame(&mut send, &a, Bytes::new()).await.is_err() {
                 return;
@@ -145,14 +221,14 @@ pub async fn run_channel(iom: Arc<Iom>, from: IomId, mut send: quinn::SendStream
     loop {
         match read_frame::<ParityMsg>(&mut recv).await {
             Ok(Some((ParityMsg::Update(u), delta))) => {
-                if let Err(e) = iom.receive_update(u.clone(), delta, ack_tx.clone()) {
+                if let Err(e) = parity.receive_update(u.clone(), delta, ack_tx.clone()) {
                     let _ = ack_tx.send(ParityAck::Failed { tx: u.tx, error: e.to_wire() });
                 }
             }
-            Ok(Some((ParityMsg::WriteDone { tx }, _))) => iom.write_done(tx),
+            Ok(Some((ParityMsg::WriteDone { tx }, _))) => parity.write_done(tx),
             Ok(None) => break,
             Err(e) => {
-                tracing::debug!(iom = iom.id.0, from = from.0, "parity channel closed: {e}");
+                tracing::debug!(iom = parity.me.0, from = from.0, "parity channel closed: {e}");
                 break;
             }
         }
@@ -161,7 +237,7 @@ pub async fn run_channel(iom: Arc<Iom>, from: IomId, mut send: quinn::SendStream
     let _ = writer.await;
 }
 
-impl Iom {
+impl ParitySide {
     /// b1–b4: journal the update, hold its delta, confirm receipt.
     /// Answers `Held` and `Done` for `tx` once what the journal holds is
     /// written (an update already covered, or marked by a stand-in).
@@ -177,24 +253,23 @@ impl Iom {
     fn receive_update(self: &Arc<Self>, u: ParityUpdate, delta: Bytes, acks: AckTx) -> Result<(), Error> {
         let n = self.layout.n();
         let role = self.layout.parity_iom(u.group.object, u.group.group);
-        if role != self.id {
+        if role != self.me {
             if !self.member.is_standin_for(role) || self.handover.is_frozen(role) {
                 return Err(Error::Wire(WireError::new(
                     ErrorCode::NotServing,
-                    format!("IOM {} does not hold parity of group {:?}", self.id, u.group),
+                    format!("IOM {} does not hold parity of group {:?}", self.me, u.group),
                 )));
             }
             // Stand-in for a failed parity IOM: the group's parity will be
             // recomputed when it comes back; remember that, durably.
-            self.mark_group(role, u.group);
+            self.storage.mark_group(role, u.group);
             self.ack_done_after_flush(u.tx, acks);
             return Ok(());
         }
-        if u.index >= n || u.new != u.old.next() || u.delta_offset as usize + delta.len() > self.cfg.block_size as usize
-        {
+        if u.index >= n || u.new != u.old.next() || u.delta_offset as usize + delta.len() > self.block_size as usize {
             return Err(Error::BadRequest(format!("malformed parity update {u:?}")));
         }
-        self.parity.deltas.fetch_add(1, Ordering::Relaxed);
+        self.deltas.fetch_add(1, Ordering::Relaxed);
 
         // A resent update: answer from what is known.
         let known = self.storage.map.ptx.lock().get(&u.tx).cloned();
@@ -203,7 +278,7 @@ impl Iom {
                 self.ack_done_after_flush(u.tx, acks);
                 return Ok(());
             }
-            let mut groups = self.parity.groups.lock();
+            let mut groups = self.groups.lock();
             let q = groups.entry(u.group).or_default();
             if q.queue.iter().any(|d| d.upd.tx == u.tx) {
                 let _ = acks.send(ParityAck::Held { tx: u.tx });
@@ -240,7 +315,7 @@ impl Iom {
         }
         let group = u.group;
         crate::crash_point_sync!(self, "parity::after-b2");
-        let mut groups = self.parity.groups.lock();
+        let mut groups = self.groups.lock();
         let q = groups.entry(group).or_default();
         self.enqueue(q, group, Delta { upd: u, delta, acks });
         Ok(())
@@ -276,14 +351,14 @@ impl Iom {
                             // proxy takes the role over, the data IOMs resend
                             // what is unanswered to it, and a restart replays.
                             tracing::error!(
-                                iom = self.id.0,
+                                iom = self.me.0,
                                 group = ?g,
                                 "parity cannot be stored ({e}); stopping this IOM so its proxy takes over"
                             );
                             eprintln!("iom-server: parity cannot be stored ({e}); stopping");
                             std::process::exit(70);
                         }
-                        tracing::error!(iom = self.id.0, group = ?g, "parity update failed: {e}");
+                        tracing::error!(iom = self.me.0, group = ?g, "parity update failed: {e}");
                     }
                 }
             }
@@ -293,7 +368,7 @@ impl Iom {
     /// Takes every queued delta that can be applied now: each member's
     /// updates in version order, starting from the parity head.
     fn next_batch(&self, g: GroupKey, waited: bool) -> Next {
-        let mut groups = self.parity.groups.lock();
+        let mut groups = self.groups.lock();
         let Some(q) = groups.get_mut(&g) else {
             return Next::Idle;
         };
@@ -326,7 +401,7 @@ impl Iom {
             }
         }
         drop(groups);
-        self.parity.changed.notify_waiters();
+        self.changed.notify_waiters();
         for d in stale {
             // Already covered by the parity (a resend that raced its
             // original, or a parity recomputed from the data).
@@ -382,7 +457,7 @@ impl Iom {
         // b8: issue the write of the new parity at the new address.
         let bytes = buf.freeze();
         self.storage.store.write(addr, &bytes)?;
-        self.parity.writes.fetch_add(1, Ordering::Relaxed);
+        self.writes.fetch_add(1, Ordering::Relaxed);
         crash_point!(self, "parity::after-b8");
         let new = PVerRef {
             seq: self.storage.map.next_pseq(),
@@ -423,16 +498,16 @@ impl Iom {
     /// fails), `Unavailable` otherwise (the data IOM sends it again later).
     async fn repair_parity(self: &Arc<Self>, g: GroupKey, e: Error, batch: Vec<Delta>) -> Result<(), Error> {
         tracing::error!(
-            iom = self.id.0,
+            iom = self.me.0,
             object = g.object.0,
             group = g.group.0,
             "parity unreadable ({e}); recomputing it from the group's data blocks"
         );
-        match self.recompute_parity_paused(g).await {
+        match self.recompute_paused(g).await {
             Ok(()) => {
-                self.parity.repairs.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(iom = self.id.0, object = g.object.0, group = g.group.0, "parity recomputed");
-                let mut groups = self.parity.groups.lock();
+                self.repairs.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(iom = self.me.0, object = g.object.0, group = g.group.0, "parity recomputed");
+                let mut groups = self.groups.lock();
                 groups.entry(g).or_default().queue.extend(batch);
                 Ok(())
             }
@@ -445,7 +520,7 @@ impl Iom {
                     code,
                     format!(
                         "parity of object {} group {} on IOM {} is unreadable ({e}) and could not be recomputed ({e2})",
-                        g.object, g.group, self.id
+                        g.object, g.group, self.me
                     ),
                 );
                 for d in &batch {
