@@ -20,6 +20,7 @@ pub mod failpoint;
 pub mod format;
 pub mod fsutil;
 pub mod group;
+pub mod inflight;
 pub mod journal;
 pub mod links;
 pub mod liveness;

@@ -8,8 +8,11 @@
 //! after a failure) and everything unfinished is sent again, in transaction
 //! order. The parity side ignores what it already has.
 
-use crate::workers::Tier;
-use crate::Iom;
+use crate::caller::RoleCaller;
+use crate::inflight::Inflight;
+use crate::membership::Membership;
+use crate::timeouts::Timeouts;
+use crate::workers::{Tier, Workers};
 use bytes::Bytes;
 use common::wire::{ErrorCode, MemberResp, ParityAck, ParityMsg, ParityUpdate, Reply, Request};
 use common::{IomId, TxId, TxRef};
@@ -27,9 +30,8 @@ struct PendingUpdate {
     done: Option<oneshot::Sender<()>>,
 }
 
-enum Out {
-    Msg(ParityMsg, Bytes),
-}
+/// A message for the stream, with its payload (the delta).
+type Out = (ParityMsg, Bytes);
 
 #[derive(Default)]
 struct LinkState {
@@ -45,20 +47,37 @@ struct Link {
     started: AtomicBool,
 }
 
+/// The data side's parity channels, one per parity role. Holds the
+/// membership (who serves a role), the caller (connections), the
+/// in-flight table (links end after the last write) and the workers;
+/// never the node.
 pub struct Links {
+    me: IomId,
+    member: Arc<Membership>,
+    caller: Arc<RoleCaller>,
+    inflight: Arc<Inflight>,
+    workers: Arc<Workers>,
+    timeouts: Timeouts,
     links: Vec<Link>,
 }
 
 impl Links {
-    pub fn new(width: u32) -> Links {
-        Links { links: (0..width).map(|_| Link::default()).collect() }
+    pub fn new(
+        me: IomId,
+        width: u32,
+        member: Arc<Membership>,
+        caller: Arc<RoleCaller>,
+        inflight: Arc<Inflight>,
+        workers: Arc<Workers>,
+        timeouts: Timeouts,
+    ) -> Links {
+        Links { me, member, caller, inflight, workers, timeouts, links: (0..width).map(|_| Link::default()).collect() }
     }
 
     /// a6/a8: queues an update for the parity role `role`; returns receivers
     /// for "held" (b4) and "completed" (b12).
     pub fn send_update(
-        &self,
-        iom: &Arc<Iom>,
+        self: &Arc<Self>,
         role: IomId,
         upd: ParityUpdate,
         delta: Bytes,
@@ -69,25 +88,25 @@ impl Links {
         {
             let mut s = link.state.lock();
             if let Some(out) = &s.out {
-                let _ = out.send(Out::Msg(ParityMsg::Update(upd.clone()), delta.clone()));
+                let _ = out.send((ParityMsg::Update(upd.clone()), delta.clone()));
             }
             s.pending.insert(upd.tx.tx, PendingUpdate { upd, delta, held: Some(ht), done: Some(dt) });
         }
-        self.ensure_started(iom, role);
+        self.ensure_started(role);
         (hr, dr)
     }
 
     /// a13: tells the parity role the write completed.
-    pub fn send_write_done(&self, iom: &Arc<Iom>, role: IomId, tx: TxRef) {
+    pub fn send_write_done(self: &Arc<Self>, role: IomId, tx: TxRef) {
         let link = &self.links[role.0 as usize];
         let mut s = link.state.lock();
         s.pending.remove(&tx.tx);
         match &s.out {
-            Some(out) if out.send(Out::Msg(ParityMsg::WriteDone { tx }, Bytes::new())).is_ok() => {}
+            Some(out) if out.send((ParityMsg::WriteDone { tx }, Bytes::new())).is_ok() => {}
             _ => s.backlog.push(tx),
         }
         drop(s);
-        self.ensure_started(iom, role);
+        self.ensure_started(role);
     }
 
     /// Updates not yet completed by the parity role (for recovery and status).
@@ -103,38 +122,38 @@ impl Links {
         }
     }
 
-    fn ensure_started(&self, iom: &Arc<Iom>, role: IomId) {
+    fn ensure_started(self: &Arc<Self>, role: IomId) {
         let link = &self.links[role.0 as usize];
         if !link.started.swap(true, Ordering::AcqRel) {
-            let me = iom.clone();
-            iom.workers.spawn(Tier::Protocol, "parity-link", async move { supervise(me, role).await });
+            let me = self.clone();
+            self.workers.spawn(Tier::Protocol, "parity-link", async move { supervise(me, role).await });
         }
     }
 }
 
 /// Keeps the channel to `role` open for as long as the IOM runs.
-async fn supervise(iom: Arc<Iom>, role: IomId) {
-    let mut backoff = iom.timeouts.link_backoff_min;
-    let mut epochs = iom.member.subscribe();
+async fn supervise(l: Arc<Links>, role: IomId) {
+    let mut backoff = l.timeouts.link_backoff_min;
+    let mut epochs = l.member.subscribe();
     loop {
-        if iom.workers.stopping(Tier::Protocol) && iom.inflight.is_empty() {
+        if l.workers.stopping(Tier::Protocol) && l.inflight.is_empty() {
             return;
         }
-        let Some(server) = iom.member.server_for(role) else {
+        let Some(server) = l.member.server_for(role) else {
             // No IOM serves the role: wait for a map that names one, or a
             // stop once every write transaction has finished.
             tokio::select! {
                 _ = epochs.changed() => {}
-                _ = stop_after_writes(&iom) => {}
+                _ = stop_after_writes(&l) => {}
             }
             continue;
         };
-        match run_stream(&iom, role, server, &mut epochs).await {
-            Ok(()) => backoff = iom.timeouts.link_backoff_min,
+        match run_stream(&l, role, server, &mut epochs).await {
+            Ok(()) => backoff = l.timeouts.link_backoff_min,
             Err(e) => {
-                tracing::debug!(iom = iom.id.0, role = role.0, server = server.0, "parity channel: {e}");
+                tracing::debug!(iom = l.me.0, role = role.0, server = server.0, "parity channel: {e}");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(iom.timeouts.link_backoff_max);
+                backoff = (backoff * 2).min(l.timeouts.link_backoff_max);
             }
         }
     }
@@ -142,21 +161,21 @@ async fn supervise(iom: Arc<Iom>, role: IomId) {
 
 /// Completes when the links must end: the protocol tier is stopping and
 /// every write transaction has finished (their a13 messages are queued).
-async fn stop_after_writes(iom: &Iom) {
-    iom.workers.token(Tier::Protocol).cancelled().await;
-    iom.inflight.wait_all().await
+async fn stop_after_writes(l: &Links) {
+    l.workers.token(Tier::Protocol).cancelled().await;
+    l.inflight.wait_all().await
 }
 
 async fn run_stream(
-    iom: &Arc<Iom>,
+    l: &Arc<Links>,
     role: IomId,
     server: IomId,
     epochs: &mut tokio::sync::watch::Receiver<common::Epoch>,
 ) -> Result<(), String> {
-    let link = &iom.links.links[role.0 as usize];
-    let conn = iom.caller.conn(server).await.map_err(|e| e.to_string())?;
+    let link = &l.links[role.0 as usize];
+    let conn = l.caller.conn(server).await.map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let open = Request::ParityChannel { from: iom.id, epoch: iom.member.epoch() };
+    let open = Request::ParityChannel { from: l.me, epoch: l.member.epoch() };
     write_frame(&mut send, &open, Bytes::new()).await.map_err(|e| e.to_string())?;
     match read_frame::<Reply>(&mut recv).await.map_err(|e| e.to_string())? {
         Some((Reply::Member(MemberResp::Ack), _)) => {}
@@ -167,15 +186,15 @@ async fn run_stream(
     {
         let mut s = link.state.lock();
         for p in s.pending.values() {
-            let _ = tx.send(Out::Msg(ParityMsg::Update(p.upd.clone()), p.delta.clone()));
+            let _ = tx.send((ParityMsg::Update(p.upd.clone()), p.delta.clone()));
         }
         for t in std::mem::take(&mut s.backlog) {
-            let _ = tx.send(Out::Msg(ParityMsg::WriteDone { tx: t }, Bytes::new()));
+            let _ = tx.send((ParityMsg::WriteDone { tx: t }, Bytes::new()));
         }
         s.out = Some(tx);
     }
-    let mut writer = iom.workers.spawn(Tier::Protocol, "parity-link-writer", async move {
-        while let Some(Out::Msg(m, payload)) = rx.recv().await {
+    let mut writer = l.workers.spawn(Tier::Protocol, "parity-link-writer", async move {
+        while let Some((m, payload)) = rx.recv().await {
             if write_frame(&mut send, &m, payload).await.is_err() {
                 return;
             }
@@ -183,18 +202,18 @@ async fn run_stream(
         let _ = send.finish();
     });
     // Made once, not for every acknowledgement the loop below takes.
-    let stop = stop_after_writes(iom);
+    let stop = stop_after_writes(l);
     tokio::pin!(stop);
     let mut stopping = false;
     let result = loop {
         tokio::select! {
             f = read_frame::<ParityAck>(&mut recv) => match f {
-                Ok(Some((ack, _))) => on_ack(iom, role, ack),
+                Ok(Some((ack, _))) => on_ack(l, role, ack),
                 Ok(None) => break Err("parity IOM closed the channel".to_string()),
                 Err(e) => break Err(e.to_string()),
             },
             _ = epochs.changed() => {
-                if iom.member.server_for(role) != Some(server) {
+                if l.member.server_for(role) != Some(server) {
                     break Ok(());
                 }
             }
@@ -208,7 +227,7 @@ async fn run_stream(
     if stopping {
         // The last a13 ("write completed") messages may still be queued:
         // with the sender gone, the writer sends them and finishes.
-        if tokio::time::timeout(iom.timeouts.stop_tier, &mut writer).await.is_err() {
+        if tokio::time::timeout(l.timeouts.stop_tier, &mut writer).await.is_err() {
             writer.abort();
         }
     } else {
@@ -217,8 +236,8 @@ async fn run_stream(
     result
 }
 
-fn on_ack(iom: &Arc<Iom>, role: IomId, ack: ParityAck) {
-    let link = &iom.links.links[role.0 as usize];
+fn on_ack(l: &Arc<Links>, role: IomId, ack: ParityAck) {
+    let link = &l.links[role.0 as usize];
     let mut s = link.state.lock();
     match ack {
         ParityAck::Held { tx } => {
@@ -242,21 +261,21 @@ fn on_ack(iom: &Arc<Iom>, role: IomId, ack: ParityAck) {
             // The parity IOM cannot take this update at all (a malformed
             // update, or its group lost a member and its parity both): the
             // writer hears it now; the transaction stays in the journal.
-            tracing::error!(iom = iom.id.0, role = role.0, tx = ?tx, "parity update rejected: {error}");
+            tracing::error!(iom = l.me.0, role = role.0, tx = ?tx, "parity update rejected: {error}");
             s.pending.remove(&tx.tx);
         }
         ParityAck::Failed { tx, error } => {
             // A refusal that can pass (the role moved, the parity could not
             // be read or recomputed yet): the update stays pending and is
             // sent again after a pause, like after a broken channel.
-            let after = iom.timeouts.link_resend_after_failed;
-            tracing::warn!(iom = iom.id.0, role = role.0, tx = ?tx, "parity update refused, resending in {after:?}: {error}");
-            let me = iom.clone();
-            iom.workers.spawn(Tier::Protocol, "parity-resend", async move {
+            let after = l.timeouts.link_resend_after_failed;
+            tracing::warn!(iom = l.me.0, role = role.0, tx = ?tx, "parity update refused, resending in {after:?}: {error}");
+            let me = l.clone();
+            l.workers.spawn(Tier::Protocol, "parity-resend", async move {
                 tokio::time::sleep(after).await;
-                let s = me.links.links[role.0 as usize].state.lock();
+                let s = me.links[role.0 as usize].state.lock();
                 if let (Some(p), Some(out)) = (s.pending.get(&tx.tx), &s.out) {
-                    let _ = out.send(Out::Msg(ParityMsg::Update(p.upd.clone()), p.delta.clone()));
+                    let _ = out.send((ParityMsg::Update(p.upd.clone()), p.delta.clone()));
                 }
             });
         }

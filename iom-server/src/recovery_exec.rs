@@ -386,7 +386,7 @@ impl Iom {
 
     /// Runs a data transaction found open in the journal through a8–a14 again.
     fn resume_tx(self: &Arc<Self>, tx: TxId, t: &DTx, upd: ParityUpdate, delta: Bytes) {
-        let (held, done) = self.links.send_update(self, t.parity, upd, delta);
+        let (held, done) = self.links.send_update(t.parity, upd, delta);
         let p = crate::write_path::Pending::resumed(self, tx, t.key, t.old, t.new, held, done);
         let me = self.clone();
         self.workers.spawn(Tier::Protocol, "write-finish", async move { me.finish_pending(p).await });

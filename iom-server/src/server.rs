@@ -3,6 +3,7 @@
 
 use crate::caller::{LocalRoles, RoleCaller};
 use crate::group::Group;
+use crate::inflight::Inflight;
 use crate::links::Links;
 use crate::locks::KeyLocks;
 use crate::membership::Membership;
@@ -12,7 +13,6 @@ use crate::standin::handover::HandoverState;
 use crate::storage::Storage;
 use crate::timeouts::Timeouts;
 use crate::workers::{Tier, Workers};
-use crate::write_path::Inflight;
 use crate::Error;
 use common::cluster::ClusterMap;
 use common::config::{ClusterConfig, ClusterPaths};
@@ -44,9 +44,9 @@ pub struct Iom {
     pub caller: Arc<RoleCaller>,
     /// Reconstruction from a parity group (see `group`).
     pub group: Arc<Group>,
-    pub links: Links,
+    pub links: Arc<Links>,
     pub parity: Arc<ParitySide>,
-    pub inflight: Inflight,
+    pub inflight: Arc<Inflight>,
     pub fence: crate::recovery_exec::Fence,
     /// Which failed IOMs' roles this stand-in serves, freezes or hands back.
     pub handover: Arc<HandoverState>,
@@ -140,6 +140,16 @@ impl Iom {
         let group = Arc::new(Group::new(layout, caller.clone(), member.clone(), timeouts));
         let workers = Arc::new(Workers::new());
         let handover = Arc::new(HandoverState::default());
+        let inflight = Arc::new(Inflight::default());
+        let links = Arc::new(Links::new(
+            opts.id,
+            cfg.width(),
+            member.clone(),
+            caller.clone(),
+            inflight.clone(),
+            workers.clone(),
+            timeouts,
+        ));
         let parity = Arc::new(ParitySide::new(crate::parity::Handles {
             me: opts.id,
             layout,
@@ -153,9 +163,9 @@ impl Iom {
         }));
         let iom = Arc::new(Iom {
             id: opts.id,
-            links: Links::new(cfg.width()),
+            links,
             parity,
-            inflight: Inflight::default(),
+            inflight,
             fence: Default::default(),
             handover,
             rejoin_flag: Default::default(),

@@ -9,6 +9,7 @@
 use crate::cache::CacheKey;
 use crate::crash_point;
 use crate::group::xor_into;
+use crate::inflight::Progress;
 use crate::journal::Wait;
 use crate::records::{Record, VerRef};
 use crate::workers::Tier;
@@ -16,87 +17,8 @@ use crate::{Error, Iom};
 use bytes::{Bytes, BytesMut};
 use common::wire::ParityUpdate;
 use common::{codec, BlockKey, Toughness, TxId, TxRef, Version};
-use parking_lot::Mutex;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
-
-/// How far a data-side transaction has come.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Progress {
-    /// a4 done (data write issued).
-    Issued,
-    /// a5 written and b4 received: the parity IOM holds the delta.
-    Held,
-    /// a11 durable and b12 received: new data and parity on stable storage.
-    Durable,
-    /// a14 done.
-    Done,
-    /// The transaction cannot finish here (peer lost); recovery owns it.
-    Failed,
-}
-
-/// Data-side transactions in flight, for durability barriers and shutdown.
-#[derive(Default)]
-pub struct Inflight {
-    txs: Mutex<BTreeMap<TxId, watch::Receiver<Progress>>>,
-    /// Fired when a transaction leaves the table.
-    removed: tokio::sync::Notify,
-}
-
-impl Inflight {
-    fn register(&self, tx: TxId) -> watch::Sender<Progress> {
-        let (s, r) = watch::channel(Progress::Issued);
-        self.txs.lock().insert(tx, r);
-        s
-    }
-    fn remove(&self, tx: TxId) {
-        self.txs.lock().remove(&tx);
-        self.removed.notify_waiters();
-    }
-    pub fn len(&self) -> usize {
-        self.txs.lock().len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Waits until every transaction in flight now is durable (or failed).
-    pub async fn wait_durable(&self) -> Result<(), Error> {
-        let now: Vec<_> = self.txs.lock().values().cloned().collect();
-        for mut r in now {
-            let res = r.wait_for(|p| *p >= Progress::Durable).await.map(|g| *g);
-            let p = res.unwrap_or_else(|_| *r.borrow());
-            if p == Progress::Failed {
-                return Err(Error::Wire(common::wire::WireError::new(
-                    common::wire::ErrorCode::Unavailable,
-                    "a write could not reach its parity IOM; it will be resolved by recovery",
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// Waits until nothing is in flight.
-    pub async fn wait_all(&self) {
-        loop {
-            // Armed before the look, so a removal in between is not missed.
-            let removed = self.removed.notified();
-            let now: Vec<_> = self.txs.lock().values().cloned().collect();
-            if now.is_empty() {
-                return;
-            }
-            for mut r in now {
-                // Done, failed, or its sender gone: either way, what is
-                // left is the removal from the table.
-                let _ = r.wait_for(|p| *p >= Progress::Done).await;
-            }
-            // Every one of them reached its end; wait for (at least) one to
-            // leave the table rather than look again at once.
-            removed.await;
-        }
-    }
-}
 
 /// What a data transaction does to the block.
 #[derive(Clone, Debug)]
@@ -282,7 +204,7 @@ impl Iom {
             data_iom: self.id,
             durable: urgent,
         };
-        let (held, done) = self.links.send_update(self, parity, upd, delta);
+        let (held, done) = self.links.send_update(parity, upd, delta);
         crash_point!(self, "write::after-a6");
         Ok(Pending { tx, key, old, new, progress, written, held, done, urgent })
     }
@@ -338,7 +260,7 @@ impl Iom {
         crash_point!(&self, "write::after-a14");
 
         // a13: tell P the write completed.
-        self.links.send_write_done(&self, new_parity_role(&self, key), TxRef { iom: self.id, tx });
+        self.links.send_write_done(new_parity_role(&self, key), TxRef { iom: self.id, tx });
         crash_point!(&self, "write::after-a13");
         progress.send_replace(Progress::Done);
         self.inflight.remove(tx);

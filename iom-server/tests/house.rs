@@ -138,6 +138,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("fsutil", &[]),
     ("failpoint", &[]),
     ("workers", &[]),
+    ("inflight", &[]),
     ("standin/handover", &[]),
     ("parity/plan", &[]),
     ("namespace/state", &[]),
@@ -153,9 +154,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("caller", &["membership", "timeouts"]),
     ("group", &["caller", "membership", "timeouts"]),
     // Rooms whose roles are still methods on the node.
-    ("write_path", &["server", "cache", "failpoint", "group", "journal", "read_path", "records", "workers"]),
+    (
+        "write_path",
+        &["server", "cache", "failpoint", "group", "inflight", "journal", "read_path", "records", "workers"],
+    ),
     ("read_path", &["server", "cache", "fsutil", "journal", "records"]),
-    ("links", &["server", "workers"]),
+    ("links", &["caller", "inflight", "membership", "timeouts", "workers"]),
     (
         "parity",
         &[
@@ -184,6 +188,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "caller",
             "failpoint",
             "group",
+            "inflight",
             "links",
             "locks",
             "map",
@@ -214,7 +219,9 @@ const FREE_OF_THE_NODE: &[&str] = &[
     "format",
     "fsutil",
     "group",
+    "inflight",
     "journal",
+    "links",
     "liveness",
     "locks",
     "map",

@@ -172,7 +172,7 @@ impl Iom {
             data_iom: owner,
             durable: toughness == Toughness::Durable,
         };
-        let (held, done) = self.links.send_update(self, parity, upd, delta);
+        let (held, done) = self.links.send_update(parity, upd, delta);
         if let Some(m) = mark {
             let _ = m.await;
         }
@@ -184,7 +184,7 @@ impl Iom {
         if !new.is_empty() {
             self.storage.cache.put(crate::cache::CacheKey::Data(key, next), new);
         }
-        self.links.send_write_done(self, parity, TxRef { iom: self.id, tx });
+        self.links.send_write_done(parity, TxRef { iom: self.id, tx });
         Ok(next)
     }
 
