@@ -15,8 +15,10 @@
 
 pub mod cache;
 pub mod caller;
+pub mod data;
 pub mod failover;
 pub mod failpoint;
+pub mod fence;
 pub mod format;
 pub mod fsutil;
 pub mod group;

@@ -2,26 +2,17 @@
 //! and dropping the data of dead objects.
 
 use crate::cache::CacheKey;
+use crate::data::DataSide;
 use crate::journal::Wait;
 use crate::records::{Record, VerRef};
-use crate::{Error, Iom};
+use crate::storage::healable;
+use crate::Error;
 use bytes::Bytes;
 use common::wire::{BlockInfo, GroupInfo};
 use common::{codec, BlockKey, GroupKey, GroupNo, ObjectId, Version};
 use std::sync::Arc;
 
-/// Whether a failed read of a stored version may be answered by
-/// rebuilding it from its group: damaged bytes or a read error of the
-/// disk; a full disk is not a damaged block.
-pub(crate) fn healable(e: &Error) -> bool {
-    match e {
-        Error::Corrupt(_) => true,
-        Error::Io { err, .. } => err.raw_os_error() != Some(libc::ENOSPC),
-        _ => false,
-    }
-}
-
-impl Iom {
+impl DataSide {
     /// The newest version of a block, `[offset, offset+len)`; bytes past
     /// the returned payload are zeros. Never touches parity.
     pub async fn read_block(self: &Arc<Self>, key: BlockKey, offset: u32, len: u32) -> Result<(Version, Bytes), Error> {
@@ -67,31 +58,6 @@ impl Iom {
         self.storage.read_data(key, vr).await
     }
 
-    /// The parity block of a group and the member versions it covers. A
-    /// parity block that cannot be read is recomputed from the group's data
-    /// blocks first, when all of them can be read.
-    pub async fn read_parity(self: &Arc<Self>, g: GroupKey) -> Result<(Vec<Version>, Bytes), Error> {
-        let head = self.storage.map.parity_head(&g);
-        match self.storage.read_parity(g, &head).await {
-            Ok(b) => Ok((head.members, b)),
-            Err(e) if healable(&e) && self.group.is_whole(g) => {
-                tracing::error!(
-                    iom = self.id.0,
-                    object = g.object.0,
-                    group = g.group.0,
-                    "parity unreadable ({e}); recomputing it from the group's data blocks"
-                );
-                self.parity.recompute(g).await?;
-                self.parity.repairs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(iom = self.id.0, object = g.object.0, group = g.group.0, "parity recomputed");
-                let head = self.storage.map.parity_head(&g);
-                let b = self.storage.read_parity(g, &head).await?;
-                Ok((head.members, b))
-            }
-            Err(e) => Err(e),
-        }
-    }
-
     /// Self-healing read (the caller holds the block's lock): version `bad`
     /// of `key` failed its checksum or could not be read from this IOM's
     /// disk. Its bytes are rebuilt from the group (parity XOR the other
@@ -103,7 +69,7 @@ impl Iom {
     pub(crate) async fn heal_block(self: &Arc<Self>, key: BlockKey, bad: VerRef, why: Error) -> Result<Bytes, Error> {
         let errors = self.disk_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let r = self.heal_block_now(key, bad, why).await;
-        let limit = self.cfg.tuning.disk_errors_before_stop;
+        let limit = self.disk_errors_before_stop;
         if limit > 0 && errors >= limit {
             // The answer is ready (rebuilt, or the error): the journal has
             // the repairs. A disk failing this often is retired, not
@@ -124,7 +90,7 @@ impl Iom {
             return Err(why);
         }
         tracing::error!(
-            iom = self.id.0,
+            iom = self.me.0,
             object = key.object.0,
             block = key.block.0,
             version = bad.version.0,
@@ -133,7 +99,7 @@ impl Iom {
         let (v, rebuilt) = match self.group.reconstruct(key, Some(bad.version)).await {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(iom = self.id.0, object = key.object.0, block = key.block.0, "cannot rebuild: {e}");
+                tracing::error!(iom = self.me.0, object = key.object.0, block = key.block.0, "cannot rebuild: {e}");
                 return Err(why);
             }
         };
@@ -144,7 +110,7 @@ impl Iom {
         bytes.resize(bad.len as usize, 0);
         if codec::crc(&bytes) != bad.crc {
             tracing::error!(
-                iom = self.id.0,
+                iom = self.me.0,
                 object = key.object.0,
                 block = key.block.0,
                 "the block rebuilt from its group does not match its checksum: not repaired"
@@ -164,7 +130,7 @@ impl Iom {
         self.storage.cache.put(CacheKey::Data(key, bad.version), bytes.clone());
         self.repairs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(
-            iom = self.id.0,
+            iom = self.me.0,
             object = key.object.0,
             block = key.block.0,
             version = bad.version.0,

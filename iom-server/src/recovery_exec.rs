@@ -15,49 +15,12 @@ use crate::journal::Wait;
 use crate::map::{DTx, OpenTxs, PTx};
 use crate::records::{Record, VerRef};
 use crate::recovery::{self, decide, Action, DSide, PSide};
-use crate::workers::Tier;
 use crate::{Error, Iom};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use common::wire::{MemberReq, MemberResp, ParityTxState, ParityUpdate, TxView};
 use common::{codec, BlockKey, GroupKey, TxId, TxRef, Version};
-use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use tokio::sync::Notify;
-
-/// Blocks whose unfinished transactions are not resolved yet: reads and
-/// writes of them wait.
-#[derive(Default)]
-pub struct Fence {
-    keys: Mutex<HashSet<BlockKey>>,
-    changed: Notify,
-}
-
-impl Fence {
-    pub fn set(&self, keys: impl IntoIterator<Item = BlockKey>) {
-        self.keys.lock().extend(keys);
-    }
-    pub fn clear(&self, key: &BlockKey) {
-        if self.keys.lock().remove(key) {
-            self.changed.notify_waiters();
-        }
-    }
-    pub fn is_empty(&self) -> bool {
-        self.keys.lock().is_empty()
-    }
-    /// Waits until `key` is not fenced.
-    pub async fn wait(&self, key: &BlockKey) {
-        loop {
-            let n = self.changed.notified();
-            if !self.keys.lock().contains(key) {
-                return;
-            }
-            // `notify_waiters` reaches a `Notified` from its creation on,
-            // so a clear between the check and here is not missed.
-            n.await;
-        }
-    }
-}
 
 /// Counters for the recovery log line.
 #[derive(Default, Debug)]
@@ -148,7 +111,7 @@ impl Iom {
             data_iom: self.id,
             durable: true,
         };
-        self.resume_tx(tx, t, upd, delta.freeze());
+        self.data.resume(tx, t, upd, delta.freeze());
         Ok(())
     }
 
@@ -382,13 +345,5 @@ impl Iom {
             left_to_data_iom = tally.left_to_data,
             "recovery: done"
         );
-    }
-
-    /// Runs a data transaction found open in the journal through a8–a14 again.
-    fn resume_tx(self: &Arc<Self>, tx: TxId, t: &DTx, upd: ParityUpdate, delta: Bytes) {
-        let (held, done) = self.links.send_update(t.parity, upd, delta);
-        let p = crate::write_path::Pending::resumed(self, tx, t.key, t.old, t.new, held, done);
-        let me = self.clone();
-        self.workers.spawn(Tier::Protocol, "write-finish", async move { me.finish_pending(p).await });
     }
 }

@@ -39,7 +39,7 @@ pub struct Iom {
     pub data_dir: PathBuf,
     /// Block store, cache, journal and map (see `storage`).
     pub storage: Arc<Storage>,
-    pub locks: KeyLocks<BlockKey>,
+    pub locks: Arc<KeyLocks<BlockKey>>,
     /// Every outgoing call (see `caller`).
     pub caller: Arc<RoleCaller>,
     /// Reconstruction from a parity group (see `group`).
@@ -47,7 +47,9 @@ pub struct Iom {
     pub links: Arc<Links>,
     pub parity: Arc<ParitySide>,
     pub inflight: Arc<Inflight>,
-    pub fence: crate::recovery_exec::Fence,
+    pub fence: Arc<crate::fence::Fence>,
+    /// The data role (a1–a14, reads, flush, drops).
+    pub data: Arc<crate::data::DataSide>,
     /// Which failed IOMs' roles this stand-in serves, freezes or hands back.
     pub handover: Arc<HandoverState>,
     pub rejoin_flag: std::sync::atomic::AtomicBool,
@@ -57,11 +59,6 @@ pub struct Iom {
     /// Set once start-up learned the cluster's current map: until then this
     /// IOM serves nothing (its own map on disk may be stale).
     pub ready: tokio::sync::watch::Sender<bool>,
-    /// Data block versions rebuilt from their group because their slot
-    /// could not be read (self-healing reads).
-    pub repairs: std::sync::atomic::AtomicU64,
-    /// Failed reads of this IOM's own disk (errors and checksum mismatches).
-    pub disk_errors: std::sync::atomic::AtomicU64,
     pub rebuild: crate::rebuild::RebuildProgress,
     /// Transactions the journal left open at start-up, for recovery.
     pub startup_open: parking_lot::Mutex<Option<crate::map::OpenTxs>>,
@@ -161,21 +158,37 @@ impl Iom {
             workers: workers.clone(),
             dir: data_dir.clone(),
         }));
+        let locks = Arc::new(KeyLocks::default());
+        let fence = Arc::new(crate::fence::Fence::default());
+        let data = Arc::new(crate::data::DataSide::new(crate::data::Handles {
+            me: opts.id,
+            layout,
+            block_size: cfg.block_size,
+            disk_errors_before_stop: cfg.tuning.disk_errors_before_stop,
+            storage: storage.clone(),
+            locks: locks.clone(),
+            links: links.clone(),
+            inflight: inflight.clone(),
+            fence: fence.clone(),
+            group: group.clone(),
+            workers: workers.clone(),
+            timeouts,
+            dir: data_dir.clone(),
+        }));
         let iom = Arc::new(Iom {
             id: opts.id,
             links,
             parity,
             inflight,
-            fence: Default::default(),
+            fence,
+            data,
             handover,
             rejoin_flag: Default::default(),
             replacing: std::sync::atomic::AtomicBool::new(replacing),
             ready: tokio::sync::watch::Sender::new(false),
-            repairs: Default::default(),
-            disk_errors: Default::default(),
             rebuild: Default::default(),
             startup_open: parking_lot::Mutex::new(Some(open_at_start)),
-            locks: KeyLocks::default(),
+            locks,
             shutdown: workers.token(Tier::Background),
             workers,
             cfg,
@@ -268,8 +281,8 @@ impl Iom {
             rebuild_total: self.rebuild.total.load(Ordering::Relaxed),
             rebuild_bytes_per_s: self.rebuild.rate(),
             serving: *self.ready.borrow(),
-            repaired_blocks: self.repairs.load(Ordering::Relaxed),
-            disk_errors: self.disk_errors.load(Ordering::Relaxed),
+            repaired_blocks: self.data.repairs.load(Ordering::Relaxed),
+            disk_errors: self.data.disk_errors.load(Ordering::Relaxed),
             repaired_parity: self.parity.repairs.load(Ordering::Relaxed),
             room_bytes: room,
             disk_bytes: disk,

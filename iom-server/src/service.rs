@@ -172,28 +172,28 @@ impl Plane {
 
     async fn read(self, iom: &Arc<Iom>, key: BlockKey, offset: u32, len: u32) -> Result<(Version, Bytes), Error> {
         match self {
-            Plane::Own => iom.read_block(key, offset, len).await,
+            Plane::Own => iom.data.read_block(key, offset, len).await,
             Plane::StandIn(owner) => iom.standin_read(owner, key, offset, len).await,
         }
     }
 
     async fn write(self, iom: &Arc<Iom>, key: BlockKey, op: Op, t: Toughness, hint: u8) -> Result<Version, Error> {
         match self {
-            Plane::Own => iom.write_block(key, op, t, hint).await,
+            Plane::Own => iom.data.write_block(key, op, t, hint).await,
             Plane::StandIn(owner) => iom.standin_write(owner, key, op, t, hint).await,
         }
     }
 
     async fn drop_object(self, iom: &Arc<Iom>, object: ObjectId, from: GroupNo) -> Result<(), Error> {
         match self {
-            Plane::Own => iom.drop_object(object, from).await,
+            Plane::Own => iom.data.drop_object(object, from).await,
             Plane::StandIn(owner) => iom.standin_drop(owner, object, from),
         }
     }
 
     async fn read_version(self, iom: &Arc<Iom>, key: BlockKey, version: Version) -> Result<Bytes, Error> {
         match self {
-            Plane::Own => iom.read_version(key, version).await,
+            Plane::Own => iom.data.read_version(key, version).await,
             Plane::StandIn(_) => {
                 let (v, b) = iom.group.reconstruct(key, Some(version)).await?;
                 debug_assert_eq!(v, version);
@@ -242,7 +242,7 @@ pub(crate) async fn read_version(
 /// `ReadParity`: a group's parity with the member versions it covers.
 pub(crate) async fn read_parity(iom: &Arc<Iom>, route: Route, group: GroupKey) -> Result<(Vec<Version>, Bytes), Error> {
     Plane::of(iom, &route, false)?.own_parity(group, "it is rebuilt when that IOM comes back")?;
-    iom.read_parity(group).await
+    iom.parity.read_parity(group).await
 }
 
 async fn data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp, Vec<Bytes>), Error> {
@@ -311,7 +311,7 @@ async fn data_one(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataR
         }
         DataReq::Flush { route } => {
             iom.member.check_route(&route, false)?;
-            iom.flush().await?;
+            iom.data.flush().await?;
             Ok((DataResp::Flushed, Bytes::new()))
         }
         DataReq::DropObject { route, object, from } => {
@@ -343,8 +343,12 @@ async fn data_one(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataR
             iom.parity.recompute(group).await?;
             Ok((DataResp::Recomputed, Bytes::new()))
         }
-        DataReq::ListBlocks { after, limit } => Ok((DataResp::Blocks(iom.list_blocks(after, limit)), Bytes::new())),
-        DataReq::ListGroups { after, limit } => Ok((DataResp::Groups(iom.list_groups(after, limit)), Bytes::new())),
+        DataReq::ListBlocks { after, limit } => {
+            Ok((DataResp::Blocks(iom.data.list_blocks(after, limit)), Bytes::new()))
+        }
+        DataReq::ListGroups { after, limit } => {
+            Ok((DataResp::Groups(iom.data.list_groups(after, limit)), Bytes::new()))
+        }
         DataReq::ReadMany { .. } | DataReq::DropObjects { .. } => unreachable!("handled by data()"),
     }
 }

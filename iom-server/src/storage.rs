@@ -316,6 +316,17 @@ impl Storage {
     }
 }
 
+/// Whether a failed read of a stored version may be answered by
+/// rebuilding it from its group: damaged bytes or a read error of the
+/// disk; a full disk is not a damaged block.
+pub fn healable(e: &Error) -> bool {
+    match e {
+        Error::Corrupt(_) => true,
+        Error::Io { err, .. } => err.raw_os_error() != Some(libc::ENOSPC),
+        _ => false,
+    }
+}
+
 fn lock_dir(dir: &std::path::Path) -> Result<File, Error> {
     let p = dir.join("lock");
     let f = File::options()

@@ -8,12 +8,13 @@
 
 use crate::cache::CacheKey;
 use crate::crash_point;
+use crate::data::DataSide;
 use crate::group::xor_into;
 use crate::inflight::Progress;
 use crate::journal::Wait;
 use crate::records::{Record, VerRef};
 use crate::workers::Tier;
-use crate::{Error, Iom};
+use crate::Error;
 use bytes::{Bytes, BytesMut};
 use common::wire::ParityUpdate;
 use common::{codec, BlockKey, Toughness, TxId, TxRef, Version};
@@ -77,7 +78,7 @@ pub(crate) struct Pending {
 impl Pending {
     /// A transaction found open after a restart, its update sent again.
     pub(crate) fn resumed(
-        iom: &Iom,
+        data: &DataSide,
         tx: TxId,
         key: BlockKey,
         old: VerRef,
@@ -85,19 +86,23 @@ impl Pending {
         held: oneshot::Receiver<()>,
         done: oneshot::Receiver<()>,
     ) -> Pending {
-        let progress = iom.inflight.register(tx);
+        let progress = data.inflight.register(tx);
         Pending { tx, key, old, new, progress, written: None, held, done, urgent: false }
     }
 }
 
-impl Iom {
-    /// Finishes a resumed transaction (a8–a14).
-    pub(crate) async fn finish_pending(self: Arc<Self>, p: Pending) {
-        self.finish(p, None).await
+impl DataSide {
+    /// Runs a data transaction found open in the journal through a8–a14
+    /// again (recovery rolls it forward): its update is sent again.
+    pub(crate) fn resume(self: &Arc<Self>, tx: TxId, t: &crate::map::DTx, upd: ParityUpdate, delta: Bytes) {
+        let (held, done) = self.links.send_update(t.parity, upd, delta);
+        let p = Pending::resumed(self, tx, t.key, t.old, t.new, held, done);
+        let me = self.clone();
+        self.workers.spawn(Tier::Protocol, "write-finish", async move { me.finish(p, None).await });
     }
 
     /// Runs one data transaction and answers at the point `toughness` names.
-    #[tracing::instrument(level = "debug", skip(self, op), fields(iom = self.id.0, object = key.object.0, block = key.block.0))]
+    #[tracing::instrument(level = "debug", skip(self, op), fields(iom = self.me.0, object = key.object.0, block = key.block.0))]
     pub async fn write_block(
         self: &Arc<Self>,
         key: BlockKey,
@@ -108,7 +113,7 @@ impl Iom {
         if self.workers.stopping(Tier::Intake) {
             return Err(Error::Shutdown);
         }
-        let bs = self.cfg.block_size;
+        let bs = self.block_size;
         if let Op::Write { offset, data } = &op {
             if *offset as u64 + data.len() as u64 > bs as u64 || data.is_empty() {
                 return Err(Error::BadRequest(format!(
@@ -147,7 +152,7 @@ impl Iom {
         let old = self.storage.map.head(&key);
         let old_bytes = match self.storage.read_data(key, old).await {
             Ok(b) => b,
-            Err(e) if crate::read_path::healable(&e) => self.heal_block(key, old, e).await?,
+            Err(e) if crate::storage::healable(&e) => self.heal_block(key, old, e).await?,
             Err(e) => return Err(e),
         };
         crash_point!(self, "write::after-a1");
@@ -194,14 +199,14 @@ impl Iom {
 
         // a6 + a8: "update parity" to P with the delta pushed along (a7 above).
         let upd = ParityUpdate {
-            tx: TxRef { iom: self.id, tx },
+            tx: TxRef { iom: self.me, tx },
             group,
             index: self.layout.index_in_group(key.block),
             old: old.version,
             new: new.version,
             delta_offset,
             hint,
-            data_iom: self.id,
+            data_iom: self.me,
             durable: urgent,
         };
         let (held, done) = self.links.send_update(parity, upd, delta);
@@ -260,15 +265,15 @@ impl Iom {
         crash_point!(&self, "write::after-a14");
 
         // a13: tell P the write completed.
-        self.links.send_write_done(new_parity_role(&self, key), TxRef { iom: self.id, tx });
+        self.links.send_write_done(new_parity_role(&self, key), TxRef { iom: self.me, tx });
         crash_point!(&self, "write::after-a13");
         progress.send_replace(Progress::Done);
         self.inflight.remove(tx);
     }
 }
 
-fn new_parity_role(iom: &Iom, key: BlockKey) -> common::IomId {
-    iom.layout.parity_iom(key.object, iom.layout.group_of(key.block))
+fn new_parity_role(data: &DataSide, key: BlockKey) -> common::IomId {
+    data.layout.parity_iom(key.object, data.layout.group_of(key.block))
 }
 
 #[cfg(test)]

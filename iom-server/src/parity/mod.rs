@@ -24,7 +24,7 @@ use crate::workers::Workers;
 use crate::Error;
 use bytes::{Bytes, BytesMut};
 use common::wire::{ErrorCode, MemberResp, ParityAck, ParityMsg, ParityUpdate, Reply, WireError};
-use common::{codec, GroupKey, IomId, Layout, TxRef};
+use common::{codec, GroupKey, IomId, Layout, TxRef, Version};
 use net::frame::{read_frame, write_frame};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -238,6 +238,31 @@ pub async fn run_channel(
 }
 
 impl ParitySide {
+    /// The parity block of a group and the member versions it covers. A
+    /// parity block that cannot be read is recomputed from the group's data
+    /// blocks first, when all of them can be read.
+    pub async fn read_parity(self: &Arc<Self>, g: GroupKey) -> Result<(Vec<Version>, Bytes), Error> {
+        let head = self.storage.map.parity_head(&g);
+        match self.storage.read_parity(g, &head).await {
+            Ok(b) => Ok((head.members, b)),
+            Err(e) if crate::storage::healable(&e) && self.group.is_whole(g) => {
+                tracing::error!(
+                    iom = self.me.0,
+                    object = g.object.0,
+                    group = g.group.0,
+                    "parity unreadable ({e}); recomputing it from the group's data blocks"
+                );
+                self.recompute(g).await?;
+                self.repairs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(iom = self.me.0, object = g.object.0, group = g.group.0, "parity recomputed");
+                let head = self.storage.map.parity_head(&g);
+                let b = self.storage.read_parity(g, &head).await?;
+                Ok((head.members, b))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// b1–b4: journal the update, hold its delta, confirm receipt.
     /// Answers `Held` and `Done` for `tx` once what the journal holds is
     /// written (an update already covered, or marked by a stand-in).
