@@ -189,7 +189,7 @@ impl Iom {
 
     fn spawn_standin_activate(self: &Arc<Self>, j: IomId) {
         let me = self.clone();
-        self.workers.spawn(Tier::Background, "standin-activate", async move { me.standin_activate(j).await });
+        self.workers.spawn(Tier::Background, "standin-activate", async move { me.standin.clone().activate(j).await });
     }
 
     /// Reacts to every new cluster map.
@@ -224,7 +224,7 @@ impl Iom {
                             epoch = cur.epoch.0,
                             "IOM back: stand-in duty over"
                         );
-                        self.standin_done(j);
+                        self.standin.done(j);
                     }
                     Transition::DeclaredDown if !self.rejoining() => {
                         tracing::error!(

@@ -52,6 +52,8 @@ pub struct Iom {
     pub data: Arc<crate::data::DataSide>,
     /// Which failed IOMs' roles this stand-in serves, freezes or hands back.
     pub handover: Arc<HandoverState>,
+    /// The stand-in role (degraded reads and writes, marks, handover).
+    pub standin: Arc<crate::standin::StandIn>,
     pub rejoin_flag: std::sync::atomic::AtomicBool,
     /// This IOM's store replaced a lost one (`iomfs replace`): it rejoins
     /// by rebuilding everything it held, not only what changed meanwhile.
@@ -156,6 +158,7 @@ impl Iom {
             handover: handover.clone(),
             group: group.clone(),
             workers: workers.clone(),
+            timeouts,
             dir: data_dir.clone(),
         }));
         let locks = Arc::new(KeyLocks::default());
@@ -175,6 +178,20 @@ impl Iom {
             timeouts,
             dir: data_dir.clone(),
         }));
+        let standin = Arc::new(crate::standin::StandIn {
+            me: opts.id,
+            width: cfg.width(),
+            layout,
+            storage: storage.clone(),
+            group: group.clone(),
+            locks: locks.clone(),
+            links: links.clone(),
+            parity: parity.clone(),
+            handover: handover.clone(),
+            caller: caller.clone(),
+            timeouts,
+            stop: workers.token(Tier::Background),
+        });
         let iom = Arc::new(Iom {
             id: opts.id,
             links,
@@ -183,6 +200,7 @@ impl Iom {
             fence,
             data,
             handover,
+            standin,
             rejoin_flag: Default::default(),
             replacing: std::sync::atomic::AtomicBool::new(replacing),
             ready: tokio::sync::watch::Sender::new(false),

@@ -173,21 +173,21 @@ impl Plane {
     async fn read(self, iom: &Arc<Iom>, key: BlockKey, offset: u32, len: u32) -> Result<(Version, Bytes), Error> {
         match self {
             Plane::Own => iom.data.read_block(key, offset, len).await,
-            Plane::StandIn(owner) => iom.standin_read(owner, key, offset, len).await,
+            Plane::StandIn(owner) => iom.standin.read(owner, key, offset, len).await,
         }
     }
 
     async fn write(self, iom: &Arc<Iom>, key: BlockKey, op: Op, t: Toughness, hint: u8) -> Result<Version, Error> {
         match self {
             Plane::Own => iom.data.write_block(key, op, t, hint).await,
-            Plane::StandIn(owner) => iom.standin_write(owner, key, op, t, hint).await,
+            Plane::StandIn(owner) => iom.standin.write(owner, key, op, t, hint).await,
         }
     }
 
     async fn drop_object(self, iom: &Arc<Iom>, object: ObjectId, from: GroupNo) -> Result<(), Error> {
         match self {
             Plane::Own => iom.data.drop_object(object, from).await,
-            Plane::StandIn(owner) => iom.standin_drop(owner, object, from),
+            Plane::StandIn(owner) => iom.standin.drop_object(owner, object, from),
         }
     }
 
@@ -375,13 +375,13 @@ pub(crate) async fn member(iom: &Arc<Iom>, req: MemberReq) -> Result<MemberResp,
             iom.member.install(map);
             Ok(MemberResp::Ack)
         }
-        MemberReq::Unfinished { about } => Ok(MemberResp::Unfinished(iom.unfinished_about(about).await)),
-        MemberReq::RebuildMarks { about } => Ok(MemberResp::Marks(iom.rebuild_marks(about))),
+        MemberReq::Unfinished { about } => Ok(MemberResp::Unfinished(iom.parity.unfinished_about(about).await)),
+        MemberReq::RebuildMarks { about } => Ok(MemberResp::Marks(iom.standin.rebuild_marks(about))),
         MemberReq::ClearMarks { about, marks } => {
-            iom.clear_marks(about, marks);
+            iom.standin.clear_marks(about, marks);
             Ok(MemberResp::Ack)
         }
-        MemberReq::Freeze { about } => Ok(MemberResp::Marks(iom.freeze(about).await)),
+        MemberReq::Freeze { about } => Ok(MemberResp::Marks(iom.standin.freeze(about).await)),
         MemberReq::Unfreeze { about } => {
             iom.handover.unfreeze(about);
             Ok(MemberResp::Ack)

@@ -19,12 +19,13 @@ use crate::membership::Membership;
 use crate::records::{PVerRef, Record};
 use crate::standin::handover::HandoverState;
 use crate::storage::Storage;
+use crate::timeouts::Timeouts;
 use crate::workers::Tier;
 use crate::workers::Workers;
 use crate::Error;
 use bytes::{Bytes, BytesMut};
 use common::wire::{ErrorCode, MemberResp, ParityAck, ParityMsg, ParityUpdate, Reply, WireError};
-use common::{codec, GroupKey, IomId, Layout, TxRef, Version};
+use common::{codec, BlockKey, GroupKey, IomId, Layout, TxRef, Version};
 use net::frame::{read_frame, write_frame};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -67,6 +68,7 @@ pub struct ParitySide {
     handover: Arc<HandoverState>,
     group: Arc<Group>,
     workers: Arc<Workers>,
+    timeouts: Timeouts,
     site: Site,
     groups: Mutex<HashMap<GroupKey, GroupQueue>>,
     /// Parity versions written (b8).
@@ -91,6 +93,7 @@ pub struct Handles {
     pub handover: Arc<HandoverState>,
     pub group: Arc<Group>,
     pub workers: Arc<Workers>,
+    pub timeouts: Timeouts,
     pub dir: std::path::PathBuf,
 }
 
@@ -114,6 +117,7 @@ impl ParitySide {
             handover: h.handover,
             group: h.group,
             workers: h.workers,
+            timeouts: h.timeouts,
             site: Site { id: h.me, dir: h.dir },
             groups: Mutex::default(),
             writes: AtomicU64::new(0),
@@ -261,6 +265,33 @@ impl ParitySide {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// `Unfinished`: this IOM's parity-side transactions from failed IOM `i`,
+    /// after applying every delta from it still held in memory. Returns the
+    /// blocks with the version the parity now covers.
+    pub async fn unfinished_about(self: &Arc<Self>, i: IomId) -> Vec<(BlockKey, Version)> {
+        let mine: Vec<(TxRef, crate::map::PTx)> = self
+            .storage
+            .map
+            .ptx
+            .lock()
+            .iter()
+            .filter(|(t, p)| {
+                t.iom == i
+                    || self.layout.data_iom(p.group.object, self.layout.member_block(p.group.group, p.index)) == i
+            })
+            .map(|(t, p)| (*t, p.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for (tx, p) in mine {
+            self.wait_unqueued(p.group, tx, self.timeouts.held_delta_wait).await;
+            let key = BlockKey { object: p.group.object, block: self.layout.member_block(p.group.group, p.index) };
+            let covers =
+                self.storage.map.parity_head(&p.group).members.get(p.index as usize).copied().unwrap_or(Version(0));
+            out.push((key, covers));
+        }
+        out
     }
 
     /// b1–b4: journal the update, hold its delta, confirm receipt.

@@ -15,31 +15,61 @@
 
 pub mod handover;
 
+use crate::caller::RoleCaller;
+use crate::group::Group;
 use crate::journal::Wait;
+use crate::links::Links;
+use crate::locks::KeyLocks;
+use crate::parity::ParitySide;
 use crate::records::Record;
+use crate::storage::Storage;
+use crate::timeouts::Timeouts;
 use crate::write_path::{build_new, Op};
-use crate::{Error, Iom};
+use crate::Error;
 use bytes::Bytes;
 use common::wire::{ErrorCode, MemberReq, MemberResp, ParityUpdate, RebuildMarks, Reply, Request, WireError};
-use common::{BlockKey, GroupNo, IomId, ObjectId, Toughness, TxRef, Version};
+use common::{BlockKey, GroupNo, IomId, Layout, ObjectId, Toughness, TxRef, Version};
+use handover::HandoverState;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
-impl Iom {
+/// The stand-in role: serves the roles of failed IOMs this one is the
+/// proxy of. Holds the storage (marks), the group (degraded reads and the
+/// old block of degraded writes), the block locks, the parity links, the
+/// parity side (its unfinished transactions with a failed IOM), the
+/// handover state and the caller; never the node.
+pub struct StandIn {
+    pub(crate) me: IomId,
+    pub(crate) width: u32,
+    pub(crate) layout: Layout,
+    pub(crate) storage: Arc<Storage>,
+    pub(crate) group: Arc<Group>,
+    pub(crate) locks: Arc<KeyLocks<BlockKey>>,
+    pub(crate) links: Arc<Links>,
+    pub(crate) parity: Arc<ParitySide>,
+    pub(crate) handover: Arc<HandoverState>,
+    pub(crate) caller: Arc<RoleCaller>,
+    pub(crate) timeouts: Timeouts,
+    /// Cancelled when the IOM's background work stops.
+    pub(crate) stop: CancellationToken,
+}
+
+impl StandIn {
     /// Takes over for failed IOM `i`: the other IOMs publish the unfinished
     /// transactions they had with it — parity IOMs first apply every delta
     /// from it they hold, so degraded reads see its acknowledged writes.
     /// Nothing is marked for them: when `i` returns, its own journal and the
     /// recovery rules settle them; marks are only for what changes while it
     /// is away.
-    pub async fn standin_activate(self: Arc<Self>, i: IomId) {
-        let w = self.cfg.width();
+    pub async fn activate(self: Arc<Self>, i: IomId) {
+        let w = self.width;
         let mut todo: Vec<IomId> = (0..w).map(IomId).filter(|&j| j != i).collect();
         let mut open = 0usize;
         for _ in 0..20 {
             let mut left = Vec::new();
             for j in todo {
-                let r = if j == self.id {
-                    Ok(self.unfinished_about(i).await)
+                let r = if j == self.me {
+                    Ok(self.parity.unfinished_about(i).await)
                 } else {
                     match self
                         .caller
@@ -59,50 +89,23 @@ impl Iom {
                 match r {
                     Ok(blocks) => open += blocks.len(),
                     Err(e) => {
-                        tracing::debug!(iom = self.id.0, peer = j.0, "unfinished transactions not collected yet: {e}");
+                        tracing::debug!(iom = self.me.0, peer = j.0, "unfinished transactions not collected yet: {e}");
                         left.push(j);
                     }
                 }
             }
             todo = left;
-            if todo.is_empty() || self.shutdown.is_cancelled() {
+            if todo.is_empty() || self.stop.is_cancelled() {
                 break;
             }
             tokio::time::sleep(self.timeouts.collect_pause).await;
         }
         self.handover.activate(i);
-        tracing::warn!(iom = self.id.0, failed = i.0, unfinished = open, unreachable_peers = ?todo, "stand-in active");
-    }
-
-    /// `Unfinished`: this IOM's parity-side transactions from failed IOM `i`,
-    /// after applying every delta from it still held in memory. Returns the
-    /// blocks with the version the parity now covers.
-    pub async fn unfinished_about(self: &Arc<Self>, i: IomId) -> Vec<(BlockKey, Version)> {
-        let mine: Vec<(TxRef, crate::map::PTx)> = self
-            .storage
-            .map
-            .ptx
-            .lock()
-            .iter()
-            .filter(|(t, p)| {
-                t.iom == i
-                    || self.layout.data_iom(p.group.object, self.layout.member_block(p.group.group, p.index)) == i
-            })
-            .map(|(t, p)| (*t, p.clone()))
-            .collect();
-        let mut out = Vec::new();
-        for (tx, p) in mine {
-            self.parity.wait_unqueued(p.group, tx, self.timeouts.held_delta_wait).await;
-            let key = BlockKey { object: p.group.object, block: self.layout.member_block(p.group.group, p.index) };
-            let covers =
-                self.storage.map.parity_head(&p.group).members.get(p.index as usize).copied().unwrap_or(Version(0));
-            out.push((key, covers));
-        }
-        out
+        tracing::warn!(iom = self.me.0, failed = i.0, unfinished = open, unreachable_peers = ?todo, "stand-in active");
     }
 
     /// The failed IOM `i` is up again: forget what was kept for it.
-    pub fn standin_done(self: &Arc<Self>, i: IomId) {
+    pub fn done(&self, i: IomId) {
         self.handover.forget(i);
         if self.storage.map.marks.lock().contains_key(&i) {
             self.storage.commit(&Record::MarksCleared { owner: i }, false, Wait::Nothing);
@@ -110,7 +113,7 @@ impl Iom {
     }
 
     /// Degraded read of a block of failed IOM `owner`.
-    pub async fn standin_read(
+    pub async fn read(
         self: &Arc<Self>,
         owner: IomId,
         key: BlockKey,
@@ -126,7 +129,7 @@ impl Iom {
     }
 
     /// Degraded write of a block of failed IOM `owner`: parity carries it.
-    pub async fn standin_write(
+    pub async fn write(
         self: &Arc<Self>,
         owner: IomId,
         key: BlockKey,
@@ -140,10 +143,10 @@ impl Iom {
         // Counted, then checked again: a freeze that began meanwhile either
         // sees this write counted (and waits for it) or this check sees it.
         self.handover.check(owner)?;
-        self.standin_write_inner(owner, key, op, toughness, hint).await
+        self.write_inner(owner, key, op, toughness, hint).await
     }
 
-    async fn standin_write_inner(
+    async fn write_inner(
         self: &Arc<Self>,
         owner: IomId,
         key: BlockKey,
@@ -162,7 +165,7 @@ impl Iom {
         let wait = if toughness == Toughness::Durable { Wait::Durable } else { Wait::Written };
         let mark = self.storage.commit(&Record::Marked { owner, key, version: next }, false, wait);
         let upd = ParityUpdate {
-            tx: TxRef { iom: self.id, tx },
+            tx: TxRef { iom: self.me, tx },
             group,
             index: self.layout.index_in_group(key.block),
             old: v,
@@ -184,12 +187,12 @@ impl Iom {
         if !new.is_empty() {
             self.storage.cache.put(crate::cache::CacheKey::Data(key, next), new);
         }
-        self.links.send_write_done(parity, TxRef { iom: self.id, tx });
+        self.links.send_write_done(parity, TxRef { iom: self.me, tx });
         Ok(next)
     }
 
     /// A failed IOM's blocks of `object` in groups >= `from` were dropped.
-    pub fn standin_drop(&self, owner: IomId, object: ObjectId, from: GroupNo) -> Result<(), Error> {
+    pub fn drop_object(&self, owner: IomId, object: ObjectId, from: GroupNo) -> Result<(), Error> {
         self.handover.check(owner)?;
         self.storage.commit(&Record::MarkedDrop { owner, object, from }, false, Wait::Written);
         Ok(())
@@ -223,7 +226,7 @@ impl Iom {
     pub async fn freeze(self: &Arc<Self>, i: IomId) -> RebuildMarks {
         self.handover.freeze(i);
         if !self.handover.drain(self.timeouts.freeze_drain_max).await {
-            tracing::warn!(iom = self.id.0, failed = i.0, "handover goes on with stand-in writes still running");
+            tracing::warn!(iom = self.me.0, failed = i.0, "handover goes on with stand-in writes still running");
         }
         self.storage.journal.flush().await;
         self.rebuild_marks(i)
