@@ -368,7 +368,7 @@ impl Iom {
         match map.state(self.id) {
             IomState::Up => {
                 self.rejoin_flag.store(false, std::sync::atomic::Ordering::Release);
-                self.recover().await
+                self.recovery.clone().recover().await
             }
             IomState::Down { .. } | IomState::Rebuilding { .. } => self.rejoin().await,
         }

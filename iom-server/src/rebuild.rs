@@ -88,7 +88,7 @@ impl Iom {
                     groups = marks.groups.len(),
                     "rejoin: recovering, then rebuilding what changed while this IOM was down"
                 );
-                self.clone().recover_with(Some(&marks)).await;
+                self.recovery.clone().recover_with(Some(&marks)).await;
                 recovered = true;
             }
             // Tell the cluster this IOM is back and rebuilding.

@@ -10,17 +10,27 @@
 //! parity for recovery except [`crate::parity::ParitySide::recompute`]
 //! (which installs what [`crate::group::Group::gather`] computes).
 
+use crate::caller::RoleCaller;
+use crate::data::DataSide;
+use crate::fence::Fence;
 use crate::group::xor_into;
+use crate::group::Group;
 use crate::journal::Wait;
+use crate::locks::KeyLocks;
 use crate::map::{DTx, OpenTxs, PTx};
+use crate::parity::ParitySide;
 use crate::records::{Record, VerRef};
 use crate::recovery::{self, decide, Action, DSide, PSide};
-use crate::{Error, Iom};
+use crate::storage::Storage;
+use crate::timeouts::Timeouts;
+use crate::Error;
 use bytes::BytesMut;
 use common::wire::{MemberReq, MemberResp, ParityTxState, ParityUpdate, TxView};
 use common::{codec, BlockKey, GroupKey, TxId, TxRef, Version};
+use common::{IomId, Layout};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 /// Counters for the recovery log line.
 #[derive(Default, Debug)]
@@ -33,7 +43,31 @@ struct Tally {
     left_to_data: u32,
 }
 
-impl Iom {
+/// The recovery executor: resolves the transactions this IOM's journal
+/// left open (as data side and as parity side) by asking the other side
+/// and applying [`recovery::decide`], and answers the other IOMs'
+/// recovery questions (`TxStatus`, `DiscardTx`, `RebuildBlock`). Holds
+/// the storage, the data and parity sides, the group, the caller, the
+/// fence and the block locks; never the node.
+pub struct Recovery {
+    pub(crate) me: IomId,
+    pub(crate) layout: Layout,
+    pub(crate) storage: Arc<Storage>,
+    pub(crate) data: Arc<DataSide>,
+    pub(crate) parity: Arc<ParitySide>,
+    pub(crate) group: Arc<Group>,
+    pub(crate) caller: Arc<RoleCaller>,
+    pub(crate) fence: Arc<Fence>,
+    pub(crate) locks: Arc<KeyLocks<BlockKey>>,
+    pub(crate) timeouts: Timeouts,
+    /// Cancelled when the IOM's background work stops.
+    pub(crate) stop: CancellationToken,
+    /// Transactions the journal left open at start-up, taken by the first
+    /// recovery.
+    pub(crate) startup_open: parking_lot::Mutex<Option<OpenTxs>>,
+}
+
+impl Recovery {
     /// `RebuildBlock`: installs version `version` of block `key`, rebuilt from its group.
     pub async fn rebuild_block(self: &Arc<Self>, key: BlockKey, version: Version) -> Result<(), Error> {
         let _g = self.locks.lock(key).await;
@@ -49,7 +83,7 @@ impl Iom {
         if parity_side {
             let g = self.layout.group_key(key);
             let role = self.layout.parity_iom(g.object, g.group);
-            if role != self.id {
+            if role != self.me {
                 // A stand-in keeps no parity for the failed IOM: the group
                 // will be recomputed when it comes back.
                 self.storage.mark_group(role, g);
@@ -66,7 +100,7 @@ impl Iom {
             let covers = self.storage.map.parity_head(&g).members.get(j).copied().unwrap_or(Version(0));
             TxView::Parity { state, standin: false, covers }
         } else {
-            let open = tx.iom == self.id && self.storage.map.dtx.lock().contains_key(&tx.tx);
+            let open = tx.iom == self.me && self.storage.map.dtx.lock().contains_key(&tx.tx);
             let (pointer, head) = match self.storage.map.entry(&key) {
                 Some(e) => (e.pointer, e.head().version),
                 None => (Version(0), Version(0)),
@@ -101,14 +135,14 @@ impl Iom {
         xor_into(&mut delta[..new.len()], &new);
         let group = self.layout.group_key(t.key);
         let upd = ParityUpdate {
-            tx: TxRef { iom: self.id, tx },
+            tx: TxRef { iom: self.me, tx },
             group,
             index: self.layout.index_in_group(t.key.block),
             old: t.old.version,
             new: t.new.version,
             delta_offset: 0,
             hint: 1,
-            data_iom: self.id,
+            data_iom: self.me,
             durable: true,
         };
         self.data.resume(tx, t, upd, delta.freeze());
@@ -129,7 +163,7 @@ impl Iom {
             .caller
             .rpc_recovery(
                 t.parity,
-                MemberReq::TxStatus { tx: TxRef { iom: self.id, tx }, key: t.key, parity_side: true },
+                MemberReq::TxStatus { tx: TxRef { iom: self.me, tx }, key: t.key, parity_side: true },
             )
             .await?;
         let MemberResp::TxStatus(TxView::Parity { state, covers, standin }) = view else {
@@ -139,7 +173,7 @@ impl Iom {
         let dside = if t.switched { DSide::Switched } else { DSide::Issued };
         let action = recovery::decide_data(dside, pside, intact, force_back);
         tracing::info!(
-            iom = self.id.0,
+            iom = self.me.0,
             tx = tx.0,
             object = t.key.object.0,
             block = t.key.block.0,
@@ -180,7 +214,7 @@ impl Iom {
                 }
                 self.storage.cache.remove(&crate::cache::CacheKey::Data(t.key, t.new.version));
                 if pside == PSide::Received {
-                    self.caller.rpc_recovery(t.parity, MemberReq::DiscardTx { tx: TxRef { iom: self.id, tx } }).await?;
+                    self.caller.rpc_recovery(t.parity, MemberReq::DiscardTx { tx: TxRef { iom: self.me, tx } }).await?;
                 }
                 tally.back += 1;
                 Ok(true)
@@ -204,7 +238,7 @@ impl Iom {
         let dside = recovery::dside_from(pointer, p.new);
         let pside = if p.applied.is_some() { PSide::Completed } else { PSide::Received };
         let action = decide(dside, pside, false);
-        tracing::info!(iom = self.id.0, tx = ?tx, group = ?p.group, ?dside, ?pside, ?action, "recovery: parity transaction");
+        tracing::info!(iom = self.me.0, tx = ?tx, group = ?p.group, ?dside, ?pside, ?action, "recovery: parity transaction");
         match action {
             Action::FinishFrees => {
                 self.parity.write_done(tx);
@@ -269,7 +303,7 @@ impl Iom {
             return;
         }
         tracing::warn!(
-            iom = self.id.0,
+            iom = self.me.0,
             data_side = dtx.len(),
             parity_side = ptx.len(),
             "recovery: resolving unfinished transactions"
@@ -282,7 +316,7 @@ impl Iom {
             by_key.entry(t.key).or_default().push((tx, t));
         }
         let mut delay = self.timeouts.recovery_backoff_min;
-        while !by_key.is_empty() && !self.shutdown.is_cancelled() {
+        while !by_key.is_empty() && !self.stop.is_cancelled() {
             let mut left = BTreeMap::new();
             for (key, txs) in std::mem::take(&mut by_key) {
                 let mut rolled_back = false;
@@ -291,7 +325,7 @@ impl Iom {
                     match self.resolve_data_tx(*tx, t, rolled_back, &mut tally).await {
                         Ok(back) => rolled_back |= back,
                         Err(e) => {
-                            tracing::debug!(iom = self.id.0, tx = tx.0, "recovery waits: {e}");
+                            tracing::debug!(iom = self.me.0, tx = tx.0, "recovery waits: {e}");
                             rest = txs[i..].to_vec();
                             break;
                         }
@@ -312,7 +346,7 @@ impl Iom {
         // Parity side.
         let mut pending: Vec<TxRef> = ptx.into_iter().map(|(t, _)| t).collect();
         let mut delay = self.timeouts.recovery_backoff_min;
-        while !pending.is_empty() && !self.shutdown.is_cancelled() {
+        while !pending.is_empty() && !self.stop.is_cancelled() {
             let mut left = Vec::new();
             for tx in pending {
                 let Some(p) = self.storage.map.ptx.lock().get(&tx).cloned() else { continue };
@@ -324,7 +358,7 @@ impl Iom {
                     // here would deadlock a stopped cluster's restart.
                     Ok(false) => tally.left_to_data += 1,
                     Err(e) => {
-                        tracing::debug!(iom = self.id.0, tx = ?tx, "recovery waits: {e}");
+                        tracing::debug!(iom = self.me.0, tx = ?tx, "recovery waits: {e}");
                         left.push(tx);
                     }
                 }
@@ -336,7 +370,7 @@ impl Iom {
             }
         }
         tracing::warn!(
-            iom = self.id.0,
+            iom = self.me.0,
             rolled_forward = tally.forward,
             rolled_back = tally.back,
             rebuilt = tally.rebuilt,

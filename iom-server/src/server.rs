@@ -44,10 +44,8 @@ pub struct Iom {
     pub caller: Arc<RoleCaller>,
     /// Reconstruction from a parity group (see `group`).
     pub group: Arc<Group>,
-    pub links: Arc<Links>,
     pub parity: Arc<ParitySide>,
     pub inflight: Arc<Inflight>,
-    pub fence: Arc<crate::fence::Fence>,
     /// The data role (a1–a14, reads, flush, drops).
     pub data: Arc<crate::data::DataSide>,
     /// Which failed IOMs' roles this stand-in serves, freezes or hands back.
@@ -62,8 +60,8 @@ pub struct Iom {
     /// IOM serves nothing (its own map on disk may be stale).
     pub ready: tokio::sync::watch::Sender<bool>,
     pub rebuild: crate::rebuild::RebuildProgress,
-    /// Transactions the journal left open at start-up, for recovery.
-    pub startup_open: parking_lot::Mutex<Option<crate::map::OpenTxs>>,
+    /// Recovery's executor and handlers.
+    pub recovery: Arc<crate::recovery_exec::Recovery>,
     pub member: Arc<Membership>,
     /// Every time limit, from `[tuning]` (see `timeouts`).
     pub timeouts: Timeouts,
@@ -192,12 +190,24 @@ impl Iom {
             timeouts,
             stop: workers.token(Tier::Background),
         });
+        let recovery = Arc::new(crate::recovery_exec::Recovery {
+            me: opts.id,
+            layout,
+            storage: storage.clone(),
+            data: data.clone(),
+            parity: parity.clone(),
+            group: group.clone(),
+            caller: caller.clone(),
+            fence: fence.clone(),
+            locks: locks.clone(),
+            timeouts,
+            stop: workers.token(Tier::Background),
+            startup_open: parking_lot::Mutex::new(Some(open_at_start)),
+        });
         let iom = Arc::new(Iom {
             id: opts.id,
-            links,
             parity,
             inflight,
-            fence,
             data,
             handover,
             standin,
@@ -205,7 +215,7 @@ impl Iom {
             replacing: std::sync::atomic::AtomicBool::new(replacing),
             ready: tokio::sync::watch::Sender::new(false),
             rebuild: Default::default(),
-            startup_open: parking_lot::Mutex::new(Some(open_at_start)),
+            recovery,
             locks,
             shutdown: workers.token(Tier::Background),
             workers,

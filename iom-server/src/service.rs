@@ -388,17 +388,17 @@ pub(crate) async fn member(iom: &Arc<Iom>, req: MemberReq) -> Result<MemberResp,
         }
         MemberReq::GetMap => Ok(MemberResp::Map(iom.member.current())),
         MemberReq::TxStatus { tx, key, parity_side } => {
-            Ok(MemberResp::TxStatus(iom.tx_status(tx, key, parity_side).await))
+            Ok(MemberResp::TxStatus(iom.recovery.tx_status(tx, key, parity_side).await))
         }
         MemberReq::DoneSeen { of } => {
             Ok(MemberResp::DoneSeen { tx: iom.storage.map.done_seen.lock().get(&of).copied().unwrap_or(0) })
         }
         MemberReq::DiscardTx { tx } => {
-            iom.discard_tx(tx);
+            iom.recovery.discard_tx(tx);
             Ok(MemberResp::Ack)
         }
         MemberReq::RebuildBlock { key, version } => {
-            iom.rebuild_block(key, version).await?;
+            iom.recovery.rebuild_block(key, version).await?;
             Ok(MemberResp::Ack)
         }
     }

@@ -197,7 +197,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "write_path",
         ],
     ),
-    ("recovery_exec", &["server", "cache", "group", "journal", "map", "records", "recovery", "workers", "write_path"]),
+    (
+        "recovery_exec",
+        &[
+            "cache", "caller", "data", "fence", "group", "journal", "locks", "map", "parity", "records", "recovery",
+            "storage", "timeouts",
+        ],
+    ),
     ("rebuild", &["server", "fsutil", "journal", "records", "storage"]),
     ("failover", &["server", "fsutil", "membership", "restart", "storage", "workers"]),
     ("namespace", &["server", "format", "fsutil", "journal", "storage", "workers"]),
@@ -259,6 +265,7 @@ const FREE_OF_THE_NODE: &[&str] = &[
     "read_path",
     "records",
     "recovery",
+    "recovery_exec",
     "restart",
     "standin",
     "standin/handover",
