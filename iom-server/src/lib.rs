@@ -3,9 +3,18 @@
 //! Each IOM owns its slice of storage: a block file whose slots are never
 //! overwritten in place ([`store`]), a buffer cache ([`cache`]), a
 //! write-ahead journal with group commit ([`journal`]) and a block map with
-//! the unfinished transactions of both protocol sides ([`map`]). It runs the
-//! data side of a write (a1–a14, [`write_path`]) and the parity side
-//! (b1–b13, [`parity`]) over QUIC ([`service`], [`links`]).
+//! the unfinished transactions of both protocol sides ([`map`]), opened
+//! together as [`storage::Storage`]. Its roles are types that hold only
+//! the handles they need: the data side of a write (a1–a14,
+//! [`data::DataSide`], code in [`write_path`] and [`read_path`]), the parity
+//! side (b1–b13, [`parity::ParitySide`]), the parity channels
+//! ([`links::Links`]), reconstruction ([`group::Group`]), the stand-in
+//! ([`standin::StandIn`]), recovery ([`recovery`] pure, executor
+//! [`recovery_exec::Recovery`]), and every outgoing call
+//! ([`caller::RoleCaller`]). The node ([`server::Iom`]) opens storage,
+//! builds the roles, routes requests to them ([`service`]) and runs the
+//! workers; failover, rejoin and the namespace are still its methods.
+//! `tests/house.rs` keeps the room graph.
 //!
 //! Invariants: a block version's slot is freed only after the record that
 //! makes its successor permanent is durable; every in-memory change of the

@@ -278,7 +278,7 @@ impl Recovery {
         self.recover_with(None).await
     }
 
-    /// Like [`Iom::recover`] for an IOM coming back after its stand-in marked
+    /// Like [`Recovery::recover`] for an IOM coming back after its stand-in marked
     /// blocks and groups of it: transactions on those are settled by the
     /// rebuild (the rebuilt version is the one parity holds), not here.
     pub async fn recover_with(self: Arc<Self>, marks: Option<&common::wire::RebuildMarks>) {

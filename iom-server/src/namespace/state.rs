@@ -871,7 +871,7 @@ impl NsState {
         p
     }
 
-    /// `iomfs fsck --repair`: the records that fix what [`check`] finds
+    /// `iomfs fsck --repair`: the records that fix what [`NsState::check`] finds
     /// and can be fixed without guessing, with one line per fix. Entries
     /// naming missing inodes are removed; files with links but no entry
     /// (unreachable) are linked into `/lost+found` as `#<ino>`, as e2fsck
@@ -879,7 +879,7 @@ impl NsState {
     /// raised above every id in use; an object both in use and listed as
     /// garbage is taken off the garbage list. What needs a choice (shared
     /// objects, entries of the wrong kind, directories outside the tree,
-    /// damaged cookie tables) is left to [`check`] to name.
+    /// damaged cookie tables) is left to [`NsState::check`] to name.
     pub fn repair(&self, now: Timestamp) -> (Vec<NsRec>, Vec<String>) {
         let mut s = self.clone();
         let mut recs = Vec::new();
