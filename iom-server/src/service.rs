@@ -144,8 +144,8 @@ async fn serve_stream(iom: Arc<Iom>, state: Arc<ConnState>, mut send: quinn::Sen
 /// A request's reply and its payload (buffers sent one after another).
 async fn dispatch(iom: &Arc<Iom>, req: Request, payload: Bytes) -> Result<(Reply, Vec<Bytes>), Error> {
     match req {
-        Request::Data(d) => data(iom, d, payload).await.map(|(r, p)| (Reply::Data(r), p)),
-        Request::Member(m) => member(iom, m).await.map(|r| (Reply::Member(r), Vec::new())),
+        Request::Data(d) => handle_data(iom, d, payload).await.map(|(r, p)| (Reply::Data(r), p)),
+        Request::Member(m) => handle_member(iom, m).await.map(|r| (Reply::Member(r), Vec::new())),
         Request::Admin(AdminReq::Stats) => Ok((Reply::Admin(AdminResp::Stats(iom.stats())), Vec::new())),
         Request::Meta(call) => iom.namespace.handle(iom, call).await.map(|r| (Reply::Meta(r), Vec::new())),
         Request::Hello(_) | Request::ParityChannel { .. } | Request::MetaMirror { .. } => {
@@ -217,7 +217,7 @@ impl Plane {
 /// `DropObjects`: the data of these objects goes, on this IOM's own role or
 /// on the failed IOM's it stands in for (also called directly by this
 /// IOM's namespace garbage collection, see `caller`).
-pub(crate) async fn drop_objects(iom: &Arc<Iom>, route: Route, objects: Vec<ObjectId>) -> Result<(), Error> {
+pub(crate) async fn handle_drop_objects(iom: &Arc<Iom>, route: Route, objects: Vec<ObjectId>) -> Result<(), Error> {
     let plane = Plane::of(iom, &route, true)?;
     if objects.len() > MAX_DROP_OBJECTS {
         return Err(Error::BadRequest(format!("drop of {} objects: at most {MAX_DROP_OBJECTS}", objects.len())));
@@ -230,7 +230,7 @@ pub(crate) async fn drop_objects(iom: &Arc<Iom>, route: Route, objects: Vec<Obje
 
 /// `ReadVersion`: one version of a block (rebuilt from its group by a
 /// stand-in).
-pub(crate) async fn read_version(
+pub(crate) async fn handle_read_version(
     iom: &Arc<Iom>,
     route: Route,
     key: BlockKey,
@@ -240,12 +240,16 @@ pub(crate) async fn read_version(
 }
 
 /// `ReadParity`: a group's parity with the member versions it covers.
-pub(crate) async fn read_parity(iom: &Arc<Iom>, route: Route, group: GroupKey) -> Result<(Vec<Version>, Bytes), Error> {
+pub(crate) async fn handle_read_parity(
+    iom: &Arc<Iom>,
+    route: Route,
+    group: GroupKey,
+) -> Result<(Vec<Version>, Bytes), Error> {
     Plane::of(iom, &route, false)?.own_parity(group, "it is rebuilt when that IOM comes back")?;
     iom.parity.read_parity(group).await
 }
 
-async fn data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp, Vec<Bytes>), Error> {
+async fn handle_data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp, Vec<Bytes>), Error> {
     match req {
         DataReq::ReadMany { route, pieces } => {
             let plane = Plane::of(iom, &route, false)?;
@@ -264,14 +268,16 @@ async fn data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp,
             Ok((DataResp::ReadAll { lens }, parts))
         }
         DataReq::DropObjects { route, objects } => {
-            drop_objects(iom, route, objects).await?;
+            handle_drop_objects(iom, route, objects).await?;
             Ok((DataResp::Dropped, Vec::new()))
         }
-        other => data_one(iom, other, payload).await.map(|(r, p)| (r, if p.is_empty() { Vec::new() } else { vec![p] })),
+        other => handle_data_one(iom, other, payload)
+            .await
+            .map(|(r, p)| (r, if p.is_empty() { Vec::new() } else { vec![p] })),
     }
 }
 
-async fn data_one(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp, Bytes), Error> {
+async fn handle_data_one(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp, Bytes), Error> {
     match req {
         DataReq::Read { route, key, offset, len } => {
             let (version, b) = Plane::of(iom, &route, false)?.read(iom, key, offset, len).await?;
@@ -319,11 +325,11 @@ async fn data_one(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataR
             Ok((DataResp::Dropped, Bytes::new()))
         }
         DataReq::ReadVersion { route, key, version } => {
-            let b = read_version(iom, route, key, version).await?;
+            let b = handle_read_version(iom, route, key, version).await?;
             Ok((DataResp::Version { version }, b))
         }
         DataReq::ReadParity { route, group } => {
-            let (versions, b) = read_parity(iom, route, group).await?;
+            let (versions, b) = handle_read_parity(iom, route, group).await?;
             Ok((DataResp::Parity { versions }, b))
         }
         DataReq::RecomputeParity { route, group } => {
@@ -355,7 +361,7 @@ async fn data_one(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataR
 
 /// A membership, handover or recovery request (also called directly for
 /// this IOM's own questions, see `caller`).
-pub(crate) async fn member(iom: &Arc<Iom>, req: MemberReq) -> Result<MemberResp, Error> {
+pub(crate) async fn handle_member(iom: &Arc<Iom>, req: MemberReq) -> Result<MemberResp, Error> {
     match req {
         MemberReq::Ping { from, .. } => {
             if let Some(d) = crate::fsutil::disk_stalled(iom.timeouts.failure_timeout) {
@@ -412,7 +418,7 @@ impl crate::caller::LocalRoles for Iom {
         route: Route,
         g: GroupKey,
     ) -> crate::caller::BoxFut<'static, Result<(Vec<Version>, Bytes), Error>> {
-        Box::pin(async move { read_parity(&self, route, g).await })
+        Box::pin(async move { handle_read_parity(&self, route, g).await })
     }
 
     fn read_version(
@@ -421,7 +427,7 @@ impl crate::caller::LocalRoles for Iom {
         key: BlockKey,
         v: Version,
     ) -> crate::caller::BoxFut<'static, Result<Bytes, Error>> {
-        Box::pin(async move { read_version(&self, route, key, v).await })
+        Box::pin(async move { handle_read_version(&self, route, key, v).await })
     }
 
     fn drop_objects(
@@ -429,10 +435,10 @@ impl crate::caller::LocalRoles for Iom {
         route: Route,
         objects: Vec<ObjectId>,
     ) -> crate::caller::BoxFut<'static, Result<(), Error>> {
-        Box::pin(async move { drop_objects(&self, route, objects).await })
+        Box::pin(async move { handle_drop_objects(&self, route, objects).await })
     }
 
     fn member(self: Arc<Self>, req: MemberReq) -> crate::caller::BoxFut<'static, Result<MemberResp, Error>> {
-        Box::pin(async move { member(&self, req).await })
+        Box::pin(async move { handle_member(&self, req).await })
     }
 }
