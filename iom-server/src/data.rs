@@ -10,7 +10,7 @@
 //! their checksum is never returned — it is rebuilt from its group and
 //! checked against the checksum it was written with, or the read fails.
 
-use crate::failpoint::{At, Site};
+use crate::failpoint::At;
 use crate::fence::Fence;
 use crate::group::Group;
 use crate::inflight::Inflight;
@@ -37,7 +37,8 @@ pub struct DataSide {
     pub(crate) group: Arc<Group>,
     pub(crate) workers: Arc<Workers>,
     pub(crate) timeouts: Timeouts,
-    site: Site,
+    /// The data directory (where a crash point leaves its marker).
+    dir: std::path::PathBuf,
     /// Data block versions rebuilt from their group because their slot
     /// could not be read (self-healing reads).
     pub repairs: AtomicU64,
@@ -77,7 +78,7 @@ impl DataSide {
             group: h.group,
             workers: h.workers,
             timeouts: h.timeouts,
-            site: Site { id: h.me, dir: h.dir },
+            dir: h.dir,
             repairs: AtomicU64::new(0),
             disk_errors: AtomicU64::new(0),
         }
@@ -89,6 +90,6 @@ impl At for DataSide {
         self.me
     }
     fn dir(&self) -> &std::path::Path {
-        &self.site.dir
+        &self.dir
     }
 }

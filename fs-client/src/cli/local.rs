@@ -13,7 +13,6 @@ use common::wire::{AdminReq, AdminResp, IomStats, MemberReq, MemberResp, Reply, 
 use common::IomId;
 use fs_client::ClusterClient;
 use serde::{Deserialize, Serialize};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -80,13 +79,7 @@ pub fn start_iom(dir: &Path, id: IomId) -> Result<u32> {
     let mut cmd = Command::new(server_binary());
     cmd.arg("--dir").arg(dir).arg("--id").arg(id.0.to_string());
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-    // SAFETY: setsid in the child before exec detaches it from our session.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    super::detach(&mut cmd);
     let mut child = cmd.spawn().context("start iom-server (is it installed next to iomfs?)")?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

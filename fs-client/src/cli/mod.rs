@@ -7,3 +7,16 @@ pub mod bench;
 pub mod init;
 pub mod local;
 pub mod mount;
+
+/// Makes `cmd`'s child leave our session (`setsid` before exec), so it
+/// outlives the terminal and the shell that started `iomfs`.
+fn detach(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe; it runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+}

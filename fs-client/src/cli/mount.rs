@@ -12,7 +12,6 @@ use common::{Ino, Toughness};
 use fs_client::fs::{FsOptions, IomFs};
 use fs_client::mount::{fusermount_u, is_mounted};
 use fs_client::ClusterClient;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -172,13 +171,7 @@ pub fn mount_detached(dir: &Path, mnt: &Path, opts: &[String]) -> Result<u32> {
     if std::env::var_os("IOMFS_LOG").is_none() {
         cmd.env("IOMFS_LOG", "info");
     }
-    // SAFETY: setsid in the child before exec detaches it from our session.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    super::detach(&mut cmd);
     let mut child = cmd.spawn().context("start the mount process")?;
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {

@@ -1021,6 +1021,11 @@ mod tests {
     fn now() -> Timestamp {
         Timestamp { secs: 100, nsecs: 0 }
     }
+    /// A regular file with permission bits `perm`.
+    fn regular(perm: u16) -> NewNode {
+        NewNode { kind: FileKind::Regular, perm, rdev: 0, target: None }
+    }
+
     fn caller() -> Caller {
         Caller { uid: 1000, gid: 1000 }
     }
@@ -1036,8 +1041,7 @@ mod tests {
         }};
     }
     fn mk(s: &mut NsState, parent: Ino, name: &str, kind: FileKind) -> Attr {
-        let p =
-            s.create(parent, name.as_bytes(), NewNode { kind, perm: 0o644, rdev: 0, target: None }, caller(), now());
+        let p = s.create(parent, name.as_bytes(), NewNode { kind, ..regular(0o644) }, caller(), now());
         match apply_plan(s, p) {
             MetaResp::Created { attr, .. } => attr,
             r => panic!("{r:?}"),
@@ -1126,34 +1130,13 @@ mod tests {
         let mut s = NsState::new(now());
         let f = mk(&mut s, Ino::ROOT, "f", FileKind::Regular);
         assert_eq!(s.lookup(Ino::ROOT, b"f").unwrap().ino, f.ino);
-        assert_eq!(
-            s.create(
-                Ino::ROOT,
-                b"f",
-                NewNode { kind: FileKind::Regular, perm: 0, rdev: 0, target: None },
-                caller(),
-                now()
-            )
-            .err()
-            .unwrap()
-            .0,
-            ErrorCode::Exists
-        );
+        assert_eq!(s.create(Ino::ROOT, b"f", regular(0), caller(), now()).err().unwrap().0, ErrorCode::Exists);
         run!(s, s.unlink(Ino::ROOT, b"f", |_| false, now()));
         assert_eq!(s.lookup(Ino::ROOT, b"f").unwrap_err().0, ErrorCode::NotFound);
         assert!(s.dead.contains(&f.object));
         // names
         assert_eq!(
-            s.create(
-                Ino::ROOT,
-                &[b'a'; 256],
-                NewNode { kind: FileKind::Regular, perm: 0, rdev: 0, target: None },
-                caller(),
-                now()
-            )
-            .err()
-            .unwrap()
-            .0,
+            s.create(Ino::ROOT, &[b'a'; 256], regular(0), caller(), now()).err().unwrap().0,
             ErrorCode::NameTooLong
         );
         assert_eq!(s.lookup(Ino::ROOT, &[b'a'; 256]).unwrap_err().0, ErrorCode::NameTooLong);

@@ -11,7 +11,6 @@ pub mod plan;
 
 use crate::cache::CacheKey;
 use crate::crash_point;
-use crate::failpoint::Site;
 use crate::group::xor_into;
 use crate::group::Group;
 use crate::journal::Wait;
@@ -69,7 +68,8 @@ pub struct ParitySide {
     group: Arc<Group>,
     workers: Arc<Workers>,
     timeouts: Timeouts,
-    site: Site,
+    /// The data directory (where a crash point leaves its marker).
+    dir: std::path::PathBuf,
     groups: Mutex<HashMap<GroupKey, GroupQueue>>,
     /// Parity versions written (b8).
     pub writes: AtomicU64,
@@ -102,7 +102,7 @@ impl crate::failpoint::At for ParitySide {
         self.me
     }
     fn dir(&self) -> &std::path::Path {
-        &self.site.dir
+        &self.dir
     }
 }
 
@@ -118,7 +118,7 @@ impl ParitySide {
             group: h.group,
             workers: h.workers,
             timeouts: h.timeouts,
-            site: Site { id: h.me, dir: h.dir },
+            dir: h.dir,
             groups: Mutex::default(),
             writes: AtomicU64::new(0),
             deltas: AtomicU64::new(0),
