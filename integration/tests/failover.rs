@@ -288,6 +288,65 @@ fn an_iom_stalled_past_the_failure_timeout_restarts_itself_and_rejoins() {
     wait_healthy(&c, Duration::from_secs(60));
 }
 
+/// An IOM that dies in its handover — its stand-in frozen, refusing every
+/// write for its role until it is up — must not leave that role unserved:
+/// its proxy declares it down again once it is silent, serves its role
+/// again and goes on marking; restarted, it rejoins and nothing is lost.
+/// (Before, the stand-in stayed frozen until the IOM came back: writes to
+/// a fifth of every file failed with EIO after the client's 30 s.)
+#[test]
+fn an_iom_that_dies_in_its_handover_leaves_no_role_unserved() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.server_bin = integration::bin("iom-server-failpoints");
+    c.start_all();
+    let m = c.mount("mnt", &[]);
+    let victim = 2u32;
+    c.kill(victim);
+    wait_status(&c, "down (proxied by 3)", Duration::from_secs(15));
+    // Written while it is down: marks for its rebuild and its handover.
+    let mut files: Vec<Vec<u8>> = (0..8u64).map(|i| Rng(300 + i).bytes(1 << 20)).collect();
+    for (i, data) in files.iter().enumerate() {
+        write_file(&m.join(format!("f{i}")), data).unwrap();
+    }
+    c.env[victim as usize] = vec![("FAILPOINTS".into(), "rejoin::after-freeze=return(abort)".into())];
+    c.start(victim);
+    let exit = c.wait_exit(victim, Duration::from_secs(60));
+    assert!(exit.is_some(), "IOM {victim} never reached its handover:\n{}", c.log(victim));
+    assert!(c.log(victim).contains("rejoin::after-freeze"), "{}", c.log(victim));
+    // Every file has blocks on the victim: overwrite them all.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (mnt, fresh): (PathBuf, Vec<Vec<u8>>) = (m.clone(), (0..8u64).map(|i| Rng(900 + i).bytes(1 << 20)).collect());
+    let writer = fresh.clone();
+    std::thread::spawn(move || {
+        let t = Instant::now();
+        let r: std::io::Result<()> =
+            writer.iter().enumerate().try_for_each(|(i, d)| write_file(&mnt.join(format!("f{i}")), d));
+        let _ = tx.send((r.map_err(|e| e.to_string()), t.elapsed()));
+    });
+    let (r, took) = rx.recv_timeout(Duration::from_secs(90)).expect("writes hung behind the frozen stand-in");
+    r.unwrap_or_else(|e| panic!("a write failed behind the frozen stand-in: {e}\n{}", c.log(3)));
+    eprintln!("overwrites after the handover's death took {took:?}");
+    assert!(took < Duration::from_secs(20), "writes waited {took:?} behind the frozen stand-in");
+    assert!(c.log(3).contains("rebuilding IOM declared down again"), "{}", c.log(3));
+    files = fresh;
+    c.env[victim as usize] = vec![];
+    c.start(victim);
+    wait_healthy(&c, Duration::from_secs(90));
+    for (i, data) in files.iter().enumerate() {
+        assert!(fs::read(m.join(format!("f{i}"))).unwrap() == *data, "f{i} differs after the rejoin");
+    }
+    c.must_scrub_clean();
+    // It serves its own blocks again: with another IOM killed they read right.
+    c.kill(4);
+    wait_status(&c, "degraded", Duration::from_secs(15));
+    for (i, data) in files.iter().enumerate() {
+        assert!(fs::read(m.join(format!("f{i}"))).unwrap() == *data, "f{i} differs with IOM 4 down");
+    }
+    c.start(4);
+    wait_healthy(&c, Duration::from_secs(60));
+}
+
 fn md5(p: &Path) -> String {
     let o = Command::new("md5sum").arg(p).output().unwrap();
     assert!(o.status.success(), "md5sum {}: {}", p.display(), String::from_utf8_lossy(&o.stderr));

@@ -88,10 +88,18 @@ impl Iom {
                 continue;
             }
             for j in (0..map.width()).map(IomId) {
-                if j == self.id || map.state(j) != IomState::Up || !self.member.suspects(j) {
+                if j == self.id || !self.member.suspects(j) {
                     continue;
                 }
-                if self.member.proposer_for(j) != Some(self.id) {
+                // An up IOM is declared down by the first live IOM after it;
+                // a rebuilding one by its proxy, which keeps its marks and
+                // may be frozen for its handover: the proxy serves again.
+                let proposer = match map.state(j) {
+                    IomState::Up => self.member.proposer_for(j),
+                    IomState::Rebuilding { proxy } => Some(proxy),
+                    IomState::Down { .. } => None,
+                };
+                if proposer != Some(self.id) {
                     continue;
                 }
                 if last_try.get(&j).is_some_and(|t| t.elapsed() < self.timeouts.failure_timeout) {
@@ -225,6 +233,15 @@ impl Iom {
                             "IOM back: stand-in duty over"
                         );
                         self.standin.done(j);
+                    }
+                    Transition::HandoverAborted(j) => {
+                        tracing::warn!(
+                            iom = self.id.0,
+                            failed = j.0,
+                            epoch = cur.epoch.0,
+                            "rebuilding IOM declared down again: serving its role again"
+                        );
+                        self.handover.unfreeze(j);
                     }
                     Transition::DeclaredDown if !self.rejoining() => {
                         tracing::error!(

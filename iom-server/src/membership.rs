@@ -195,6 +195,10 @@ pub enum Transition {
     StandInFor(IomId),
     /// IOM `j`, which this IOM stood in for, is up again: duty over.
     StandInOver(IomId),
+    /// IOM `j` was rebuilding with this IOM as its proxy and was declared
+    /// down again (it fell silent, perhaps while this stand-in was frozen
+    /// for its handover): serve its role again, keep marking.
+    HandoverAborted(IomId),
     /// This IOM was declared down although it runs (it was silent to the
     /// majority): it must restart and rejoin.
     DeclaredDown,
@@ -212,6 +216,9 @@ pub fn transitions(prev: &ClusterMap, cur: &ClusterMap, me: IomId) -> Vec<Transi
             continue;
         }
         match now {
+            IomState::Down { proxy } if proxy == me && was == (IomState::Rebuilding { proxy }) => {
+                out.push(Transition::HandoverAborted(j))
+            }
             IomState::Down { proxy } if proxy == me && !matches!(was, IomState::Down { .. }) => {
                 out.push(Transition::StandInFor(j))
             }
@@ -270,6 +277,11 @@ mod tests {
         // Rebuilding, then up: the stand-in's duty ends only at up.
         let m2 = with(&m1, &[(2, IomState::Rebuilding { proxy: IomId(3) })], 0);
         assert!(transitions(&m1, &m2, IomId(3)).is_empty());
+        // Rebuilding, then down again (silent during its rebuild): the
+        // stand-in serves again; the rebuilding IOM's own loop goes on.
+        let m2b = with(&m2, &[(2, down2)], 0);
+        assert_eq!(transitions(&m2, &m2b, IomId(3)), vec![Transition::HandoverAborted(IomId(2))]);
+        assert!(transitions(&m2, &m2b, IomId(2)).is_empty(), "not a restart: its rejoin is still running");
         let m3 = with(&m2, &[(2, IomState::Up)], 0);
         assert_eq!(transitions(&m2, &m3, IomId(3)), vec![Transition::StandInOver(IomId(2))]);
         assert!(transitions(&m2, &m3, IomId(2)).is_empty(), "its own return is no reaction");

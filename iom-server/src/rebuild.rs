@@ -32,6 +32,9 @@ pub struct RebuildProgress {
 const REBUILD_PARALLEL: usize = 32;
 /// Entries per listing request of a replacement's full rebuild.
 const LIST_PAGE: u32 = 5000;
+/// Rebuild rounds while the stand-in is frozen before giving the role back
+/// to it and trying the handover again later.
+const HANDOVER_ROUNDS: usize = 3;
 impl RebuildProgress {
     pub fn rate(&self) -> u64 {
         let secs = self.started.lock().map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
@@ -105,19 +108,50 @@ impl Iom {
                 self.full_rebuild(proxy).await;
             }
             self.rebuild_from(proxy).await;
-            // Handover: the stand-in stops serving, hands over its last marks.
+            // Handover: the stand-in stops serving, hands over its last
+            // marks. The map is taken before the freeze, and the proposal
+            // to be up again is made from it: if the cluster moved on
+            // meanwhile (this IOM was declared down again because it fell
+            // silent while frozen, and the stand-in unfroze and went on
+            // marking), the proposal's epoch is stale and no voter grants it.
+            let frozen_in = self.member.current();
             let Some(last) = self.marks_from(proxy, MemberReq::Freeze { about: me }).await else {
+                // Unreachable, or its map does not show this IOM rebuilding yet.
+                tokio::time::sleep(self.timeouts.retry_pause).await;
                 continue;
             };
-            if !is_empty(&last) {
-                self.rebuild_marks_now(proxy, last).await;
+            crate::crash_point!(&self, "rejoin::after-freeze");
+            // No stand-in write runs now: a round or two rebuilds the rest
+            // (a block whose parity was still on its way waits one round).
+            // `None`: the marks left are not known.
+            let mut left = Some(last);
+            for _ in 0..HANDOVER_ROUNDS {
+                match left.take() {
+                    Some(m) if !is_empty(&m) => {
+                        self.rebuild_marks_now(proxy, m).await;
+                        left = self.marks_from(proxy, MemberReq::RebuildMarks { about: me }).await;
+                    }
+                    m => {
+                        left = m;
+                        break;
+                    }
+                }
             }
-            let map = self.member.current();
-            let mut next = map.clone();
-            next.epoch = Epoch(map.epoch.0 + 1);
-            next.states[me.0 as usize] = IomState::Up;
-            if self.propose(next, me).await {
-                break;
+            if left.as_ref().is_some_and(is_empty) && matches!(frozen_in.state(me), IomState::Rebuilding { .. }) {
+                let mut next = frozen_in.clone();
+                next.epoch = Epoch(frozen_in.epoch.0 + 1);
+                next.states[me.0 as usize] = IomState::Up;
+                if self.propose(next, me).await {
+                    break;
+                }
+            } else {
+                tracing::warn!(
+                    iom = me.0,
+                    proxy = proxy.0,
+                    blocks = left.as_ref().map(|m| m.blocks.len()),
+                    groups = left.as_ref().map(|m| m.groups.len()),
+                    "rejoin: marks left after the handover's rounds; the stand-in serves again, trying later"
+                );
             }
             let _ = self
                 .caller

@@ -7,6 +7,7 @@ use crate::workers::Tier;
 use crate::write_path::Op;
 use crate::{Error, Iom};
 use bytes::Bytes;
+use common::cluster::IomState;
 use common::toughness::Toughness;
 use common::wire::{
     AdminReq, AdminResp, DataReq, DataResp, ErrorCode, HelloOk, MemberReq, MemberResp, PeerKind, Reply, Request, Route,
@@ -387,7 +388,11 @@ pub(crate) async fn handle_member(iom: &Arc<Iom>, req: MemberReq) -> Result<Memb
             iom.standin.clear_marks(about, marks);
             Ok(MemberResp::Ack)
         }
-        MemberReq::Freeze { about } => Ok(MemberResp::Marks(iom.standin.freeze(about).await)),
+        MemberReq::Freeze { about } => {
+            let rebuilding =
+                || matches!(iom.member.current().state(about), IomState::Rebuilding { proxy } if proxy == iom.id);
+            Ok(MemberResp::Marks(iom.standin.freeze(about, rebuilding).await?))
+        }
         MemberReq::Unfreeze { about } => {
             iom.handover.unfreeze(about);
             Ok(MemberResp::Ack)

@@ -204,7 +204,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "storage", "timeouts",
         ],
     ),
-    ("rebuild", &["server", "fsutil", "journal", "records", "storage"]),
+    ("rebuild", &["server", "failpoint", "fsutil", "journal", "records", "storage"]),
     ("failover", &["server", "fsutil", "membership", "restart", "storage", "workers"]),
     ("namespace", &["server", "format", "fsutil", "journal", "storage", "workers"]),
     ("service", &["server", "caller", "fsutil", "namespace", "parity", "workers", "write_path"]),

@@ -51,8 +51,18 @@ impl HandoverState {
         Ok(())
     }
 
-    pub fn freeze(&self, i: IomId) {
-        self.frozen.lock().insert(i);
+    /// Freezes `i` if `rebuilding()` says `i` is rebuilding with this IOM as
+    /// its proxy. Asked under the lock `unfreeze` takes: a map that declares
+    /// `i` down again (after which the watcher unfreezes it) is either seen
+    /// here, or its unfreeze comes after this freeze. A stand-in frozen for
+    /// an IOM that is not rebuilding would refuse its writes for good.
+    pub fn freeze_if(&self, i: IomId, rebuilding: impl FnOnce() -> bool) -> bool {
+        let mut f = self.frozen.lock();
+        if !rebuilding() {
+            return false;
+        }
+        f.insert(i);
+        true
     }
 
     pub fn unfreeze(&self, i: IomId) {
@@ -117,7 +127,9 @@ mod tests {
         let i = IomId(2);
         assert!(h.check(i).is_ok());
         let op = h.op();
-        h.freeze(i);
+        assert!(!h.freeze_if(i, || false), "an IOM that is not rebuilding is never frozen");
+        assert!(h.check(i).is_ok());
+        assert!(h.freeze_if(i, || true));
         assert!(h.check(i).is_err(), "a frozen role refuses new stand-in work");
         assert!(!h.drain(Duration::from_millis(30)).await, "a running write keeps the drain waiting");
         let h2 = h.clone();
@@ -144,7 +156,7 @@ mod tests {
         assert!(t.await.unwrap() < Duration::from_secs(2));
         // Already active: returns at once.
         h.wait_active(i, LONG).await;
-        h.freeze(i);
+        assert!(h.freeze_if(i, || true));
         h.forget(i);
         assert!(!h.is_frozen(i));
         let start = std::time::Instant::now();

@@ -222,13 +222,19 @@ impl StandIn {
     }
 
     /// `Freeze`: stop serving `i`'s role, let running stand-in writes finish,
-    /// and answer with the marks left.
-    pub async fn freeze(self: &Arc<Self>, i: IomId) -> RebuildMarks {
-        self.handover.freeze(i);
+    /// and answer with the marks left; refused unless `rebuilding()` (the
+    /// current map says `i` is rebuilding with this IOM as its proxy).
+    pub async fn freeze(self: &Arc<Self>, i: IomId, rebuilding: impl FnOnce() -> bool) -> Result<RebuildMarks, Error> {
+        if !self.handover.freeze_if(i, rebuilding) {
+            return Err(Error::Wire(WireError::new(
+                ErrorCode::NotServing,
+                format!("IOM {i} is not rebuilding with IOM {} as its proxy in this IOM's map", self.me),
+            )));
+        }
         if !self.handover.drain(self.timeouts.freeze_drain_max).await {
             tracing::warn!(iom = self.me.0, failed = i.0, "handover goes on with stand-in writes still running");
         }
         self.storage.journal.flush().await;
-        self.rebuild_marks(i)
+        Ok(self.rebuild_marks(i))
     }
 }
