@@ -49,6 +49,14 @@ fn write_file(p: &Path, data: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Writes `data` over the start of an existing file, in place (no
+/// truncation), and syncs it.
+fn overwrite_file(p: &Path, data: &[u8]) -> std::io::Result<()> {
+    let f = fs::OpenOptions::new().write(true).open(p)?;
+    std::os::unix::fs::FileExt::write_all_at(&f, data, 0)?;
+    f.sync_all()
+}
+
 /// Source tree for the copies: a slice of /usr/share/doc (a few hundred files).
 fn tree(c: &Cluster) -> PathBuf {
     let src = c.tmp.path().join("src");
@@ -342,6 +350,71 @@ fn an_iom_that_dies_in_its_handover_leaves_no_role_unserved() {
     wait_status(&c, "degraded", Duration::from_secs(15));
     for (i, data) in files.iter().enumerate() {
         assert!(fs::read(m.join(format!("f{i}"))).unwrap() == *data, "f{i} differs with IOM 4 down");
+    }
+    c.start(4);
+    wait_healthy(&c, Duration::from_secs(60));
+}
+
+/// A parity group whose parity the rejoining IOM recomputed is written
+/// again, through its stand-in, before the round's `ClearMarks` reaches
+/// the stand-in: that write's mark must survive the clearing, so the group
+/// is recomputed once more before the IOM is up. (A set of group marks
+/// without versions lost it: the IOM came back with parity that missed the
+/// write — scrub found the groups wrong, and the next write to them waited
+/// for a delta that would never come.)
+#[test]
+fn a_group_written_while_its_parity_is_recomputed_is_recomputed_again() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.server_bin = integration::bin("iom-server-failpoints");
+    c.start_all();
+    let m = c.mount("mnt", &[]);
+    let victim = 2u32;
+    c.kill(victim);
+    wait_status(&c, "down (proxied by 3)", Duration::from_secs(15));
+    // Groups whose parity lives on the victim get marked at its stand-in.
+    let first: Vec<Vec<u8>> = (0..4u64).map(|i| Rng(40 + i).bytes(4 << 20)).collect();
+    for (i, d) in first.iter().enumerate() {
+        write_file(&m.join(format!("g{i}")), d).unwrap();
+    }
+    // The first rebuild round stops after its recomputes, before it tells
+    // the stand-in they are done.
+    c.env[victim as usize] = vec![("FAILPOINTS".into(), "rebuild::before-clear-marks=1*return(pause)".into())];
+    c.start(victim);
+    let marker = c.dir.join(format!("iom-{victim}/failpoint-hit"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "no rebuild round paused:\n{}", c.log(victim));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The same groups again, through the stand-in, meanwhile.
+    let second: Vec<Vec<u8>> = (0..4u64).map(|i| Rng(60 + i).bytes(4 << 20)).collect();
+    for (i, d) in second.iter().enumerate() {
+        overwrite_file(&m.join(format!("g{i}")), d).unwrap();
+    }
+    fs::remove_file(&marker).unwrap();
+    wait_healthy(&c, Duration::from_secs(90));
+    c.env[victim as usize] = vec![];
+    c.must_scrub_clean();
+    for (i, d) in second.iter().enumerate() {
+        assert!(fs::read(m.join(format!("g{i}"))).unwrap() == *d, "g{i} differs after the rejoin");
+    }
+    // Writes to those groups go on (their deltas start at the version the
+    // parity covers), and with another IOM down the data reads back right.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (mnt, third): (PathBuf, Vec<Vec<u8>>) = (m.clone(), (0..4u64).map(|i| Rng(80 + i).bytes(4 << 20)).collect());
+    let writer = third.clone();
+    std::thread::spawn(move || {
+        let r = writer.iter().enumerate().try_for_each(|(i, d)| overwrite_file(&mnt.join(format!("g{i}")), d));
+        let _ = tx.send(r.map_err(|e| e.to_string()));
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("writes to the recomputed groups hung")
+        .unwrap_or_else(|e| panic!("a write to the recomputed groups failed: {e}"));
+    c.kill(4);
+    wait_status(&c, "degraded", Duration::from_secs(15));
+    for (i, d) in third.iter().enumerate() {
+        assert!(fs::read(m.join(format!("g{i}"))).unwrap() == *d, "g{i} differs with IOM 4 down");
     }
     c.start(4);
     wait_healthy(&c, Duration::from_secs(60));

@@ -35,6 +35,9 @@ const LIST_PAGE: u32 = 5000;
 /// Rebuild rounds while the stand-in is frozen before giving the role back
 /// to it and trying the handover again later.
 const HANDOVER_ROUNDS: usize = 3;
+/// Marks few enough to rebuild while the stand-in is frozen (its writes
+/// for this role wait meanwhile): two parallel batches.
+const HANDOVER_TAIL: usize = 2 * REBUILD_PARALLEL;
 impl RebuildProgress {
     pub fn rate(&self) -> u64 {
         let secs = self.started.lock().map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
@@ -47,7 +50,11 @@ impl RebuildProgress {
 }
 
 fn is_empty(m: &RebuildMarks) -> bool {
-    m.blocks.is_empty() && m.groups.is_empty() && m.drops.is_empty()
+    count(m) == 0
+}
+
+fn count(m: &RebuildMarks) -> usize {
+    m.blocks.len() + m.groups.len() + m.drops.len()
 }
 
 impl Iom {
@@ -128,7 +135,8 @@ impl Iom {
             for _ in 0..HANDOVER_ROUNDS {
                 match left.take() {
                     Some(m) if !is_empty(&m) => {
-                        self.rebuild_marks_now(proxy, m).await;
+                        // Unthrottled: the role's writes wait meanwhile.
+                        self.rebuild_marks_now(proxy, m, false).await;
                         left = self.marks_from(proxy, MemberReq::RebuildMarks { about: me }).await;
                     }
                     m => {
@@ -230,7 +238,7 @@ impl Iom {
                 drops: Vec::new(),
                 frozen: false,
             };
-            self.rebuild_marks_now(proxy, m).await;
+            self.rebuild_marks_now(proxy, m, true).await;
         }
     }
 
@@ -320,6 +328,7 @@ impl Iom {
     async fn rebuild_from(self: &Arc<Self>, proxy: IomId) {
         self.rebuild.started.lock().get_or_insert_with(Instant::now);
         self.rebuild.active.store(true, Ordering::Release);
+        let mut before = usize::MAX;
         loop {
             if self.shutdown.is_cancelled() {
                 return;
@@ -328,10 +337,16 @@ impl Iom {
                 tokio::time::sleep(self.timeouts.retry_pause).await;
                 continue;
             };
-            if is_empty(&m) {
+            // Rounds go on while they shrink the marks; a short tail, or
+            // one that writers keep marking again (a hot block or group is
+            // never done while writes go on), is left to the handover,
+            // where no writes run.
+            let n = count(&m);
+            if n == 0 || n <= HANDOVER_TAIL || n >= before {
                 return;
             }
-            self.rebuild_marks_now(proxy, m).await;
+            before = n;
+            self.rebuild_marks_now(proxy, m, true).await;
         }
     }
 
@@ -353,15 +368,16 @@ impl Iom {
         }
     }
 
-    /// Rebuilds one set of marks and tells the stand-in which are done.
-    async fn rebuild_marks_now(self: &Arc<Self>, proxy: IomId, m: RebuildMarks) {
+    /// Rebuilds one set of marks and tells the stand-in which are done;
+    /// at `rebuild_mib_s` if `throttled`.
+    async fn rebuild_marks_now(self: &Arc<Self>, proxy: IomId, m: RebuildMarks, throttled: bool) {
         let total = (m.blocks.len() + m.groups.len()) as u64;
         let done0 = self.rebuild.done.load(Ordering::Relaxed);
         self.rebuild.total.store(done0 + total, Ordering::Relaxed);
         for (o, from) in &m.drops {
             self.storage.commit(&Record::Dropped { object: *o, from: *from }, false, Wait::Written);
         }
-        let limit = self.cfg.tuning.rebuild_mib_s << 20;
+        let limit = if throttled { self.cfg.tuning.rebuild_mib_s << 20 } else { 0 };
         let started = Instant::now();
         let bytes0 = self.rebuild.bytes.load(Ordering::Relaxed);
         let me = self.clone();
@@ -399,6 +415,7 @@ impl Iom {
             .collect()
             .await;
         let done = RebuildMarks { blocks: rebuilt, groups, drops: m.drops.clone(), frozen: false };
+        crate::crash_point!(self, "rebuild::before-clear-marks");
         let _ = self
             .caller
             .call_peer(

@@ -310,7 +310,11 @@ impl ParitySide {
         let n = self.layout.n();
         let role = self.layout.parity_iom(u.group.object, u.group.group);
         if role != self.me {
+            // Open before the frozen check: a handover's freeze either
+            // waits for this update's a13 or this update sees the freeze.
+            self.handover.parity_opened(u.tx, role, u.group);
             if !self.member.is_standin_for(role) || self.handover.is_frozen(role) {
+                self.handover.parity_refused(u.tx);
                 return Err(Error::Wire(WireError::new(
                     ErrorCode::NotServing,
                     format!("IOM {} does not hold parity of group {:?}", self.me, u.group),
@@ -318,6 +322,7 @@ impl ParitySide {
             }
             // Stand-in for a failed parity IOM: the group's parity will be
             // recomputed when it comes back; remember that, durably.
+            self.handover.touched(role, u.group);
             self.storage.mark_group(role, u.group);
             self.ack_done_after_flush(u.tx, acks);
             return Ok(());
@@ -590,6 +595,13 @@ impl ParitySide {
     /// b13: a data IOM's write completed; free the old parity once every
     /// transaction of its batch has.
     pub fn write_done(self: &Arc<Self>, tx: TxRef) {
+        if let Some((owner, g)) = self.handover.parity_closed(tx) {
+            // A stand-in's update: its data is in place now. A rebuild
+            // round may have cleared the group's mark after reading the
+            // member's old version: mark it again (see `HandoverState`).
+            self.storage.mark_group(owner, g);
+            return;
+        }
         let Some((g, seq)) = self.storage.map.ptx.lock().get(&tx).and_then(|p| p.applied.map(|s| (p.group, s))) else {
             return;
         };

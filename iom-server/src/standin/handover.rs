@@ -10,13 +10,23 @@
 //!   A write counts itself (`op`) *before* its second frozen check, so a
 //!   freeze either sees it counted or the write sees the freeze.
 //!
+//! - Group marks carry no version, so a rebuild round's `ClearMarks` could
+//!   erase the mark of a write that came after the round computed the
+//!   group's parity. The stand-in therefore remembers, per failed IOM, the
+//!   groups written since it last handed out marks (`touched`,
+//!   `handed_out`), and clears only the others (`clearable`). A write
+//!   counts as "since" until its data IOM says it completed (a13): the
+//!   stand-in holds each parity update it acknowledged as open
+//!   (`parity_opened`) until then (`parity_closed`), touching the group
+//!   again at that point; a freeze drains them too.
+//!
 //! No I/O here: the marks themselves live in the map (see `standin`).
 
 use crate::Error;
 use common::wire::{ErrorCode, WireError};
-use common::IomId;
+use common::{GroupKey, IomId, TxRef};
 use parking_lot::Mutex;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -26,6 +36,20 @@ pub struct HandoverState {
     ops: watch::Sender<u64>,
     /// Failed IOMs whose stand-in is active.
     active: watch::Sender<BTreeSet<IomId>>,
+    /// Per failed IOM: groups written since its marks were last handed out.
+    touched: Mutex<HashMap<IomId, Touched>>,
+    /// Parity updates for failed IOMs' groups acknowledged by this stand-in
+    /// whose a13 has not arrived: (failed IOM, group).
+    parity_open: watch::Sender<HashMap<TxRef, (IomId, GroupKey)>>,
+}
+
+/// What `clearable` needs about one failed IOM.
+#[derive(Default)]
+struct Touched {
+    /// Marks were handed out since this IOM started (before that, what a
+    /// round computed is not known: nothing is clearable).
+    handed: bool,
+    groups: HashSet<GroupKey>,
 }
 
 impl Default for HandoverState {
@@ -34,6 +58,8 @@ impl Default for HandoverState {
             frozen: Mutex::default(),
             ops: watch::Sender::new(0),
             active: watch::Sender::new(BTreeSet::new()),
+            touched: Mutex::default(),
+            parity_open: watch::Sender::new(HashMap::new()),
         }
     }
 }
@@ -101,6 +127,69 @@ impl HandoverState {
     pub fn forget(&self, i: IomId) {
         self.frozen.lock().remove(&i);
         self.active.send_if_modified(|s| s.remove(&i));
+        self.touched.lock().remove(&i);
+        self.parity_open.send_if_modified(|m| {
+            let n = m.len();
+            m.retain(|_, (owner, _)| *owner != i);
+            m.len() != n
+        });
+    }
+
+    /// Group `g` of failed IOM `i` was written through this stand-in.
+    pub fn touched(&self, i: IomId, g: GroupKey) {
+        self.touched.lock().entry(i).or_default().groups.insert(g);
+    }
+
+    /// `i`'s marks are being handed out: what was touched before is in them.
+    pub fn handed_out(&self, i: IomId) {
+        let mut t = self.touched.lock();
+        let e = t.entry(i).or_default();
+        e.handed = true;
+        e.groups.clear();
+    }
+
+    /// Whether a round that `i` computed from the marks last handed out
+    /// may clear the mark of group `g`.
+    pub fn clearable(&self, i: IomId, g: &GroupKey) -> bool {
+        self.touched.lock().get(&i).is_some_and(|t| t.handed && !t.groups.contains(g))
+    }
+
+    /// A parity update `tx` for group `g` of failed IOM `i` is acknowledged
+    /// by this stand-in; open until `parity_closed`. Registered before the
+    /// caller's frozen check, so a freeze either drains it or it sees the
+    /// freeze (and calls `parity_closed` itself).
+    pub fn parity_opened(&self, tx: TxRef, i: IomId, g: GroupKey) {
+        self.parity_open.send_modify(|m| {
+            m.insert(tx, (i, g));
+        });
+    }
+
+    /// `tx` was refused after `parity_opened` (frozen, or not a stand-in):
+    /// it wrote nothing.
+    pub fn parity_refused(&self, tx: TxRef) {
+        self.parity_open.send_if_modified(|m| m.remove(&tx).is_some());
+    }
+
+    /// `tx`'s a13 arrived: the group it wrote, touched again, if it was a
+    /// stand-in's parity update.
+    pub fn parity_closed(&self, tx: TxRef) -> Option<(IomId, GroupKey)> {
+        let mut out = None;
+        self.parity_open.send_if_modified(|m| {
+            out = m.remove(&tx);
+            out.is_some()
+        });
+        if let Some((i, g)) = out {
+            self.touched(i, g);
+        }
+        out
+    }
+
+    /// Waits until no acknowledged parity update for `i` is open, at most
+    /// `within`; false if some still were.
+    pub async fn drain_parity(&self, i: IomId, within: Duration) -> bool {
+        let mut rx = self.parity_open.subscribe();
+        let drained = tokio::time::timeout(within, rx.wait_for(|m| m.values().all(|(owner, _)| *owner != i))).await;
+        drained.is_ok()
     }
 }
 
@@ -162,5 +251,53 @@ mod tests {
         let start = std::time::Instant::now();
         h.wait_active(i, Duration::from_millis(30)).await;
         assert!(start.elapsed() >= Duration::from_millis(30), "forgotten: no longer active");
+    }
+
+    fn g(n: u64) -> GroupKey {
+        GroupKey { object: common::ObjectId(n), group: common::GroupNo(0) }
+    }
+
+    fn tx(n: u64) -> TxRef {
+        TxRef { iom: IomId(0), tx: common::TxId(n) }
+    }
+
+    #[test]
+    fn a_group_written_after_its_marks_were_handed_out_is_not_cleared() {
+        let h = HandoverState::default();
+        let i = IomId(2);
+        h.touched(i, g(1));
+        assert!(!h.clearable(i, &g(1)), "nothing handed out since start: nothing clearable");
+        assert!(!h.clearable(i, &g(2)));
+        h.handed_out(i);
+        assert!(h.clearable(i, &g(1)), "touched before the hand-out: in the marks the round computed");
+        h.touched(i, g(1));
+        assert!(!h.clearable(i, &g(1)), "touched after the hand-out");
+        assert!(h.clearable(i, &g(2)));
+        assert!(!h.clearable(IomId(3), &g(2)), "another failed IOM's marks were never handed out");
+        h.handed_out(i);
+        assert!(h.clearable(i, &g(1)));
+        h.forget(i);
+        assert!(!h.clearable(i, &g(1)), "forgotten: as after a restart");
+    }
+
+    #[tokio::test]
+    async fn an_open_parity_update_touches_its_group_again_when_it_completes_and_holds_a_freeze() {
+        let h = Arc::new(HandoverState::default());
+        let i = IomId(2);
+        h.handed_out(i);
+        h.parity_opened(tx(1), i, g(1));
+        h.parity_opened(tx(2), IomId(4), g(9));
+        h.parity_opened(tx(3), i, g(3));
+        h.parity_refused(tx(3));
+        assert!(h.clearable(i, &g(3)), "a refused update wrote nothing");
+        assert!(!h.drain_parity(i, Duration::from_millis(30)).await, "an open update holds the drain");
+        let h2 = h.clone();
+        let waiter = tokio::spawn(async move { h2.drain_parity(i, LONG).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(h.parity_closed(tx(1)), Some((i, g(1))));
+        assert!(waiter.await.unwrap(), "drained once its a13 came, the other IOM's update apart");
+        assert!(!h.clearable(i, &g(1)), "its data is in place only now: recompute again");
+        assert_eq!(h.parity_closed(tx(1)), None, "closed once");
+        assert!(h.clearable(i, &g(9)));
     }
 }

@@ -200,6 +200,7 @@ impl StandIn {
 
     /// `RebuildMarks`.
     pub fn rebuild_marks(&self, i: IomId) -> RebuildMarks {
+        self.handover.handed_out(i);
         let frozen = self.handover.is_frozen(i);
         match self.storage.map.marks.lock().get(&i) {
             Some(m) => RebuildMarks {
@@ -212,8 +213,11 @@ impl StandIn {
         }
     }
 
-    /// `ClearMarks`: the rejoining IOM rebuilt these.
-    pub fn clear_marks(&self, i: IomId, m: RebuildMarks) {
+    /// `ClearMarks`: the rejoining IOM rebuilt these. Blocks carry the
+    /// version rebuilt; a group is cleared only if nothing wrote it since
+    /// the marks were handed out (see `HandoverState`).
+    pub fn clear_marks(&self, i: IomId, mut m: RebuildMarks) {
+        m.groups.retain(|g| self.handover.clearable(i, g));
         self.storage.commit(
             &Record::MarksDone { owner: i, blocks: m.blocks, groups: m.groups, drops: m.drops },
             false,
@@ -233,6 +237,15 @@ impl StandIn {
         }
         if !self.handover.drain(self.timeouts.freeze_drain_max).await {
             tracing::warn!(iom = self.me.0, failed = i.0, "handover goes on with stand-in writes still running");
+        }
+        // Parity updates acknowledged for `i`'s groups whose data IOMs have
+        // not said they completed: their a13 marks the group again.
+        if !self.handover.drain_parity(i, self.timeouts.freeze_drain_max).await {
+            tracing::warn!(
+                iom = self.me.0,
+                failed = i.0,
+                "handover goes on with parity updates for its groups not completed by their data IOMs"
+            );
         }
         self.storage.journal.flush().await;
         Ok(self.rebuild_marks(i))
