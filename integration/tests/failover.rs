@@ -372,8 +372,10 @@ fn a_group_written_while_its_parity_is_recomputed_is_recomputed_again() {
     let victim = 2u32;
     c.kill(victim);
     wait_status(&c, "down (proxied by 3)", Duration::from_secs(15));
-    // Groups whose parity lives on the victim get marked at its stand-in.
-    let first: Vec<Vec<u8>> = (0..4u64).map(|i| Rng(40 + i).bytes(4 << 20)).collect();
+    // Groups whose parity lives on the victim get marked at its stand-in;
+    // with its blocks, more marks than a handover takes (64), so the first
+    // round runs before the freeze, with writes going on.
+    let first: Vec<Vec<u8>> = (0..8u64).map(|i| Rng(40 + i).bytes(4 << 20)).collect();
     for (i, d) in first.iter().enumerate() {
         write_file(&m.join(format!("g{i}")), d).unwrap();
     }
@@ -388,7 +390,7 @@ fn a_group_written_while_its_parity_is_recomputed_is_recomputed_again() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // The same groups again, through the stand-in, meanwhile.
-    let second: Vec<Vec<u8>> = (0..4u64).map(|i| Rng(60 + i).bytes(4 << 20)).collect();
+    let second: Vec<Vec<u8>> = (0..8u64).map(|i| Rng(60 + i).bytes(4 << 20)).collect();
     for (i, d) in second.iter().enumerate() {
         overwrite_file(&m.join(format!("g{i}")), d).unwrap();
     }
@@ -402,7 +404,7 @@ fn a_group_written_while_its_parity_is_recomputed_is_recomputed_again() {
     // Writes to those groups go on (their deltas start at the version the
     // parity covers), and with another IOM down the data reads back right.
     let (tx, rx) = std::sync::mpsc::channel();
-    let (mnt, third): (PathBuf, Vec<Vec<u8>>) = (m.clone(), (0..4u64).map(|i| Rng(80 + i).bytes(4 << 20)).collect());
+    let (mnt, third): (PathBuf, Vec<Vec<u8>>) = (m.clone(), (0..8u64).map(|i| Rng(80 + i).bytes(4 << 20)).collect());
     let writer = third.clone();
     std::thread::spawn(move || {
         let r = writer.iter().enumerate().try_for_each(|(i, d)| overwrite_file(&mnt.join(format!("g{i}")), d));
