@@ -422,6 +422,137 @@ fn a_group_written_while_its_parity_is_recomputed_is_recomputed_again() {
     wait_healthy(&c, Duration::from_secs(60));
 }
 
+/// Two IOMs silent to the majority at once while a writer runs (SIGSTOP:
+/// they keep their state and run on afterwards, as after a network
+/// partition that healed). The cluster stops; once both run again each
+/// finds it was declared down, restarts itself and rejoins, and the
+/// cluster must be healthy again by itself, with every write that
+/// succeeded readable. (Issue 17 saw a partition of two IOMs end stopped
+/// for good in 2 of 5 tries; this test passed 3 of 3 before the fixes —
+/// `a_stand_in_write_stuck_in_a_stopped_cluster_does_not_hold_up_another_rejoin`
+/// is the case that failed every time.)
+#[test]
+fn two_ioms_silent_together_under_a_writer_come_back_by_themselves() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let m = c.mount("mnt", &[]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop2, mnt) = (stop.clone(), m.clone());
+    let writer = std::thread::spawn(move || {
+        let (mut ok, mut failed) = (Vec::new(), 0u32);
+        for k in 0u64.. {
+            if stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let data = Rng(7000 + k).bytes(256 << 10);
+            match write_file(&mnt.join(format!("w{}", k % 64)), &data) {
+                Ok(()) => ok.push(k),
+                Err(_) => failed += 1,
+            }
+        }
+        (ok, failed)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let pids: Vec<i32> = [3u32, 4].iter().map(|&i| c.pid(i).expect("runs") as i32).collect();
+    for &p in &pids {
+        // SAFETY: signalling our own children.
+        unsafe { libc::kill(p, libc::SIGSTOP) };
+    }
+    wait_status(&c, "cluster: stopped", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(3));
+    for &p in &pids {
+        // SAFETY: as above.
+        unsafe { libc::kill(p, libc::SIGCONT) };
+    }
+    let t = Instant::now();
+    wait_healthy(&c, Duration::from_secs(120));
+    eprintln!("healthy again {:?} after the two IOMs ran on", t.elapsed());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = writer.join().unwrap();
+    eprintln!("writes: {} ok, {failed} failed", ok.len());
+    // The last successful write of each file is what it holds.
+    let mut last = std::collections::HashMap::new();
+    for k in ok {
+        last.insert(k % 64, k);
+    }
+    for (f, k) in last {
+        assert!(
+            fs::read(m.join(format!("w{f}"))).unwrap() == Rng(7000 + k).bytes(256 << 10),
+            "w{f} is not its last successful write"
+        );
+    }
+    c.must_scrub_clean();
+}
+
+/// A stand-in write caught when the cluster stops must not keep another
+/// IOM from coming back. IOM 3 is down (proxy 4); IOM 2 stalls while a
+/// write to one of 3's blocks, whose parity lives on 2, runs at the
+/// stand-in, and is declared down: the cluster stops with that write
+/// stuck at 4. When 2 runs again it restarts and rejoins through the same
+/// proxy; its handover's freeze must not wait on 3's write (it did, past
+/// the rejoining IOM's call timeout, every time: 2 stayed rebuilding and the
+/// cluster stopped until an operator restarted IOM 3).
+#[test]
+fn a_stand_in_write_stuck_in_a_stopped_cluster_does_not_hold_up_another_rejoin() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    wait_healthy(&c, Duration::from_secs(30));
+    let bs = 64 * 1024usize;
+    let layout = common::Layout::new(5, bs as u32).unwrap();
+    let obj = (1..)
+        .map(common::ObjectId)
+        .find(|&o| {
+            layout.data_iom(o, common::BlockNo(0)).0 == 3
+                && layout.parity_iom(o, layout.group_of(common::BlockNo(0))).0 == 2
+        })
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client = rt.block_on(c.client());
+    let first = Rng(11).bytes(bs);
+    rt.block_on(client.write(obj, 0, bytes::Bytes::from(first.clone()), common::Toughness::Durable)).unwrap();
+    c.kill(3);
+    wait_status(&c, "down (proxied by 4)", Duration::from_secs(15));
+    let pid2 = c.pid(2).expect("IOM 2 runs") as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid2, libc::SIGSTOP) };
+    // The write reaches the stand-in (4), whose delta waits for IOM 2.
+    let second = Rng(12).bytes(bs);
+    let w = {
+        let client = client.clone();
+        let data = bytes::Bytes::from(second.clone());
+        rt.spawn(async move { client.write(obj, 0, data, common::Toughness::Durable).await })
+    };
+    // Declared down (IOM 4's map says so; `status` may say stopped sooner,
+    // from IOM 2's silence alone).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !c.log(4).contains("states=[Up, Up, Down { proxy: IomId(4) }, Down { proxy: IomId(4) }, Up]") {
+        assert!(Instant::now() < deadline, "IOM 2 not declared down:\n{}", c.log(4));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid2, libc::SIGCONT) };
+    // 2 restarts itself and rejoins: only 3 is down then.
+    let t = Instant::now();
+    let s = wait_status(&c, "cluster: degraded", Duration::from_secs(60));
+    eprintln!("degraded again {:?} after IOM 2 ran on:\n{s}", t.elapsed());
+    let r = rt.block_on(async { tokio::time::timeout(Duration::from_secs(90), w).await });
+    let wrote = matches!(r, Ok(Ok(Ok(_))));
+    eprintln!("the stuck write ended: {r:?}");
+    c.start(3);
+    wait_healthy(&c, Duration::from_secs(90));
+    let got = rt.block_on(client.read(obj, 0, bs)).unwrap().to_vec();
+    if wrote {
+        assert!(got == second, "the acknowledged write is lost");
+    } else {
+        assert!(got == first || got == second, "neither the old nor the new block");
+    }
+    client.close();
+    c.must_scrub_clean();
+}
+
 fn md5(p: &Path) -> String {
     let o = Command::new("md5sum").arg(p).output().unwrap();
     assert!(o.status.success(), "md5sum {}: {}", p.display(), String::from_utf8_lossy(&o.stderr));

@@ -109,6 +109,12 @@ impl Links {
         self.ensure_started(role);
     }
 
+    /// Whether this IOM's update `tx` (to any parity role) waits for its
+    /// parity IOM or its a13 (a stand-in's write still runs until then).
+    pub fn is_pending(&self, tx: TxId) -> bool {
+        self.links.iter().any(|l| l.state.lock().pending.contains_key(&tx))
+    }
+
     /// Updates not yet completed by the parity role (for recovery and status).
     pub fn unfinished(&self, role: IomId) -> Vec<TxRef> {
         self.links[role.0 as usize].state.lock().pending.values().map(|p| p.upd.tx).collect()

@@ -25,7 +25,7 @@ use crate::storage::Storage;
 use crate::timeouts::Timeouts;
 use crate::Error;
 use bytes::BytesMut;
-use common::wire::{MemberReq, MemberResp, ParityTxState, ParityUpdate, TxView};
+use common::wire::{ErrorCode, MemberReq, MemberResp, ParityTxState, ParityUpdate, TxView};
 use common::{codec, BlockKey, GroupKey, TxId, TxRef, Version};
 use common::{IomId, Layout};
 use std::collections::{BTreeMap, HashSet};
@@ -100,7 +100,11 @@ impl Recovery {
             let covers = self.storage.map.parity_head(&g).members.get(j).copied().unwrap_or(Version(0));
             TxView::Parity { state, standin: false, covers }
         } else {
-            let open = tx.iom == self.me && self.storage.map.dtx.lock().contains_key(&tx.tx);
+            // Open: a data-side transaction of this IOM, or the update of a
+            // stand-in write of this IOM that still runs (it keeps no
+            // data-side record: its parity link holds the update).
+            let open = tx.iom == self.me
+                && (self.storage.map.dtx.lock().contains_key(&tx.tx) || self.data.links.is_pending(tx.tx));
             let (pointer, head) = match self.storage.map.entry(&key) {
                 Some(e) => (e.pointer, e.head().version),
                 None => (Version(0), Version(0)),
@@ -228,6 +232,9 @@ impl Recovery {
     async fn resolve_parity_tx(self: &Arc<Self>, tx: TxRef, p: &PTx, tally: &mut Tally) -> Result<bool, Error> {
         let key = BlockKey { object: p.group.object, block: self.layout.member_block(p.group.group, p.index) };
         let role = self.layout.data_iom(key.object, key.block);
+        if tx.iom != role {
+            return self.resolve_standin_parity_tx(tx, key, p, tally).await;
+        }
         let view = self.caller.rpc_recovery(role, MemberReq::TxStatus { tx, key, parity_side: false }).await?;
         let MemberResp::TxStatus(TxView::Data { open, pointer, .. }) = view else {
             return Err(Error::Format(format!("unexpected answer {view:?}")));
@@ -259,6 +266,39 @@ impl Recovery {
                 tally.rebuilt += 1;
             }
             Action::Nothing | Action::RollForward => {}
+        }
+        Ok(true)
+    }
+
+    /// An update a stand-in (`tx.iom`) sent for a failed IOM's block. The
+    /// stand-in, not the block's role (which may not be served at all while
+    /// the cluster is stopped: asking it would wait for ever), knows whether
+    /// its write still runs; if it does, it resends the update. Otherwise
+    /// the write either completed (the parity applied the update: finish
+    /// it; the stand-in's mark has the failed IOM rebuild the block from
+    /// this parity) or failed before the parity applied it (no client was
+    /// told it succeeded: discard it).
+    async fn resolve_standin_parity_tx(
+        self: &Arc<Self>,
+        tx: TxRef,
+        key: BlockKey,
+        p: &PTx,
+        tally: &mut Tally,
+    ) -> Result<bool, Error> {
+        let view = self.caller.rpc_recovery(tx.iom, MemberReq::TxStatus { tx, key, parity_side: false }).await?;
+        let MemberResp::TxStatus(TxView::Data { open, .. }) = view else {
+            return Err(Error::Format(format!("unexpected answer {view:?}")));
+        };
+        if open {
+            return Ok(false);
+        }
+        tracing::info!(iom = self.me.0, tx = ?tx, group = ?p.group, applied = p.applied.is_some(), "recovery: a stand-in's parity transaction");
+        if p.applied.is_some() {
+            self.parity.write_done(tx);
+            tally.freed += 1;
+        } else {
+            self.discard_tx(tx);
+            tally.back += 1;
         }
         Ok(true)
     }
@@ -357,6 +397,16 @@ impl Recovery {
                     // perhaps only once this IOM serves again — waiting for it
                     // here would deadlock a stopped cluster's restart.
                     Ok(false) => tally.left_to_data += 1,
+                    // Its data IOM does not run and, the cluster being
+                    // stopped, nobody serves its role: that IOM's own
+                    // recovery settles the transaction with this one when it
+                    // returns (as a resent update, or by asking). Waiting
+                    // here could wait for ever: this IOM's return may be
+                    // what ends the stop.
+                    Err(Error::Wire(w)) if w.code == ErrorCode::ClusterStopped => {
+                        tracing::warn!(iom = self.me.0, tx = ?tx, "recovery: a parity transaction left to its data IOM, which does not run");
+                        tally.left_to_data += 1;
+                    }
                     Err(e) => {
                         tracing::debug!(iom = self.me.0, tx = ?tx, "recovery waits: {e}");
                         left.push(tx);

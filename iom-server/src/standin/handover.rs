@@ -32,8 +32,10 @@ use tokio::sync::watch;
 
 pub struct HandoverState {
     frozen: Mutex<HashSet<IomId>>,
-    /// Stand-in writes running.
-    ops: watch::Sender<u64>,
+    /// Stand-in writes running, per failed IOM (a freeze of one waits for
+    /// its own only: another's write may wait for a stopped cluster, which
+    /// only this handover can end).
+    ops: watch::Sender<HashMap<IomId, u64>>,
     /// Failed IOMs whose stand-in is active.
     active: watch::Sender<BTreeSet<IomId>>,
     /// Per failed IOM: groups written since its marks were last handed out.
@@ -56,7 +58,7 @@ impl Default for HandoverState {
     fn default() -> Self {
         HandoverState {
             frozen: Mutex::default(),
-            ops: watch::Sender::new(0),
+            ops: watch::Sender::new(HashMap::new()),
             active: watch::Sender::new(BTreeSet::new()),
             touched: Mutex::default(),
             parity_open: watch::Sender::new(HashMap::new()),
@@ -95,18 +97,19 @@ impl HandoverState {
         self.frozen.lock().remove(&i);
     }
 
-    /// Counts one running stand-in write for as long as the guard lives
-    /// (also when its future is dropped unfinished).
-    pub fn op(&self) -> StandinOp<'_> {
-        self.ops.send_modify(|n| *n += 1);
-        StandinOp(&self.ops)
+    /// Counts one running stand-in write for failed IOM `i` for as long as
+    /// the guard lives (also when its future is dropped unfinished).
+    pub fn op(&self, i: IomId) -> StandinOp<'_> {
+        self.ops.send_modify(|m| *m.entry(i).or_default() += 1);
+        StandinOp(&self.ops, i)
     }
 
-    /// Waits until no stand-in write runs, at most `within`; false if some
-    /// still ran then.
-    pub async fn drain(&self, within: Duration) -> bool {
+    /// Waits until no stand-in write for `i` runs, until `deadline`; false
+    /// if some still ran then.
+    pub async fn drain(&self, i: IomId, deadline: tokio::time::Instant) -> bool {
         let mut ops = self.ops.subscribe();
-        let drained = tokio::time::timeout(within, ops.wait_for(|n| *n == 0)).await.is_ok();
+        let idle = ops.wait_for(|m| m.get(&i).copied().unwrap_or(0) == 0);
+        let drained = tokio::time::timeout_at(deadline, idle).await.is_ok();
         drained
     }
 
@@ -184,21 +187,30 @@ impl HandoverState {
         out
     }
 
-    /// Waits until no acknowledged parity update for `i` is open, at most
-    /// `within`; false if some still were.
-    pub async fn drain_parity(&self, i: IomId, within: Duration) -> bool {
+    /// Waits until no acknowledged parity update for `i` is open, until
+    /// `deadline`; false if some still were.
+    pub async fn drain_parity(&self, i: IomId, deadline: tokio::time::Instant) -> bool {
         let mut rx = self.parity_open.subscribe();
-        let drained = tokio::time::timeout(within, rx.wait_for(|m| m.values().all(|(owner, _)| *owner != i))).await;
+        let idle = rx.wait_for(|m| m.values().all(|(owner, _)| *owner != i));
+        let drained = tokio::time::timeout_at(deadline, idle).await;
         drained.is_ok()
     }
 }
 
 /// One running stand-in write (see [`HandoverState::op`]).
-pub struct StandinOp<'a>(&'a watch::Sender<u64>);
+pub struct StandinOp<'a>(&'a watch::Sender<HashMap<IomId, u64>>, IomId);
 
 impl Drop for StandinOp<'_> {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
+        let i = self.1;
+        self.0.send_modify(|m| {
+            if let Some(n) = m.get_mut(&i) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&i);
+                }
+            }
+        });
     }
 }
 
@@ -210,22 +222,30 @@ mod tests {
 
     const LONG: Duration = Duration::from_secs(5);
 
+    fn soon(ms: u64) -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_millis(ms)
+    }
+
     #[tokio::test]
     async fn a_freeze_waits_for_running_writes_and_refuses_new_ones() {
         let h = Arc::new(HandoverState::default());
         let i = IomId(2);
         assert!(h.check(i).is_ok());
-        let op = h.op();
+        let op = h.op(i);
+        let other = h.op(IomId(3));
         assert!(!h.freeze_if(i, || false), "an IOM that is not rebuilding is never frozen");
         assert!(h.check(i).is_ok());
         assert!(h.freeze_if(i, || true));
         assert!(h.check(i).is_err(), "a frozen role refuses new stand-in work");
-        assert!(!h.drain(Duration::from_millis(30)).await, "a running write keeps the drain waiting");
+        assert!(!h.drain(i, soon(30)).await, "a running write keeps the drain waiting");
         let h2 = h.clone();
-        let waiter = tokio::spawn(async move { h2.drain(LONG).await });
+        let waiter = tokio::spawn(async move { h2.drain(i, soon(5000)).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(op);
-        assert!(waiter.await.unwrap(), "the drain ends when the write ends");
+        assert!(waiter.await.unwrap(), "the drain ends when the write ends, another IOM's still running");
+        assert!(!h.drain(IomId(3), soon(30)).await);
+        drop(other);
+        assert!(h.drain(IomId(3), soon(30)).await);
         h.unfreeze(i);
         assert!(h.check(i).is_ok());
     }
@@ -290,9 +310,9 @@ mod tests {
         h.parity_opened(tx(3), i, g(3));
         h.parity_refused(tx(3));
         assert!(h.clearable(i, &g(3)), "a refused update wrote nothing");
-        assert!(!h.drain_parity(i, Duration::from_millis(30)).await, "an open update holds the drain");
+        assert!(!h.drain_parity(i, soon(30)).await, "an open update holds the drain");
         let h2 = h.clone();
-        let waiter = tokio::spawn(async move { h2.drain_parity(i, LONG).await });
+        let waiter = tokio::spawn(async move { h2.drain_parity(i, soon(5000)).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(h.parity_closed(tx(1)), Some((i, g(1))));
         assert!(waiter.await.unwrap(), "drained once its a13 came, the other IOM's update apart");

@@ -139,7 +139,7 @@ impl StandIn {
     ) -> Result<Version, Error> {
         self.handover.check(owner)?;
         self.handover.wait_active(owner, self.timeouts.standin_ready_max).await;
-        let _op = self.handover.op();
+        let _op = self.handover.op(owner);
         // Counted, then checked again: a freeze that began meanwhile either
         // sees this write counted (and waits for it) or this check sees it.
         self.handover.check(owner)?;
@@ -235,12 +235,16 @@ impl StandIn {
                 format!("IOM {i} is not rebuilding with IOM {} as its proxy in this IOM's map", self.me),
             )));
         }
-        if !self.handover.drain(self.timeouts.freeze_drain_max).await {
+        // One deadline for both drains; the rejoining IOM's call waits
+        // longer (`Timeouts::handover_call`), so a drain that gives up is
+        // still answered.
+        let deadline = tokio::time::Instant::now() + self.timeouts.freeze_drain_max;
+        if !self.handover.drain(i, deadline).await {
             tracing::warn!(iom = self.me.0, failed = i.0, "handover goes on with stand-in writes still running");
         }
         // Parity updates acknowledged for `i`'s groups whose data IOMs have
         // not said they completed: their a13 marks the group again.
-        if !self.handover.drain_parity(i, self.timeouts.freeze_drain_max).await {
+        if !self.handover.drain_parity(i, deadline).await {
             tracing::warn!(
                 iom = self.me.0,
                 failed = i.0,
