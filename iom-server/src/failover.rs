@@ -4,29 +4,68 @@
 //! down, proxied by me" when this IOM is the first live one after a silent
 //! j; `propose` runs one round of voting and commits the map when a
 //! majority agreed; `map_watcher` reacts to every new map (stand-in
-//! activation, namespace takeover, end of a stand-in's duty). `join` is the
-//! start-up path: learn the current map, then recover (still up) or rejoin
-//! (declared down meanwhile).
+//! activation, namespace takeover, end of a stand-in's duty, the end of an
+//! aborted handover, the restart of an IOM declared down while it ran).
+//! The start-up path (`join`) and coming back (`rejoin`) are in `rejoin`.
 
-use crate::membership::Transition;
-use crate::workers::Tier;
-use crate::Iom;
+use crate::caller::RoleCaller;
+use crate::membership::{Membership, Transition};
+use crate::standin::handover::HandoverState;
+use crate::standin::StandIn;
+use crate::timeouts::Timeouts;
+use crate::workers::{Tier, Workers};
 use bytes::Bytes;
 use common::cluster::{ClusterMap, IomState};
 use common::wire::{Ballot, MemberReq, MemberResp, Reply, Request};
 use common::{Epoch, IomId};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-impl Iom {
+/// The membership role's moving half: heartbeats, failure detection,
+/// voting and the reactions to each new map. Holds the membership state,
+/// the caller, the stand-in (activation, end of duty), the handover state,
+/// the namespace (takeover) and the rejoin flag; never the node.
+pub struct Failover {
+    pub(crate) me: IomId,
+    pub(crate) width: u32,
+    pub(crate) member: Arc<Membership>,
+    pub(crate) caller: Arc<RoleCaller>,
+    pub(crate) workers: Arc<Workers>,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) standin: Arc<StandIn>,
+    pub(crate) handover: Arc<HandoverState>,
+    pub(crate) namespace: Arc<dyn NamespaceTakeover>,
+    /// Set while this IOM rejoins (shared with `rejoin::Rejoin`): a map
+    /// that calls it down is then no reason to restart.
+    pub(crate) rejoining: Arc<AtomicBool>,
+    /// Cancelled when the IOM's background work stops.
+    pub(crate) stop: CancellationToken,
+}
+
+/// What failover asks of the namespace service: whether this IOM holds a
+/// copy (it may take a failed home's namespace over) and the takeover.
+/// Implemented by `namespace::Namespace`; a trait so this room does not
+/// import the namespace, which still takes the node.
+pub trait NamespaceTakeover: Send + Sync {
+    fn holds_replica(&self) -> bool;
+    fn promote(&self, term: u64);
+}
+
+impl Failover {
+    pub fn rejoining(&self) -> bool {
+        self.rejoining.load(Ordering::Acquire)
+    }
+
     /// Pings every peer every heartbeat; learns newer maps from their answers.
     pub async fn heartbeat_worker(self: Arc<Self>) {
         let hb = self.timeouts.heartbeat;
         let mut stalled_said = false;
         loop {
             tokio::select! {
-                _ = self.shutdown.cancelled() => return,
+                _ = self.stop.cancelled() => return,
                 _ = tokio::time::sleep(hb) => {}
             }
             self.member.tick();
@@ -44,14 +83,14 @@ impl Iom {
                 continue;
             }
             stalled_said = false;
-            for j in 0..self.cfg.width() {
+            for j in 0..self.width {
                 let j = IomId(j);
-                if j == self.id {
+                if j == self.me {
                     continue;
                 }
                 let me = self.clone();
                 self.workers.spawn(Tier::Background, "ping", async move {
-                    let req = Request::Member(MemberReq::Ping { from: me.id, epoch: me.member.epoch() });
+                    let req = Request::Member(MemberReq::Ping { from: me.me, epoch: me.member.epoch() });
                     if let Ok((Reply::Member(MemberResp::Pong { epoch, .. }), _)) =
                         me.caller.call_peer(j, &req, Bytes::new(), me.timeouts.ping_call).await
                     {
@@ -79,16 +118,16 @@ impl Iom {
         let mut last_try: HashMap<IomId, Instant> = HashMap::new();
         loop {
             tokio::select! {
-                _ = self.shutdown.cancelled() => return,
+                _ = self.stop.cancelled() => return,
                 _ = tokio::time::sleep(self.timeouts.heartbeat) => {}
             }
             self.member.tick();
             let map = self.member.current();
-            if map.state(self.id) != IomState::Up {
+            if map.state(self.me) != IomState::Up {
                 continue;
             }
             for j in (0..map.width()).map(IomId) {
-                if j == self.id || !self.member.suspects(j) {
+                if j == self.me || !self.member.suspects(j) {
                     continue;
                 }
                 // An up IOM is declared down by the first live IOM after it;
@@ -99,7 +138,7 @@ impl Iom {
                     IomState::Rebuilding { proxy } => Some(proxy),
                     IomState::Down { .. } => None,
                 };
-                if proposer != Some(self.id) {
+                if proposer != Some(self.me) {
                     continue;
                 }
                 if last_try.get(&j).is_some_and(|t| t.elapsed() < self.timeouts.failure_timeout) {
@@ -108,14 +147,14 @@ impl Iom {
                 last_try.insert(j, Instant::now());
                 let mut next = map.clone();
                 next.epoch = Epoch(map.epoch.0 + 1);
-                next.states[j.0 as usize] = IomState::Down { proxy: self.id };
+                next.states[j.0 as usize] = IomState::Down { proxy: self.me };
                 if map.meta_home == j {
                     if self.namespace.holds_replica() {
                         // The namespace mirror (this IOM) takes the namespace over.
-                        next.meta_home = self.id;
+                        next.meta_home = self.me;
                     } else {
                         tracing::error!(
-                            iom = self.id.0,
+                            iom = self.me.0,
                             home = j.0,
                             "the namespace home failed and this IOM holds no copy of it: the namespace stays unavailable until IOM {} returns",
                             j.0
@@ -123,14 +162,14 @@ impl Iom {
                     }
                 }
                 tracing::warn!(
-                    iom = self.id.0,
+                    iom = self.me.0,
                     suspect = j.0,
                     silent_ms = self.member.silence(j).as_millis() as u64,
                     "IOM silent: proposing it down"
                 );
                 let ok = self.propose(next, j).await;
                 if !ok {
-                    tracing::warn!(iom = self.id.0, suspect = j.0, "proposal not accepted; will retry");
+                    tracing::warn!(iom = self.me.0, suspect = j.0, "proposal not accepted; will retry");
                 }
                 break;
             }
@@ -139,15 +178,15 @@ impl Iom {
 
     /// One voting round for `next` (a change of `changed`); commits it on a majority.
     pub async fn propose(self: &Arc<Self>, next: ClusterMap, changed: IomId) -> bool {
-        let ballot = Ballot { epoch: next.epoch, proposer: self.id };
-        if !self.member.agrees(&next, changed, self.id) || !self.member.vote(ballot) {
+        let ballot = Ballot { epoch: next.epoch, proposer: self.me };
+        if !self.member.agrees(&next, changed, self.me) || !self.member.vote(ballot) {
             return false;
         }
-        let w = self.cfg.width();
+        let w = self.width;
         let declaring_down = matches!(next.state(changed), IomState::Down { .. });
         let mut calls: futures::stream::FuturesUnordered<_> = (0..w)
             .map(IomId)
-            .filter(|&j| j != self.id && !(declaring_down && j == changed))
+            .filter(|&j| j != self.me && !(declaring_down && j == changed))
             .map(|j| {
                 let me = self.clone();
                 let req = Request::Member(MemberReq::Propose { ballot, map: next.clone(), changed });
@@ -168,7 +207,7 @@ impl Iom {
         }
         if votes < self.member.majority() {
             tracing::warn!(
-                iom = self.id.0,
+                iom = self.me.0,
                 epoch = next.epoch.0,
                 votes,
                 needed = self.member.majority(),
@@ -177,7 +216,7 @@ impl Iom {
             return false;
         }
         self.member.install(next.clone());
-        for j in (0..w).map(IomId).filter(|&j| j != self.id) {
+        for j in (0..w).map(IomId).filter(|&j| j != self.me) {
             let me = self.clone();
             let req = Request::Member(MemberReq::Commit { map: next.clone() });
             self.workers.spawn(Tier::Background, "map-commit", async move {
@@ -205,20 +244,20 @@ impl Iom {
         let mut rx = self.member.subscribe();
         let mut prev = self.member.current();
         // Standing in already (this IOM restarted while a peer was down).
-        for j in crate::membership::standing_in_for(&prev, self.id) {
+        for j in crate::membership::standing_in_for(&prev, self.me) {
             self.spawn_standin_activate(j);
         }
         loop {
             tokio::select! {
-                _ = self.shutdown.cancelled() => return,
+                _ = self.stop.cancelled() => return,
                 r = rx.changed() => if r.is_err() { return },
             }
             let cur = self.member.current();
-            for t in crate::membership::transitions(&prev, &cur, self.id) {
+            for t in crate::membership::transitions(&prev, &cur, self.me) {
                 match t {
                     Transition::StandInFor(j) => {
                         tracing::warn!(
-                            iom = self.id.0,
+                            iom = self.me.0,
                             failed = j.0,
                             epoch = cur.epoch.0,
                             "standing in for failed IOM"
@@ -227,7 +266,7 @@ impl Iom {
                     }
                     Transition::StandInOver(j) => {
                         tracing::warn!(
-                            iom = self.id.0,
+                            iom = self.me.0,
                             back = j.0,
                             epoch = cur.epoch.0,
                             "IOM back: stand-in duty over"
@@ -236,7 +275,7 @@ impl Iom {
                     }
                     Transition::HandoverAborted(j) => {
                         tracing::warn!(
-                            iom = self.id.0,
+                            iom = self.me.0,
                             failed = j.0,
                             epoch = cur.epoch.0,
                             "rebuilding IOM declared down again: serving its role again"
@@ -245,149 +284,20 @@ impl Iom {
                     }
                     Transition::DeclaredDown if !self.rejoining() => {
                         tracing::error!(
-                            iom = self.id.0,
+                            iom = self.me.0,
                             epoch = cur.epoch.0,
                             "this IOM was declared down by the cluster (it was silent to the majority); restarting to rejoin"
                         );
-                        crate::restart::rejoin_by_restart(self.id, cur.epoch);
+                        crate::restart::rejoin_by_restart(self.me, cur.epoch);
                     }
                     Transition::DeclaredDown => {}
                     Transition::NamespaceHome => {
-                        tracing::warn!(iom = self.id.0, epoch = cur.epoch.0, "taking the namespace over");
+                        tracing::warn!(iom = self.me.0, epoch = cur.epoch.0, "taking the namespace over");
                         self.namespace.promote(cur.epoch.0);
                     }
                 }
             }
             prev = cur;
-        }
-    }
-
-    /// A replacement whose map still says it is up (it came back before its
-    /// predecessor was declared down) declares itself down, so its proxy
-    /// serves its role until the full rebuild is done. Peers accept a
-    /// down-declaration from the IOM itself without waiting for silence.
-    async fn stand_aside(self: &Arc<Self>) {
-        loop {
-            let map = self.member.current();
-            if map.state(self.id) != IomState::Up {
-                return;
-            }
-            let proxy = map.proxy_of(self.id);
-            let mut next = map.clone();
-            next.epoch = Epoch(map.epoch.0 + 1);
-            next.states[self.id.0 as usize] = IomState::Down { proxy };
-            if map.meta_home == self.id {
-                // The mirror (the home's proxy) takes the namespace over.
-                next.meta_home = proxy;
-            }
-            tracing::warn!(
-                iom = self.id.0,
-                proxy = proxy.0,
-                "replacement: declaring this IOM down until it is rebuilt"
-            );
-            if self.propose(next, self.id).await {
-                return;
-            }
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(self.timeouts.retry_pause) => {}
-            }
-        }
-    }
-
-    /// Stops this IOM (exit 78) if another IOM has seen it complete a write
-    /// its store knows nothing of: the store is older than what this IOM
-    /// acknowledged (a backup or snapshot put back, a stale copy of the
-    /// disk), and serving it would return old bytes as current ones.
-    /// Transaction ids rise with every start (`start_incarnation`), so a
-    /// store that is the latest one always starts above every id a peer saw.
-    fn refuse_a_stale_store(&self, seen: Option<(IomId, u64)>) {
-        let mine = self.storage.map.peek_next_tx();
-        let Some((j, tx)) = seen else { return };
-        if tx < mine {
-            return;
-        }
-        let msg = format!(
-            "the store of IOM {me} in {data} is older than what IOM {me} acknowledged: IOM {j} saw it complete \
-             write transaction {tx:#x}, and this store's transactions start at {mine:#x} (a backup or snapshot \
-             put back, or a stale copy of the disk). Serving it would return old data as current, so this IOM \
-             will not start. Move everything in {data} away except node.pem and node.key, then run \
-             `iomfs replace --dir {dir} --id {me}`: it rebuilds this IOM's share from the others",
-            me = self.id.0,
-            data = self.data_dir.display(),
-            dir = self.paths.dir.display(),
-        );
-        tracing::error!("{msg}");
-        eprintln!("iom-server: {msg}");
-        std::process::exit(78);
-    }
-
-    /// The highest transaction id of this IOM whose completion a peer has
-    /// seen, and that peer (peers that do not answer within 1 s are skipped).
-    async fn done_seen_by_peers(&self) -> Option<(IomId, u64)> {
-        let w = self.cfg.width();
-        let asks = (0..w).map(IomId).filter(|&j| j != self.id).map(|j| async move {
-            let r = self
-                .caller
-                .call_peer(
-                    j,
-                    &Request::Member(MemberReq::DoneSeen { of: self.id }),
-                    Bytes::new(),
-                    self.timeouts.probe_call,
-                )
-                .await;
-            match r {
-                Ok((Reply::Member(MemberResp::DoneSeen { tx }), _)) => Some((j, tx)),
-                _ => None,
-            }
-        });
-        let seen = futures::future::join_all(asks).await;
-        tracing::debug!(iom = self.id.0, ?seen, "store age check: completed writes peers saw");
-        seen.into_iter().flatten().filter(|(_, tx)| *tx > 0).max_by_key(|(_, tx)| *tx)
-    }
-
-    /// Start-up: learn the cluster's current map, then recover (this IOM is
-    /// still up) or rejoin (it was declared down while it was away).
-    pub async fn join(self: Arc<Self>) {
-        // Until the current map is known, a map saying this IOM is down is
-        // news to act on (rejoin), not a reason to stop.
-        self.rejoin_flag.store(true, std::sync::atomic::Ordering::Release);
-        let w = self.cfg.width();
-        let fetches = (0..w).map(IomId).filter(|&j| j != self.id).map(|j| {
-            let me = self.clone();
-            async move { me.fetch_map(j).await }
-        });
-        futures::future::join_all(fetches).await;
-        let seen = self.done_seen_by_peers().await;
-        if self.replacing.load(std::sync::atomic::Ordering::Acquire) {
-            if let Some((_, tx)) = seen {
-                // Transaction ids of the new store start above the old one's.
-                let inc = (tx >> 40) + 1;
-                if let Err(e) = crate::storage::raise_incarnation(&self.data_dir, inc) {
-                    tracing::error!(iom = self.id.0, "cannot raise the start counter: {e}");
-                }
-                self.storage.map.start_incarnation(inc);
-            }
-        } else {
-            self.refuse_a_stale_store(seen);
-        }
-        if self.replacing.load(std::sync::atomic::Ordering::Acquire) {
-            // Serve nothing while the map still gives this IOM its role:
-            // its store does not hold that role's blocks yet.
-            self.stand_aside().await;
-            if self.shutdown.is_cancelled() {
-                return;
-            }
-        }
-        self.ready.send_replace(true);
-        let map = self.member.current();
-        tracing::info!(iom = self.id.0, epoch = map.epoch.0, state = ?map.state(self.id), "joined the cluster map");
-        match map.state(self.id) {
-            IomState::Up => {
-                self.rejoin_flag.store(false, std::sync::atomic::Ordering::Release);
-                self.recovery.clone().recover().await
-            }
-            IomState::Down { .. } | IomState::Rebuilding { .. } => self.rejoin().await,
         }
     }
 }

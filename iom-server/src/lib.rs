@@ -10,10 +10,12 @@
 //! side (b1–b13, [`parity::ParitySide`]), the parity channels
 //! ([`links::Links`]), reconstruction ([`group::Group`]), the stand-in
 //! ([`standin::StandIn`]), recovery ([`recovery`] pure, executor
-//! [`recovery_exec::Recovery`]), and every outgoing call
-//! ([`caller::RoleCaller`]). The node ([`server::Iom`]) opens storage,
-//! builds the roles, routes requests to them ([`service`]) and runs the
-//! workers; failover, rejoin and the namespace are still its methods.
+//! [`recovery_exec::Recovery`]), failure detection and votes
+//! ([`failover::Failover`]), join and rejoin ([`rejoin::Rejoin`]), and
+//! every outgoing call ([`caller::RoleCaller`]). The node
+//! ([`server::Iom`]) opens storage, builds the roles, routes requests to
+//! them ([`service`]) and runs the workers; the namespace is still its
+//! methods.
 //! `tests/house.rs` keeps the room graph.
 //!
 //! Invariants: a block version's slot is freed only after the record that
@@ -42,7 +44,7 @@ pub mod membership_state;
 pub mod namespace;
 pub mod parity;
 pub mod read_path;
-pub mod rebuild;
+pub mod rejoin;
 pub mod records;
 pub mod recovery;
 pub mod recovery_exec;

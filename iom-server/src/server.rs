@@ -52,20 +52,16 @@ pub struct Iom {
     pub handover: Arc<HandoverState>,
     /// The stand-in role (degraded reads and writes, marks, handover).
     pub standin: Arc<crate::standin::StandIn>,
-    pub rejoin_flag: std::sync::atomic::AtomicBool,
-    /// This IOM's store replaced a lost one (`iomfs replace`): it rejoins
-    /// by rebuilding everything it held, not only what changed meanwhile.
-    pub replacing: std::sync::atomic::AtomicBool,
-    /// Set once start-up learned the cluster's current map: until then this
-    /// IOM serves nothing (its own map on disk may be stale).
-    pub ready: tokio::sync::watch::Sender<bool>,
-    pub rebuild: crate::rebuild::RebuildProgress,
     /// Recovery's executor and handlers.
     pub recovery: Arc<crate::recovery_exec::Recovery>,
     pub member: Arc<Membership>,
+    /// Heartbeats, failure detection, votes, map reactions.
+    pub failover: Arc<crate::failover::Failover>,
+    /// Join at start-up, rejoin, rebuild, handover (rejoining side).
+    pub rejoin: Arc<crate::rejoin::Rejoin>,
     /// Every time limit, from `[tuning]` (see `timeouts`).
     pub timeouts: Timeouts,
-    pub namespace: Namespace,
+    pub namespace: Arc<Namespace>,
     /// Told to stop when this IOM's background tasks must end (the
     /// Background tier's token of `workers`).
     pub shutdown: CancellationToken,
@@ -90,7 +86,7 @@ impl Iom {
         let replacing = opened.replacing;
         let open_at_start = opened.open_txs;
 
-        let namespace = Namespace::open(
+        let namespace = Arc::new(Namespace::open(
             &data_dir,
             storage.store.file(),
             // A replacement holds no namespace: it gets a copy from the
@@ -98,7 +94,7 @@ impl Iom {
             cfg.meta_home == opts.id.0 && !replacing,
             timeouts.journal_flush,
             cfg.client_lease(),
-        )?;
+        )?);
         let state_map = crate::membership_state::load(&data_dir)?
             .unwrap_or_else(|| ClusterMap::initial(cfg.width(), IomId(cfg.meta_home)));
         let member = Arc::new(Membership::new(
@@ -204,6 +200,42 @@ impl Iom {
             stop: workers.token(Tier::Background),
             startup_open: parking_lot::Mutex::new(Some(open_at_start)),
         });
+        let rejoining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let failover = Arc::new(crate::failover::Failover {
+            me: opts.id,
+            width: cfg.width(),
+            member: member.clone(),
+            caller: caller.clone(),
+            workers: workers.clone(),
+            timeouts,
+            standin: standin.clone(),
+            handover: handover.clone(),
+            namespace: namespace.clone() as Arc<dyn crate::failover::NamespaceTakeover>,
+            rejoining: rejoining.clone(),
+            stop: workers.token(Tier::Background),
+        });
+        let rejoin = Arc::new(crate::rejoin::Rejoin {
+            me: opts.id,
+            width: cfg.width(),
+            layout,
+            tuning: cfg.tuning.clone(),
+            cluster_dir: paths.dir.clone(),
+            data_dir: data_dir.clone(),
+            storage: storage.clone(),
+            locks: locks.clone(),
+            group: group.clone(),
+            parity: parity.clone(),
+            caller: caller.clone(),
+            member: member.clone(),
+            recovery: recovery.clone(),
+            failover: failover.clone(),
+            timeouts,
+            progress: Default::default(),
+            replacing: std::sync::atomic::AtomicBool::new(replacing),
+            rejoining,
+            ready: tokio::sync::watch::Sender::new(false),
+            stop: workers.token(Tier::Background),
+        });
         let iom = Arc::new(Iom {
             id: opts.id,
             parity,
@@ -211,10 +243,8 @@ impl Iom {
             data,
             handover,
             standin,
-            rejoin_flag: Default::default(),
-            replacing: std::sync::atomic::AtomicBool::new(replacing),
-            ready: tokio::sync::watch::Sender::new(false),
-            rebuild: Default::default(),
+            failover,
+            rejoin,
             recovery,
             locks,
             shutdown: workers.token(Tier::Background),
@@ -242,10 +272,10 @@ impl Iom {
     pub fn start_workers(self: &Arc<Self>) {
         let w = &self.workers;
         w.spawn(Tier::Intake, "acceptor", crate::service::serve(self.clone()));
-        w.spawn(Tier::Background, "join", self.clone().join());
-        w.spawn(Tier::Background, "heartbeat", self.clone().heartbeat_worker());
-        w.spawn(Tier::Background, "detector", self.clone().detector_worker());
-        w.spawn(Tier::Background, "map-watcher", self.clone().map_watcher());
+        w.spawn(Tier::Background, "join", self.rejoin.clone().join());
+        w.spawn(Tier::Background, "heartbeat", self.failover.clone().heartbeat_worker());
+        w.spawn(Tier::Background, "detector", self.failover.clone().detector_worker());
+        w.spawn(Tier::Background, "map-watcher", self.failover.clone().map_watcher());
         let checkpoints = self.storage.clone().checkpoint_worker(self.shutdown.clone(), self.timeouts.checkpoint_poll);
         w.spawn(Tier::Background, "checkpointer", checkpoints);
         w.spawn(Tier::Background, "ns-mirror", Namespace::mirror_worker(self.clone()));
@@ -305,10 +335,10 @@ impl Iom {
             rss_bytes: rss_bytes(),
             open_txs: self.storage.map.dtx.lock().len() as u64,
             open_parity_txs: self.storage.map.ptx.lock().len() as u64,
-            rebuild_done: self.rebuild.done.load(Ordering::Relaxed),
-            rebuild_total: self.rebuild.total.load(Ordering::Relaxed),
-            rebuild_bytes_per_s: self.rebuild.rate(),
-            serving: *self.ready.borrow(),
+            rebuild_done: self.rejoin.progress.done.load(Ordering::Relaxed),
+            rebuild_total: self.rejoin.progress.total.load(Ordering::Relaxed),
+            rebuild_bytes_per_s: self.rejoin.progress.rate(),
+            serving: *self.rejoin.ready.borrow(),
             repaired_blocks: self.data.repairs.load(Ordering::Relaxed),
             disk_errors: self.data.disk_errors.load(Ordering::Relaxed),
             repaired_parity: self.parity.repairs.load(Ordering::Relaxed),

@@ -112,7 +112,7 @@ async fn serve_stream(iom: Arc<Iom>, state: Arc<ConnState>, mut send: quinn::Sen
     }
     let serves_data =
         matches!(req, Request::Data(_) | Request::Meta(_) | Request::ParityChannel { .. } | Request::MetaMirror { .. });
-    if serves_data && !*iom.ready.borrow() {
+    if serves_data && !*iom.rejoin.ready.borrow() {
         reply(
             &mut send,
             err(
@@ -375,7 +375,7 @@ pub(crate) async fn handle_member(iom: &Arc<Iom>, req: MemberReq) -> Result<Memb
             Ok(MemberResp::Pong { epoch: iom.member.epoch(), reachable: Vec::new() })
         }
         MemberReq::Propose { ballot, map, changed } => {
-            let (granted, map) = iom.handle_propose(ballot, map, changed);
+            let (granted, map) = iom.failover.handle_propose(ballot, map, changed);
             Ok(MemberResp::Vote { granted, map })
         }
         MemberReq::Commit { map } => {

@@ -585,7 +585,7 @@ impl Namespace {
     /// Namespace server side: keeps a mirror stream open to the mirror IOM.
     pub async fn mirror_worker(iom: Arc<Iom>) {
         let mut epochs = iom.member.subscribe();
-        let mut ready_rx = iom.ready.subscribe();
+        let mut ready_rx = iom.rejoin.ready.subscribe();
         loop {
             if iom.shutdown.is_cancelled() {
                 return;
@@ -1028,5 +1028,14 @@ mod tests {
         let mut c = good.clone();
         *c.last_mut().unwrap() ^= 1;
         assert_eq!(read(&c), Err(format!("{name}: checksum mismatch")));
+    }
+}
+
+impl crate::failover::NamespaceTakeover for Namespace {
+    fn holds_replica(&self) -> bool {
+        Namespace::holds_replica(self)
+    }
+    fn promote(&self, term: u64) {
+        Namespace::promote(self, term)
     }
 }

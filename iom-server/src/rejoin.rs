@@ -1,12 +1,27 @@
-//! Coming back (DESIGN §6): an IOM declared down replays its journal,
+//! Joining and coming back (DESIGN §6). `join` is the start-up path:
+//! learn the current map, refuse a store older than what this IOM
+//! acknowledged, stand aside if this is a replacement, then recover (still
+//! up) or rejoin. `rejoin`: an IOM declared down replays its journal,
 //! collects what its stand-in marked, applies the recovery rules, rebuilds
 //! every marked block in the background (throttled), then takes its role
-//! back under a new epoch.
+//! back under a new epoch in the handover.
 
+use crate::caller::RoleCaller;
+use crate::failover::Failover;
+use crate::group::Group;
 use crate::journal::Wait;
+use crate::locks::KeyLocks;
+use crate::membership::Membership;
+use crate::parity::ParitySide;
 use crate::records::Record;
-use crate::Iom;
+use crate::recovery_exec::Recovery;
+use crate::storage::Storage;
+use crate::timeouts::Timeouts;
 use bytes::Bytes;
+use common::config::Tuning;
+use common::Layout;
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
 use common::cluster::IomState;
 use common::wire::{DataReq, DataResp, MemberReq, MemberResp, RebuildMarks, Reply, Request};
 use common::{BlockKey, Epoch, GroupKey, IomId, Version};
@@ -57,9 +72,54 @@ fn count(m: &RebuildMarks) -> usize {
     m.blocks.len() + m.groups.len() + m.drops.len()
 }
 
-impl Iom {
-    pub fn rejoining(&self) -> bool {
-        self.rejoin_flag.load(Ordering::Acquire)
+/// The rejoin role: start-up's join, rejoin, rebuild and the rejoining
+/// side of the handover. Holds the storage, the block locks, the group,
+/// the parity side (recompute), the caller, the membership state, recovery
+/// and failover (its votes); never the node.
+pub struct Rejoin {
+    pub(crate) me: IomId,
+    pub(crate) width: u32,
+    pub(crate) layout: Layout,
+    pub(crate) tuning: Tuning,
+    /// The cluster directory (named in the stale-store message).
+    pub(crate) cluster_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) storage: Arc<Storage>,
+    pub(crate) locks: Arc<KeyLocks<BlockKey>>,
+    pub(crate) group: Arc<Group>,
+    pub(crate) parity: Arc<ParitySide>,
+    pub(crate) caller: Arc<RoleCaller>,
+    pub(crate) member: Arc<Membership>,
+    pub(crate) recovery: Arc<Recovery>,
+    pub(crate) failover: Arc<Failover>,
+    pub(crate) timeouts: Timeouts,
+    /// Progress of a rebuild, for `iomfs status`.
+    pub progress: RebuildProgress,
+    /// This IOM's store replaced a lost one (`iomfs replace`): it rejoins
+    /// by rebuilding everything it held, not only what changed meanwhile.
+    pub(crate) replacing: AtomicBool,
+    /// Set while rejoining (shared with `Failover`).
+    pub(crate) rejoining: Arc<AtomicBool>,
+    /// Set once start-up learned the cluster's current map: until then this
+    /// IOM serves nothing (its own map on disk may be stale).
+    pub ready: tokio::sync::watch::Sender<bool>,
+    /// Cancelled when the IOM's background work stops.
+    pub(crate) stop: CancellationToken,
+}
+
+/// Crash points of the rejoin are hit "at" this IOM.
+impl crate::failpoint::At for Rejoin {
+    fn iom(&self) -> IomId {
+        self.me
+    }
+    fn dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+}
+
+impl Rejoin {
+    async fn propose(&self, next: common::ClusterMap, changed: IomId) -> bool {
+        self.failover.propose(next, changed).await
     }
 
     async fn marks_from(&self, proxy: IomId, req: MemberReq) -> Option<RebuildMarks> {
@@ -71,13 +131,13 @@ impl Iom {
 
     /// Declared down while away: recover, rebuild, take the role back.
     pub async fn rejoin(self: Arc<Self>) {
-        self.rejoin_flag.store(true, Ordering::Release);
-        let me = self.id;
+        self.rejoining.store(true, Ordering::Release);
+        let me = self.me;
         let mut recovered = false;
         // Let the peers hear this IOM before it asks them to vote it back.
         tokio::time::sleep(self.timeouts.rejoin_grace).await;
         loop {
-            if self.shutdown.is_cancelled() {
+            if self.stop.is_cancelled() {
                 return;
             }
             let map = self.member.current();
@@ -172,7 +232,7 @@ impl Iom {
                 .await;
             tokio::time::sleep(self.timeouts.retry_pause).await;
         }
-        self.rebuild.active.store(false, Ordering::Release);
+        self.progress.active.store(false, Ordering::Release);
         if self.replacing.swap(false, Ordering::AcqRel) {
             let m = self.data_dir.join(crate::storage::REPLACING_MARKER);
             if let Err(e) = std::fs::remove_file(&m)
@@ -183,7 +243,7 @@ impl Iom {
             }
             tracing::warn!(iom = me.0, "replacement complete: every block and parity group rebuilt");
         }
-        self.rejoin_flag.store(false, Ordering::Release);
+        self.rejoining.store(false, Ordering::Release);
         tracing::warn!(iom = me.0, epoch = self.member.epoch().0, "rejoin complete: serving again");
     }
 
@@ -193,22 +253,22 @@ impl Iom {
     /// meanwhile go to the stand-in, which marks them; the marks rounds that
     /// follow bring those up to date, as for any rejoin.
     async fn full_rebuild(self: &Arc<Self>, proxy: IomId) {
-        self.rebuild.started.lock().get_or_insert_with(Instant::now);
-        self.rebuild.active.store(true, Ordering::Release);
+        self.progress.started.lock().get_or_insert_with(Instant::now);
+        self.progress.active.store(true, Ordering::Release);
         let (mut blocks, mut groups) = loop {
-            if self.shutdown.is_cancelled() {
+            if self.stop.is_cancelled() {
                 return;
             }
             match self.held_elsewhere().await {
                 Ok(x) => break x,
                 Err(e) => {
-                    tracing::warn!(iom = self.id.0, "replacement: cannot list the other IOMs yet: {e}");
+                    tracing::warn!(iom = self.me.0, "replacement: cannot list the other IOMs yet: {e}");
                     tokio::time::sleep(self.timeouts.unreachable_pause).await;
                 }
             }
         };
         tracing::warn!(
-            iom = self.id.0,
+            iom = self.me.0,
             blocks = blocks.len(),
             groups = groups.len(),
             "replacement: rebuilding everything this IOM held from the other IOMs"
@@ -219,12 +279,12 @@ impl Iom {
                 let have = self.storage.map.parity_head(g).members;
                 want.iter().enumerate().any(|(k, w)| have.get(k).copied().unwrap_or_default() < *w)
             });
-            if blocks.is_empty() && groups.is_empty() || self.shutdown.is_cancelled() {
+            if blocks.is_empty() && groups.is_empty() || self.stop.is_cancelled() {
                 return;
             }
             if pass > 0 {
                 tracing::warn!(
-                    iom = self.id.0,
+                    iom = self.me.0,
                     pass,
                     blocks = blocks.len(),
                     groups = groups.len(),
@@ -247,11 +307,11 @@ impl Iom {
     /// its parity groups (from the data IOMs' blocks, with their heads).
     #[allow(clippy::type_complexity)]
     async fn held_elsewhere(&self) -> Result<(Vec<(BlockKey, Version)>, Vec<(GroupKey, Vec<Version>)>), String> {
-        let (me, layout) = (self.id, self.layout);
+        let (me, layout) = (self.me, self.layout);
         let n = layout.n() as usize;
         let mut blocks = Vec::new();
         let mut groups: BTreeMap<GroupKey, Vec<Version>> = BTreeMap::new();
-        for j in (0..self.cfg.width()).map(IomId).filter(|&j| j != me) {
+        for j in (0..self.width).map(IomId).filter(|&j| j != me) {
             let listed = self
                 .list_pages(
                     j,
@@ -326,14 +386,14 @@ impl Iom {
 
     /// Rebuilds marked blocks until the stand-in has none left.
     async fn rebuild_from(self: &Arc<Self>, proxy: IomId) {
-        self.rebuild.started.lock().get_or_insert_with(Instant::now);
-        self.rebuild.active.store(true, Ordering::Release);
+        self.progress.started.lock().get_or_insert_with(Instant::now);
+        self.progress.active.store(true, Ordering::Release);
         let mut before = usize::MAX;
         loop {
-            if self.shutdown.is_cancelled() {
+            if self.stop.is_cancelled() {
                 return;
             }
-            let Some(m) = self.marks_from(proxy, MemberReq::RebuildMarks { about: self.id }).await else {
+            let Some(m) = self.marks_from(proxy, MemberReq::RebuildMarks { about: self.me }).await else {
                 tokio::time::sleep(self.timeouts.retry_pause).await;
                 continue;
             };
@@ -355,12 +415,12 @@ impl Iom {
     /// rate of this round (`bytes0` counted when it started at `started`)
     /// at or below the limit.
     async fn rebuilt_one(&self, n: u64, limit: u64, started: Instant, bytes0: u64) {
-        self.rebuild.done.fetch_add(1, Ordering::Relaxed);
-        self.rebuild.bytes.fetch_add(n, Ordering::Relaxed);
+        self.progress.done.fetch_add(1, Ordering::Relaxed);
+        self.progress.bytes.fetch_add(n, Ordering::Relaxed);
         if limit == 0 {
             return;
         }
-        let bytes = self.rebuild.bytes.load(Ordering::Relaxed).saturating_sub(bytes0) as f64;
+        let bytes = self.progress.bytes.load(Ordering::Relaxed).saturating_sub(bytes0) as f64;
         let should = Duration::from_secs_f64(bytes / limit as f64);
         let el = started.elapsed();
         if should > el {
@@ -372,14 +432,14 @@ impl Iom {
     /// at `rebuild_mib_s` if `throttled`.
     async fn rebuild_marks_now(self: &Arc<Self>, proxy: IomId, m: RebuildMarks, throttled: bool) {
         let total = (m.blocks.len() + m.groups.len()) as u64;
-        let done0 = self.rebuild.done.load(Ordering::Relaxed);
-        self.rebuild.total.store(done0 + total, Ordering::Relaxed);
+        let done0 = self.progress.done.load(Ordering::Relaxed);
+        self.progress.total.store(done0 + total, Ordering::Relaxed);
         for (o, from) in &m.drops {
             self.storage.commit(&Record::Dropped { object: *o, from: *from }, false, Wait::Written);
         }
-        let limit = if throttled { self.cfg.tuning.rebuild_mib_s << 20 } else { 0 };
+        let limit = if throttled { self.tuning.rebuild_mib_s << 20 } else { 0 };
         let started = Instant::now();
-        let bytes0 = self.rebuild.bytes.load(Ordering::Relaxed);
+        let bytes0 = self.progress.bytes.load(Ordering::Relaxed);
         let me = self.clone();
         let rebuilt: Vec<_> = futures::stream::iter(m.blocks.iter().copied())
             .map(|(key, want)| {
@@ -406,7 +466,7 @@ impl Iom {
                 let me = me.clone();
                 async move {
                     me.parity.recompute(g).await.ok()?;
-                    me.rebuilt_one(me.cfg.block_size as u64, limit, started, bytes0).await;
+                    me.rebuilt_one(me.layout.block_size() as u64, limit, started, bytes0).await;
                     Some(g)
                 }
             })
@@ -420,11 +480,140 @@ impl Iom {
             .caller
             .call_peer(
                 proxy,
-                &Request::Member(MemberReq::ClearMarks { about: self.id, marks: done }),
+                &Request::Member(MemberReq::ClearMarks { about: self.me, marks: done }),
                 Bytes::new(),
                 self.timeouts.role_call,
             )
             .await;
         self.storage.journal.flush().await;
+    }
+
+    /// A replacement whose map still says it is up (it came back before its
+    /// predecessor was declared down) declares itself down, so its proxy
+    /// serves its role until the full rebuild is done. Peers accept a
+    /// down-declaration from the IOM itself without waiting for silence.
+    async fn stand_aside(self: &Arc<Self>) {
+        loop {
+            let map = self.member.current();
+            if map.state(self.me) != IomState::Up {
+                return;
+            }
+            let proxy = map.proxy_of(self.me);
+            let mut next = map.clone();
+            next.epoch = Epoch(map.epoch.0 + 1);
+            next.states[self.me.0 as usize] = IomState::Down { proxy };
+            if map.meta_home == self.me {
+                // The mirror (the home's proxy) takes the namespace over.
+                next.meta_home = proxy;
+            }
+            tracing::warn!(
+                iom = self.me.0,
+                proxy = proxy.0,
+                "replacement: declaring this IOM down until it is rebuilt"
+            );
+            if self.propose(next, self.me).await {
+                return;
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(self.timeouts.retry_pause) => {}
+            }
+        }
+    }
+
+    /// Stops this IOM (exit 78) if another IOM has seen it complete a write
+    /// its store knows nothing of: the store is older than what this IOM
+    /// acknowledged (a backup or snapshot put back, a stale copy of the
+    /// disk), and serving it would return old bytes as current ones.
+    /// Transaction ids rise with every start (`start_incarnation`), so a
+    /// store that is the latest one always starts above every id a peer saw.
+    fn refuse_a_stale_store(&self, seen: Option<(IomId, u64)>) {
+        let mine = self.storage.map.peek_next_tx();
+        let Some((j, tx)) = seen else { return };
+        if tx < mine {
+            return;
+        }
+        let msg = format!(
+            "the store of IOM {me} in {data} is older than what IOM {me} acknowledged: IOM {j} saw it complete \
+             write transaction {tx:#x}, and this store's transactions start at {mine:#x} (a backup or snapshot \
+             put back, or a stale copy of the disk). Serving it would return old data as current, so this IOM \
+             will not start. Move everything in {data} away except node.pem and node.key, then run \
+             `iomfs replace --dir {dir} --id {me}`: it rebuilds this IOM's share from the others",
+            me = self.me.0,
+            data = self.data_dir.display(),
+            dir = self.cluster_dir.display(),
+        );
+        tracing::error!("{msg}");
+        eprintln!("iom-server: {msg}");
+        std::process::exit(78);
+    }
+
+    /// The highest transaction id of this IOM whose completion a peer has
+    /// seen, and that peer (peers that do not answer within 1 s are skipped).
+    async fn done_seen_by_peers(&self) -> Option<(IomId, u64)> {
+        let w = self.width;
+        let asks = (0..w).map(IomId).filter(|&j| j != self.me).map(|j| async move {
+            let r = self
+                .caller
+                .call_peer(
+                    j,
+                    &Request::Member(MemberReq::DoneSeen { of: self.me }),
+                    Bytes::new(),
+                    self.timeouts.probe_call,
+                )
+                .await;
+            match r {
+                Ok((Reply::Member(MemberResp::DoneSeen { tx }), _)) => Some((j, tx)),
+                _ => None,
+            }
+        });
+        let seen = futures::future::join_all(asks).await;
+        tracing::debug!(iom = self.me.0, ?seen, "store age check: completed writes peers saw");
+        seen.into_iter().flatten().filter(|(_, tx)| *tx > 0).max_by_key(|(_, tx)| *tx)
+    }
+
+    /// Start-up: learn the cluster's current map, then recover (this IOM is
+    /// still up) or rejoin (it was declared down while it was away).
+    pub async fn join(self: Arc<Self>) {
+        // Until the current map is known, a map saying this IOM is down is
+        // news to act on (rejoin), not a reason to stop.
+        self.rejoining.store(true, Ordering::Release);
+        let w = self.width;
+        let fetches = (0..w).map(IomId).filter(|&j| j != self.me).map(|j| {
+            let me = self.clone();
+            async move { me.failover.fetch_map(j).await }
+        });
+        futures::future::join_all(fetches).await;
+        let seen = self.done_seen_by_peers().await;
+        if self.replacing.load(Ordering::Acquire) {
+            if let Some((_, tx)) = seen {
+                // Transaction ids of the new store start above the old one's.
+                let inc = (tx >> 40) + 1;
+                if let Err(e) = crate::storage::raise_incarnation(&self.data_dir, inc) {
+                    tracing::error!(iom = self.me.0, "cannot raise the start counter: {e}");
+                }
+                self.storage.map.start_incarnation(inc);
+            }
+        } else {
+            self.refuse_a_stale_store(seen);
+        }
+        if self.replacing.load(Ordering::Acquire) {
+            // Serve nothing while the map still gives this IOM its role:
+            // its store does not hold that role's blocks yet.
+            self.stand_aside().await;
+            if self.stop.is_cancelled() {
+                return;
+            }
+        }
+        self.ready.send_replace(true);
+        let map = self.member.current();
+        tracing::info!(iom = self.me.0, epoch = map.epoch.0, state = ?map.state(self.me), "joined the cluster map");
+        match map.state(self.me) {
+            IomState::Up => {
+                self.rejoining.store(false, Ordering::Release);
+                self.recovery.clone().recover().await
+            }
+            IomState::Down { .. } | IomState::Rebuilding { .. } => self.rejoin().await,
+        }
     }
 }
