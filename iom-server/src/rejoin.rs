@@ -18,19 +18,19 @@ use crate::recovery_exec::Recovery;
 use crate::storage::Storage;
 use crate::timeouts::Timeouts;
 use bytes::Bytes;
-use common::config::Tuning;
-use common::Layout;
-use std::path::PathBuf;
-use tokio_util::sync::CancellationToken;
 use common::cluster::IomState;
+use common::config::Tuning;
 use common::wire::{DataReq, DataResp, MemberReq, MemberResp, RebuildMarks, Reply, Request};
+use common::Layout;
 use common::{BlockKey, Epoch, GroupKey, IomId, Version};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// Progress of a rebuild, for `iomfs status`.
 #[derive(Default)]

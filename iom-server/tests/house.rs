@@ -222,10 +222,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "timeouts",
         ],
     ),
-    (
-        "failover",
-        &["caller", "fsutil", "membership", "restart", "standin", "standin/handover", "timeouts", "workers"],
-    ),
+    ("failover", &["caller", "fsutil", "membership", "restart", "standin", "standin/handover", "timeouts", "workers"]),
     ("namespace", &["server", "failover", "format", "fsutil", "journal", "storage", "workers"]),
     ("service", &["server", "caller", "fsutil", "namespace", "parity", "workers", "write_path"]),
     // The node wires every room together.

@@ -977,6 +977,15 @@ impl Namespace {
     }
 }
 
+impl crate::failover::NamespaceTakeover for Namespace {
+    fn holds_replica(&self) -> bool {
+        Namespace::holds_replica(self)
+    }
+    fn promote(&self, term: u64) {
+        Namespace::promote(self, term)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1028,14 +1037,5 @@ mod tests {
         let mut c = good.clone();
         *c.last_mut().unwrap() ^= 1;
         assert_eq!(read(&c), Err(format!("{name}: checksum mismatch")));
-    }
-}
-
-impl crate::failover::NamespaceTakeover for Namespace {
-    fn holds_replica(&self) -> bool {
-        Namespace::holds_replica(self)
-    }
-    fn promote(&self, term: u64) {
-        Namespace::promote(self, term)
     }
 }
