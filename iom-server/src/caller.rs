@@ -34,6 +34,8 @@ pub trait LocalRoles: Send + Sync {
     fn read_version(self: Arc<Self>, route: Route, key: BlockKey, v: Version) -> BoxFut<'static, Result<Bytes, Error>>;
     fn drop_objects(self: Arc<Self>, route: Route, objects: Vec<ObjectId>) -> BoxFut<'static, Result<(), Error>>;
     fn member(self: Arc<Self>, req: MemberReq) -> BoxFut<'static, Result<MemberResp, Error>>;
+    /// This IOM's own figures (`AdminReq::Stats` answered locally).
+    fn stats(&self) -> common::wire::IomStats;
 }
 
 pub struct RoleCaller {
@@ -129,6 +131,12 @@ impl RoleCaller {
             (Reply::Member(m), _) => Ok(m),
             (r, _) => Err(unexpected(r)),
         }
+    }
+
+    /// This IOM's own figures, as a peer would get them from `Stats`;
+    /// `None` once the node is gone.
+    pub fn local_stats(&self) -> Option<common::wire::IomStats> {
+        self.local().ok().map(|l| l.stats())
     }
 
     /// A recovery question for IOM `role`: asked of that IOM itself when it

@@ -14,8 +14,9 @@
 //! ([`failover::Failover`]), join and rejoin ([`rejoin::Rejoin`]), and
 //! every outgoing call ([`caller::RoleCaller`]). The node
 //! ([`server::Iom`]) opens storage, builds the roles, routes requests to
-//! them ([`service`]) and runs the workers; the namespace is still its
-//! methods.
+//! them ([`service`]) and runs the workers; the namespace service
+//! ([`namespace::Namespace`]) is bound to the handles it needs
+//! ([`namespace::NsLinks`]) once they exist.
 //! `tests/house.rs` keeps the room graph.
 //!
 //! Invariants: a block version's slot is freed only after the record that

@@ -236,6 +236,20 @@ impl Iom {
             ready: tokio::sync::watch::Sender::new(false),
             stop: workers.token(Tier::Background),
         });
+        namespace.bind(crate::namespace::NsLinks {
+            me: opts.id,
+            width: cfg.width(),
+            block_size: cfg.block_size,
+            client_lease: cfg.client_lease(),
+            data_dir: data_dir.clone(),
+            storage: storage.clone(),
+            member: member.clone(),
+            caller: caller.clone(),
+            workers: workers.clone(),
+            timeouts,
+            ready: rejoin.ready.subscribe(),
+            stop: workers.token(Tier::Background),
+        });
         let iom = Arc::new(Iom {
             id: opts.id,
             parity,
@@ -278,8 +292,8 @@ impl Iom {
         w.spawn(Tier::Background, "map-watcher", self.failover.clone().map_watcher());
         let checkpoints = self.storage.clone().checkpoint_worker(self.shutdown.clone(), self.timeouts.checkpoint_poll);
         w.spawn(Tier::Background, "checkpointer", checkpoints);
-        w.spawn(Tier::Background, "ns-mirror", Namespace::mirror_worker(self.clone()));
-        w.spawn(Tier::Background, "ns-worker", Namespace::worker(self.clone()));
+        w.spawn(Tier::Background, "ns-mirror", self.namespace.clone().mirror_worker());
+        w.spawn(Tier::Background, "ns-worker", self.namespace.clone().worker());
     }
 
     /// Orderly stop, tier by tier (`workers::Tier`): no new connections

@@ -129,7 +129,7 @@ async fn serve_stream(iom: Arc<Iom>, state: Arc<ConnState>, mut send: quinn::Sen
             crate::parity::run_channel(iom.parity.clone(), from, send, recv).await;
         }
         Request::MetaMirror { from, .. } => {
-            crate::namespace::Namespace::serve_mirror(iom, from, send, recv).await;
+            iom.namespace.clone().serve_mirror(from, send, recv).await;
         }
 
         other => {
@@ -148,7 +148,7 @@ async fn dispatch(iom: &Arc<Iom>, req: Request, payload: Bytes) -> Result<(Reply
         Request::Data(d) => handle_data(iom, d, payload).await.map(|(r, p)| (Reply::Data(r), p)),
         Request::Member(m) => handle_member(iom, m).await.map(|r| (Reply::Member(r), Vec::new())),
         Request::Admin(AdminReq::Stats) => Ok((Reply::Admin(AdminResp::Stats(iom.stats())), Vec::new())),
-        Request::Meta(call) => iom.namespace.handle(iom, call).await.map(|r| (Reply::Meta(r), Vec::new())),
+        Request::Meta(call) => iom.namespace.handle(call).await.map(|r| (Reply::Meta(r), Vec::new())),
         Request::Hello(_) | Request::ParityChannel { .. } | Request::MetaMirror { .. } => {
             unreachable!("handled by serve_stream")
         }
@@ -445,5 +445,9 @@ impl crate::caller::LocalRoles for Iom {
 
     fn member(self: Arc<Self>, req: MemberReq) -> crate::caller::BoxFut<'static, Result<MemberResp, Error>> {
         Box::pin(async move { handle_member(&self, req).await })
+    }
+
+    fn stats(&self) -> common::wire::IomStats {
+        Iom::stats(self)
     }
 }

@@ -223,7 +223,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     ("failover", &["caller", "fsutil", "membership", "restart", "standin", "standin/handover", "timeouts", "workers"]),
-    ("namespace", &["server", "failover", "format", "fsutil", "journal", "storage", "workers"]),
+    (
+        "namespace",
+        &["caller", "failover", "format", "fsutil", "journal", "membership", "storage", "timeouts", "workers"],
+    ),
     ("service", &["server", "caller", "fsutil", "namespace", "parity", "workers", "write_path"]),
     // The node wires every room together.
     (
@@ -277,6 +280,7 @@ const FREE_OF_THE_NODE: &[&str] = &[
     "map",
     "membership",
     "membership_state",
+    "namespace",
     "namespace/sessions",
     "namespace/state",
     "parity",

@@ -16,7 +16,12 @@ pub mod state;
 use crate::format::{Format, HeaderError};
 use crate::journal::{Journal, Wait};
 use crate::workers::Tier;
-use crate::{Error, Iom};
+use crate::caller::RoleCaller;
+use crate::membership::Membership;
+use crate::storage::Storage;
+use crate::timeouts::Timeouts;
+use crate::workers::Workers;
+use crate::Error;
 use bytes::Bytes;
 use common::meta::*;
 use common::wire::{
@@ -31,9 +36,10 @@ use state::{NsError, NsRec, NsState, Plan};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
 pub const META_DIR: &str = "meta";
 const SNAP_FILE: &str = "meta.snap";
@@ -82,6 +88,30 @@ pub struct Namespace {
     checkpointing: Arc<tokio::sync::Mutex<()>>,
     /// Fired when a replica is installed (the mirror worker waits on it).
     installed: tokio::sync::Notify,
+    /// What the service needs of the rest of the IOM, bound once the
+    /// node's roles exist (`bind`).
+    links: OnceLock<NsLinks>,
+}
+
+/// The narrow handles the namespace service holds: membership (who serves
+/// the namespace, quorum), the caller (mirror streams, statfs figures, GC
+/// drops), storage (its block file, the checkpoint size), the workers and
+/// the `ready` flag of the join; never the node.
+pub struct NsLinks {
+    pub me: IomId,
+    pub width: u32,
+    pub block_size: u32,
+    pub client_lease: Duration,
+    pub data_dir: PathBuf,
+    pub storage: Arc<Storage>,
+    pub member: Arc<Membership>,
+    pub caller: Arc<RoleCaller>,
+    pub workers: Arc<Workers>,
+    pub timeouts: Timeouts,
+    /// Set once start-up learned the cluster's current map.
+    pub ready: watch::Receiver<bool>,
+    /// Cancelled when the IOM's background work stops.
+    pub stop: CancellationToken,
 }
 
 impl Replica {
@@ -118,6 +148,7 @@ impl Default for Namespace {
             fs_stats: Mutex::new((FsStats::default(), None)),
             checkpointing: Arc::new(tokio::sync::Mutex::new(())),
             installed: tokio::sync::Notify::new(),
+            links: OnceLock::new(),
         }
     }
 }
@@ -224,6 +255,17 @@ impl Namespace {
         }
     }
 
+    /// Binds the handles the service needs (once, when the node is built).
+    pub fn bind(&self, links: NsLinks) {
+        if self.links.set(links).is_err() {
+            panic!("namespace bound twice");
+        }
+    }
+
+    fn l(&self) -> &NsLinks {
+        self.links.get().expect("the node binds the namespace before it serves or starts workers")
+    }
+
     pub fn holds_replica(&self) -> bool {
         self.rep.lock().is_some()
     }
@@ -295,16 +337,17 @@ impl Namespace {
 
     /// Waits until a committed batch is held by two servers (mirror applied
     /// it), or durable locally when there is no mirror.
-    async fn settle(&self, iom: &Iom, lsn: u64) {
+    async fn settle(&self, lsn: u64) {
+        let l = self.l();
         let mut rx = self.acked.subscribe();
-        let deadline = tokio::time::Instant::now() + iom.timeouts.mirror_ack_wait;
+        let deadline = tokio::time::Instant::now() + l.timeouts.mirror_ack_wait;
         loop {
             let (g, a) = *rx.borrow_and_update();
             if g != 0 && a >= lsn {
                 // Held by two servers; stable storage follows by group commit.
                 return;
             }
-            if iom.member.current().meta_mirror().is_none() {
+            if l.member.current().meta_mirror().is_none() {
                 // No mirror can exist (degraded): one copy, made durable now.
                 break;
             }
@@ -331,12 +374,12 @@ impl Namespace {
     }
 
     /// Serves one namespace request on the namespace server.
-    pub async fn handle(&self, iom: &Arc<Iom>, call: MetaCall) -> Result<MetaResp, Error> {
+    pub async fn handle(&self, call: MetaCall) -> Result<MetaResp, Error> {
         let MetaCall { client, seq, req } = call;
         if let MetaReq::Publish { ino, end, mtime, atime_set, mtime_set, sync: true } = req {
             let mut synced = false;
             let req = MetaReq::Publish { ino, end, mtime, atime_set, mtime_set, sync: false };
-            let r = self.handle_one(iom, MetaCall { client, seq, req }, Some(&mut synced)).await?;
+            let r = self.handle_one(MetaCall { client, seq, req }, Some(&mut synced)).await?;
             if !synced {
                 self.sync().await;
             }
@@ -345,27 +388,28 @@ impl Namespace {
         if let MetaReq::WrittenSync { ino, end, mtime } = req {
             let mut synced = false;
             let call = MetaCall { client, seq, req: MetaReq::Written { ino, end, mtime } };
-            let r = self.handle_one(iom, call, Some(&mut synced)).await?;
+            let r = self.handle_one(call, Some(&mut synced)).await?;
             if !synced {
                 self.sync().await;
             }
             return Ok(r);
         }
-        self.handle_one(iom, MetaCall { client, seq, req }, None).await
+        self.handle_one(MetaCall { client, seq, req }, None).await
     }
 
     /// One request; with `sync`, a change it commits is also made durable
     /// on both replicas (the sync travels right behind the change, so both
     /// are waited for together) and `sync` is set.
-    async fn handle_one(&self, iom: &Arc<Iom>, call: MetaCall, sync: Option<&mut bool>) -> Result<MetaResp, Error> {
-        let map = iom.member.current();
-        if map.meta_server() != Some(iom.id) {
+    async fn handle_one(&self, call: MetaCall, sync: Option<&mut bool>) -> Result<MetaResp, Error> {
+        let l = self.l();
+        let map = l.member.current();
+        if map.meta_server() != Some(l.me) {
             if let Some(r) = self.rep.lock().as_mut() {
                 r.serving(false, Instant::now());
             }
             return Err(Error::Wire(WireError::new(
                 ErrorCode::NotServing,
-                format!("IOM {} does not serve the namespace in epoch {}", iom.id, map.epoch),
+                format!("IOM {} does not serve the namespace in epoch {}", l.me, map.epoch),
             )));
         }
         let now = Timestamp::now();
@@ -383,10 +427,10 @@ impl Namespace {
                 | MetaReq::Check
                 | MetaReq::Renew { .. }
         );
-        if !read_only && !iom.member.has_quorum() {
+        if !read_only && !l.member.has_quorum() {
             return Err(Error::Wire(WireError::new(
                 ErrorCode::NoQuorum,
-                format!("IOM {} cannot reach a majority of the cluster and refuses namespace changes", iom.id),
+                format!("IOM {} cannot reach a majority of the cluster and refuses namespace changes", l.me),
             )));
         }
         if matches!(req, MetaReq::Sync) {
@@ -394,9 +438,9 @@ impl Namespace {
             return Ok(MetaResp::Done);
         }
         if matches!(req, MetaReq::StatFs) {
-            let fresh = self.fs_stats.lock().1.is_some_and(|t| t.elapsed() < iom.timeouts.statfs_max_age);
+            let fresh = self.fs_stats.lock().1.is_some_and(|t| t.elapsed() < l.timeouts.statfs_max_age);
             if !fresh {
-                Self::refresh_stats(iom).await;
+                self.refresh_stats().await;
             }
         }
         // Directories whose entries this request changes: their attributes
@@ -552,10 +596,10 @@ impl Namespace {
         let _ = gen;
         match sync {
             Some(done) => {
-                futures::join!(self.settle(iom, lsn), self.sync());
+                futures::join!(self.settle(lsn), self.sync());
                 *done = true;
             }
-            None => self.settle(iom, lsn).await,
+            None => self.settle(lsn).await,
         }
         Ok(reply)
     }
@@ -583,18 +627,19 @@ impl Namespace {
     // ---------------------------------------------------------------- mirror
 
     /// Namespace server side: keeps a mirror stream open to the mirror IOM.
-    pub async fn mirror_worker(iom: Arc<Iom>) {
-        let mut epochs = iom.member.subscribe();
-        let mut ready_rx = iom.rejoin.ready.subscribe();
+    pub async fn mirror_worker(self: Arc<Self>) {
+        let l = self.l();
+        let mut epochs = l.member.subscribe();
+        let mut ready_rx = l.ready.clone();
         loop {
-            if iom.shutdown.is_cancelled() {
+            if l.stop.is_cancelled() {
                 return;
             }
             // Armed before the checks: a change in between wakes the wait.
-            let installed = iom.namespace.installed.notified();
+            let installed = self.installed.notified();
             let ready = *ready_rx.borrow_and_update();
-            let map = iom.member.current();
-            let target = if ready && map.meta_server() == Some(iom.id) && iom.namespace.holds_replica() {
+            let map = l.member.current();
+            let target = if ready && map.meta_server() == Some(l.me) && self.holds_replica() {
                 map.meta_mirror()
             } else {
                 None
@@ -605,13 +650,13 @@ impl Namespace {
                         _ = epochs.changed() => {}
                         _ = ready_rx.changed() => {}
                         _ = installed => {}
-                        _ = iom.shutdown.cancelled() => return,
+                        _ = l.stop.cancelled() => return,
                     }
                 }
                 Some(m) => {
-                    if let Err(e) = Self::run_mirror_stream(&iom, m, &mut epochs).await {
-                        tracing::debug!(iom = iom.id.0, mirror = m.0, "namespace mirror stream: {e}");
-                        tokio::time::sleep(iom.timeouts.mirror_retry).await;
+                    if let Err(e) = self.run_mirror_stream(m, &mut epochs).await {
+                        tracing::debug!(iom = l.me.0, mirror = m.0, "namespace mirror stream: {e}");
+                        tokio::time::sleep(l.timeouts.mirror_retry).await;
                     }
                 }
             }
@@ -619,14 +664,15 @@ impl Namespace {
     }
 
     async fn run_mirror_stream(
-        iom: &Arc<Iom>,
+        self: &Arc<Self>,
         m: IomId,
         epochs: &mut watch::Receiver<common::Epoch>,
     ) -> Result<(), String> {
-        let ns = &iom.namespace;
-        let conn = iom.caller.conn(m).await.map_err(|e| e.to_string())?;
+        let ns = self;
+        let l = self.l();
+        let conn = l.caller.conn(m).await.map_err(|e| e.to_string())?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        write_frame(&mut send, &Request::MetaMirror { from: iom.id, epoch: iom.member.epoch() }, Bytes::new())
+        write_frame(&mut send, &Request::MetaMirror { from: l.me, epoch: l.member.epoch() }, Bytes::new())
             .await
             .map_err(|e| e.to_string())?;
         match read_frame::<Reply>(&mut recv).await.map_err(|e| e.to_string())? {
@@ -657,8 +703,8 @@ impl Namespace {
             ns.acked.send_replace((gen, 0));
             let _ = mterm;
         }
-        tracing::info!(iom = iom.id.0, mirror = m.0, from_lsn = mlsn, "namespace mirror attached");
-        let writer = iom.workers.spawn(Tier::Background, "ns-mirror-writer", async move {
+        tracing::info!(iom = l.me.0, mirror = m.0, from_lsn = mlsn, "namespace mirror attached");
+        let writer = l.workers.spawn(Tier::Background, "ns-mirror-writer", async move {
             while let Some((msg, payload)) = rx.recv().await {
                 if write_frame(&mut send, &msg, payload).await.is_err() {
                     return;
@@ -681,12 +727,12 @@ impl Namespace {
                     Err(e) => break Err(e.to_string()),
                 },
                 _ = epochs.changed() => {
-                    let map = iom.member.current();
-                    if map.meta_server() != Some(iom.id) || map.meta_mirror() != Some(m) {
+                    let map = l.member.current();
+                    if map.meta_server() != Some(l.me) || map.meta_mirror() != Some(m) {
                         break Ok(());
                     }
                 }
-                _ = iom.shutdown.cancelled() => break Ok(()),
+                _ = l.stop.cancelled() => break Ok(()),
             }
         };
         {
@@ -709,18 +755,24 @@ impl Namespace {
     }
 
     /// Mirror side of a mirror stream.
-    pub async fn serve_mirror(iom: Arc<Iom>, from: IomId, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-        let ns = &iom.namespace;
-        let map = iom.member.current();
-        if map.meta_server() != Some(from) || map.meta_mirror() != Some(iom.id) {
+    pub async fn serve_mirror(
+        self: Arc<Self>,
+        from: IomId,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let ns = &self;
+        let l = self.l();
+        let map = l.member.current();
+        if map.meta_server() != Some(from) || map.meta_mirror() != Some(l.me) {
             let e = WireError::new(
                 ErrorCode::NotServing,
                 format!(
                     "in epoch {} IOM {from} is not the namespace server with IOM {} as its mirror",
-                    map.epoch, iom.id
+                    map.epoch, l.me
                 ),
             );
-            tracing::warn!(iom = iom.id.0, from = from.0, "refused a namespace mirror stream: {e}");
+            tracing::warn!(iom = l.me.0, from = from.0, "refused a namespace mirror stream: {e}");
             let _ = write_frame(&mut send, &Reply::Error(e), Bytes::new()).await;
             return;
         }
@@ -732,7 +784,7 @@ impl Namespace {
             return;
         }
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<MirrorAck>();
-        let writer = iom.workers.spawn(Tier::Connections, "ns-mirror-ack-writer", async move {
+        let writer = l.workers.spawn(Tier::Connections, "ns-mirror-ack-writer", async move {
             while let Some(a) = ack_rx.recv().await {
                 if write_frame(&mut send, &a, Bytes::new()).await.is_err() {
                     return;
@@ -779,7 +831,7 @@ impl Namespace {
                         r.journal.append(payload.to_vec(), false, Wait::Written, None)
                     };
                     let ack = ack_tx.clone();
-                    iom.workers.spawn(Tier::Connections, "ns-mirror-ack", async move {
+                    l.workers.spawn(Tier::Connections, "ns-mirror-ack", async move {
                         if let Some(w) = written {
                             let _ = w.await;
                         }
@@ -789,7 +841,7 @@ impl Namespace {
                 Ok(Some((MirrorMsg::Snapshot { term, lsn }, payload))) => {
                     if term < ns.position().0 {
                         tracing::error!(
-                            iom = iom.id.0,
+                            iom = l.me.0,
                             from = from.0,
                             term,
                             "refused a namespace snapshot of an older term"
@@ -803,11 +855,11 @@ impl Namespace {
                             break;
                         }
                     };
-                    if let Err(e) = ns.install(&iom, state, term, lsn).await {
+                    if let Err(e) = ns.install(state, term, lsn).await {
                         tracing::error!("namespace mirror: cannot install snapshot: {e}");
                         break;
                     }
-                    tracing::info!(iom = iom.id.0, from = from.0, lsn, "namespace mirror: snapshot installed");
+                    tracing::info!(iom = l.me.0, from = from.0, lsn, "namespace mirror: snapshot installed");
                     let _ = ack_tx.send(MirrorAck::Applied { lsn });
                 }
                 Ok(Some((MirrorMsg::Sync { token }, _))) => {
@@ -816,7 +868,7 @@ impl Namespace {
                         let g = ns.rep.lock();
                         g.as_ref().map(|r| r.journal.flush_request())
                     };
-                    iom.workers.spawn(Tier::Connections, "ns-mirror-ack", async move {
+                    l.workers.spawn(Tier::Connections, "ns-mirror-ack", async move {
                         if let Some(f) = f {
                             let _ = f.await;
                         }
@@ -831,9 +883,10 @@ impl Namespace {
     }
 
     /// Replaces this replica with a copy received from the namespace server.
-    async fn install(&self, iom: &Arc<Iom>, state: NsState, term: u64, lsn: u64) -> Result<(), Error> {
+    async fn install(&self, state: NsState, term: u64, lsn: u64) -> Result<(), Error> {
+        let l = self.l();
         let _one = self.checkpointing.lock().await;
-        let dir = iom.data_dir.join(META_DIR);
+        let dir = l.data_dir.join(META_DIR);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         let old = self.rep.lock().take();
         if let Some(r) = old {
@@ -841,7 +894,7 @@ impl Namespace {
         }
         // The received copy replaces everything this replica had.
         Journal::remove_before(&dir, u64::MAX)?;
-        let (journal, replayed) = Journal::open(&dir, 0, iom.storage.store.file(), iom.timeouts.journal_flush)?;
+        let (journal, replayed) = Journal::open(&dir, 0, l.storage.store.file(), l.timeouts.journal_flush)?;
         write_snap(&dir, &Snap { term, lsn, replay_from: replayed.segment, state: state.clone() })?;
         *self.rep.lock() = Some(Replica {
             state,
@@ -849,7 +902,7 @@ impl Namespace {
             lsn,
             journal,
             dir,
-            sessions: Sessions::new(iom.cfg.client_lease(), Instant::now()),
+            sessions: Sessions::new(l.client_lease, Instant::now()),
             recent: VecDeque::new(),
             mirror: None,
         });
@@ -861,47 +914,49 @@ impl Namespace {
 
     /// On the namespace server: drops the data of dead objects on every IOM,
     /// keeps capacity figures for statfs, checkpoints the namespace journal.
-    pub async fn worker(iom: Arc<Iom>) {
+    pub async fn worker(self: Arc<Self>) {
+        let l = self.l();
         let mut tick = 0u64;
         loop {
             tokio::select! {
-                _ = iom.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(iom.timeouts.namespace_tick) => {}
+                _ = l.stop.cancelled() => return,
+                _ = tokio::time::sleep(l.timeouts.namespace_tick) => {}
             }
             tick += 1;
-            let serving = iom.member.current().meta_server() == Some(iom.id);
-            if let Some(r) = iom.namespace.rep.lock().as_mut() {
+            let serving = l.member.current().meta_server() == Some(l.me);
+            if let Some(r) = self.rep.lock().as_mut() {
                 r.serving(serving, Instant::now());
             }
             if !serving {
                 continue;
             }
             if tick % 8 == 1 {
-                Self::refresh_stats(&iom).await;
+                self.refresh_stats().await;
             }
             if tick.is_multiple_of(4) {
-                iom.namespace.expire_sessions(&iom).await;
+                self.expire_sessions().await;
             }
-            Self::collect_garbage(&iom).await;
-            if iom.namespace.journal_bytes() > iom.storage.checkpoint_bytes {
-                if let Err(e) = iom.namespace.checkpoint().await {
+            self.collect_garbage().await;
+            if self.journal_bytes() > l.storage.checkpoint_bytes {
+                if let Err(e) = self.checkpoint().await {
                     tracing::error!("namespace checkpoint failed: {e}");
                 }
             }
         }
     }
 
-    async fn refresh_stats(iom: &Arc<Iom>) {
+    async fn refresh_stats(&self) {
+        let l = self.l();
         let mut total = 0u64;
         let mut used = 0u64;
-        let w = iom.cfg.width() as u64;
-        let calls = (0..iom.cfg.width()).map(|i| async move {
-            if IomId(i) == iom.id {
-                return Some(iom.stats());
+        let w = l.width as u64;
+        let calls = (0..l.width).map(|i| async move {
+            if IomId(i) == l.me {
+                return l.caller.local_stats();
             }
-            match iom
+            match l
                 .caller
-                .call_peer(IomId(i), &Request::Admin(AdminReq::Stats), Bytes::new(), iom.timeouts.probe_call)
+                .call_peer(IomId(i), &Request::Admin(AdminReq::Stats), Bytes::new(), l.timeouts.probe_call)
                 .await
             {
                 Ok((Reply::Admin(AdminResp::Stats(s)), _)) => Some(s),
@@ -918,15 +973,16 @@ impl Namespace {
             total_bytes: total / w * n,
             free_bytes: total.saturating_sub(used) / w * n,
             files: 0,
-            block_size: iom.cfg.block_size,
+            block_size: l.block_size,
         };
-        *iom.namespace.fs_stats.lock() = (st, Some(std::time::Instant::now()));
+        *self.fs_stats.lock() = (st, Some(std::time::Instant::now()));
     }
 
     /// Ends the sessions of clients silent for a whole lease: the unlinked
     /// files only they held open are reclaimed.
-    async fn expire_sessions(&self, iom: &Arc<Iom>) {
-        if !iom.member.has_quorum() {
+    async fn expire_sessions(&self) {
+        let l = self.l();
+        if !l.member.has_quorum() {
             // Cut off from the majority: clients may be renewing with the
             // server the others chose; nothing here may be reclaimed.
             return;
@@ -943,12 +999,13 @@ impl Namespace {
             tracing::info!(files, "reclaiming unlinked files no live client holds open");
             Self::commit(r, recs, 0, 0, &MetaResp::Done).0
         };
-        self.settle(iom, lsn).await;
+        self.settle(lsn).await;
     }
 
-    async fn collect_garbage(iom: &Arc<Iom>) {
+    async fn collect_garbage(&self) {
+        let l = self.l();
         let dead: Vec<ObjectId> = {
-            let g = iom.namespace.rep.lock();
+            let g = self.rep.lock();
             match g.as_ref() {
                 Some(r) => r.state.dead.iter().take(64).copied().collect(),
                 None => return,
@@ -958,22 +1015,21 @@ impl Namespace {
             return;
         }
         // One request per IOM (or its stand-in) for the whole batch.
-        let calls = (0..iom.cfg.width()).map(|i| {
+        let calls = (0..l.width).map(|i| {
             let objects = dead.clone();
-            let iom = iom.clone();
-            async move { iom.caller.rpc_drop_objects(IomId(i), objects, iom.timeouts.gc_drop_call).await.is_ok() }
+            async move { l.caller.rpc_drop_objects(IomId(i), objects, l.timeouts.gc_drop_call).await.is_ok() }
         });
         let done = if futures::future::join_all(calls).await.into_iter().all(|x| x) { dead } else { Vec::new() };
         if done.is_empty() {
             return;
         }
         let (lsn, gen) = {
-            let mut g = iom.namespace.rep.lock();
+            let mut g = self.rep.lock();
             let Some(r) = g.as_mut() else { return };
             Self::commit(r, vec![NsRec::Forget(done)], 0, 0, &MetaResp::Done)
         };
         let _ = gen;
-        iom.namespace.settle(iom, lsn).await;
+        self.settle(lsn).await;
     }
 }
 

@@ -176,6 +176,11 @@ impl HandoverState {
     /// `tx`'s a13 arrived: the group it wrote, touched again, if it was a
     /// stand-in's parity update.
     pub fn parity_closed(&self, tx: TxRef) -> Option<(IomId, GroupKey)> {
+        // Every a13 a parity IOM receives asks: a shared borrow while no
+        // stand-in update is open (the common case), no write lock.
+        if self.parity_open.borrow().is_empty() {
+            return None;
+        }
         let mut out = None;
         self.parity_open.send_if_modified(|m| {
             out = m.remove(&tx);
