@@ -13,13 +13,13 @@
 pub mod sessions;
 pub mod state;
 
+use crate::caller::RoleCaller;
 use crate::format::{Format, HeaderError};
 use crate::journal::{Journal, Wait};
-use crate::workers::Tier;
-use crate::caller::RoleCaller;
 use crate::membership::Membership;
 use crate::storage::Storage;
 use crate::timeouts::Timeouts;
+use crate::workers::Tier;
 use crate::workers::Workers;
 use crate::Error;
 use bytes::Bytes;
@@ -639,11 +639,8 @@ impl Namespace {
             let installed = self.installed.notified();
             let ready = *ready_rx.borrow_and_update();
             let map = l.member.current();
-            let target = if ready && map.meta_server() == Some(l.me) && self.holds_replica() {
-                map.meta_mirror()
-            } else {
-                None
-            };
+            let target =
+                if ready && map.meta_server() == Some(l.me) && self.holds_replica() { map.meta_mirror() } else { None };
             match target {
                 None => {
                     tokio::select! {
@@ -755,12 +752,7 @@ impl Namespace {
     }
 
     /// Mirror side of a mirror stream.
-    pub async fn serve_mirror(
-        self: Arc<Self>,
-        from: IomId,
-        mut send: quinn::SendStream,
-        mut recv: quinn::RecvStream,
-    ) {
+    pub async fn serve_mirror(self: Arc<Self>, from: IomId, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
         let ns = &self;
         let l = self.l();
         let map = l.member.current();
