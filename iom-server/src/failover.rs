@@ -2,7 +2,8 @@
 //!
 //! `heartbeat_worker` pings every peer; `detector_worker` proposes "IOM j is
 //! down, proxied by me" when this IOM is the first live one after a silent
-//! j; `propose` runs one round of voting and commits the map when a
+//! j, or j's proxy if j is rebuilding (so a role frozen for j's handover is
+//! served again when j dies or stalls in it); `propose` runs one round of voting and commits the map when a
 //! majority agreed; `map_watcher` reacts to every new map (stand-in
 //! activation, namespace takeover, end of a stand-in's duty, the end of an
 //! aborted handover, the restart of an IOM declared down while it ran).
