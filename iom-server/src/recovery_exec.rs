@@ -65,6 +65,9 @@ pub struct Recovery {
     /// Transactions the journal left open at start-up, taken by the first
     /// recovery.
     pub(crate) startup_open: parking_lot::Mutex<Option<OpenTxs>>,
+    /// Parity-side transactions recovery could not ask about while the
+    /// cluster was stopped: settled by `deferred_worker` once it is not.
+    pub(crate) deferred: parking_lot::Mutex<Vec<TxRef>>,
 }
 
 impl Recovery {
@@ -311,6 +314,35 @@ impl Recovery {
         }
     }
 
+    /// Settles the parity-side transactions recovery left while the
+    /// cluster was stopped (`deferred`), once their data role is served
+    /// again: a data IOM whose write completed does not ask about it after
+    /// its own restart, so without this the old parity version would stay
+    /// allocated until this IOM's next restart.
+    pub async fn deferred_worker(self: Arc<Self>) {
+        let mut tally = Tally::default();
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(self.timeouts.recovery_backoff_max) => {}
+            }
+            let todo = std::mem::take(&mut *self.deferred.lock());
+            for tx in todo {
+                let Some(p) = self.storage.map.ptx.lock().get(&tx).cloned() else { continue };
+                match self.resolve_parity_tx(tx, &p, &mut tally).await {
+                    // Settled, or open at its data IOM (which resends it).
+                    Ok(_) => {
+                        tracing::info!(iom = self.me.0, tx = ?tx, "recovery: a deferred parity transaction settled")
+                    }
+                    Err(e) => {
+                        tracing::debug!(iom = self.me.0, tx = ?tx, "recovery: deferred transaction waits: {e}");
+                        self.deferred.lock().push(tx);
+                    }
+                }
+            }
+        }
+    }
+
     /// Resolves every transaction the journal left unfinished (after a
     /// restart). Blocks with open data-side transactions stay fenced until
     /// theirs are resolved; peers that are not reachable yet are asked again.
@@ -404,7 +436,8 @@ impl Recovery {
                     // here could wait for ever: this IOM's return may be
                     // what ends the stop.
                     Err(Error::Wire(w)) if w.code == ErrorCode::ClusterStopped => {
-                        tracing::warn!(iom = self.me.0, tx = ?tx, "recovery: a parity transaction left to its data IOM, which does not run");
+                        tracing::warn!(iom = self.me.0, tx = ?tx, "recovery: a parity transaction asked about again once the cluster runs");
+                        self.deferred.lock().push(tx);
                         tally.left_to_data += 1;
                     }
                     Err(e) => {

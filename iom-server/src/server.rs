@@ -199,6 +199,7 @@ impl Iom {
             timeouts,
             stop: workers.token(Tier::Background),
             startup_open: parking_lot::Mutex::new(Some(open_at_start)),
+            deferred: Default::default(),
         });
         let rejoining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let failover = Arc::new(crate::failover::Failover {
@@ -290,6 +291,7 @@ impl Iom {
         w.spawn(Tier::Background, "heartbeat", self.failover.clone().heartbeat_worker());
         w.spawn(Tier::Background, "detector", self.failover.clone().detector_worker());
         w.spawn(Tier::Background, "map-watcher", self.failover.clone().map_watcher());
+        w.spawn(Tier::Background, "recovery-deferred", self.recovery.clone().deferred_worker());
         let checkpoints = self.storage.clone().checkpoint_worker(self.shutdown.clone(), self.timeouts.checkpoint_poll);
         w.spawn(Tier::Background, "checkpointer", checkpoints);
         w.spawn(Tier::Background, "ns-mirror", self.namespace.clone().mirror_worker());
