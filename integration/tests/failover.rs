@@ -57,6 +57,44 @@ fn overwrite_file(p: &Path, data: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Files `{prefix}0`, `{prefix}1`, … of `m` hold `files`, in order.
+fn assert_files(m: &Path, prefix: &str, files: &[Vec<u8>], when: &str) {
+    for (i, data) in files.iter().enumerate() {
+        assert!(fs::read(m.join(format!("{prefix}{i}"))).unwrap() == *data, "{prefix}{i} differs {when}");
+    }
+}
+
+/// Writes `files` as `{prefix}0`, … of `m` with `write` on a thread of its
+/// own; the first error, or the time they took. Panics with `hung` if they
+/// are not done within `limit` (a hung FUSE write must not hang the test).
+fn write_files_within(
+    m: &Path,
+    prefix: &'static str,
+    files: &[Vec<u8>],
+    write: fn(&Path, &[u8]) -> std::io::Result<()>,
+    limit: Duration,
+    hung: &str,
+) -> Result<Duration, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (mnt, files) = (m.to_path_buf(), files.to_vec());
+    std::thread::spawn(move || {
+        let t = Instant::now();
+        let r = files.iter().enumerate().try_for_each(|(i, d)| write(&mnt.join(format!("{prefix}{i}")), d));
+        let _ = tx.send(r.map(|_| t.elapsed()).map_err(|e| e.to_string()));
+    });
+    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("{hung}"))
+}
+
+/// With IOM `down` killed, the files still read right (the rebuilt IOM
+/// serves its own blocks); then it is restarted.
+fn files_right_with_another_down(c: &mut Cluster, down: u32, m: &Path, prefix: &str, files: &[Vec<u8>]) {
+    c.kill(down);
+    wait_status(c, "degraded", Duration::from_secs(15));
+    assert_files(m, prefix, files, &format!("with IOM {down} down"));
+    c.start(down);
+    wait_healthy(c, Duration::from_secs(60));
+}
+
 /// Source tree for the copies: a slice of /usr/share/doc (a few hundred files).
 fn tree(c: &Cluster) -> PathBuf {
     let src = c.tmp.path().join("src");
@@ -323,17 +361,10 @@ fn an_iom_that_dies_in_its_handover_leaves_no_role_unserved() {
     assert!(exit.is_some(), "IOM {victim} never reached its handover:\n{}", c.log(victim));
     assert!(c.log(victim).contains("rejoin::after-freeze"), "{}", c.log(victim));
     // Every file has blocks on the victim: overwrite them all.
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (mnt, fresh): (PathBuf, Vec<Vec<u8>>) = (m.clone(), (0..8u64).map(|i| Rng(900 + i).bytes(1 << 20)).collect());
-    let writer = fresh.clone();
-    std::thread::spawn(move || {
-        let t = Instant::now();
-        let r: std::io::Result<()> =
-            writer.iter().enumerate().try_for_each(|(i, d)| write_file(&mnt.join(format!("f{i}")), d));
-        let _ = tx.send((r.map_err(|e| e.to_string()), t.elapsed()));
-    });
-    let (r, took) = rx.recv_timeout(Duration::from_secs(90)).expect("writes hung behind the frozen stand-in");
-    r.unwrap_or_else(|e| panic!("a write failed behind the frozen stand-in: {e}\n{}", c.log(3)));
+    let fresh: Vec<Vec<u8>> = (0..8u64).map(|i| Rng(900 + i).bytes(1 << 20)).collect();
+    let limit = Duration::from_secs(90);
+    let took = write_files_within(&m, "f", &fresh, write_file, limit, "writes hung behind the frozen stand-in")
+        .unwrap_or_else(|e| panic!("a write failed behind the frozen stand-in: {e}\n{}", c.log(3)));
     eprintln!("overwrites after the handover's death took {took:?}");
     assert!(took < Duration::from_secs(20), "writes waited {took:?} behind the frozen stand-in");
     assert!(c.log(3).contains("rebuilding IOM declared down again"), "{}", c.log(3));
@@ -341,18 +372,10 @@ fn an_iom_that_dies_in_its_handover_leaves_no_role_unserved() {
     c.env[victim as usize] = vec![];
     c.start(victim);
     wait_healthy(&c, Duration::from_secs(90));
-    for (i, data) in files.iter().enumerate() {
-        assert!(fs::read(m.join(format!("f{i}"))).unwrap() == *data, "f{i} differs after the rejoin");
-    }
+    assert_files(&m, "f", &files, "after the rejoin");
     c.must_scrub_clean();
     // It serves its own blocks again: with another IOM killed they read right.
-    c.kill(4);
-    wait_status(&c, "degraded", Duration::from_secs(15));
-    for (i, data) in files.iter().enumerate() {
-        assert!(fs::read(m.join(format!("f{i}"))).unwrap() == *data, "f{i} differs with IOM 4 down");
-    }
-    c.start(4);
-    wait_healthy(&c, Duration::from_secs(60));
+    files_right_with_another_down(&mut c, 4, &m, "f", &files);
 }
 
 /// A parity group whose parity the rejoining IOM recomputed is written
@@ -398,28 +421,14 @@ fn a_group_written_while_its_parity_is_recomputed_is_recomputed_again() {
     wait_healthy(&c, Duration::from_secs(90));
     c.env[victim as usize] = vec![];
     c.must_scrub_clean();
-    for (i, d) in second.iter().enumerate() {
-        assert!(fs::read(m.join(format!("g{i}"))).unwrap() == *d, "g{i} differs after the rejoin");
-    }
+    assert_files(&m, "g", &second, "after the rejoin");
     // Writes to those groups go on (their deltas start at the version the
     // parity covers), and with another IOM down the data reads back right.
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (mnt, third): (PathBuf, Vec<Vec<u8>>) = (m.clone(), (0..8u64).map(|i| Rng(80 + i).bytes(4 << 20)).collect());
-    let writer = third.clone();
-    std::thread::spawn(move || {
-        let r = writer.iter().enumerate().try_for_each(|(i, d)| overwrite_file(&mnt.join(format!("g{i}")), d));
-        let _ = tx.send(r.map_err(|e| e.to_string()));
-    });
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("writes to the recomputed groups hung")
+    let third: Vec<Vec<u8>> = (0..8u64).map(|i| Rng(80 + i).bytes(4 << 20)).collect();
+    let limit = Duration::from_secs(60);
+    write_files_within(&m, "g", &third, overwrite_file, limit, "writes to the recomputed groups hung")
         .unwrap_or_else(|e| panic!("a write to the recomputed groups failed: {e}"));
-    c.kill(4);
-    wait_status(&c, "degraded", Duration::from_secs(15));
-    for (i, d) in third.iter().enumerate() {
-        assert!(fs::read(m.join(format!("g{i}"))).unwrap() == *d, "g{i} differs with IOM 4 down");
-    }
-    c.start(4);
-    wait_healthy(&c, Duration::from_secs(60));
+    files_right_with_another_down(&mut c, 4, &m, "g", &third);
 }
 
 /// Two IOMs silent to the majority at once while a writer runs (SIGSTOP:

@@ -15,8 +15,8 @@
 //! every outgoing call ([`caller::RoleCaller`]). The node
 //! ([`server::Iom`]) opens storage, builds the roles, routes requests to
 //! them ([`service`]) and runs the workers; the namespace service
-//! ([`namespace::Namespace`]) is bound to the handles it needs
-//! ([`namespace::NsLinks`]) once they exist.
+//! ([`namespace::Namespace`]) is opened with the handles it needs
+//! ([`namespace::NsLinks`]).
 //! `tests/house.rs` keeps the room graph.
 //!
 //! Invariants: a block version's slot is freed only after the record that

@@ -235,15 +235,34 @@ impl Recovery {
     async fn resolve_parity_tx(self: &Arc<Self>, tx: TxRef, p: &PTx, tally: &mut Tally) -> Result<bool, Error> {
         let key = BlockKey { object: p.group.object, block: self.layout.member_block(p.group.group, p.index) };
         let role = self.layout.data_iom(key.object, key.block);
-        if tx.iom != role {
-            return self.resolve_standin_parity_tx(tx, key, p, tally).await;
-        }
-        let view = self.caller.rpc_recovery(role, MemberReq::TxStatus { tx, key, parity_side: false }).await?;
+        // An update a stand-in (`tx.iom`) sent for a failed IOM's block is
+        // asked of the stand-in: it knows whether its write still runs,
+        // while the block's role may not be served at all (a stopped
+        // cluster: asking it would wait for ever).
+        let standin = tx.iom != role;
+        let asked = if standin { tx.iom } else { role };
+        let view = self.caller.rpc_recovery(asked, MemberReq::TxStatus { tx, key, parity_side: false }).await?;
         let MemberResp::TxStatus(TxView::Data { open, pointer, .. }) = view else {
             return Err(Error::Format(format!("unexpected answer {view:?}")));
         };
         if open {
+            // Its writer resends the update (handled like a new one, b1–b13).
             return Ok(false);
+        }
+        if standin {
+            // The stand-in's write either completed (the parity applied the
+            // update: finish it; the stand-in's mark has the failed IOM
+            // rebuild the block from this parity) or failed before the
+            // parity applied it (no client was told it succeeded: discard).
+            tracing::info!(iom = self.me.0, tx = ?tx, group = ?p.group, applied = p.applied.is_some(), "recovery: a stand-in's parity transaction");
+            if p.applied.is_some() {
+                self.parity.write_done(tx);
+                tally.freed += 1;
+            } else {
+                self.discard_tx(tx);
+                tally.back += 1;
+            }
+            return Ok(true);
         }
         let dside = recovery::dside_from(pointer, p.new);
         let pside = if p.applied.is_some() { PSide::Completed } else { PSide::Received };
@@ -269,39 +288,6 @@ impl Recovery {
                 tally.rebuilt += 1;
             }
             Action::Nothing | Action::RollForward => {}
-        }
-        Ok(true)
-    }
-
-    /// An update a stand-in (`tx.iom`) sent for a failed IOM's block. The
-    /// stand-in, not the block's role (which may not be served at all while
-    /// the cluster is stopped: asking it would wait for ever), knows whether
-    /// its write still runs; if it does, it resends the update. Otherwise
-    /// the write either completed (the parity applied the update: finish
-    /// it; the stand-in's mark has the failed IOM rebuild the block from
-    /// this parity) or failed before the parity applied it (no client was
-    /// told it succeeded: discard it).
-    async fn resolve_standin_parity_tx(
-        self: &Arc<Self>,
-        tx: TxRef,
-        key: BlockKey,
-        p: &PTx,
-        tally: &mut Tally,
-    ) -> Result<bool, Error> {
-        let view = self.caller.rpc_recovery(tx.iom, MemberReq::TxStatus { tx, key, parity_side: false }).await?;
-        let MemberResp::TxStatus(TxView::Data { open, .. }) = view else {
-            return Err(Error::Format(format!("unexpected answer {view:?}")));
-        };
-        if open {
-            return Ok(false);
-        }
-        tracing::info!(iom = self.me.0, tx = ?tx, group = ?p.group, applied = p.applied.is_some(), "recovery: a stand-in's parity transaction");
-        if p.applied.is_some() {
-            self.parity.write_done(tx);
-            tally.freed += 1;
-        } else {
-            self.discard_tx(tx);
-            tally.back += 1;
         }
         Ok(true)
     }

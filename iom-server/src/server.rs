@@ -86,15 +86,6 @@ impl Iom {
         let replacing = opened.replacing;
         let open_at_start = opened.open_txs;
 
-        let namespace = Arc::new(Namespace::open(
-            &data_dir,
-            storage.store.file(),
-            // A replacement holds no namespace: it gets a copy from the
-            // namespace server when it becomes the mirror again.
-            cfg.meta_home == opts.id.0 && !replacing,
-            timeouts.journal_flush,
-            cfg.client_lease(),
-        )?);
         let state_map = crate::membership_state::load(&data_dir)?
             .unwrap_or_else(|| ClusterMap::initial(cfg.width(), IomId(cfg.meta_home)));
         let member = Arc::new(Membership::new(
@@ -201,6 +192,27 @@ impl Iom {
             startup_open: parking_lot::Mutex::new(Some(open_at_start)),
             deferred: Default::default(),
         });
+        // Set by the join once start-up learned the cluster's current map.
+        let ready = tokio::sync::watch::Sender::new(false);
+        let namespace = Arc::new(Namespace::open(
+            crate::namespace::NsLinks {
+                me: opts.id,
+                width: cfg.width(),
+                block_size: cfg.block_size,
+                client_lease: cfg.client_lease(),
+                data_dir: data_dir.clone(),
+                storage: storage.clone(),
+                member: member.clone(),
+                caller: caller.clone(),
+                workers: workers.clone(),
+                timeouts,
+                ready: ready.subscribe(),
+                stop: workers.token(Tier::Background),
+            },
+            // A replacement holds no namespace: it gets a copy from the
+            // namespace server when it becomes the mirror again.
+            cfg.meta_home == opts.id.0 && !replacing,
+        )?);
         let rejoining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let failover = Arc::new(crate::failover::Failover {
             me: opts.id,
@@ -234,21 +246,7 @@ impl Iom {
             progress: Default::default(),
             replacing: std::sync::atomic::AtomicBool::new(replacing),
             rejoining,
-            ready: tokio::sync::watch::Sender::new(false),
-            stop: workers.token(Tier::Background),
-        });
-        namespace.bind(crate::namespace::NsLinks {
-            me: opts.id,
-            width: cfg.width(),
-            block_size: cfg.block_size,
-            client_lease: cfg.client_lease(),
-            data_dir: data_dir.clone(),
-            storage: storage.clone(),
-            member: member.clone(),
-            caller: caller.clone(),
-            workers: workers.clone(),
-            timeouts,
-            ready: rejoin.ready.subscribe(),
+            ready,
             stop: workers.token(Tier::Background),
         });
         let iom = Arc::new(Iom {

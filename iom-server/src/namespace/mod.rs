@@ -36,7 +36,7 @@ use state::{NsError, NsRec, NsState, Plan};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -88,9 +88,8 @@ pub struct Namespace {
     checkpointing: Arc<tokio::sync::Mutex<()>>,
     /// Fired when a replica is installed (the mirror worker waits on it).
     installed: tokio::sync::Notify,
-    /// What the service needs of the rest of the IOM, bound once the
-    /// node's roles exist (`bind`).
-    links: OnceLock<NsLinks>,
+    /// What the service needs of the rest of the IOM.
+    links: NsLinks,
 }
 
 /// The narrow handles the namespace service holds: membership (who serves
@@ -137,8 +136,8 @@ impl Replica {
     }
 }
 
-impl Default for Namespace {
-    fn default() -> Self {
+impl Namespace {
+    fn new(links: NsLinks) -> Self {
         Namespace {
             rep: Mutex::new(None),
             acked: watch::channel((0, 0)).0,
@@ -148,7 +147,7 @@ impl Default for Namespace {
             fs_stats: Mutex::new((FsStats::default(), None)),
             checkpointing: Arc::new(tokio::sync::Mutex::new(())),
             installed: tokio::sync::Notify::new(),
-            links: OnceLock::new(),
+            links,
         }
     }
 }
@@ -193,15 +192,10 @@ fn read_snap(dir: &Path) -> Result<Option<Snap>, Error> {
 impl Namespace {
     /// Opens this IOM's namespace replica if it has one on disk; the
     /// configured home makes a fresh namespace when none exists.
-    pub fn open(
-        iom_data: &Path,
-        block_file: Arc<std::fs::File>,
-        is_home: bool,
-        flush: Duration,
-        lease: Duration,
-    ) -> Result<Namespace, Error> {
-        let dir = iom_data.join(META_DIR);
-        let ns = Namespace::default();
+    pub fn open(links: NsLinks, is_home: bool) -> Result<Namespace, Error> {
+        let dir = links.data_dir.join(META_DIR);
+        let (block_file, flush, lease) = (links.storage.store.file(), links.timeouts.journal_flush, links.client_lease);
+        let ns = Namespace::new(links);
         let snap = read_snap(&dir)?;
         let has_journal = dir.exists() && std::fs::read_dir(&dir).map(|mut r| r.next().is_some()).unwrap_or(false);
         if snap.is_none() && !has_journal && !is_home {
@@ -255,15 +249,8 @@ impl Namespace {
         }
     }
 
-    /// Binds the handles the service needs (once, when the node is built).
-    pub fn bind(&self, links: NsLinks) {
-        if self.links.set(links).is_err() {
-            panic!("namespace bound twice");
-        }
-    }
-
     fn l(&self) -> &NsLinks {
-        self.links.get().expect("the node binds the namespace before it serves or starts workers")
+        &self.links
     }
 
     pub fn holds_replica(&self) -> bool {
