@@ -17,7 +17,7 @@ use crate::membership::Membership;
 use crate::timeouts::Timeouts;
 use crate::Error;
 use bytes::Bytes;
-use common::wire::{DataReq, DataResp, ErrorCode, MemberReq, MemberResp, Reply, Request, Route, WireError};
+use common::wire::{DataReq, DataResp, ErrorCode, RecoveryReq, RecoveryResp, Reply, Request, Route, WireError};
 use common::{BlockKey, GroupKey, IomId, ObjectId, Version};
 use std::future::Future;
 use std::pin::Pin;
@@ -33,7 +33,7 @@ pub trait LocalRoles: Send + Sync {
         -> BoxFut<'static, Result<(Vec<Version>, Bytes), Error>>;
     fn read_version(self: Arc<Self>, route: Route, key: BlockKey, v: Version) -> BoxFut<'static, Result<Bytes, Error>>;
     fn drop_objects(self: Arc<Self>, route: Route, objects: Vec<ObjectId>) -> BoxFut<'static, Result<(), Error>>;
-    fn member(self: Arc<Self>, req: MemberReq) -> BoxFut<'static, Result<MemberResp, Error>>;
+    fn recovery(self: Arc<Self>, req: RecoveryReq) -> BoxFut<'static, Result<RecoveryResp, Error>>;
     /// This IOM's own figures (`AdminReq::Stats` answered locally).
     fn stats(&self) -> common::wire::IomStats;
 }
@@ -49,7 +49,7 @@ pub struct RoleCaller {
 fn unexpected(r: Reply) -> Error {
     match r {
         Reply::Error(e) => Error::Wire(e),
-        other => Error::Format(format!("unexpected reply {other:?}")),
+        other => Error::UnexpectedReply(format!("{other:?}")),
     }
 }
 
@@ -120,15 +120,14 @@ impl RoleCaller {
         }
     }
 
-    /// A membership, handover or recovery question for whoever serves
-    /// `role` now.
-    pub async fn rpc_member(&self, role: IomId, req: MemberReq) -> Result<MemberResp, Error> {
+    /// A recovery question for whoever serves `role` now.
+    pub async fn rpc_recovery_role(&self, role: IomId, req: RecoveryReq) -> Result<RecoveryResp, Error> {
         let (server, _) = self.route_to(role)?;
         if server == self.me {
-            return self.local()?.member(req).await;
+            return self.local()?.recovery(req).await;
         }
-        match self.pool.call_timeout(server, &Request::Member(req), Bytes::new(), self.timeouts.role_call).await? {
-            (Reply::Member(m), _) => Ok(m),
+        match self.pool.call_timeout(server, &Request::Recovery(req), Bytes::new(), self.timeouts.role_call).await? {
+            (Reply::Recovery(m), _) => Ok(m),
             (r, _) => Err(unexpected(r)),
         }
     }
@@ -143,14 +142,15 @@ impl RoleCaller {
     /// runs (also while the map calls it down, or the cluster stopped —
     /// recovery is what gets a stopped cluster going again), else of
     /// whoever serves its role.
-    pub async fn rpc_recovery(&self, role: IomId, req: MemberReq) -> Result<MemberResp, Error> {
+    pub async fn rpc_recovery(&self, role: IomId, req: RecoveryReq) -> Result<RecoveryResp, Error> {
         if role == self.me {
-            return self.rpc_member(role, req).await;
+            return self.rpc_recovery_role(role, req).await;
         }
-        match self.pool.call_timeout(role, &Request::Member(req.clone()), Bytes::new(), self.timeouts.peer_call).await {
-            Ok((Reply::Member(m), _)) => Ok(m),
+        match self.pool.call_timeout(role, &Request::Recovery(req.clone()), Bytes::new(), self.timeouts.peer_call).await
+        {
+            Ok((Reply::Recovery(m), _)) => Ok(m),
             Ok((r, _)) => Err(unexpected(r)),
-            Err(e) if e.is_transport() => self.rpc_member(role, req).await,
+            Err(e) if e.is_transport() => self.rpc_recovery_role(role, req).await,
             Err(e) => Err(e.into()),
         }
     }

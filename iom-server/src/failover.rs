@@ -48,8 +48,8 @@ pub struct Failover {
 
 /// What failover asks of the namespace service: whether this IOM holds a
 /// copy (it may take a failed home's namespace over) and the takeover.
-/// Implemented by `namespace::Namespace`; a trait so this room does not
-/// import the namespace, which still takes the node.
+/// Implemented by `namespace::Namespace`; a trait because the namespace
+/// uses failover's takeover, so failover cannot import the namespace.
 pub trait NamespaceTakeover: Send + Sync {
     fn holds_replica(&self) -> bool;
     fn promote(&self, term: u64);

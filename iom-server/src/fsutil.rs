@@ -34,7 +34,7 @@ pub async fn off_loop<T: Send + 'static>(
 ) -> Result<T, Error> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
-        Err(e) => Err(Error::Format(format!("{what}: the blocking task failed: {e}"))),
+        Err(e) => Err(Error::TaskFailed(format!("{what}: the blocking task failed: {e}"))),
     }
 }
 

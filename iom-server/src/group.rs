@@ -13,7 +13,7 @@ use crate::membership::Membership;
 use crate::timeouts::Timeouts;
 use crate::Error;
 use bytes::{Bytes, BytesMut};
-use common::wire::{ErrorCode, MemberReq, MemberResp, TxView, WireError};
+use common::wire::{ErrorCode, RecoveryReq, RecoveryResp, TxView, WireError};
 use common::{BlockKey, GroupKey, IomId, Layout, TxId, TxRef, Version};
 use std::sync::Arc;
 
@@ -130,9 +130,9 @@ impl Group {
         let mut acc = BytesMut::new();
         for (k, d) in data.iter().enumerate() {
             let key = BlockKey { object: g.object, block: self.layout.member_block(g.group, k as u32) };
-            let view = self.caller.rpc_member(*d, pointer_question(*d, key)).await?;
-            let MemberResp::TxStatus(TxView::Data { pointer, .. }) = view else {
-                return Err(Error::Format(format!("unexpected answer {view:?}")));
+            let view = self.caller.rpc_recovery_role(*d, pointer_question(*d, key)).await?;
+            let RecoveryResp::TxStatus(TxView::Data { pointer, .. }) = view else {
+                return Err(Error::UnexpectedReply(format!("{view:?}")));
             };
             if pointer != Version(0) {
                 let b = self.caller.rpc_read_version(*d, key, pointer).await?;
@@ -146,8 +146,8 @@ impl Group {
 
 /// Asks data role `d` where its map points for `key` (a `TxStatus` about
 /// no transaction).
-fn pointer_question(d: IomId, key: BlockKey) -> MemberReq {
-    MemberReq::TxStatus { tx: TxRef { iom: d, tx: TxId(0) }, key, parity_side: false }
+fn pointer_question(d: IomId, key: BlockKey) -> RecoveryReq {
+    RecoveryReq::TxStatus { tx: TxRef { iom: d, tx: TxId(0) }, key, parity_side: false }
 }
 
 #[cfg(test)]

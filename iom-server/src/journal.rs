@@ -563,10 +563,10 @@ fn parse_segment(buf: &[u8], path: &Path) -> Result<(Vec<Vec<u8>>, Option<usize>
         Err(HeaderError::Short) => return Ok((Vec::new(), Some(0))),
         // (A segment header has no checksum: check_head never says Checksum.)
         Err(HeaderError::Magic | HeaderError::Checksum) => {
-            return Err(Error::Format(format!("{}: not an iomfs journal segment", path.display())))
+            return Err(Error::Damaged(format!("{}: not an iomfs journal segment", path.display())))
         }
         Err(HeaderError::Version(ver)) => {
-            return Err(Error::Format(format!(
+            return Err(Error::Damaged(format!(
                 "{}: journal format version {ver}; this build reads versions 1 to {JOURNAL_FORMAT_VERSION}",
                 path.display()
             )))
@@ -598,7 +598,7 @@ fn parse_segment(buf: &[u8], path: &Path) -> Result<(Vec<Vec<u8>>, Option<usize>
 }
 
 fn damaged(path: &Path, pos: usize, after: u32) -> Error {
-    Error::Format(format!(
+    Error::Damaged(format!(
         "{}: damaged record at offset {pos}, though a later record says the segment was durable up to {after}: \
          it was on stable storage and has been damaged since (restore this IOM's disk with `iomfs replace`)",
         path.display()
@@ -646,7 +646,7 @@ impl Journal {
     ) -> Result<(Journal, Replayed), Error> {
         fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         if from > u64::MAX / 2 {
-            return Err(Error::Format(format!("{}: checkpoint names journal segment {from}", dir.display())));
+            return Err(Error::Damaged(format!("{}: checkpoint names journal segment {from}", dir.display())));
         }
         let segs = segments(dir)?;
         let mut records = Vec::new();
@@ -661,7 +661,7 @@ impl Journal {
             let (recs, torn) = parse_segment(&buf, &path)?;
             if let Some(off) = torn {
                 if i + 1 != n {
-                    return Err(Error::Format(format!(
+                    return Err(Error::Damaged(format!(
                         "{}: damaged record at offset {off} in a sealed journal segment",
                         path.display()
                     )));

@@ -68,8 +68,23 @@ use common::wire::{ErrorCode, WireError};
 pub enum Error {
     #[error("{what}: {err}")]
     Io { what: String, err: std::io::Error },
+    /// An on-disk file (journal segment, checkpoint, block-file header,
+    /// store marker, membership or namespace file) is not what it must be.
     #[error("{0}")]
-    Format(String),
+    Damaged(String),
+    /// A record or snapshot could not be encoded.
+    #[error(transparent)]
+    Codec(#[from] common::codec::CodecError),
+    /// The IOM cannot start where its config puts it (address, TLS
+    /// identity, port); the message names the fix.
+    #[error("{0}")]
+    Startup(String),
+    /// A peer answered with a message that does not answer the question.
+    #[error("unexpected answer from a peer: {0}")]
+    UnexpectedReply(String),
+    /// A blocking task ended without an answer (it panicked or was cancelled).
+    #[error("{0}")]
+    TaskFailed(String),
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("the disk of this IOM is full (only its reserve for parity, journal and recovery is left): delete files or add space")]
@@ -97,7 +112,12 @@ impl Error {
         let code = match self {
             Error::Io { err, .. } if err.raw_os_error() == Some(libc::ENOSPC) => ErrorCode::NoSpace,
             Error::Io { .. } => ErrorCode::Io,
-            Error::Format(_) | Error::Config(_) => ErrorCode::Internal,
+            Error::Damaged(_)
+            | Error::Codec(_)
+            | Error::Startup(_)
+            | Error::UnexpectedReply(_)
+            | Error::TaskFailed(_)
+            | Error::Config(_) => ErrorCode::Internal,
             Error::NoSpace => ErrorCode::NoSpace,
             Error::Corrupt(_) => ErrorCode::Corrupt,
             Error::VersionGone(_) => ErrorCode::VersionGone,

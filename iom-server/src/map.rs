@@ -122,7 +122,7 @@ pub struct SnapshotCut {
 impl SnapshotCut {
     /// Encodes the copy and replaces the checkpoint file with it (fsync'd).
     pub fn write(self, dir: &Path) -> Result<(), Error> {
-        let body = codec::encode_large(&(self.snap, self.seen)).map_err(|e| Error::Format(e.to_string()))?;
+        let body = codec::encode_large(&(self.snap, self.seen))?;
         crate::fsutil::write_atomic(&dir.join(SNAPSHOT_FILE), &SNAP_FORMAT.seal(&body))
     }
 }
@@ -614,7 +614,7 @@ impl BlockMap {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
         };
-        let bad = |m: String| Error::Format(format!("{}: {m}", path.display()));
+        let bad = |m: String| Error::Damaged(format!("{}: {m}", path.display()));
         let (ver, body) = SNAP_FORMAT.unseal(&buf).map_err(|e| {
             bad(match e {
                 HeaderError::Short | HeaderError::Magic => "not an iomfs map checkpoint".into(),

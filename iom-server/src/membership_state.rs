@@ -22,7 +22,7 @@ pub fn load(dir: &Path) -> Result<Option<ClusterMap>, Error> {
         Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
     };
     decode(&b).map(Some).map_err(|m| {
-        Error::Format(format!(
+        Error::Damaged(format!(
             "{}: {m}; move it away and start the IOM again: it learns the current map from the other IOMs",
             p.display()
         ))
@@ -42,7 +42,7 @@ fn decode(b: &[u8]) -> Result<ClusterMap, String> {
 }
 
 fn encode(m: &ClusterMap) -> Result<Vec<u8>, Error> {
-    let body = codec::encode(m).map_err(|e| Error::Format(e.to_string()))?;
+    let body = codec::encode(m)?;
     Ok(FORMAT.seal(&body))
 }
 

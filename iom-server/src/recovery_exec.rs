@@ -25,7 +25,7 @@ use crate::storage::Storage;
 use crate::timeouts::Timeouts;
 use crate::Error;
 use bytes::BytesMut;
-use common::wire::{ErrorCode, MemberReq, MemberResp, ParityTxState, ParityUpdate, TxView};
+use common::wire::{ErrorCode, ParityTxState, ParityUpdate, RecoveryReq, RecoveryResp, TxView};
 use common::{codec, BlockKey, GroupKey, TxId, TxRef, Version};
 use common::{IomId, Layout};
 use std::collections::{BTreeMap, HashSet};
@@ -71,6 +71,12 @@ pub struct Recovery {
 }
 
 impl Recovery {
+    /// `DoneSeen`: the highest transaction id of data IOM `of` whose
+    /// completion this IOM has seen (0: none).
+    pub fn done_seen(&self, of: IomId) -> u64 {
+        self.storage.map.done_seen.lock().get(&of).copied().unwrap_or(0)
+    }
+
     /// `RebuildBlock`: installs version `version` of block `key`, rebuilt from its group.
     pub async fn rebuild_block(self: &Arc<Self>, key: BlockKey, version: Version) -> Result<(), Error> {
         let _g = self.locks.lock(key).await;
@@ -170,11 +176,11 @@ impl Recovery {
             .caller
             .rpc_recovery(
                 t.parity,
-                MemberReq::TxStatus { tx: TxRef { iom: self.me, tx }, key: t.key, parity_side: true },
+                RecoveryReq::TxStatus { tx: TxRef { iom: self.me, tx }, key: t.key, parity_side: true },
             )
             .await?;
-        let MemberResp::TxStatus(TxView::Parity { state, covers, standin }) = view else {
-            return Err(Error::Format(format!("unexpected answer {view:?}")));
+        let RecoveryResp::TxStatus(TxView::Parity { state, covers, standin }) = view else {
+            return Err(Error::UnexpectedReply(format!("{view:?}")));
         };
         let pside = recovery::pside_from(state, covers, standin, t.new.version);
         let dside = if t.switched { DSide::Switched } else { DSide::Issued };
@@ -221,7 +227,9 @@ impl Recovery {
                 }
                 self.storage.cache.remove(&crate::cache::CacheKey::Data(t.key, t.new.version));
                 if pside == PSide::Received {
-                    self.caller.rpc_recovery(t.parity, MemberReq::DiscardTx { tx: TxRef { iom: self.me, tx } }).await?;
+                    self.caller
+                        .rpc_recovery(t.parity, RecoveryReq::DiscardTx { tx: TxRef { iom: self.me, tx } })
+                        .await?;
                 }
                 tally.back += 1;
                 Ok(true)
@@ -241,9 +249,9 @@ impl Recovery {
         // cluster: asking it would wait for ever).
         let standin = tx.iom != role;
         let asked = if standin { tx.iom } else { role };
-        let view = self.caller.rpc_recovery(asked, MemberReq::TxStatus { tx, key, parity_side: false }).await?;
-        let MemberResp::TxStatus(TxView::Data { open, pointer, .. }) = view else {
-            return Err(Error::Format(format!("unexpected answer {view:?}")));
+        let view = self.caller.rpc_recovery(asked, RecoveryReq::TxStatus { tx, key, parity_side: false }).await?;
+        let RecoveryResp::TxStatus(TxView::Data { open, pointer, .. }) = view else {
+            return Err(Error::UnexpectedReply(format!("{view:?}")));
         };
         if open {
             // Its writer resends the update (handled like a new one, b1–b13).
@@ -283,7 +291,7 @@ impl Recovery {
                 tally.recomputed += 1;
             }
             Action::RebuildData => {
-                self.caller.rpc_recovery(role, MemberReq::RebuildBlock { key, version: p.new }).await?;
+                self.caller.rpc_recovery(role, RecoveryReq::RebuildBlock { key, version: p.new }).await?;
                 self.finish_ptx(tx, p);
                 tally.rebuilt += 1;
             }

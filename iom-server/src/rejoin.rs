@@ -20,7 +20,9 @@ use crate::timeouts::Timeouts;
 use bytes::Bytes;
 use common::cluster::IomState;
 use common::config::Tuning;
-use common::wire::{DataReq, DataResp, MemberReq, MemberResp, RebuildMarks, Reply, Request};
+use common::wire::{
+    DataReq, DataResp, HandoverReq, HandoverResp, RebuildMarks, RecoveryReq, RecoveryResp, Reply, Request,
+};
 use common::Layout;
 use common::{BlockKey, Epoch, GroupKey, IomId, Version};
 use futures::StreamExt;
@@ -122,9 +124,9 @@ impl Rejoin {
         self.failover.propose(next, changed).await
     }
 
-    async fn marks_from(&self, proxy: IomId, req: MemberReq) -> Option<RebuildMarks> {
-        match self.caller.call_peer(proxy, &Request::Member(req), Bytes::new(), self.timeouts.handover_call).await {
-            Ok((Reply::Member(MemberResp::Marks(m)), _)) => Some(m),
+    async fn marks_from(&self, proxy: IomId, req: HandoverReq) -> Option<RebuildMarks> {
+        match self.caller.call_peer(proxy, &Request::Handover(req), Bytes::new(), self.timeouts.handover_call).await {
+            Ok((Reply::Handover(HandoverResp::Marks(m)), _)) => Some(m),
             _ => None,
         }
     }
@@ -145,7 +147,7 @@ impl Rejoin {
                 IomState::Up => break,
                 IomState::Down { proxy } | IomState::Rebuilding { proxy } => proxy,
             };
-            let Some(marks) = self.marks_from(proxy, MemberReq::RebuildMarks { about: me }).await else {
+            let Some(marks) = self.marks_from(proxy, HandoverReq::RebuildMarks { about: me }).await else {
                 tracing::warn!(iom = me.0, proxy = proxy.0, "rejoin: stand-in not reachable yet");
                 tokio::time::sleep(self.timeouts.unreachable_pause).await;
                 continue;
@@ -182,7 +184,7 @@ impl Rejoin {
             // silent while frozen, and the stand-in unfroze and went on
             // marking), the proposal's epoch is stale and no voter grants it.
             let frozen_in = self.member.current();
-            let Some(last) = self.marks_from(proxy, MemberReq::Freeze { about: me }).await else {
+            let Some(last) = self.marks_from(proxy, HandoverReq::Freeze { about: me }).await else {
                 // Unreachable, or its map does not show this IOM rebuilding yet.
                 tokio::time::sleep(self.timeouts.retry_pause).await;
                 continue;
@@ -197,7 +199,7 @@ impl Rejoin {
                     Some(m) if !is_empty(&m) => {
                         // Unthrottled: the role's writes wait meanwhile.
                         self.rebuild_marks_now(proxy, m, false).await;
-                        left = self.marks_from(proxy, MemberReq::RebuildMarks { about: me }).await;
+                        left = self.marks_from(proxy, HandoverReq::RebuildMarks { about: me }).await;
                     }
                     m => {
                         left = m;
@@ -225,7 +227,7 @@ impl Rejoin {
                 .caller
                 .call_peer(
                     proxy,
-                    &Request::Member(MemberReq::Unfreeze { about: me }),
+                    &Request::Handover(HandoverReq::Unfreeze { about: me }),
                     Bytes::new(),
                     self.timeouts.peer_call,
                 )
@@ -393,7 +395,7 @@ impl Rejoin {
             if self.stop.is_cancelled() {
                 return;
             }
-            let Some(m) = self.marks_from(proxy, MemberReq::RebuildMarks { about: self.me }).await else {
+            let Some(m) = self.marks_from(proxy, HandoverReq::RebuildMarks { about: self.me }).await else {
                 tokio::time::sleep(self.timeouts.retry_pause).await;
                 continue;
             };
@@ -480,7 +482,7 @@ impl Rejoin {
             .caller
             .call_peer(
                 proxy,
-                &Request::Member(MemberReq::ClearMarks { about: self.me, marks: done }),
+                &Request::Handover(HandoverReq::ClearMarks { about: self.me, marks: done }),
                 Bytes::new(),
                 self.timeouts.role_call,
             )
@@ -557,13 +559,13 @@ impl Rejoin {
                 .caller
                 .call_peer(
                     j,
-                    &Request::Member(MemberReq::DoneSeen { of: self.me }),
+                    &Request::Recovery(RecoveryReq::DoneSeen { of: self.me }),
                     Bytes::new(),
                     self.timeouts.probe_call,
                 )
                 .await;
             match r {
-                Ok((Reply::Member(MemberResp::DoneSeen { tx }), _)) => Some((j, tx)),
+                Ok((Reply::Recovery(RecoveryResp::DoneSeen { tx }), _)) => Some((j, tx)),
                 _ => None,
             }
         });

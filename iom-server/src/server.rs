@@ -9,6 +9,7 @@ use crate::locks::KeyLocks;
 use crate::membership::Membership;
 use crate::namespace::Namespace;
 use crate::parity::ParitySide;
+use crate::service::Router;
 use crate::standin::handover::HandoverState;
 use crate::storage::Storage;
 use crate::timeouts::Timeouts;
@@ -16,13 +17,11 @@ use crate::workers::{Tier, Workers};
 use crate::Error;
 use common::cluster::ClusterMap;
 use common::config::{ClusterConfig, ClusterPaths};
-use common::wire::{Hello, IomStats, PeerKind, PROTOCOL_VERSION};
-use common::{BlockKey, IomId, Layout};
+use common::wire::{Hello, PeerKind, PROTOCOL_VERSION};
+use common::IomId;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
 
 pub struct StartOptions {
     pub dir: PathBuf,
@@ -31,43 +30,23 @@ pub struct StartOptions {
     pub journal_dir: Option<PathBuf>,
 }
 
+/// The node: it opens storage, builds the roles (each holding only the
+/// handles it needs), hands them to the router, starts the workers and
+/// stops them in order. No role reaches the node.
 pub struct Iom {
     pub id: IomId,
-    pub cfg: ClusterConfig,
     pub paths: ClusterPaths,
-    pub layout: Layout,
-    pub data_dir: PathBuf,
-    /// Block store, cache, journal and map (see `storage`).
-    pub storage: Arc<Storage>,
-    pub locks: Arc<KeyLocks<BlockKey>>,
-    /// Every outgoing call (see `caller`).
-    pub caller: Arc<RoleCaller>,
-    /// Reconstruction from a parity group (see `group`).
-    pub group: Arc<Group>,
-    pub parity: Arc<ParitySide>,
-    pub inflight: Arc<Inflight>,
-    /// The data role (a1–a14, reads, flush, drops).
-    pub data: Arc<crate::data::DataSide>,
-    /// Which failed IOMs' roles this stand-in serves, freezes or hands back.
-    pub handover: Arc<HandoverState>,
-    /// The stand-in role (degraded reads and writes, marks, handover).
-    pub standin: Arc<crate::standin::StandIn>,
-    /// Recovery's executor and handlers.
-    pub recovery: Arc<crate::recovery_exec::Recovery>,
-    pub member: Arc<Membership>,
-    /// Heartbeats, failure detection, votes, map reactions.
-    pub failover: Arc<crate::failover::Failover>,
-    /// Join at start-up, rejoin, rebuild, handover (rejoining side).
-    pub rejoin: Arc<crate::rejoin::Rejoin>,
-    /// Every time limit, from `[tuning]` (see `timeouts`).
-    pub timeouts: Timeouts,
-    pub namespace: Arc<Namespace>,
-    /// Told to stop when this IOM's background tasks must end (the
-    /// Background tier's token of `workers`).
-    pub shutdown: CancellationToken,
-    /// Every task this IOM runs, named and tracked (see `workers`).
-    pub workers: Arc<Workers>,
     pub endpoint: quinn::Endpoint,
+    /// Every role, as the router reaches them (see `service`).
+    pub router: Arc<Router>,
+    /// Every outgoing call (see `caller`); closed at stop.
+    caller: Arc<RoleCaller>,
+    /// Write transactions in flight, drained at stop.
+    inflight: Arc<Inflight>,
+    /// Every time limit, from `[tuning]` (see `timeouts`).
+    timeouts: Timeouts,
+    /// Every task this IOM runs, named and tracked (see `workers`).
+    workers: Arc<Workers>,
 }
 
 impl Iom {
@@ -98,15 +77,15 @@ impl Iom {
 
         let bind: SocketAddr = tokio::net::lookup_host(&icfg.addr)
             .await
-            .map_err(|e| Error::Format(format!("IOM {} address '{}' does not resolve: {e}", opts.id, icfg.addr)))?
+            .map_err(|e| Error::Startup(format!("IOM {} address '{}' does not resolve: {e}", opts.id, icfg.addr)))?
             .next()
-            .ok_or_else(|| Error::Format(format!("IOM {} address '{}' does not resolve", opts.id, icfg.addr)))?;
-        let ident = net::tls::Identity::load_iom(&paths, opts.id).map_err(|e| Error::Format(e.to_string()))?;
-        let sc = net::tls::server_config(&ident, cfg.transport).map_err(|e| Error::Format(e.to_string()))?;
-        let cc = net::tls::client_config(&ident, cfg.transport).map_err(|e| Error::Format(e.to_string()))?;
+            .ok_or_else(|| Error::Startup(format!("IOM {} address '{}' does not resolve", opts.id, icfg.addr)))?;
+        let ident = net::tls::Identity::load_iom(&paths, opts.id).map_err(|e| Error::Startup(e.to_string()))?;
+        let sc = net::tls::server_config(&ident, cfg.transport).map_err(|e| Error::Startup(e.to_string()))?;
+        let cc = net::tls::client_config(&ident, cfg.transport).map_err(|e| Error::Startup(e.to_string()))?;
         let endpoint = net::tls::make_endpoint(bind, Some(sc), cfg.transport).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AddrInUse {
-                Error::Format(format!(
+                Error::Startup(format!(
                     "UDP port {bind} is in use: is IOM {} already running, or another program on that port?",
                     opts.id
                 ))
@@ -249,51 +228,44 @@ impl Iom {
             ready,
             stop: workers.token(Tier::Background),
         });
-        let iom = Arc::new(Iom {
-            id: opts.id,
-            parity,
-            inflight,
-            data,
-            handover,
-            standin,
-            failover,
-            rejoin,
-            recovery,
-            locks,
-            shutdown: workers.token(Tier::Background),
-            workers,
-            cfg,
-            paths,
-            layout,
-            data_dir,
-            storage,
-            caller,
-            group,
+        let router = Arc::new(Router {
+            me: opts.id,
+            cluster_id: cfg.cluster_id.clone(),
+            block_size: cfg.block_size,
             member,
-            timeouts,
+            rejoin,
+            data,
+            standin,
+            group,
+            parity,
+            handover,
+            failover,
+            recovery,
             namespace,
-            endpoint,
+            storage,
+            timeouts,
+            workers: workers.clone(),
         });
-        let local: std::sync::Weak<dyn LocalRoles> = Arc::downgrade(&iom) as _;
-        iom.caller.bind_local(local);
-        Ok(iom)
+        let local: std::sync::Weak<dyn LocalRoles> = Arc::downgrade(&router) as _;
+        caller.bind_local(local);
+        Ok(Arc::new(Iom { id: opts.id, paths, endpoint, router, caller, inflight, timeouts, workers }))
     }
 
     /// Starts the IOM's long-lived tasks: the acceptor, joining the
     /// cluster (then recovery or rejoin), heartbeats, failure detection,
     /// map reactions, checkpoints and the namespace's mirror and GC.
     pub fn start_workers(self: &Arc<Self>) {
-        let w = &self.workers;
-        w.spawn(Tier::Intake, "acceptor", crate::service::serve(self.clone()));
-        w.spawn(Tier::Background, "join", self.rejoin.clone().join());
-        w.spawn(Tier::Background, "heartbeat", self.failover.clone().heartbeat_worker());
-        w.spawn(Tier::Background, "detector", self.failover.clone().detector_worker());
-        w.spawn(Tier::Background, "map-watcher", self.failover.clone().map_watcher());
-        w.spawn(Tier::Background, "recovery-deferred", self.recovery.clone().deferred_worker());
-        let checkpoints = self.storage.clone().checkpoint_worker(self.shutdown.clone(), self.timeouts.checkpoint_poll);
+        let (w, r) = (&self.workers, &self.router);
+        w.spawn(Tier::Intake, "acceptor", crate::service::serve(r.clone(), self.endpoint.clone()));
+        w.spawn(Tier::Background, "join", r.rejoin.clone().join());
+        w.spawn(Tier::Background, "heartbeat", r.failover.clone().heartbeat_worker());
+        w.spawn(Tier::Background, "detector", r.failover.clone().detector_worker());
+        w.spawn(Tier::Background, "map-watcher", r.failover.clone().map_watcher());
+        w.spawn(Tier::Background, "recovery-deferred", r.recovery.clone().deferred_worker());
+        let checkpoints = r.storage.clone().checkpoint_worker(w.token(Tier::Background), self.timeouts.checkpoint_poll);
         w.spawn(Tier::Background, "checkpointer", checkpoints);
-        w.spawn(Tier::Background, "ns-mirror", self.namespace.clone().mirror_worker());
-        w.spawn(Tier::Background, "ns-worker", self.namespace.clone().worker());
+        w.spawn(Tier::Background, "ns-mirror", r.namespace.clone().mirror_worker());
+        w.spawn(Tier::Background, "ns-worker", r.namespace.clone().worker());
     }
 
     /// Orderly stop, tier by tier (`workers::Tier`): no new connections
@@ -312,11 +284,11 @@ impl Iom {
             tracing::warn!(iom = self.id.0, "stopping with unfinished writes; recovery will finish them");
         }
         left.extend(self.workers.stop_tier(Tier::Protocol, t.stop_tier).await);
-        if let Err(e) = self.storage.checkpoint().await {
+        if let Err(e) = self.router.storage.checkpoint().await {
             tracing::error!(iom = self.id.0, "final checkpoint failed: {e}");
         }
-        self.namespace.stop().await;
-        self.storage.close().await;
+        self.router.namespace.stop().await;
+        self.router.storage.close().await;
         self.caller.close();
         self.endpoint.close(0u32.into(), b"shutdown");
         left.extend(self.workers.stop_tier(Tier::Connections, t.stop_tier).await);
@@ -324,58 +296,4 @@ impl Iom {
             tracing::warn!(iom = self.id.0, task = name, count = n, "task still running at stop");
         }
     }
-
-    pub fn stats(&self) -> IomStats {
-        let (used, total) = self.storage.store.usage();
-        let (room, disk) = self.storage.store.space();
-        let (d, p) = self.storage.map.counts();
-        let js = &self.storage.journal.stats;
-        IomStats {
-            iom: self.id.0,
-            epoch: self.member.epoch().0,
-            block_size: self.cfg.block_size,
-            slots_used: used,
-            slots_total: total,
-            data_blocks: d,
-            parity_blocks: p,
-            journal_records: js.records.load(Ordering::Relaxed),
-            journal_flushes: js.flushes.load(Ordering::Relaxed),
-            journal_bytes: js.bytes.load(Ordering::Relaxed),
-            cache_bytes: self.storage.cache.bytes(),
-            cache_hits: self.storage.cache.hits.load(Ordering::Relaxed),
-            cache_misses: self.storage.cache.misses.load(Ordering::Relaxed),
-            parity_writes: self.parity.writes.load(Ordering::Relaxed),
-            parity_deltas: self.parity.deltas.load(Ordering::Relaxed),
-            rss_bytes: rss_bytes(),
-            open_txs: self.storage.map.dtx.lock().len() as u64,
-            open_parity_txs: self.storage.map.ptx.lock().len() as u64,
-            rebuild_done: self.rejoin.progress.done.load(Ordering::Relaxed),
-            rebuild_total: self.rejoin.progress.total.load(Ordering::Relaxed),
-            rebuild_bytes_per_s: self.rejoin.progress.rate(),
-            serving: *self.rejoin.ready.borrow(),
-            repaired_blocks: self.data.repairs.load(Ordering::Relaxed),
-            disk_errors: self.data.disk_errors.load(Ordering::Relaxed),
-            repaired_parity: self.parity.repairs.load(Ordering::Relaxed),
-            room_bytes: room,
-            disk_bytes: disk,
-        }
-    }
-}
-
-/// Crash points on the node's own paths are hit "at" this IOM.
-impl crate::failpoint::At for Iom {
-    fn iom(&self) -> IomId {
-        self.id
-    }
-    fn dir(&self) -> &std::path::Path {
-        &self.data_dir
-    }
-}
-
-pub fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|x| x.parse::<u64>().ok()))
-        .map(|pages| pages * 4096)
-        .unwrap_or(0)
 }

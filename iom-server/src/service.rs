@@ -3,39 +3,78 @@
 //! stream's request to its handler. A malformed or oversized frame ends
 //! that stream with an error; the connection and the server go on.
 
-use crate::workers::Tier;
+use crate::data::DataSide;
+use crate::failover::Failover;
+use crate::group::Group;
+use crate::membership::Membership;
+use crate::namespace::Namespace;
+use crate::parity::ParitySide;
+use crate::recovery_exec::Recovery;
+use crate::rejoin::Rejoin;
+use crate::standin::handover::HandoverState;
+use crate::standin::StandIn;
+use crate::storage::Storage;
+use crate::timeouts::Timeouts;
+use crate::workers::{Tier, Workers};
 use crate::write_path::Op;
-use crate::{Error, Iom};
+use crate::Error;
 use bytes::Bytes;
 use common::cluster::IomState;
 use common::toughness::Toughness;
 use common::wire::{
-    AdminReq, AdminResp, DataReq, DataResp, ErrorCode, HelloOk, MemberReq, MemberResp, PeerKind, Reply, Request, Route,
-    WireError, MAX_DROP_OBJECTS, MAX_PIECES, PROTOCOL_VERSION,
+    AdminReq, AdminResp, DataReq, DataResp, ErrorCode, HandoverReq, HandoverResp, HelloOk, IomStats, MemberReq,
+    MemberResp, PeerKind, RecoveryReq, RecoveryResp, Reply, Request, Route, WireError, MAX_DROP_OBJECTS, MAX_PIECES,
+    PROTOCOL_VERSION,
 };
 use common::{BlockKey, GroupKey, GroupNo, IomId, ObjectId, Version};
 use net::frame::{read_frame, write_frame, write_frame_chunks};
 use net::NetError;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::OnceLock;
+
+/// The router: every role a request can reach, and the little the router
+/// itself answers from (the cluster id for the handshake, the stats). It
+/// routes by message family to the role's `handle_*`; a call this IOM
+/// makes to a role it serves itself comes here too, directly (see
+/// `caller::LocalRoles`), never through the network.
+pub struct Router {
+    pub me: IomId,
+    pub cluster_id: String,
+    pub block_size: u32,
+    pub member: Arc<Membership>,
+    pub rejoin: Arc<Rejoin>,
+    pub data: Arc<DataSide>,
+    pub standin: Arc<StandIn>,
+    pub group: Arc<Group>,
+    pub parity: Arc<ParitySide>,
+    pub handover: Arc<HandoverState>,
+    pub failover: Arc<Failover>,
+    pub recovery: Arc<Recovery>,
+    pub namespace: Arc<Namespace>,
+    /// For the stats only.
+    pub storage: Arc<Storage>,
+    pub timeouts: Timeouts,
+    pub workers: Arc<Workers>,
+}
 
 struct ConnState {
     peer: OnceLock<PeerKind>,
 }
 
 /// Accepts connections until shutdown.
-pub async fn serve(iom: Arc<Iom>) {
-    let intake = iom.workers.token(Tier::Intake);
+pub async fn serve(router: Arc<Router>, endpoint: quinn::Endpoint) {
+    let intake = router.workers.token(Tier::Intake);
     loop {
         let incoming = tokio::select! {
             _ = intake.cancelled() => return,
-            i = iom.endpoint.accept() => match i {
+            i = endpoint.accept() => match i {
                 Some(i) => i,
                 None => return,
             },
         };
-        let me = iom.clone();
-        iom.workers.spawn(Tier::Connections, "conn", async move {
+        let me = router.clone();
+        router.workers.spawn(Tier::Connections, "conn", async move {
             let remote = incoming.remote_address();
             match incoming.await {
                 Ok(conn) => serve_conn(me, conn).await,
@@ -46,16 +85,16 @@ pub async fn serve(iom: Arc<Iom>) {
     }
 }
 
-async fn serve_conn(iom: Arc<Iom>, conn: quinn::Connection) {
+async fn serve_conn(router: Arc<Router>, conn: quinn::Connection) {
     let state = Arc::new(ConnState { peer: OnceLock::new() });
-    net::log_conn_stats(&conn, format!("in@{}<-{}", iom.id, conn.remote_address()));
+    net::log_conn_stats(&conn, format!("in@{}<-{}", router.me, conn.remote_address()));
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
             Err(_) => return,
         };
-        let (me, state) = (iom.clone(), state.clone());
-        iom.workers.spawn(Tier::Connections, "stream", async move { serve_stream(me, state, send, recv).await });
+        let (me, state) = (router.clone(), state.clone());
+        router.workers.spawn(Tier::Connections, "stream", async move { serve_stream(me, state, send, recv).await });
     }
 }
 
@@ -75,7 +114,12 @@ fn err(code: ErrorCode, detail: impl Into<String>) -> Reply {
     Reply::Error(WireError::new(code, detail))
 }
 
-async fn serve_stream(iom: Arc<Iom>, state: Arc<ConnState>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn serve_stream(
+    router: Arc<Router>,
+    state: Arc<ConnState>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let (req, payload) = match read_frame::<Request>(&mut recv).await {
         Ok(Some(x)) => x,
         Ok(None) => return,
@@ -85,7 +129,7 @@ async fn serve_stream(iom: Arc<Iom>, state: Arc<ConnState>, mut send: quinn::Sen
             return;
         }
         Err(e) => {
-            tracing::debug!(iom = iom.id.0, "malformed request: {e}");
+            tracing::debug!(iom = router.me.0, "malformed request: {e}");
             reply(&mut send, err(ErrorCode::Malformed, e.to_string()), Bytes::new()).await;
             let _ = recv.stop(1u32.into());
             return;
@@ -95,13 +139,13 @@ async fn serve_stream(iom: Arc<Iom>, state: Arc<ConnState>, mut send: quinn::Sen
         let r = if h.protocol != PROTOCOL_VERSION {
             err(
                 ErrorCode::VersionMismatch,
-                format!("IOM {} speaks protocol {PROTOCOL_VERSION}, peer speaks {}", iom.id, h.protocol),
+                format!("IOM {} speaks protocol {PROTOCOL_VERSION}, peer speaks {}", router.me, h.protocol),
             )
-        } else if h.cluster_id != iom.cfg.cluster_id {
-            err(ErrorCode::WrongCluster, format!("IOM {} belongs to cluster '{}'", iom.id, iom.cfg.cluster_id))
+        } else if h.cluster_id != router.cluster_id {
+            err(ErrorCode::WrongCluster, format!("IOM {} belongs to cluster '{}'", router.me, router.cluster_id))
         } else {
             let _ = state.peer.set(h.peer);
-            Reply::Hello(HelloOk { protocol: PROTOCOL_VERSION, iom: iom.id, map: iom.member.current() })
+            Reply::Hello(HelloOk { protocol: PROTOCOL_VERSION, iom: router.me, map: router.member.current() })
         };
         reply(&mut send, r, Bytes::new()).await;
         return;
@@ -112,12 +156,12 @@ async fn serve_stream(iom: Arc<Iom>, state: Arc<ConnState>, mut send: quinn::Sen
     }
     let serves_data =
         matches!(req, Request::Data(_) | Request::Meta(_) | Request::ParityChannel { .. } | Request::MetaMirror { .. });
-    if serves_data && !*iom.rejoin.ready.borrow() {
+    if serves_data && !*router.rejoin.ready.borrow() {
         reply(
             &mut send,
             err(
                 ErrorCode::NotServing,
-                format!("IOM {} is starting and does not know the current cluster map yet", iom.id),
+                format!("IOM {} is starting and does not know the current cluster map yet", router.me),
             ),
             Bytes::new(),
         )
@@ -126,14 +170,14 @@ async fn serve_stream(iom: Arc<Iom>, state: Arc<ConnState>, mut send: quinn::Sen
     }
     match req {
         Request::ParityChannel { from, .. } => {
-            crate::parity::run_channel(iom.parity.clone(), from, send, recv).await;
+            crate::parity::run_channel(router.parity.clone(), from, send, recv).await;
         }
         Request::MetaMirror { from, .. } => {
-            iom.namespace.clone().serve_mirror(from, send, recv).await;
+            router.namespace.clone().serve_mirror(from, send, recv).await;
         }
 
         other => {
-            let (r, p) = match dispatch(&iom, other, payload).await {
+            let (r, p) = match dispatch(&router, other, payload).await {
                 Ok(x) => x,
                 Err(e) => (Reply::Error(e.to_wire()), Vec::new()),
             };
@@ -143,12 +187,14 @@ async fn serve_stream(iom: Arc<Iom>, state: Arc<ConnState>, mut send: quinn::Sen
 }
 
 /// A request's reply and its payload (buffers sent one after another).
-async fn dispatch(iom: &Arc<Iom>, req: Request, payload: Bytes) -> Result<(Reply, Vec<Bytes>), Error> {
+async fn dispatch(router: &Arc<Router>, req: Request, payload: Bytes) -> Result<(Reply, Vec<Bytes>), Error> {
     match req {
-        Request::Data(d) => handle_data(iom, d, payload).await.map(|(r, p)| (Reply::Data(r), p)),
-        Request::Member(m) => handle_member(iom, m).await.map(|r| (Reply::Member(r), Vec::new())),
-        Request::Admin(AdminReq::Stats) => Ok((Reply::Admin(AdminResp::Stats(iom.stats())), Vec::new())),
-        Request::Meta(call) => iom.namespace.handle(call).await.map(|r| (Reply::Meta(r), Vec::new())),
+        Request::Data(d) => handle_data(router, d, payload).await.map(|(r, p)| (Reply::Data(r), p)),
+        Request::Member(m) => handle_member(router, m).await.map(|r| (Reply::Member(r), Vec::new())),
+        Request::Handover(h) => handle_handover(router, h).await.map(|r| (Reply::Handover(r), Vec::new())),
+        Request::Recovery(q) => handle_recovery(router, q).await.map(|r| (Reply::Recovery(r), Vec::new())),
+        Request::Admin(AdminReq::Stats) => Ok((Reply::Admin(AdminResp::Stats(router.stats())), Vec::new())),
+        Request::Meta(call) => router.namespace.handle(call).await.map(|r| (Reply::Meta(r), Vec::new())),
         Request::Hello(_) | Request::ParityChannel { .. } | Request::MetaMirror { .. } => {
             unreachable!("handled by serve_stream")
         }
@@ -166,37 +212,44 @@ enum Plane {
 impl Plane {
     /// Checks that this IOM serves `route` now (writes need a quorum too)
     /// and says as what.
-    fn of(iom: &Iom, route: &Route, write: bool) -> Result<Plane, Error> {
-        iom.member.check_route(route, write)?;
-        Ok(if route.target == iom.id { Plane::Own } else { Plane::StandIn(route.target) })
+    fn of(router: &Router, route: &Route, write: bool) -> Result<Plane, Error> {
+        router.member.check_route(route, write)?;
+        Ok(if route.target == router.me { Plane::Own } else { Plane::StandIn(route.target) })
     }
 
-    async fn read(self, iom: &Arc<Iom>, key: BlockKey, offset: u32, len: u32) -> Result<(Version, Bytes), Error> {
+    async fn read(self, router: &Arc<Router>, key: BlockKey, offset: u32, len: u32) -> Result<(Version, Bytes), Error> {
         match self {
-            Plane::Own => iom.data.read_block(key, offset, len).await,
-            Plane::StandIn(owner) => iom.standin.read(owner, key, offset, len).await,
+            Plane::Own => router.data.read_block(key, offset, len).await,
+            Plane::StandIn(owner) => router.standin.read(owner, key, offset, len).await,
         }
     }
 
-    async fn write(self, iom: &Arc<Iom>, key: BlockKey, op: Op, t: Toughness, hint: u8) -> Result<Version, Error> {
+    async fn write(
+        self,
+        router: &Arc<Router>,
+        key: BlockKey,
+        op: Op,
+        t: Toughness,
+        hint: u8,
+    ) -> Result<Version, Error> {
         match self {
-            Plane::Own => iom.data.write_block(key, op, t, hint).await,
-            Plane::StandIn(owner) => iom.standin.write(owner, key, op, t, hint).await,
+            Plane::Own => router.data.write_block(key, op, t, hint).await,
+            Plane::StandIn(owner) => router.standin.write(owner, key, op, t, hint).await,
         }
     }
 
-    async fn drop_object(self, iom: &Arc<Iom>, object: ObjectId, from: GroupNo) -> Result<(), Error> {
+    async fn drop_object(self, router: &Arc<Router>, object: ObjectId, from: GroupNo) -> Result<(), Error> {
         match self {
-            Plane::Own => iom.data.drop_object(object, from).await,
-            Plane::StandIn(owner) => iom.standin.drop_object(owner, object, from),
+            Plane::Own => router.data.drop_object(object, from).await,
+            Plane::StandIn(owner) => router.standin.drop_object(owner, object, from),
         }
     }
 
-    async fn read_version(self, iom: &Arc<Iom>, key: BlockKey, version: Version) -> Result<Bytes, Error> {
+    async fn read_version(self, router: &Arc<Router>, key: BlockKey, version: Version) -> Result<Bytes, Error> {
         match self {
-            Plane::Own => iom.data.read_version(key, version).await,
+            Plane::Own => router.data.read_version(key, version).await,
             Plane::StandIn(_) => {
-                let (v, b) = iom.group.reconstruct(key, Some(version)).await?;
+                let (v, b) = router.group.reconstruct(key, Some(version)).await?;
                 debug_assert_eq!(v, version);
                 Ok(b)
             }
@@ -218,13 +271,17 @@ impl Plane {
 /// `DropObjects`: the data of these objects goes, on this IOM's own role or
 /// on the failed IOM's it stands in for (also called directly by this
 /// IOM's namespace garbage collection, see `caller`).
-pub(crate) async fn handle_drop_objects(iom: &Arc<Iom>, route: Route, objects: Vec<ObjectId>) -> Result<(), Error> {
-    let plane = Plane::of(iom, &route, true)?;
+pub(crate) async fn handle_drop_objects(
+    router: &Arc<Router>,
+    route: Route,
+    objects: Vec<ObjectId>,
+) -> Result<(), Error> {
+    let plane = Plane::of(router, &route, true)?;
     if objects.len() > MAX_DROP_OBJECTS {
         return Err(Error::BadRequest(format!("drop of {} objects: at most {MAX_DROP_OBJECTS}", objects.len())));
     }
     for o in objects {
-        plane.drop_object(iom, o, GroupNo(0)).await?;
+        plane.drop_object(router, o, GroupNo(0)).await?;
     }
     Ok(())
 }
@@ -232,29 +289,29 @@ pub(crate) async fn handle_drop_objects(iom: &Arc<Iom>, route: Route, objects: V
 /// `ReadVersion`: one version of a block (rebuilt from its group by a
 /// stand-in).
 pub(crate) async fn handle_read_version(
-    iom: &Arc<Iom>,
+    router: &Arc<Router>,
     route: Route,
     key: BlockKey,
     version: Version,
 ) -> Result<Bytes, Error> {
-    Plane::of(iom, &route, false)?.read_version(iom, key, version).await
+    Plane::of(router, &route, false)?.read_version(router, key, version).await
 }
 
 /// `ReadParity`: a group's parity with the member versions it covers.
 pub(crate) async fn handle_read_parity(
-    iom: &Arc<Iom>,
+    router: &Arc<Router>,
     route: Route,
     group: GroupKey,
 ) -> Result<(Vec<Version>, Bytes), Error> {
-    Plane::of(iom, &route, false)?.own_parity(group, "it is rebuilt when that IOM comes back")?;
-    iom.parity.read_parity(group).await
+    Plane::of(router, &route, false)?.own_parity(group, "it is rebuilt when that IOM comes back")?;
+    router.parity.read_parity(group).await
 }
 
-async fn handle_data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp, Vec<Bytes>), Error> {
+async fn handle_data(router: &Arc<Router>, req: DataReq, payload: Bytes) -> Result<(DataResp, Vec<Bytes>), Error> {
     match req {
         DataReq::ReadMany { route, pieces } => {
-            let plane = Plane::of(iom, &route, false)?;
-            let bs = iom.cfg.block_size as u64;
+            let plane = Plane::of(router, &route, false)?;
+            let bs = router.block_size as u64;
             if pieces.len() > MAX_PIECES || pieces.iter().any(|p| p.offset as u64 + p.len as u64 > bs) {
                 return Err(Error::BadRequest(format!(
                     "multi-block read of {} pieces: at most {MAX_PIECES}, each inside a {bs}-byte block",
@@ -263,37 +320,37 @@ async fn handle_data(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(Da
             }
             let reads = pieces
                 .into_iter()
-                .map(|p| async move { Ok::<Bytes, Error>(plane.read(iom, p.key, p.offset, p.len).await?.1) });
+                .map(|p| async move { Ok::<Bytes, Error>(plane.read(router, p.key, p.offset, p.len).await?.1) });
             let parts = futures::future::try_join_all(reads).await?;
             let lens = parts.iter().map(|b| b.len() as u32).collect();
             Ok((DataResp::ReadAll { lens }, parts))
         }
         DataReq::DropObjects { route, objects } => {
-            handle_drop_objects(iom, route, objects).await?;
+            handle_drop_objects(router, route, objects).await?;
             Ok((DataResp::Dropped, Vec::new()))
         }
-        other => handle_data_one(iom, other, payload)
+        other => handle_data_one(router, other, payload)
             .await
             .map(|(r, p)| (r, if p.is_empty() { Vec::new() } else { vec![p] })),
     }
 }
 
-async fn handle_data_one(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result<(DataResp, Bytes), Error> {
+async fn handle_data_one(router: &Arc<Router>, req: DataReq, payload: Bytes) -> Result<(DataResp, Bytes), Error> {
     match req {
         DataReq::Read { route, key, offset, len } => {
-            let (version, b) = Plane::of(iom, &route, false)?.read(iom, key, offset, len).await?;
+            let (version, b) = Plane::of(router, &route, false)?.read(router, key, offset, len).await?;
             Ok((DataResp::Read { version }, b))
         }
         DataReq::Write { route, key, offset, toughness, group_hint } => {
-            let plane = Plane::of(iom, &route, true)?;
+            let plane = Plane::of(router, &route, true)?;
             let op = Op::Write { offset, data: payload };
-            let v = plane.write(iom, key, op, toughness, group_hint).await?;
+            let v = plane.write(router, key, op, toughness, group_hint).await?;
             Ok((DataResp::Written { version: v }, Bytes::new()))
         }
         DataReq::WriteMany { route, pieces, toughness } => {
-            let plane = Plane::of(iom, &route, true)?;
+            let plane = Plane::of(router, &route, true)?;
             let total: u64 = pieces.iter().map(|p| p.len as u64).sum();
-            let bs = iom.cfg.block_size as u64;
+            let bs = router.block_size as u64;
             let fits = pieces.iter().all(|p| p.len > 0 && p.offset as u64 + p.len as u64 <= bs);
             if total != payload.len() as u64 || pieces.len() > MAX_PIECES || !fits {
                 return Err(Error::BadRequest(format!(
@@ -307,117 +364,168 @@ async fn handle_data_one(iom: &Arc<Iom>, req: DataReq, payload: Bytes) -> Result
             let writes = pieces.into_iter().map(|p| {
                 let op = Op::Write { offset: p.offset, data: payload.slice(at..at + p.len as usize) };
                 at += p.len as usize;
-                plane.write(iom, p.key, op, toughness, p.group_hint)
+                plane.write(router, p.key, op, toughness, p.group_hint)
             });
             futures::future::try_join_all(writes).await?;
             Ok((DataResp::WrittenAll, Bytes::new()))
         }
         DataReq::Truncate { route, key, keep, toughness } => {
-            let v = Plane::of(iom, &route, true)?.write(iom, key, Op::Truncate { keep }, toughness, 1).await?;
+            let v = Plane::of(router, &route, true)?.write(router, key, Op::Truncate { keep }, toughness, 1).await?;
             Ok((DataResp::Written { version: v }, Bytes::new()))
         }
         DataReq::Flush { route } => {
-            iom.member.check_route(&route, false)?;
-            iom.data.flush().await?;
+            router.member.check_route(&route, false)?;
+            router.data.flush().await?;
             Ok((DataResp::Flushed, Bytes::new()))
         }
         DataReq::DropObject { route, object, from } => {
-            Plane::of(iom, &route, true)?.drop_object(iom, object, from).await?;
+            Plane::of(router, &route, true)?.drop_object(router, object, from).await?;
             Ok((DataResp::Dropped, Bytes::new()))
         }
         DataReq::ReadVersion { route, key, version } => {
-            let b = handle_read_version(iom, route, key, version).await?;
+            let b = handle_read_version(router, route, key, version).await?;
             Ok((DataResp::Version { version }, b))
         }
         DataReq::ReadParity { route, group } => {
-            let (versions, b) = handle_read_parity(iom, route, group).await?;
+            let (versions, b) = handle_read_parity(router, route, group).await?;
             Ok((DataResp::Parity { versions }, b))
         }
         DataReq::RecomputeParity { route, group } => {
-            Plane::of(iom, &route, true)?.own_parity(group, "it can only be recomputed while all its IOMs are up")?;
-            if !iom.group.is_whole(group) {
+            Plane::of(router, &route, true)?
+                .own_parity(group, "it can only be recomputed while all its IOMs are up")?;
+            if !router.group.is_whole(group) {
                 return Err(Error::Wire(WireError::new(
                     ErrorCode::Unavailable,
                     format!("the parity of {group:?} can only be recomputed while all its IOMs are up"),
                 )));
             }
             tracing::warn!(
-                iom = iom.id.0,
+                iom = router.me.0,
                 object = group.object.0,
                 group = group.group.0,
                 "recomputing parity (scrub --repair)"
             );
-            iom.parity.recompute(group).await?;
+            router.parity.recompute(group).await?;
             Ok((DataResp::Recomputed, Bytes::new()))
         }
         DataReq::ListBlocks { after, limit } => {
-            Ok((DataResp::Blocks(iom.data.list_blocks(after, limit)), Bytes::new()))
+            Ok((DataResp::Blocks(router.data.list_blocks(after, limit)), Bytes::new()))
         }
         DataReq::ListGroups { after, limit } => {
-            Ok((DataResp::Groups(iom.data.list_groups(after, limit)), Bytes::new()))
+            Ok((DataResp::Groups(router.data.list_groups(after, limit)), Bytes::new()))
         }
         DataReq::ReadMany { .. } | DataReq::DropObjects { .. } => unreachable!("handled by data()"),
     }
 }
 
-/// A membership, handover or recovery request (also called directly for
-/// this IOM's own questions, see `caller`).
-pub(crate) async fn handle_member(iom: &Arc<Iom>, req: MemberReq) -> Result<MemberResp, Error> {
+/// `Member`: heartbeats, map fetches, votes and commits.
+async fn handle_member(router: &Arc<Router>, req: MemberReq) -> Result<MemberResp, Error> {
     match req {
         MemberReq::Ping { from, .. } => {
-            if let Some(d) = crate::fsutil::disk_stalled(iom.timeouts.failure_timeout) {
+            if let Some(d) = crate::fsutil::disk_stalled(router.timeouts.failure_timeout) {
                 return Err(Error::Wire(WireError::new(
                     ErrorCode::NotServing,
-                    format!("IOM {}'s disk has finished nothing for {d:?}", iom.id),
+                    format!("IOM {}'s disk has finished nothing for {d:?}", router.me),
                 )));
             }
-            iom.member.seen(from);
-            Ok(MemberResp::Pong { epoch: iom.member.epoch(), reachable: Vec::new() })
+            router.member.seen(from);
+            Ok(MemberResp::Pong { epoch: router.member.epoch(), reachable: Vec::new() })
         }
         MemberReq::Propose { ballot, map, changed } => {
-            let (granted, map) = iom.failover.handle_propose(ballot, map, changed);
+            let (granted, map) = router.failover.handle_propose(ballot, map, changed);
             Ok(MemberResp::Vote { granted, map })
         }
         MemberReq::Commit { map } => {
-            iom.member.install(map);
+            router.member.install(map);
             Ok(MemberResp::Ack)
         }
-        MemberReq::Unfinished { about } => Ok(MemberResp::Unfinished(iom.parity.unfinished_about(about).await)),
-        MemberReq::RebuildMarks { about } => Ok(MemberResp::Marks(iom.standin.rebuild_marks(about))),
-        MemberReq::ClearMarks { about, marks } => {
-            iom.standin.clear_marks(about, marks);
-            Ok(MemberResp::Ack)
+        MemberReq::GetMap => Ok(MemberResp::Map(router.member.current())),
+    }
+}
+
+/// `Handover`: the stand-in's side of a failed IOM's return.
+async fn handle_handover(router: &Arc<Router>, req: HandoverReq) -> Result<HandoverResp, Error> {
+    match req {
+        HandoverReq::RebuildMarks { about } => Ok(HandoverResp::Marks(router.standin.rebuild_marks(about))),
+        HandoverReq::ClearMarks { about, marks } => {
+            router.standin.clear_marks(about, marks);
+            Ok(HandoverResp::Ack)
         }
-        MemberReq::Freeze { about } => {
+        HandoverReq::Freeze { about } => {
             let rebuilding =
-                || matches!(iom.member.current().state(about), IomState::Rebuilding { proxy } if proxy == iom.id);
-            Ok(MemberResp::Marks(iom.standin.freeze(about, rebuilding).await?))
+                || matches!(router.member.current().state(about), IomState::Rebuilding { proxy } if proxy == router.me);
+            Ok(HandoverResp::Marks(router.standin.freeze(about, rebuilding).await?))
         }
-        MemberReq::Unfreeze { about } => {
-            iom.handover.unfreeze(about);
-            Ok(MemberResp::Ack)
+        HandoverReq::Unfreeze { about } => {
+            router.handover.unfreeze(about);
+            Ok(HandoverResp::Ack)
         }
-        MemberReq::GetMap => Ok(MemberResp::Map(iom.member.current())),
-        MemberReq::TxStatus { tx, key, parity_side } => {
-            Ok(MemberResp::TxStatus(iom.recovery.tx_status(tx, key, parity_side).await))
+    }
+}
+
+/// `Recovery`: what this IOM knows of a transaction, and the repairs a
+/// peer's recovery asks of it (also called directly for this IOM's own
+/// questions, see `caller`).
+pub(crate) async fn handle_recovery(router: &Arc<Router>, req: RecoveryReq) -> Result<RecoveryResp, Error> {
+    match req {
+        RecoveryReq::Unfinished { about } => Ok(RecoveryResp::Unfinished(router.parity.unfinished_about(about).await)),
+        RecoveryReq::TxStatus { tx, key, parity_side } => {
+            Ok(RecoveryResp::TxStatus(router.recovery.tx_status(tx, key, parity_side).await))
         }
-        MemberReq::DoneSeen { of } => {
-            Ok(MemberResp::DoneSeen { tx: iom.storage.map.done_seen.lock().get(&of).copied().unwrap_or(0) })
+        RecoveryReq::DoneSeen { of } => Ok(RecoveryResp::DoneSeen { tx: router.recovery.done_seen(of) }),
+        RecoveryReq::DiscardTx { tx } => {
+            router.recovery.discard_tx(tx);
+            Ok(RecoveryResp::Ack)
         }
-        MemberReq::DiscardTx { tx } => {
-            iom.recovery.discard_tx(tx);
-            Ok(MemberResp::Ack)
+        RecoveryReq::RebuildBlock { key, version } => {
+            router.recovery.rebuild_block(key, version).await?;
+            Ok(RecoveryResp::Ack)
         }
-        MemberReq::RebuildBlock { key, version } => {
-            iom.recovery.rebuild_block(key, version).await?;
-            Ok(MemberResp::Ack)
+    }
+}
+
+impl Router {
+    /// `Stats`: what `iomfs status` and the metrics show of this IOM.
+    pub fn stats(&self) -> IomStats {
+        let (used, total) = self.storage.store.usage();
+        let (room, disk) = self.storage.store.space();
+        let (d, p) = self.storage.map.counts();
+        let js = &self.storage.journal.stats;
+        IomStats {
+            iom: self.me.0,
+            epoch: self.member.epoch().0,
+            block_size: self.block_size,
+            slots_used: used,
+            slots_total: total,
+            data_blocks: d,
+            parity_blocks: p,
+            journal_records: js.records.load(Ordering::Relaxed),
+            journal_flushes: js.flushes.load(Ordering::Relaxed),
+            journal_bytes: js.bytes.load(Ordering::Relaxed),
+            cache_bytes: self.storage.cache.bytes(),
+            cache_hits: self.storage.cache.hits.load(Ordering::Relaxed),
+            cache_misses: self.storage.cache.misses.load(Ordering::Relaxed),
+            parity_writes: self.parity.writes.load(Ordering::Relaxed),
+            parity_deltas: self.parity.deltas.load(Ordering::Relaxed),
+            rss_bytes: rss_bytes(),
+            open_txs: self.storage.map.dtx.lock().len() as u64,
+            open_parity_txs: self.storage.map.ptx.lock().len() as u64,
+            rebuild_done: self.rejoin.progress.done.load(Ordering::Relaxed),
+            rebuild_total: self.rejoin.progress.total.load(Ordering::Relaxed),
+            rebuild_bytes_per_s: self.rejoin.progress.rate(),
+            serving: *self.rejoin.ready.borrow(),
+            repaired_blocks: self.data.repairs.load(Ordering::Relaxed),
+            disk_errors: self.data.disk_errors.load(Ordering::Relaxed),
+            repaired_parity: self.parity.repairs.load(Ordering::Relaxed),
+            room_bytes: room,
+            disk_bytes: disk,
         }
     }
 }
 
 /// The local side of [`crate::caller::RoleCaller`]: a call to a role this
 /// IOM serves runs the same handler as a request from the network.
-impl crate::caller::LocalRoles for Iom {
+impl crate::caller::LocalRoles for Router {
     fn read_parity(
         self: Arc<Self>,
         route: Route,
@@ -443,11 +551,20 @@ impl crate::caller::LocalRoles for Iom {
         Box::pin(async move { handle_drop_objects(&self, route, objects).await })
     }
 
-    fn member(self: Arc<Self>, req: MemberReq) -> crate::caller::BoxFut<'static, Result<MemberResp, Error>> {
-        Box::pin(async move { handle_member(&self, req).await })
+    fn recovery(self: Arc<Self>, req: RecoveryReq) -> crate::caller::BoxFut<'static, Result<RecoveryResp, Error>> {
+        Box::pin(async move { handle_recovery(&self, req).await })
     }
 
     fn stats(&self) -> common::wire::IomStats {
-        Iom::stats(self)
+        Router::stats(self)
     }
+}
+
+/// This process's resident set, in bytes (0 if /proc cannot tell).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|x| x.parse::<u64>().ok()))
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
 }

@@ -80,7 +80,7 @@ impl Storage {
         // be trusted, and guessing would risk serving wrong data. Stop and
         // say how to get the IOM back (its proxy serves it meanwhile).
         let damaged = |e: Error| match e {
-            Error::Format(m) => Error::Format(format!(
+            Error::Damaged(m) => Error::Damaged(format!(
                 "{m}. IOM {id}'s store is damaged and it will not start; the cluster serves its share from \
                  its proxy (degraded). If the disk is failing, or to rebuild the store: move everything in {} \
                  away except node.pem and node.key, then run `iomfs replace --dir {} --id {id}`",
@@ -96,7 +96,7 @@ impl Storage {
         let n = replayed.records.len();
         for (i, raw) in replayed.records.iter().enumerate() {
             let rec: Record = codec::decode(raw)
-                .map_err(|e| damaged(Error::Format(format!("journal record {i} of {n} cannot be decoded: {e}"))))?;
+                .map_err(|e| damaged(Error::Damaged(format!("journal record {i} of {n} cannot be decoded: {e}"))))?;
             map.apply(&rec);
         }
         let capacity = match icfg.capacity {
@@ -215,7 +215,7 @@ impl Storage {
         let store = self.store.clone();
         let buf = tokio::task::spawn_blocking(move || store.read(addr, len))
             .await
-            .map_err(|e| Error::Format(format!("read task: {e}")))??;
+            .map_err(|e| Error::TaskFailed(format!("read task: {e}")))??;
         if codec::crc(&buf) != crc {
             return Err(Error::Corrupt(format!("{} (slot {})", what(), addr.0)));
         }
@@ -338,7 +338,7 @@ fn lock_dir(dir: &std::path::Path) -> Result<File, Error> {
     // SAFETY: flock on a valid descriptor we own.
     let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if r != 0 {
-        return Err(Error::Format(format!(
+        return Err(Error::Damaged(format!(
             "{} is locked: another iom-server is already running on this directory",
             dir.display()
         )));
@@ -365,7 +365,7 @@ fn prepare_store(paths: &ClusterPaths, data_dir: &std::path::Path, id: IomId) ->
     let kind = match std::fs::read_to_string(&marker) {
         Ok(k) => k.trim().to_string(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::Format(format!(
+            return Err(Error::Damaged(format!(
                 "IOM {id}'s store in {} is empty (no {}), but this IOM held data for the cluster: its disk was \
                  replaced or its files were moved. Serving from an empty store would return zeros, so this IOM \
                  will not start. If the disk was replaced, run `iomfs replace --dir {} --id {id}`: it joins as a \
@@ -387,7 +387,7 @@ fn prepare_store(paths: &ClusterPaths, data_dir: &std::path::Path, id: IomId) ->
             Ok(true)
         }
         other => {
-            Err(Error::Format(format!("{}: unknown content '{other}' (expected new or replace)", marker.display())))
+            Err(Error::Damaged(format!("{}: unknown content '{other}' (expected new or replace)", marker.display())))
         }
     }
 }
@@ -396,7 +396,7 @@ fn prepare_store(paths: &ClusterPaths, data_dir: &std::path::Path, id: IomId) ->
 fn next_incarnation(dir: &std::path::Path) -> Result<u64, Error> {
     let p = dir.join("incarnation");
     let cur = match std::fs::read_to_string(&p) {
-        Ok(s) => s.trim().parse::<u64>().map_err(|e| Error::Format(format!("{}: {e}", p.display())))?,
+        Ok(s) => s.trim().parse::<u64>().map_err(|e| Error::Damaged(format!("{}: {e}", p.display())))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
         Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
     };

@@ -143,9 +143,9 @@ impl Store {
         } else {
             let mut buf = vec![0u8; 512];
             let n = file.read_at(&mut buf, 0).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
-            let found = Header::decode(&buf[..n]).map_err(|m| Error::Format(format!("{}: {m}", path.display())))?;
+            let found = Header::decode(&buf[..n]).map_err(|m| Error::Damaged(format!("{}: {m}", path.display())))?;
             if found.block_size != block_size || found.iom != iom || found.cluster_id != cluster_id {
-                return Err(Error::Format(format!(
+                return Err(Error::Damaged(format!(
                     "{} belongs to IOM {} of cluster '{}' with {}-byte blocks, not IOM {iom} of '{cluster_id}' with {block_size}-byte blocks",
                     path.display(),
                     found.iom,

@@ -94,6 +94,9 @@ pub struct Timeouts {
     pub drop_wait_max: Duration,
     /// The journal's flush when a reader waits on it.
     pub flush_hurry: Duration,
+    /// A parity group worker's pause for the rest of a stripe's deltas,
+    /// so they share one parity write.
+    pub stripe_gather: Duration,
     // periodic
     pub checkpoint_poll: Duration,
     pub namespace_tick: Duration,
@@ -137,6 +140,7 @@ impl Timeouts {
             mirror_sync_wait: s(3),
             drop_wait_max: s(60),
             flush_hurry: ms(100),
+            stripe_gather: ms(1),
             checkpoint_poll: s(2),
             namespace_tick: ms(250),
             statfs_max_age: s(2),
@@ -185,6 +189,7 @@ mod tests {
             (t.mirror_sync_wait, 3000),
             (t.drop_wait_max, 60_000),
             (t.flush_hurry, 100),
+            (t.stripe_gather, 1),
             (t.checkpoint_poll, 2000),
             (t.namespace_tick, 250),
             (t.statfs_max_age, 2000),

@@ -227,7 +227,28 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "namespace",
         &["caller", "failover", "format", "fsutil", "journal", "membership", "storage", "timeouts", "workers"],
     ),
-    ("service", &["server", "caller", "fsutil", "namespace", "parity", "workers", "write_path"]),
+    // The router reaches every role a request can be for.
+    (
+        "service",
+        &[
+            "caller",
+            "data",
+            "failover",
+            "fsutil",
+            "group",
+            "membership",
+            "namespace",
+            "parity",
+            "recovery_exec",
+            "rejoin",
+            "standin",
+            "standin/handover",
+            "storage",
+            "timeouts",
+            "workers",
+            "write_path",
+        ],
+    ),
     // The node wires every room together.
     (
         "server",
@@ -291,6 +312,7 @@ const FREE_OF_THE_NODE: &[&str] = &[
     "recovery_exec",
     "rejoin",
     "restart",
+    "service",
     "standin",
     "standin/handover",
     "storage",

@@ -18,7 +18,10 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Version of this protocol; checked by the Hello exchange on every connection.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5 (2026-12-06): membership, handover and recovery questions are three
+/// request families (`MemberReq`, `HandoverReq`, `RecoveryReq`), no longer
+/// one `MemberReq`.
+pub const PROTOCOL_VERSION: u32 = 5;
 /// TLS ALPN token of iomfs connections.
 pub const ALPN: &[u8] = b"iomfs";
 /// Largest frame header accepted.
@@ -84,6 +87,8 @@ pub enum Request {
         from: IomId,
         epoch: Epoch,
     },
+    Handover(HandoverReq),
+    Recovery(RecoveryReq),
 }
 
 /// A namespace request with its id: `(client, seq)` is unique, so a retried
@@ -130,19 +135,27 @@ pub enum Reply {
     Member(MemberResp),
     Meta(MetaResp),
     Admin(AdminResp),
+    /// Kept at this index across protocol versions, so a peer of another
+    /// version still decodes the `VersionMismatch` answer to its Hello.
     Error(WireError),
+    Handover(HandoverResp),
+    Recovery(RecoveryResp),
 }
 
 mod admin;
 mod data;
 mod error;
+mod handover;
 mod member;
 mod parity;
+mod recovery;
 #[cfg(test)]
 mod tests;
 
 pub use admin::*;
 pub use data::*;
 pub use error::*;
+pub use handover::*;
 pub use member::*;
 pub use parity::*;
+pub use recovery::*;

@@ -12,7 +12,12 @@ fn hex(b: &[u8]) -> String {
 fn golden_bytes() {
     let hello =
         Request::Hello(Hello { protocol: PROTOCOL_VERSION, cluster_id: "c".into(), peer: PeerKind::Iom(IomId(3)) });
-    assert_eq!(hex(&encode(&hello).unwrap()), "000401630103");
+    assert_eq!(hex(&encode(&hello).unwrap()), "000501630103");
+
+    let f = Request::Handover(HandoverReq::Freeze { about: IomId(3) });
+    assert_eq!(hex(&encode(&f).unwrap()), "070203");
+    let d = Request::Recovery(RecoveryReq::DoneSeen { of: IomId(2) });
+    assert_eq!(hex(&encode(&d).unwrap()), "080402");
 
     let w = Request::Data(DataReq::Write {
         route: Route { epoch: Epoch(2), target: IomId(1) },
@@ -103,6 +108,22 @@ fn samples() -> Vec<Vec<u8>> {
         }))
         .unwrap(),
         encode(&Request::Member(MemberReq::GetMap)).unwrap(),
+        encode(&Request::Handover(HandoverReq::ClearMarks {
+            about: IomId(2),
+            marks: RebuildMarks {
+                blocks: vec![(BlockKey { object: ObjectId(1), block: BlockNo(2) }, Version(3))],
+                groups: vec![GroupKey { object: ObjectId(1), group: GroupNo(0) }],
+                drops: vec![(ObjectId(4), GroupNo(1))],
+                frozen: false,
+            },
+        }))
+        .unwrap(),
+        encode(&Reply::Recovery(RecoveryResp::TxStatus(TxView::Parity {
+            state: ParityTxState::Received,
+            standin: true,
+            covers: Version(7),
+        })))
+        .unwrap(),
         encode(&Reply::Data(DataResp::Groups(vec![GroupInfo {
             key: group,
             versions: vec![Version(1), Version(2)],
@@ -152,7 +173,7 @@ proptest::proptest! {
     /// test --release -p common decoders_never_panic`.
     #[test]
     fn decoders_never_panic(
-        which in 0usize..13,
+        which in 0usize..15,
         edits in proptest::collection::vec((0u8..4, proptest::prelude::any::<u16>(), proptest::prelude::any::<u8>()), 0..6),
         random in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..96),
     ) {

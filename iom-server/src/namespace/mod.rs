@@ -167,7 +167,7 @@ fn encode_entry(term: u64, lsn: u64, recs: &[NsRec]) -> Vec<u8> {
 }
 
 fn write_snap(dir: &Path, s: &Snap) -> Result<(), Error> {
-    let body = codec::encode_large(s).map_err(|e| Error::Format(e.to_string()))?;
+    let body = codec::encode_large(s)?;
     crate::fsutil::write_atomic(&dir.join(SNAP_FILE), &SNAP_FORMAT.seal(&body))
 }
 
@@ -178,7 +178,7 @@ fn read_snap(dir: &Path) -> Result<Option<Snap>, Error> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
     };
-    let bad = |m: String| Error::Format(format!("{}: {m}", p.display()));
+    let bad = |m: String| Error::Damaged(format!("{}: {m}", p.display()));
     let (_, body) = SNAP_FORMAT.unseal(&b).map_err(|e| {
         bad(match e {
             HeaderError::Short | HeaderError::Magic => "not an iomfs namespace checkpoint".into(),
@@ -210,7 +210,7 @@ impl Namespace {
         let (journal, replayed) = Journal::open(&dir, from, block_file, flush)?;
         let mut n = 0;
         for raw in &replayed.records {
-            let e: Entry = codec::decode_large(raw).map_err(|e| Error::Format(format!("namespace journal: {e}")))?;
+            let e: Entry = codec::decode_large(raw).map_err(|e| Error::Damaged(format!("namespace journal: {e}")))?;
             if e.lsn > lsn {
                 state.apply(&e.recs);
                 lsn = e.lsn;
@@ -607,7 +607,7 @@ impl Namespace {
         };
         let _ = flush.await;
         if let Some(m) = mirror {
-            let _ = tokio::time::timeout(Duration::from_secs(3), m).await;
+            let _ = tokio::time::timeout(self.links.timeouts.mirror_sync_wait, m).await;
         }
     }
 

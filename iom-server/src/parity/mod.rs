@@ -30,7 +30,6 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::mpsc;
 
 type AckTx = mpsc::UnboundedSender<ParityAck>;
@@ -400,7 +399,7 @@ impl ParitySide {
                     // Deltas of one stripe usually arrive together: give the
                     // rest a moment so they share one parity write.
                     waited = true;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    tokio::time::sleep(self.timeouts.stripe_gather).await;
                 }
                 Next::Idle => return,
                 Next::Batch(head, members, batch) => {

@@ -27,7 +27,7 @@ use crate::timeouts::Timeouts;
 use crate::write_path::{build_new, Op};
 use crate::Error;
 use bytes::Bytes;
-use common::wire::{ErrorCode, MemberReq, MemberResp, ParityUpdate, RebuildMarks, Reply, Request, WireError};
+use common::wire::{ErrorCode, ParityUpdate, RebuildMarks, RecoveryReq, RecoveryResp, Reply, Request, WireError};
 use common::{BlockKey, GroupNo, IomId, Layout, ObjectId, Toughness, TxRef, Version};
 use handover::HandoverState;
 use std::sync::Arc;
@@ -75,13 +75,13 @@ impl StandIn {
                         .caller
                         .call_peer(
                             j,
-                            &Request::Member(MemberReq::Unfinished { about: i }),
+                            &Request::Recovery(RecoveryReq::Unfinished { about: i }),
                             Bytes::new(),
                             self.timeouts.peer_call,
                         )
                         .await
                     {
-                        Ok((Reply::Member(MemberResp::Unfinished(v)), _)) => Ok(v),
+                        Ok((Reply::Recovery(RecoveryResp::Unfinished(v)), _)) => Ok(v),
                         Ok((r, _)) => Err(format!("unexpected {r:?}")),
                         Err(e) => Err(e.to_string()),
                     }
