@@ -4,8 +4,11 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
-/// When a write is answered. Ordered from weakest to strongest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// When a write is answered. Ordered from weakest to strongest
+/// (`Buffered` < `Fast` < `Atomic` < `Durable`; `Buffered` is declared
+/// last so the encodings of the three older levels, on the wire and in the
+/// namespace's files, stay what they were).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Toughness {
     /// Answered once the data write is issued on the data IOM (a4).
     /// Never torn after recovery; may be lost in a crash.
@@ -17,6 +20,35 @@ pub enum Toughness {
     /// Answered once new data and new parity are on stable storage
     /// (a10/a11 and b9–b12). Survives any crash and any single failure.
     Durable,
+    /// Answered once the client holds the bytes in its own memory; sent
+    /// as `Atomic` by a flush (on close, fsync, the buffer's caps and age,
+    /// and before the file's size, truncation or toughness changes). A
+    /// client crash loses what was not flushed; never torn. A client-side
+    /// level: the IOMs treat it as `Atomic` should one reach them.
+    Buffered,
+}
+
+impl Toughness {
+    fn rank(self) -> u8 {
+        match self {
+            Toughness::Buffered => 0,
+            Toughness::Fast => 1,
+            Toughness::Atomic => 2,
+            Toughness::Durable => 3,
+        }
+    }
+}
+
+impl PartialOrd for Toughness {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Toughness {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.rank().cmp(&other.rank())
+    }
 }
 
 /// The extended attribute that carries a file's (or a directory's default) toughness.
@@ -25,6 +57,7 @@ pub const TOUGHNESS_XATTR: &str = "user.iomfs.toughness";
 pub const LAYOUT_XATTR: &str = "user.iomfs.layout";
 
 impl Toughness {
+    /// The levels the IOMs implement (a write request carries one of them).
     pub const ALL: [Toughness; 3] = [Toughness::Fast, Toughness::Atomic, Toughness::Durable];
 
     pub fn as_str(self) -> &'static str {
@@ -32,6 +65,7 @@ impl Toughness {
             Toughness::Fast => "fast",
             Toughness::Atomic => "atomic",
             Toughness::Durable => "durable",
+            Toughness::Buffered => "buffered",
         }
     }
 
@@ -57,7 +91,8 @@ impl FromStr for Toughness {
             "fast" => Ok(Toughness::Fast),
             "atomic" => Ok(Toughness::Atomic),
             "durable" => Ok(Toughness::Durable),
-            other => Err(format!("unknown toughness '{other}': expected fast, atomic or durable")),
+            "buffered" => Ok(Toughness::Buffered),
+            other => Err(format!("unknown toughness '{other}': expected buffered, fast, atomic or durable")),
         }
     }
 }
@@ -72,6 +107,19 @@ mod tests {
         assert_eq!(Toughness::parse_xattr(b"atomic\0"), Some(Toughness::Atomic));
         assert_eq!(Toughness::parse_xattr(b"Durable"), None);
         assert_eq!(Toughness::parse_xattr(b"bogus"), None);
+        assert_eq!(Toughness::parse_xattr(b"buffered\n"), Some(Toughness::Buffered));
         assert!(Toughness::Fast < Toughness::Atomic && Toughness::Atomic < Toughness::Durable);
+        assert!(Toughness::Buffered < Toughness::Fast);
+    }
+
+    /// The three IOM levels keep their encodings (namespace files and the
+    /// wire hold them); `buffered` comes after them.
+    #[test]
+    fn encodings() {
+        let enc = |t: Toughness| crate::codec::encode(&t).unwrap();
+        assert_eq!(enc(Toughness::Fast), vec![0]);
+        assert_eq!(enc(Toughness::Atomic), vec![1]);
+        assert_eq!(enc(Toughness::Durable), vec![2]);
+        assert_eq!(enc(Toughness::Buffered), vec![3]);
     }
 }

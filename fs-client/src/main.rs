@@ -88,12 +88,18 @@ enum Cmd {
         dir: PathBuf,
         /// Mount point.
         mnt: PathBuf,
-        /// Mount options: toughness=fast|atomic|durable, attr_timeout=S, entry_timeout=S, ro.
+        /// Mount options: toughness=buffered|fast|atomic|durable, attr_timeout=S, entry_timeout=S, ro,
+        /// buffer_mb=N, buffer_file_mb=N, buffer_age=S (the buffered level's buffer).
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
         /// Return once mounted, leaving the client running in the background.
         #[arg(long)]
         detach: bool,
+    },
+    /// Send every buffered write of the mount at MNT to the IOMs (sync(1) does not reach a FUSE mount).
+    Sync {
+        /// Mount point.
+        mnt: PathBuf,
     },
     /// Run a whole cluster on this machine and mount it (or: local stop, local start-iom).
     #[command(args_conflicts_with_subcommands = true)]
@@ -335,6 +341,10 @@ fn run(cli: Cli) -> Result<u8> {
                 let (fso, debug) = mount::parse_options(&options)?;
                 mount::mount_foreground(&dir, &mnt, fso, debug)?;
             }
+            Ok(0)
+        }
+        Cmd::Sync { mnt } => {
+            mount::sync(&mnt)?;
             Ok(0)
         }
         Cmd::Local { action: Some(LocalAction::Stop { dir }), .. } => {

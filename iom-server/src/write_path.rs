@@ -133,7 +133,9 @@ impl DataSide {
         self.workers.spawn(Tier::Protocol, "write-finish", async move { me.finish(p, written).await });
         let want = match toughness {
             Toughness::Fast => return Ok(version),
-            Toughness::Atomic => Progress::Held,
+            // A client sends its buffered bytes as atomic; one that sends
+            // `buffered` itself gets what the client-side level promises at least.
+            Toughness::Atomic | Toughness::Buffered => Progress::Held,
             Toughness::Durable => Progress::Durable,
         };
         let got = *watch.wait_for(|s| *s >= want).await.map_err(|_| Error::Shutdown)?;

@@ -28,9 +28,18 @@ pub fn parse_options(opts: &[String]) -> Result<(FsOptions, bool)> {
             anyhow::ensure!((0.0..=3600.0).contains(&f), "-o {k}={v}: out of range");
             Ok(Duration::from_secs_f64(f))
         };
+        let mib = |v: Option<&str>| -> Result<usize> {
+            let v = v.with_context(|| format!("-o {k} needs a size in MiB"))?;
+            let n: usize = v.parse().with_context(|| format!("-o {k}={v}: not a whole number of MiB"))?;
+            anyhow::ensure!((1..=65536).contains(&n), "-o {k}={v}: out of range (1 to 65536 MiB)");
+            Ok(n << 20)
+        };
         match k {
+            "buffer_mb" => o.buffer.total = mib(v)?,
+            "buffer_file_mb" => o.buffer.per_file = mib(v)?,
+            "buffer_age" => o.buffer.age = secs(v)?,
             "toughness" => {
-                let v = v.context("-o toughness needs a value: fast, atomic or durable")?;
+                let v = v.context("-o toughness needs a value: buffered, fast, atomic or durable")?;
                 o.toughness = v.parse::<Toughness>().map_err(|e| anyhow::anyhow!("-o toughness={v}: {e}"))?;
             }
             "attr_timeout" => o.attr_ttl = secs(v)?,
@@ -50,9 +59,18 @@ pub fn parse_options(opts: &[String]) -> Result<(FsOptions, bool)> {
             | "noexec"
             | "_netdev"
             | "defaults" => {}
-            other => bail!("unknown mount option '{other}' (known: toughness=, attr_timeout=, entry_timeout=, ro, rw)"),
+            other => bail!(
+                "unknown mount option '{other}' (known: toughness=, attr_timeout=, entry_timeout=, ro, rw, \
+                 buffer_mb=, buffer_file_mb=, buffer_age=)"
+            ),
         }
     }
+    anyhow::ensure!(
+        o.buffer.per_file <= o.buffer.total,
+        "-o buffer_file_mb ({} MiB) is more than buffer_mb ({} MiB): a file's share cannot exceed the whole buffer",
+        o.buffer.per_file >> 20,
+        o.buffer.total >> 20
+    );
     Ok((o, debug))
 }
 
@@ -189,4 +207,23 @@ pub fn mount_detached(dir: &Path, mnt: &Path, opts: &[String]) -> Result<u32> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `iomfs sync MNT`: the mount sends every buffered byte and publishes the
+/// sizes (it watches for the `user.iomfs.sync` attribute being set).
+pub fn sync(mnt: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    if !is_mounted(mnt) {
+        bail!("{} is not a mount point", mnt.display());
+    }
+    let path = std::ffi::CString::new(mnt.as_os_str().as_bytes()).context("mount point path")?;
+    let name = std::ffi::CString::new(fs_client::fs::SYNC_XATTR).expect("no NUL");
+    // SAFETY: both strings are NUL-terminated and live across the call;
+    // the value is one byte from a live slice.
+    let r = unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), b"1".as_ptr().cast(), 1, 0) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        bail!("sync of {}: {e} (is it an iomfs mount?)", mnt.display());
+    }
+    Ok(())
 }

@@ -50,6 +50,8 @@ impl Inner {
         let truncate = flags & libc::O_TRUNC != 0 && write;
         let sync = flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
         if truncate {
+            // Writes buffered before the truncation land before it.
+            self.send_buffered(ino).await;
             if let Some(n) = self.nodes.lock().get_mut(&ino) {
                 n.dirty_end = 0;
                 n.dirty_mtime = None;
@@ -74,6 +76,13 @@ impl Inner {
     }
 
     pub(super) async fn release(&self, fh: u64) -> R<()> {
+        // Buffered bytes go before the release is queued: once the
+        // namespace has the release, an unlinked file's object may be
+        // dropped, and bytes sent after that would land nowhere.
+        let writer = self.handles.lock().get(&fh).filter(|h| h.write).map(|h| h.ino);
+        if let Some(ino) = writer {
+            self.send_buffered(ino).await;
+        }
         // The handle leaves `handles` and joins `releases` in one step: a
         // renewal lists it in one of the two, never in neither.
         let Some(h) = ({
@@ -99,7 +108,14 @@ impl Inner {
                 None => true,
             }
         };
-        let published = if last_writer { self.publish(h.ino).await } else { Ok(()) };
+        let published = if last_writer {
+            match self.publish(h.ino).await {
+                Ok(()) => self.flush_buffered(h.ino).await,
+                Err(e) => Err(e),
+            }
+        } else {
+            Ok(())
+        };
         self.release_kick.notify_one();
         published
     }
@@ -126,6 +142,9 @@ impl Inner {
     /// releases still queued go out. False if some task was still running
     /// after `within`.
     pub async fn stop(&self, within: Duration) -> bool {
+        if tokio::time::timeout(within, self.sync_all()).await.is_err() {
+            tracing::error!("stopping with buffered writes not sent");
+        }
         self.stopping.cancel();
         self.tasks.close();
         let joined = tokio::time::timeout(within, self.tasks.wait()).await.is_ok();

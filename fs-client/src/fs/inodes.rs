@@ -158,6 +158,8 @@ impl Inner {
     /// Publishes, and with `sync` makes every namespace change durable in
     /// the same round trip (fsync).
     pub(super) async fn publish_and(&self, ino: Ino, sync: bool) -> R<()> {
+        // A size is never published ahead of its bytes.
+        self.send_buffered(ino).await;
         // The local size stays in force until the namespace has the new one:
         // a getattr answered meanwhile must not report the old, smaller size
         // (the kernel would drop the file's tail from its page cache).
@@ -227,6 +229,20 @@ impl Inner {
         if end > i64::MAX as u64 {
             return Err(Errno::EFBIG);
         }
+        if t == Toughness::Buffered {
+            self.session_ok(ino).await?;
+            self.make_room(ino, data.len()).await;
+            self.wb.put(ino, n.attr.object, offset, data);
+            if let Some(n) = self.nodes.lock().get_mut(&ino) {
+                n.dirty_end = n.dirty_end.max(end);
+                n.dirty_mtime = Some(Timestamp::now());
+                n.mtime_set = None;
+            }
+            return Ok(len);
+        }
+        // Bytes buffered earlier (the file's level changed, or an O_SYNC
+        // handle writes) go first: they are older than this write.
+        self.send_buffered(ino).await;
         let roles = self.c.write_roles(n.attr.object, offset, data.len());
         self.session_ok(ino).await?;
         self.c.write(n.attr.object, offset, data, t).await.map_err(errno)?;
@@ -262,7 +278,7 @@ impl Inner {
         self.session_ok(ino).await?;
         let b = self.c.read(a.object, offset, len).await.map_err(errno)?;
         self.session_ok(ino).await?;
-        Ok(b)
+        Ok(self.wb.read_over(ino, offset, b))
     }
 
     pub(super) async fn setattr(&self, ino: Ino, set: SetAttr, caller: Caller) -> R<Attr> {
@@ -323,6 +339,7 @@ impl Inner {
     }
 
     pub(super) async fn fsync(&self, ino: Ino) -> R<()> {
+        self.flush_buffered(ino).await?;
         let n = self.known(ino).await?;
         // Data and metadata are made durable side by side: nothing is
         // promised until both are done.
@@ -360,6 +377,104 @@ impl Inner {
         match self.meta(MetaReq::ReadLink { ino }).await? {
             MetaResp::Data(d) => Ok(d),
             _ => Err(wrong_reply()),
+        }
+    }
+}
+
+/// The `buffered` level: flushes of the write-back buffer (`writeback`).
+impl Inner {
+    /// Sends the buffered bytes of `ino` to the IOMs as `atomic` writes,
+    /// one flush of a file at a time. An error is kept for the file's next
+    /// fsync or close ([`Inner::flush_buffered`]) and its bytes dropped.
+    pub(super) async fn send_buffered(&self, ino: Ino) {
+        if !self.wb.holds(ino) {
+            return;
+        }
+        let gate = self.wb.gate(ino);
+        let _one = gate.lock().await;
+        let Some(b) = self.wb.take(ino) else { return };
+        let roles = b.runs.iter().fold(0u64, |m, (o, d)| m | self.c.write_roles(b.object, *o, d.len()));
+        let mut sent = Ok(());
+        for (o, d) in b.runs {
+            sent = self.c.write(b.object, o, d, Toughness::Atomic).await;
+            if sent.is_err() {
+                break;
+            }
+        }
+        match sent {
+            Ok(()) => {
+                self.mark_unsynced(ino, roles);
+                self.wb.sent(ino, None);
+            }
+            Err(e) => {
+                tracing::error!(
+                    ino = ino.0,
+                    bytes = b.bytes,
+                    "buffered writes could not be sent and are dropped; the file's next fsync or close \
+                     reports it: {e}"
+                );
+                self.wb.sent(ino, Some(e.errno()));
+            }
+        }
+    }
+
+    /// Sends the buffered bytes of `ino` and reports the error of this or
+    /// any earlier flush of it not reported yet (fsync, close).
+    pub(super) async fn flush_buffered(&self, ino: Ino) -> R<()> {
+        self.send_buffered(ino).await;
+        match self.wb.take_error(ino) {
+            Some(e) => Err(Errno::from_i32(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Before `len` more bytes of `ino` are buffered: flushes the file at
+    /// its cap, and the largest files while the whole buffer is at its
+    /// cap; the writer waits for those flushes.
+    pub(super) async fn make_room(&self, ino: Ino, len: usize) {
+        let caps = self.o.buffer;
+        if self.wb.file_bytes(ino) + len > caps.per_file {
+            self.send_buffered(ino).await;
+        }
+        while self.wb.total() + len > caps.total {
+            match self.wb.largest() {
+                Some(i) => self.send_buffered(i).await,
+                // Only flushes under way fill it: wait for one to end.
+                None => {
+                    let _ = tokio::time::timeout(Duration::from_millis(100), self.wb.room.notified()).await;
+                }
+            }
+        }
+    }
+
+    /// Sends and publishes every buffered file (`iomfs sync`, and the
+    /// mount's stop); the first error is returned, after all were tried.
+    pub async fn sync_all(&self) -> R<()> {
+        let mut first = Ok(());
+        for ino in self.wb.all() {
+            let r = self.publish(ino).await;
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+
+    /// Background task: sends (and publishes) the files whose oldest
+    /// buffered byte is older than the buffer's age limit.
+    pub(super) async fn age_worker(self: std::sync::Arc<Self>) {
+        let age = self.o.buffer.age;
+        let every = (age / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = self.stopping.cancelled() => return,
+            }
+            for ino in self.wb.aged(age) {
+                if let Err(e) = self.publish(ino).await {
+                    tracing::debug!(ino = ino.0, "age flush: {e:?}");
+                }
+            }
         }
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! Every request is answered from a task on the tokio runtime, so the FUSE
 //! session threads only read and dispatch and many requests are in flight at
-//! once. Writes go straight to the data IOMs at the file's toughness (no
-//! write-back cache: the toughness names when `write()` may return). Sizes
+//! once. Writes go straight to the data IOMs at the file's toughness, but
+//! for `buffered` files, whose writes wait in this client's own buffer
+//! ([`writeback`]) until a flush; the kernel's write-back cache is not
+//! used, as it would delay the files of every level alike. Sizes
 //! grown by writes are kept locally while a file is open and published on
 //! `flush`/`fsync`/`release` (close-to-open); `open` fetches fresh attributes
 //! and keeps the kernel's page cache only if the file did not change.
@@ -25,7 +27,9 @@
 //! - [`handles`]: the open handles and the session (lease) at the namespace
 //!   that keeps their files alive;
 //! - [`xattr`]: extended attributes, with the toughness and layout
-//!   attributes and the `security.capability` shortcut.
+//!   attributes, the `security.capability` shortcut and `user.iomfs.sync`
+//!   (what `iomfs sync` sets: every buffered byte is flushed);
+//! - [`writeback`]: the `buffered` level's buffer.
 //!
 //! Invariant: each table of [`Inner`] is behind its own lock, and none of
 //! those locks is held across an `.await` (only `session`, an async mutex,
@@ -35,6 +39,7 @@ mod adapter;
 mod dircache;
 mod handles;
 mod inodes;
+mod writeback;
 mod xattr;
 
 use crate::cluster::{ClientError, ClusterClient};
@@ -49,6 +54,8 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+pub use writeback::BufferCaps;
+pub use xattr::SYNC_XATTR;
 
 /// Mount-wide settings (`-o` options).
 #[derive(Clone, Debug)]
@@ -58,6 +65,8 @@ pub struct FsOptions {
     pub attr_ttl: Duration,
     pub entry_ttl: Duration,
     pub read_only: bool,
+    /// Limits of the `buffered` level's buffer.
+    pub buffer: BufferCaps,
 }
 
 impl Default for FsOptions {
@@ -67,6 +76,7 @@ impl Default for FsOptions {
             attr_ttl: Duration::from_secs(1),
             entry_ttl: Duration::from_secs(1),
             read_only: false,
+            buffer: BufferCaps::default(),
         }
     }
 }
@@ -105,6 +115,8 @@ pub struct Inner {
     /// Every task of this mount: the release and renewal workers and one
     /// task per FUSE request. `stop` ends the workers and joins them all.
     tasks: tokio_util::task::TaskTracker,
+    /// Bytes of `buffered` files not yet sent to the IOMs.
+    wb: writeback::WriteBack,
     /// Told to stop when the mount ends (the workers watch it).
     stopping: tokio_util::sync::CancellationToken,
 }
@@ -152,6 +164,7 @@ impl IomFs {
                 claimed: Mutex::new(None),
                 stale: Mutex::new(Default::default()),
                 tasks: tokio_util::task::TaskTracker::new(),
+                wb: Default::default(),
                 stopping: tokio_util::sync::CancellationToken::new(),
             }),
         }
@@ -162,6 +175,7 @@ impl IomFs {
         let i = &self.inner;
         i.tasks.spawn_on(i.clone().release_worker(), &self.rt);
         i.tasks.spawn_on(i.clone().renew_worker(), &self.rt);
+        i.tasks.spawn_on(i.clone().age_worker(), &self.rt);
     }
 
     pub fn inner(&self) -> Arc<Inner> {

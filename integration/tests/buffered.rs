@@ -1,0 +1,298 @@
+//! The `buffered` level end to end (issue 15): `write()` returns once the
+//! client holds the bytes; they reach the IOMs on close, fsync, the age
+//! limit, the buffer's caps, `iomfs sync` and before the file's size or
+//! truncation changes. A second mount of the same cluster is the witness:
+//! it reads what the IOMs hold (an overwrite within the published size
+//! needs no size change to be seen).
+
+use integration::{serial, Cluster, Rng};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1 << 20;
+
+fn set_toughness(p: &Path, t: &str) {
+    let out = Command::new("setfattr").args(["-n", "user.iomfs.toughness", "-v", t]).arg(p).output().unwrap();
+    assert!(out.status.success(), "setfattr {t} on {}: {}", p.display(), String::from_utf8_lossy(&out.stderr));
+}
+
+/// Drops this client's kernel page cache of `f`, so the next read asks the
+/// FUSE daemon.
+fn drop_pages(f: &File) {
+    // SAFETY: an open descriptor; advice only.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+}
+
+/// Up to `len` bytes at `off` of `p`, read through a fresh open
+/// (close-to-open); shorter if the file is.
+fn read_at(p: &Path, off: u64, len: usize) -> Vec<u8> {
+    let f = File::open(p).unwrap();
+    drop_pages(&f);
+    let mut b = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        match f.read_at(&mut b[got..], off + got as u64).unwrap() {
+            0 => break,
+            n => got += n,
+        }
+    }
+    b.truncate(got);
+    b
+}
+
+/// A file of `len` bytes written and closed at the mount's level before
+/// the test: what the witness reads until the buffered bytes arrive.
+fn old_file(p: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let old = Rng(seed).bytes(len);
+    fs::write(p, &old).unwrap();
+    old
+}
+
+/// Reads what the IOMs hold right now, as the witness mount `w` sees it,
+/// until `want` or the deadline.
+fn witness_sees(p: &Path, want: &[u8], within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if read_at(p, 0, want.len()) == want {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn buffered_writes_wait_in_the_client_are_read_back_there_and_reach_the_cluster_at_close() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let a = c.mount("a", &["toughness=buffered,buffer_age=60"]);
+    let w = c.mount("w", &[]);
+    let old = old_file(&a.join("f"), 3 * MIB + 12345, 1);
+    let new = Rng(2).bytes(old.len());
+
+    let mut f = OpenOptions::new().write(true).read(true).open(a.join("f")).unwrap();
+    f.write_all(&new).unwrap();
+    // Not on the IOMs yet: the witness reads the old bytes.
+    assert!(read_at(&w.join("f"), 0, old.len()) == old, "a buffered write reached the IOMs before any flush");
+    // The writer reads its own bytes, also once its kernel cache is gone.
+    drop_pages(&f);
+    let mut back = vec![0u8; new.len()];
+    f.read_exact_at(&mut back, 0).unwrap();
+    assert!(back == new, "the writing mount does not read back its buffered bytes");
+    // A partial overwrite of buffered bytes: the newest bytes win.
+    f.write_all_at(b"NEWEST", 100).unwrap();
+    let mut expect = new.clone();
+    expect[100..106].copy_from_slice(b"NEWEST");
+    drop(f); // close: sent and published before close returns
+    assert!(read_at(&w.join("f"), 0, expect.len()) == expect, "after close the witness does not read the new bytes");
+
+    // A new file grown by buffered writes: size and bytes arrive together at close.
+    let grown = Rng(3).bytes(5 * MIB + 7);
+    fs::write(a.join("g"), &grown).unwrap();
+    assert!(fs::read(w.join("g")).unwrap() == grown, "a new buffered file is not whole after close");
+    c.must_scrub_clean();
+}
+
+#[test]
+fn a_buffered_file_and_an_atomic_file_on_one_mount_each_keep_their_promise() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    // An atomic mount with a buffered file, a buffered mount with an atomic file.
+    let at = c.mount("atomic", &["buffer_age=60"]);
+    let bu = c.mount("buffered", &["toughness=buffered,buffer_age=60"]);
+    let w = c.mount("w", &[]);
+    fs::create_dir(at.join("d")).unwrap();
+    let old_b = old_file(&at.join("d/buffered"), MIB, 10);
+    let old_a = old_file(&at.join("d/atomic"), MIB, 11);
+    set_toughness(&at.join("d/buffered"), "buffered");
+    set_toughness(&at.join("d/atomic"), "atomic");
+    let (new_b, new_a) = (Rng(12).bytes(MIB), Rng(13).bytes(MIB));
+
+    for m in [&at, &bu] {
+        let fb = OpenOptions::new().write(true).open(m.join("d/buffered")).unwrap();
+        let fa = OpenOptions::new().write(true).open(m.join("d/atomic")).unwrap();
+        fb.write_all_at(&new_b, 0).unwrap();
+        fa.write_all_at(&new_a, 0).unwrap();
+        // The atomic write is on the IOMs when write() returns; the buffered one is not.
+        assert!(
+            read_at(&w.join("d/atomic"), 0, MIB) == new_a,
+            "{}: an atomic write was not on the IOMs when it returned",
+            m.display()
+        );
+        assert!(
+            read_at(&w.join("d/buffered"), 0, MIB) == old_b,
+            "{}: a buffered write reached the IOMs before a flush",
+            m.display()
+        );
+        fb.sync_all().unwrap();
+        assert!(
+            read_at(&w.join("d/buffered"), 0, MIB) == new_b,
+            "{}: fsync did not send the buffered bytes",
+            m.display()
+        );
+        // Back to the old bytes for the other mount's round.
+        drop((fa, fb));
+        fs::write(at.join("d/buffered"), &old_b).unwrap();
+        fs::write(at.join("d/atomic"), &old_a).unwrap();
+    }
+}
+
+#[test]
+fn the_age_limit_the_caps_and_iomfs_sync_send_buffered_bytes() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let aged = c.mount("aged", &["toughness=buffered,buffer_age=0.5"]);
+    let capped = c.mount("capped", &["toughness=buffered,buffer_age=60,buffer_mb=2,buffer_file_mb=1"]);
+    let synced = c.mount("synced", &["toughness=buffered,buffer_age=60"]);
+    let w = c.mount("w", &[]);
+
+    // Age: sent (and the size published) within the limit, without a close.
+    let new = Rng(20).bytes(2 * MIB + 99);
+    let mut f = File::create(aged.join("a")).unwrap();
+    f.write_all(&new).unwrap();
+    assert!(witness_sees(&w.join("a"), &new, Duration::from_secs(5)), "the age limit did not send the bytes");
+    drop(f);
+
+    // Caps: a writer of 6 MiB with a 1 MiB file cap leaves at most 1 MiB
+    // unsent, and the whole buffer never holds more than its 2 MiB.
+    let old = old_file(&capped.join("c"), 6 * MIB, 21);
+    let new = Rng(22).bytes(6 * MIB);
+    let f = OpenOptions::new().write(true).open(capped.join("c")).unwrap();
+    for (i, chunk) in new.chunks(256 << 10).enumerate() {
+        f.write_all_at(chunk, (i * (256 << 10)) as u64).unwrap();
+    }
+    let seen = read_at(&w.join("c"), 0, 6 * MIB);
+    let same = seen.iter().zip(&new).take_while(|(a, b)| a == b).count();
+    assert!(same >= 5 * MIB, "only {same} bytes reached the IOMs with a 1 MiB file cap");
+    assert!(
+        seen[same..] == old[same..] || seen[same..] == new[same..],
+        "the witness reads a mix past the flushed part"
+    );
+    drop(f);
+
+    // iomfs sync: everything buffered goes now.
+    let new = Rng(23).bytes(3 * MIB);
+    let mut f = File::create(synced.join("s")).unwrap();
+    f.write_all(&new).unwrap();
+    let out = Command::new(integration::bin("iomfs")).arg("sync").arg(&synced).output().unwrap();
+    assert!(out.status.success(), "iomfs sync: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(read_at(&w.join("s"), 0, new.len()) == new, "iomfs sync did not send the buffered bytes");
+    drop(f);
+    c.must_scrub_clean();
+}
+
+#[test]
+fn truncate_rename_and_a_killed_client_after_close_keep_buffered_bytes_right() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let a = c.mount("a", &["toughness=buffered,buffer_age=60"]);
+    let w = c.mount("w", &[]);
+
+    // Truncate a file holding buffered bytes: the cut applies after them.
+    let new = Rng(30).bytes(2 * MIB);
+    let mut f = File::create(a.join("t")).unwrap();
+    f.write_all(&new).unwrap();
+    f.set_len(MIB as u64 + 5).unwrap();
+    f.write_all_at(b"tail", MIB as u64 + 5).unwrap();
+    drop(f);
+    let mut expect = new[..MIB + 5].to_vec();
+    expect.extend_from_slice(b"tail");
+    assert!(fs::read(w.join("t")).unwrap() == expect, "truncate of a file with buffered bytes reads wrong");
+
+    // Rename while buffered: the bytes follow the file.
+    let new = Rng(31).bytes(MIB + 3);
+    let mut f = File::create(a.join("r1")).unwrap();
+    f.write_all(&new).unwrap();
+    fs::rename(a.join("r1"), a.join("r2")).unwrap();
+    drop(f);
+    assert!(fs::read(w.join("r2")).unwrap() == new, "a renamed file lost its buffered bytes");
+
+    // close() returned: a client killed right after loses nothing.
+    let new = Rng(32).bytes(4 * MIB + 1);
+    fs::write(a.join("k"), &new).unwrap();
+    let pid = mount_pid(&a);
+    // SAFETY: killing the mount process found above.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let _ = Command::new("umount").arg("-l").arg(&a).status();
+    assert!(fs::read(w.join("k")).unwrap() == new, "bytes of a closed buffered file were lost with the client");
+    c.must_scrub_clean();
+}
+
+#[test]
+fn a_flush_that_fails_is_reported_by_fsync() {
+    let _g = serial();
+    let disk = integration::Tmpfs::new(96);
+    let mut c = Cluster::init_at(disk.path(), 3, &[]);
+    c.start_all();
+    let m = c.mount("mnt", &["toughness=buffered,buffer_age=60"]);
+    let chunk = Rng(40).bytes(MIB);
+    let mut f = File::create(m.join("fill")).unwrap();
+    let t = Instant::now();
+    // 120 MiB into a 96 MiB disk: write() itself only buffers.
+    let mut err = None;
+    for _ in 0..120 {
+        if let Err(e) = f.write_all(&chunk) {
+            err = Some(e);
+            break;
+        }
+    }
+    eprintln!("writes done after {:?} (error: {err:?})", t.elapsed());
+    let r = f.sync_all();
+    eprintln!("fsync done after {:?}: {r:?}", t.elapsed());
+    let e = err.or(r.err()).expect("120 MiB went into a 96 MiB disk without an error at write or fsync");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "a full disk gave {e} instead of ENOSPC");
+    drop(f);
+    eprintln!("closed after {:?}", t.elapsed());
+    // The mount goes on after space is freed.
+    if let Err(e) = fs::remove_file(m.join("fill")) {
+        let log = fs::read_to_string(fs_client::mount::mount_log(&c.dir, &m)).unwrap_or_default();
+        let ioms: String = (0..3)
+            .map(|i| {
+                let l = c.log(i);
+                format!("--- IOM {i}:\n{}\n", &l[l.len().saturating_sub(3000)..])
+            })
+            .collect();
+        panic!("unlink of the filled file: {e}\nmount log:\n{}\n{ioms}", &log[log.len().saturating_sub(2000)..]);
+    }
+    let small = Rng(41).bytes(MIB);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = File::create(m.join("after")).and_then(|mut f| {
+            f.write_all(&small)?;
+            f.sync_all()
+        });
+        match r {
+            Ok(()) => break,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => panic!("writing after a delete freed space: {e}"),
+        }
+    }
+    assert!(fs::read(m.join("after")).unwrap() == small);
+}
+
+/// The pid of the `iomfs mount` process serving `mnt`.
+fn mount_pid(mnt: &Path) -> u32 {
+    let want = mnt.to_string_lossy().to_string();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmd) = fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<String> = cmd.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).to_string()).collect();
+        if args.iter().any(|a| a == "mount") && args.iter().any(|a| a == &want) && args[0].ends_with("iomfs") {
+            return pid;
+        }
+    }
+    panic!("no iomfs mount process for {want}");
+}
