@@ -681,6 +681,47 @@ fn a_full_disk_gives_enospc_and_deleting_makes_room_again() {
     c.must_scrub_clean();
 }
 
+/// A burst of writes in flight at once into a nearly full disk: 3 IOMs on
+/// one 96 MiB tmpfs, eight 8 MiB `atomic` writes at a time through the
+/// client library. The burst gets ENOSPC, and every IOM keeps running and
+/// the cluster healthy. (Before: the data writes were admitted while the
+/// disk still had room, their parity versions and journal records then
+/// found none, and every IOM stopped itself.) Known fault, not fixed yet:
+/// fails in about 1 s with an IOM stopped (docs/architecture.md, "A nearly
+/// full disk under a burst"); run it with `-- --ignored`.
+#[test]
+#[ignore = "known fault: a burst of writes into a nearly full disk stops IOMs (docs/architecture.md)"]
+fn a_burst_of_writes_into_a_nearly_full_disk_gets_enospc_and_every_iom_keeps_running() {
+    let _g = serial();
+    let disk = integration::Tmpfs::new(96);
+    let mut c = Cluster::init_at(disk.path(), 3, &[]);
+    c.start_all();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let err = rt.block_on(async {
+        let client = c.client().await;
+        let chunk = bytes::Bytes::from(Rng(70).bytes(8 << 20));
+        let object = common::ObjectId(1 << 51);
+        let mut err = None;
+        for round in 0..8u64 {
+            let writes = (0..8u64)
+                .map(|k| client.write(object, (round * 8 + k) * (8 << 20), chunk.clone(), common::Toughness::Atomic));
+            if let Some(e) = futures::future::join_all(writes).await.into_iter().find_map(|r| r.err()) {
+                err = Some(e);
+                break;
+            }
+        }
+        client.close();
+        err
+    });
+    let e = err.expect("512 MiB went into a 96 MiB disk without an error");
+    for i in 0..3 {
+        assert!(c.is_running(i), "IOM {i} stopped when the disk filled ({e}):\n{}", c.log(i));
+    }
+    assert_eq!(e.errno(), libc::ENOSPC, "a full disk gave {e} instead of ENOSPC");
+    let st = c.iomfs(&["status"]);
+    assert!(st.status.success(), "not healthy after the disk filled:\n{}", String::from_utf8_lossy(&st.stdout));
+}
+
 #[test]
 fn fsck_finds_an_orphan_object_and_repair_gives_its_blocks_back() {
     let _g = serial();
