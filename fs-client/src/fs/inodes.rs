@@ -395,8 +395,9 @@ impl Inner {
         let Some(b) = self.wb.take(ino) else { return };
         let roles = b.runs.iter().fold(0u64, |m, (o, d)| m | self.c.write_roles(b.object, *o, d.len()));
         let mut sent = Ok(());
-        for (o, d) in b.runs {
-            sent = self.c.write(b.object, o, d, Toughness::Atomic).await;
+        for wave in super::writeback::waves(b.runs) {
+            let writes = wave.into_iter().map(|(o, d)| self.c.write(b.object, o, d, Toughness::Atomic));
+            sent = futures::future::try_join_all(writes).await.map(|_| ());
             if sent.is_err() {
                 break;
             }

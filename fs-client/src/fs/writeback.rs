@@ -47,11 +47,16 @@ impl Default for BufferCaps {
     }
 }
 
-/// Largest run of contiguous bytes sent in one cluster write. A flush
-/// sends its runs one after another: a burst of many MiB in flight at once
-/// can outrun the IOMs' space reserve on a nearly full disk (see
-/// docs/architecture.md, "What is not built yet").
+/// Largest run of contiguous bytes sent in one cluster write.
 const RUN_MAX: usize = 4 << 20;
+/// A flush sends its runs in waves of at most this many bytes (and
+/// `WAVE_RUNS` runs) in flight at once, a wave after the one before: small
+/// scattered runs go in parallel (one at a time they would run at network
+/// latency), while a burst of many MiB in flight could outrun the IOMs'
+/// space reserve on a nearly full disk (docs/architecture.md, "A nearly
+/// full disk under a burst").
+const WAVE_BYTES: usize = 4 << 20;
+const WAVE_RUNS: usize = 256;
 
 #[derive(Default)]
 struct FileBuf {
@@ -154,6 +159,22 @@ fn runs(map: BTreeMap<u64, Bytes>) -> Vec<(u64, Bytes)> {
             (o, m.freeze())
         })
         .collect()
+}
+
+/// Splits a flush's runs into waves (see `WAVE_BYTES`).
+pub(super) fn waves(runs: Vec<(u64, Bytes)>) -> Vec<Vec<(u64, Bytes)>> {
+    let mut out: Vec<Vec<(u64, Bytes)>> = Vec::new();
+    let mut bytes = 0;
+    for r in runs {
+        let fits = out.last().is_some_and(|w| w.len() < WAVE_RUNS && bytes + r.1.len() <= WAVE_BYTES);
+        if !fits {
+            out.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += r.1.len();
+        out.last_mut().expect("a wave").push(r);
+    }
+    out
 }
 
 impl WriteBack {
@@ -320,6 +341,16 @@ mod tests {
         assert_eq!(r.len(), 2);
         assert_eq!((r[0].0, &r[0].1[..]), (0, &b"abcd"[..]));
         assert_eq!((r[1].0, &r[1].1[..]), (10, &b"z"[..]));
+    }
+
+    #[test]
+    fn waves_hold_at_most_four_mib_or_256_runs() {
+        let small: Vec<(u64, Bytes)> = (0..600u64).map(|i| (i * 8192, Bytes::from(vec![0u8; 4096]))).collect();
+        let w = waves(small);
+        assert_eq!(w.iter().map(Vec::len).collect::<Vec<_>>(), vec![256, 256, 88]);
+        let big: Vec<(u64, Bytes)> = (0..5u64).map(|i| (i << 23, Bytes::from(vec![0u8; 3 << 20]))).collect();
+        assert!(waves(big).iter().all(|w| w.len() == 1));
+        assert!(waves(Vec::new()).is_empty());
     }
 
     #[test]
