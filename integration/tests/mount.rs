@@ -684,11 +684,12 @@ fn a_full_disk_gives_enospc_and_deleting_makes_room_again() {
 /// A burst of writes in flight at once into a nearly full disk: 3 IOMs on
 /// one 96 MiB tmpfs, eight 8 MiB `atomic` writes at a time through the
 /// client library. The burst gets ENOSPC, and every IOM keeps running and
-/// the cluster healthy. (Before: the data writes were admitted while the
-/// disk still had room, their parity versions and journal records then
-/// found none, and every IOM stopped itself.) Known fault, not fixed yet:
-/// fails in about 1 s with an IOM stopped (docs/architecture.md, "A nearly
-/// full disk under a burst"); run it with `-- --ignored`.
+/// the cluster healthy. Known fault, not fixed yet: the data writes are
+/// admitted while the disk still has room, their parity versions and
+/// journal records then find none, and an IOM stops itself about a second
+/// after the disk fills (the test fails after about 60 s). See
+/// docs/architecture.md, "A nearly full disk under a burst"; run it with
+/// `-- --ignored`.
 #[test]
 #[ignore = "known fault: a burst of writes into a nearly full disk stops IOMs (docs/architecture.md)"]
 fn a_burst_of_writes_into_a_nearly_full_disk_gets_enospc_and_every_iom_keeps_running() {
