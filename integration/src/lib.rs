@@ -297,6 +297,20 @@ pub fn unmount(m: &Path) {
     let _ = Command::new("umount").arg("-l").arg(m).status();
 }
 
+/// The pid of the `iomfs mount` process serving `mnt`.
+pub fn mount_pid(mnt: &Path) -> u32 {
+    let want = mnt.to_string_lossy().to_string();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<String> = cmd.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).to_string()).collect();
+        if args.iter().any(|a| a == "mount") && args.iter().any(|a| a == &want) && args[0].ends_with("iomfs") {
+            return pid;
+        }
+    }
+    panic!("no iomfs mount process for {want}");
+}
+
 pub fn is_mounted(m: &Path) -> bool {
     fs_client::mount::is_mounted(m)
 }

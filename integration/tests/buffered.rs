@@ -5,7 +5,7 @@
 //! it reads what the IOMs hold (an overwrite within the published size
 //! needs no size change to be seen).
 
-use integration::{serial, Cluster, Rng};
+use integration::{mount_pid, serial, Cluster, Rng};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -281,18 +281,4 @@ fn a_flush_that_fails_is_reported_by_fsync() {
         }
     }
     assert!(fs::read(m.join("after")).unwrap() == small);
-}
-
-/// The pid of the `iomfs mount` process serving `mnt`.
-fn mount_pid(mnt: &Path) -> u32 {
-    let want = mnt.to_string_lossy().to_string();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmd) = fs::read(e.path().join("cmdline")) else { continue };
-        let args: Vec<String> = cmd.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).to_string()).collect();
-        if args.iter().any(|a| a == "mount") && args.iter().any(|a| a == &want) && args[0].ends_with("iomfs") {
-            return pid;
-        }
-    }
-    panic!("no iomfs mount process for {want}");
 }

@@ -1,6 +1,6 @@
 //! The FUSE mount end to end: five real IOM processes, a real mount, ordinary tools.
 
-use integration::{serial, Cluster, Rng};
+use integration::{mount_pid, serial, Cluster, Rng};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -752,20 +752,6 @@ fn fsck_finds_an_orphan_object_and_repair_gives_its_blocks_back() {
     assert!(o.status.success(), "fsck --repair left problems:\n{text}");
     c.must_fsck_clean();
     c.must_scrub_clean();
-}
-
-/// The pid of the `iomfs mount` process serving `mnt`.
-fn mount_pid(mnt: &Path) -> u32 {
-    let want = mnt.to_string_lossy().to_string();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmd) = fs::read(e.path().join("cmdline")) else { continue };
-        let args: Vec<String> = cmd.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).to_string()).collect();
-        if args.iter().any(|a| a == "mount") && args.iter().any(|a| a == &want) && args[0].ends_with("iomfs") {
-            return pid;
-        }
-    }
-    panic!("no iomfs mount process for {want}");
 }
 
 /// A child process and its process group, killed when dropped (also

@@ -351,14 +351,7 @@ impl Filesystem for IomFs {
 
     fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
         // close(2): buffered bytes are sent, their error (if any) reported.
-        self.spawn(move |fs| async move {
-            let ino = Ino(ino.0);
-            let r = match fs.publish(ino).await {
-                Ok(()) => fs.flush_buffered(ino).await,
-                Err(e) => Err(e),
-            };
-            empty(reply, r)
-        });
+        self.spawn(move |fs| async move { empty(reply, fs.publish_and_report(Ino(ino.0)).await) });
     }
 
     fn release(

@@ -108,14 +108,7 @@ impl Inner {
                 None => true,
             }
         };
-        let published = if last_writer {
-            match self.publish(h.ino).await {
-                Ok(()) => self.flush_buffered(h.ino).await,
-                Err(e) => Err(e),
-            }
-        } else {
-            Ok(())
-        };
+        let published = if last_writer { self.publish_and_report(h.ino).await } else { Ok(()) };
         self.release_kick.notify_one();
         published
     }

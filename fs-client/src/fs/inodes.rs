@@ -419,6 +419,13 @@ impl Inner {
         }
     }
 
+    /// What a close does for `ino`: publishes its size (after its
+    /// buffered bytes) and reports a flush error not reported yet.
+    pub(super) async fn publish_and_report(&self, ino: Ino) -> R<()> {
+        self.publish(ino).await?;
+        self.flush_buffered(ino).await
+    }
+
     /// Sends the buffered bytes of `ino` and reports the error of this or
     /// any earlier flush of it not reported yet (fsync, close).
     pub(super) async fn flush_buffered(&self, ino: Ino) -> R<()> {
