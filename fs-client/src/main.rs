@@ -169,6 +169,11 @@ fn main() -> std::process::ExitCode {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (the log's disk is full) is
+        // dropped: the default reports it with `eprintln!`, which panics
+        // when stderr cannot be written either, killing whatever task
+        // logged (a parity worker, a write in flight) half way.
+        .log_internal_errors(false)
         .init();
     match run(cli) {
         Ok(code) => std::process::ExitCode::from(code),

@@ -24,6 +24,8 @@ pub enum Progress {
     Done,
     /// The transaction cannot finish here (peer lost); recovery owns it.
     Failed,
+    /// The parity IOM had no room for it: rolled back, the writer gets ENOSPC.
+    NoSpace,
 }
 
 /// Data-side transactions in flight, for durability barriers and shutdown.

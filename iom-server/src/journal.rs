@@ -224,6 +224,10 @@ struct Shared {
     /// flush (fsync) is waiting for work still in flight.
     hurry_until: AtomicU64,
     born: std::time::Instant,
+    /// The last zero-fill ahead of the end failed (no space): less than
+    /// `ZERO_MIN` of room is left for records, and the IOM takes no new
+    /// writes until it is back (see [`Journal::short_of_space`]).
+    short: std::sync::atomic::AtomicBool,
 }
 
 pub struct Journal {
@@ -369,16 +373,22 @@ fn zero_ahead(shared: &Shared) {
     let file = {
         let mut seg = shared.seg.lock();
         if seg.zeroed >= seg.end + ZERO_MIN {
+            shared.short.store(false, Ordering::Relaxed);
             return;
         }
         // Under the segment lock: no record is appended meanwhile, and the
         // fill starts at or after the end, so it never overwrites a record.
         let from = seg.zeroed.max(seg.end);
         let zeros = vec![0u8; ZERO_CHUNK as usize];
-        if seg.file.write_all_at(&zeros, from).is_err() {
-            // Not fatal: appends then grow the file as they would without it.
+        if let Err(e) = seg.file.write_all_at(&zeros, from) {
+            // Not fatal: appends then grow the file as they would without
+            // it. Out of space, new writes are refused until it is back.
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                shared.short.store(true, Ordering::Relaxed);
+            }
             return;
         }
+        shared.short.store(false, Ordering::Relaxed);
         seg.zeroed = from + ZERO_CHUNK;
         shared.sync_file.lock().clone()
     };
@@ -695,6 +705,7 @@ impl Journal {
             js: js.clone(),
             hurry_until: AtomicU64::new(0),
             born: std::time::Instant::now(),
+            short: std::sync::atomic::AtomicBool::new(false),
         });
         let mut threads = Vec::new();
         {
@@ -784,23 +795,38 @@ impl Journal {
         let _ = self.flush_request().await;
     }
 
+    /// Whether the disk is too full for this journal's runway (see
+    /// `zero_ahead`): writes that would add records are refused (ENOSPC)
+    /// so that the records of those already running always fit.
+    pub fn short_of_space(&self) -> bool {
+        self.shared.short.load(Ordering::Relaxed)
+    }
+
     /// Seals the current segment and starts a new one; returns its number.
     /// Every record appended before this call lies in an older segment
     /// (records still waiting for a data sync may land in the new one).
-    pub fn rotate_now(&self) -> u64 {
+    /// With no space for a new segment, nothing changes and the current
+    /// segment takes the next records (`NoSpace`; a later rotation retries).
+    pub fn rotate_now(&self) -> Result<u64, Error> {
         let mut seg = self.shared.seg.lock();
         Shared::write_pending(&mut seg);
         if let Err(e) = seg.file.sync_data() {
             fatal("fdatasync", e);
         }
         let no = seg.no + 1;
-        let f = new_segment(&self.shared.dir, no)
-            .unwrap_or_else(|e| fatal("segment rotation", std::io::Error::other(e.to_string())));
+        let f = match new_segment(&self.shared.dir, no) {
+            Ok(f) => f,
+            Err(Error::Io { err, .. }) if err.raw_os_error() == Some(libc::ENOSPC) => {
+                let _ = fs::remove_file(self.shared.dir.join(seg_name(no)));
+                return Err(Error::NoSpace);
+            }
+            Err(e) => fatal("segment rotation", std::io::Error::other(e.to_string())),
+        };
         let sync = f.try_clone().unwrap_or_else(|e| fatal("segment rotation", e));
         *self.shared.sync_file.lock() = Arc::new(sync);
         *seg = Segment::new(f, no, self.shared.written.load(Ordering::Acquire));
         self.shared.stats.bytes_since_rotate.store(0, Ordering::Relaxed);
-        no
+        Ok(no)
     }
 
     /// Flushes and stops the journal's threads; the receiver fires when done.

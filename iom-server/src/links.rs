@@ -26,9 +26,25 @@ use tokio::sync::{mpsc, oneshot};
 struct PendingUpdate {
     upd: ParityUpdate,
     delta: Bytes,
-    held: Option<oneshot::Sender<()>>,
+    held: Option<oneshot::Sender<Result<(), Refused>>>,
     done: Option<oneshot::Sender<()>>,
 }
+
+/// The parity IOM refused an update for lack of space (b1), or refused an
+/// earlier version of the same block, which this update builds on: its
+/// writer gets ENOSPC and the data side rolls it back.
+#[derive(Clone, Copy, Debug)]
+pub struct Refused {
+    /// The parity IOM may hold this update (it was sent before the refusal
+    /// of its predecessor came back): tell it to discard it.
+    pub discard: bool,
+}
+
+/// "Held" (b4) or refused, for one update.
+pub type HeldRx = oneshot::Receiver<Result<(), Refused>>;
+
+/// A block's place in its parity group: (group, index).
+type Member = (common::GroupKey, u32);
 
 /// A message for the stream, with its payload (the delta).
 type Out = (ParityMsg, Bytes);
@@ -39,6 +55,10 @@ struct LinkState {
     out: Option<mpsc::UnboundedSender<Out>>,
     /// "write completed" notices not yet sent (stream down).
     backlog: Vec<TxRef>,
+    /// Blocks whose refused updates are being rolled back, with how many
+    /// are left: a new update of such a block would build on a version
+    /// that is going away, so it is refused here at once.
+    rolling_back: std::collections::HashMap<Member, usize>,
 }
 
 #[derive(Default)]
@@ -81,12 +101,17 @@ impl Links {
         role: IomId,
         upd: ParityUpdate,
         delta: Bytes,
-    ) -> (oneshot::Receiver<()>, oneshot::Receiver<()>) {
+    ) -> (HeldRx, oneshot::Receiver<()>) {
         let (ht, hr) = oneshot::channel();
         let (dt, dr) = oneshot::channel();
         let link = &self.links[role.0 as usize];
         {
             let mut s = link.state.lock();
+            if let Some(n) = s.rolling_back.get_mut(&(upd.group, upd.index)) {
+                *n += 1;
+                let _ = ht.send(Err(Refused { discard: false }));
+                return (hr, dr);
+            }
             if let Some(out) = &s.out {
                 let _ = out.send((ParityMsg::Update(upd.clone()), delta.clone()));
             }
@@ -118,6 +143,23 @@ impl Links {
     /// Updates not yet completed by the parity role (for recovery and status).
     pub fn unfinished(&self, role: IomId) -> Vec<TxRef> {
         self.links[role.0 as usize].state.lock().pending.values().map(|p| p.upd.tx).collect()
+    }
+
+    /// One refused update of `upd`'s block is rolled back: once all are,
+    /// new updates of the block go out again.
+    pub fn rolled_back(&self, role: IomId, upd: (common::GroupKey, u32)) {
+        let mut s = self.links[role.0 as usize].state.lock();
+        if let Some(n) = s.rolling_back.get_mut(&upd) {
+            *n -= 1;
+            if *n == 0 {
+                s.rolling_back.remove(&upd);
+            }
+        }
+    }
+
+    /// Tells whoever serves `role` to discard update `tx` (rolled back here).
+    pub async fn discard(&self, role: IomId, tx: TxRef) -> Result<(), crate::Error> {
+        self.caller.rpc_recovery_role(role, common::wire::RecoveryReq::DiscardTx { tx }).await.map(|_| ())
     }
 
     /// Forgets updates recovery resolved another way; their waiters see failure.
@@ -242,19 +284,45 @@ async fn run_stream(
     result
 }
 
+/// b1 refused `tx` for lack of space: its writer and the writers of every
+/// later update of the same block hear it now, and the block takes no new
+/// update until the data side has rolled them all back. Nothing is
+/// refused (false: the refusal is handled like one that can pass, the
+/// update sent again later) if this or a later update of the block was
+/// already held, as a writer may have been told it succeeded.
+fn refuse(s: &mut LinkState, tx: TxId) -> bool {
+    let Some(p) = s.pending.get(&tx) else {
+        return true;
+    };
+    let member = (p.upd.group, p.upd.index);
+    let chain: Vec<TxId> =
+        s.pending.range(tx..).filter(|(_, q)| (q.upd.group, q.upd.index) == member).map(|(t, _)| *t).collect();
+    if chain.iter().any(|t| s.pending[t].held.is_none()) {
+        return false;
+    }
+    for t in &chain {
+        let q = s.pending.remove(t).expect("listed above");
+        if let Some(h) = q.held {
+            let _ = h.send(Err(Refused { discard: *t != tx }));
+        }
+    }
+    *s.rolling_back.entry(member).or_default() += chain.len();
+    true
+}
+
 fn on_ack(l: &Arc<Links>, role: IomId, ack: ParityAck) {
     let link = &l.links[role.0 as usize];
     let mut s = link.state.lock();
     match ack {
         ParityAck::Held { tx } => {
             if let Some(h) = s.pending.get_mut(&tx.tx).and_then(|p| p.held.take()) {
-                let _ = h.send(());
+                let _ = h.send(Ok(()));
             }
         }
         ParityAck::Done { tx } => {
             if let Some(p) = s.pending.get_mut(&tx.tx) {
                 if let Some(h) = p.held.take() {
-                    let _ = h.send(());
+                    let _ = h.send(Ok(()));
                 }
                 if let Some(d) = p.done.take() {
                     let _ = d.send(());
@@ -269,6 +337,9 @@ fn on_ack(l: &Arc<Links>, role: IomId, ack: ParityAck) {
             // writer hears it now; the transaction stays in the journal.
             tracing::error!(iom = l.me.0, role = role.0, tx = ?tx, "parity update rejected: {error}");
             s.pending.remove(&tx.tx);
+        }
+        ParityAck::Failed { tx, error } if error.code == ErrorCode::NoSpace && refuse(&mut s, tx.tx) => {
+            tracing::warn!(iom = l.me.0, role = role.0, tx = ?tx, "parity update refused: {error}");
         }
         ParityAck::Failed { tx, error } => {
             // A refusal that can pass (the role moved, the parity could not

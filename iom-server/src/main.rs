@@ -30,7 +30,21 @@ fn main() -> std::process::ExitCode {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (the log's disk is full) is
+        // dropped: the default reports it with `eprintln!`, which panics
+        // when stderr cannot be written either, killing whatever task
+        // logged (a parity worker, a write in flight) half way.
+        .log_internal_errors(false)
         .init();
+    // A panic is a bug, and the task it ended may have held a transaction
+    // half way (a parity worker's group stays busy, a write never finishes):
+    // stop the whole IOM, as on a failed fsync, so its proxy takes over and
+    // a restart replays the journal, rather than serve on with a dead task.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::exit(70);
+    }));
     // The runtime's shape comes from the cluster config; a config that does
     // not load is reported by the start-up below with its full context.
     let threads = common::config::ClusterConfig::load(&args.dir).map(|c| c.tuning.iom_threads).unwrap_or(0);

@@ -300,7 +300,7 @@ impl Storage {
         // Owned, and moved into the writer: held until the write is done
         // even if this future were dropped.
         let one = self.checkpointing.clone().lock_owned().await;
-        let seg = self.journal.rotate_now();
+        let seg = self.journal.rotate_now()?;
         let cut = self.map.snapshot_cut(seg);
         let (data_dir, journal_dir) = (self.data_dir.clone(), self.journal_dir.clone());
         let site = crate::failpoint::Site { id: self.id, dir: self.data_dir.clone() };

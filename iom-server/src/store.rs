@@ -120,6 +120,30 @@ struct Prealloc {
     failed: std::sync::atomic::AtomicBool,
 }
 
+/// A slot taken by [`Store::reserve_slot`]: given back when dropped,
+/// unless [`Slot::take`] hands it to the version written into it.
+pub struct Slot {
+    addr: DiskAddr,
+    store: Arc<Store>,
+    used: bool,
+}
+
+impl Slot {
+    /// The slot, now owned by the caller (who frees it with the version).
+    pub fn take(mut self) -> DiskAddr {
+        self.used = true;
+        self.addr
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.used {
+            self.store.free(self.addr);
+        }
+    }
+}
+
 const PREALLOC_MIN: u64 = 16 << 20;
 const PREALLOC_MAX_STEP: u64 = 512 << 20;
 
@@ -245,6 +269,44 @@ impl Store {
             return Err(Error::NoSpace);
         }
         self.alloc()
+    }
+
+    /// b1: a slot for a parity update's new version, taken before the
+    /// update is accepted and backed by real disk blocks (`fallocate`), so
+    /// that b5/b8 cannot fail for lack of space even when other IOMs share
+    /// the filesystem. `NoSpace` when the disk cannot back it, or when
+    /// less than a quarter of the reserve is left (the rest of the reserve
+    /// is the journal's and recovery's). The slot goes back to the
+    /// allocator when the [`Slot`] is dropped unused.
+    pub fn reserve_slot(self: &Arc<Self>) -> Result<Slot, Error> {
+        let a = self.alloc.lock().alloc().ok_or(Error::NoSpace)?;
+        let slot = Slot { addr: a, store: self.clone(), used: false };
+        let (from, len) = (self.offset(a), self.block_size as u64);
+        // Always asked of the filesystem (about a microsecond when the slot
+        // is backed already): a slot below the preallocated end or inside
+        // the file may still be a hole (a write that failed for lack of
+        // space, a region skipped by preallocation, a restart).
+        // Growing the file into the last quarter of the reserve is refused
+        // (a slot inside the file, freed by an overwrite, is still taken).
+        let (avail, _) = self.fs_space(false);
+        if avail < self.reserve_bytes() / 4 {
+            let (avail, _) = self.fs_space(true);
+            let inside = self.file.metadata().is_ok_and(|m| from + len <= m.len());
+            if avail < self.reserve_bytes() / 4 && !inside {
+                return Err(Error::NoSpace);
+            }
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor; mode 0 allocates (and extends).
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, from as libc::off_t, len as libc::off_t) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                return Err(Error::NoSpace);
+            }
+            // Not supported here: the slot is taken unreserved (as before).
+        }
+        Ok(slot)
     }
 
     /// Extends the reserved region in the background once `used_end`

@@ -12,6 +12,7 @@ use crate::data::DataSide;
 use crate::group::xor_into;
 use crate::inflight::Progress;
 use crate::journal::Wait;
+use crate::links::{HeldRx, Refused};
 use crate::records::{Record, VerRef};
 use crate::workers::Tier;
 use crate::Error;
@@ -69,7 +70,7 @@ pub(crate) struct Pending {
     new: VerRef,
     progress: watch::Sender<Progress>,
     written: Option<oneshot::Receiver<()>>,
-    held: oneshot::Receiver<()>,
+    held: HeldRx,
     done: oneshot::Receiver<()>,
     /// Someone waits for this transaction to be durable: sync at once.
     urgent: bool,
@@ -83,7 +84,7 @@ impl Pending {
         key: BlockKey,
         old: VerRef,
         new: VerRef,
-        held: oneshot::Receiver<()>,
+        held: HeldRx,
         done: oneshot::Receiver<()>,
     ) -> Pending {
         let progress = data.inflight.register(tx);
@@ -139,13 +140,14 @@ impl DataSide {
             Toughness::Durable => Progress::Durable,
         };
         let got = *watch.wait_for(|s| *s >= want).await.map_err(|_| Error::Shutdown)?;
-        if got == Progress::Failed {
-            return Err(Error::Wire(common::wire::WireError::new(
+        match got {
+            Progress::Failed => Err(Error::Wire(common::wire::WireError::new(
                 common::wire::ErrorCode::Unavailable,
                 "parity IOM unreachable; retry after the cluster map changes",
-            )));
+            ))),
+            Progress::NoSpace => Err(Error::NoSpace),
+            _ => Ok(version),
         }
-        Ok(version)
     }
 
     /// a1–a8 under the block's lock: from the old version to the delta on its way.
@@ -168,6 +170,9 @@ impl DataSide {
             None
         } else if new_bytes.is_empty() && matches!(op, Op::Truncate { keep: 0 }) {
             None
+        } else if self.storage.journal.short_of_space() {
+            // No room left to journal more than the writes already running.
+            return Err(Error::NoSpace);
         } else {
             Some(self.storage.store.alloc_for_client()?)
         };
@@ -227,10 +232,19 @@ impl DataSide {
         if let Some(w) = written {
             let _ = w.await;
         }
-        if held.await.is_err() {
-            fail(&progress);
-            self.inflight.remove(tx);
-            return;
+        match held.await {
+            Ok(Ok(())) => {}
+            Ok(Err(refused)) => {
+                self.roll_back_refused(tx, key, new, refused).await;
+                progress.send_replace(Progress::NoSpace);
+                self.inflight.remove(tx);
+                return;
+            }
+            Err(_) => {
+                fail(&progress);
+                self.inflight.remove(tx);
+                return;
+            }
         }
         crash_point!(&self, "write::after-a8");
         // a9: the old-block buffer is released (dropped with the delta).
@@ -271,6 +285,36 @@ impl DataSide {
         crash_point!(&self, "write::after-a13");
         progress.send_replace(Progress::Done);
         self.inflight.remove(tx);
+    }
+}
+
+impl DataSide {
+    /// The parity IOM had no room for this write (or for an earlier
+    /// version of the block it builds on): the new version is undone
+    /// (a durable "rolled back" record, so a restart does not roll it
+    /// forward), its slot freed, and the writer gets ENOSPC. A parity IOM
+    /// that may hold the update is told to discard it.
+    async fn roll_back_refused(self: &Arc<Self>, tx: TxId, key: BlockKey, new: VerRef, refused: Refused) {
+        let group = self.layout.group_key(key);
+        let parity = self.layout.parity_iom(key.object, group.group);
+        if let Some(d) = self.storage.commit(&Record::RolledBack { tx }, false, Wait::Durable) {
+            let _ = d.await;
+        }
+        self.storage.cache.remove(&CacheKey::Data(key, new.version));
+        self.links.rolled_back(parity, (group, self.layout.index_in_group(key.block)));
+        if refused.discard {
+            if let Err(e) = self.links.discard(parity, TxRef { iom: self.me, tx }).await {
+                // Its recovery asks this IOM, which answers "rolled back".
+                tracing::warn!(iom = self.me.0, ?tx, "a refused update's parity IOM was not told to discard it: {e}");
+            }
+        }
+        tracing::info!(
+            iom = self.me.0,
+            ?tx,
+            object = key.object.0,
+            block = key.block.0,
+            "write refused for lack of space on its parity IOM; rolled back"
+        );
     }
 }
 

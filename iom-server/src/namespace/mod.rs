@@ -271,7 +271,7 @@ impl Namespace {
         let (snap, dir, seg) = {
             let g = self.rep.lock();
             let Some(r) = g.as_ref() else { return Ok(()) };
-            let seg = r.journal.rotate_now();
+            let seg = r.journal.rotate_now()?;
             (Snap { term: r.term, lsn: r.lsn, replay_from: seg, state: r.state.clone() }, r.dir.clone(), seg)
         };
         // Encoding and fsync off the event loop.

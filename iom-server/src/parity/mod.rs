@@ -18,6 +18,7 @@ use crate::membership::Membership;
 use crate::records::{PVerRef, Record};
 use crate::standin::handover::HandoverState;
 use crate::storage::Storage;
+use crate::store::Slot;
 use crate::timeouts::Timeouts;
 use crate::workers::Tier;
 use crate::workers::Workers;
@@ -38,6 +39,10 @@ struct Delta {
     upd: ParityUpdate,
     delta: Bytes,
     acks: AckTx,
+    /// The slot reserved at b1 for a new parity version (none for an
+    /// update held again after a restart): a batch writes into one of its
+    /// deltas' slots, the others go back when the deltas are dropped.
+    slot: Option<Slot>,
 }
 
 #[derive(Default)]
@@ -76,6 +81,8 @@ pub struct ParitySide {
     pub deltas: AtomicU64,
     /// Parity versions recomputed from the data because b3 could not read them.
     pub repairs: AtomicU64,
+    /// Updates refused because this IOM's disk could not hold their parity.
+    pub no_space: AtomicU64,
     /// Fired whenever a group's queue or busy flag may have changed (each
     /// batch taken, a group idle, a delta dropped): `pause` and
     /// `wait_unqueued` wait on it.
@@ -122,6 +129,7 @@ impl ParitySide {
             writes: AtomicU64::new(0),
             deltas: AtomicU64::new(0),
             repairs: AtomicU64::new(0),
+            no_space: AtomicU64::new(0),
             changed: tokio::sync::Notify::new(),
         }
     }
@@ -346,9 +354,27 @@ impl ParitySide {
             }
             // Journaled before a restart but its delta was lost: hold it again.
             let _ = acks.send(ParityAck::Held { tx: u.tx });
-            self.enqueue(q, u.group, Delta { upd: u, delta, acks });
+            self.enqueue(q, u.group, Delta { upd: u, delta, acks, slot: None });
             return Ok(());
         }
+
+        // Before b1: the space the new parity version will take. An update
+        // this IOM could not store is refused now (`NoSpace`, the writer
+        // gets ENOSPC and its data IOM rolls the write back), never accepted
+        // and then failed at b5. Only when a later version of the same
+        // block is already held (a resend overtaken by its successor) is
+        // the update taken without a slot: refusing it would undo a write
+        // its writer was told succeeded.
+        let reserved =
+            if self.storage.journal.short_of_space() { Err(Error::NoSpace) } else { self.storage.store.reserve_slot() };
+        let slot = match reserved {
+            Ok(s) => Some(s),
+            Err(Error::NoSpace) if !self.later_held(&u) => {
+                self.no_space.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::NoSpace);
+            }
+            Err(_) => None,
+        };
 
         // b1: journal "update parity received".
         let rec = Record::Received { tx: u.tx, group: u.group, index: u.index, old: u.old, new: u.new };
@@ -377,8 +403,16 @@ impl ParitySide {
         crate::crash_point_sync!(self, "parity::after-b2");
         let mut groups = self.groups.lock();
         let q = groups.entry(group).or_default();
-        self.enqueue(q, group, Delta { upd: u, delta, acks });
+        self.enqueue(q, group, Delta { upd: u, delta, acks, slot });
         Ok(())
+    }
+
+    /// Whether a later version of `u`'s block than `u` makes is queued here.
+    fn later_held(&self, u: &ParityUpdate) -> bool {
+        self.groups
+            .lock()
+            .get(&u.group)
+            .is_some_and(|q| q.queue.iter().any(|d| d.upd.index == u.index && d.upd.old >= u.new))
     }
 
     fn enqueue(self: &Arc<Self>, q: &mut GroupQueue, group: GroupKey, d: Delta) {
@@ -483,7 +517,7 @@ impl ParitySide {
         g: GroupKey,
         old: PVerRef,
         members: Vec<common::Version>,
-        batch: Vec<Delta>,
+        mut batch: Vec<Delta>,
     ) -> Result<(), Error> {
         // b3: the old parity block, from the buffer or the disk (zeros if none).
         let old_bytes = match self.storage.read_parity(g, &old).await {
@@ -491,8 +525,11 @@ impl ParitySide {
             Err(e) => return self.repair_parity(g, e, batch).await,
         };
         crash_point!(self, "parity::after-b3");
-        // b5: a new parity address and buffer.
-        let addr = self.storage.store.alloc()?;
+        // b5: a new parity address (a slot reserved at b1) and buffer.
+        let addr = match batch.iter_mut().find_map(|d| d.slot.take()) {
+            Some(s) => s.take(),
+            None => self.storage.store.alloc()?,
+        };
         let len = batch
             .iter()
             .map(|d| d.upd.delta_offset as usize + d.delta.len())

@@ -180,7 +180,15 @@ impl StandIn {
             let _ = m.await;
         }
         let unavailable = || Error::Wire(WireError::new(ErrorCode::Unavailable, "parity IOM unreachable"));
-        held.await.map_err(|_| unavailable())?;
+        if let Err(refused) = held.await.map_err(|_| unavailable())? {
+            // No room for the parity: nothing changed (the mark only makes
+            // the owner rebuild this block from its group, as it is).
+            self.links.rolled_back(parity, (group, self.layout.index_in_group(key.block)));
+            if refused.discard {
+                let _ = self.links.discard(parity, TxRef { iom: self.me, tx }).await;
+            }
+            return Err(Error::NoSpace);
+        }
         // Keep the block locked until the parity covers the new version, so
         // the next write of this block rebuilds it right.
         done.await.map_err(|_| unavailable())?;
