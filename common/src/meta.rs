@@ -116,7 +116,9 @@ pub struct SetAttr {
     pub atime: Option<TimeSet>,
     pub mtime: Option<TimeSet>,
     pub ctime: Option<Timestamp>,
-    /// Clear setuid/setgid (chown by non-root, write by non-owner).
+    /// Clear setuid, and setgid where the group may execute, of a
+    /// non-directory (a chown; a write or truncate by a caller without
+    /// CAP_FSETID).
     pub kill_suid: bool,
 }
 

@@ -884,3 +884,50 @@ fn sigterm_stops_an_iom_and_a_mount_in_bounded_time_with_every_task_joined() {
     }
     c.must_scrub_clean();
 }
+
+/// Writes, truncates and chowns drop setuid, setgid and file capabilities
+/// as Linux does on a local filesystem: a write or truncate by a user
+/// without CAP_FSETID clears setuid, and setgid when the group may
+/// execute; one by root keeps them; a chown clears them whoever calls it;
+/// any write drops `security.capability`. (With FUSE_HANDLE_KILLPRIV_V2
+/// the client does this itself, so the kernel need not ask for the
+/// capability xattr before every write.)
+#[test]
+fn writes_truncates_and_chowns_drop_setuid_setgid_and_capabilities() {
+    let _g = serial();
+    let (_c, m) = up();
+    let f = |n: &str| m.join(n);
+    let mode = |n: &str| fs::metadata(f(n)).unwrap().permissions().mode() & 0o7777;
+    let nobody = |cmd: &str| must(&format!("setpriv --reuid=65534 --regid=65534 --clear-groups sh -c '{cmd}'"));
+    let make = |n: &str, perm: u32| {
+        fs::write(f(n), b"0123456789").unwrap();
+        fs::set_permissions(f(n), fs::Permissions::from_mode(perm)).unwrap();
+        assert_eq!(mode(n), perm);
+    };
+    make("w-user", 0o6777);
+    nobody(&format!("printf x >> {}", f("w-user").display()));
+    assert_eq!(mode("w-user"), 0o0777, "a write by a user kept setuid/setgid");
+    make("w-user-sgid-noexec", 0o2767);
+    nobody(&format!("printf x >> {}", f("w-user-sgid-noexec").display()));
+    assert_eq!(mode("w-user-sgid-noexec"), 0o2767, "setgid without group execute is not a privilege");
+    make("w-root", 0o6777);
+    must(&format!("printf x >> {}", f("w-root").display()));
+    assert_eq!(mode("w-root"), 0o6777, "a write by root dropped setuid/setgid");
+    make("t-user", 0o4777);
+    nobody(&format!("truncate -s 3 {}", f("t-user").display()));
+    assert_eq!(mode("t-user"), 0o0777, "a truncate by a user kept setuid");
+    make("t-root", 0o4777);
+    must(&format!("truncate -s 3 {}", f("t-root").display()));
+    assert_eq!(mode("t-root"), 0o4777, "a truncate by root dropped setuid");
+    make("chown", 0o6755);
+    std::os::unix::fs::chown(f("chown"), Some(65534), None).unwrap();
+    assert_eq!(mode("chown"), 0o0755, "a chown kept setuid/setgid");
+    make("caps", 0o0755);
+    must(&format!("setcap cap_net_raw+ep {}", f("caps").display()));
+    assert!(must(&format!("getcap {}", f("caps").display())).contains("cap_net_raw"));
+    must(&format!("printf x >> {}", f("caps").display()));
+    let left = must(&format!("getcap {}", f("caps").display()));
+    assert!(!left.contains("cap_net_raw"), "a write kept the file's capabilities: {left}");
+    assert_eq!(fs::read(f("w-user")).unwrap(), b"0123456789x");
+    assert_eq!(fs::read(f("t-user")).unwrap(), b"012");
+}

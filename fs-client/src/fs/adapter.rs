@@ -141,7 +141,12 @@ impl Filesystem for IomFs {
             | InitFlags::FUSE_ASYNC_READ
             | InitFlags::FUSE_BIG_WRITES
             | InitFlags::FUSE_MAX_PAGES
-            | InitFlags::FUSE_CACHE_SYMLINKS;
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            // Setuid, setgid and capabilities are dropped here on write,
+            // truncate and chown (`drop_privs_for_write`, `setattr`): the
+            // kernel then no longer asks for `security.capability` before
+            // every write (one FUSE round trip per write()).
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let have = cfg.capabilities();
         let _ = cfg.add_capabilities(want & have);
         Ok(())
@@ -206,7 +211,13 @@ impl Filesystem for IomFs {
             atime: atime.map(ts),
             mtime: mtime.map(ts),
             ctime: ctime.map(stamp),
-            kill_suid: false,
+            // FUSE_HANDLE_KILLPRIV_V2: the kernel leaves to the filesystem
+            // what Linux does on a chown (setuid and setgid cleared, whoever
+            // calls) and on a truncate by a caller without CAP_FSETID (the
+            // kernel's FATTR_KILL_SUIDGID, which fuser does not pass on:
+            // a non-root caller stands for it). The namespace applies it to
+            // files only, and drops their capabilities on either.
+            kill_suid: uid.is_some() || gid.is_some() || (size.is_some() && req.uid() != 0),
         };
         let c = caller(req);
         let ttl = self.inner.o.attr_ttl;
@@ -330,19 +341,21 @@ impl Filesystem for IomFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _wf: WriteFlags,
+        wf: WriteFlags,
         _flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let data = Bytes::copy_from_slice(data);
+        let kill = wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        let c = caller(req);
         self.spawn(move |fs| async move {
-            match fs.write(Ino(ino.0), fh.0, offset, data).await {
+            match fs.write(Ino(ino.0), fh.0, offset, data, kill, c).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(e),
             }

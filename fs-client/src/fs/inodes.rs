@@ -217,12 +217,21 @@ impl Inner {
         n.attr.toughness.unwrap_or(self.o.toughness)
     }
 
-    pub(super) async fn write(&self, ino: Ino, fh: u64, offset: u64, data: Bytes) -> R<u32> {
+    pub(super) async fn write(
+        &self,
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        data: Bytes,
+        kill_suid: bool,
+        caller: Caller,
+    ) -> R<u32> {
         let sync = self.handles.lock().get(&fh).map(|h| h.sync).unwrap_or(false);
         let n = self.known(ino).await?;
         if n.attr.kind != FileKind::Regular {
             return Err(Errno::EINVAL);
         }
+        self.drop_privs_for_write(ino, n.attr.perm, kill_suid, caller).await?;
         let t = if sync { Toughness::Durable } else { self.toughness_of(&n) };
         let len = data.len() as u32;
         let end = offset + data.len() as u64;

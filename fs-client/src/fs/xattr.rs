@@ -126,6 +126,36 @@ impl Inner {
         }
     }
 
+    /// What the kernel leaves to the filesystem under
+    /// FUSE_HANDLE_KILLPRIV_V2, before a write: a writer without
+    /// CAP_FSETID (`kill_suid`, the kernel's FUSE_WRITE_KILL_SUIDGID)
+    /// clears setuid, and setgid when the group may execute; any write drops
+    /// `security.capability`. Nothing is asked of the namespace when the
+    /// bits are clear and the capability is known to be absent (the usual
+    /// case, answered from memory), where the kernel used to ask for the
+    /// capability before every write.
+    pub(super) async fn drop_privs_for_write(&self, ino: Ino, perm: u16, kill_suid: bool, caller: Caller) -> R<()> {
+        if kill_suid && (perm & 0o4000 != 0 || perm & 0o2010 == 0o2010) {
+            let set = SetAttr { kill_suid: true, ..Default::default() };
+            self.setattr(ino, set, caller).await?;
+        }
+        if !self.caps_known_absent(ino, CAPS_XATTR) {
+            match self.getxattr(ino, CAPS_XATTR).await {
+                Ok(_) => self.removexattr(ino, CAPS_XATTR.to_vec()).await.or_else(|e| {
+                    // Removed meanwhile by someone else: gone either way.
+                    if e == Errno::ENODATA {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })?,
+                Err(e) if e == Errno::ENODATA => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     pub(super) async fn removexattr(&self, ino: Ino, nm: Vec<u8>) -> R<()> {
         let is_t = nm == TOUGHNESS_XATTR.as_bytes();
         self.forget_caps(ino);

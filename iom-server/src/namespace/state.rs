@@ -605,8 +605,18 @@ impl NsState {
         if let Some(g) = set.gid {
             i.attr.gid = g;
         }
-        if set.kill_suid {
-            i.attr.perm &= !0o6000;
+        if set.kill_suid && i.attr.kind != FileKind::Directory {
+            // As Linux: setuid always, setgid only where the group may
+            // execute (without it, setgid marks mandatory locking).
+            i.attr.perm &= !0o4000;
+            if i.attr.perm & 0o010 != 0 {
+                i.attr.perm &= !0o2000;
+            }
+        }
+        if i.attr.kind == FileKind::Regular && (set.uid.is_some() || set.gid.is_some() || set.size.is_some()) {
+            // A new owner or size drops the file's capabilities (Linux's
+            // ATTR_KILL_PRIV on chown and truncate, whoever calls).
+            i.xattrs.remove(b"security.capability".as_slice());
         }
         if let Some(size) = set.size {
             match i.attr.kind {
