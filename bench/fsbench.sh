@@ -37,7 +37,9 @@ if [ ! -d "$TREE" ]; then
 fi
 
 out() { echo "$LABEL $1 $2 $3"; }
-drop() { sync; if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then :; else echo "fsbench: drop_caches not permitted" >&2; fi; }
+# FSBENCH_DROP_HOOK: a command that also empties the system's own user-space caches (run after the kernel drop)
+drop() { sync; if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then :; else echo "fsbench: drop_caches not permitted" >&2; fi
+  [ -n "${FSBENCH_DROP_HOOK:-}" ] && { sh -c "$FSBENCH_DROP_HOOK" >/dev/null 2>&1 || echo "fsbench: drop hook failed: $FSBENCH_DROP_HOOK" >&2; }; return 0; }
 
 FIO="fio --ioengine=psync --direct=0 --output-format=json --group_reporting"
 # fjson FILE rw  -> prints "bw_MiBps iops clat_mean_us clat_p99_us fsync_lat_p99_us"
@@ -99,6 +101,8 @@ def drop():
     os.sync()
     try: open('/proc/sys/vm/drop_caches','w').write('3')
     except OSError: pass
+    if os.environ.get('FSBENCH_DROP_HOOK'):
+        subprocess.run(os.environ['FSBENCH_DROP_HOOK'], shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 t=time.monotonic()
 for n in names:
     with open(n,'wb') as f: f.write(buf)

@@ -1,5 +1,6 @@
-//! Every IOM's counters (`iomfs stats`; the load generator `iomfs bench`
-//! is the binary's `cli::bench`).
+//! Every IOM's counters (`iomfs stats`), and emptying their caches
+//! (`iomfs cache drop`); the load generator `iomfs bench` is the binary's
+//! `cli::bench`.
 //!
 //! Invariant: an IOM that does not answer is left out, not waited for
 //! beyond the client's own retries.
@@ -18,6 +19,22 @@ pub async fn stats(c: &ClusterClient) -> Vec<IomStats> {
         {
             v.push(s);
         }
+    }
+    v
+}
+
+/// `iomfs cache drop`: every IOM empties its block cache and drops its
+/// block file's clean pages. Per IOM, the bytes its cache held, or why it
+/// could not be asked.
+pub async fn drop_caches(c: &ClusterClient) -> Vec<(IomId, Result<u64, String>)> {
+    let mut v = Vec::new();
+    for i in 0..c.cfg.width() {
+        let r = match c.call_iom(IomId(i), &Request::Admin(AdminReq::DropCache), Bytes::new()).await {
+            Ok((Reply::Admin(AdminResp::CacheDropped { bytes }), _)) => Ok(bytes),
+            Ok((r, _)) => Err(format!("unexpected reply {r:?}")),
+            Err(e) => Err(e.to_string()),
+        };
+        v.push((IomId(i), r));
     }
     v
 }

@@ -141,6 +141,24 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Caches of a running cluster.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CacheAction {
+    /// Empty every IOM's block cache and drop its block file's cached pages,
+    /// so that reads measured next come from the disks. For benchmarks: run
+    /// it after `sync; echo 3 > /proc/sys/vm/drop_caches`, which empties the
+    /// kernel's caches (a mount's page cache included; the client holds no
+    /// data cache of its own). Exits 1 if an IOM could not be asked.
+    Drop {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -389,6 +407,21 @@ fn run(cli: Cli) -> Result<u8> {
             print!("{}", s.render());
             c.close();
             Ok(if s.health() == common::Health::Healthy { 0 } else { 1 })
+        }),
+        Cmd::Cache { action: CacheAction::Drop { dir } } => runtime()?.block_on(async {
+            let c = ClusterClient::connect(&dir).await?;
+            let mut failed = false;
+            for (i, r) in fs_client::bench::drop_caches(&c).await {
+                match r {
+                    Ok(b) => println!("IOM {i}: cache dropped ({:.1} MiB)", b as f64 / (1 << 20) as f64),
+                    Err(e) => {
+                        failed = true;
+                        println!("IOM {i}: not dropped: {e}");
+                    }
+                }
+            }
+            c.close();
+            Ok(if failed { 1 } else { 0 })
         }),
         Cmd::Stats { dir } => runtime()?.block_on(async {
             let c = ClusterClient::connect(&dir).await?;

@@ -121,6 +121,17 @@ impl Cache {
     pub fn bytes(&self) -> u64 {
         self.shards.iter().map(|s| s.lock().bytes as u64).sum()
     }
+
+    /// Drops every entry (nothing depends on one being here: a miss reads
+    /// the disk); returns the bytes they held.
+    pub fn clear(&self) -> u64 {
+        let before = self.bytes();
+        self.retain(|_| false);
+        for s in &self.shards {
+            s.lock().order.clear();
+        }
+        before
+    }
 }
 
 #[cfg(test)]

@@ -194,6 +194,9 @@ async fn dispatch(router: &Arc<Router>, req: Request, payload: Bytes) -> Result<
         Request::Handover(h) => handle_handover(router, h).await.map(|r| (Reply::Handover(r), Vec::new())),
         Request::Recovery(q) => handle_recovery(router, q).await.map(|r| (Reply::Recovery(r), Vec::new())),
         Request::Admin(AdminReq::Stats) => Ok((Reply::Admin(AdminResp::Stats(router.stats())), Vec::new())),
+        Request::Admin(AdminReq::DropCache) => {
+            Ok((Reply::Admin(AdminResp::CacheDropped { bytes: router.drop_cache() }), Vec::new()))
+        }
         Request::Meta(call) => router.namespace.handle(call).await.map(|r| (Reply::Meta(r), Vec::new())),
         Request::Hello(_) | Request::ParityChannel { .. } | Request::MetaMirror { .. } => {
             unreachable!("handled by serve_stream")
@@ -486,6 +489,15 @@ pub(crate) async fn handle_recovery(router: &Arc<Router>, req: RecoveryReq) -> R
 
 impl Router {
     /// `Stats`: what `iomfs status` and the metrics show of this IOM.
+    /// `DropCache`: the block cache emptied, the block file's clean pages
+    /// handed back to the kernel; returns the bytes the cache held.
+    pub fn drop_cache(&self) -> u64 {
+        let bytes = self.storage.cache.clear();
+        self.storage.store.drop_page_cache();
+        tracing::info!(iom = self.me.0, bytes, "block cache dropped");
+        bytes
+    }
+
     pub fn stats(&self) -> IomStats {
         let (used, total) = self.storage.store.usage();
         let (room, disk) = self.storage.store.space();

@@ -1,10 +1,14 @@
-//! Administration: statistics.
+//! Administration: statistics, cache drop.
 
 use super::*;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AdminReq {
     Stats,
+    /// Empty the IOM's own block cache and ask the kernel to drop the
+    /// clean pages of its block file (`iomfs cache drop`: a read measured
+    /// afterwards comes from the disk, as on a system without such a cache).
+    DropCache,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -49,4 +53,8 @@ pub struct IomStats {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AdminResp {
     Stats(IomStats),
+    /// The block cache held this many bytes before `DropCache`.
+    CacheDropped {
+        bytes: u64,
+    },
 }

@@ -12,7 +12,9 @@ fn hex(b: &[u8]) -> String {
 fn golden_bytes() {
     let hello =
         Request::Hello(Hello { protocol: PROTOCOL_VERSION, cluster_id: "c".into(), peer: PeerKind::Iom(IomId(3)) });
-    assert_eq!(hex(&encode(&hello).unwrap()), "000501630103");
+    assert_eq!(hex(&encode(&hello).unwrap()), "000601630103");
+    // Protocol 6 added `AdminReq::DropCache`.
+    assert_eq!(hex(&encode(&Request::Admin(AdminReq::DropCache)).unwrap()), "0501");
 
     let f = Request::Handover(HandoverReq::Freeze { about: IomId(3) });
     assert_eq!(hex(&encode(&f).unwrap()), "070203");
