@@ -12,8 +12,8 @@ use common::cluster::ClusterMap;
 use common::config::{ClusterConfig, ClusterPaths};
 use common::meta::{MetaReq, MetaResp};
 use common::wire::{
-    DataReq, DataResp, ErrorCode, Hello, MemberReq, MemberResp, MetaCall, PeerKind, ReadPiece, Reply, Request, Route,
-    WireError, WritePiece, PROTOCOL_VERSION,
+    AdminReq, AdminResp, DataReq, DataResp, ErrorCode, Hello, MemberReq, MemberResp, MetaCall, PeerKind, ReadPiece,
+    Reply, Request, Route, WireError, WritePiece, PROTOCOL_VERSION,
 };
 use common::{BlockKey, BlockNo, GroupNo, IomId, Layout, ObjectId, Toughness};
 use net::{NetError, Pool};
@@ -119,6 +119,9 @@ pub struct ClusterClient {
     /// This client's id for namespace requests (duplicate-request cache key).
     client_id: u64,
     seq: std::sync::atomic::AtomicU64,
+    /// Bytes of file data this client has sent (`write`), for estimating
+    /// the cluster's room between two looks at it.
+    pub written: std::sync::atomic::AtomicU64,
 }
 
 /// Fraction of the lease a client trusts its session for after a renewal
@@ -162,6 +165,7 @@ impl ClusterClient {
             rpc_timeout: Duration::from_secs(20),
             client_id: rand::random::<u64>() | 1,
             seq: std::sync::atomic::AtomicU64::new(1),
+            written: std::sync::atomic::AtomicU64::new(0),
         });
         Ok(c)
     }
@@ -389,6 +393,7 @@ impl ClusterClient {
     /// Writes `data` at `offset` of an object; returns when every block's
     /// write reached the point `toughness` names.
     pub async fn write(&self, object: ObjectId, offset: u64, data: Bytes, toughness: Toughness) -> Result<()> {
+        self.written.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let pieces = self.layout.split(offset, data.len());
         let mut per_group = std::collections::HashMap::<GroupNo, u8>::new();
         for p in &pieces {
@@ -476,6 +481,26 @@ impl ClusterClient {
             self.drop_object(object, GroupNo(group.0 + 1)).await?;
         }
         Ok(())
+    }
+
+    /// What users can still store and the capacity, in bytes of file data
+    /// (`IomStats::usable` over every IOM that answers within a second).
+    pub async fn usable_space(&self) -> Option<(u64, u64)> {
+        let calls = (0..self.cfg.width()).map(|i| async move {
+            match self
+                .pool
+                .call_timeout(IomId(i), &Request::Admin(AdminReq::Stats), Bytes::new(), Duration::from_secs(1))
+                .await
+            {
+                Ok((Reply::Admin(AdminResp::Stats(s)), _)) => Some(s),
+                _ => None,
+            }
+        });
+        let all: Vec<_> = futures::future::join_all(calls).await.into_iter().flatten().collect();
+        if all.is_empty() {
+            return None;
+        }
+        Some(common::wire::IomStats::usable(&all, self.layout.n()))
     }
 
     /// Drops an object's blocks and parity in groups >= `from` on every IOM.

@@ -229,6 +229,9 @@ fn truncate_rename_and_a_killed_client_after_close_keep_buffered_bytes_right() {
     c.must_scrub_clean();
 }
 
+/// A flush that fails is reported by fsync: 30 MiB buffered on a 96 MiB
+/// disk (room for it when written), then the disk filled from outside the
+/// cluster, then fsync.
 #[test]
 fn a_flush_that_fails_is_reported_by_fsync() {
     let _g = serial();
@@ -238,22 +241,20 @@ fn a_flush_that_fails_is_reported_by_fsync() {
     let m = c.mount("mnt", &["toughness=buffered,buffer_age=60"]);
     let chunk = Rng(40).bytes(MIB);
     let mut f = File::create(m.join("fill")).unwrap();
-    let t = Instant::now();
-    // 120 MiB into a 96 MiB disk: write() itself only buffers.
-    let mut err = None;
-    for _ in 0..120 {
-        if let Err(e) = f.write_all(&chunk) {
-            err = Some(e);
-            break;
-        }
+    for _ in 0..30 {
+        f.write_all(&chunk).expect("30 MiB into a 96 MiB disk");
     }
-    eprintln!("writes done after {:?} (error: {err:?})", t.elapsed());
-    let r = f.sync_all();
-    eprintln!("fsync done after {:?}: {r:?}", t.elapsed());
-    let e = err.or(r.err()).expect("120 MiB went into a 96 MiB disk without an error at write or fsync");
+    // Everything the disk has left, taken by a file outside the cluster.
+    let filler = disk.path().join("filler");
+    let mut junk = OpenOptions::new().create(true).append(true).open(&filler).unwrap();
+    while junk.write_all(&[0u8; 65536]).is_ok() {}
+    drop(junk);
+    let t = Instant::now();
+    let e = f.sync_all().expect_err("30 MiB buffered into a full disk were flushed without an error");
+    eprintln!("fsync failed after {:?}: {e}", t.elapsed());
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "a full disk gave {e} instead of ENOSPC");
     drop(f);
-    eprintln!("closed after {:?}", t.elapsed());
+    fs::remove_file(&filler).unwrap();
     // The mount goes on after space is freed.
     if let Err(e) = fs::remove_file(m.join("fill")) {
         let log = fs::read_to_string(fs_client::mount::mount_log(&c.dir, &m)).unwrap_or_default();
@@ -281,4 +282,55 @@ fn a_flush_that_fails_is_reported_by_fsync() {
         }
     }
     assert!(fs::read(m.join("after")).unwrap() == small);
+}
+
+/// Past nearfull, a `buffered` write that grows a file gets ENOSPC from
+/// `write()` itself (it would otherwise be acknowledged into memory and
+/// fail only at the flush), and what `df` said was available is what the
+/// mount then stores: 3 IOMs on one 96 MiB tmpfs, 1 MiB writes until one
+/// is refused; fsync then succeeds (everything accepted is stored), and the
+/// bytes stored are within 5 % of `df`'s available space at the start.
+#[test]
+fn past_nearfull_a_buffered_write_gets_enospc_at_write_and_df_was_right() {
+    let _g = serial();
+    let disk = integration::Tmpfs::new(96);
+    let mut c = Cluster::init_at(disk.path(), 3, &[]);
+    c.start_all();
+    let m = c.mount("mnt", &["toughness=buffered,buffer_age=60"]);
+    let avail = {
+        let st = nix_statvfs(&m);
+        st.0 * st.1
+    };
+    let chunk = Rng(42).bytes(MIB);
+    let mut f = File::create(m.join("fill")).unwrap();
+    let mut written = 0u64;
+    let err = loop {
+        match f.write_all(&chunk) {
+            Ok(()) => written += MIB as u64,
+            Err(e) => break e,
+        }
+        assert!(written < 200 * MIB as u64, "200 MiB went into a 96 MiB disk without an error at write()");
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "write() past nearfull gave {err}");
+    f.sync_all().expect("fsync of what write() accepted past nearfull");
+    drop(f);
+    let stored = fs::metadata(m.join("fill")).unwrap().len();
+    eprintln!("df said {} MiB available; stored {} MiB", avail >> 20, stored >> 20);
+    assert!(
+        stored + stored / 20 >= avail && stored <= avail,
+        "df said {avail} bytes were available; the mount stored {stored}"
+    );
+    let back = fs::read(m.join("fill")).unwrap();
+    assert!(back.chunks(MIB).all(|c| c == &chunk[..]), "the stored file reads back different bytes");
+    c.must_scrub_clean();
+}
+
+/// (f_bavail, f_frsize) of the filesystem holding `p`.
+fn nix_statvfs(p: &Path) -> (u64, u64) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: plain C struct filled by statvfs.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+    (s.f_bavail as u64, s.f_frsize as u64)
 }

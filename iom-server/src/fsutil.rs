@@ -62,6 +62,20 @@ pub fn fs_space(dir: &Path) -> Option<(u64, u64)> {
     Some((s.f_bavail as u64 * s.f_frsize as u64, s.f_blocks as u64 * s.f_frsize as u64))
 }
 
+/// The id of the filesystem holding `dir` (`statvfs`'s `f_fsid`: derived
+/// from the filesystem's UUID on ext4 and xfs, distinct per tmpfs), so that
+/// IOMs sharing one filesystem count its space once. 0 when unknown.
+pub fn fs_id(dir: &Path) -> u64 {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return 0 };
+    // SAFETY: plain C struct filled by statvfs.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return 0;
+    }
+    s.f_fsid as u64
+}
+
 /// Stops the IOM because its disk failed a write or a sync: it must never
 /// acknowledge again on a disk that lost data it was given. Exit status 70
 /// (EX_SOFTWARE): the proxy takes the role over; a restart (systemd, or the

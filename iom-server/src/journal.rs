@@ -205,6 +205,8 @@ impl Segment {
 
 /// Keep at least this much of the segment zero-filled ahead of its end...
 const ZERO_MIN: u64 = 1 << 20;
+/// How often a journal short of space tries its zero fill again.
+const SHORT_RETRY: Duration = Duration::from_millis(200);
 /// ...by filling this much at a time.
 const ZERO_CHUNK: u64 = 2 << 20;
 
@@ -422,10 +424,17 @@ fn journal_sync_thread(rx: Arc<Mailbox<JsCmd>>, shared: Arc<Shared>) {
         if !now && stop.is_none() {
             let d = if unsynced || !waiters.is_empty() {
                 Some(*deadline.get_or_insert_with(|| std::time::Instant::now() + shared.interval))
+            } else if shared.short.load(Ordering::Relaxed) {
+                // Short of space: look again soon even with nothing to
+                // sync, or the IOM would refuse writes for good.
+                Some(std::time::Instant::now() + SHORT_RETRY)
             } else {
                 None
             };
             rx.recv(d, &mut cmds);
+            if shared.short.load(Ordering::Relaxed) {
+                zero_ahead(&shared);
+            }
             for c in cmds.drain(..) {
                 take(c, &mut waiters, &mut now, &mut stop);
             }
@@ -793,6 +802,14 @@ impl Journal {
     /// Waits until everything appended so far is durable.
     pub async fn flush(&self) {
         let _ = self.flush_request().await;
+    }
+
+    /// Bytes the journal's zero-filled runway may still take from the disk
+    /// (up to `ZERO_MIN + ZERO_CHUNK` ahead of its end, see `zero_ahead`):
+    /// what `df` must not promise to users.
+    pub fn runway_to_come(&self) -> u64 {
+        let seg = self.shared.seg.lock();
+        (ZERO_MIN + ZERO_CHUNK).saturating_sub(seg.zeroed.saturating_sub(seg.end))
     }
 
     /// Whether the disk is too full for this journal's runway (see

@@ -501,6 +501,8 @@ impl Router {
     pub fn stats(&self) -> IomStats {
         let (used, total) = self.storage.store.usage();
         let (room, disk) = self.storage.store.space();
+        // The journals' runways still to be zero-filled will take this much.
+        let runways = self.storage.journal.runway_to_come() + self.namespace.runway_to_come();
         let (d, p) = self.storage.map.counts();
         let js = &self.storage.journal.stats;
         IomStats {
@@ -529,8 +531,10 @@ impl Router {
             repaired_blocks: self.data.repairs.load(Ordering::Relaxed),
             disk_errors: self.data.disk_errors.load(Ordering::Relaxed),
             repaired_parity: self.parity.repairs.load(Ordering::Relaxed),
-            room_bytes: room,
+            room_bytes: room.saturating_sub(runways),
             disk_bytes: disk,
+            fs_id: self.storage.store.fs_id(),
+            shared_room_bytes: self.storage.store.shared_room().saturating_sub(runways).min(room),
         }
     }
 }

@@ -272,11 +272,21 @@ impl Storage {
     /// Background: checkpoint when the journal has grown by
     /// `checkpoint_bytes`, until `stop`.
     pub async fn checkpoint_worker(self: Arc<Self>, stop: CancellationToken, poll: Duration) {
+        // Near full, an unused preallocated tail goes back to the filesystem
+        // within `TAIL_POLL` even if no write comes here any more: another
+        // IOM on the same filesystem may be out of room meanwhile.
+        const TAIL_POLL: Duration = Duration::from_millis(100);
+        let mut next_checkpoint = tokio::time::Instant::now() + poll;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(poll) => {}
+                _ = tokio::time::sleep(TAIL_POLL.min(poll)) => {}
             }
+            self.store.give_back_tail();
+            if tokio::time::Instant::now() < next_checkpoint {
+                continue;
+            }
+            next_checkpoint = tokio::time::Instant::now() + poll;
             if self.journal.stats.bytes_since_rotate.load(Ordering::Relaxed) > self.checkpoint_bytes {
                 if let Err(e) = self.checkpoint().await {
                     tracing::error!(iom = self.id.0, "checkpoint failed: {e}");

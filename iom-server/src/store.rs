@@ -118,6 +118,10 @@ struct Prealloc {
     running: std::sync::atomic::AtomicBool,
     /// fallocate failed (no space, or not supported): stop trying.
     failed: std::sync::atomic::AtomicBool,
+    /// The tail was given back (`give_back_tail`): no new one until the
+    /// filesystem has eight reserves free again, so tails do not come and
+    /// go around the four-reserve mark.
+    gave_back: std::sync::atomic::AtomicBool,
 }
 
 /// A slot taken by [`Store::reserve_slot`]: given back when dropped,
@@ -145,6 +149,8 @@ impl Drop for Slot {
 }
 
 const PREALLOC_MIN: u64 = 16 << 20;
+/// Slots past the highest in use a tail keeps when given back.
+const TAIL_CUSHION: u64 = 16;
 const PREALLOC_MAX_STEP: u64 = 512 << 20;
 
 impl Store {
@@ -249,6 +255,20 @@ impl Store {
         avail.saturating_add(free * bs).saturating_add(tail).saturating_sub(self.reserve_bytes())
     }
 
+    /// For status: the part of `space`'s room that is the filesystem's free
+    /// space less the reserve (shared with whatever else uses that
+    /// filesystem, other IOMs included); the rest is this IOM's own (freed
+    /// slots inside the block file and its preallocated tail).
+    pub fn shared_room(&self) -> u64 {
+        let (avail, _) = self.fs_space(false);
+        avail.saturating_sub(self.reserve_bytes())
+    }
+
+    /// The id of the filesystem holding the block file (see `fsutil::fs_id`).
+    pub fn fs_id(&self) -> u64 {
+        crate::fsutil::fs_id(&self.dir)
+    }
+
     /// For status: bytes client writes may still take, and the size of the
     /// filesystem holding the block file.
     pub fn space(&self) -> (u64, u64) {
@@ -263,12 +283,47 @@ impl Store {
         let mut room = self.client_room(false);
         if room < 4 * self.reserve_bytes() {
             // Near full: a figure up to 50 ms old is not good enough.
+            self.give_back_tail();
             room = self.client_room(true);
         }
         if room < bs {
             return Err(Error::NoSpace);
         }
         self.alloc()
+    }
+
+    /// Once the filesystem's free space is below four reserves (where
+    /// preallocation stops), the preallocated tail past the highest slot in
+    /// use, but for a cushion of `TAIL_CUSHION` slots, goes back to the
+    /// filesystem: IOMs sharing it may need the room more, and a tail no
+    /// other IOM can use would make the cluster full while space is left.
+    pub fn give_back_tail(&self) {
+        use std::sync::atomic::Ordering;
+        let bs = self.block_size as u64;
+        let (avail, _) = self.fs_space(true);
+        if avail >= 4 * self.reserve_bytes() || self.prealloc.running.load(Ordering::Acquire) {
+            return;
+        }
+        // Under the allocator's lock: no slot past `high` is handed out
+        // while its blocks go.
+        let a = self.alloc.lock();
+        let keep = (a.high + TAIL_CUSHION) * bs;
+        let end = self.prealloc.end.load(Ordering::Acquire);
+        if end <= keep {
+            return;
+        }
+        use std::os::fd::AsRawFd;
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: a valid open descriptor; the range holds no slot in use.
+        let r =
+            unsafe { libc::fallocate(self.file.as_raw_fd(), mode, keep as libc::off_t, (end - keep) as libc::off_t) };
+        if r == 0 {
+            self.prealloc.end.store(keep, Ordering::Release);
+            self.prealloc.gave_back.store(true, Ordering::Release);
+            *self.fs_seen.lock() = None;
+            tracing::info!(bytes = end - keep, "near full: preallocated block-file tail given back to the filesystem");
+        }
+        drop(a);
     }
 
     /// b1: a slot for a parity update's new version, taken before the
@@ -324,7 +379,16 @@ impl Store {
         }
         let bs = self.block_size as u64;
         let (avail, _) = self.fs_space(false);
-        let spare = avail.saturating_sub(self.reserve_bytes() * 2) / 4 / bs * bs;
+        // Never within four reserves of full (see `give_back_tail`), nor
+        // within eight once a tail was given back.
+        if p.gave_back.load(Ordering::Acquire) {
+            if avail < self.reserve_bytes() * 8 {
+                p.running.store(false, Ordering::Release);
+                return;
+            }
+            p.gave_back.store(false, Ordering::Release);
+        }
+        let spare = avail.saturating_sub(self.reserve_bytes() * 4) / 4 / bs * bs;
         let step = used_end.clamp(PREALLOC_MIN, PREALLOC_MAX_STEP).min(spare);
         if step == 0 {
             p.running.store(false, Ordering::Release);

@@ -170,11 +170,8 @@ impl DataSide {
             None
         } else if new_bytes.is_empty() && matches!(op, Op::Truncate { keep: 0 }) {
             None
-        } else if self.storage.journal.short_of_space() {
-            // No room left to journal more than the writes already running.
-            return Err(Error::NoSpace);
         } else {
-            Some(self.storage.store.alloc_for_client()?)
+            Some(self.alloc_for_client().await?)
         };
         crash_point!(self, "write::after-a2");
         crash_point!(self, "write::after-a3");
@@ -289,6 +286,30 @@ impl DataSide {
 }
 
 impl DataSide {
+    /// a2 for a client write. Out of room, it asks again for up to
+    /// `NO_SPACE_WAIT` before refusing (`NoSpace`): on a filesystem shared
+    /// with other IOMs, their unused preallocated tails come back within
+    /// `Storage::checkpoint_worker`'s tail poll.
+    async fn alloc_for_client(&self) -> Result<common::DiskAddr, Error> {
+        const NO_SPACE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+        let until = tokio::time::Instant::now() + NO_SPACE_WAIT;
+        loop {
+            // With no room left to journal more than the writes already
+            // running, nothing new is taken.
+            let r = if self.storage.journal.short_of_space() {
+                Err(Error::NoSpace)
+            } else {
+                self.storage.store.alloc_for_client()
+            };
+            match r {
+                Err(Error::NoSpace) if tokio::time::Instant::now() < until => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// The parity IOM had no room for this write (or for an earlier
     /// version of the block it builds on): the new version is undone
     /// (a durable "rolled back" record, so a restart does not roll it

@@ -48,8 +48,71 @@ pub struct IomStats {
     pub room_bytes: u64,
     /// Size of the filesystem holding its block file.
     pub disk_bytes: u64,
+    /// Id of that filesystem (`statvfs` `f_fsid`; 0 when unknown): IOMs
+    /// with the same id share its space.
+    pub fs_id: u64,
+    /// Of `room_bytes`, the filesystem's free space less the reserve (shared
+    /// by the IOMs on it); the rest is the IOM's own (freed slots in its
+    /// block file, its preallocated tail).
+    pub shared_room_bytes: u64,
 }
 
+/// How much more each of the IOMs sharing a filesystem can store when each
+/// stores the same amount: each first fills its own room (`own`, freed
+/// slots and preallocated tail, no use to the others), then takes from the
+/// `shared` free space (water filling).
+fn per_iom(shared: u64, own: &[u64]) -> u128 {
+    let mut o: Vec<u128> = own.iter().map(|&x| x as u128).collect();
+    o.sort_unstable();
+    let mut sum = 0u128;
+    for j in 0..o.len() {
+        sum += o[j];
+        // The j + 1 IOMs with the least own room draw on the shared space.
+        let x = (shared as u128 + sum) / (j as u128 + 1);
+        if j + 1 == o.len() || x <= o[j + 1] {
+            return x;
+        }
+    }
+    shared as u128
+}
+
+impl IomStats {
+    /// What users can still store, and the capacity, in bytes of file data,
+    /// given every answering IOM's stats and N (data blocks per group).
+    /// Each IOM holds 1/N of the bytes users store (its share of data and
+    /// parity); a filesystem shared by k IOMs therefore takes k/N of them,
+    /// and the filesystem that fills first bounds the cluster, less 1/32 of
+    /// the capacity kept back for versions in flight. On a filesystem, each
+    /// IOM first uses its own room, then the shared free space (counted
+    /// once; see `per_iom`). IOMs whose filesystem is unknown (`fs_id` 0)
+    /// count as alone on theirs.
+    pub fn usable(all: &[IomStats], n: u32) -> (u64, u64) {
+        // Per filesystem: (shared room, each IOM's own room, size).
+        let mut by_fs: std::collections::BTreeMap<(u64, u32), (u64, Vec<u64>, u64)> = Default::default();
+        for s in all {
+            let key = if s.fs_id == 0 { (0, s.iom) } else { (s.fs_id, 0) };
+            let shared = s.shared_room_bytes.min(s.room_bytes);
+            let e = by_fs.entry(key).or_insert((u64::MAX, Vec::new(), 0));
+            e.0 = e.0.min(shared);
+            e.1.push(s.room_bytes - shared);
+            e.2 = e.2.max(s.disk_bytes);
+        }
+        let n = n.max(1) as u128;
+        let times_n = |x: u128| (x * n).min(u64::MAX as u128) as u64;
+        let free = by_fs.values().map(|(shared, own, _)| times_n(per_iom(*shared, own))).min().unwrap_or(0);
+        let total =
+            by_fs.values().map(|(_, own, disk)| times_n(*disk as u128 / own.len().max(1) as u128)).min().unwrap_or(0);
+        // Kept back, like ZFS's slop space (1/32), and 16 blocks per IOM
+        // (the cushion of a given-back tail): versions in flight (a write's
+        // new block before its old one is freed, parity versions between
+        // batches) and the figure's own age.
+        let cushions: u64 = all.iter().map(|s| 16 * s.block_size as u64).sum();
+        (free.min(total).saturating_sub(total / 32 + cushions), total)
+    }
+}
+
+// A reply lives for one call: boxing the stats would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AdminResp {
     Stats(IomStats),

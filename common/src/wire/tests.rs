@@ -212,3 +212,54 @@ fn garbage_is_an_error_not_a_panic() {
         let _ = decode::<ParityMsg>(&bytes);
     }
 }
+
+#[test]
+fn usable_space_counts_a_shared_filesystem_once_and_the_fullest_bounds_it() {
+    let st = |iom: u32, fs_id: u64, room: u64, disk: u64| IomStats {
+        iom,
+        fs_id,
+        room_bytes: room,
+        shared_room_bytes: room,
+        disk_bytes: disk,
+        ..Default::default()
+    };
+    // Five IOMs on one filesystem, N = 4: every user byte takes 5/4 of it.
+    let one: Vec<IomStats> = (0..5).map(|i| st(i, 7, 1000, 5000)).collect();
+    assert_eq!(IomStats::usable(&one, 4), (800 - 4000 / 32, 4000));
+    // Five filesystems: each IOM holds 1/4 of what users store; the
+    // fullest one bounds it.
+    let five: Vec<IomStats> = (0..5).map(|i| st(i, 10 + i as u64, 1000 - 100 * i as u64, 5000)).collect();
+    assert_eq!(IomStats::usable(&five, 4), (600 * 4 - 20000 / 32, 5000 * 4));
+    // Unknown filesystems count as separate ones.
+    let unknown: Vec<IomStats> = (0..5).map(|i| st(i, 0, 1000, 5000)).collect();
+    assert_eq!(IomStats::usable(&unknown, 4), (4000 - 20000 / 32, 20000));
+    // Two sharing one filesystem, three alone.
+    let mixed = vec![
+        st(0, 1, 1000, 5000),
+        st(1, 1, 1000, 5000),
+        st(2, 2, 900, 5000),
+        st(3, 3, 1000, 5000),
+        st(4, 4, 1000, 5000),
+    ];
+    assert_eq!(IomStats::usable(&mixed, 4), (2000 - 10000 / 32, 10000));
+    assert_eq!(IomStats::usable(&[], 4), (0, 0));
+    // Three IOMs on one filesystem with 600 free, each with 300 of its own
+    // (a preallocated tail): each stores 300 + 200, (600 + 900) × 2 / 3.
+    let tails: Vec<IomStats> = (0..3).map(|i| IomStats { shared_room_bytes: 600, ..st(i, 9, 900, 3000) }).collect();
+    assert_eq!(IomStats::usable(&tails, 2), (1000 - 2000 / 32, 2000));
+    // Own room is no use to the others: with 100 shared, tails of 0, 500
+    // and 500 let each IOM store only 100 (the first fills the shared).
+    let uneven = vec![
+        IomStats { shared_room_bytes: 100, ..st(0, 9, 100, 3000) },
+        IomStats { shared_room_bytes: 100, ..st(1, 9, 600, 3000) },
+        IomStats { shared_room_bytes: 100, ..st(2, 9, 600, 3000) },
+    ];
+    assert_eq!(IomStats::usable(&uneven, 2), (200 - 2000 / 32, 2000));
+    // Tails of 0, 0, 500 and 300 shared: 150 each for the first two.
+    let two = vec![
+        IomStats { shared_room_bytes: 300, ..st(0, 9, 300, 3000) },
+        IomStats { shared_room_bytes: 300, ..st(1, 9, 300, 3000) },
+        IomStats { shared_room_bytes: 300, ..st(2, 9, 800, 3000) },
+    ];
+    assert_eq!(IomStats::usable(&two, 2), (300 - 2000 / 32, 2000));
+}

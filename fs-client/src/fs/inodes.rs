@@ -240,6 +240,9 @@ impl Inner {
         }
         if t == Toughness::Buffered {
             self.session_ok(ino).await?;
+            if end > n.attr.size.max(n.dirty_end) {
+                self.room_for(self.wb.total() as u64 + data.len() as u64).await?;
+            }
             self.make_room(ino, data.len()).await;
             self.wb.put(ino, n.attr.object, offset, data);
             if let Some(n) = self.nodes.lock().get_mut(&ino) {

@@ -54,6 +54,13 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The cluster's room as last seen: when, (free, capacity) in bytes of file
+/// data, and this client's `written` counter then.
+type SpaceSeen = (Instant, (u64, u64), u64);
+
+/// How old the cluster's room may be when a `buffered` write checks it.
+const SPACE_MAX_AGE: Duration = Duration::from_secs(1);
 pub use writeback::BufferCaps;
 pub use xattr::SYNC_XATTR;
 
@@ -119,6 +126,12 @@ pub struct Inner {
     wb: writeback::WriteBack,
     /// Told to stop when the mount ends (the workers watch it).
     stopping: tokio_util::sync::CancellationToken,
+    /// The cluster's room (free, capacity) as the IOMs last reported it,
+    /// when, and this client's `written` counter then: `buffered` writes
+    /// that grow files check it (`room_for`).
+    space: Mutex<Option<SpaceSeen>>,
+    /// A `buffered` write looked at `space` since the last refresh.
+    space_wanted: std::sync::atomic::AtomicBool,
 }
 
 pub struct IomFs {
@@ -166,6 +179,8 @@ impl IomFs {
                 tasks: tokio_util::task::TaskTracker::new(),
                 wb: Default::default(),
                 stopping: tokio_util::sync::CancellationToken::new(),
+                space: Mutex::new(None),
+                space_wanted: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -176,6 +191,7 @@ impl IomFs {
         i.tasks.spawn_on(i.clone().release_worker(), &self.rt);
         i.tasks.spawn_on(i.clone().renew_worker(), &self.rt);
         i.tasks.spawn_on(i.clone().age_worker(), &self.rt);
+        i.tasks.spawn_on(i.clone().space_worker(), &self.rt);
     }
 
     pub fn inner(&self) -> Arc<Inner> {
@@ -204,6 +220,65 @@ impl Inner {
         match self.meta(MetaReq::StatFs).await? {
             MetaResp::StatFs(s) => Ok(s),
             _ => Err(wrong_reply()),
+        }
+    }
+
+    /// A `buffered` write is acknowledged before the cluster has stored it,
+    /// so one that would grow a file is refused here, at `write()`, with
+    /// ENOSPC once the cluster is past nearfull: when what users can still
+    /// store (asked of the IOMs about every `SPACE_MAX_AGE / 2`, less what
+    /// this client has sent since) is less than `bytes` (what it holds unsent,
+    /// this write included) plus a margin of 1/64 of the capacity. A
+    /// cluster whose figures cannot be had is not refused here (the flush
+    /// reports what fails, at fsync or close).
+    ///
+    /// The figure is refreshed in the background (`space_worker`, while
+    /// `buffered` writes come) so a writer never waits for the IOMs' answers
+    /// (a down IOM takes its time out); only a write that finds no figure
+    /// younger than `4 × SPACE_MAX_AGE` (the first, or after a pause) asks
+    /// inline.
+    pub(super) async fn room_for(&self, bytes: u64) -> R<()> {
+        use std::sync::atomic::Ordering;
+        self.space_wanted.store(true, Ordering::Relaxed);
+        let cached = *self.space.lock();
+        let (free, total, at) = match cached {
+            Some((t, (free, total), at)) if t.elapsed() < 4 * SPACE_MAX_AGE => (free, total, at),
+            _ => {
+                self.refresh_space().await;
+                match *self.space.lock() {
+                    Some((_, (free, total), at)) => (free, total, at),
+                    None => return Ok(()),
+                }
+            }
+        };
+        let sent_since = self.c.written.load(Ordering::Relaxed).saturating_sub(at);
+        if total > 0 && free.saturating_sub(sent_since) < bytes {
+            return Err(Errno::ENOSPC);
+        }
+        Ok(())
+    }
+
+    /// Asks the IOMs for their room now (see `room_for`).
+    async fn refresh_space(&self) {
+        let at = self.c.written.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(space) = self.c.usable_space().await {
+            *self.space.lock() = Some((Instant::now(), space, at));
+        }
+    }
+
+    /// Background task: keeps the cluster's room at most `SPACE_MAX_AGE`
+    /// old while `buffered` writes that grow files come.
+    async fn space_worker(self: Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(SPACE_MAX_AGE / 2) => {}
+                _ = self.stopping.cancelled() => return,
+            }
+            let stale = self.space.lock().is_none_or(|(t, _, _)| t.elapsed() >= SPACE_MAX_AGE / 2);
+            if stale && self.space_wanted.swap(false, Ordering::Relaxed) {
+                self.refresh_space().await;
+            }
         }
     }
 }

@@ -294,6 +294,11 @@ impl Namespace {
         }
     }
 
+    /// See `Journal::runway_to_come` (0 when no replica is loaded here).
+    pub fn runway_to_come(&self) -> u64 {
+        self.rep.lock().as_ref().map(|r| r.journal.runway_to_come()).unwrap_or(0)
+    }
+
     pub fn journal_bytes(&self) -> u64 {
         self.rep.lock().as_ref().map(|r| r.journal.stats.bytes_since_rotate.load(Ordering::Relaxed)).unwrap_or(0)
     }
@@ -926,8 +931,6 @@ impl Namespace {
 
     async fn refresh_stats(&self) {
         let l = self.l();
-        let mut total = 0u64;
-        let mut used = 0u64;
         let w = l.width as u64;
         let calls = (0..l.width).map(|i| async move {
             if IomId(i) == l.me {
@@ -942,18 +945,11 @@ impl Namespace {
                 _ => None,
             }
         });
-        for s in futures::future::join_all(calls).await.into_iter().flatten() {
-            total += s.slots_total * s.block_size as u64;
-            used += s.slots_used * s.block_size as u64;
-        }
-        // Users see data capacity: N of every W slots hold data.
-        let n = w - 1;
-        let st = FsStats {
-            total_bytes: total / w * n,
-            free_bytes: total.saturating_sub(used) / w * n,
-            files: 0,
-            block_size: l.block_size,
-        };
+        let all: Vec<_> = futures::future::join_all(calls).await.into_iter().flatten().collect();
+        // Users see what they can store: the filesystem that fills first
+        // bounds it, one shared by several IOMs counted once.
+        let (free, total) = common::wire::IomStats::usable(&all, (w - 1) as u32);
+        let st = FsStats { total_bytes: total, free_bytes: free, files: 0, block_size: l.block_size };
         *self.fs_stats.lock() = (st, Some(std::time::Instant::now()));
     }
 
