@@ -49,31 +49,27 @@ pub fn sweep_temp(dir: &Path) {
     }
 }
 
-/// (available to unprivileged writers, total) bytes of the filesystem
-/// holding `dir`.
-pub fn fs_space(dir: &Path) -> Option<(u64, u64)> {
+/// `statvfs` of the filesystem holding `dir`.
+fn statvfs(dir: &Path) -> Option<libc::statvfs> {
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: plain C struct filled by statvfs.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid C string and out-pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return None;
-    }
-    Some((s.f_bavail as u64 * s.f_frsize as u64, s.f_blocks as u64 * s.f_frsize as u64))
+    (unsafe { libc::statvfs(c.as_ptr(), &mut s) } == 0).then_some(s)
+}
+
+/// (available to unprivileged writers, total) bytes of the filesystem
+/// holding `dir`.
+pub fn fs_space(dir: &Path) -> Option<(u64, u64)> {
+    let s = statvfs(dir)?;
+    Some((s.f_bavail * s.f_frsize, s.f_blocks * s.f_frsize))
 }
 
 /// The id of the filesystem holding `dir` (`statvfs`'s `f_fsid`: derived
 /// from the filesystem's UUID on ext4 and xfs, distinct per tmpfs), so that
 /// IOMs sharing one filesystem count its space once. 0 when unknown.
 pub fn fs_id(dir: &Path) -> u64 {
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return 0 };
-    // SAFETY: plain C struct filled by statvfs.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid C string and out-pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return 0;
-    }
-    s.f_fsid as u64
+    statvfs(dir).map_or(0, |s| s.f_fsid)
 }
 
 /// Stops the IOM because its disk failed a write or a sync: it must never
