@@ -381,11 +381,20 @@ impl ClusterClient {
         if parts.len() == 1 && parts[0].1.len() == len {
             return Ok(parts.into_iter().next().expect("one part").1);
         }
-        let mut out = BytesMut::zeroed(len);
+        // The pieces tile the range in order: append each (zeros for a
+        // hole or a short block) instead of zero-filling the whole buffer
+        // first and copying over it.
+        let mut by_piece: Vec<Option<Bytes>> = vec![None; pieces.len()];
         for (i, b) in parts {
-            let p = &pieces[i];
+            by_piece[i] = Some(b);
+        }
+        let mut out = BytesMut::with_capacity(len);
+        for (p, b) in pieces.iter().zip(by_piece) {
+            debug_assert_eq!(out.len(), p.buf_offset);
+            let b = b.unwrap_or_default();
             let n = b.len().min(p.len as usize);
-            out[p.buf_offset..p.buf_offset + n].copy_from_slice(&b[..n]);
+            out.extend_from_slice(&b[..n]);
+            out.resize(p.buf_offset + p.len as usize, 0);
         }
         Ok(out.freeze())
     }

@@ -49,6 +49,43 @@ pub fn sweep_temp(dir: &Path) {
     }
 }
 
+/// Reads exactly `len` bytes of `file` at `offset` into a new buffer that
+/// is not zero-filled first (`pread` writes into its spare capacity): a
+/// block read is a copy out of the page cache, and filling the buffer with
+/// zeros before it cost a tenth of an IOM's CPU on sequential reads.
+pub fn pread_exact(file: &fs::File, len: usize, offset: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut buf = Vec::<u8>::with_capacity(len);
+    let mut done = 0usize;
+    while done < len {
+        // SAFETY: the destination is the vector's unused capacity from
+        // `done` to `len` (allocated above); pread only writes into it, and
+        // no reference to uninitialised bytes is made.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                buf.as_mut_ptr().add(done).cast(),
+                len - done,
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "failed to fill whole buffer"));
+        }
+        done += n as usize;
+    }
+    // SAFETY: pread initialised every byte up to `len`.
+    unsafe { buf.set_len(len) };
+    Ok(buf)
+}
+
 /// `statvfs` of the filesystem holding `dir`.
 fn statvfs(dir: &Path) -> Option<libc::statvfs> {
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;

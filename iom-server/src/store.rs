@@ -463,16 +463,20 @@ impl Store {
     /// Reads `len` bytes of the version at `a`. An error is the caller's:
     /// reads heal from the group (`read_path::Iom::heal_block`).
     pub fn read(&self, a: DiskAddr, len: u32) -> Result<Vec<u8>, Error> {
-        let mut buf = vec![0u8; len as usize];
         let op = crate::fsutil::DiskOp::start();
         let r = match crate::disk_fault!("store::pread") {
             Some(e) => Err(e),
-            None if power_loss::lookup(self.offset(a), &mut buf) => Ok(()),
-            None => self.file.read_exact_at(&mut buf, self.offset(a)),
+            None => {
+                let mut buf = vec![0u8; if power_loss::on() { len as usize } else { 0 }];
+                if power_loss::lookup(self.offset(a), &mut buf) {
+                    Ok(buf)
+                } else {
+                    crate::fsutil::pread_exact(&self.file, len as usize, self.offset(a))
+                }
+            }
         };
         drop(op);
-        r.map_err(|e| Error::io(format!("read slot {}", a.0), e))?;
-        Ok(buf)
+        r.map_err(|e| Error::io(format!("read slot {}", a.0), e))
     }
 
     /// Makes every completed write durable (a10 / b9). The journal writer

@@ -72,7 +72,15 @@ impl Inner {
             n.opened_as = Some(now_as);
         }
         let fh = self.new_handle(ino, write, sync);
-        Ok((fh, if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() }))
+        let mut f = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+        if !write {
+            // A read-only descriptor has nothing of its own to send at
+            // close: no FLUSH round trip for it (one per file for `cat`,
+            // `diff -r`, `tar c`), and a flush error of a writer of this
+            // file stays for that writer's own close or fsync to report.
+            f |= FopenFlags::FOPEN_NOFLUSH;
+        }
+        Ok((fh, f))
     }
 
     pub(super) async fn release(&self, fh: u64) -> R<()> {
