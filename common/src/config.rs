@@ -105,6 +105,11 @@ pub struct IomConfig {
     /// Capacity of the block store in bytes; default: the free space of data_dir's filesystem.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<u64>,
+    /// ip:port of this IOM's Prometheus endpoint (plain HTTP, `/metrics`);
+    /// none: no endpoint. Bind it to an address only the monitoring
+    /// network reaches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -158,6 +163,15 @@ impl ClusterConfig {
             }
             if iom.addr.parse::<std::net::SocketAddr>().is_err() && !iom.addr.contains(':') {
                 return Err(bad(format!("IOM {} address '{}' is not host:port", iom.id, iom.addr)));
+            }
+            if let Some(m) = &iom.metrics_addr {
+                if let Err(e) = m.parse::<std::net::SocketAddr>() {
+                    return Err(bad(format!(
+                        "IOM {} metrics_addr '{m}' is not an IP address and port ({e}); \
+                         write it as \"127.0.0.1:9400\", or remove the line to turn the endpoint off",
+                        iom.id
+                    )));
+                }
             }
         }
         if self.meta_home as usize >= self.ioms.len() {
@@ -321,6 +335,7 @@ mod tests {
                     data_dir: None,
                     journal_dir: None,
                     capacity: None,
+                    metrics_addr: None,
                 })
                 .collect(),
         }
@@ -353,6 +368,12 @@ mod tests {
         c.tuning.client_lease_s = 1;
         let e = ClusterConfig::parse(&c.to_toml(), p).unwrap_err().to_string();
         assert!(e.contains("client_lease_s 1 is too short"), "{e}");
+        let mut c = sample();
+        c.ioms[2].metrics_addr = Some("localhost:9400".into());
+        let e = ClusterConfig::parse(&c.to_toml(), p).unwrap_err().to_string();
+        assert!(e.contains("IOM 2 metrics_addr 'localhost:9400' is not an IP address and port"), "{e}");
+        c.ioms[2].metrics_addr = Some("127.0.0.1:9402".into());
+        assert_eq!(ClusterConfig::parse(&c.to_toml(), p).unwrap(), c);
         let e = ClusterConfig::load(Path::new("/nonexistent-dir")).unwrap_err().to_string();
         assert!(e.contains("iomfs init"), "{e}");
     }

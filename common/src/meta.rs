@@ -155,7 +155,7 @@ pub const PATH_MAX: usize = 4096;
 /// Largest xattr value.
 pub const XATTR_SIZE_MAX: usize = 65536;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
 pub enum MetaReq {
     Lookup {
         parent: Ino,

@@ -250,6 +250,8 @@ impl ClusterClient {
                 continue;
             };
             let req = make(Route { epoch: map.epoch, target: role });
+            let (family, op) = req.name();
+            let sent = Instant::now();
             let call = self.pool.call_chunks_timeout(server, &req, payload.clone(), self.rpc_timeout);
             tokio::pin!(call);
             let mut probe = tokio::time::interval_at(
@@ -269,9 +271,12 @@ impl ClusterClient {
                 }
             };
             let Some(r) = r else { continue };
+            metrics::histogram!("iomfs_client_rpc_duration_seconds", "family" => family, "op" => op)
+                .record(sent.elapsed().as_secs_f64());
             match r {
                 Ok(r) => return Ok(r),
                 Err(e) if is_retryable(&e) => {
+                    metrics::counter!("iomfs_client_rpc_retries_total", "family" => family, "op" => op).increment(1);
                     let give_up = stopped_wait.max(Duration::from_secs(30));
                     if start.elapsed() > give_up {
                         return Err(e.into());
@@ -287,7 +292,16 @@ impl ClusterClient {
                     delay = (delay * 2).min(Duration::from_millis(250));
                     self.refresh_map().await;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    let e = ClientError::from(e);
+                    // "io": the request failed (EIO: an IOM's disk, a
+                    // cluster stopped too long); "answer": an IOM answered
+                    // with an error such as ENOENT or EEXIST.
+                    let kind = if e.errno() == libc::EIO { "io" } else { "answer" };
+                    metrics::counter!("iomfs_client_rpc_errors_total", "family" => family, "op" => op, "kind" => kind)
+                        .increment(1);
+                    return Err(e);
+                }
             }
         }
     }
@@ -320,10 +334,7 @@ impl ClusterClient {
         make: impl Fn(Route) -> DataReq,
         payload: Vec<Bytes>,
     ) -> Result<(DataResp, Bytes)> {
-        let t0 = Instant::now();
-        let r = self.call_target(|_| role, |r| Request::Data(make(r)), payload).await;
-        rpc_stats::note(rpc_stats::data_kind(&r), t0.elapsed());
-        match r? {
+        match self.call_target(|_| role, |r| Request::Data(make(r)), payload).await? {
             (Reply::Data(d), p) => Ok((d, p)),
             (other, _) => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
@@ -333,6 +344,7 @@ impl ClusterClient {
     /// The blocks of the range are read from their IOMs in parallel, one
     /// request per IOM.
     pub async fn read(&self, object: ObjectId, offset: u64, len: usize) -> Result<Bytes> {
+        metrics::counter!("iomfs_client_read_bytes_total").increment(len as u64);
         let pieces = self.layout.split(offset, len);
         // Pieces per IOM role, with their index in `pieces`.
         let mut per_role: Vec<(IomId, Vec<usize>)> = Vec::new();
@@ -403,6 +415,7 @@ impl ClusterClient {
     /// write reached the point `toughness` names.
     pub async fn write(&self, object: ObjectId, offset: u64, data: Bytes, toughness: Toughness) -> Result<()> {
         self.written.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!("iomfs_client_written_bytes_total").increment(data.len() as u64);
         let pieces = self.layout.split(offset, data.len());
         let mut per_group = std::collections::HashMap::<GroupNo, u8>::new();
         for p in &pieces {
@@ -551,14 +564,6 @@ impl ClusterClient {
 
     /// One namespace request to the metadata server.
     pub async fn meta(&self, req: MetaReq) -> Result<MetaResp> {
-        let t0 = Instant::now();
-        let kind = rpc_stats::kind_of(&req);
-        let r = self.meta_inner(req).await;
-        rpc_stats::note(kind, t0.elapsed());
-        r
-    }
-
-    async fn meta_inner(&self, req: MetaReq) -> Result<MetaResp> {
         let call =
             MetaCall { client: self.client_id, seq: self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed), req };
         match self.call_target(|m| m.meta_home, |_| Request::Meta(call.clone()), Vec::new()).await? {
@@ -569,69 +574,6 @@ impl ClusterClient {
 
     pub fn close(&self) {
         self.pool.close();
-    }
-}
-
-/// Debugging aid: with `IOMFS_CLIENT_STATS=1`, counts namespace requests
-/// by kind with their total time and prints them every 5 s.
-pub mod rpc_stats {
-    use common::meta::MetaReq;
-    use parking_lot::Mutex;
-    use std::collections::BTreeMap;
-    use std::sync::OnceLock;
-    use std::time::Duration;
-
-    type Table = Mutex<BTreeMap<&'static str, (u64, Duration)>>;
-    static STATS: OnceLock<Option<Table>> = OnceLock::new();
-
-    fn stats() -> Option<&'static Table> {
-        STATS
-            .get_or_init(|| {
-                std::env::var_os("IOMFS_CLIENT_STATS").map(|_| {
-                    std::thread::spawn(|| loop {
-                        std::thread::sleep(Duration::from_secs(5));
-                        if let Some(m) = stats() {
-                            let m = m.lock();
-                            let line: Vec<String> = m
-                                .iter()
-                                .map(|(k, (n, t))| format!("{k} {n} avg {:?}", *t / (*n).max(1) as u32))
-                                .collect();
-                            eprintln!("rpcstats: {}", line.join(", "));
-                        }
-                    });
-                    Mutex::new(BTreeMap::new())
-                })
-            })
-            .as_ref()
-    }
-
-    pub fn kind_of(r: &MetaReq) -> &'static str {
-        if stats().is_none() {
-            return "";
-        }
-        static NAMES: Mutex<BTreeMap<String, &'static str>> = Mutex::new(BTreeMap::new());
-        let d = format!("{r:?}");
-        let k = d.split([' ', '{', '(']).next().unwrap_or("?").to_string();
-        // Each kind's name is leaked once.
-        let mut names = NAMES.lock();
-        names.entry(k.clone()).or_insert_with(|| Box::leak(k.into_boxed_str()))
-    }
-
-    pub fn data_kind<T>(r: &T) -> &'static str {
-        let _ = r;
-        if stats().is_none() {
-            return "";
-        }
-        "Data"
-    }
-
-    pub fn note(kind: &'static str, t: Duration) {
-        if let Some(m) = stats() {
-            let mut m = m.lock();
-            let e = m.entry(kind).or_default();
-            e.0 += 1;
-            e.1 += t;
-        }
     }
 }
 

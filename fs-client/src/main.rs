@@ -43,6 +43,11 @@ enum Cmd {
         /// Transport tuning: loopback, lan or wan.
         #[arg(long, default_value = "loopback")]
         transport: String,
+        /// Give IOM i a Prometheus endpoint on 127.0.0.1:(PORT + i)
+        /// (`metrics_addr` in cluster.toml; edit it for another address).
+        /// Default: no endpoint.
+        #[arg(long)]
+        metrics_port: Option<u16>,
     },
     /// Check every parity group and checksum of a running cluster.
     Scrub {
@@ -208,7 +213,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn run(cli: Cli) -> Result<u8> {
     match cli.cmd {
-        Cmd::Init { dir, ioms, block_size, addrs, host, base_port, meta_home, transport } => {
+        Cmd::Init { dir, ioms, block_size, addrs, host, base_port, meta_home, transport, metrics_port } => {
             let block_size = init::parse_size(&block_size)?;
             let transport = match transport.as_str() {
                 "loopback" => TransportProfile::Loopback,
@@ -226,6 +231,7 @@ fn run(cli: Cli) -> Result<u8> {
                     base_port,
                     meta_home,
                     transport,
+                    metrics_port,
                 },
             )?;
             println!(

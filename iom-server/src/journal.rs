@@ -260,10 +260,14 @@ fn sync_data(f: &File, point: &str) -> std::io::Result<()> {
         "store::fdatasync" => crate::disk_fault!("store::fdatasync"),
         _ => crate::disk_fault!("journal::fdatasync"),
     };
-    match injected {
+    let t0 = std::time::Instant::now();
+    let r = match injected {
         Some(e) => Err(e),
         None => f.sync_data(),
-    }
+    };
+    let file = if point.starts_with("store") { "blocks" } else { "journal" };
+    metrics::histogram!("iomfs_iom_fdatasync_seconds", "file" => file).record(t0.elapsed().as_secs_f64());
+    r
 }
 
 impl Shared {

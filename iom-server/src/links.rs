@@ -28,6 +28,8 @@ struct PendingUpdate {
     delta: Bytes,
     held: Option<oneshot::Sender<Result<(), Refused>>>,
     done: Option<oneshot::Sender<()>>,
+    /// When it was queued (a6), for the round-trip metrics.
+    sent: std::time::Instant,
 }
 
 /// The parity IOM refused an update for lack of space (b1), or refused an
@@ -115,7 +117,10 @@ impl Links {
             if let Some(out) = &s.out {
                 let _ = out.send((ParityMsg::Update(upd.clone()), delta.clone()));
             }
-            s.pending.insert(upd.tx.tx, PendingUpdate { upd, delta, held: Some(ht), done: Some(dt) });
+            s.pending.insert(
+                upd.tx.tx,
+                PendingUpdate { upd, delta, held: Some(ht), done: Some(dt), sent: std::time::Instant::now() },
+            );
         }
         self.ensure_started(role);
         (hr, dr)
@@ -315,12 +320,16 @@ fn on_ack(l: &Arc<Links>, role: IomId, ack: ParityAck) {
     let mut s = link.state.lock();
     match ack {
         ParityAck::Held { tx } => {
-            if let Some(h) = s.pending.get_mut(&tx.tx).and_then(|p| p.held.take()) {
-                let _ = h.send(Ok(()));
+            if let Some(p) = s.pending.get_mut(&tx.tx) {
+                if let Some(h) = p.held.take() {
+                    metrics::histogram!("iomfs_iom_parity_held_seconds").record(p.sent.elapsed().as_secs_f64());
+                    let _ = h.send(Ok(()));
+                }
             }
         }
         ParityAck::Done { tx } => {
             if let Some(p) = s.pending.get_mut(&tx.tx) {
+                metrics::histogram!("iomfs_iom_parity_done_seconds").record(p.sent.elapsed().as_secs_f64());
                 if let Some(h) = p.held.take() {
                     let _ = h.send(Ok(()));
                 }

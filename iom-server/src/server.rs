@@ -47,6 +47,8 @@ pub struct Iom {
     timeouts: Timeouts,
     /// Every task this IOM runs, named and tracked (see `workers`).
     workers: Arc<Workers>,
+    /// Its Prometheus endpoint is up (`metrics_addr`): publish the gauges.
+    metrics: bool,
 }
 
 impl Iom {
@@ -248,7 +250,29 @@ impl Iom {
         });
         let local: std::sync::Weak<dyn LocalRoles> = Arc::downgrade(&router) as _;
         caller.bind_local(local);
-        Ok(Arc::new(Iom { id: opts.id, paths, endpoint, router, caller, inflight, timeouts, workers }))
+        let metrics = match &icfg.metrics_addr {
+            None => false,
+            // Validated with the config; an endpoint that cannot start is
+            // reported and the IOM serves on without it: storage matters
+            // more than its monitoring.
+            Some(a) => match net::metrics::parse_addr("metrics_addr", a)
+                .and_then(|addr| net::metrics::serve(addr, &[("iom", opts.id.0.to_string())]))
+            {
+                Ok(()) => {
+                    tracing::info!(iom = opts.id.0, addr = %a, "metrics endpoint serving /metrics");
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(
+                        iom = opts.id.0,
+                        "no metrics endpoint: {e}; change metrics_addr of IOM {} in cluster.toml and restart it",
+                        opts.id.0
+                    );
+                    false
+                }
+            },
+        };
+        Ok(Arc::new(Iom { id: opts.id, paths, endpoint, router, caller, inflight, timeouts, workers, metrics }))
     }
 
     /// Starts the IOM's long-lived tasks: the acceptor, joining the
@@ -266,6 +290,9 @@ impl Iom {
         w.spawn(Tier::Background, "checkpointer", checkpoints);
         w.spawn(Tier::Background, "ns-mirror", r.namespace.clone().mirror_worker());
         w.spawn(Tier::Background, "ns-worker", r.namespace.clone().worker());
+        if self.metrics {
+            w.spawn(Tier::Background, "metrics", r.clone().metrics_worker());
+        }
     }
 
     /// Orderly stop, tier by tier (`workers::Tier`): no new connections

@@ -177,11 +177,25 @@ async fn serve_stream(
         }
 
         other => {
+            let (family, op) = other.name();
+            let t0 = std::time::Instant::now();
+            let inbound = payload.len() as u64;
             let (r, p) = match dispatch(&router, other, payload).await {
                 Ok(x) => x,
-                Err(e) => (Reply::Error(e.to_wire()), Vec::new()),
+                Err(e) => {
+                    metrics::counter!("iomfs_iom_request_errors_total", "family" => family, "op" => op).increment(1);
+                    (Reply::Error(e.to_wire()), Vec::new())
+                }
             };
+            if family == "data" {
+                let outbound: usize = p.iter().map(|b| b.len()).sum();
+                metrics::counter!("iomfs_iom_data_received_bytes_total").increment(inbound);
+                metrics::counter!("iomfs_iom_data_sent_bytes_total").increment(outbound as u64);
+            }
             reply_chunks(&mut send, r, p).await;
+            metrics::counter!("iomfs_iom_requests_total", "family" => family, "op" => op).increment(1);
+            metrics::histogram!("iomfs_iom_request_duration_seconds", "family" => family, "op" => op)
+                .record(t0.elapsed().as_secs_f64());
         }
     }
 }
@@ -496,6 +510,67 @@ impl Router {
         self.storage.store.drop_page_cache();
         tracing::info!(iom = self.me.0, bytes, "block cache dropped");
         bytes
+    }
+
+    /// Publishes `stats` and this IOM's view of the cluster map as gauges
+    /// and counters for the metrics endpoint, every second.
+    pub async fn metrics_worker(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            self.publish_metrics();
+        }
+    }
+
+    fn publish_metrics(&self) {
+        use metrics::{counter, gauge};
+        let s = self.stats();
+        gauge!("iomfs_iom_epoch").set(s.epoch as f64);
+        gauge!("iomfs_iom_serving").set(if s.serving { 1.0 } else { 0.0 });
+        gauge!("iomfs_iom_block_size_bytes").set(s.block_size as f64);
+        gauge!("iomfs_iom_slots_used").set(s.slots_used as f64);
+        gauge!("iomfs_iom_slots_total").set(s.slots_total as f64);
+        gauge!("iomfs_iom_data_blocks").set(s.data_blocks as f64);
+        gauge!("iomfs_iom_parity_blocks").set(s.parity_blocks as f64);
+        counter!("iomfs_iom_journal_records_total").absolute(s.journal_records);
+        counter!("iomfs_iom_journal_flushes_total").absolute(s.journal_flushes);
+        gauge!("iomfs_iom_journal_bytes").set(s.journal_bytes as f64);
+        gauge!("iomfs_iom_cache_bytes").set(s.cache_bytes as f64);
+        counter!("iomfs_iom_cache_hits_total").absolute(s.cache_hits);
+        counter!("iomfs_iom_cache_misses_total").absolute(s.cache_misses);
+        counter!("iomfs_iom_parity_writes_total").absolute(s.parity_writes);
+        counter!("iomfs_iom_parity_deltas_total").absolute(s.parity_deltas);
+        gauge!("iomfs_iom_rss_bytes").set(s.rss_bytes as f64);
+        gauge!("iomfs_iom_open_transactions").set(s.open_txs as f64);
+        gauge!("iomfs_iom_open_parity_transactions").set(s.open_parity_txs as f64);
+        gauge!("iomfs_iom_rebuild_done_blocks").set(s.rebuild_done as f64);
+        gauge!("iomfs_iom_rebuild_total_blocks").set(s.rebuild_total as f64);
+        gauge!("iomfs_iom_rebuild_bytes_per_second").set(s.rebuild_bytes_per_s as f64);
+        counter!("iomfs_iom_repaired_blocks_total").absolute(s.repaired_blocks);
+        counter!("iomfs_iom_repaired_parity_total").absolute(s.repaired_parity);
+        counter!("iomfs_iom_disk_errors_total").absolute(s.disk_errors);
+        gauge!("iomfs_iom_room_bytes").set(s.room_bytes as f64);
+        gauge!("iomfs_iom_disk_bytes").set(s.disk_bytes as f64);
+        let map = self.member.current();
+        for (i, st) in map.states.iter().enumerate() {
+            let now = match st {
+                common::cluster::IomState::Up => "up",
+                common::cluster::IomState::Down { .. } => "down",
+                common::cluster::IomState::Rebuilding { .. } => "rebuilding",
+            };
+            for state in ["up", "down", "rebuilding"] {
+                gauge!("iomfs_cluster_iom_state", "member" => i.to_string(), "state" => state).set(if state == now {
+                    1.0
+                } else {
+                    0.0
+                });
+            }
+        }
+        gauge!("iomfs_cluster_health").set(match map.health() {
+            common::cluster::Health::Healthy => 0.0,
+            common::cluster::Health::Degraded => 1.0,
+            common::cluster::Health::Stopped => 2.0,
+        });
     }
 
     pub fn stats(&self) -> IomStats {

@@ -7,6 +7,7 @@
 //! the protocol limits are refused before any allocation of their size.
 
 pub mod frame;
+pub mod metrics;
 pub mod pki;
 pub mod pool;
 pub mod tls;

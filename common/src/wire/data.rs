@@ -2,7 +2,7 @@
 
 use super::*;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
 pub enum DataReq {
     /// Read `len` bytes at `offset` of the current version of a block.
     Read { route: Route, key: BlockKey, offset: u32, len: u32 },

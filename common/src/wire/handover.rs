@@ -5,7 +5,7 @@
 use super::*;
 
 /// Asked of the stand-in (the proxy) by the rejoining IOM `about`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
 pub enum HandoverReq {
     /// Everything the stand-in marked for rebuild of `about`.
     RebuildMarks { about: IomId },

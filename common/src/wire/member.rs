@@ -10,7 +10,7 @@ pub struct Ballot {
     pub proposer: IomId,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
 pub enum MemberReq {
     Ping {
         from: IomId,

@@ -68,7 +68,7 @@ pub struct Route {
     pub target: IomId,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
 pub enum Request {
     Hello(Hello),
     Data(DataReq),
@@ -159,3 +159,19 @@ pub use handover::*;
 pub use member::*;
 pub use parity::*;
 pub use recovery::*;
+
+impl Request {
+    /// (family, operation) naming this request in metrics and traces, such
+    /// as `("data", "WriteMany")` or `("meta", "Create")`.
+    pub fn name(&self) -> (&'static str, &'static str) {
+        match self {
+            Request::Data(d) => ("data", d.into()),
+            Request::Meta(c) => ("meta", (&c.req).into()),
+            Request::Member(m) => ("member", m.into()),
+            Request::Admin(a) => ("admin", a.into()),
+            Request::Handover(h) => ("handover", h.into()),
+            Request::Recovery(r) => ("recovery", r.into()),
+            other => ("stream", other.into()),
+        }
+    }
+}

@@ -23,7 +23,7 @@ pub struct ParityUpdate {
 }
 
 /// Data IOM to parity IOM, on the parity channel.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
 pub enum ParityMsg {
     Update(ParityUpdate),
     /// a13: the data IOM's write completed (map switched, data durable).

@@ -3,7 +3,7 @@
 
 use super::*;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
 pub enum RecoveryReq {
     /// Unfinished transactions this IOM has with failed IOM `about`
     /// (published to its proxy when it takes over).

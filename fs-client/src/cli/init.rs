@@ -21,6 +21,8 @@ pub struct InitOptions {
     pub base_port: u16,
     pub meta_home: u32,
     pub transport: TransportProfile,
+    /// IOM i's Prometheus endpoint on 127.0.0.1:(port + i); none: off.
+    pub metrics_port: Option<u16>,
 }
 
 /// Parses sizes like `64K`, `1M`, `65536`.
@@ -59,6 +61,11 @@ pub fn init(dir: &Path, o: &InitOptions) -> Result<ClusterConfig> {
     if common::Layout::new(o.ioms, o.block_size).is_none() {
         bail!("--block-size {}: must be a power of two from 4K to 4M", o.block_size);
     }
+    if let Some(p) = o.metrics_port {
+        if p as u32 + o.ioms > 65536 || p == 0 {
+            bail!("--metrics-port {p}: the {} IOMs need ports {p} to {} (1 to 65535)", o.ioms, p as u32 + o.ioms - 1);
+        }
+    }
     if o.meta_home >= o.ioms {
         bail!("--meta-home {} is not an IOM id (0..{})", o.meta_home, o.ioms);
     }
@@ -95,6 +102,7 @@ pub fn init(dir: &Path, o: &InitOptions) -> Result<ClusterConfig> {
                 data_dir: None,
                 journal_dir: None,
                 capacity: None,
+                metrics_addr: o.metrics_port.map(|p| format!("127.0.0.1:{}", p as u32 + i as u32)),
             })
             .collect(),
     };
@@ -150,6 +158,7 @@ mod tests {
             base_port: 0,
             meta_home: 0,
             transport: TransportProfile::Loopback,
+            metrics_port: None,
         };
         let cfg = init(d.path(), &o).unwrap();
         assert_eq!(cfg.ioms.len(), 5);

@@ -177,6 +177,7 @@ fn ensure_cluster(dir: &Path, ioms: u32) -> Result<()> {
                 base_port: 0,
                 meta_home: 0,
                 transport: common::config::TransportProfile::Loopback,
+                metrics_port: None,
             },
         )?;
         println!("initialised cluster {} in {} ({} IOMs)", cfg.cluster_id, dir.display(), cfg.width());

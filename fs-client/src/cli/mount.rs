@@ -44,6 +44,10 @@ pub fn parse_options(opts: &[String]) -> Result<(FsOptions, bool)> {
             }
             "attr_timeout" => o.attr_ttl = secs(v)?,
             "entry_timeout" => o.entry_ttl = secs(v)?,
+            "metrics" => {
+                let v = v.context("-o metrics needs an address, such as metrics=127.0.0.1:9410")?;
+                o.metrics = Some(net::metrics::parse_addr("-o metrics", v).map_err(anyhow::Error::msg)?);
+            }
             "ro" => o.read_only = true,
             "rw" => o.read_only = false,
             "debug" => debug = true,
@@ -61,7 +65,7 @@ pub fn parse_options(opts: &[String]) -> Result<(FsOptions, bool)> {
             | "defaults" => {}
             other => bail!(
                 "unknown mount option '{other}' (known: toughness=, attr_timeout=, entry_timeout=, ro, rw, \
-                 buffer_mb=, buffer_file_mb=, buffer_age=)"
+                 buffer_mb=, buffer_file_mb=, buffer_age=, metrics=)"
             ),
         }
     }
@@ -101,6 +105,12 @@ pub fn mount_foreground(dir: &Path, mnt: &Path, fso: FsOptions, debug: bool) -> 
         .enable_all()
         .build()
         .context("start async runtime")?;
+    if let Some(addr) = fso.metrics {
+        let _in_rt = rt.enter();
+        let label = mnt.display().to_string();
+        net::metrics::serve(addr, &[("mount", label)])
+            .map_err(|e| anyhow::anyhow!("{e}: choose another address with -o metrics=IP:PORT"))?;
+    }
     let client = rt.block_on(ClusterClient::connect(dir))?;
     // Fail early and clearly when the cluster does not answer.
     let probe = rt.block_on(async {

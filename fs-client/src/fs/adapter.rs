@@ -100,12 +100,23 @@ fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
 }
 
 impl IomFs {
-    fn spawn<F, Fut>(&self, f: F)
+    /// Runs the request `op` on the runtime; its time from here to the
+    /// reply (which the future sends) is recorded for the metrics.
+    fn spawn<F, Fut>(&self, op: &'static str, f: F)
     where
         F: FnOnce(Arc<Inner>) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.inner.tasks.spawn_on(f(self.inner.clone()), &self.rt);
+        let t0 = std::time::Instant::now();
+        let fut = f(self.inner.clone());
+        self.inner.tasks.spawn_on(
+            async move {
+                fut.await;
+                metrics::histogram!("iomfs_client_fuse_request_duration_seconds", "op" => op)
+                    .record(t0.elapsed().as_secs_f64());
+            },
+            &self.rt,
+        );
     }
 }
 
@@ -161,7 +172,7 @@ impl Filesystem for IomFs {
                 return entry(reply, ttl, r);
             }
         }
-        self.spawn(move |fs| async move {
+        self.spawn("lookup", move |fs| async move {
             let r = fs.lookup(Ino(parent.0), nm).await;
             entry(reply, ttl, r)
         });
@@ -172,7 +183,7 @@ impl Filesystem for IomFs {
         if let Some((a, left)) = self.inner.fresh_attr(Ino(ino.0)) {
             return reply.attr(&left.min(ttl), &file_attr(&a));
         }
-        self.spawn(move |fs| async move {
+        self.spawn("getattr", move |fs| async move {
             // Fresh from the namespace, with the size of unpublished local writes on top.
             match fs.attr_of(Ino(ino.0)).await {
                 Ok(a) => reply.attr(&ttl, &file_attr(&a)),
@@ -221,7 +232,7 @@ impl Filesystem for IomFs {
         };
         let c = caller(req);
         let ttl = self.inner.o.attr_ttl;
-        self.spawn(move |fs| async move {
+        self.spawn("setattr", move |fs| async move {
             match fs.setattr(Ino(ino.0), set, c).await {
                 Ok(a) => reply.attr(&ttl, &file_attr(&a)),
                 Err(e) => reply.error(e),
@@ -230,7 +241,7 @@ impl Filesystem for IomFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.spawn(move |fs| async move {
+        self.spawn("readlink", move |fs| async move {
             match fs.readlink(Ino(ino.0)).await {
                 Ok(d) => reply.data(&d),
                 Err(e) => reply.error(e),
@@ -245,7 +256,7 @@ impl Filesystem for IomFs {
             return reply.error(Errno::EINVAL);
         }
         let perm = (mode & !umask & 0o7777) as u16;
-        self.spawn(move |fs| async move {
+        self.spawn("mknod", move |fs| async move {
             let r = fs.create(Ino(parent.0), nm, NewNode { kind: k, perm, rdev, target: None }, c, false).await;
             entry(reply, ttl, r)
         });
@@ -254,7 +265,7 @@ impl Filesystem for IomFs {
     fn mkdir(&self, req: &Request, parent: INodeNo, nm: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let (nm, c, ttl) = (name(nm), caller(req), self.inner.o.entry_ttl);
         let perm = (mode & !umask & 0o7777) as u16;
-        self.spawn(move |fs| async move {
+        self.spawn("mkdir", move |fs| async move {
             let r = fs
                 .create(Ino(parent.0), nm, NewNode { kind: FileKind::Directory, perm, rdev: 0, target: None }, c, false)
                 .await;
@@ -264,18 +275,18 @@ impl Filesystem for IomFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, nm: &OsStr, reply: ReplyEmpty) {
         let nm = name(nm);
-        self.spawn(move |fs| async move { empty(reply, fs.unlink(Ino(parent.0), nm).await) });
+        self.spawn("unlink", move |fs| async move { empty(reply, fs.unlink(Ino(parent.0), nm).await) });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, nm: &OsStr, reply: ReplyEmpty) {
         let nm = name(nm);
-        self.spawn(move |fs| async move { empty(reply, fs.rmdir(Ino(parent.0), nm).await) });
+        self.spawn("rmdir", move |fs| async move { empty(reply, fs.rmdir(Ino(parent.0), nm).await) });
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link: &OsStr, target: &Path, reply: ReplyEntry) {
         let (nm, c, ttl) = (name(link), caller(req), self.inner.o.entry_ttl);
         let t = target.as_os_str().as_bytes().to_vec();
-        self.spawn(move |fs| async move {
+        self.spawn("symlink", move |fs| async move {
             let r = fs
                 .create(
                     Ino(parent.0),
@@ -301,18 +312,18 @@ impl Filesystem for IomFs {
     ) {
         let (nm, newname) = (name(nm), name(newname));
         let flags = flags.bits();
-        self.spawn(move |fs| async move {
+        self.spawn("rename", move |fs| async move {
             empty(reply, fs.rename(Ino(parent.0), nm, Ino(newparent.0), newname, flags).await)
         });
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let (nm, ttl) = (name(newname), self.inner.o.entry_ttl);
-        self.spawn(move |fs| async move { entry(reply, ttl, fs.link(Ino(ino.0), Ino(newparent.0), nm).await) });
+        self.spawn("link", move |fs| async move { entry(reply, ttl, fs.link(Ino(ino.0), Ino(newparent.0), nm).await) });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.spawn(move |fs| async move {
+        self.spawn("open", move |fs| async move {
             match fs.open(Ino(ino.0), flags.0).await {
                 Ok((fh, f)) => reply.opened(fh, f),
                 Err(e) => reply.error(e),
@@ -331,7 +342,7 @@ impl Filesystem for IomFs {
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.spawn(move |fs| async move {
+        self.spawn("read", move |fs| async move {
             match fs.read(Ino(ino.0), offset, size).await {
                 Ok(b) => reply.data(&b),
                 Err(e) => reply.error(e),
@@ -354,7 +365,7 @@ impl Filesystem for IomFs {
         let data = Bytes::copy_from_slice(data);
         let kill = wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         let c = caller(req);
-        self.spawn(move |fs| async move {
+        self.spawn("write", move |fs| async move {
             match fs.write(Ino(ino.0), fh.0, offset, data, kill, c).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(e),
@@ -364,7 +375,7 @@ impl Filesystem for IomFs {
 
     fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
         // close(2): buffered bytes are sent, their error (if any) reported.
-        self.spawn(move |fs| async move { empty(reply, fs.publish_and_report(Ino(ino.0)).await) });
+        self.spawn("flush", move |fs| async move { empty(reply, fs.publish_and_report(Ino(ino.0)).await) });
     }
 
     fn release(
@@ -377,11 +388,11 @@ impl Filesystem for IomFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(move |fs| async move { empty(reply, fs.release(fh.0).await) });
+        self.spawn("release", move |fs| async move { empty(reply, fs.release(fh.0).await) });
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.spawn(move |fs| async move { empty(reply, fs.fsync(Ino(ino.0)).await) });
+        self.spawn("fsync", move |fs| async move { empty(reply, fs.fsync(Ino(ino.0)).await) });
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -389,7 +400,7 @@ impl Filesystem for IomFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        self.spawn(move |fs| async move {
+        self.spawn("readdir", move |fs| async move {
             match fs.read_dir(Ino(ino.0), offset, 512, false).await {
                 Ok(es) => {
                     for e in es {
@@ -406,7 +417,7 @@ impl Filesystem for IomFs {
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let ttl = self.inner.o.entry_ttl;
-        self.spawn(move |fs| async move {
+        self.spawn("readdirplus", move |fs| async move {
             match fs.read_dir(Ino(ino.0), offset, 256, true).await {
                 Ok(es) => {
                     for e in es {
@@ -430,11 +441,11 @@ impl Filesystem for IomFs {
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.spawn(move |fs| async move { empty(reply, fs.sync_dir().await) });
+        self.spawn("fsyncdir", move |fs| async move { empty(reply, fs.sync_dir().await) });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.spawn(move |fs| async move {
+        self.spawn("statfs", move |fs| async move {
             match fs.statfs().await {
                 Ok(s) => {
                     let bs = 4096u64;
@@ -469,7 +480,9 @@ impl Filesystem for IomFs {
             return reply.error(e);
         }
         let value = value.to_vec();
-        self.spawn(move |fs| async move { empty(reply, fs.setxattr(Ino(ino.0), nm, value, flags as u32).await) });
+        self.spawn("setxattr", move |fs| async move {
+            empty(reply, fs.setxattr(Ino(ino.0), nm, value, flags as u32).await)
+        });
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, nm: &OsStr, size: u32, reply: ReplyXattr) {
@@ -477,7 +490,7 @@ impl Filesystem for IomFs {
         if self.inner.caps_known_absent(Ino(ino.0), &nm) {
             return reply.error(Errno::ENODATA);
         }
-        self.spawn(move |fs| async move {
+        self.spawn("getxattr", move |fs| async move {
             match fs.getxattr(Ino(ino.0), &nm).await {
                 Ok(v) => xattr_reply(reply, size, &v),
                 Err(e) => reply.error(e),
@@ -486,7 +499,7 @@ impl Filesystem for IomFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.spawn(move |fs| async move {
+        self.spawn("listxattr", move |fs| async move {
             match fs.listxattr(Ino(ino.0)).await {
                 Ok(buf) => xattr_reply(reply, size, &buf),
                 Err(e) => reply.error(e),
@@ -499,7 +512,7 @@ impl Filesystem for IomFs {
         if let Err(e) = xattr::check_remove(&nm) {
             return reply.error(e);
         }
-        self.spawn(move |fs| async move { empty(reply, fs.removexattr(Ino(ino.0), nm).await) });
+        self.spawn("removexattr", move |fs| async move { empty(reply, fs.removexattr(Ino(ino.0), nm).await) });
     }
 
     fn ioctl(
@@ -533,7 +546,7 @@ impl Filesystem for IomFs {
     ) {
         let (nm, c) = (name(nm), caller(req));
         let (ttl, perm) = (self.inner.o.entry_ttl, (mode & !umask & 0o7777) as u16);
-        self.spawn(move |fs| async move {
+        self.spawn("create", move |fs| async move {
             match fs.create_open(Ino(parent.0), nm, perm, c, flags).await {
                 Ok((a, fh)) => reply.created(&ttl, &file_attr(&a), Generation(0), fh, FopenFlags::empty()),
                 Err(e) => reply.error(e),
@@ -555,6 +568,9 @@ impl Filesystem for IomFs {
             return reply.error(Errno::EOPNOTSUPP);
         }
         let c = caller(req);
-        self.spawn(move |fs| async move { empty(reply, fs.fallocate(Ino(ino.0), offset, length, c).await) });
+        self.spawn(
+            "fallocate",
+            move |fs| async move { empty(reply, fs.fallocate(Ino(ino.0), offset, length, c).await) },
+        );
     }
 }

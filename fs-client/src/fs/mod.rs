@@ -74,6 +74,9 @@ pub struct FsOptions {
     pub read_only: bool,
     /// Limits of the `buffered` level's buffer.
     pub buffer: BufferCaps,
+    /// Where the mount's Prometheus endpoint listens (`-o metrics=`);
+    /// none: no endpoint.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for FsOptions {
@@ -84,6 +87,7 @@ impl Default for FsOptions {
             entry_ttl: Duration::from_secs(1),
             read_only: false,
             buffer: BufferCaps::default(),
+            metrics: None,
         }
     }
 }
@@ -192,6 +196,9 @@ impl IomFs {
         i.tasks.spawn_on(i.clone().renew_worker(), &self.rt);
         i.tasks.spawn_on(i.clone().age_worker(), &self.rt);
         i.tasks.spawn_on(i.clone().space_worker(), &self.rt);
+        if i.o.metrics.is_some() {
+            i.tasks.spawn_on(i.clone().metrics_worker(), &self.rt);
+        }
     }
 
     pub fn inner(&self) -> Arc<Inner> {
@@ -268,6 +275,18 @@ impl Inner {
 
     /// Background task: keeps the cluster's room at most `SPACE_MAX_AGE`
     /// old while `buffered` writes that grow files come.
+    /// Publishes the buffer's use for the metrics endpoint every second.
+    async fn metrics_worker(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = self.stopping.cancelled() => return,
+            }
+            metrics::gauge!("iomfs_client_buffered_bytes").set(self.wb.total() as f64);
+            metrics::gauge!("iomfs_client_buffer_cap_bytes").set(self.o.buffer.total as f64);
+        }
+    }
+
     async fn space_worker(self: Arc<Self>) {
         use std::sync::atomic::Ordering;
         loop {
