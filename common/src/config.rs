@@ -25,6 +25,41 @@ pub enum ConfigError {
     UnknownIom(u32),
 }
 
+/// Parses a size such as `65536`, `64K`, `64k`, `64KiB`, `64KB`, `1M`,
+/// `1MiB`, `2G` (binary units: K = 1024); an error names the problem and
+/// shows the forms accepted. Sizes that do not fit in 64 bits are refused.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("'{s}' is not a size (examples: 65536, 64K, 64KiB, 1M, 2G)")),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (examples: 65536, 64K, 64KiB, 1M, 2G)"))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// `block_size` in cluster.toml: a number of bytes or a size string
+/// (`"64K"`, `"64KiB"`), as the command line takes it.
+fn de_block_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        N(u64),
+        S(String),
+    }
+    let n = match Size::deserialize(d)? {
+        Size::N(n) => n,
+        Size::S(s) => parse_size(&s).map_err(serde::de::Error::custom)?,
+    };
+    u32::try_from(n).map_err(|_| serde::de::Error::custom(format!("block_size {n} is larger than 4 MiB")))
+}
+
 /// Transport tuning profile (see docs/operations.md and LIMITS.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -117,6 +152,7 @@ pub struct IomConfig {
 pub struct ClusterConfig {
     pub format_version: u32,
     pub cluster_id: String,
+    #[serde(deserialize_with = "de_block_size")]
     pub block_size: u32,
     /// The IOM that is home of the namespace; its proxy mirrors it.
     #[serde(default)]
@@ -179,6 +215,26 @@ impl ClusterConfig {
         }
         if self.cluster_id.is_empty() {
             return Err(bad("empty cluster_id".into()));
+        }
+        let t = &self.tuning;
+        let ranges: [(&str, u64, u64, u64, &str); 5] = [
+            ("heartbeat_ms", t.heartbeat_ms, 10, 10_000, "100"),
+            ("failure_timeout_ms", t.failure_timeout_ms, 100, 600_000, "2000"),
+            ("journal_flush_ms", t.journal_flush_ms, 1, 10_000, "20"),
+            ("stopped_wait_s", t.stopped_wait_s, 1, 86_400, "60"),
+            ("cache_mib", t.cache_mib, 0, 1 << 20, "128"),
+        ];
+        for (name, v, lo, hi, default) in ranges {
+            if !(lo..=hi).contains(&v) {
+                return Err(bad(format!("tuning.{name} {v} is out of range: {lo} to {hi} (the default is {default})")));
+            }
+        }
+        if t.failure_timeout_ms < 3 * t.heartbeat_ms {
+            return Err(bad(format!(
+                "tuning.failure_timeout_ms {} is less than three heartbeats ({} ms each): a healthy IOM would be \
+                 declared down; raise failure_timeout_ms or lower heartbeat_ms",
+                t.failure_timeout_ms, t.heartbeat_ms
+            )));
         }
         if self.tuning.iom_threads > 256 {
             return Err(bad(format!("tuning.iom_threads {} is more than 256", self.tuning.iom_threads)));
@@ -350,6 +406,21 @@ mod tests {
     }
 
     #[test]
+    fn sizes_parse_in_every_usual_form_and_never_wrap() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("64k"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("64 KB"), Ok(65536));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert!(parse_size("17179869184G").unwrap_err().contains("too large"));
+        assert!(parse_size("big").unwrap_err().contains("not a size"));
+        assert!(parse_size("-1").unwrap_err().contains("not a size"));
+        assert!(parse_size("").unwrap_err().contains("not a size"));
+    }
+
+    #[test]
     fn errors_name_the_problem() {
         let p = Path::new("/d/cluster.toml");
         let e = ClusterConfig::parse("format_version = 9\n", p).unwrap_err().to_string();
@@ -374,6 +445,24 @@ mod tests {
         assert!(e.contains("IOM 2 metrics_addr 'localhost:9400' is not an IP address and port"), "{e}");
         c.ioms[2].metrics_addr = Some("127.0.0.1:9402".into());
         assert_eq!(ClusterConfig::parse(&c.to_toml(), p).unwrap(), c);
+        for (key, v, want) in [
+            ("heartbeat_ms", 0, "tuning.heartbeat_ms 0 is out of range: 10 to 10000"),
+            ("failure_timeout_ms", 0, "tuning.failure_timeout_ms 0 is out of range"),
+            ("failure_timeout_ms", 250, "less than three heartbeats"),
+            ("journal_flush_ms", 0, "tuning.journal_flush_ms 0 is out of range"),
+        ] {
+            let text = sample().to_toml().replace(&format!("{key} = "), &format!("{key} = {v} # "));
+            let e = ClusterConfig::parse(&text, p).unwrap_err().to_string();
+            assert!(e.contains(want), "{key} = {v}: {e}");
+        }
+        // block_size as the command line writes it.
+        for (v, want) in [("\"64K\"", 65536), ("\"64KiB\"", 65536), ("\"1M\"", 1 << 20), ("65536", 65536)] {
+            let text = sample().to_toml().replace("block_size = 65536", &format!("block_size = {v}"));
+            assert_eq!(ClusterConfig::parse(&text, p).unwrap().block_size, want, "{v}");
+        }
+        let text = sample().to_toml().replace("block_size = 65536", "block_size = \"64X\"");
+        let e = ClusterConfig::parse(&text, p).unwrap_err().to_string();
+        assert!(e.contains("'64X' is not a size"), "{e}");
         let e = ClusterConfig::load(Path::new("/nonexistent-dir")).unwrap_err().to_string();
         assert!(e.contains("iomfs init"), "{e}");
     }

@@ -101,6 +101,24 @@ enum Cmd {
         #[arg(long)]
         detach: bool,
     },
+    /// Write systemd units for this host: iom-server@.service (one instance
+    /// per IOM id, Type=notify) and, with --mount, a mount unit for a client.
+    InstallUnits {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Where to write the unit files.
+        #[arg(long, default_value = "/etc/systemd/system")]
+        out: PathBuf,
+        /// Directory holding the installed iom-server (scripts/install).
+        #[arg(long, default_value = "/usr/local/bin")]
+        bin_dir: PathBuf,
+        /// Also write a mount unit mounting the cluster here.
+        #[arg(long)]
+        mount: Option<PathBuf>,
+        /// The mount unit's options (as `iomfs mount -o`).
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+    },
     /// Send every buffered write of the mount at MNT to the IOMs (sync(1) does not reach a FUSE mount).
     Sync {
         /// Mount point.
@@ -124,13 +142,17 @@ enum Cmd {
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
     },
-    /// One line per IOM and the cluster state; exit 0 when healthy.
+    /// One line per IOM, capacity, the cluster state and what to do; exit
+    /// 0 healthy, 1 degraded, 2 stopped, 3 unreachable.
     Status {
         #[arg(long)]
         dir: PathBuf,
         /// Redraw every second (with progress while a rebuild runs).
         #[arg(long)]
         watch: bool,
+        /// Print the status as JSON (schema in docs/operations.md).
+        #[arg(long, conflicts_with = "watch")]
+        json: bool,
     },
     /// Put an empty disk in place of IOM ID's lost one: start the IOM as a
     /// replacement that rebuilds everything it held from the other IOMs
@@ -141,10 +163,14 @@ enum Cmd {
         #[arg(long)]
         id: u32,
     },
-    /// Print every IOM's counters.
+    /// Print every IOM's counters (one `name value` line each, or JSON);
+    /// exit 3 when no IOM answers, 1 when some do not.
     Stats {
         #[arg(long)]
         dir: PathBuf,
+        /// One JSON array of the IOMs' counters.
+        #[arg(long)]
+        json: bool,
     },
     /// Caches of a running cluster.
     Cache {
@@ -183,7 +209,9 @@ enum LocalAction {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let helper = mount::helper_args(&args);
+    let cli = if helper.is_some() { None } else { Some(Cli::parse()) };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("IOMFS_LOG")
@@ -198,7 +226,12 @@ fn main() -> std::process::ExitCode {
         // logged (a parity worker, a write in flight) half way.
         .log_internal_errors(false)
         .init();
-    match run(cli) {
+    let r = match (cli, helper) {
+        (Some(cli), _) => run(cli),
+        (None, Some(h)) => mount::run_helper(&h).map(|()| 0),
+        (None, None) => unreachable!("either a command line or a helper's"),
+    };
+    match r {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
             eprintln!("iomfs: {e:#}");
@@ -278,11 +311,17 @@ fn run(cli: Cli) -> Result<u8> {
                 println!("scrub: {} groups checked, {} blocks, {} problems", r.groups, r.blocks, r.problems.len());
                 Ok::<_, anyhow::Error>(r)
             };
+            let started = std::time::Instant::now();
+            let before = scrub::repairs_so_far(&c).await;
+            let mut repaired = 0u64;
             let mut r = run(c.clone()).await?;
             if repair && !r.problems.is_empty() {
                 for (p, done) in scrub::repair(&c, &r.problems).await {
                     match done {
-                        Ok(()) => println!("repaired: {p}"),
+                        Ok(()) => {
+                            repaired += 1;
+                            println!("repaired: {p}")
+                        }
                         Err(e) => println!("not repaired: {p}: {e}"),
                     }
                 }
@@ -292,6 +331,21 @@ fn run(cli: Cli) -> Result<u8> {
                 }
                 println!("scrub: checking again");
                 r = run(c.clone()).await?;
+            }
+            let record = scrub::LastScrub {
+                finished_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                seconds: started.elapsed().as_secs_f64(),
+                groups: r.groups,
+                blocks: r.blocks,
+                problems: r.problems.len() as u64,
+                repaired,
+                healed: scrub::repairs_so_far(&c).await.saturating_sub(before),
+            };
+            if let Err(e) = record.save(&dir) {
+                eprintln!("scrub: cannot record this scrub in {}: {e}", scrub::LastScrub::path(&dir).display());
             }
             c.close();
             Ok(if r.problems.is_empty() { 0 } else { 1 })
@@ -372,6 +426,17 @@ fn run(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
+        Cmd::InstallUnits { dir, out, bin_dir, mount, options } => {
+            let o = cli::units::UnitOptions { out, bin_dir, mount, options };
+            for p in cli::units::install(&dir, &o)? {
+                println!("wrote {}", p.display());
+            }
+            println!(
+                "now: systemctl daemon-reload; systemctl enable --now iom-server@ID for each IOM of this host{}",
+                if o.mount.is_some() { "; systemctl enable --now the .mount unit" } else { "" }
+            );
+            Ok(0)
+        }
         Cmd::Sync { mnt } => {
             mount::sync(&mnt)?;
             Ok(0)
@@ -402,7 +467,7 @@ fn run(cli: Cli) -> Result<u8> {
             local::up(&dir, &mnt, ioms, detach, &options)?;
             Ok(0)
         }
-        Cmd::Status { dir, watch } => runtime()?.block_on(async {
+        Cmd::Status { dir, watch, json } => runtime()?.block_on(async {
             let c = ClusterClient::connect(&dir).await?;
             if watch {
                 local::watch(&c).await;
@@ -410,9 +475,13 @@ fn run(cli: Cli) -> Result<u8> {
                 return Ok(0);
             }
             let s = local::status(&c).await;
-            print!("{}", s.render());
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s.json()).expect("json"));
+            } else {
+                print!("{}", s.render());
+            }
             c.close();
-            Ok(if s.health() == common::Health::Healthy { 0 } else { 1 })
+            Ok(s.verdict().exit_code())
         }),
         Cmd::Cache { action: CacheAction::Drop { dir } } => runtime()?.block_on(async {
             let c = ClusterClient::connect(&dir).await?;
@@ -429,12 +498,35 @@ fn run(cli: Cli) -> Result<u8> {
             c.close();
             Ok(if failed { 1 } else { 0 })
         }),
-        Cmd::Stats { dir } => runtime()?.block_on(async {
+        Cmd::Stats { dir, json } => runtime()?.block_on(async {
             let c = ClusterClient::connect(&dir).await?;
-            for s in fs_client::bench::stats(&c).await {
-                println!("{s:?}");
-            }
+            let all = fs_client::bench::stats(&c).await;
+            let width = c.cfg.width() as usize;
             c.close();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all).expect("json"));
+            } else {
+                for s in &all {
+                    let v = serde_json::to_value(s).expect("json");
+                    for (k, x) in v.as_object().into_iter().flatten() {
+                        let x = x.as_str().map(String::from).unwrap_or_else(|| x.to_string());
+                        println!("iom {} {k} {x}", s.iom);
+                    }
+                }
+            }
+            if all.is_empty() {
+                eprintln!(
+                    "iomfs stats: no IOM of {} answers: start them, or check the addresses in its cluster.toml",
+                    dir.display()
+                );
+                return Ok(3);
+            }
+            if all.len() < width {
+                let missing: Vec<String> =
+                    (0..width as u32).filter(|i| !all.iter().any(|s| s.iom == *i)).map(|i| i.to_string()).collect();
+                eprintln!("iomfs stats: IOM {} did not answer", missing.join(", "));
+                return Ok(1);
+            }
             Ok(0)
         }),
     }

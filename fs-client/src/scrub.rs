@@ -36,6 +36,57 @@ impl std::fmt::Display for Problem {
     }
 }
 
+/// The last scrub run from a cluster directory (`D/last-scrub.json`),
+/// which `iomfs status` shows: when it finished, how long it took and
+/// what it found.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LastScrub {
+    /// Seconds since the Unix epoch when it finished.
+    pub finished_unix: u64,
+    pub seconds: f64,
+    pub groups: u64,
+    pub blocks: u64,
+    /// Problems found by the last pass.
+    pub problems: u64,
+    /// Problems repaired (`--repair`) before that pass.
+    pub repaired: u64,
+    /// Damaged blocks rebuilt from their groups while the scrub read them.
+    pub healed: u64,
+}
+
+impl LastScrub {
+    pub fn path(dir: &std::path::Path) -> std::path::PathBuf {
+        dir.join("last-scrub.json")
+    }
+
+    pub fn save(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        let tmp = dir.join("last-scrub.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
+        std::fs::rename(&tmp, Self::path(dir))
+    }
+
+    /// None when no scrub was recorded (or the record is unreadable).
+    pub fn load(dir: &std::path::Path) -> Option<LastScrub> {
+        serde_json::from_slice(&std::fs::read(Self::path(dir)).ok()?).ok()
+    }
+
+    pub fn summary(&self) -> String {
+        let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(self.finished_unix);
+        let ago = std::time::SystemTime::now().duration_since(when).unwrap_or_default();
+        let ago = humantime::format_duration(std::time::Duration::from_secs(ago.as_secs()));
+        format!(
+            "{} ({ago} ago), {:.1} s, {} groups, {} blocks, {} problems{}{}",
+            humantime::format_rfc3339_seconds(when),
+            self.seconds,
+            self.groups,
+            self.blocks,
+            self.problems,
+            if self.repaired > 0 { format!(", {} repaired", self.repaired) } else { String::new() },
+            if self.healed > 0 { format!(", {} blocks healed", self.healed) } else { String::new() },
+        )
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Report {
     pub groups: u64,

@@ -148,3 +148,307 @@ fn a_metrics_address_in_use_fails_the_mount_with_the_fix_and_leaves_an_iom_servi
     assert!(c.log(0).contains("no metrics endpoint"), "{}", c.log(0));
     drop(taken);
 }
+
+/// `iomfs status --json`, parsed.
+fn status_json(c: &Cluster) -> (i32, serde_json::Value) {
+    let out = c.iomfs(&["status", "--json"]);
+    let code = out.status.code().unwrap_or(-1);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let j: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {text}{}", String::from_utf8_lossy(&out.stderr)));
+    (code, j)
+}
+
+/// Polls `status --json` until its exit code is `code` (20 s at most).
+fn wait_status(c: &Cluster, code: i32) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (rc, j) = status_json(c);
+        if rc == code {
+            return j;
+        }
+        assert!(std::time::Instant::now() < deadline, "status stayed at exit {rc}, not {code}: {j:#}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn status_json_exit_codes_capacity_actions_and_the_last_scrub_follow_the_cluster() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let j = wait_status(&c, 0);
+    assert_eq!(j["state"], "healthy", "{j:#}");
+    assert_eq!(j["schema"], 1);
+    let cap = &j["capacity"];
+    assert!(cap["usable_bytes"].as_u64().unwrap_or(0) > 0, "{j:#}");
+    assert!(cap["free_bytes"].as_u64() <= cap["usable_bytes"].as_u64(), "{j:#}");
+    // Nothing to do, unless the test machine's own disk is nearly full.
+    let nearfull = cap["nearfull"] == true;
+    let actions: Vec<&str> = j["actions"].as_array().expect("actions").iter().filter_map(|a| a.as_str()).collect();
+    assert!(actions.iter().all(|a| nearfull && a.starts_with("free space")), "{j:#}");
+    for (i, iom) in j["ioms"].as_array().expect("ioms").iter().enumerate() {
+        assert_eq!(iom["id"], i as u64);
+        assert_eq!(iom["state"], "up", "{iom:#}");
+        assert_eq!(iom["version"], env!("CARGO_PKG_VERSION"), "{iom:#}");
+        assert_eq!(iom["errors"]["disk"], 0);
+    }
+    assert!(j["last_scrub"].is_null(), "{j:#}");
+    // A scrub is recorded and shown.
+    c.must_scrub_clean();
+    let (_, j) = status_json(&c);
+    assert_eq!(j["last_scrub"]["problems"], 0, "{j:#}");
+    assert!(j["last_scrub"]["groups"].as_u64().is_some(), "{j:#}");
+    let text = String::from_utf8_lossy(&c.iomfs(&["status"]).stdout).to_string();
+    for want in ["capacity: ", "GiB usable", "last scrub: ", "cluster: healthy", "  v"] {
+        assert!(text.contains(want), "no '{want}' in:\n{text}");
+    }
+
+    let out = c.iomfs(&["stats", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats --json");
+    assert_eq!(v.as_array().map(|a| a.len()), Some(5), "{v:#}");
+    assert!(v[4]["journal_records"].as_u64().is_some(), "{v:#}");
+
+    // One IOM down: degraded, exit 1, and the action names the fix.
+    c.kill(1);
+    // First unreachable (the map still says up), then declared down.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let j = loop {
+        let (rc, j) = status_json(&c);
+        if j["ioms"][1]["state"] == "down" {
+            assert_eq!(rc, 1, "{j:#}");
+            break j;
+        }
+        assert!(std::time::Instant::now() < deadline, "IOM 1 not declared down: {j:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(j["state"], "degraded", "{j:#}");
+    assert_eq!(j["ioms"][1]["state"], "down", "{j:#}");
+    assert_eq!(j["ioms"][1]["proxy"], 2, "{j:#}");
+    let actions = j["actions"].to_string();
+    assert!(actions.contains("IOM 1 is down") && actions.contains("iomfs replace"), "{actions}");
+    let text = String::from_utf8_lossy(&c.iomfs(&["status"]).stdout).to_string();
+    assert!(text.contains("cluster: degraded") && text.contains("action: IOM 1 is down"), "{text}");
+
+    // Two: stopped, exit 2.
+    c.kill(3);
+    let j = wait_status(&c, 2);
+    assert_eq!(j["state"], "stopped", "{j:#}");
+    assert!(j["actions"][0].as_str().unwrap_or("").contains("the cluster is stopped"), "{j:#}");
+
+    // None answers: unreachable, exit 3.
+    for i in [0, 2, 4] {
+        c.kill(i);
+    }
+    let j = wait_status(&c, 3);
+    assert_eq!(j["state"], "unreachable", "{j:#}");
+    assert!(j["actions"][0].as_str().unwrap_or("").contains("no IOM answers"), "{j:#}");
+    assert!(j["capacity"].is_null(), "{j:#}");
+    let out = c.iomfs(&["stats"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(3) && err.contains("no IOM"), "{err}");
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{cmd:?} failed: {text}");
+    text
+}
+
+fn toughness_of(p: &std::path::Path) -> String {
+    let out = Command::new("getfattr").args(["--only-values", "-n", "user.iomfs.toughness"]).arg(p).output();
+    let out = out.expect("getfattr");
+    assert!(out.status.success(), "getfattr {}: {}", p.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn mount_options_of(m: &std::path::Path) -> String {
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
+    let m = m.to_string_lossy().to_string();
+    mounts.lines().find(|l| l.split(' ').nth(1) == Some(m.as_str())).map(|l| l.to_string()).unwrap_or_default()
+}
+
+/// `/sbin/mount.fuse.iomfs` pointing at the binary under test while it
+/// lives (what `scripts/install` leaves in place): mount(8) runs helpers
+/// from /sbin with a fixed PATH, so a test cannot point it elsewhere. An
+/// installed helper is moved aside and put back.
+struct SbinHelper {
+    path: std::path::PathBuf,
+    aside: Option<std::path::PathBuf>,
+}
+
+impl SbinHelper {
+    fn install() -> SbinHelper {
+        let path = std::path::PathBuf::from("/sbin/mount.fuse.iomfs");
+        let aside = std::fs::symlink_metadata(&path).is_ok().then(|| {
+            let a = path.with_extension(format!("iomfs.test-aside-{}", std::process::id()));
+            std::fs::rename(&path, &a).expect("move the installed helper aside");
+            a
+        });
+        std::os::unix::fs::symlink(bin("iomfs"), &path).expect("link /sbin/mount.fuse.iomfs");
+        SbinHelper { path, aside }
+    }
+}
+
+impl Drop for SbinHelper {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        if let Some(a) = &self.aside {
+            let _ = std::fs::rename(a, &self.path);
+        }
+    }
+}
+
+#[test]
+fn mount_t_fuse_iomfs_an_fstab_line_and_the_mount_iomfs_helper_mount_the_cluster() {
+    let _g = serial();
+    let mut c = Cluster::init(3);
+    c.start_all();
+    let d = c.dir.to_string_lossy().to_string();
+    let path = std::env::var("PATH").unwrap_or_default();
+    let _helper = SbinHelper::install();
+
+    // mount(8) → /sbin/mount.fuse.iomfs D MNT -o ...
+    let m1 = c.tmp.path().join("m1");
+    std::fs::create_dir_all(&m1).expect("mkdir");
+    c.track_mount(&m1);
+    run_ok(
+        Command::new("mount")
+            .env("PATH", &path)
+            .args(["-t", "fuse.iomfs", &d])
+            .arg(&m1)
+            .args(["-o", "toughness=durable,_netdev,nosuid,nofail"]),
+    );
+    assert!(is_mounted(&m1), "mount -t fuse.iomfs returned with nothing mounted");
+    std::fs::write(m1.join("a"), b"through mount(8)").expect("write");
+    assert_eq!(toughness_of(&m1.join("a")), "durable");
+    let opts = mount_options_of(&m1);
+    assert!(opts.contains("fuse.iomfs") && opts.contains("nosuid"), "{opts}");
+    let pid = mount_pid(&m1);
+    run_ok(Command::new("umount").arg(&m1));
+    assert!(!is_mounted(&m1));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(std::time::Instant::now() < deadline, "the client (pid {pid}) outlived umount");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // An fstab line, with fstab's and systemd's options beside iomfs's.
+    let m2 = c.tmp.path().join("m2");
+    std::fs::create_dir_all(&m2).expect("mkdir");
+    c.track_mount(&m2);
+    let fstab = c.tmp.path().join("fstab");
+    std::fs::write(
+        &fstab,
+        format!(
+            "# test fstab\n{d} {} fuse.iomfs noauto,nofail,_netdev,x-systemd.automount,toughness=fast 0 0\n",
+            m2.display()
+        ),
+    )
+    .expect("fstab");
+    run_ok(Command::new("mount").env("PATH", &path).arg("-T").arg(&fstab).arg(&m2));
+    assert!(is_mounted(&m2), "mount -T FSTAB MNT returned with nothing mounted");
+    assert_eq!(std::fs::read(m2.join("a")).expect("read"), b"through mount(8)");
+    std::fs::write(m2.join("b"), b"x").expect("write");
+    assert_eq!(toughness_of(&m2.join("b")), "fast");
+    run_ok(Command::new("umount").arg(&m2));
+
+    // Called as mount.iomfs (what /sbin/mount.iomfs is after scripts/install).
+    let helper = c.tmp.path().join("mount.iomfs");
+    std::os::unix::fs::symlink(bin("iomfs"), &helper).expect("symlink");
+    let m3 = c.tmp.path().join("m3");
+    std::fs::create_dir_all(&m3).expect("mkdir");
+    c.track_mount(&m3);
+    run_ok(Command::new(&helper).arg(&d).arg(&m3).args(["-f", "-o", "ro"]));
+    assert!(!is_mounted(&m3), "-f (fake) mounted");
+    run_ok(Command::new(&helper).arg(&d).arg(&m3).args(["-n", "-o", "ro,defaults"]));
+    assert!(is_mounted(&m3));
+    assert_eq!(std::fs::read(m3.join("b")).expect("read"), b"x");
+    let e = std::fs::write(m3.join("c"), b"no").expect_err("ro mount");
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    run_ok(Command::new("umount").arg(&m3));
+
+    // A wrong option is named, and nothing is mounted.
+    let out = Command::new("mount")
+        .env("PATH", &path)
+        .args(["-t", "fuse.iomfs", &d])
+        .arg(&m3)
+        .args(["-o", "toughnes=fast"])
+        .output()
+        .expect("mount");
+    let err = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success() && err.contains("unknown mount option 'toughnes'"), "{err}");
+    assert!(!is_mounted(&m3));
+}
+
+#[test]
+fn iom_server_tells_systemd_it_is_ready_only_once_it_serves_and_that_it_stops_on_sigterm() {
+    let _g = serial();
+    let mut c = Cluster::init(3);
+    let sock_path = c.tmp.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("notify socket");
+    let mut buf = [0u8; 4096];
+    // IOM 0 is declared down; started again it must rejoin (take its role
+    // back from its proxy) before it serves: READY=1 only then.
+    c.start_all();
+    wait_status(&c, 0);
+    c.kill(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while status_json(&c).1["ioms"][0]["state"] != "down" {
+        assert!(std::time::Instant::now() < deadline, "IOM 0 not declared down");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.env[0].push(("NOTIFY_SOCKET".into(), sock_path.to_string_lossy().into()));
+    c.start(0);
+    sock.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let n = sock.recv(&mut buf).expect("READY=1 within 30 s");
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
+    let (_, j) = status_json(&c);
+    assert_eq!(j["ioms"][0]["stats"]["serving"], true, "READY=1 came before IOM 0 serves: {j:#}");
+    assert!(c.stop(0), "IOM 0 did not stop cleanly on SIGTERM");
+    let n = sock.recv(&mut buf).expect("STOPPING=1 on SIGTERM");
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(msg.lines().any(|l| l == "STOPPING=1"), "{msg}");
+
+    // The units `iomfs install-units` writes pass systemd's own check.
+    let out = c.tmp.path().join("units");
+    let mnt = c.tmp.path().join("mnt");
+    let o = run_ok(
+        Command::new(bin("iomfs"))
+            .args(["install-units", "--dir", &c.dir.to_string_lossy(), "--out", &out.to_string_lossy()])
+            .args([
+                "--bin-dir",
+                &bin_dir().to_string_lossy(),
+                "--mount",
+                &mnt.to_string_lossy(),
+                "-o",
+                "toughness=durable",
+            ]),
+    );
+    let service = std::fs::read_to_string(out.join("iom-server@.service")).expect("service unit");
+    assert!(service.contains("Type=notify") && service.contains("--id %i"), "{service}");
+    let mount_unit = std::fs::read_dir(&out)
+        .expect("units")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "mount"))
+        .unwrap_or_else(|| panic!("no .mount unit: {o}"));
+    let text = std::fs::read_to_string(&mount_unit).expect("mount unit");
+    assert!(text.contains("Type=fuse.iomfs") && text.contains("toughness=durable"), "{text}");
+    if Command::new("systemd-analyze").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        let instance = out.join("iom-server@0.service");
+        std::fs::copy(out.join("iom-server@.service"), &instance).expect("instance");
+        let v = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&instance)
+            .arg(&mount_unit)
+            .output()
+            .expect("systemd-analyze");
+        let err = String::from_utf8_lossy(&v.stderr).to_string();
+        let ours: Vec<&str> = err.lines().filter(|l| l.contains("iom-server@") || l.contains(".mount")).collect();
+        assert!(ours.is_empty(), "systemd-analyze verify: {err}");
+    }
+}

@@ -83,14 +83,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("write pid file {}", pid_path.display()))?;
     tracing::info!(iom = args.id, addr = %iom.endpoint.local_addr()?, "serving");
     iom.start_workers();
-
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    // Under systemd (`Type=notify`): ready once the IOM serves requests
+    // (it has learnt the cluster map and rejoined), not merely started.
+    let mut ready = iom.router.rejoin.ready.subscribe();
+    let mut told = false;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            r = ready.wait_for(|r| *r), if !told => {
+                told = true;
+                if r.is_ok() {
+                    let status = format!("STATUS=IOM {} serving", args.id);
+                    let _ = sd_notify::notify(
+                        false,
+                        &[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Custom(&status)],
+                    );
+                }
+            }
+        }
     }
     tracing::info!(iom = args.id, "stopping");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     iom.stop().await;
     let _ = std::fs::remove_file(&pid_path);
     tracing::info!(iom = args.id, "stopped cleanly");

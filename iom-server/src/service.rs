@@ -610,6 +610,7 @@ impl Router {
             disk_bytes: disk,
             fs_id: self.storage.store.fs_id(),
             shared_room_bytes: self.storage.store.shared_room().saturating_sub(runways).min(room),
+            version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
 }

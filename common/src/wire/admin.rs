@@ -55,6 +55,8 @@ pub struct IomStats {
     /// by the IOMs on it); the rest is the IOM's own (freed slots in its
     /// block file, its preallocated tail).
     pub shared_room_bytes: u64,
+    /// The IOM's software version (`iom-server --version`).
+    pub version: String,
 }
 
 /// How much more each of the IOMs sharing a filesystem can store when each

@@ -21,7 +21,7 @@ use std::fmt;
 /// 5 (2026-12-06): membership, handover and recovery questions are three
 /// request families (`MemberReq`, `HandoverReq`, `RecoveryReq`), no longer
 /// one `MemberReq`.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// TLS ALPN token of iomfs connections.
 pub const ALPN: &[u8] = b"iomfs";
 /// Largest frame header accepted.

@@ -12,7 +12,8 @@ fn hex(b: &[u8]) -> String {
 fn golden_bytes() {
     let hello =
         Request::Hello(Hello { protocol: PROTOCOL_VERSION, cluster_id: "c".into(), peer: PeerKind::Iom(IomId(3)) });
-    assert_eq!(hex(&encode(&hello).unwrap()), "000601630103");
+    assert_eq!(hex(&encode(&hello).unwrap()), "000701630103");
+    // Protocol 7 added `IomStats::version`.
     // Protocol 6 added `AdminReq::DropCache`.
     assert_eq!(hex(&encode(&Request::Admin(AdminReq::DropCache)).unwrap()), "0501");
 

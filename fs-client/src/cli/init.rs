@@ -25,17 +25,9 @@ pub struct InitOptions {
     pub metrics_port: Option<u16>,
 }
 
-/// Parses sizes like `64K`, `1M`, `65536`.
+/// Parses sizes like `64K`, `64KiB`, `1M`, `65536` (common's parser).
 pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let (num, mul) = match t.chars().last() {
-        Some('k' | 'K') => (&t[..t.len() - 1], 1024),
-        Some('m' | 'M') => (&t[..t.len() - 1], 1024 * 1024),
-        Some('g' | 'G') => (&t[..t.len() - 1], 1024 * 1024 * 1024),
-        _ => (t, 1),
-    };
-    let n: u64 = num.parse().with_context(|| format!("'{s}' is not a size (examples: 64K, 1M, 65536)"))?;
-    Ok(n * mul)
+    common::config::parse_size(s).map_err(anyhow::Error::msg)
 }
 
 fn free_udp_ports(host: &str, n: u32) -> Result<Vec<u16>> {

@@ -252,9 +252,185 @@ pub struct IomStatus {
 pub struct Status {
     pub map: ClusterMap,
     pub ioms: Vec<IomStatus>,
+    /// The cluster directory the status was taken from (for the actions).
+    pub dir: std::path::PathBuf,
+    /// Data blocks per parity group.
+    pub n: u32,
+}
+
+/// What `iomfs status` concludes, and its exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every IOM serves its own role.
+    Healthy,
+    /// One IOM down, starting, unreachable or rebuilding: served through
+    /// its proxy.
+    Degraded,
+    /// More than one IOM out: no I/O until enough come back.
+    Stopped,
+    /// No IOM answered.
+    Unreachable,
+}
+
+impl Verdict {
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Healthy => "healthy",
+            Verdict::Degraded => "degraded",
+            Verdict::Stopped => "stopped",
+            Verdict::Unreachable => "unreachable",
+        }
+    }
+
+    /// 0 healthy, 1 degraded, 2 stopped, 3 unreachable.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Verdict::Healthy => 0,
+            Verdict::Degraded => 1,
+            Verdict::Stopped => 2,
+            Verdict::Unreachable => 3,
+        }
+    }
 }
 
 impl Status {
+    pub fn verdict(&self) -> Verdict {
+        if self.ioms.iter().all(|i| i.stats.is_none()) {
+            return Verdict::Unreachable;
+        }
+        match self.health() {
+            Health::Healthy => Verdict::Healthy,
+            Health::Degraded => Verdict::Degraded,
+            Health::Stopped => Verdict::Stopped,
+        }
+    }
+
+    /// IOM `i`'s state as a word (and its proxy, when one stands in).
+    fn iom_state(&self, i: &IomStatus) -> (&'static str, Option<IomId>) {
+        match self.map.state(i.id) {
+            IomState::Up if i.stats.is_none() => ("unreachable", None),
+            IomState::Up if i.stats.as_ref().is_some_and(|s| !s.serving) => ("starting", None),
+            IomState::Up => ("up", None),
+            IomState::Down { proxy } => ("down", Some(proxy)),
+            IomState::Rebuilding { proxy } => ("rebuilding", Some(proxy)),
+        }
+    }
+
+    /// (what writers can still store, what the cluster holds in all) over
+    /// the IOMs that answered (`IomStats::usable`, as `df` on a mount).
+    pub fn capacity(&self) -> Option<(u64, u64)> {
+        let all: Vec<IomStats> = self.ioms.iter().filter_map(|i| i.stats.clone()).collect();
+        (!all.is_empty()).then(|| IomStats::usable(&all, self.n))
+    }
+
+    /// What the operator should do, one line each (ZFS's `action:`).
+    pub fn actions(&self) -> Vec<String> {
+        let d = self.dir.display();
+        let mut a = Vec::new();
+        if self.verdict() == Verdict::Unreachable {
+            a.push(format!(
+                "no IOM answers: start them (`iomfs local start-iom --dir {d} --id I`, or `systemctl start \
+                 iom-server@I`), or check the addresses in {d}/cluster.toml and the network"
+            ));
+            return a;
+        }
+        for i in &self.ioms {
+            let id = i.id.0;
+            match self.iom_state(i) {
+                ("down", Some(p)) => a.push(format!(
+                    "IOM {id} is down (IOM {} serves its blocks): restart it (`iomfs local start-iom --dir {d} --id \
+                     {id}` or `systemctl start iom-server@{id}`); if its disk is lost, put in a new one and run \
+                     `iomfs replace --dir {d} --id {id}`",
+                    p.0
+                )),
+                ("unreachable", _) => a.push(format!(
+                    "IOM {id} does not answer at {}: check that it runs (its pid file, its log) and that the \
+                     network reaches it",
+                    i.addr
+                )),
+                ("starting", _) => a.push(format!("none for IOM {id}: it is starting (replaying its journal)")),
+                ("rebuilding", _) => {
+                    let (dn, t) = i.stats.as_ref().map(|s| (s.rebuild_done, s.rebuild_total)).unwrap_or((0, 0));
+                    a.push(format!(
+                        "none for IOM {id}: it rebuilds what it missed ({dn} of {t} blocks); the cluster is \
+                         degraded until it is done"
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if self.verdict() == Verdict::Stopped {
+            a.insert(
+                0,
+                "the cluster is stopped (more than one IOM out): bring the IOMs below back; I/O resumes \
+                 once all but one serve"
+                    .to_string(),
+            );
+        }
+        if !self.warnings().is_empty() {
+            a.push("free space: delete files, or give the full IOMs' filesystems more room".to_string());
+        }
+        a
+    }
+
+    /// The status as JSON (schema in docs/operations.md, "Status").
+    pub fn json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let ioms: Vec<serde_json::Value> = self
+            .ioms
+            .iter()
+            .map(|i| {
+                let (state, proxy) = self.iom_state(i);
+                let rebuild = i.stats.as_ref().filter(|_| state == "rebuilding").map(|s| {
+                    let left = s.rebuild_total.saturating_sub(s.rebuild_done) * s.block_size as u64;
+                    json!({
+                        "done_blocks": s.rebuild_done,
+                        "total_blocks": s.rebuild_total,
+                        "bytes_per_second": s.rebuild_bytes_per_s,
+                        "eta_seconds": (s.rebuild_bytes_per_s > 0).then(|| left / s.rebuild_bytes_per_s),
+                    })
+                });
+                json!({
+                    "id": i.id.0,
+                    "addr": i.addr,
+                    "pid": i.pid,
+                    "state": state,
+                    "proxy": proxy.map(|p| p.0),
+                    "version": i.stats.as_ref().map(|s| s.version.clone()),
+                    "epoch": i.stats.as_ref().map(|s| s.epoch),
+                    "disk_bytes": i.stats.as_ref().map(|s| s.disk_bytes),
+                    "room_bytes": i.stats.as_ref().map(|s| s.room_bytes),
+                    "errors": i.stats.as_ref().map(|s| json!({
+                        "disk": s.disk_errors,
+                        "repaired_blocks": s.repaired_blocks,
+                        "repaired_parity": s.repaired_parity,
+                    })),
+                    "rebuild": rebuild,
+                    "stats": i.stats,
+                })
+            })
+            .collect();
+        let capacity = self.capacity().map(|(free, total)| {
+            json!({
+                "usable_bytes": total,
+                "free_bytes": free,
+                "used_bytes": total.saturating_sub(free),
+                "nearfull": self.warnings().iter().any(|w| w.contains("nearly full")),
+                "full": self.warnings().iter().any(|w| w.contains("disk full")),
+            })
+        });
+        json!({
+            "schema": 1,
+            "state": self.verdict().name(),
+            "exit_code": self.verdict().exit_code(),
+            "epoch": self.map.epoch.0,
+            "ioms": ioms,
+            "capacity": capacity,
+            "warnings": self.warnings(),
+            "actions": self.actions(),
+            "last_scrub": fs_client::scrub::LastScrub::load(&self.dir),
+        })
+    }
     pub fn health(&self) -> Health {
         let h = self.map.health();
         // An IOM the map calls up but that does not answer, or that has not
@@ -297,13 +473,29 @@ impl Status {
                 }
             };
             let pid = i.pid.map(|p| format!("pid {p}")).unwrap_or_else(|| "pid -".into());
-            out.push_str(&format!("IOM {:<3} {:<22} {:<10} {}\n", i.id.0, i.addr, pid, state));
+            let version = i.stats.as_ref().map(|s| format!("  v{}", s.version)).unwrap_or_default();
+            out.push_str(&format!("IOM {:<3} {:<22} {:<10} {state}{version}\n", i.id.0, i.addr, pid));
         }
         for w in self.warnings() {
             out.push_str(&format!("warning: {w}\n"));
         }
+        if let Some((free, total)) = self.capacity() {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            let used = if total == 0 { 0.0 } else { 100.0 * total.saturating_sub(free) as f64 / total as f64 };
+            out.push_str(&format!(
+                "capacity: {:.1} GiB usable, {:.1} GiB free ({used:.0}% used)\n",
+                gib(total),
+                gib(free)
+            ));
+        }
+        if let Some(s) = fs_client::scrub::LastScrub::load(&self.dir) {
+            out.push_str(&format!("last scrub: {}\n", s.summary()));
+        }
         out.push_str(&format!("epoch {}\n", self.map.epoch.0));
-        out.push_str(&format!("cluster: {}\n", self.health()));
+        out.push_str(&format!("cluster: {}\n", self.verdict().name()));
+        for a in self.actions() {
+            out.push_str(&format!("action: {a}\n"));
+        }
         out
     }
 
@@ -373,7 +565,7 @@ pub async fn status(c: &ClusterClient) -> Status {
         }
         ioms.push(s);
     }
-    Status { map, ioms }
+    Status { map, ioms, dir: c.paths.dir.clone(), n: c.layout.n() }
 }
 
 /// `iomfs status --watch`: redraws every second; a progress bar (done

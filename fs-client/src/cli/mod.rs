@@ -7,6 +7,7 @@ pub mod bench;
 pub mod init;
 pub mod local;
 pub mod mount;
+pub mod units;
 
 /// Makes `cmd`'s child leave our session (`setsid` before exec), so it
 /// outlives the terminal and the shell that started `iomfs`.

@@ -51,21 +51,24 @@ pub fn parse_options(opts: &[String]) -> Result<(FsOptions, bool)> {
             "ro" => o.read_only = true,
             "rw" => o.read_only = false,
             "debug" => debug = true,
-            // Accepted for compatibility with mount(8) and fstab.
-            "allow_other"
-            | "default_permissions"
-            | "noatime"
-            | "nodev"
-            | "nosuid"
-            | "dev"
-            | "suid"
-            | "exec"
-            | "noexec"
-            | "_netdev"
-            | "defaults" => {}
+            "nosuid" => o.nosuid = true,
+            "suid" => o.nosuid = false,
+            "nodev" => o.nodev = true,
+            "dev" => o.nodev = false,
+            "noexec" => o.noexec = true,
+            "exec" => o.noexec = false,
+            // Always in force: the kernel checks permissions for every
+            // user of the mount.
+            "allow_other" | "default_permissions" | "noatime" => {}
+            // fstab's and systemd's, not the filesystem's (mount(8) and
+            // mount.fuse3 may pass them on).
+            "defaults" | "auto" | "noauto" | "nofail" | "_netdev" | "user" | "users" | "nouser" | "owner" | "group" => {
+            }
+            k if k.starts_with("x-") || k == "comment" || k == "subtype" || k == "fsname" => {}
             other => bail!(
                 "unknown mount option '{other}' (known: toughness=, attr_timeout=, entry_timeout=, ro, rw, \
-                 buffer_mb=, buffer_file_mb=, buffer_age=, metrics=)"
+                 buffer_mb=, buffer_file_mb=, buffer_age=, metrics=, nosuid, nodev, noexec; fstab's defaults, \
+                 noauto, nofail, _netdev, user, x-* are ignored)"
             ),
         }
     }
@@ -131,8 +134,9 @@ pub fn mount_foreground(dir: &Path, mnt: &Path, fso: FsOptions, debug: bool) -> 
         fuser::MountOption::Subtype("iomfs".into()),
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoAtime,
-        fuser::MountOption::Dev,
-        fuser::MountOption::Suid,
+        if fso.nodev { fuser::MountOption::NoDev } else { fuser::MountOption::Dev },
+        if fso.nosuid { fuser::MountOption::NoSuid } else { fuser::MountOption::Suid },
+        if fso.noexec { fuser::MountOption::NoExec } else { fuser::MountOption::Exec },
         fuser::MountOption::AutoUnmount,
         if fso.read_only { fuser::MountOption::RO } else { fuser::MountOption::RW },
     ];
@@ -235,5 +239,56 @@ pub fn sync(mnt: &Path) -> Result<()> {
         let e = std::io::Error::last_os_error();
         bail!("sync of {}: {e} (is it an iomfs mount?)", mnt.display());
     }
+    Ok(())
+}
+
+/// `iomfs` called as a mount helper: as `mount.iomfs` or
+/// `mount.fuse.iomfs` by mount(8) (`mount -t iomfs`, `-t fuse.iomfs`), or
+/// as `iomfs SOURCE MOUNTPOINT -o OPTIONS` by mount.fuse3 (fuse3's helper
+/// for `-t fuse.iomfs` when no `mount.fuse.iomfs` is installed). Returns
+/// None when the arguments are an ordinary `iomfs` command line.
+pub fn helper_args(args: &[std::ffi::OsString]) -> Option<Vec<String>> {
+    let argv0 = args.first().map(|a| Path::new(a).file_name().unwrap_or_default().to_string_lossy().to_string())?;
+    let rest: Vec<String> = args.iter().skip(1).map(|a| a.to_string_lossy().to_string()).collect();
+    if argv0.starts_with("mount.") {
+        return Some(rest);
+    }
+    // mount.fuse3's form: the first argument is a cluster directory.
+    let first = rest.first()?;
+    (!first.starts_with('-') && rest.len() >= 2 && Path::new(first).join(common::config::CONFIG_FILE).is_file())
+        .then_some(rest)
+}
+
+/// Runs a mount helper's command line (`SOURCE MOUNTPOINT [-sfnv] [-N
+/// NAMESPACE] [-o OPTIONS] [-t TYPE]`, see mount(8) "External helpers"):
+/// mounts the cluster in SOURCE at MOUNTPOINT and returns once the mount is
+/// up; prints nothing on success, as mount helpers do.
+pub fn run_helper(args: &[String]) -> Result<()> {
+    let mut pos = Vec::new();
+    let mut opts = Vec::new();
+    let mut fake = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-o" => opts.push(it.next().context("mount helper: -o needs options")?.clone()),
+            "-t" | "-N" => {
+                it.next();
+            }
+            f if f.starts_with("-o") && f.len() > 2 => opts.push(f[2..].to_string()),
+            f if f.starts_with('-') && f.len() > 1 && f[1..].chars().all(|c| "sfnvi".contains(c)) => {
+                fake |= f.contains('f');
+            }
+            f if f.starts_with('-') => bail!("mount helper: unknown flag {f}"),
+            p => pos.push(p.to_string()),
+        }
+    }
+    let [src, mnt] = pos.as_slice() else {
+        bail!("usage: mount.iomfs CLUSTER_DIR MOUNTPOINT [-o OPTIONS] (got {} paths)", pos.len());
+    };
+    parse_options(&opts)?;
+    if fake {
+        return Ok(());
+    }
+    mount_detached(Path::new(src), Path::new(mnt), &opts)?;
     Ok(())
 }

@@ -77,6 +77,11 @@ pub struct FsOptions {
     /// Where the mount's Prometheus endpoint listens (`-o metrics=`);
     /// none: no endpoint.
     pub metrics: Option<std::net::SocketAddr>,
+    /// `-o nosuid`, `-o nodev`, `-o noexec`: the kernel ignores set-id
+    /// bits, device files, execution on this mount.
+    pub nosuid: bool,
+    pub nodev: bool,
+    pub noexec: bool,
 }
 
 impl Default for FsOptions {
@@ -88,6 +93,9 @@ impl Default for FsOptions {
             read_only: false,
             buffer: BufferCaps::default(),
             metrics: None,
+            nosuid: false,
+            nodev: false,
+            noexec: false,
         }
     }
 }
