@@ -12,13 +12,19 @@ use common::IomId;
 
 /// The counters of every IOM that answers, in IOM order.
 pub async fn stats(c: &ClusterClient) -> Vec<IomStats> {
+    stats_or_why(c).await.into_iter().filter_map(|(_, r)| r.ok()).collect()
+}
+
+/// Every IOM's counters, or why it could not be asked.
+pub async fn stats_or_why(c: &ClusterClient) -> Vec<(IomId, Result<IomStats, String>)> {
     let mut v = Vec::new();
     for i in 0..c.cfg.width() {
-        if let Ok((Reply::Admin(AdminResp::Stats(s)), _)) =
-            c.call_iom(IomId(i), &Request::Admin(AdminReq::Stats), Bytes::new()).await
-        {
-            v.push(s);
-        }
+        let r = match c.call_iom(IomId(i), &Request::Admin(AdminReq::Stats), Bytes::new()).await {
+            Ok((Reply::Admin(AdminResp::Stats(s)), _)) => Ok(s),
+            Ok((r, _)) => Err(format!("unexpected reply {r:?}")),
+            Err(e) => Err(e.to_string()),
+        };
+        v.push((IomId(i), r));
     }
     v
 }

@@ -452,3 +452,47 @@ fn iom_server_tells_systemd_it_is_ready_only_once_it_serves_and_that_it_stops_on
         assert!(ours.is_empty(), "systemd-analyze verify: {err}");
     }
 }
+
+/// Stops an `iomfs local` cluster when dropped, even if the test failed.
+struct LocalCluster(std::path::PathBuf);
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(bin("iomfs")).args(["local", "stop", "--dir"]).arg(&self.0).output();
+    }
+}
+
+#[test]
+fn logs_of_iom_and_mount_are_kept_across_restarts_and_named_in_their_files() {
+    let _g = serial();
+    let tmp = tempfile::Builder::new().prefix("iomfs-test-").tempdir_in(test_root()).expect("tempdir");
+    let d = tmp.path().join("c");
+    let m = tmp.path().join("m");
+    std::fs::create_dir_all(&m).expect("mkdir");
+    let _stop = LocalCluster(d.clone());
+    let start = || {
+        run_ok(
+            Command::new(bin("iomfs"))
+                .env("IOMFS_BIN_DIR", bin_dir())
+                .args(["local", "--ioms", "3", "--detach", "--dir"])
+                .arg(&d)
+                .arg("--mount")
+                .arg(&m),
+        )
+    };
+    let stop = || run_ok(Command::new(bin("iomfs")).args(["local", "stop", "--dir"]).arg(&d));
+    start();
+    stop();
+    start();
+    stop();
+    let iom_log = std::fs::read_to_string(d.join("iom-0/iom.log")).expect("iom log");
+    assert_eq!(iom_log.matches(" serving iom=0").count(), 2, "both runs in the IOM's log:\n{iom_log}");
+    let mount_log = std::fs::read_dir(&d)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("mount")))
+        .expect("a mount log");
+    let text = std::fs::read_to_string(&mount_log).expect("mount log");
+    assert_eq!(text.matches(" mounted ").count(), 2, "both mounts in {}:\n{text}", mount_log.display());
+}

@@ -312,6 +312,24 @@ fn cli_errors_name_the_problem() {
     std::fs::write(&path, text.replace("format_version = 1", "format_version = 2")).unwrap();
     let (ok, e) = run(&["--dir", dir, "--id", "0"]);
     assert!(!ok && e.contains("format version 2"), "{e}");
+    // tuning out of range (a zero heartbeat was accepted once)
+    std::fs::write(&path, text.replace("heartbeat_ms = 100", "heartbeat_ms = 0")).unwrap();
+    let (ok, e) = run(&["--dir", dir, "--id", "0"]);
+    assert!(!ok && e.contains("tuning.heartbeat_ms 0 is out of range"), "{e}");
+    // an unresolvable IOM address is named as such by the client
+    std::fs::write(&path, text.replacen(&cfg.ioms[0].addr, "no-such-host.invalid:7000", 1)).unwrap();
+    let out = c.iomfs(&["stats"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("the host does not resolve"), "{e}");
+    std::fs::write(&path, &text).unwrap();
+    // sizes too large for 64 bits are refused, not wrapped
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(integration::bin("iomfs"))
+        .args(["init", "--dir", &tmp.path().join("c").to_string_lossy(), "--block-size", "17179869184G"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("too large"), "{e}");
     // a broken config
     std::fs::write(&path, "this is [not toml").unwrap();
     let (ok, e) = run(&["--dir", dir, "--id", "0"]);

@@ -18,24 +18,64 @@ struct Args {
     /// Put the journal on a separate (faster, e.g. NVRAM) path.
     #[arg(long)]
     journal_dir: Option<PathBuf>,
+    /// Log to this file instead of stderr, rotated by size: FILE.1 ...
+    /// FILE.N hold the older lines (under systemd, leave it out: the
+    /// journal keeps stderr).
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+    /// Size at which the log file is rotated, MiB.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    log_max_mib: u64,
+    /// Rotated log files kept.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    log_keep: u64,
+}
+
+/// `iom-server --man`: the manual page iom-server(8) in roff, printed
+/// before the other arguments are required.
+fn print_man() -> std::process::ExitCode {
+    let cmd = <Args as clap::CommandFactory>::command();
+    match clap_mangen::Man::new(cmd).section("8").render(&mut std::io::stdout()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("iom-server: cannot write the manual page: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+/// A log file rotated when it passes `max_mib` (`file-rotate`: FILE.1 is
+/// the newest older file), `keep` older files kept.
+fn rotating(
+    path: &std::path::Path,
+    max_mib: u64,
+    keep: u64,
+) -> std::sync::Mutex<file_rotate::FileRotate<file_rotate::suffix::AppendCount>> {
+    std::sync::Mutex::new(file_rotate::FileRotate::new(
+        path,
+        file_rotate::suffix::AppendCount::new(keep as usize),
+        file_rotate::ContentLimit::BytesSurpassed((max_mib << 20) as usize),
+        file_rotate::compression::Compression::None,
+        None,
+    ))
 }
 
 fn main() -> std::process::ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("--man") {
+        return print_man();
+    }
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("IOMFS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        // A log line that cannot be written (the log's disk is full) is
-        // dropped: the default reports it with `eprintln!`, which panics
-        // when stderr cannot be written either, killing whatever task
-        // logged (a parity worker, a write in flight) half way.
-        .log_internal_errors(false)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IOMFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A log line that cannot be written (the log's disk is full) is
+    // dropped: the default reports it with `eprintln!`, which panics when
+    // stderr cannot be written either, killing whatever task logged (a
+    // parity worker, a write in flight) half way.
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).log_internal_errors(false);
+    match &args.log_file {
+        Some(p) => b.with_ansi(false).with_writer(rotating(p, args.log_max_mib, args.log_keep)).init(),
+        None => b.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_writer(std::io::stderr).init(),
+    }
     // A panic is a bug, and the task it ended may have held a transaction
     // half way (a parity worker's group stays busy, a write never finishes):
     // stop the whole IOM, as on a failed fsync, so its proxy takes over and

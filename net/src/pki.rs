@@ -86,6 +86,19 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError>
 }
 
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
+    // Keys are readable by their owner only (0600): say so rather than
+    // leave a bare "Permission denied".
+    if let Err(e) = std::fs::File::open(path) {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            return Err(PkiError::Read {
+                path: path.display().to_string(),
+                err: format!(
+                    "{e}: the cluster's keys are readable by their owner only; run as root or as the owner \
+                     of the cluster directory"
+                ),
+            });
+        }
+    }
     PrivateKeyDer::from_pem_file(path)
         .map_err(|e| PkiError::Read { path: path.display().to_string(), err: e.to_string() })
 }

@@ -17,7 +17,9 @@ type MapHook = Arc<dyn Fn(&ClusterMap) + Send + Sync>;
 struct Slot {
     cur: RwLock<Option<quinn::Connection>>,
     connecting: tokio::sync::Mutex<()>,
-    last_failure: Mutex<Option<Instant>>,
+    /// When the last connect failed, and why (calls within the back-off
+    /// fail fast with that reason).
+    last_failure: Mutex<Option<(Instant, String)>>,
 }
 
 pub struct Pool {
@@ -117,9 +119,9 @@ impl Pool {
             }
         }
         let addr = &self.addrs[iom.0 as usize];
-        if let Some(t) = *slot.last_failure.lock() {
+        if let Some((t, why)) = slot.last_failure.lock().as_ref() {
             if t.elapsed() < self.retry_backoff {
-                return Err(NetError::Connect { addr: addr.clone(), msg: "recently unreachable".into() });
+                return Err(NetError::Connect { addr: addr.clone(), msg: why.clone() });
             }
         }
         match tokio::time::timeout(self.connect_timeout, self.connect(iom, addr)).await {
@@ -130,23 +132,34 @@ impl Pool {
                 Ok(c)
             }
             Ok(Err(e)) => {
-                *slot.last_failure.lock() = Some(Instant::now());
+                let why = match &e {
+                    NetError::Connect { msg, .. } => msg.clone(),
+                    other => other.to_string(),
+                };
+                *slot.last_failure.lock() = Some((Instant::now(), why));
                 Err(e)
             }
             Err(_) => {
-                *slot.last_failure.lock() = Some(Instant::now());
-                Err(NetError::Connect { addr: addr.clone(), msg: "timed out".into() })
+                let why = format!(
+                    "no answer within {:?}: is IOM {iom} running, and does the network reach it?",
+                    self.connect_timeout
+                );
+                *slot.last_failure.lock() = Some((Instant::now(), why.clone()));
+                Err(NetError::Connect { addr: addr.clone(), msg: why })
             }
         }
     }
 
     async fn connect(&self, iom: IomId, addr: &str) -> Result<quinn::Connection, NetError> {
         let err = |msg: String| NetError::Connect { addr: addr.to_string(), msg };
+        let unresolved = |e: String| {
+            err(format!("the host does not resolve ({e}): check IOM {iom}'s addr in cluster.toml and the DNS"))
+        };
         let sa = tokio::net::lookup_host(addr)
             .await
-            .map_err(|e| err(e.to_string()))?
+            .map_err(|e| unresolved(e.to_string()))?
             .next()
-            .ok_or_else(|| err("address does not resolve".into()))?;
+            .ok_or_else(|| unresolved("no address".into()))?;
         let name = crate::pki::iom_server_name(iom.0);
         let conn = self
             .endpoint

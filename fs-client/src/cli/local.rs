@@ -76,8 +76,9 @@ pub fn start_iom(dir: &Path, id: IomId) -> Result<u32> {
         .append(true)
         .open(&log_path)
         .with_context(|| format!("open {}", log_path.display()))?;
+    let start_len = log.metadata().map(|m| m.len()).unwrap_or(0);
     let mut cmd = Command::new(server_binary());
-    cmd.arg("--dir").arg(dir).arg("--id").arg(id.0.to_string());
+    cmd.arg("--dir").arg(dir).arg("--id").arg(id.0.to_string()).arg("--log-file").arg(&log_path);
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     super::detach(&mut cmd);
     let mut child = cmd.spawn().context("start iom-server (is it installed next to iomfs?)")?;
@@ -87,7 +88,7 @@ pub fn start_iom(dir: &Path, id: IomId) -> Result<u32> {
             return Ok(pid);
         }
         if let Ok(Some(st)) = child.try_wait() {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let log = super::mount::read_from(&log_path, start_len);
             let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
             bail!("IOM {id} exited at start ({st}): {last}");
         }

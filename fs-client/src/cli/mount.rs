@@ -144,7 +144,18 @@ pub fn mount_foreground(dir: &Path, mnt: &Path, fso: FsOptions, debug: bool) -> 
     cfg.n_threads = Some(2);
     cfg.clone_fd = true;
     let _ = debug;
-    let session = fuser::Session::new(fs, mnt, &cfg).with_context(|| format!("mount at {}", mnt.display()))?;
+    let session = fuser::Session::new(fs, mnt, &cfg).map_err(|e| {
+        let hint = if e.to_string().contains("/dev/fuse") {
+            "\n(FUSE is not open to this user: mount as root, or make /dev/fuse usable by the user \
+             (`ls -l /dev/fuse`; Debian's fuse3 makes it 0666) and set `user_allow_other` in /etc/fuse.conf, \
+             as every iomfs mount uses allow_other)"
+        } else if e.to_string().contains("allow_other") {
+            "\n(set `user_allow_other` in /etc/fuse.conf: every iomfs mount uses allow_other)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("mount at {}: {e}{hint}", mnt.display())
+    })?;
     let bg = session.spawn().context("start FUSE session")?;
     tune_readahead(mnt);
     tracing::info!(mount = %mnt.display(), "mounted");
@@ -181,6 +192,17 @@ pub fn mount_foreground(dir: &Path, mnt: &Path, fso: FsOptions, debug: bool) -> 
     Ok(())
 }
 
+/// What `path` holds past byte `from` (at most its last 64 KiB).
+pub fn read_from(path: &Path, from: u64) -> String {
+    use std::io::{Read, Seek};
+    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let at = if len < from { 0 } else { from.max(len.saturating_sub(64 << 10)) };
+    let mut out = Vec::new();
+    let _ = f.seek(std::io::SeekFrom::Start(at)).and_then(|_| f.read_to_end(&mut out));
+    String::from_utf8_lossy(&out).to_string()
+}
+
 /// Starts `iomfs mount` for `mnt` as a background process and returns its
 /// pid once the mount is up.
 pub fn mount_detached(dir: &Path, mnt: &Path, opts: &[String]) -> Result<u32> {
@@ -193,9 +215,15 @@ pub fn mount_detached(dir: &Path, mnt: &Path, opts: &[String]) -> Result<u32> {
     parse_options(opts)?;
     let exe = std::env::current_exe().context("locate the iomfs binary")?;
     let log_path = fs_client::mount::mount_log(dir, mnt);
-    let log = std::fs::File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
+    // Kept across mounts (appended, rotated by size by the mount process).
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("open {}", log_path.display()))?;
+    let start_len = log.metadata().map(|m| m.len()).unwrap_or(0);
     let mut cmd = Command::new(exe);
-    cmd.arg("mount").arg("--dir").arg(dir).arg(mnt);
+    cmd.arg("mount").arg("--dir").arg(dir).arg(mnt).arg("--log-file").arg(&log_path);
     for o in opts {
         cmd.arg("-o").arg(o);
     }
@@ -211,7 +239,7 @@ pub fn mount_detached(dir: &Path, mnt: &Path, opts: &[String]) -> Result<u32> {
             return Ok(child.id());
         }
         if let Ok(Some(st)) = child.try_wait() {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let log = read_from(&log_path, start_len);
             let tail: Vec<&str> = log.lines().rev().take(5).collect();
             bail!("mount process exited ({st}):\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
         }
