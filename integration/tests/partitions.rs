@@ -1,0 +1,159 @@
+//! Network partitions made with the host firewall (issue 17). The rules
+//! live in an nftables table this test owns (never `flush ruleset`), match
+//! only loopback traffic (`ip saddr 127.0.0.0/8 ip daddr 127.0.0.0/8`), are
+//! removed when the test ends, pass or fail, and each test asserts that its
+//! rules dropped packets (a rule that matches nothing must not pass).
+
+use integration::*;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// An nftables table of this test's, deleted on drop.
+struct Firewall {
+    table: String,
+}
+
+impl Firewall {
+    fn new(tag: &str) -> Firewall {
+        let table = format!("iomfs_test_{tag}_{}", std::process::id());
+        let fw = Firewall { table };
+        fw.nft(&format!(
+            "add table inet {t}\nadd chain inet {t} out {{ type filter hook output priority 0; policy accept; }}\n",
+            t = fw.table
+        ));
+        fw
+    }
+
+    fn nft(&self, script: &str) {
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run nft (scripts/install-deps installs nftables)");
+        child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write nft script");
+        let out = child.wait_with_output().expect("nft");
+        assert!(out.status.success(), "nft -f: {}\n{script}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Drops UDP between the IOMs listening on ports `a` and those on
+    /// ports `b`, both ways (IOMs send from the port they listen on).
+    fn cut(&self, a: &[u16], b: &[u16]) {
+        let set = |p: &[u16]| p.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ");
+        let rule = |from: &[u16], to: &[u16]| {
+            format!(
+                "add rule inet {} out ip saddr 127.0.0.0/8 ip daddr 127.0.0.0/8 udp sport {{ {} }} udp dport {{ {} }} \
+                 counter drop\n",
+                self.table,
+                set(from),
+                set(to)
+            )
+        };
+        self.nft(&(rule(a, b) + &rule(b, a)));
+    }
+
+    /// Packets the rules dropped so far.
+    fn dropped(&self) -> u64 {
+        let out = Command::new("nft").args(["list", "table", "inet", &self.table]).output().expect("nft list");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let words: Vec<&str> = text.split_whitespace().collect();
+        words.windows(2).filter(|w| w[0] == "packets").filter_map(|w| w[1].parse::<u64>().ok()).sum()
+    }
+
+    fn heal(&self) {
+        self.nft(&format!("flush chain inet {} out\n", self.table));
+    }
+}
+
+impl Drop for Firewall {
+    fn drop(&mut self) {
+        let _ = Command::new("nft").args(["delete", "table", "inet", &self.table]).output();
+    }
+}
+
+fn ports(c: &Cluster) -> Vec<u16> {
+    let cfg = common::config::ClusterConfig::load(&c.dir).expect("config");
+    cfg.ioms.iter().map(|i| i.addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port")).collect()
+}
+
+fn status_line(c: &Cluster) -> String {
+    let out = c.iomfs(&["status"]);
+    String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with("cluster:")).unwrap_or("").to_string()
+}
+
+/// IOMs 3 and 4 cut off from 0, 1 and 2 under a writer, then healed: the
+/// cluster stops (two IOMs out), then comes back to healthy by itself, with
+/// every write it acknowledged intact and parity consistent. (Issue 17 saw
+/// it stay stopped for good in 2 of 5 tries: two IOMs declared down while
+/// running rejoined at once.)
+#[test]
+fn a_two_three_split_stops_the_cluster_and_it_heals_by_itself_with_every_acknowledged_write() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let m = c.mount("m", &[]);
+    let p = ports(&c);
+    let fw = Firewall::new("split");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (m, stop) = (m.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let path = m.join(format!("f{}", i % 64));
+                let body = format!("write {i}\n").repeat(100 + (i % 50) as usize);
+                // A failed write may have left the file truncated: its
+                // content is then unknown (None) until the next success.
+                let ok = std::fs::write(&path, &body).is_ok();
+                acked.push((path, ok.then_some(body)));
+                i += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            acked
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    fw.cut(&p[..3], &p[3..]);
+    // Declared down on the majority's side: two IOMs out, the cluster stops.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status_line(&c) != "cluster: stopped" {
+        assert!(Instant::now() < deadline, "the cluster did not stop with two IOMs cut off: {}", status_line(&c));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let dropped = fw.dropped();
+    assert!(dropped > 0, "the partition's rules dropped nothing");
+    fw.heal();
+    let healed = Instant::now();
+    let deadline = healed + Duration::from_secs(90);
+    while status_line(&c) != "cluster: healthy" {
+        assert!(
+            Instant::now() < deadline,
+            "not healthy 90 s after the heal:\n{}",
+            String::from_utf8_lossy(&c.iomfs(&["status"]).stdout)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!("healthy {:.1} s after the heal ({dropped} packets dropped)", healed.elapsed().as_secs_f64());
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let acked = writer.join().expect("writer");
+    let ok = acked.iter().filter(|(_, b)| b.is_some()).count();
+    assert!(ok > 20, "only {ok} writes acknowledged");
+    // The last acknowledged write of each file is what it holds.
+    let mut last = std::collections::BTreeMap::new();
+    for (path, body) in acked {
+        last.insert(path, body);
+    }
+    for (path, body) in &last {
+        let Some(body) = body else { continue };
+        let got = std::fs::read_to_string(path).expect("read back");
+        assert!(got == *body, "{} holds something else than its last acknowledged write", path.display());
+    }
+    c.must_scrub_clean();
+}
