@@ -301,14 +301,31 @@ fn run(cli: Cli) -> Result<u8> {
         Cmd::Scrub { dir, repair } => runtime()?.block_on(async {
             let c = ClusterClient::connect(&dir).await?;
             let run = |c: std::sync::Arc<ClusterClient>| async move {
+                // On a terminal a bar; into a pipe or a log, a line every 10 s.
+                let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
                 let bar = indicatif::ProgressBar::hidden();
-                if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                if tty {
                     bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                    if let Ok(st) = indicatif::ProgressStyle::with_template(
+                        "scrub {wide_bar} {pos}/{len} groups ({percent}%, {per_sec}, ETA {eta})",
+                    ) {
+                        bar.set_style(st);
+                    }
                 }
                 let before = scrub::repairs_so_far(&c).await;
+                let (t0, mut said) = (std::time::Instant::now(), std::time::Instant::now());
                 let r = scrub::scrub(&c, |d, t| {
                     bar.set_length(t);
                     bar.set_position(d);
+                    if !tty && said.elapsed() >= std::time::Duration::from_secs(10) && t > 0 {
+                        said = std::time::Instant::now();
+                        let rate = d as f64 / t0.elapsed().as_secs_f64().max(0.001);
+                        let eta = if rate > 0.0 { format!("{:.0}s", (t - d.min(t)) as f64 / rate) } else { "?".into() };
+                        eprintln!(
+                            "scrub: {d}/{t} groups ({:.0}%), {rate:.0} groups/s, ETA {eta}",
+                            100.0 * d as f64 / t as f64
+                        );
+                    }
                 })
                 .await;
                 bar.finish_and_clear();

@@ -5,7 +5,7 @@ use integration::*;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A first port of `n` consecutive TCP ports free on 127.0.0.1 now.
 fn free_ports(n: u16) -> u16 {
@@ -161,13 +161,13 @@ fn status_json(c: &Cluster) -> (i32, serde_json::Value) {
 
 /// Polls `status --json` until its exit code is `code` (20 s at most).
 fn wait_status(c: &Cluster, code: i32) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (rc, j) = status_json(c);
         if rc == code {
             return j;
         }
-        assert!(std::time::Instant::now() < deadline, "status stayed at exit {rc}, not {code}: {j:#}");
+        assert!(Instant::now() < deadline, "status stayed at exit {rc}, not {code}: {j:#}");
         std::thread::sleep(Duration::from_millis(300));
     }
 }
@@ -213,14 +213,14 @@ fn status_json_exit_codes_capacity_actions_and_the_last_scrub_follow_the_cluster
     // One IOM down: degraded, exit 1, and the action names the fix.
     c.kill(1);
     // First unreachable (the map still says up), then declared down.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(20);
     let j = loop {
         let (rc, j) = status_json(&c);
         if j["ioms"][1]["state"] == "down" {
             assert_eq!(rc, 1, "{j:#}");
             break j;
         }
-        assert!(std::time::Instant::now() < deadline, "IOM 1 not declared down: {j:#}");
+        assert!(Instant::now() < deadline, "IOM 1 not declared down: {j:#}");
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(j["state"], "degraded", "{j:#}");
@@ -329,9 +329,9 @@ fn mount_t_fuse_iomfs_an_fstab_line_and_the_mount_iomfs_helper_mount_the_cluster
     let pid = mount_pid(&m1);
     run_ok(Command::new("umount").arg(&m1));
     assert!(!is_mounted(&m1));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(10);
     while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        assert!(std::time::Instant::now() < deadline, "the client (pid {pid}) outlived umount");
+        assert!(Instant::now() < deadline, "the client (pid {pid}) outlived umount");
         std::thread::sleep(Duration::from_millis(50));
     }
 
@@ -395,9 +395,9 @@ fn iom_server_tells_systemd_it_is_ready_only_once_it_serves_and_that_it_stops_on
     c.start_all();
     wait_status(&c, 0);
     c.kill(0);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(20);
     while status_json(&c).1["ioms"][0]["state"] != "down" {
-        assert!(std::time::Instant::now() < deadline, "IOM 0 not declared down");
+        assert!(Instant::now() < deadline, "IOM 0 not declared down");
         std::thread::sleep(Duration::from_millis(200));
     }
     c.env[0].push(("NOTIFY_SOCKET".into(), sock_path.to_string_lossy().into()));
@@ -495,4 +495,67 @@ fn logs_of_iom_and_mount_are_kept_across_restarts_and_named_in_their_files() {
         .expect("a mount log");
     let text = std::fs::read_to_string(&mount_log).expect("mount log");
     assert_eq!(text.matches(" mounted ").count(), 2, "both mounts in {}:\n{text}", mount_log.display());
+}
+
+#[test]
+fn a_throttled_rebuild_reports_an_eta_that_comes_true_and_watch_into_a_pipe_prints_lines() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.set_tuning("rebuild_mib_s", 1);
+    c.start_all();
+    let m = c.mount("m", &[]);
+    c.kill(2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status_json(&c).1["ioms"][2]["state"] != "down" {
+        assert!(Instant::now() < deadline, "IOM 2 not declared down");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // About 8 MiB for IOM 2 to rebuild: some 8 s at 1 MiB/s.
+    let data = Rng(3).bytes(32 << 20);
+    std::fs::write(m.join("f"), &data).expect("write while IOM 2 is down");
+    c.start(2);
+    let started = Instant::now();
+    let mut predicted = None;
+    loop {
+        let (_, j) = status_json(&c);
+        let iom = &j["ioms"][2];
+        if iom["state"] == "up" {
+            break;
+        }
+        let r = &iom["rebuild"];
+        let (done, total) = (r["done_blocks"].as_u64().unwrap_or(0), r["total_blocks"].as_u64().unwrap_or(0));
+        // The ETA once a quarter is done: when the rebuild should end.
+        if predicted.is_none() && total > 0 && done * 4 >= total {
+            if let Some(eta) = r["eta_seconds"].as_u64() {
+                assert!(
+                    r["bytes"].as_u64().unwrap_or(0) > 0 && r["bytes_per_second"].as_u64().unwrap_or(0) > 0,
+                    "{r:#}"
+                );
+                predicted = Some((started.elapsed(), Duration::from_secs(eta)));
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "rebuild did not end: {j:#}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let took = started.elapsed();
+    let (at, eta) = predicted.expect("an ETA was shown during the rebuild");
+    let actual = took.saturating_sub(at);
+    assert!(
+        actual.as_secs_f64() >= 0.6 * eta.as_secs_f64() - 2.0 && actual.as_secs_f64() <= 1.5 * eta.as_secs_f64() + 2.0,
+        "ETA {eta:?} at {at:?}, but the rebuild ended {actual:?} later"
+    );
+    assert_eq!(std::fs::read(m.join("f")).expect("read"), data);
+
+    // --watch into a pipe: plain status blocks, a timestamp first.
+    let mut w = Command::new(bin("iomfs"))
+        .args(["status", "--watch", "--dir", &c.dir.to_string_lossy()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch");
+    std::thread::sleep(Duration::from_secs(7));
+    let _ = w.kill();
+    let out = w.wait_with_output().expect("watch output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.matches("cluster: healthy").count() >= 2, "{text}");
+    assert!(text.contains("Z\n") && !text.contains("0/0"), "{text}");
 }

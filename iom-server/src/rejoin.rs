@@ -42,6 +42,14 @@ pub struct RebuildProgress {
     pub bytes: AtomicU64,
     pub started: Mutex<Option<Instant>>,
     pub active: AtomicBool,
+    /// Bytes the throttle has let through (counted before its pause, where
+    /// `bytes` is counted after: up to `REBUILD_PARALLEL` rebuilds finish
+    /// at once, and counting them as done before their pauses made the
+    /// first second look several times faster than the limit).
+    throttled: AtomicU64,
+    /// (when, done, bytes) about every half second over the last ten: the
+    /// recent rate, which the first unthrottled moments do not inflate.
+    window: Mutex<std::collections::VecDeque<(Instant, u64, u64)>>,
 }
 
 /// Blocks (and parity groups) rebuilt at once: enough to keep every peer's
@@ -56,13 +64,44 @@ const HANDOVER_ROUNDS: usize = 3;
 /// for this role wait meanwhile): two parallel batches.
 const HANDOVER_TAIL: usize = 2 * REBUILD_PARALLEL;
 impl RebuildProgress {
-    pub fn rate(&self) -> u64 {
-        let secs = self.started.lock().map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
-        if secs <= 0.0 {
-            0
-        } else {
-            (self.bytes.load(Ordering::Relaxed) as f64 / secs) as u64
+    /// Notes the counters in the rate window (at most every half second).
+    fn sample(&self) {
+        let now = Instant::now();
+        let mut w = self.window.lock();
+        if w.back().is_none_or(|(t, _, _)| now.duration_since(*t) >= Duration::from_millis(500)) {
+            w.push_back((now, self.done.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed)));
+            while w.len() > 2 && w.front().is_some_and(|(t, _, _)| now.duration_since(*t) > Duration::from_secs(10)) {
+                w.pop_front();
+            }
         }
+    }
+
+    /// (blocks and groups per second, bytes per second) over the last ten
+    /// seconds; over the whole rebuild while it is younger than one.
+    fn recent(&self) -> (f64, f64) {
+        let (done, bytes) = (self.done.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed));
+        // One lock at a time (the window's guard ends with this statement).
+        let from = self.window.lock().front().copied().filter(|(t, _, _)| t.elapsed() >= Duration::from_secs(1));
+        let (secs, d0, b0) = match from {
+            Some((t, d, b)) => (t.elapsed().as_secs_f64(), d, b),
+            None => (self.started.lock().map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0), 0, 0),
+        };
+        if secs <= 0.0 {
+            return (0.0, 0.0);
+        }
+        (done.saturating_sub(d0) as f64 / secs, bytes.saturating_sub(b0) as f64 / secs)
+    }
+
+    /// Bytes per second rebuilt lately.
+    pub fn rate(&self) -> u64 {
+        self.recent().1 as u64
+    }
+
+    /// Seconds left at the recent pace; None before anything was rebuilt.
+    pub fn eta_secs(&self) -> Option<u64> {
+        let (per_s, _) = self.recent();
+        let left = self.total.load(Ordering::Relaxed).saturating_sub(self.done.load(Ordering::Relaxed));
+        (per_s > 0.0).then(|| (left as f64 / per_s).ceil() as u64)
     }
 }
 
@@ -417,17 +456,18 @@ impl Rejoin {
     /// rate of this round (`bytes0` counted when it started at `started`)
     /// at or below the limit.
     async fn rebuilt_one(&self, n: u64, limit: u64, started: Instant, bytes0: u64) {
+        let through = self.progress.throttled.fetch_add(n, Ordering::Relaxed) + n;
+        if limit > 0 {
+            let bytes = through.saturating_sub(bytes0) as f64;
+            let should = Duration::from_secs_f64(bytes / limit as f64);
+            let el = started.elapsed();
+            if should > el {
+                tokio::time::sleep(should - el).await;
+            }
+        }
         self.progress.done.fetch_add(1, Ordering::Relaxed);
         self.progress.bytes.fetch_add(n, Ordering::Relaxed);
-        if limit == 0 {
-            return;
-        }
-        let bytes = self.progress.bytes.load(Ordering::Relaxed).saturating_sub(bytes0) as f64;
-        let should = Duration::from_secs_f64(bytes / limit as f64);
-        let el = started.elapsed();
-        if should > el {
-            tokio::time::sleep(should - el).await;
-        }
+        self.progress.sample();
     }
 
     /// Rebuilds one set of marks and tells the stand-in which are done;
@@ -441,7 +481,7 @@ impl Rejoin {
         }
         let limit = if throttled { self.tuning.rebuild_mib_s << 20 } else { 0 };
         let started = Instant::now();
-        let bytes0 = self.progress.bytes.load(Ordering::Relaxed);
+        let bytes0 = self.progress.throttled.load(Ordering::Relaxed);
         let me = self.clone();
         let rebuilt: Vec<_> = futures::stream::iter(m.blocks.iter().copied())
             .map(|(key, want)| {

@@ -580,6 +580,12 @@ impl Router {
         let runways = self.storage.journal.runway_to_come() + self.namespace.runway_to_come();
         let (d, p) = self.storage.map.counts();
         let js = &self.storage.journal.stats;
+        // Taken before the literal: a lock guard made inside it would live
+        // to its end, and `eta_secs` takes the same lock (a self-deadlock
+        // that froze the IOM on its first status call).
+        let started = *self.rejoin.progress.started.lock();
+        let rebuild_elapsed_ms = started.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
+        let rebuild_eta_s = self.rejoin.progress.eta_secs();
         IomStats {
             iom: self.me.0,
             epoch: self.member.epoch().0,
@@ -611,6 +617,9 @@ impl Router {
             fs_id: self.storage.store.fs_id(),
             shared_room_bytes: self.storage.store.shared_room().saturating_sub(runways).min(room),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            rebuild_bytes: self.rejoin.progress.bytes.load(Ordering::Relaxed),
+            rebuild_elapsed_ms,
+            rebuild_eta_s,
         }
     }
 }

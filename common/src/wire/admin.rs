@@ -57,6 +57,13 @@ pub struct IomStats {
     pub shared_room_bytes: u64,
     /// The IOM's software version (`iom-server --version`).
     pub version: String,
+    /// Bytes rebuilt since this IOM started, and for how long it has been
+    /// rebuilding (ms; 0 before its first rebuild).
+    pub rebuild_bytes: u64,
+    pub rebuild_elapsed_ms: u64,
+    /// Seconds the rebuild still needs at its pace of the last ten
+    /// seconds (blocks and groups rebuilt per second); None when unknown.
+    pub rebuild_eta_s: Option<u64>,
 }
 
 /// How much more each of the IOMs sharing a filesystem can store when each

@@ -13,7 +13,7 @@ fn golden_bytes() {
     let hello =
         Request::Hello(Hello { protocol: PROTOCOL_VERSION, cluster_id: "c".into(), peer: PeerKind::Iom(IomId(3)) });
     assert_eq!(hex(&encode(&hello).unwrap()), "000701630103");
-    // Protocol 7 added `IomStats::version`.
+    // Protocol 7 added `IomStats::version`, `rebuild_bytes`, `rebuild_elapsed_ms`, `rebuild_eta_s`.
     // Protocol 6 added `AdminReq::DropCache`.
     assert_eq!(hex(&encode(&Request::Admin(AdminReq::DropCache)).unwrap()), "0501");
 
