@@ -71,12 +71,7 @@ pub fn start_iom(dir: &Path, id: IomId) -> Result<u32> {
     }
     let _ = std::fs::remove_file(p.pid(id));
     let log_path = p.log(id);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("open {}", log_path.display()))?;
-    let start_len = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let (log, start_len) = super::open_log(&log_path)?;
     let mut cmd = Command::new(server_binary());
     cmd.arg("--dir").arg(dir).arg("--id").arg(id.0.to_string()).arg("--log-file").arg(&log_path);
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
@@ -242,19 +237,14 @@ pub fn stop(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Seconds a rebuild still needs, as the rebuilding IOM measures it (at
-/// its pace of the last ten seconds, in blocks and groups rebuilt: a
-/// group's parity costs reads of N blocks, so bytes would mislead).
-pub fn rebuild_eta(s: &IomStats) -> Option<u64> {
-    s.rebuild_eta_s
-}
-
 /// `42% (55 of 131 blocks and groups, 3.4 MiB at 1.0 MiB/s), ETA 7s`.
 pub fn rebuild_progress(s: &IomStats) -> String {
     let (d, t) = (s.rebuild_done, s.rebuild_total.max(s.rebuild_done));
     let pct = if t == 0 { 0.0 } else { 100.0 * d as f64 / t as f64 };
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-    let eta = rebuild_eta(s).map(|e| format!(", ETA {}", humantime::format_duration(Duration::from_secs(e))));
+    // The IOM's own measure: its pace of the last ten seconds, counted in
+    // blocks and groups (a group's parity costs reads of N blocks).
+    let eta = s.rebuild_eta_s.map(|e| format!(", ETA {}", humantime::format_duration(Duration::from_secs(e))));
     format!(
         "{pct:.0}% ({d} of {t} blocks and groups, {:.1} MiB at {:.1} MiB/s){}",
         mib(s.rebuild_bytes),
@@ -389,7 +379,7 @@ impl Status {
                     .to_string(),
             );
         }
-        if !self.warnings().is_empty() {
+        if !self.fill().is_empty() {
             a.push("free space: delete files, or give the full IOMs' filesystems more room".to_string());
         }
         a
@@ -410,7 +400,7 @@ impl Status {
                         "bytes": s.rebuild_bytes,
                         "elapsed_seconds": s.rebuild_elapsed_ms as f64 / 1000.0,
                         "bytes_per_second": s.rebuild_bytes_per_s,
-                        "eta_seconds": rebuild_eta(s),
+                        "eta_seconds": s.rebuild_eta_s,
                     })
                 });
                 json!({
@@ -433,13 +423,14 @@ impl Status {
                 })
             })
             .collect();
+        let fill = self.fill();
         let capacity = self.capacity().map(|(free, total)| {
             json!({
                 "usable_bytes": total,
                 "free_bytes": free,
                 "used_bytes": total.saturating_sub(free),
-                "nearfull": self.warnings().iter().any(|w| w.contains("nearly full")),
-                "full": self.warnings().iter().any(|w| w.contains("disk full")),
+                "nearfull": fill.iter().any(|(_, _, full)| !full),
+                "full": fill.iter().any(|(_, _, full)| *full),
             })
         });
         json!({
@@ -475,15 +466,12 @@ impl Status {
     pub fn render(&self) -> String {
         let mut out = String::new();
         for i in &self.ioms {
-            let state = match self.map.state(i.id) {
-                IomState::Up if i.stats.is_none() => "unreachable".to_string(),
-                IomState::Up if i.stats.as_ref().is_some_and(|s| !s.serving) => "starting".to_string(),
-                IomState::Up => "up".to_string(),
-                IomState::Down { proxy } => format!("down (proxied by {})", proxy.0),
-                IomState::Rebuilding { proxy } => match &i.stats {
-                    Some(s) => format!("rebuilding {} (proxied by {})", rebuild_progress(s), proxy.0),
-                    None => format!("rebuilding (proxied by {})", proxy.0),
-                },
+            let state = match (self.iom_state(i), &i.stats) {
+                (("rebuilding", Some(p)), Some(s)) => {
+                    format!("rebuilding {} (proxied by {})", rebuild_progress(s), p.0)
+                }
+                ((word, Some(p)), _) => format!("{word} (proxied by {})", p.0),
+                ((word, None), _) => word.to_string(),
             };
             let pid = i.pid.map(|p| format!("pid {p}")).unwrap_or_else(|| "pid -".into());
             let version = i.stats.as_ref().map(|s| format!("  v{}", s.version)).unwrap_or_default();
@@ -516,26 +504,39 @@ impl Status {
     /// nearly full (less than 10 % of the filesystem left for writes, the
     /// point where Ceph says `nearfull`) or full (writes get ENOSPC).
     pub fn warnings(&self) -> Vec<String> {
-        let mut w = Vec::new();
-        for i in &self.ioms {
-            let Some(s) = &i.stats else { continue };
-            let mib = |b: u64| b >> 20;
-            if s.room_bytes < self.block_size() {
-                w.push(format!(
-                    "IOM {} disk full: writes get ENOSPC (filesystem {} MiB); delete files or add space",
-                    i.id.0,
-                    mib(s.disk_bytes)
-                ));
-            } else if s.disk_bytes > 0 && s.room_bytes < s.disk_bytes / 10 {
-                w.push(format!(
-                    "IOM {} disk nearly full: {} MiB of {} MiB left for writes",
-                    i.id.0,
-                    mib(s.room_bytes),
-                    mib(s.disk_bytes)
-                ));
-            }
-        }
-        w
+        let mib = |b: u64| b >> 20;
+        self.fill()
+            .into_iter()
+            .map(|(id, s, full)| {
+                if full {
+                    format!(
+                        "IOM {} disk full: writes get ENOSPC (filesystem {} MiB); delete files or add space",
+                        id.0,
+                        mib(s.disk_bytes)
+                    )
+                } else {
+                    format!(
+                        "IOM {} disk nearly full: {} MiB of {} MiB left for writes",
+                        id.0,
+                        mib(s.room_bytes),
+                        mib(s.disk_bytes)
+                    )
+                }
+            })
+            .collect()
+    }
+
+    /// The IOMs past nearfull, each with whether it is full (less room
+    /// than a block).
+    fn fill(&self) -> Vec<(IomId, &IomStats, bool)> {
+        self.ioms
+            .iter()
+            .filter_map(|i| i.stats.as_ref().map(|s| (i.id, s)))
+            .filter_map(|(id, s)| {
+                let full = s.room_bytes < self.block_size();
+                (full || s.disk_bytes > 0 && s.room_bytes < s.disk_bytes / 10).then_some((id, s, full))
+            })
+            .collect()
     }
 
     fn block_size(&self) -> u64 {

@@ -21,3 +21,16 @@ fn detach(cmd: &mut std::process::Command) {
         });
     }
 }
+
+/// Opens `path` for appending (logs are kept across runs) and returns it
+/// with its length now: where this run's lines start.
+fn open_log(path: &std::path::Path) -> anyhow::Result<(std::fs::File, u64)> {
+    use anyhow::Context;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    Ok((f, len))
+}

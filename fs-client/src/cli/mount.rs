@@ -216,12 +216,7 @@ pub fn mount_detached(dir: &Path, mnt: &Path, opts: &[String]) -> Result<u32> {
     let exe = std::env::current_exe().context("locate the iomfs binary")?;
     let log_path = fs_client::mount::mount_log(dir, mnt);
     // Kept across mounts (appended, rotated by size by the mount process).
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("open {}", log_path.display()))?;
-    let start_len = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let (log, start_len) = super::open_log(&log_path)?;
     let mut cmd = Command::new(exe);
     cmd.arg("mount").arg("--dir").arg(dir).arg(mnt).arg("--log-file").arg(&log_path);
     for o in opts {
