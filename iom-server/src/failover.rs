@@ -237,7 +237,13 @@ impl Failover {
 
     fn spawn_standin_activate(self: &Arc<Self>, j: IomId) {
         let me = self.clone();
-        self.workers.spawn(Tier::Background, "standin-activate", async move { me.standin.clone().activate(j).await });
+        // Taken here, in the task that also ends stand-in periods (`done`).
+        let era = self.handover.era(j);
+        self.workers.spawn(
+            Tier::Background,
+            "standin-activate",
+            async move { me.standin.clone().activate(j, era).await },
+        );
     }
 
     /// Reacts to every new cluster map.

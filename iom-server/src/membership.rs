@@ -7,9 +7,10 @@
 //! under the next epoch, and the map is committed only when a majority of
 //! all IOMs voted for it, each voter checking that it suspects that IOM
 //! too. An IOM that has not heard from a majority for half the failure
-//! timeout refuses writes (`NoQuorum`), so by the time others take its role
-//! over it has stopped changing anything: two IOMs never serve the same
-//! blocks. A returning IOM proposes its own way back (rebuilding, then up),
+//! timeout refuses reads and writes (`NoQuorum`), so by the time others
+//! take its role over it has stopped changing and serving anything: two
+//! IOMs never serve the same blocks, and nobody reads a block the stand-in
+//! has written anew from the IOM cut off. A returning IOM proposes its own way back (rebuilding, then up),
 //! which voters grant when they can reach it.
 
 use crate::liveness::Liveness;
@@ -143,17 +144,18 @@ impl Membership {
         self.live.lock().agrees(proposed.state(changed), changed, proposer, Instant::now())
     }
 
-    /// Checks that this IOM serves `route.target` in its current map; writes
-    /// also need a quorum.
-    pub fn check_route(&self, route: &Route, write: bool) -> Result<(), WireError> {
+    /// Checks that this IOM serves `route.target` in its current map and
+    /// hears a majority (the quorum lease: reads too, or an IOM cut off
+    /// would serve what its stand-in has overwritten since).
+    pub fn check_route(&self, route: &Route) -> Result<(), WireError> {
         let m = self.map.read();
         match m.server_for(route.target) {
             None => Err(WireError::new(ErrorCode::ClusterStopped, "more than one IOM is down: the cluster is stopped")),
             Some(s) if s == self.me => {
-                if write && !self.has_quorum() {
+                if !self.has_quorum() {
                     return Err(WireError::new(
                         ErrorCode::NoQuorum,
-                        format!("IOM {} cannot reach a majority of the cluster and refuses writes", self.me),
+                        format!("IOM {} cannot reach a majority of the cluster and serves nothing", self.me),
                     ));
                 }
                 Ok(())

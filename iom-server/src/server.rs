@@ -155,7 +155,9 @@ impl Iom {
             parity: parity.clone(),
             handover: handover.clone(),
             caller: caller.clone(),
+            member: member.clone(),
             timeouts,
+            dir: data_dir.clone(),
             stop: workers.token(Tier::Background),
         });
         let recovery = Arc::new(crate::recovery_exec::Recovery {

@@ -227,10 +227,10 @@ enum Plane {
 }
 
 impl Plane {
-    /// Checks that this IOM serves `route` now (writes need a quorum too)
-    /// and says as what.
-    fn of(router: &Router, route: &Route, write: bool) -> Result<Plane, Error> {
-        router.member.check_route(route, write)?;
+    /// Checks that this IOM serves `route` now (with a quorum) and says
+    /// as what.
+    fn of(router: &Router, route: &Route) -> Result<Plane, Error> {
+        router.member.check_route(route)?;
         Ok(if route.target == router.me { Plane::Own } else { Plane::StandIn(route.target) })
     }
 
@@ -293,7 +293,7 @@ pub(crate) async fn handle_drop_objects(
     route: Route,
     objects: Vec<ObjectId>,
 ) -> Result<(), Error> {
-    let plane = Plane::of(router, &route, true)?;
+    let plane = Plane::of(router, &route)?;
     if objects.len() > MAX_DROP_OBJECTS {
         return Err(Error::BadRequest(format!("drop of {} objects: at most {MAX_DROP_OBJECTS}", objects.len())));
     }
@@ -311,7 +311,7 @@ pub(crate) async fn handle_read_version(
     key: BlockKey,
     version: Version,
 ) -> Result<Bytes, Error> {
-    Plane::of(router, &route, false)?.read_version(router, key, version).await
+    Plane::of(router, &route)?.read_version(router, key, version).await
 }
 
 /// `ReadParity`: a group's parity with the member versions it covers.
@@ -320,14 +320,14 @@ pub(crate) async fn handle_read_parity(
     route: Route,
     group: GroupKey,
 ) -> Result<(Vec<Version>, Bytes), Error> {
-    Plane::of(router, &route, false)?.own_parity(group, "it is rebuilt when that IOM comes back")?;
+    Plane::of(router, &route)?.own_parity(group, "it is rebuilt when that IOM comes back")?;
     router.parity.read_parity(group).await
 }
 
 async fn handle_data(router: &Arc<Router>, req: DataReq, payload: Bytes) -> Result<(DataResp, Vec<Bytes>), Error> {
     match req {
         DataReq::ReadMany { route, pieces } => {
-            let plane = Plane::of(router, &route, false)?;
+            let plane = Plane::of(router, &route)?;
             let bs = router.block_size as u64;
             if pieces.len() > MAX_PIECES || pieces.iter().any(|p| p.offset as u64 + p.len as u64 > bs) {
                 return Err(Error::BadRequest(format!(
@@ -355,17 +355,17 @@ async fn handle_data(router: &Arc<Router>, req: DataReq, payload: Bytes) -> Resu
 async fn handle_data_one(router: &Arc<Router>, req: DataReq, payload: Bytes) -> Result<(DataResp, Bytes), Error> {
     match req {
         DataReq::Read { route, key, offset, len } => {
-            let (version, b) = Plane::of(router, &route, false)?.read(router, key, offset, len).await?;
+            let (version, b) = Plane::of(router, &route)?.read(router, key, offset, len).await?;
             Ok((DataResp::Read { version }, b))
         }
         DataReq::Write { route, key, offset, toughness, group_hint } => {
-            let plane = Plane::of(router, &route, true)?;
+            let plane = Plane::of(router, &route)?;
             let op = Op::Write { offset, data: payload };
             let v = plane.write(router, key, op, toughness, group_hint).await?;
             Ok((DataResp::Written { version: v }, Bytes::new()))
         }
         DataReq::WriteMany { route, pieces, toughness } => {
-            let plane = Plane::of(router, &route, true)?;
+            let plane = Plane::of(router, &route)?;
             let total: u64 = pieces.iter().map(|p| p.len as u64).sum();
             let bs = router.block_size as u64;
             let fits = pieces.iter().all(|p| p.len > 0 && p.offset as u64 + p.len as u64 <= bs);
@@ -387,16 +387,16 @@ async fn handle_data_one(router: &Arc<Router>, req: DataReq, payload: Bytes) -> 
             Ok((DataResp::WrittenAll, Bytes::new()))
         }
         DataReq::Truncate { route, key, keep, toughness } => {
-            let v = Plane::of(router, &route, true)?.write(router, key, Op::Truncate { keep }, toughness, 1).await?;
+            let v = Plane::of(router, &route)?.write(router, key, Op::Truncate { keep }, toughness, 1).await?;
             Ok((DataResp::Written { version: v }, Bytes::new()))
         }
         DataReq::Flush { route } => {
-            router.member.check_route(&route, false)?;
+            router.member.check_route(&route)?;
             router.data.flush().await?;
             Ok((DataResp::Flushed, Bytes::new()))
         }
         DataReq::DropObject { route, object, from } => {
-            Plane::of(router, &route, true)?.drop_object(router, object, from).await?;
+            Plane::of(router, &route)?.drop_object(router, object, from).await?;
             Ok((DataResp::Dropped, Bytes::new()))
         }
         DataReq::ReadVersion { route, key, version } => {
@@ -408,8 +408,7 @@ async fn handle_data_one(router: &Arc<Router>, req: DataReq, payload: Bytes) -> 
             Ok((DataResp::Parity { versions }, b))
         }
         DataReq::RecomputeParity { route, group } => {
-            Plane::of(router, &route, true)?
-                .own_parity(group, "it can only be recomputed while all its IOMs are up")?;
+            Plane::of(router, &route)?.own_parity(group, "it can only be recomputed while all its IOMs are up")?;
             if !router.group.is_whole(group) {
                 return Err(Error::Wire(WireError::new(
                     ErrorCode::Unavailable,

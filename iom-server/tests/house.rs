@@ -197,11 +197,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &[
             "cache",
             "caller",
+            "failpoint",
             "group",
             "journal",
             "links",
             "locks",
             "map",
+            "membership",
             "parity",
             "records",
             "standin/handover",

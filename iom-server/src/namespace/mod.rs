@@ -406,23 +406,12 @@ impl Namespace {
         }
         let now = Timestamp::now();
         let MetaCall { client, seq, req } = call;
-        let read_only = matches!(
-            req,
-            MetaReq::Lookup { .. }
-                | MetaReq::GetAttr { .. }
-                | MetaReq::ReadDir { .. }
-                | MetaReq::ReadLink { .. }
-                | MetaReq::GetXattr { .. }
-                | MetaReq::ListXattr { .. }
-                | MetaReq::StatFs
-                | MetaReq::DeadObjects { .. }
-                | MetaReq::Check
-                | MetaReq::Renew { .. }
-        );
-        if !read_only && !l.member.has_quorum() {
+        // Reads too: once cut off from the majority, the mirror may have
+        // taken the namespace over and changed it.
+        if !l.member.has_quorum() {
             return Err(Error::Wire(WireError::new(
                 ErrorCode::NoQuorum,
-                format!("IOM {} cannot reach a majority of the cluster and refuses namespace changes", l.me),
+                format!("IOM {} cannot reach a majority of the cluster and serves no namespace request", l.me),
             )));
         }
         if matches!(req, MetaReq::Sync) {

@@ -38,6 +38,10 @@ pub struct HandoverState {
     ops: watch::Sender<HashMap<IomId, u64>>,
     /// Failed IOMs whose stand-in is active.
     active: watch::Sender<BTreeSet<IomId>>,
+    /// Per failed IOM, how many times it came back (`forget`): a
+    /// publication begun before it came back must not activate a later
+    /// stand-in for it, whose own publication has not run.
+    eras: Mutex<HashMap<IomId, u64>>,
     /// Per failed IOM: groups written since its marks were last handed out.
     touched: Mutex<HashMap<IomId, Touched>>,
     /// Parity updates for failed IOMs' groups acknowledged by this stand-in
@@ -60,6 +64,7 @@ impl Default for HandoverState {
             frozen: Mutex::default(),
             ops: watch::Sender::new(HashMap::new()),
             active: watch::Sender::new(BTreeSet::new()),
+            eras: Mutex::default(),
             touched: Mutex::default(),
             parity_open: watch::Sender::new(HashMap::new()),
         }
@@ -113,23 +118,39 @@ impl HandoverState {
         drained
     }
 
-    /// The stand-in for `i` is active.
-    pub fn activate(&self, i: IomId) {
-        self.active.send_modify(|s| {
-            s.insert(i);
-        });
+    /// Which stand-in period for `i` this is (see `activate`).
+    pub fn era(&self, i: IomId) -> u64 {
+        self.eras.lock().get(&i).copied().unwrap_or(0)
     }
 
-    /// Waits until the stand-in for `i` is active, at most `within`.
-    pub async fn wait_active(&self, i: IomId, within: Duration) {
+    /// The stand-in for `i` is active, if `i` has not come back since
+    /// `era` (its publication, begun then, would not cover a later
+    /// failure); whether it was activated. Decided under the lock `forget`
+    /// takes to end the period.
+    pub fn activate(&self, i: IomId, era: u64) -> bool {
+        let mut done = false;
+        self.active.send_if_modified(|s| {
+            done = self.era(i) == era;
+            done && s.insert(i)
+        });
+        done
+    }
+
+    /// Waits until the stand-in for `i` is active, at most `within`;
+    /// whether it is.
+    pub async fn wait_active(&self, i: IomId, within: Duration) -> bool {
         let mut rx = self.active.subscribe();
-        let _ = tokio::time::timeout(within, rx.wait_for(|s| s.contains(&i))).await;
+        let active = tokio::time::timeout(within, rx.wait_for(|s| s.contains(&i))).await.is_ok();
+        active
     }
 
     /// `i` is up again: neither frozen nor stood in for.
     pub fn forget(&self, i: IomId) {
         self.frozen.lock().remove(&i);
-        self.active.send_if_modified(|s| s.remove(&i));
+        self.active.send_if_modified(|s| {
+            *self.eras.lock().entry(i).or_default() += 1;
+            s.remove(&i)
+        });
         self.touched.lock().remove(&i);
         self.parity_open.send_if_modified(|m| {
             let n = m.len();
@@ -266,16 +287,21 @@ mod tests {
             start.elapsed()
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        h.activate(i);
+        assert!(h.activate(i, h.era(i)));
         assert!(t.await.unwrap() < Duration::from_secs(2));
         // Already active: returns at once.
-        h.wait_active(i, LONG).await;
+        assert!(h.wait_active(i, LONG).await);
         assert!(h.freeze_if(i, || true));
         h.forget(i);
         assert!(!h.is_frozen(i));
         let start = std::time::Instant::now();
-        h.wait_active(i, Duration::from_millis(30)).await;
+        assert!(!h.wait_active(i, Duration::from_millis(30)).await, "forgotten: no longer active");
         assert!(start.elapsed() >= Duration::from_millis(30), "forgotten: no longer active");
+        // A publication begun before `i` came back activates nothing.
+        let before = 0;
+        assert!(!h.activate(i, before), "a stale publication");
+        assert!(!h.wait_active(i, Duration::from_millis(1)).await);
+        assert!(h.activate(i, h.era(i)));
     }
 
     fn g(n: u64) -> GroupKey {

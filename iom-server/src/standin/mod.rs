@@ -20,6 +20,7 @@ use crate::group::Group;
 use crate::journal::Wait;
 use crate::links::Links;
 use crate::locks::KeyLocks;
+use crate::membership::Membership;
 use crate::parity::ParitySide;
 use crate::records::Record;
 use crate::storage::Storage;
@@ -37,7 +38,8 @@ use tokio_util::sync::CancellationToken;
 /// proxy of. Holds the storage (marks), the group (degraded reads and the
 /// old block of degraded writes), the block locks, the parity links, the
 /// parity side (its unfinished transactions with a failed IOM), the
-/// handover state and the caller; never the node.
+/// handover state, the caller and the membership (whether this IOM still
+/// stands in for an IOM); never the node.
 pub struct StandIn {
     pub(crate) me: IomId,
     pub(crate) width: u32,
@@ -49,9 +51,22 @@ pub struct StandIn {
     pub(crate) parity: Arc<ParitySide>,
     pub(crate) handover: Arc<HandoverState>,
     pub(crate) caller: Arc<RoleCaller>,
+    pub(crate) member: Arc<Membership>,
     pub(crate) timeouts: Timeouts,
+    /// The IOM's directory (crash points' markers).
+    pub(crate) dir: std::path::PathBuf,
     /// Cancelled when the IOM's background work stops.
     pub(crate) stop: CancellationToken,
+}
+
+/// Crash points of the stand-in are hit "at" this IOM.
+impl crate::failpoint::At for StandIn {
+    fn iom(&self) -> IomId {
+        self.me
+    }
+    fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
 }
 
 impl StandIn {
@@ -61,7 +76,9 @@ impl StandIn {
     /// Nothing is marked for them: when `i` returns, its own journal and the
     /// recovery rules settle them; marks are only for what changes while it
     /// is away.
-    pub async fn activate(self: Arc<Self>, i: IomId) {
+    /// `era` is `HandoverState::era(i)` when the map named this IOM `i`'s
+    /// proxy: if `i` came back since, nothing is activated.
+    pub async fn activate(self: Arc<Self>, i: IomId, era: u64) {
         let w = self.width;
         let mut todo: Vec<IomId> = (0..w).map(IomId).filter(|&j| j != i).collect();
         let mut open = 0usize;
@@ -100,8 +117,40 @@ impl StandIn {
             }
             tokio::time::sleep(self.timeouts.collect_pause).await;
         }
-        self.handover.activate(i);
+        if !self.handover.activate(i, era) {
+            tracing::info!(iom = self.me.0, failed = i.0, "IOM came back before its stand-in was active");
+            return;
+        }
         tracing::warn!(iom = self.me.0, failed = i.0, unfinished = open, unreachable_peers = ?todo, "stand-in active");
+    }
+
+    /// `Ok` while this IOM serves failed IOM `owner`'s role: the current
+    /// map calls `owner` down or rebuilding with this IOM as its proxy, and
+    /// no handover has frozen the role. Otherwise `NotServing`: the client
+    /// fetches the newest map and sends the request to the role's server.
+    fn serving(&self, owner: IomId) -> Result<(), Error> {
+        if !self.member.is_standin_for(owner) {
+            return Err(Error::Wire(WireError::new(
+                ErrorCode::NotServing,
+                format!("IOM {} no longer stands in for IOM {owner}", self.me),
+            )));
+        }
+        self.handover.check(owner)
+    }
+
+    /// Waits until the stand-in for `owner` is active (its peers published
+    /// their unfinished transactions with it), at most `standin_ready_max`;
+    /// `Unavailable` (the client retries) if it is not by then: a degraded
+    /// read or write before that could miss one of `owner`'s acknowledged
+    /// writes whose delta a parity IOM holds but has not applied yet.
+    async fn ready(&self, owner: IomId) -> Result<(), Error> {
+        if self.handover.wait_active(owner, self.timeouts.standin_ready_max).await {
+            return Ok(());
+        }
+        Err(Error::Wire(WireError::new(
+            ErrorCode::Unavailable,
+            format!("the stand-in for IOM {owner} is not ready: its peers have not all said what they had in flight with it"),
+        )))
     }
 
     /// The failed IOM `i` is up again: forget what was kept for it.
@@ -120,8 +169,9 @@ impl StandIn {
         offset: u32,
         len: u32,
     ) -> Result<(Version, Bytes), Error> {
-        self.handover.check(owner)?;
-        self.handover.wait_active(owner, self.timeouts.standin_ready_max).await;
+        self.serving(owner)?;
+        self.ready(owner).await?;
+        self.serving(owner)?;
         let (v, b) = self.group.reconstruct(key, None).await?;
         let start = (offset as usize).min(b.len());
         let end = (offset as usize + len as usize).min(b.len());
@@ -137,12 +187,16 @@ impl StandIn {
         toughness: Toughness,
         hint: u8,
     ) -> Result<Version, Error> {
-        self.handover.check(owner)?;
-        self.handover.wait_active(owner, self.timeouts.standin_ready_max).await;
+        self.serving(owner)?;
+        self.ready(owner).await?;
+        crate::crash_point!(self, "standin::write-ready");
         let _op = self.handover.op(owner);
         // Counted, then checked again: a freeze that began meanwhile either
-        // sees this write counted (and waits for it) or this check sees it.
-        self.handover.check(owner)?;
+        // sees this write counted (and waits for it) or this check sees it;
+        // and a write that waited while `owner` took its role back and the
+        // map called it up sees that here (it would change parity behind
+        // the owner's back, with a mark nobody fetches any more).
+        self.serving(owner)?;
         self.write_inner(owner, key, op, toughness, hint).await
     }
 
@@ -201,7 +255,9 @@ impl StandIn {
 
     /// A failed IOM's blocks of `object` in groups >= `from` were dropped.
     pub fn drop_object(&self, owner: IomId, object: ObjectId, from: GroupNo) -> Result<(), Error> {
-        self.handover.check(owner)?;
+        // Counted like a write, so a freeze hands this mark out with the others.
+        let _op = self.handover.op(owner);
+        self.serving(owner)?;
         self.storage.commit(&Record::MarkedDrop { owner, object, from }, false, Wait::Written);
         Ok(())
     }
