@@ -55,6 +55,19 @@ impl Firewall {
         self.nft(&(rule(a, b) + &rule(b, a)));
     }
 
+    /// Drops UDP from the IOMs listening on ports `from` to those on ports
+    /// `to`, one way only (asymmetric loss: `to` still reaches `from`).
+    fn cut_one_way(&self, from: &[u16], to: &[u16]) {
+        let set = |p: &[u16]| p.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ");
+        self.nft(&format!(
+            "add rule inet {} out ip saddr 127.0.0.0/8 ip daddr 127.0.0.0/8 udp sport {{ {} }} udp dport {{ {} }} \
+             counter drop\n",
+            self.table,
+            set(from),
+            set(to)
+        ));
+    }
+
     /// Packets the rules dropped so far.
     fn dropped(&self) -> u64 {
         let out = Command::new("nft").args(["list", "table", "inet", &self.table]).output().expect("nft list");
@@ -158,6 +171,17 @@ fn a_two_three_split_stops_the_cluster_and_it_heals_by_itself_with_every_acknowl
     c.must_scrub_clean();
 }
 
+/// Which of one IOM's packets to the other IOMs are dropped.
+#[derive(Clone, Copy, Debug)]
+enum Cut {
+    /// Both ways.
+    Both,
+    /// Only what it sends: it still hears the others' requests.
+    ItsOwn,
+    /// Only what the others send it: they still hear its requests.
+    ToIt,
+}
+
 /// One IOM cut off from the other four (clients still reach it), under a
 /// writer and a reader on two clients of their own (each with its own
 /// map): the majority declares it down and its proxy stands in; the IOM
@@ -167,6 +191,27 @@ fn a_two_three_split_stops_the_cluster_and_it_heals_by_itself_with_every_acknowl
 /// healthy by itself and the last acknowledged write is what reads back.
 #[test]
 fn one_iom_cut_off_serves_no_stale_read_and_loses_no_write() {
+    one_iom_cut_off(Cut::Both);
+}
+
+/// Asymmetric loss, the IOM's own packets dropped: it may still receive
+/// the others' pings, which must not count as hearing them (they cannot
+/// hear it): it refuses reads within its lease as if cut off both ways.
+#[test]
+fn one_iom_that_cannot_send_serves_no_stale_read() {
+    one_iom_cut_off(Cut::ItsOwn);
+}
+
+/// Asymmetric loss, the others' packets to the IOM dropped: its pings may
+/// still reach them, which must not count as hearing it (it never hears
+/// their answers, has no quorum and refuses everything): they declare it
+/// down and its stand-in serves.
+#[test]
+fn one_iom_that_cannot_hear_is_declared_down_and_stood_in_for() {
+    one_iom_cut_off(Cut::ToIt);
+}
+
+fn one_iom_cut_off(how: Cut) {
     let _g = serial();
     let mut c = Cluster::init(5);
     c.start_all();
@@ -225,7 +270,12 @@ fn one_iom_cut_off_serves_no_stale_read_and_loses_no_write() {
     std::thread::sleep(Duration::from_secs(1));
     let fw = Firewall::new("one");
     let others: Vec<u16> = p.iter().enumerate().filter(|(i, _)| *i != victim).map(|(_, x)| *x).collect();
-    fw.cut(&[p[victim]], &others);
+    match how {
+        Cut::Both => fw.cut(&[p[victim]], &others),
+        Cut::ItsOwn => fw.cut_one_way(&[p[victim]], &others),
+        Cut::ToIt => fw.cut_one_way(&others, &[p[victim]]),
+    }
+    eprintln!("IOM {victim} cut off: {how:?}");
     let cut_at = acked.load(Ordering::SeqCst);
     let want = format!("down (proxied by {})", victim + 1);
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -65,6 +65,22 @@ impl Cache {
         }
     }
 
+    /// Whether `k` is cached, without taking it or counting: a prefetch's look.
+    pub fn has(&self, k: &CacheKey) -> bool {
+        self.shard(k).lock().map.contains_key(k)
+    }
+
+    /// `n` blocks a prefetch read from the disk: misses (the reads that
+    /// follow count their hits).
+    pub fn missed(&self, n: u64) {
+        self.misses.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Whether the cache keeps anything (`cache_mib` > 0).
+    pub fn enabled(&self) -> bool {
+        self.budget > 0
+    }
+
     pub fn put(&self, k: CacheKey, v: Bytes) {
         if self.budget == 0 || v.len() > self.budget {
             return;

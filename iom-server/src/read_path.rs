@@ -50,6 +50,13 @@ impl DataSide {
         }
     }
 
+    /// Before a multi-block read: the newest versions of `keys` read from
+    /// disk together where their slots are adjacent (`Storage::prefetch_data`).
+    pub async fn prefetch(&self, keys: impl Iterator<Item = BlockKey>) {
+        let blocks = keys.map(|k| (k, self.storage.map.head(&k))).collect();
+        self.storage.prefetch_data(blocks).await;
+    }
+
     /// A specific version of a block, if it is still kept.
     pub async fn read_version(&self, key: BlockKey, v: Version) -> Result<Bytes, Error> {
         let Some(vr) = self.storage.map.version(&key, v) else {

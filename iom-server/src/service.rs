@@ -335,6 +335,9 @@ async fn handle_data(router: &Arc<Router>, req: DataReq, payload: Bytes) -> Resu
                     pieces.len()
                 )));
             }
+            if matches!(plane, Plane::Own) && pieces.len() > 1 {
+                router.data.prefetch(pieces.iter().map(|p| p.key)).await;
+            }
             let reads = pieces
                 .into_iter()
                 .map(|p| async move { Ok::<Bytes, Error>(plane.read(router, p.key, p.offset, p.len).await?.1) });
@@ -437,14 +440,19 @@ async fn handle_data_one(router: &Arc<Router>, req: DataReq, payload: Bytes) -> 
 /// `Member`: heartbeats, map fetches, votes and commits.
 async fn handle_member(router: &Arc<Router>, req: MemberReq) -> Result<MemberResp, Error> {
     match req {
-        MemberReq::Ping { from, .. } => {
+        MemberReq::Ping { .. } => {
             if let Some(d) = crate::fsutil::disk_stalled(router.timeouts.failure_timeout) {
                 return Err(Error::Wire(WireError::new(
                     ErrorCode::NotServing,
                     format!("IOM {}'s disk has finished nothing for {d:?}", router.me),
                 )));
             }
-            router.member.seen(from);
+            // Not counted as hearing the sender: only an answer to this
+            // IOM's own ping is (`Failover::heartbeat_worker`). With loss one way, the
+            // side that only receives would otherwise count peers that
+            // never hear it: a quorum lease that outlives its takeover
+            // (stale reads), or an IOM nobody declares down while it
+            // refuses everything.
             Ok(MemberResp::Pong { epoch: router.member.epoch(), reachable: Vec::new() })
         }
         MemberReq::Propose { ballot, map, changed } => {

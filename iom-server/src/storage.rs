@@ -190,6 +190,46 @@ impl Storage {
         self.read_checked(CacheKey::Data(key, v.version), v.addr, v.len, v.crc, what).await
     }
 
+    /// Reads the blocks of `blocks` that sit in adjacent slots and are not
+    /// cached with one disk read per run (at most `PREFETCH_RUN` blocks),
+    /// and caches each one whose checksum matches, so the reads that follow
+    /// find them there. A sequential read asks each IOM for several blocks
+    /// of one object at once, and allocation is sequential, so they are
+    /// often adjacent. Errors are left to those reads (nothing cached).
+    pub async fn prefetch_data(&self, blocks: Vec<(BlockKey, VerRef)>) {
+        const PREFETCH_RUN: usize = 64;
+        if !self.cache.enabled() {
+            return;
+        }
+        let mut todo: Vec<(DiskAddr, BlockKey, VerRef)> = blocks
+            .into_iter()
+            .filter_map(|(k, v)| v.addr.map(|a| (a, k, v)))
+            .filter(|(_, k, v)| v.len > 0 && !self.cache.has(&CacheKey::Data(*k, v.version)))
+            .collect();
+        todo.sort_by_key(|(a, _, _)| a.0);
+        todo.dedup_by_key(|(a, _, _)| a.0);
+        let runs = adjacent_runs(todo, |t| t.0, PREFETCH_RUN);
+        let bs = self.store.block_size() as usize;
+        let reads = runs.into_iter().filter(|r| r.len() > 1).map(|run| {
+            let store = self.store.clone();
+            async move {
+                let len = (run.len() - 1) * bs + run.last().map_or(0, |l| l.2.len as usize);
+                let first = run[0].0;
+                let span = tokio::task::spawn_blocking(move || store.read_span(first, len)).await;
+                let Ok(Ok(Some(span))) = span else { return };
+                let span = Bytes::from(span);
+                self.cache.missed(run.len() as u64);
+                for (i, (_, key, v)) in run.iter().enumerate() {
+                    let b = span.slice(i * bs..i * bs + v.len as usize);
+                    if codec::crc(&b) == v.crc {
+                        self.cache.put(CacheKey::Data(*key, v.version), b);
+                    }
+                }
+            }
+        });
+        futures::future::join_all(reads).await;
+    }
+
     /// The bytes of parity version `p` of group `g`, like [`Storage::read_data`].
     pub async fn read_parity(&self, g: GroupKey, p: &PVerRef) -> Result<Bytes, Error> {
         let what = || format!("parity of object {} group {} on IOM {}", g.object, g.group, self.id);
@@ -329,6 +369,19 @@ impl Storage {
 /// Whether a failed read of a stored version may be answered by
 /// rebuilding it from its group: damaged bytes or a read error of the
 /// disk; a full disk is not a damaged block.
+/// `items`, sorted by slot, cut into runs of adjacent slots of at most
+/// `max` items each.
+fn adjacent_runs<T>(items: Vec<T>, slot: impl Fn(&T) -> DiskAddr, max: usize) -> Vec<Vec<T>> {
+    let mut runs: Vec<Vec<T>> = Vec::new();
+    for t in items {
+        match runs.last_mut() {
+            Some(r) if r.len() < max && r.last().is_some_and(|l| slot(l).0 + 1 == slot(&t).0) => r.push(t),
+            _ => runs.push(vec![t]),
+        }
+    }
+    runs
+}
+
 pub fn healable(e: &Error) -> bool {
     match e {
         Error::Corrupt(_) => true,
@@ -432,4 +485,23 @@ fn fs_capacity(dir: &std::path::Path, block_size: u32) -> u64 {
     let Some((free, _)) = crate::fsutil::fs_space(dir) else { return 1 << 24 };
     let used = std::fs::metadata(dir.join(crate::store::BLOCK_FILE)).map(|m| m.len()).unwrap_or(0);
     (free + used) / block_size as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adjacent_slots_make_runs_no_longer_than_the_limit() {
+        let runs = |slots: &[u64], max| {
+            adjacent_runs(slots.iter().map(|&s| DiskAddr(s)).collect(), |a| *a, max)
+                .into_iter()
+                .map(|r| r.into_iter().map(|a| a.0).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(runs(&[], 4), Vec::<Vec<u64>>::new());
+        assert_eq!(runs(&[7], 4), vec![vec![7]]);
+        assert_eq!(runs(&[1, 2, 3, 5, 6, 9], 4), vec![vec![1, 2, 3], vec![5, 6], vec![9]]);
+        assert_eq!(runs(&[1, 2, 3, 4, 5], 2), vec![vec![1, 2], vec![3, 4], vec![5]]);
+    }
 }

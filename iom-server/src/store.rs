@@ -479,6 +479,22 @@ impl Store {
         r.map_err(|e| Error::io(format!("read slot {}", a.0), e))
     }
 
+    /// Reads `len` bytes from the start of slot `a` on, across adjacent
+    /// slots: one disk read for a run of blocks. `None` in power-loss test
+    /// mode, where unsynced writes live in memory per slot.
+    pub fn read_span(&self, a: DiskAddr, len: usize) -> Result<Option<Vec<u8>>, Error> {
+        if power_loss::on() {
+            return Ok(None);
+        }
+        let op = crate::fsutil::DiskOp::start();
+        let r = match crate::disk_fault!("store::pread") {
+            Some(e) => Err(e),
+            None => crate::fsutil::pread_exact(&self.file, len, self.offset(a)),
+        };
+        drop(op);
+        r.map(Some).map_err(|e| Error::io(format!("read slots from {}", a.0), e))
+    }
+
     /// Makes every completed write durable (a10 / b9). The journal writer
     /// calls this before writing records that depend on data being durable.
     pub fn sync(&self) -> Result<(), Error> {
