@@ -135,12 +135,21 @@ fn is_retryable(e: &NetError) -> bool {
 impl ClusterClient {
     /// Loads the cluster config and client certificate from `dir` and opens an endpoint.
     pub async fn connect(dir: &Path) -> Result<Arc<ClusterClient>> {
+        Self::connect_from(dir, None).await
+    }
+
+    /// [`ClusterClient::connect`] with the endpoint bound to local address
+    /// `from` (any port) instead of the unspecified address.
+    pub async fn connect_from(dir: &Path, from: Option<std::net::IpAddr>) -> Result<Arc<ClusterClient>> {
         let cfg = ClusterConfig::load(dir)?;
         let paths = ClusterPaths::new(dir);
         let ident = net::tls::Identity::load_client(&paths).map_err(|e| ClientError::Tls(e.to_string()))?;
         let cc = net::tls::client_config(&ident, cfg.transport).map_err(|e| ClientError::Tls(e.to_string()))?;
         let any_v6 = cfg.ioms.iter().any(|i| i.addr.starts_with('['));
-        let bind: std::net::SocketAddr = if any_v6 { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid addr");
+        let bind: std::net::SocketAddr = match from {
+            Some(ip) => std::net::SocketAddr::new(ip, 0),
+            None => if any_v6 { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid addr"),
+        };
         let endpoint = net::tls::make_endpoint(bind, None, cfg.transport).map_err(ClientError::Endpoint)?;
         let pool = Arc::new(Pool::new(
             endpoint,

@@ -3,6 +3,8 @@
 //! process (and mount) it starts is killed (unmounted) when the harness is
 //! dropped, also when a test fails.
 
+pub mod firewall;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;

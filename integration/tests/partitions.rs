@@ -4,88 +4,11 @@
 //! removed when the test ends, pass or fail, and each test asserts that its
 //! rules dropped packets (a rule that matches nothing must not pass).
 
+use integration::firewall::Firewall;
 use integration::*;
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// An nftables table of this test's, deleted on drop.
-struct Firewall {
-    table: String,
-}
-
-impl Firewall {
-    fn new(tag: &str) -> Firewall {
-        let table = format!("iomfs_test_{tag}_{}", std::process::id());
-        let fw = Firewall { table };
-        fw.nft(&format!(
-            "add table inet {t}\nadd chain inet {t} out {{ type filter hook output priority 0; policy accept; }}\n",
-            t = fw.table
-        ));
-        fw
-    }
-
-    fn nft(&self, script: &str) {
-        let mut child = Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run nft (scripts/install-deps installs nftables)");
-        child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write nft script");
-        let out = child.wait_with_output().expect("nft");
-        assert!(out.status.success(), "nft -f: {}\n{script}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    /// Drops UDP between the IOMs listening on ports `a` and those on
-    /// ports `b`, both ways (IOMs send from the port they listen on).
-    fn cut(&self, a: &[u16], b: &[u16]) {
-        let set = |p: &[u16]| p.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ");
-        let rule = |from: &[u16], to: &[u16]| {
-            format!(
-                "add rule inet {} out ip saddr 127.0.0.0/8 ip daddr 127.0.0.0/8 udp sport {{ {} }} udp dport {{ {} }} \
-                 counter drop\n",
-                self.table,
-                set(from),
-                set(to)
-            )
-        };
-        self.nft(&(rule(a, b) + &rule(b, a)));
-    }
-
-    /// Drops UDP from the IOMs listening on ports `from` to those on ports
-    /// `to`, one way only (asymmetric loss: `to` still reaches `from`).
-    fn cut_one_way(&self, from: &[u16], to: &[u16]) {
-        let set = |p: &[u16]| p.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ");
-        self.nft(&format!(
-            "add rule inet {} out ip saddr 127.0.0.0/8 ip daddr 127.0.0.0/8 udp sport {{ {} }} udp dport {{ {} }} \
-             counter drop\n",
-            self.table,
-            set(from),
-            set(to)
-        ));
-    }
-
-    /// Packets the rules dropped so far.
-    fn dropped(&self) -> u64 {
-        let out = Command::new("nft").args(["list", "table", "inet", &self.table]).output().expect("nft list");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let words: Vec<&str> = text.split_whitespace().collect();
-        words.windows(2).filter(|w| w[0] == "packets").filter_map(|w| w[1].parse::<u64>().ok()).sum()
-    }
-
-    fn heal(&self) {
-        self.nft(&format!("flush chain inet {} out\n", self.table));
-    }
-}
-
-impl Drop for Firewall {
-    fn drop(&mut self) {
-        let _ = Command::new("nft").args(["delete", "table", "inet", &self.table]).output();
-    }
-}
 
 fn ports(c: &Cluster) -> Vec<u16> {
     let cfg = common::config::ClusterConfig::load(&c.dir).expect("config");

@@ -48,6 +48,10 @@ pub fn parse_options(opts: &[String]) -> Result<(FsOptions, bool)> {
                 let v = v.context("-o metrics needs an address, such as metrics=127.0.0.1:9410")?;
                 o.metrics = Some(net::metrics::parse_addr("-o metrics", v).map_err(anyhow::Error::msg)?);
             }
+            "bind" => {
+                let v = v.context("-o bind needs a local IP address, such as bind=10.0.0.5")?;
+                o.bind = Some(v.parse().map_err(|_| anyhow::anyhow!("-o bind={v}: not an IP address"))?);
+            }
             "ro" => o.read_only = true,
             "rw" => o.read_only = false,
             "debug" => debug = true,
@@ -67,7 +71,7 @@ pub fn parse_options(opts: &[String]) -> Result<(FsOptions, bool)> {
             k if k.starts_with("x-") || k == "comment" || k == "subtype" || k == "fsname" => {}
             other => bail!(
                 "unknown mount option '{other}' (known: toughness=, attr_timeout=, entry_timeout=, ro, rw, \
-                 buffer_mb=, buffer_file_mb=, buffer_age=, metrics=, nosuid, nodev, noexec; fstab's defaults, \
+                 buffer_mb=, buffer_file_mb=, buffer_age=, metrics=, bind=, nosuid, nodev, noexec; fstab's defaults, \
                  noauto, nofail, _netdev, user, x-* are ignored)"
             ),
         }
@@ -114,7 +118,7 @@ pub fn mount_foreground(dir: &Path, mnt: &Path, fso: FsOptions, debug: bool) -> 
         net::metrics::serve(addr, &[("mount", label)])
             .map_err(|e| anyhow::anyhow!("{e}: choose another address with -o metrics=IP:PORT"))?;
     }
-    let client = rt.block_on(ClusterClient::connect(dir))?;
+    let client = rt.block_on(ClusterClient::connect_from(dir, fso.bind))?;
     // Fail early and clearly when the cluster does not answer.
     let probe = rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(20), client.meta(MetaReq::GetAttr { ino: Ino::ROOT })).await
@@ -314,4 +318,24 @@ pub fn run_helper(args: &[String]) -> Result<()> {
     }
     mount_detached(Path::new(src), Path::new(mnt), &opts)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(s: &str) -> Result<FsOptions> {
+        parse_options(&[s.to_string()]).map(|(o, _)| o)
+    }
+
+    #[test]
+    fn bind_takes_an_ip_address_and_names_a_bad_one() {
+        assert_eq!(opts("bind=127.0.0.100").unwrap().bind, Some("127.0.0.100".parse().unwrap()));
+        assert_eq!(opts("bind=::1").unwrap().bind, Some("::1".parse().unwrap()));
+        assert_eq!(opts("ro").unwrap().bind, None);
+        let e = opts("bind=10.0.0.300").unwrap_err().to_string();
+        assert!(e.contains("-o bind=10.0.0.300: not an IP address"), "{e}");
+        let e = opts("bind").unwrap_err().to_string();
+        assert!(e.contains("-o bind needs a local IP address"), "{e}");
+    }
 }

@@ -77,6 +77,10 @@ pub struct FsOptions {
     /// Where the mount's Prometheus endpoint listens (`-o metrics=`);
     /// none: no endpoint.
     pub metrics: Option<std::net::SocketAddr>,
+    /// The local address the mount's QUIC endpoint binds (`-o bind=`), so
+    /// a host with several addresses sends from the one its firewall and
+    /// the IOMs' expect; the unspecified address when `None`.
+    pub bind: Option<std::net::IpAddr>,
     /// `-o nosuid`, `-o nodev`, `-o noexec`: the kernel ignores set-id
     /// bits, device files, execution on this mount.
     pub nosuid: bool,
@@ -93,6 +97,7 @@ impl Default for FsOptions {
             read_only: false,
             buffer: BufferCaps::default(),
             metrics: None,
+            bind: None,
             nosuid: false,
             nodev: false,
             noexec: false,

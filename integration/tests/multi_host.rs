@@ -1,0 +1,210 @@
+//! The multi-host layout on one machine (issue 17): each IOM is a "host"
+//! of its own — its own loopback address (127.0.0.11–15, one port), its
+//! own directory holding only what docs/operations.md ("Several hosts")
+//! says to copy there (the config, the CA certificate, its own node
+//! certificate and key, its first-start marker) — and the client runs from 127.0.0.100 with only
+//! the client files. The transport is the real networks' (`lan`). A
+//! firewall rule on one host's address then cuts that host off, clients
+//! included, as a host whose network fails.
+
+use integration::firewall::Firewall;
+use integration::{bin, is_mounted, serial, test_root, unmount, Rng};
+use std::fs;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const HOSTS: u8 = 5;
+
+fn host_ip(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 11 + i)
+}
+
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 100);
+
+/// The IOM processes and the mount, stopped and removed on drop.
+struct Hosts {
+    root: PathBuf,
+    ioms: Vec<Child>,
+    mnt: PathBuf,
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            unmount(&self.mnt);
+        }
+        for c in &mut self.ioms {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::env::var("IOMFS_KEEP_TEST_DIRS").is_ok() {
+            eprintln!("kept test directory {}", self.root.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// A UDP port free on every host address.
+fn free_port() -> u16 {
+    for _ in 0..100 {
+        let port = 20_000 + rand::random::<u16>() % 40_000;
+        if (0..HOSTS).all(|i| UdpSocket::bind((host_ip(i), port)).is_ok()) {
+            return port;
+        }
+    }
+    panic!("no UDP port free on 127.0.0.11-15");
+}
+
+fn iomfs(args: &[&str]) -> Output {
+    Command::new(bin("iomfs")).args(args).output().expect("run iomfs")
+}
+
+fn must(out: Output, what: &str) -> String {
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{what} failed:\n{text}");
+    text
+}
+
+fn copy(from: &Path, to: &Path) {
+    fs::copy(from, to).unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
+}
+
+fn status(client: &Path) -> String {
+    let out = iomfs(&["status", "--dir", &client.to_string_lossy()]);
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn wait_status(client: &Path, want: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = status(client);
+        if s.contains(want) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "status never said '{want}':\n{s}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A small tree of files, directories and a symlink under `dir`.
+fn make_tree(dir: &Path) {
+    let mut rng = Rng(7);
+    for d in 0..6 {
+        let sub = dir.join(format!("d{d}")).join("inner");
+        fs::create_dir_all(&sub).expect("mkdir");
+        for f in 0..12 {
+            let len = (rng.next_u64() % 200_000) as usize;
+            fs::write(sub.join(format!("f{f}")), Rng(d * 100 + f).bytes(len)).expect("write");
+        }
+    }
+    std::os::unix::fs::symlink("d0/inner/f0", dir.join("link")).expect("symlink");
+}
+
+#[test]
+fn five_hosts_on_their_own_addresses_with_only_their_own_files() {
+    let _g = serial();
+    let root = tempfile::Builder::new().prefix("iomfs-hosts-").tempdir_in(test_root()).expect("tmp").keep();
+    let mut hosts = Hosts { root: root.clone(), ioms: Vec::new(), mnt: root.join("mnt") };
+    let port = free_port();
+    let addrs: Vec<String> = (0..HOSTS).map(|i| format!("{}:{port}", host_ip(i))).collect();
+    let init = root.join("init");
+    must(
+        iomfs(&[
+            "init",
+            "--dir",
+            &init.to_string_lossy(),
+            "--ioms",
+            "5",
+            "--addrs",
+            &addrs.join(","),
+            "--transport",
+            "lan",
+        ]),
+        "iomfs init --addrs",
+    );
+    // Each host gets what docs/operations.md says: cluster.toml, ca.pem,
+    // and its own iom-I/node.pem, node.key and store.new (the marker that
+    // lets it create its store the first time). Nothing else.
+    for i in 0..HOSTS {
+        let h = root.join(format!("host-{i}"));
+        fs::create_dir_all(h.join(format!("iom-{i}"))).expect("host dir");
+        copy(&init.join("cluster.toml"), &h.join("cluster.toml"));
+        copy(&init.join("ca.pem"), &h.join("ca.pem"));
+        for f in ["node.pem", "node.key", "store.new"] {
+            copy(&init.join(format!("iom-{i}/{f}")), &h.join(format!("iom-{i}/{f}")));
+        }
+        let log = fs::File::create(root.join(format!("iom-{i}.log"))).expect("log");
+        let child = Command::new(bin("iom-server"))
+            .args(["--dir", &h.to_string_lossy(), "--id", &i.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start iom-server");
+        hosts.ioms.push(child);
+    }
+    let client = root.join("client");
+    fs::create_dir_all(&client).expect("client dir");
+    for f in ["cluster.toml", "ca.pem", "client.pem", "client.key"] {
+        copy(&init.join(f), &client.join(f));
+    }
+    let log = |i: u8| fs::read_to_string(root.join(format!("iom-{i}.log"))).unwrap_or_default();
+    wait_status(&client, "cluster: healthy", Duration::from_secs(60));
+    for i in 0..HOSTS {
+        assert!(hosts.ioms[i as usize].try_wait().expect("wait").is_none(), "IOM {i} exited:\n{}", log(i));
+    }
+
+    let fw = Firewall::new("hosts");
+    fw.count_from(CLIENT_IP);
+    fs::create_dir_all(&hosts.mnt).expect("mount point");
+    let m = hosts.mnt.clone();
+    must(
+        iomfs(&[
+            "mount",
+            "--dir",
+            &client.to_string_lossy(),
+            &m.to_string_lossy(),
+            "--detach",
+            "-o",
+            &format!("bind={CLIENT_IP}"),
+        ]),
+        "iomfs mount -o bind=",
+    );
+    assert!(is_mounted(&m));
+    let src = root.join("src");
+    make_tree(&src);
+    let cp = Command::new("cp").arg("-a").arg(&src).arg(m.join("tree")).status().expect("cp");
+    assert!(cp.success(), "cp -a onto the mount failed");
+    let diff = Command::new("diff").arg("-r").arg("--no-dereference").arg(&src).arg(m.join("tree")).output();
+    let diff = diff.expect("diff");
+    assert!(diff.status.success(), "diff -r: {}", String::from_utf8_lossy(&diff.stdout));
+    let big = Rng(99).bytes(32 << 20);
+    fs::write(m.join("big"), &big).expect("write a large file");
+    assert!(fs::read(m.join("big")).expect("read it") == big, "the large file reads back different");
+    let from_client = fw.matched();
+    assert!(from_client > 0, "no packet came from the client's address {CLIENT_IP}");
+
+    // Host 2's network fails: its address is cut off from every other,
+    // the client's too. The cluster stands in for it and the mount goes on.
+    fw.isolate(host_ip(2));
+    wait_status(&client, "down (proxied by 3)", Duration::from_secs(30));
+    let during = Rng(5).bytes(8 << 20);
+    fs::write(m.join("during"), &during).expect("write while host 2 is cut off");
+    assert!(fs::read(m.join("big")).expect("degraded read") == big, "a degraded read differs");
+    assert!(fw.matched() > from_client, "the rule cutting host 2 off matched nothing");
+    fw.heal();
+    let s = wait_status(&client, "cluster: healthy", Duration::from_secs(90));
+    eprintln!("healthy again:\n{s}");
+    assert!(fs::read(m.join("during")).expect("read back") == during, "the file written while cut off differs");
+    let diff = Command::new("diff").arg("-r").arg("--no-dereference").arg(&src).arg(m.join("tree")).output();
+    assert!(diff.expect("diff").status.success(), "the tree differs after the heal");
+    let scrub = must(iomfs(&["scrub", "--dir", &client.to_string_lossy()]), "scrub from the client's directory");
+    assert!(scrub.contains("scrub:"), "{scrub}");
+    for i in 0..HOSTS {
+        let h = root.join(format!("host-{i}"));
+        assert!(!h.join("ca.key").exists() && !h.join("client.key").exists(), "host {i} holds keys it must not");
+    }
+}
