@@ -60,6 +60,10 @@ pub struct Router {
 
 struct ConnState {
     peer: OnceLock<PeerKind>,
+    /// Whom the peer's certificate names (checked by the TLS handshake
+    /// against the cluster CA): what it may ask is decided from this, not
+    /// from what its Hello says it is.
+    cert: Option<net::tls::CertRole>,
 }
 
 /// Accepts connections until shutdown.
@@ -86,7 +90,8 @@ pub async fn serve(router: Arc<Router>, endpoint: quinn::Endpoint) {
 }
 
 async fn serve_conn(router: Arc<Router>, conn: quinn::Connection) {
-    let state = Arc::new(ConnState { peer: OnceLock::new() });
+    let cert = net::tls::peer_role(&conn, router.member.width());
+    let state = Arc::new(ConnState { peer: OnceLock::new(), cert });
     net::log_conn_stats(&conn, format!("in@{}<-{}", router.me, conn.remote_address()));
     loop {
         let (send, recv) = match conn.accept_bi().await {
@@ -143,6 +148,9 @@ async fn serve_stream(
             )
         } else if h.cluster_id != router.cluster_id {
             err(ErrorCode::WrongCluster, format!("IOM {} belongs to cluster '{}'", router.me, router.cluster_id))
+        } else if let Some(why) = hello_mismatch(h.peer, state.cert) {
+            tracing::warn!(iom = router.me.0, remote = ?state.cert, "refused a Hello: {why}");
+            err(ErrorCode::Invalid, why)
         } else {
             let _ = state.peer.set(h.peer);
             Reply::Hello(HelloOk { protocol: PROTOCOL_VERSION, iom: router.me, map: router.member.current() })
@@ -152,6 +160,13 @@ async fn serve_stream(
     }
     if state.peer.get().is_none() {
         reply(&mut send, err(ErrorCode::NoHello, "a connection must start with Hello"), Bytes::new()).await;
+        return;
+    }
+    if !matches!(state.cert, Some(net::tls::CertRole::Iom(_))) && !client_may_ask(&req) {
+        let (family, op) = req.name();
+        tracing::warn!(iom = router.me.0, family, op, "refused an IOM-only request from a client certificate");
+        let why = format!("{family} {op} is for IOMs only: a client certificate may not ask it");
+        reply(&mut send, err(ErrorCode::Invalid, why), Bytes::new()).await;
         return;
     }
     let serves_data =
@@ -196,6 +211,34 @@ async fn serve_stream(
             metrics::counter!("iomfs_iom_requests_total", "family" => family, "op" => op).increment(1);
             metrics::histogram!("iomfs_iom_request_duration_seconds", "family" => family, "op" => op)
                 .record(t0.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// Why a Hello's claim does not match the certificate (`None`: it does).
+/// An IOM certificate speaks only for its own IOM; a client certificate
+/// only as a client.
+fn hello_mismatch(said: PeerKind, cert: Option<net::tls::CertRole>) -> Option<String> {
+    use net::tls::CertRole;
+    match (said, cert) {
+        (PeerKind::Iom(i), Some(CertRole::Iom(j))) if i.0 == j => None,
+        (PeerKind::Client | PeerKind::Admin, Some(_)) => None,
+        (PeerKind::Iom(i), c) => Some(format!("the peer says it is IOM {i} but its certificate names {c:?}")),
+        (PeerKind::Client | PeerKind::Admin, None) => {
+            Some("the peer's certificate names neither an IOM nor a client".into())
+        }
+    }
+}
+
+/// What a client certificate may ask: data and namespace requests, the
+/// map, and the operator's stats and cache drop. Votes, commits, parity
+/// channels, the namespace mirror, handovers and recovery are between IOMs.
+fn client_may_ask(req: &Request) -> bool {
+    match req {
+        Request::Hello(_) | Request::Data(_) | Request::Meta(_) | Request::Admin(_) => true,
+        Request::Member(m) => matches!(m, MemberReq::GetMap | MemberReq::Ping { .. }),
+        Request::Handover(_) | Request::Recovery(_) | Request::ParityChannel { .. } | Request::MetaMirror { .. } => {
+            false
         }
     }
 }

@@ -167,3 +167,28 @@ pub fn make_endpoint(
     let udp: std::net::UdpSocket = sock.into();
     quinn::Endpoint::new(endpoint_config(profile), server, udp, Arc::new(quinn::TokioRuntime))
 }
+
+/// Whom a peer's certificate (verified against the cluster CA by the TLS
+/// handshake) names: IOM `i` (`iom-I`) or a client (`client`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertRole {
+    Iom(u32),
+    Client,
+}
+
+/// The role the peer certificate of `conn` was issued for, among IOMs
+/// `0..width` and the client; `None` if it names neither (or there is none).
+pub fn peer_role(conn: &quinn::Connection, width: u32) -> Option<CertRole> {
+    let any = conn.peer_identity()?;
+    let certs = any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    let ee = webpki::EndEntityCert::try_from(certs.first()?).ok()?;
+    let names = |n: &str| {
+        rustls::pki_types::ServerName::try_from(n.to_string())
+            .ok()
+            .is_some_and(|s| ee.verify_is_valid_for_subject_name(&s).is_ok())
+    };
+    if let Some(i) = (0..width).find(|&i| names(&crate::pki::iom_server_name(i))) {
+        return Some(CertRole::Iom(i));
+    }
+    names("client").then_some(CertRole::Client)
+}
