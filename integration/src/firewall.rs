@@ -38,17 +38,8 @@ impl Firewall {
     /// Drops UDP between the IOMs listening on ports `a` and those on
     /// ports `b`, both ways (IOMs send from the port they listen on).
     pub fn cut(&self, a: &[u16], b: &[u16]) {
-        let set = |p: &[u16]| p.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ");
-        let rule = |from: &[u16], to: &[u16]| {
-            format!(
-                "add rule inet {} out ip saddr 127.0.0.0/8 ip daddr 127.0.0.0/8 udp sport {{ {} }} udp dport {{ {} }} \
-                 counter drop\n",
-                self.table,
-                set(from),
-                set(to)
-            )
-        };
-        self.nft(&(rule(a, b) + &rule(b, a)));
+        self.cut_one_way(a, b);
+        self.cut_one_way(b, a);
     }
 
     /// Drops UDP from the IOMs listening on ports `from` to those on ports
@@ -83,11 +74,6 @@ impl Firewall {
 
     /// Packets the rules matched so far (dropped or counted).
     pub fn matched(&self) -> u64 {
-        self.dropped()
-    }
-
-    /// Packets the rules dropped so far.
-    pub fn dropped(&self) -> u64 {
         let out = Command::new("nft").args(["list", "table", "inet", &self.table]).output().expect("nft list");
         let text = String::from_utf8_lossy(&out.stdout);
         let words: Vec<&str> = text.split_whitespace().collect();

@@ -565,11 +565,7 @@ fn a_stand_in_write_stuck_in_a_stopped_cluster_does_not_hold_up_another_rejoin()
         std::thread::sleep(Duration::from_millis(250));
     }
     let got = rt.block_on(client.read(obj, 0, bs)).unwrap().to_vec();
-    if wrote {
-        assert!(got == second, "the acknowledged write is lost");
-    } else {
-        assert!(got == first || got == second, "neither the old nor the new block");
-    }
+    assert_old_or_new(&got, &first, &second, wrote);
     client.close();
     c.must_scrub_clean();
 }
@@ -622,11 +618,7 @@ fn a_stand_in_write_that_waited_past_the_handover_is_refused() {
     // Time for a stale stand-in write to reach the parity.
     std::thread::sleep(Duration::from_secs(2));
     let got = rt.block_on(client.read(obj, 0, bs)).unwrap().to_vec();
-    if wrote {
-        assert!(got == second, "the acknowledged write is lost");
-    } else {
-        assert!(got == first || got == second, "neither the old nor the new block");
-    }
+    assert_old_or_new(&got, &first, &second, wrote);
     client.close();
     c.must_scrub_clean();
     // The block reads the same rebuilt from its group.
@@ -636,6 +628,16 @@ fn a_stand_in_write_that_waited_past_the_handover_is_refused() {
     let degraded = rt.block_on(client.read(obj, 0, bs)).unwrap().to_vec();
     assert!(degraded == got, "a degraded read rebuilds other bytes than IOM {victim} served");
     client.close();
+}
+
+/// A block written from `first` to `second` holds one of them, `second`
+/// if that write was acknowledged.
+fn assert_old_or_new(got: &[u8], first: &[u8], second: &[u8], acknowledged: bool) {
+    if acknowledged {
+        assert!(got == second, "the acknowledged write is lost");
+    } else {
+        assert!(got == first || got == second, "neither the old nor the new block");
+    }
 }
 
 fn md5(p: &Path) -> String {

@@ -20,6 +20,20 @@ fn status_line(c: &Cluster) -> String {
     String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with("cluster:")).unwrap_or("").to_string()
 }
 
+/// Waits (90 s at most) for `healthy` after a heal, and says how long it took.
+fn healthy_after_heal(c: &Cluster, dropped: u64) {
+    let healed = Instant::now();
+    while status_line(c) != "cluster: healthy" {
+        assert!(
+            healed.elapsed() < Duration::from_secs(90),
+            "not healthy 90 s after the heal:\n{}",
+            String::from_utf8_lossy(&c.iomfs(&["status"]).stdout)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!("healthy {:.1} s after the heal ({dropped} packets dropped)", healed.elapsed().as_secs_f64());
+}
+
 /// IOMs 3 and 4 cut off from 0, 1 and 2 under a writer, then healed: the
 /// cluster stops (two IOMs out), then comes back to healthy by itself, with
 /// every write it acknowledged intact and parity consistent. (Issue 17 saw
@@ -62,20 +76,10 @@ fn a_two_three_split_stops_the_cluster_and_it_heals_by_itself_with_every_acknowl
         std::thread::sleep(Duration::from_millis(300));
     }
     std::thread::sleep(Duration::from_secs(5));
-    let dropped = fw.dropped();
+    let dropped = fw.matched();
     assert!(dropped > 0, "the partition's rules dropped nothing");
     fw.heal();
-    let healed = Instant::now();
-    let deadline = healed + Duration::from_secs(90);
-    while status_line(&c) != "cluster: healthy" {
-        assert!(
-            Instant::now() < deadline,
-            "not healthy 90 s after the heal:\n{}",
-            String::from_utf8_lossy(&c.iomfs(&["status"]).stdout)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    eprintln!("healthy {:.1} s after the heal ({dropped} packets dropped)", healed.elapsed().as_secs_f64());
+    healthy_after_heal(&c, dropped);
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
     let acked = writer.join().expect("writer");
@@ -211,20 +215,11 @@ fn one_iom_cut_off(how: Cut) {
         std::thread::sleep(Duration::from_millis(300));
     }
     std::thread::sleep(Duration::from_secs(3));
-    let dropped = fw.dropped();
+    let dropped = fw.matched();
     assert!(dropped > 0, "the partition's rules dropped nothing");
     let healed_at = acked.load(Ordering::SeqCst);
     fw.heal();
-    let healed = Instant::now();
-    while status_line(&c) != "cluster: healthy" {
-        assert!(
-            healed.elapsed() < Duration::from_secs(90),
-            "not healthy 90 s after the heal:\n{}",
-            String::from_utf8_lossy(&c.iomfs(&["status"]).stdout)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    eprintln!("healthy {:.1} s after the heal ({dropped} packets dropped)", healed.elapsed().as_secs_f64());
+    healthy_after_heal(&c, dropped);
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
     let werr = rt.block_on(w).expect("writer");
