@@ -94,11 +94,27 @@ pub struct Report {
     pub problems: Vec<Problem>,
 }
 
+/// One page of a listing. A listing only reads, so a connection lost on
+/// the way (an IOM that restarted since the last look) is asked again, for
+/// up to 10 s, instead of failing the whole scrub.
+async fn list_call(c: &ClusterClient, iom: IomId, req: &Request) -> Result<(Reply, Bytes)> {
+    let start = std::time::Instant::now();
+    loop {
+        match c.call_iom(iom, req, Bytes::new()).await {
+            Err(ClientError::Net(e)) if e.is_transport() && start.elapsed() < Duration::from_secs(10) => {
+                tracing::debug!("listing IOM {iom} again after: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 pub(crate) async fn list_all(c: &ClusterClient, iom: IomId) -> Result<(Vec<BlockInfo>, Vec<GroupInfo>)> {
     let mut blocks = Vec::new();
     let mut after = None;
     loop {
-        let (r, _) = c.call_iom(iom, &Request::Data(DataReq::ListBlocks { after, limit: 5000 }), Bytes::new()).await?;
+        let (r, _) = list_call(c, iom, &Request::Data(DataReq::ListBlocks { after, limit: 5000 })).await?;
         let Reply::Data(DataResp::Blocks(b)) = r else {
             return Err(ClientError::Unexpected(format!("{r:?}")));
         };
@@ -112,7 +128,7 @@ pub(crate) async fn list_all(c: &ClusterClient, iom: IomId) -> Result<(Vec<Block
     let mut groups = Vec::new();
     let mut after = None;
     loop {
-        let (r, _) = c.call_iom(iom, &Request::Data(DataReq::ListGroups { after, limit: 5000 }), Bytes::new()).await?;
+        let (r, _) = list_call(c, iom, &Request::Data(DataReq::ListGroups { after, limit: 5000 })).await?;
         let Reply::Data(DataResp::Groups(g)) = r else {
             return Err(ClientError::Unexpected(format!("{r:?}")));
         };
