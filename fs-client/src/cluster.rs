@@ -13,7 +13,7 @@ use common::config::{ClusterConfig, ClusterPaths};
 use common::meta::{MetaReq, MetaResp};
 use common::wire::{
     AdminReq, AdminResp, DataReq, DataResp, ErrorCode, Hello, MemberReq, MemberResp, MetaCall, PeerKind, ReadPiece,
-    Reply, Request, Route, WireError, WritePiece, PROTOCOL_VERSION,
+    Reply, Request, Route, WireError, WritePiece,
 };
 use common::{BlockKey, BlockNo, GroupNo, IomId, Layout, ObjectId, Toughness};
 use net::{NetError, Pool};
@@ -154,7 +154,11 @@ impl ClusterClient {
         let pool = Arc::new(Pool::new(
             endpoint,
             cc,
-            Hello { protocol: PROTOCOL_VERSION, cluster_id: cfg.cluster_id.clone(), peer: PeerKind::Client },
+            Hello {
+                protocol: common::wire::protocol_max(),
+                cluster_id: cfg.cluster_id.clone(),
+                peer: PeerKind::Client,
+            },
             cfg.ioms.iter().map(|i| i.addr.clone()).collect(),
         ));
         let map = Arc::new(RwLock::new(ClusterMap::initial(cfg.width(), IomId(cfg.meta_home))));

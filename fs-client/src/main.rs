@@ -221,6 +221,10 @@ fn main() -> std::process::ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let helper = mount::helper_args(&args);
     let cli = if helper.is_some() { None } else { Some(Cli::parse()) };
+    if let Err(e) = common::wire::protocol_max_from_env() {
+        eprintln!("iomfs: {e}");
+        return std::process::ExitCode::from(2);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("IOMFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     // A log line that cannot be written (the log's disk is full) is
@@ -381,6 +385,9 @@ fn run(cli: Cli) -> Result<u8> {
             };
             if let Err(e) = record.save(&dir) {
                 eprintln!("scrub: cannot record this scrub in {}: {e}", scrub::LastScrub::path(&dir).display());
+            }
+            for note in scrub::report_to_ioms(&c, &record).await {
+                eprintln!("scrub: {note}");
             }
             c.close();
             Ok(if r.problems.is_empty() { 0 } else { 1 })

@@ -70,6 +70,30 @@ impl LastScrub {
         serde_json::from_slice(&std::fs::read(Self::path(dir)).ok()?).ok()
     }
 
+    pub fn to_wire(&self) -> common::wire::ScrubSummary {
+        common::wire::ScrubSummary {
+            finished_unix: self.finished_unix,
+            millis: (self.seconds * 1000.0) as u64,
+            groups: self.groups,
+            blocks: self.blocks,
+            problems: self.problems,
+            repaired: self.repaired,
+            healed: self.healed,
+        }
+    }
+
+    pub fn from_wire(s: &common::wire::ScrubSummary) -> LastScrub {
+        LastScrub {
+            finished_unix: s.finished_unix,
+            seconds: s.millis as f64 / 1000.0,
+            groups: s.groups,
+            blocks: s.blocks,
+            problems: s.problems,
+            repaired: s.repaired,
+            healed: s.healed,
+        }
+    }
+
     pub fn summary(&self) -> String {
         let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(self.finished_unix);
         let ago = std::time::SystemTime::now().duration_since(when).unwrap_or_default();
@@ -281,6 +305,47 @@ pub async fn scrub(c: &ClusterClient, mut progress: impl FnMut(u64, u64)) -> Res
         progress(done, total);
     }
     Ok(report)
+}
+
+/// Tells every IOM what the scrub found, so `iomfs status` on any host and
+/// the IOMs' metrics show it. Returns a note for each IOM not told: one
+/// that speaks an older protocol (it does not keep scrub results until it
+/// is upgraded) or does not answer.
+pub async fn report_to_ioms(c: &ClusterClient, s: &LastScrub) -> Vec<String> {
+    let calls = (0..c.cfg.width()).map(|i| async move {
+        let iom = IomId(i);
+        match c.pool().version(iom).await {
+            Ok(v) if v < common::wire::SINCE_SCRUB_REPORT => Some(format!(
+                "IOM {iom} speaks protocol {v} and does not keep scrub results; upgrade it (docs/operations.md, Upgrades)"
+            )),
+            Ok(_) => {
+                let req = Request::Admin(common::wire::AdminReq::ScrubReport(s.to_wire()));
+                match c.pool().call_timeout(iom, &req, Bytes::new(), Duration::from_secs(5)).await {
+                    Ok(_) => None,
+                    Err(e) => Some(format!("IOM {iom} was not told of this scrub: {e}")),
+                }
+            }
+            Err(e) => Some(format!("IOM {iom} was not told of this scrub: {e}")),
+        }
+    });
+    futures::future::join_all(calls).await.into_iter().flatten().collect()
+}
+
+/// The newest scrub any IOM keeps (protocol 8 and later), or None.
+pub async fn last_from_ioms(c: &ClusterClient) -> Option<LastScrub> {
+    let calls = (0..c.cfg.width()).map(|i| async move {
+        let iom = IomId(i);
+        if c.pool().version(iom).await.ok()? < common::wire::SINCE_SCRUB_REPORT {
+            return None;
+        }
+        let req = Request::Admin(common::wire::AdminReq::LastScrub);
+        match c.pool().call_timeout(iom, &req, Bytes::new(), Duration::from_millis(1500)).await {
+            Ok((Reply::Admin(common::wire::AdminResp::LastScrub(s)), _)) => s,
+            _ => None,
+        }
+    });
+    let all = futures::future::join_all(calls).await;
+    all.into_iter().flatten().max_by_key(|s| s.finished_unix).map(|s| LastScrub::from_wire(&s))
 }
 
 /// Re-checks a group with head versions read fresh from the data IOMs.

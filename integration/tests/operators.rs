@@ -65,6 +65,8 @@ fn metrics_endpoints_count_the_traffic_and_serve_every_series_the_dashboard_read
     std::fs::write(m.join("f"), &data).expect("write");
     assert!(std::fs::read(m.join("f")).expect("read") == data, "read back");
     assert_eq!(std::fs::metadata(m.join("missing")).expect_err("no such file").kind(), std::io::ErrorKind::NotFound);
+    // A scrub's result is kept by every IOM (the dashboard shows it).
+    c.must_scrub_clean();
     // The IOMs publish their gauges every second.
     std::thread::sleep(Duration::from_millis(2500));
 
@@ -92,6 +94,7 @@ fn metrics_endpoints_count_the_traffic_and_serve_every_series_the_dashboard_read
         assert_eq!(value(t, "iomfs_cluster_iom_state", &["state=\"up\""]), 5.0, "IOM {i} sees 5 IOMs up");
         assert!(value(t, "iomfs_iom_journal_records_total", &[]) > 0.0);
         assert!(value(t, "iomfs_iom_disk_bytes", &[]) > 0.0);
+        assert_eq!(value(t, "iomfs_scrub_last_problems", &[]), 0.0, "IOM {i} keeps the clean scrub");
     }
 
     // Every series the dashboard's queries name exists.
@@ -558,4 +561,110 @@ fn a_throttled_rebuild_reports_an_eta_that_comes_true_and_watch_into_a_pipe_prin
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.matches("cluster: healthy").count() >= 2, "{text}");
     assert!(text.contains("Z\n") && !text.contains("0/0"), "{text}");
+}
+
+/// Protocol version of each IOM as `status --json` reports it.
+fn protocols(j: &serde_json::Value) -> Vec<u64> {
+    j["ioms"].as_array().expect("ioms").iter().map(|i| i["protocol"].as_u64().unwrap_or(0)).collect()
+}
+
+/// A rolling upgrade, rehearsed: IOM 2 announces only the previous
+/// protocol version (as the previous release does), the others and the
+/// mount the current one. The cluster serves across both; the newer
+/// version's additions (scrub results kept by the IOMs) skip the older IOM
+/// and say so; upgrading it is one restart.
+#[test]
+fn an_iom_of_the_previous_protocol_serves_beside_current_ones_until_a_restart_upgrades_it() {
+    use common::wire::{PROTOCOL_OLDEST, PROTOCOL_VERSION};
+    let _g = serial();
+    const { assert!(PROTOCOL_OLDEST < PROTOCOL_VERSION, "this build speaks the previous version too") };
+    let (old, new) = (PROTOCOL_OLDEST as u64, PROTOCOL_VERSION as u64);
+    let base = free_ports(5);
+    let mut c = Cluster::init_with(5, &["--metrics-port", &base.to_string()]);
+    c.env[2].push(("IOMFS_PROTOCOL_MAX".into(), old.to_string()));
+    c.start_all();
+    let j = wait_status(&c, 0);
+    assert_eq!(protocols(&j), vec![new, new, old, new, new], "{j:#}");
+    let warnings = j["warnings"].to_string();
+    assert!(warnings.contains(&format!("IOM 2 speaks protocol {old}")), "{j:#}");
+
+    // Every IOM holds data, parity and namespace records of some of these.
+    let m = c.mount("mnt", &[]);
+    let files: Vec<Vec<u8>> = (0..24u64).map(|i| Rng(40 + i).bytes((i as usize * 97_003) % 900_000 + 1)).collect();
+    for (i, d) in files.iter().enumerate() {
+        std::fs::create_dir_all(m.join(format!("d{}", i % 4))).unwrap();
+        std::fs::write(m.join(format!("d{}/f{i}", i % 4)), d).unwrap();
+    }
+    for (i, d) in files.iter().enumerate() {
+        assert!(std::fs::read(m.join(format!("d{}/f{i}", i % 4))).unwrap() == *d, "f{i} differs across versions");
+    }
+
+    // A scrub checks everything and tells the IOMs that keep scrub results.
+    let out = c.iomfs(&["scrub"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{}{err}", String::from_utf8_lossy(&out.stdout));
+    assert!(err.contains(&format!("IOM 2 speaks protocol {old}")) && err.contains("upgrade it"), "{err}");
+    let scrape_of = |i: u16| scrape(&format!("127.0.0.1:{}", base + i));
+    let wait_series = |i: u16, name: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let t = scrape_of(i);
+            if names(&t).contains(name) {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "IOM {i} has no {name}:\n{t}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let t0 = wait_series(0, "iomfs_scrub_last_problems");
+    assert_eq!(value(&t0, "iomfs_scrub_last_problems", &[]), 0.0);
+    assert!(value(&t0, "iomfs_scrub_last_groups", &[]) > 0.0, "{t0}");
+    let t2 = wait_series(2, "iomfs_iom_protocol_version");
+    assert_eq!(value(&t2, "iomfs_iom_protocol_version", &[]), old as f64);
+    assert!(!names(&t2).contains("iomfs_scrub_last_problems"), "IOM 2 was sent a request it cannot decode:\n{t2}");
+
+    // A client of the previous version talks to every IOM, the new ones included.
+    let out = Command::new(bin("iomfs"))
+        .args(["status", "--json", "--dir", c.dir.to_str().expect("utf8")])
+        .env("IOMFS_PROTOCOL_MAX", old.to_string())
+        .output()
+        .expect("run iomfs");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    assert_eq!(out.status.code(), Some(0), "{j:#}");
+    assert_eq!(protocols(&j), vec![old; 5], "{j:#}");
+    // One outside the range this build speaks is refused with the range.
+    let out = Command::new(bin("iomfs"))
+        .args(["status", "--dir", c.dir.to_str().expect("utf8")])
+        .env("IOMFS_PROTOCOL_MAX", (old - 1).to_string())
+        .output()
+        .expect("run iomfs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && err.contains(&format!("versions {old} to {new}")), "{err}");
+
+    // The upgrade: IOM 2 stops and comes back as the current version.
+    assert!(c.stop(2), "IOM 2 stops cleanly on SIGTERM");
+    c.env[2].clear();
+    c.start(2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let j = loop {
+        let (rc, j) = status_json(&c);
+        if rc == 0 && protocols(&j) == vec![new; 5] {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "IOM 2 did not come back at protocol {new}: {j:#}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(!j["warnings"].to_string().contains("speaks protocol"), "{j:#}");
+    for (i, d) in files.iter().enumerate() {
+        assert!(std::fs::read(m.join(format!("d{}/f{i}", i % 4))).unwrap() == *d, "f{i} differs after the upgrade");
+    }
+    let out = c.iomfs(&["scrub"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success() && !err.contains("speaks protocol"), "{err}");
+    let t2 = wait_series(2, "iomfs_scrub_last_problems");
+    assert_eq!(value(&t2, "iomfs_scrub_last_problems", &[]), 0.0);
+    // The IOMs keep the result: status on a host without this directory's record shows it.
+    std::fs::remove_file(c.dir.join("last-scrub.json")).expect("the local record");
+    let (_, j) = status_json(&c);
+    assert_eq!(j["last_scrub"]["problems"], 0, "{j:#}");
 }

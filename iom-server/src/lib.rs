@@ -50,6 +50,7 @@ pub mod recovery;
 pub mod recovery_exec;
 pub mod rejoin;
 pub mod restart;
+pub mod scrub_book;
 pub mod server;
 pub mod service;
 pub mod standin;

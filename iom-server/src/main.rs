@@ -65,6 +65,10 @@ fn main() -> std::process::ExitCode {
         return print_man();
     }
     let args = Args::parse();
+    if let Err(e) = common::wire::protocol_max_from_env() {
+        eprintln!("iom-server: {e}");
+        return std::process::ExitCode::from(2);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("IOMFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // A log line that cannot be written (the log's disk is full) is

@@ -17,7 +17,7 @@ use crate::workers::{Tier, Workers};
 use crate::Error;
 use common::cluster::ClusterMap;
 use common::config::{ClusterConfig, ClusterPaths};
-use common::wire::{Hello, PeerKind, PROTOCOL_VERSION};
+use common::wire::{Hello, PeerKind};
 use common::IomId;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -98,7 +98,11 @@ impl Iom {
         let pool = net::Pool::new(
             endpoint.clone(),
             cc,
-            Hello { protocol: PROTOCOL_VERSION, cluster_id: cfg.cluster_id.clone(), peer: PeerKind::Iom(opts.id) },
+            Hello {
+                protocol: common::wire::protocol_max(),
+                cluster_id: cfg.cluster_id.clone(),
+                peer: PeerKind::Iom(opts.id),
+            },
             cfg.ioms.iter().map(|i| i.addr.clone()).collect(),
         );
         let caller = Arc::new(RoleCaller::new(opts.id, pool, member.clone(), timeouts));
@@ -249,6 +253,7 @@ impl Iom {
             storage,
             timeouts,
             workers: workers.clone(),
+            scrubs: crate::scrub_book::ScrubBook::open(&data_dir),
         });
         let local: std::sync::Weak<dyn LocalRoles> = Arc::downgrade(&router) as _;
         caller.bind_local(local);

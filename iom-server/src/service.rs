@@ -24,7 +24,6 @@ use common::toughness::Toughness;
 use common::wire::{
     AdminReq, AdminResp, DataReq, DataResp, ErrorCode, HandoverReq, HandoverResp, HelloOk, IomStats, MemberReq,
     MemberResp, PeerKind, RecoveryReq, RecoveryResp, Reply, Request, Route, WireError, MAX_DROP_OBJECTS, MAX_PIECES,
-    PROTOCOL_VERSION,
 };
 use common::{BlockKey, GroupKey, GroupNo, IomId, ObjectId, Version};
 use net::frame::{read_frame, write_frame, write_frame_chunks};
@@ -56,10 +55,14 @@ pub struct Router {
     pub storage: Arc<Storage>,
     pub timeouts: Timeouts,
     pub workers: Arc<Workers>,
+    /// The last cluster scrub this IOM was told of.
+    pub scrubs: crate::scrub_book::ScrubBook,
 }
 
 struct ConnState {
-    peer: OnceLock<PeerKind>,
+    /// Who the peer said it is, and the protocol version the connection
+    /// runs at (set by a Hello that was accepted).
+    peer: OnceLock<(PeerKind, u32)>,
     /// Whom the peer's certificate names (checked by the TLS handshake
     /// against the cluster CA): what it may ask is decided from this, not
     /// from what its Hello says it is.
@@ -141,25 +144,38 @@ async fn serve_stream(
         }
     };
     if let Request::Hello(h) = &req {
-        let r = if h.protocol != PROTOCOL_VERSION {
-            err(
-                ErrorCode::VersionMismatch,
-                format!("IOM {} speaks protocol {PROTOCOL_VERSION}, peer speaks {}", router.me, h.protocol),
-            )
-        } else if h.cluster_id != router.cluster_id {
-            err(ErrorCode::WrongCluster, format!("IOM {} belongs to cluster '{}'", router.me, router.cluster_id))
-        } else if let Some(why) = hello_mismatch(h.peer, state.cert) {
+        let r = if let Some(why) = hello_mismatch(h.peer, state.cert) {
             tracing::warn!(iom = router.me.0, remote = ?state.cert, "refused a Hello: {why}");
             err(ErrorCode::Invalid, why)
+        } else if h.cluster_id != router.cluster_id {
+            err(ErrorCode::WrongCluster, format!("IOM {} belongs to cluster '{}'", router.me, router.cluster_id))
+        } else if let Some(v) = common::wire::negotiate(h.protocol) {
+            let _ = state.peer.set((h.peer, v));
+            Reply::Hello(HelloOk { protocol: v, iom: router.me, map: router.member.current() })
         } else {
-            let _ = state.peer.set(h.peer);
-            Reply::Hello(HelloOk { protocol: PROTOCOL_VERSION, iom: router.me, map: router.member.current() })
+            err(
+                ErrorCode::VersionMismatch,
+                format!(
+                    "IOM {} speaks protocol versions {} to {}, the peer {}",
+                    router.me,
+                    common::wire::PROTOCOL_OLDEST,
+                    common::wire::protocol_max(),
+                    h.protocol
+                ),
+            )
         };
         reply(&mut send, r, Bytes::new()).await;
         return;
     }
-    if state.peer.get().is_none() {
+    let Some(&(_, speaks)) = state.peer.get() else {
         reply(&mut send, err(ErrorCode::NoHello, "a connection must start with Hello"), Bytes::new()).await;
+        return;
+    };
+    if req.since() > speaks {
+        // What an IOM of that version would answer: it cannot decode it.
+        let (family, op) = req.name();
+        let why = format!("{family} {op} needs protocol {}; this connection runs at {speaks}", req.since());
+        reply(&mut send, err(ErrorCode::Malformed, why), Bytes::new()).await;
         return;
     }
     if !matches!(state.cert, Some(net::tls::CertRole::Iom(_))) && !client_may_ask(&req) {
@@ -253,6 +269,14 @@ async fn dispatch(router: &Arc<Router>, req: Request, payload: Bytes) -> Result<
         Request::Admin(AdminReq::Stats) => Ok((Reply::Admin(AdminResp::Stats(router.stats())), Vec::new())),
         Request::Admin(AdminReq::DropCache) => {
             Ok((Reply::Admin(AdminResp::CacheDropped { bytes: router.drop_cache() }), Vec::new()))
+        }
+        Request::Admin(AdminReq::ScrubReport(s)) => {
+            tracing::info!(iom = router.me.0, problems = s.problems, groups = s.groups, "told of a cluster scrub");
+            router.scrubs.keep(s)?;
+            Ok((Reply::Admin(AdminResp::ScrubKept), Vec::new()))
+        }
+        Request::Admin(AdminReq::LastScrub) => {
+            Ok((Reply::Admin(AdminResp::LastScrub(router.scrubs.last())), Vec::new()))
         }
         Request::Meta(call) => router.namespace.handle(call).await.map(|r| (Reply::Meta(r), Vec::new())),
         Request::Hello(_) | Request::ParityChannel { .. } | Request::MetaMirror { .. } => {
@@ -601,6 +625,16 @@ impl Router {
         counter!("iomfs_iom_disk_errors_total").absolute(s.disk_errors);
         gauge!("iomfs_iom_room_bytes").set(s.room_bytes as f64);
         gauge!("iomfs_iom_disk_bytes").set(s.disk_bytes as f64);
+        if let Some(sc) = self.scrubs.last() {
+            gauge!("iomfs_scrub_last_finished_timestamp_seconds").set(sc.finished_unix as f64);
+            gauge!("iomfs_scrub_last_duration_seconds").set(sc.millis as f64 / 1000.0);
+            gauge!("iomfs_scrub_last_groups").set(sc.groups as f64);
+            gauge!("iomfs_scrub_last_blocks").set(sc.blocks as f64);
+            gauge!("iomfs_scrub_last_problems").set(sc.problems as f64);
+            gauge!("iomfs_scrub_last_repaired").set(sc.repaired as f64);
+            gauge!("iomfs_scrub_last_healed_blocks").set(sc.healed as f64);
+        }
+        gauge!("iomfs_iom_protocol_version").set(common::wire::protocol_max() as f64);
         let map = self.member.current();
         for (i, st) in map.states.iter().enumerate() {
             let now = match st {

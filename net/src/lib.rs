@@ -42,6 +42,8 @@ pub enum NetError {
     Unexpected(String),
     #[error("{0}")]
     Remote(#[from] WireError),
+    #[error("IOM {iom} speaks protocol {speaks}, and {what} needs protocol {needs}: upgrade IOM {iom}")]
+    PeerTooOld { iom: u32, speaks: u32, what: String, needs: u32 },
 }
 
 impl NetError {

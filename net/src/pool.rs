@@ -6,9 +6,10 @@ use crate::frame::{read_frame, write_frame, write_frame_chunks};
 use crate::NetError;
 use bytes::Bytes;
 use common::cluster::ClusterMap;
-use common::wire::{Hello, Reply, Request, PROTOCOL_VERSION};
+use common::wire::{ErrorCode, Hello, Reply, Request, PROTOCOL_OLDEST};
 use common::IomId;
 use parking_lot::{Mutex, RwLock};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,8 @@ struct Slot {
     /// When the last connect failed, and why (calls within the back-off
     /// fail fast with that reason).
     last_failure: Mutex<Option<(Instant, String)>>,
+    /// The protocol version the current connection runs at (0: none yet).
+    version: AtomicU32,
 }
 
 pub struct Pool {
@@ -70,6 +73,7 @@ impl Pool {
                 cur: RwLock::new(None),
                 connecting: tokio::sync::Mutex::new(()),
                 last_failure: Mutex::new(None),
+                version: AtomicU32::new(0),
             })
             .collect();
         Pool {
@@ -167,22 +171,48 @@ impl Pool {
             .map_err(|e| err(e.to_string()))?
             .await
             .map_err(|e| err(e.to_string()))?;
-        let (reply, _) = call_on(&conn, &Request::Hello(self.hello.clone()), Bytes::new())
-            .await
-            .map_err(|e| NetError::Handshake(format!("{addr}: {e}")))?;
-        match reply {
-            Reply::Hello(ok) if ok.protocol == PROTOCOL_VERSION && ok.iom == iom => {
-                if let Some(h) = self.on_map.read().as_ref() {
-                    h(&ok.map);
+        // The newest version both sides speak: ours first, then older ones
+        // while the peer answers that it does not speak the one offered.
+        let mut want = self.hello.protocol;
+        loop {
+            let hello = Hello { protocol: want, ..self.hello.clone() };
+            match call_on(&conn, &Request::Hello(hello), Bytes::new()).await {
+                Ok((Reply::Hello(ok), _)) if ok.protocol == want && ok.iom == iom => {
+                    if let Some(h) = self.on_map.read().as_ref() {
+                        h(&ok.map);
+                    }
+                    if let Ok(slot) = self.slot(iom) {
+                        slot.version.store(want, Ordering::Relaxed);
+                    }
+                    return Ok(conn);
                 }
-                Ok(conn)
+                Ok((Reply::Hello(ok), _)) => {
+                    return Err(NetError::Handshake(format!(
+                        "{addr} answered as IOM {} protocol {} (expected IOM {iom} protocol {want})",
+                        ok.iom, ok.protocol
+                    )))
+                }
+                Err(NetError::Remote(w)) if w.code == ErrorCode::VersionMismatch && want > PROTOCOL_OLDEST => {
+                    tracing::info!("{addr} does not speak protocol {want} ({}): offering {}", w.detail, want - 1);
+                    want -= 1;
+                }
+                Err(NetError::Remote(w)) if w.code == ErrorCode::VersionMismatch => {
+                    return Err(NetError::Handshake(format!(
+                        "{addr}: {} (this side speaks protocol versions {PROTOCOL_OLDEST} to {}): upgrade the \
+                         older side, see docs/operations.md, Upgrades",
+                        w.detail, self.hello.protocol
+                    )))
+                }
+                Ok((other, _)) => return Err(NetError::Handshake(format!("{addr}: unexpected hello reply {other:?}"))),
+                Err(e) => return Err(NetError::Handshake(format!("{addr}: {e}"))),
             }
-            Reply::Hello(ok) => Err(NetError::Handshake(format!(
-                "{addr} answered as IOM {} protocol {} (expected IOM {iom} protocol {PROTOCOL_VERSION})",
-                ok.iom, ok.protocol
-            ))),
-            other => Err(NetError::Handshake(format!("{addr}: unexpected hello reply {other:?}"))),
         }
+    }
+
+    /// The protocol version of the connection to `iom`, connecting if needed.
+    pub async fn version(&self, iom: IomId) -> Result<u32, NetError> {
+        self.conn(iom).await?;
+        Ok(self.slot(iom)?.version.load(Ordering::Relaxed))
     }
 
     /// Forgets a connection that failed, so the next call reconnects.
@@ -207,6 +237,17 @@ impl Pool {
         payload: Vec<Bytes>,
     ) -> Result<(Reply, Bytes), NetError> {
         let conn = self.conn(iom).await?;
+        let speaks = self.slot(iom)?.version.load(Ordering::Relaxed);
+        if req.since() > speaks {
+            // The peer could not decode it: never sent (callers check first).
+            let (family, op) = req.name();
+            return Err(NetError::PeerTooOld {
+                iom: iom.0,
+                speaks,
+                what: format!("{family} {op}"),
+                needs: req.since(),
+            });
+        }
         let r = call_on_chunks(&conn, req, payload).await;
         if let Err(e) = &r {
             if matches!(e, NetError::Connection(_)) {

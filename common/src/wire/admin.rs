@@ -9,6 +9,27 @@ pub enum AdminReq {
     /// clean pages of its block file (`iomfs cache drop`: a read measured
     /// afterwards comes from the disk, as on a system without such a cache).
     DropCache,
+    /// Protocol 8: the result of a scrub of the whole cluster, kept by
+    /// every IOM (for `iomfs status` on any host and the metrics).
+    ScrubReport(ScrubSummary),
+    /// Protocol 8: the last scrub result this IOM was told of.
+    LastScrub,
+}
+
+/// What a scrub of the whole cluster found, and when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubSummary {
+    /// Seconds since the Unix epoch when it finished.
+    pub finished_unix: u64,
+    pub millis: u64,
+    pub groups: u64,
+    pub blocks: u64,
+    /// Problems found by the last pass.
+    pub problems: u64,
+    /// Problems repaired (`--repair`) before that pass.
+    pub repaired: u64,
+    /// Damaged blocks rebuilt from their groups while the scrub read them.
+    pub healed: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -129,4 +150,8 @@ pub enum AdminResp {
     CacheDropped {
         bytes: u64,
     },
+    /// Answer to `ScrubReport`.
+    ScrubKept,
+    /// Answer to `LastScrub`: none before the first report.
+    LastScrub(Option<ScrubSummary>),
 }

@@ -17,11 +17,62 @@ use crate::toughness::Toughness;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// Version of this protocol; checked by the Hello exchange on every connection.
-/// 5 (2026-12-06): membership, handover and recovery questions are three
-/// request families (`MemberReq`, `HandoverReq`, `RecoveryReq`), no longer
-/// one `MemberReq`.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// Newest protocol version this build speaks; announced in its Hello.
+///
+/// A connection runs at one version, agreed by the Hello exchange (see
+/// [`negotiate`]): the caller announces its newest, a peer that does not
+/// speak it answers `VersionMismatch` and the caller tries the next older
+/// one it speaks. So nodes of two neighbouring releases talk, and a
+/// cluster is upgraded one node at a time (docs/operations.md, Upgrades).
+///
+/// Rules for changing the protocol:
+/// - an addition (a new enum variant at the end, used only towards peers
+///   at the new version: [`Request::since`]) raises `PROTOCOL_VERSION`;
+/// - a change to the encoding of anything an older version sends (a field
+///   added to a struct, a variant reordered) breaks those peers: it raises
+///   `PROTOCOL_OLDEST` too, or is made as an addition instead. The
+///   golden-bytes test pins the encodings of the oldest version spoken.
+///
+/// History: 5 (2026-12-06) split membership, handover and recovery into
+/// three request families; 6 added `AdminReq::DropCache`; 7 added fields
+/// to `IomStats`; 8 (2026-12-07) speaks 7 as well and adds
+/// `AdminReq::ScrubReport` / `AdminReq::LastScrub`.
+pub const PROTOCOL_VERSION: u32 = 8;
+/// Oldest protocol version this build still speaks.
+pub const PROTOCOL_OLDEST: u32 = 7;
+/// First version with `AdminReq::ScrubReport` and `AdminReq::LastScrub`.
+pub const SINCE_SCRUB_REPORT: u32 = 8;
+/// Environment variable that makes a process announce an older version
+/// than it could (rehearsing a mixed-version cluster before an upgrade).
+pub const PROTOCOL_MAX_ENV: &str = "IOMFS_PROTOCOL_MAX";
+
+/// The newest version this process speaks: [`PROTOCOL_VERSION`], or the
+/// lower one `IOMFS_PROTOCOL_MAX` names. An unusable value is an error
+/// naming the range (the binaries check it at start-up).
+pub fn protocol_max_from_env() -> Result<u32, String> {
+    match std::env::var(PROTOCOL_MAX_ENV) {
+        Err(_) => Ok(PROTOCOL_VERSION),
+        Ok(v) => match v.trim().parse::<u32>() {
+            Ok(n) if (PROTOCOL_OLDEST..=PROTOCOL_VERSION).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "{PROTOCOL_MAX_ENV}={v:?}: this build speaks protocol versions {PROTOCOL_OLDEST} to \
+                 {PROTOCOL_VERSION}; set a number in that range or unset it"
+            )),
+        },
+    }
+}
+
+/// [`protocol_max_from_env`], read once; an unusable value counts as unset.
+pub fn protocol_max() -> u32 {
+    static MAX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| protocol_max_from_env().unwrap_or(PROTOCOL_VERSION))
+}
+
+/// The version a connection runs at when the peer announces `theirs`:
+/// `None` when this process does not speak it.
+pub fn negotiate(theirs: u32) -> Option<u32> {
+    (PROTOCOL_OLDEST..=protocol_max()).contains(&theirs).then_some(theirs)
+}
 /// TLS ALPN token of iomfs connections.
 pub const ALPN: &[u8] = b"iomfs";
 /// Largest frame header accepted.
@@ -163,6 +214,15 @@ pub use recovery::*;
 impl Request {
     /// (family, operation) naming this request in metrics and traces, such
     /// as `("data", "WriteMany")` or `("meta", "Create")`.
+    /// The oldest protocol version that has this request: it is sent only
+    /// on connections running at that version or newer.
+    pub fn since(&self) -> u32 {
+        match self {
+            Request::Admin(AdminReq::ScrubReport(_) | AdminReq::LastScrub) => SINCE_SCRUB_REPORT,
+            _ => PROTOCOL_OLDEST,
+        }
+    }
+
     pub fn name(&self) -> (&'static str, &'static str) {
         match self {
             Request::Data(d) => ("data", d.into()),

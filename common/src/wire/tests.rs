@@ -6,13 +6,20 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Golden bytes: these encodings are the protocol. If this test fails,
-/// the wire format changed: bump PROTOCOL_VERSION instead of editing it.
+/// Golden bytes: these encodings are the protocol, as every version from
+/// `PROTOCOL_OLDEST` on sends them. If this test fails, the wire format
+/// changed under peers of an older version: make the change an addition
+/// (see `PROTOCOL_VERSION`) or raise `PROTOCOL_OLDEST`, never edit this.
 #[test]
 fn golden_bytes() {
-    let hello =
-        Request::Hello(Hello { protocol: PROTOCOL_VERSION, cluster_id: "c".into(), peer: PeerKind::Iom(IomId(3)) });
+    assert_eq!(PROTOCOL_OLDEST, 7, "the bytes below are protocol 7's: pin the new oldest version's");
+    let hello = Request::Hello(Hello { protocol: 7, cluster_id: "c".into(), peer: PeerKind::Iom(IomId(3)) });
     assert_eq!(hex(&encode(&hello).unwrap()), "000701630103");
+    // Protocol 8 added `AdminReq::ScrubReport` and `AdminReq::LastScrub` at the end.
+    let report =
+        ScrubSummary { finished_unix: 1, millis: 2, groups: 3, blocks: 4, problems: 0, repaired: 0, healed: 0 };
+    assert_eq!(hex(&encode(&Request::Admin(AdminReq::ScrubReport(report))).unwrap()), "050201020304000000");
+    assert_eq!(hex(&encode(&Request::Admin(AdminReq::LastScrub)).unwrap()), "0503");
     // Protocol 7 added `IomStats::version`, `rebuild_bytes`, `rebuild_elapsed_ms`, `rebuild_eta_s`.
     // Protocol 6 added `AdminReq::DropCache`.
     assert_eq!(hex(&encode(&Request::Admin(AdminReq::DropCache)).unwrap()), "0501");
@@ -263,4 +270,16 @@ fn usable_space_counts_a_shared_filesystem_once_and_the_fullest_bounds_it() {
         IomStats { shared_room_bytes: 300, ..st(2, 9, 800, 3000) },
     ];
     assert_eq!(IomStats::usable(&two, 2), (300 - 2000 / 32, 2000));
+}
+
+#[test]
+fn a_connection_runs_at_the_version_both_speak() {
+    assert_eq!(negotiate(PROTOCOL_VERSION), Some(PROTOCOL_VERSION));
+    assert_eq!(negotiate(PROTOCOL_OLDEST), Some(PROTOCOL_OLDEST), "the previous version is still spoken");
+    assert_eq!(negotiate(PROTOCOL_OLDEST - 1), None);
+    assert_eq!(negotiate(PROTOCOL_VERSION + 1), None);
+    // Only the additions of a version need it; everything else goes to the oldest.
+    assert_eq!(Request::Admin(AdminReq::LastScrub).since(), SINCE_SCRUB_REPORT);
+    assert_eq!(Request::Admin(AdminReq::Stats).since(), PROTOCOL_OLDEST);
+    assert_eq!(Request::Member(MemberReq::GetMap).since(), PROTOCOL_OLDEST);
 }

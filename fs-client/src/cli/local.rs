@@ -259,6 +259,8 @@ pub struct IomStatus {
     pub addr: String,
     pub pid: Option<u32>,
     pub stats: Option<IomStats>,
+    /// The protocol version the connection to it runs at.
+    pub protocol: Option<u32>,
 }
 
 pub struct Status {
@@ -268,6 +270,8 @@ pub struct Status {
     pub dir: std::path::PathBuf,
     /// Data blocks per parity group.
     pub n: u32,
+    /// The newest scrub recorded: in this cluster directory or by any IOM.
+    pub last_scrub: Option<fs_client::scrub::LastScrub>,
 }
 
 /// What `iomfs status` concludes, and its exit code.
@@ -410,6 +414,7 @@ impl Status {
                     "state": state,
                     "proxy": proxy.map(|p| p.0),
                     "version": i.stats.as_ref().map(|s| s.version.clone()),
+                    "protocol": i.protocol,
                     "epoch": i.stats.as_ref().map(|s| s.epoch),
                     "disk_bytes": i.stats.as_ref().map(|s| s.disk_bytes),
                     "room_bytes": i.stats.as_ref().map(|s| s.room_bytes),
@@ -442,7 +447,7 @@ impl Status {
             "capacity": capacity,
             "warnings": self.warnings(),
             "actions": self.actions(),
-            "last_scrub": fs_client::scrub::LastScrub::load(&self.dir),
+            "last_scrub": self.last_scrub,
         })
     }
     pub fn health(&self) -> Health {
@@ -475,6 +480,10 @@ impl Status {
             };
             let pid = i.pid.map(|p| format!("pid {p}")).unwrap_or_else(|| "pid -".into());
             let version = i.stats.as_ref().map(|s| format!("  v{}", s.version)).unwrap_or_default();
+            let version = match i.protocol {
+                Some(p) => format!("{version} protocol {p}"),
+                None => version,
+            };
             out.push_str(&format!("IOM {:<3} {:<22} {:<10} {state}{version}\n", i.id.0, i.addr, pid));
         }
         for w in self.warnings() {
@@ -489,7 +498,7 @@ impl Status {
                 gib(free)
             ));
         }
-        if let Some(s) = fs_client::scrub::LastScrub::load(&self.dir) {
+        if let Some(s) = &self.last_scrub {
             out.push_str(&format!("last scrub: {}\n", s.summary()));
         }
         out.push_str(&format!("epoch {}\n", self.map.epoch.0));
@@ -522,6 +531,23 @@ impl Status {
                         mib(s.disk_bytes)
                     )
                 }
+            })
+            .chain(self.older_protocols())
+            .collect()
+    }
+
+    /// IOMs that speak an older protocol than the newest one in the
+    /// cluster: an upgrade half done (features of the newer version wait).
+    fn older_protocols(&self) -> Vec<String> {
+        let newest = self.ioms.iter().filter_map(|i| i.protocol).max().unwrap_or(0);
+        self.ioms
+            .iter()
+            .filter_map(|i| i.protocol.filter(|&p| p < newest).map(|p| (i.id, p)))
+            .map(|(id, p)| {
+                format!(
+                    "IOM {} speaks protocol {p}, others {newest}: finish the upgrade (docs/operations.md, Upgrades)",
+                    id.0
+                )
             })
             .collect()
     }
@@ -567,7 +593,9 @@ pub async fn status(c: &ClusterClient) -> Status {
         } else {
             None
         };
-        (IomStatus { id: IomId(i), addr: c.cfg.ioms[i as usize].addr.clone(), pid: iom_pid(p, IomId(i)), stats }, map)
+        let protocol = if stats.is_some() { c.pool().version(IomId(i)).await.ok() } else { None };
+        let addr = c.cfg.ioms[i as usize].addr.clone();
+        (IomStatus { id: IomId(i), addr, pid: iom_pid(p, IomId(i)), stats, protocol }, map)
     });
     let mut map = c.map();
     let mut ioms = Vec::new();
@@ -579,7 +607,10 @@ pub async fn status(c: &ClusterClient) -> Status {
         }
         ioms.push(s);
     }
-    Status { map, ioms, dir: c.paths.dir.clone(), n: c.layout.n() }
+    let here = fs_client::scrub::LastScrub::load(&c.paths.dir);
+    let kept = fs_client::scrub::last_from_ioms(c).await;
+    let last_scrub = here.into_iter().chain(kept).max_by_key(|s| s.finished_unix);
+    Status { map, ioms, dir: c.paths.dir.clone(), n: c.layout.n(), last_scrub }
 }
 
 /// `iomfs status --watch`: on a terminal, redraws every second, with a
