@@ -8,7 +8,7 @@
 //! `tuning.stopped_wait_s`, then the call fails.
 
 use bytes::{Bytes, BytesMut};
-use common::cluster::ClusterMap;
+use common::cluster::{ClusterMap, IomState};
 use common::config::{ClusterConfig, ClusterPaths};
 use common::meta::{MetaReq, MetaResp};
 use common::wire::{
@@ -122,7 +122,22 @@ pub struct ClusterClient {
     /// Bytes of file data this client has sent (`write`), for estimating
     /// the cluster's room between two looks at it.
     pub written: std::sync::atomic::AtomicU64,
+    /// IOMs this client cannot reach although the map says they serve (a
+    /// network fault between the two alone), each with the IOM its
+    /// requests go through meanwhile (`Request::Relay`).
+    relays: parking_lot::Mutex<std::collections::HashMap<IomId, Relay>>,
 }
+
+/// Requests for an IOM this client cannot reach go through `via`; the
+/// direct path is tried again at `probe_at`.
+#[derive(Clone, Copy, Debug)]
+struct Relay {
+    via: IomId,
+    probe_at: Instant,
+}
+
+/// How long requests go through a relay before the direct path is tried again.
+const RELAY_PROBE: Duration = Duration::from_secs(5);
 
 /// Fraction of the lease a client trusts its session for after a renewal
 /// (the rest is margin for delays and clock rates).
@@ -179,6 +194,7 @@ impl ClusterClient {
             client_id: rand::random::<u64>() | 1,
             seq: std::sync::atomic::AtomicU64::new(1),
             written: std::sync::atomic::AtomicU64::new(0),
+            relays: parking_lot::Mutex::default(),
         });
         Ok(c)
     }
@@ -265,7 +281,17 @@ impl ClusterClient {
             let req = make(Route { epoch: map.epoch, target: role });
             let (family, op) = req.name();
             let sent = Instant::now();
-            let call = self.pool.call_chunks_timeout(server, &req, payload.clone(), self.rpc_timeout);
+            let via = self.relay_via(server).await;
+            let relayed;
+            let (to, msg) = match via {
+                Some(v) => {
+                    relayed = Request::Relay { to: server, req: Box::new(req.clone()) };
+                    metrics::counter!("iomfs_client_relayed_total", "family" => family, "op" => op).increment(1);
+                    (v, &relayed)
+                }
+                None => (server, &req),
+            };
+            let call = self.pool.call_chunks_timeout(to, msg, payload.clone(), self.rpc_timeout);
             tokio::pin!(call);
             let mut probe = tokio::time::interval_at(
                 tokio::time::Instant::now() + Duration::from_millis(300),
@@ -299,7 +325,13 @@ impl ClusterClient {
                         warned = true;
                     }
                     if e.is_transport() {
-                        self.pool.drop_conn(server);
+                        self.pool.drop_conn(to);
+                        // The map says `server` serves, but this client
+                        // does not reach it (or its relay): go through
+                        // another IOM until the direct path is back.
+                        if self.map().server_for(pick(&self.map())) == Some(server) {
+                            self.start_relay(server, via).await;
+                        }
                     }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_millis(250));
@@ -317,6 +349,60 @@ impl ClusterClient {
                 }
             }
         }
+    }
+
+    /// The IOM requests for `server` go through now, if any. Once per
+    /// `RELAY_PROBE` one caller asks `server` directly first (briefly), and
+    /// the relay ends when it answers.
+    async fn relay_via(&self, server: IomId) -> Option<IomId> {
+        let (via, probe) = {
+            let mut relays = self.relays.lock();
+            let r = relays.get_mut(&server)?;
+            let probe = Instant::now() >= r.probe_at;
+            if probe {
+                r.probe_at = Instant::now() + RELAY_PROBE;
+            }
+            (r.via, probe)
+        };
+        if probe {
+            let ask = Request::Member(MemberReq::GetMap);
+            if self.pool.call_timeout(server, &ask, Bytes::new(), Duration::from_millis(500)).await.is_ok() {
+                self.relays.lock().remove(&server);
+                tracing::warn!(iom = server.0, "IOM {server} answers this client again: no longer relayed");
+                return None;
+            }
+        }
+        Some(via)
+    }
+
+    /// After a transport failure towards `server` (directly, or through
+    /// `failed_via`): picks another IOM the map calls up, that this client
+    /// reaches and that relays (protocol 8), to relay through. Without one,
+    /// requests go on being retried directly.
+    async fn start_relay(&self, server: IomId, failed_via: Option<IomId>) {
+        let map = self.map();
+        let w = self.cfg.width();
+        let start = failed_via.map(|v| v.0).unwrap_or(server.0);
+        for k in 1..w {
+            let v = IomId((start + k) % w);
+            if v == server || Some(v) == failed_via || map.state(v) != IomState::Up {
+                continue;
+            }
+            let speaks = tokio::time::timeout(Duration::from_millis(500), self.pool.version(v)).await;
+            if matches!(speaks, Ok(Ok(p)) if p >= common::wire::SINCE_RELAY) {
+                let mut relays = self.relays.lock();
+                if relays.get(&server).map(|r| r.via) != Some(v) {
+                    tracing::warn!(
+                        iom = server.0,
+                        via = v.0,
+                        "IOM {server} does not answer this client: relaying through IOM {v}"
+                    );
+                }
+                relays.insert(server, Relay { via: v, probe_at: Instant::now() + RELAY_PROBE });
+                return;
+            }
+        }
+        self.relays.lock().remove(&server);
     }
 
     /// Calls one IOM directly (admin, scrub), without role routing. A

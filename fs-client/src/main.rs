@@ -101,7 +101,7 @@ enum Cmd {
         #[arg(long)]
         detach: bool,
         /// Log to this file, rotated at 16 MiB (FILE.1 ... FILE.5 kept);
-        /// `--detach` uses D/mount_<path>.log.
+        /// with `--detach` and no `--log-file`, D/mount_<path>.log.
         #[arg(long, value_name = "FILE")]
         log_file: Option<PathBuf>,
     },
@@ -458,9 +458,9 @@ fn run(cli: Cli) -> Result<u8> {
             c.close();
             Ok(0)
         }),
-        Cmd::Mount { dir, mnt, options, detach, .. } => {
+        Cmd::Mount { dir, mnt, options, detach, log_file } => {
             if detach {
-                let pid = mount::mount_detached(&dir, &mnt, &options)?;
+                let pid = mount::mount_detached(&dir, &mnt, &options, log_file.as_deref())?;
                 println!("mounted {} at {} (client pid {pid})", dir.display(), mnt.display());
             } else {
                 let (fso, debug) = mount::parse_options(&options)?;

@@ -66,6 +66,17 @@ impl Firewall {
         ));
     }
 
+    /// Drops UDP between addresses `a` and `b` only, both ways (the path
+    /// between two hosts fails; each still reaches every other).
+    pub fn cut_addrs(&self, a: std::net::Ipv4Addr, b: std::net::Ipv4Addr) {
+        assert!(a.is_loopback() && b.is_loopback(), "{a}, {b}: tests touch only 127.0.0.0/8");
+        let t = &self.table;
+        self.nft(&format!(
+            "add rule inet {t} out ip saddr {a} ip daddr {b} udp dport 1-65535 counter drop\n\
+             add rule inet {t} out ip saddr {b} ip daddr {a} udp dport 1-65535 counter drop\n"
+        ));
+    }
+
     /// Counts (lets through) UDP sent from address `ip`; read with `matched`.
     pub fn count_from(&self, ip: std::net::Ipv4Addr) {
         assert!(ip.is_loopback(), "{ip} is not a loopback address: tests touch only 127.0.0.0/8");

@@ -103,10 +103,11 @@ fn make_tree(dir: &Path) {
     std::os::unix::fs::symlink("d0/inner/f0", dir.join("link")).expect("symlink");
 }
 
-#[test]
-fn five_hosts_on_their_own_addresses_with_only_their_own_files() {
-    let _g = serial();
-    let root = tempfile::Builder::new().prefix("iomfs-hosts-").tempdir_in(test_root()).expect("tmp").keep();
+/// Five hosts started from one `iomfs init` as docs/operations.md says,
+/// each with only its own files, and a client directory; returns once the
+/// cluster is healthy.
+fn start_hosts(tag: &str) -> (Hosts, PathBuf) {
+    let root = tempfile::Builder::new().prefix(&format!("iomfs-{tag}-")).tempdir_in(test_root()).expect("tmp").keep();
     let mut hosts = Hosts { root: root.clone(), ioms: Vec::new(), mnt: root.join("mnt") };
     let port = free_port();
     let addrs: Vec<String> = (0..HOSTS).map(|i| format!("{}:{port}", host_ip(i))).collect();
@@ -156,9 +157,11 @@ fn five_hosts_on_their_own_addresses_with_only_their_own_files() {
     for i in 0..HOSTS {
         assert!(hosts.ioms[i as usize].try_wait().expect("wait").is_none(), "IOM {i} exited:\n{}", log(i));
     }
+    (hosts, client)
+}
 
-    let fw = Firewall::new("hosts");
-    fw.count_from(CLIENT_IP);
+/// Mounts the cluster from the client's address, logging to `root/mount.log`.
+fn mount_from_client(hosts: &Hosts, client: &Path) -> PathBuf {
     fs::create_dir_all(&hosts.mnt).expect("mount point");
     let m = hosts.mnt.clone();
     must(
@@ -168,12 +171,25 @@ fn five_hosts_on_their_own_addresses_with_only_their_own_files() {
             &client.to_string_lossy(),
             &m.to_string_lossy(),
             "--detach",
+            "--log-file",
+            &hosts.root.join("mount.log").to_string_lossy(),
             "-o",
             &format!("bind={CLIENT_IP}"),
         ]),
         "iomfs mount -o bind=",
     );
     assert!(is_mounted(&m));
+    m
+}
+
+#[test]
+fn five_hosts_on_their_own_addresses_with_only_their_own_files() {
+    let _g = serial();
+    let (hosts, client) = start_hosts("hosts");
+    let root = hosts.root.clone();
+    let fw = Firewall::new("hosts");
+    fw.count_from(CLIENT_IP);
+    let m = mount_from_client(&hosts, &client);
     let src = root.join("src");
     make_tree(&src);
     let cp = Command::new("cp").arg("-a").arg(&src).arg(m.join("tree")).status().expect("cp");
@@ -207,4 +223,63 @@ fn five_hosts_on_their_own_addresses_with_only_their_own_files() {
         let h = root.join(format!("host-{i}"));
         assert!(!h.join("ca.key").exists() && !h.join("client.key").exists(), "host {i} holds keys it must not");
     }
+}
+
+/// The network between the client and one host fails, and only that path:
+/// the IOMs still hear each other, so nobody is declared down. The client
+/// sends that host's requests through another IOM (`Request::Relay`) and
+/// goes on with every byte right; once the path heals it talks directly
+/// again. Before relays, every request for that host failed with EIO
+/// after the client's retries (30 s).
+#[test]
+fn a_client_cut_off_from_one_host_alone_reaches_it_through_another() {
+    let _g = serial();
+    let (hosts, client) = start_hosts("relay");
+    let root = hosts.root.clone();
+    let m = mount_from_client(&hosts, &client);
+    let before: Vec<Vec<u8>> = (0..12u64).map(|i| Rng(300 + i).bytes((i as usize * 131_071) % 2_000_000 + 1)).collect();
+    for (i, d) in before.iter().enumerate() {
+        fs::write(m.join(format!("b{i}")), d).expect("write before the cut");
+    }
+
+    let fw = Firewall::new("relay");
+    fw.cut_addrs(CLIENT_IP, host_ip(2));
+    let t0 = Instant::now();
+    // Blocks and parity on host 2, and namespace records it holds or mirrors, all written and read.
+    let during: Vec<Vec<u8>> = (0..12u64).map(|i| Rng(400 + i).bytes((i as usize * 171_013) % 2_000_000 + 1)).collect();
+    for (i, d) in during.iter().enumerate() {
+        fs::write(m.join(format!("d{i}")), d)
+            .unwrap_or_else(|e| panic!("write d{i} with host 2 cut off from the client: {e}"));
+    }
+    for (i, d) in before.iter().enumerate() {
+        assert!(fs::read(m.join(format!("b{i}"))).expect("read while cut off") == *d, "b{i} differs while cut off");
+    }
+    for (i, d) in during.iter().enumerate() {
+        assert!(fs::read(m.join(format!("d{i}"))).expect("read while cut off") == *d, "d{i} differs while cut off");
+    }
+    let took = t0.elapsed();
+    assert!(fw.matched() > 0, "the rule between the client and host 2 matched nothing");
+    let s = status(&client);
+    assert!(s.contains("cluster: healthy"), "a path between one client and one host is no IOM failure:\n{s}");
+    let log = fs::read_to_string(root.join("mount.log")).unwrap_or_default();
+    assert!(log.contains("relaying through IOM"), "the client never relayed:\n{log}");
+    eprintln!("24 files written and read with host 2 cut off from the client in {took:?}");
+
+    fw.heal();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = fs::read_to_string(root.join("mount.log")).unwrap_or_default();
+        if log.contains("no longer relayed") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the client still relays 30 s after the heal:\n{log}");
+        // Requests for host 2 (two parity groups of data: every IOM holds some).
+        let name = format!("after-{}", t0.elapsed().as_millis());
+        fs::write(m.join(&name), Rng(9).bytes(2 << 20)).expect("write after the heal");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for (i, d) in during.iter().enumerate() {
+        assert!(fs::read(m.join(format!("d{i}"))).expect("read after the heal") == *d, "d{i} differs after the heal");
+    }
+    must(iomfs(&["scrub", "--dir", &client.to_string_lossy()]), "scrub after the heal");
 }

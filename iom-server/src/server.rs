@@ -254,6 +254,7 @@ impl Iom {
             timeouts,
             workers: workers.clone(),
             scrubs: crate::scrub_book::ScrubBook::open(&data_dir),
+            caller: caller.clone(),
         });
         let local: std::sync::Weak<dyn LocalRoles> = Arc::downgrade(&router) as _;
         caller.bind_local(local);

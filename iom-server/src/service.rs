@@ -57,6 +57,8 @@ pub struct Router {
     pub workers: Arc<Workers>,
     /// The last cluster scrub this IOM was told of.
     pub scrubs: crate::scrub_book::ScrubBook,
+    /// Forwards relayed client requests.
+    pub caller: Arc<crate::caller::RoleCaller>,
 }
 
 struct ConnState {
@@ -253,10 +255,22 @@ fn client_may_ask(req: &Request) -> bool {
     match req {
         Request::Hello(_) | Request::Data(_) | Request::Meta(_) | Request::Admin(_) => true,
         Request::Member(m) => matches!(m, MemberReq::GetMap | MemberReq::Ping { .. }),
+        Request::Relay { req, .. } => relayable(req),
         Request::Handover(_) | Request::Recovery(_) | Request::ParityChannel { .. } | Request::MetaMirror { .. } => {
             false
         }
     }
+}
+
+/// What an IOM forwards for a client (`Relay`): what the client may ask
+/// itself, one hop only, and no stream. The IOM it is forwarded to sees the
+/// relaying IOM's certificate, so nothing only an IOM may ask goes through,
+/// whoever asks for the relay.
+fn relayable(req: &Request) -> bool {
+    !matches!(
+        req,
+        Request::Hello(_) | Request::Relay { .. } | Request::ParityChannel { .. } | Request::MetaMirror { .. }
+    ) && client_may_ask(req)
 }
 
 /// A request's reply and its payload (buffers sent one after another).
@@ -279,6 +293,7 @@ async fn dispatch(router: &Arc<Router>, req: Request, payload: Bytes) -> Result<
             Ok((Reply::Admin(AdminResp::LastScrub(router.scrubs.last())), Vec::new()))
         }
         Request::Meta(call) => router.namespace.handle(call).await.map(|r| (Reply::Meta(r), Vec::new())),
+        Request::Relay { to, req } => router.relay(to, *req, payload).await,
         Request::Hello(_) | Request::ParityChannel { .. } | Request::MetaMirror { .. } => {
             unreachable!("handled by serve_stream")
         }
@@ -576,6 +591,30 @@ pub(crate) async fn handle_recovery(router: &Arc<Router>, req: RecoveryReq) -> R
 }
 
 impl Router {
+    /// `Relay`: forwards a client's request to IOM `to` and returns its
+    /// answer as is (an error answer included). An IOM that cannot reach
+    /// `to` either answers `Unavailable`, which the client retries.
+    async fn relay(&self, to: IomId, req: Request, payload: Bytes) -> Result<(Reply, Vec<Bytes>), Error> {
+        let invalid = |why: String| Err(Error::Wire(WireError::new(ErrorCode::Invalid, why)));
+        if !relayable(&req) {
+            let (family, op) = req.name();
+            return invalid(format!("{family} {op} is not relayed: only what a client may ask, one hop"));
+        }
+        if to == self.me || to.0 >= self.member.width() {
+            return invalid(format!("IOM {} does not relay to IOM {to}", self.me));
+        }
+        let (family, op) = req.name();
+        metrics::counter!("iomfs_iom_relayed_total", "family" => family, "op" => op).increment(1);
+        match self.caller.call_peer(to, &req, payload, self.timeouts.role_call).await {
+            Ok((r, p)) => Ok((r, vec![p])),
+            Err(NetError::Remote(w)) => Ok((Reply::Error(w), Vec::new())),
+            Err(e) => Err(Error::Wire(WireError::new(
+                ErrorCode::Unavailable,
+                format!("IOM {} cannot reach IOM {to} either: {e}", self.me),
+            ))),
+        }
+    }
+
     /// `Stats`: what `iomfs status` and the metrics show of this IOM.
     /// `DropCache`: the block cache emptied, the block file's clean pages
     /// handed back to the kernel; returns the bytes the cache held.

@@ -36,12 +36,14 @@ use std::fmt;
 /// History: 5 (2026-12-06) split membership, handover and recovery into
 /// three request families; 6 added `AdminReq::DropCache`; 7 added fields
 /// to `IomStats`; 8 (2026-12-07) speaks 7 as well and adds
-/// `AdminReq::ScrubReport` / `AdminReq::LastScrub`.
+/// `AdminReq::ScrubReport` / `AdminReq::LastScrub` and `Request::Relay`.
 pub const PROTOCOL_VERSION: u32 = 8;
 /// Oldest protocol version this build still speaks.
 pub const PROTOCOL_OLDEST: u32 = 7;
 /// First version with `AdminReq::ScrubReport` and `AdminReq::LastScrub`.
 pub const SINCE_SCRUB_REPORT: u32 = 8;
+/// First version with `Request::Relay`.
+pub const SINCE_RELAY: u32 = 8;
 /// Environment variable that makes a process announce an older version
 /// than it could (rehearsing a mixed-version cluster before an upgrade).
 pub const PROTOCOL_MAX_ENV: &str = "IOMFS_PROTOCOL_MAX";
@@ -140,6 +142,14 @@ pub enum Request {
     },
     Handover(HandoverReq),
     Recovery(RecoveryReq),
+    /// Protocol 8: a client that cannot reach IOM `to` (a network fault
+    /// between the two alone) sends the request through another IOM, which
+    /// forwards it and passes the reply (and its payload) back. Only
+    /// requests a client may send itself are relayed.
+    Relay {
+        to: IomId,
+        req: Box<Request>,
+    },
 }
 
 /// A namespace request with its id: `(client, seq)` is unique, so a retried
@@ -219,6 +229,7 @@ impl Request {
     pub fn since(&self) -> u32 {
         match self {
             Request::Admin(AdminReq::ScrubReport(_) | AdminReq::LastScrub) => SINCE_SCRUB_REPORT,
+            Request::Relay { req, .. } => req.since().max(SINCE_RELAY),
             _ => PROTOCOL_OLDEST,
         }
     }
@@ -231,6 +242,7 @@ impl Request {
             Request::Admin(a) => ("admin", a.into()),
             Request::Handover(h) => ("handover", h.into()),
             Request::Recovery(r) => ("recovery", r.into()),
+            Request::Relay { req, .. } => ("relay", req.name().0),
             other => ("stream", other.into()),
         }
     }

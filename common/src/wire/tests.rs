@@ -20,6 +20,8 @@ fn golden_bytes() {
         ScrubSummary { finished_unix: 1, millis: 2, groups: 3, blocks: 4, problems: 0, repaired: 0, healed: 0 };
     assert_eq!(hex(&encode(&Request::Admin(AdminReq::ScrubReport(report))).unwrap()), "050201020304000000");
     assert_eq!(hex(&encode(&Request::Admin(AdminReq::LastScrub)).unwrap()), "0503");
+    let relay = Request::Relay { to: IomId(3), req: Box::new(Request::Admin(AdminReq::Stats)) };
+    assert_eq!(hex(&encode(&relay).unwrap()), "0903".to_string() + "0500");
     // Protocol 7 added `IomStats::version`, `rebuild_bytes`, `rebuild_elapsed_ms`, `rebuild_eta_s`.
     // Protocol 6 added `AdminReq::DropCache`.
     assert_eq!(hex(&encode(&Request::Admin(AdminReq::DropCache)).unwrap()), "0501");
@@ -282,4 +284,7 @@ fn a_connection_runs_at_the_version_both_speak() {
     assert_eq!(Request::Admin(AdminReq::LastScrub).since(), SINCE_SCRUB_REPORT);
     assert_eq!(Request::Admin(AdminReq::Stats).since(), PROTOCOL_OLDEST);
     assert_eq!(Request::Member(MemberReq::GetMap).since(), PROTOCOL_OLDEST);
+    let relay = |r| Request::Relay { to: IomId(1), req: Box::new(r) };
+    assert_eq!(relay(Request::Member(MemberReq::GetMap)).since(), SINCE_RELAY);
+    assert_eq!(relay(Request::Admin(AdminReq::LastScrub)).since(), SINCE_SCRUB_REPORT.max(SINCE_RELAY));
 }

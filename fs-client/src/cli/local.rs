@@ -194,7 +194,7 @@ pub fn up(dir: &Path, mnt: &Path, ioms: u32, detach: bool, opts: &[String]) -> R
     }
     let p = ClusterPaths::new(dir);
     if detach {
-        let pid = mount::mount_detached(dir, mnt, opts)?;
+        let pid = mount::mount_detached(dir, mnt, opts, None)?;
         let mnt = std::fs::canonicalize(mnt).unwrap_or_else(|_| mnt.to_path_buf());
         save_state(&p, &LocalState { mount: Some(mnt.clone()), mount_pid: Some(pid) })?;
         println!(

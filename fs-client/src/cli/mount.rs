@@ -208,8 +208,9 @@ pub fn read_from(path: &Path, from: u64) -> String {
 }
 
 /// Starts `iomfs mount` for `mnt` as a background process and returns its
-/// pid once the mount is up.
-pub fn mount_detached(dir: &Path, mnt: &Path, opts: &[String]) -> Result<u32> {
+/// pid once the mount is up. It logs to `log_file`, by default
+/// D/mount_<path>.log.
+pub fn mount_detached(dir: &Path, mnt: &Path, opts: &[String], log_file: Option<&Path>) -> Result<u32> {
     if !mnt.is_dir() {
         bail!("mount point {} is not a directory", mnt.display());
     }
@@ -218,7 +219,7 @@ pub fn mount_detached(dir: &Path, mnt: &Path, opts: &[String]) -> Result<u32> {
     }
     parse_options(opts)?;
     let exe = std::env::current_exe().context("locate the iomfs binary")?;
-    let log_path = fs_client::mount::mount_log(dir, mnt);
+    let log_path = log_file.map(Path::to_path_buf).unwrap_or_else(|| fs_client::mount::mount_log(dir, mnt));
     // Kept across mounts (appended, rotated by size by the mount process).
     let (log, start_len) = super::open_log(&log_path)?;
     let mut cmd = Command::new(exe);
@@ -316,7 +317,7 @@ pub fn run_helper(args: &[String]) -> Result<()> {
     if fake {
         return Ok(());
     }
-    mount_detached(Path::new(src), Path::new(mnt), &opts)?;
+    mount_detached(Path::new(src), Path::new(mnt), &opts, None)?;
     Ok(())
 }
 
