@@ -21,9 +21,14 @@ fn a_client_certificate_cannot_commit_a_map_or_drive_recovery() {
     let mut bogus = ClusterMap::initial(5, IomId(0));
     bogus.epoch = Epoch(99);
     bogus.states[1] = IomState::Down { proxy: IomId(2) };
+    let commit = Request::Member(MemberReq::Commit { map: bogus.clone() });
     let asks = [
-        Request::Member(MemberReq::Commit { map: bogus.clone() }),
+        commit.clone(),
         Request::Recovery(RecoveryReq::DiscardTx { tx: TxRef { iom: IomId(1), tx: TxId(1) } }),
+        // Nor through a relay, where the IOM it lands on would see the
+        // relaying IOM's certificate.
+        Request::Relay { to: IomId(2), req: Box::new(commit.clone()) },
+        Request::Relay { to: IomId(2), req: Box::new(Request::Relay { to: IomId(3), req: Box::new(commit) }) },
     ];
     for req in asks {
         for i in 0..5 {
@@ -40,6 +45,10 @@ fn a_client_certificate_cannot_commit_a_map_or_drive_recovery() {
         };
         assert!(m.epoch < Epoch(99) && m.states.iter().all(|s| *s == IomState::Up), "IOM {i} took the map: {m:?}");
     }
+    // A relay of what a client may ask works.
+    let relayed = Request::Relay { to: IomId(2), req: Box::new(Request::Member(MemberReq::GetMap)) };
+    let r = rt.block_on(client.call_iom(IomId(4), &relayed, Bytes::new()));
+    assert!(matches!(r, Ok((Reply::Member(common::wire::MemberResp::Map(_)), _))), "a relayed GetMap: {r:?}");
     // What a client is for still works.
     let data = Bytes::from(vec![7u8; 5000]);
     let obj = common::ObjectId(1 << 40);
