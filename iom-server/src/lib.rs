@@ -56,6 +56,7 @@ pub mod service;
 pub mod standin;
 pub mod storage;
 pub mod store;
+pub mod stripe_table;
 pub mod timeouts;
 pub mod workers;
 pub mod write_path;

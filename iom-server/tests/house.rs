@@ -133,6 +133,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("locks", &[]),
     ("records", &[]),
     ("recovery", &[]),
+    ("stripe_table", &[]),
     ("restart", &[]),
     ("scrub_book", &["format", "fsutil"]),
     ("timeouts", &[]),
