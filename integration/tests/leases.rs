@@ -210,3 +210,112 @@ fn a_client_stalled_past_its_lease_gets_estale_for_a_reclaimed_file_and_keeps_wo
     assert_eq!(fs::read(mb.join("new")).unwrap(), b"written after the stall");
     c.must_fsck_clean();
 }
+
+/// Writes the bytes of file argv[2] to file argv[1] (created), says
+/// `written`, then for each line of input: `fsync` answers `ok` or
+/// `errno E`; `rewrite` writes "after the eviction" at offset 0 first.
+/// The descriptor lives here, not in the test: every fork the test makes
+/// (nft, the CLI) would close an inherited copy, and a close flushes.
+const WRITER: &str = r#"
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+os.write(fd, open(sys.argv[2], "rb").read())
+print("written", flush=True)
+for line in sys.stdin:
+    if line.strip() == "rewrite":
+        os.pwrite(fd, b"after the eviction", 0)
+    try:
+        os.fsync(fd)
+        print("ok", flush=True)
+    except OSError as e:
+        print(f"errno {e.errno}", flush=True)
+"#;
+
+/// A process holding a file open on a mount (see `WRITER`).
+struct Writer {
+    child: std::process::Child,
+    to: std::process::ChildStdin,
+    from: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Writer {
+    fn start(c: &Cluster, path: &Path, data: &[u8]) -> Writer {
+        let src = c.tmp.path().join(format!("src-{}", data.len()));
+        fs::write(&src, data).unwrap();
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(WRITER)
+            .arg(path)
+            .arg(&src)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let to = child.stdin.take().unwrap();
+        let from = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut w = Writer { child, to, from };
+        assert_eq!(w.line(), "written");
+        w
+    }
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.from.read_line(&mut l).unwrap();
+        l.trim().to_string()
+    }
+    fn ask(&mut self, what: &str) -> String {
+        writeln!(self.to, "{what}").unwrap();
+        self.line()
+    }
+    fn close(mut self) {
+        drop(self.to);
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+/// A client cut off from every IOM (its address firewalled) while it holds
+/// `buffered` bytes. A cut shorter than its lease loses nothing; one longer
+/// than its lease gets it evicted: after the heal, its bytes are not sent
+/// over what another client wrote meanwhile, and its fsync reports the
+/// loss (EIO).
+#[test]
+fn a_client_partitioned_past_its_lease_with_buffered_bytes_is_evicted_and_fsync_reports_it() {
+    use integration::firewall::Firewall;
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.set_tuning("client_lease_s", LEASE_S);
+    c.start_all();
+    let ip = std::net::Ipv4Addr::new(127, 0, 0, 101);
+    let mb = c.mount("buffered", &["toughness=buffered", "buffer_age=600", &format!("bind={ip}")]);
+    let mo = c.mount("other", &[]);
+    let fw = Firewall::new("evict");
+
+    // Shorter than the lease: the bytes wait, then go out.
+    let short = Rng(1).bytes(200_000);
+    let mut w = Writer::start(&c, &mb.join("short"), &short);
+    fw.isolate(ip);
+    std::thread::sleep(Duration::from_secs(1));
+    fw.heal();
+    assert_eq!(w.ask("fsync"), "ok", "fsync after a cut shorter than the lease");
+    w.close();
+    assert!(fs::read(mo.join("short")).unwrap() == short, "bytes buffered across a short cut differ");
+
+    // Longer than the lease: evicted.
+    let mine = Rng(2).bytes(300_000);
+    let mut w = Writer::start(&c, &mb.join("long"), &mine);
+    fw.isolate(ip);
+    let theirs = Rng(3).bytes(300_000);
+    fs::write(mo.join("long"), &theirs).unwrap();
+    // The namespace ends the session a lease after its last contact.
+    std::thread::sleep(Duration::from_secs(LEASE_S * 2 + 2));
+    assert!(fw.matched() > 0, "the rule cutting the client off matched nothing");
+    fw.heal();
+    assert_eq!(w.ask("fsync"), format!("errno {}", libc::EIO), "fsync of bytes buffered by an evicted client");
+    // A fresh view of the cluster: the other client's bytes stand.
+    let check = c.mount("check", &[]);
+    assert!(fs::read(check.join("long")).unwrap() == theirs, "an evicted client's buffered bytes overwrote newer ones");
+    // The mount goes on under a new session.
+    assert_eq!(w.ask("rewrite"), "ok", "fsync under the new session");
+    w.close();
+    let got = fs::read(c.mount("check2", &[]).join("long")).unwrap();
+    assert_eq!(&got[..18], b"after the eviction");
+}

@@ -220,10 +220,51 @@ impl Inner {
                  files it held open after their unlink were reclaimed, and their handles now answer ESTALE"
             );
         }
+        if expired {
+            // Evicted: other clients may have written since, and bytes
+            // buffered under the lapsed session must not overwrite theirs.
+            self.evictions.fetch_add(1, Ordering::SeqCst);
+            let (files, bytes) = self.wb.drop_unsent(libc::EIO);
+            if files > 0 {
+                tracing::error!(
+                    files,
+                    bytes,
+                    "buffered bytes not sent before this client was evicted are dropped; each file's next \
+                     fsync or close reports EIO"
+                );
+            }
+        }
         self.stale.lock().extend(missing);
         let mut c = self.claimed.lock();
         *c = Some(c.map_or(sent, |t| t.max(sent)));
         Ok(())
+    }
+
+    /// How long the lease is still trusted (zero when it is not).
+    pub(super) fn lease_left(&self) -> Duration {
+        let trust = self.c.cfg.client_lease().mul_f64(crate::cluster::LEASE_TRUST);
+        self.claimed.lock().map_or(Duration::ZERO, |t| trust.saturating_sub(t.elapsed()))
+    }
+
+    /// Before buffered bytes taken under session `session` (the eviction
+    /// count then) are sent: the lease must be trusted (renewed first if
+    /// not) and the session the same. EIO otherwise: the namespace may
+    /// have evicted this client, or did.
+    pub(super) async fn flush_lease(&self, session: u64) -> Result<(), i32> {
+        if self.lease_left().is_zero() {
+            self.renew().await.map_err(|e| {
+                tracing::warn!("lease not renewed before a flush of buffered bytes: {e:?}");
+                libc::EIO
+            })?;
+        }
+        if self.evictions.load(Ordering::SeqCst) != session {
+            return Err(libc::EIO);
+        }
+        Ok(())
+    }
+
+    pub(super) fn session_epoch(&self) -> u64 {
+        self.evictions.load(Ordering::SeqCst)
     }
 
     /// Before and after a handle's data is used: only within `LEASE_TRUST`

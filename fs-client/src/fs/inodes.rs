@@ -404,12 +404,12 @@ impl Inner {
         }
         let gate = self.wb.gate(ino);
         let _one = gate.lock().await;
+        let session = self.session_epoch();
         let Some(b) = self.wb.take(ino) else { return };
         let roles = b.runs.iter().fold(0u64, |m, (o, d)| m | self.c.write_roles(b.object, *o, d.len()));
         let mut sent = Ok(());
         for wave in super::writeback::waves(b.runs) {
-            let writes = wave.into_iter().map(|(o, d)| self.c.write(b.object, o, d, Toughness::Atomic));
-            sent = futures::future::try_join_all(writes).await.map(|_| ());
+            sent = self.send_wave(session, b.object, &wave).await;
             if sent.is_err() {
                 break;
             }
@@ -424,9 +424,29 @@ impl Inner {
                     ino = ino.0,
                     bytes = b.bytes,
                     "buffered writes could not be sent and are dropped; the file's next fsync or close \
-                     reports it: {e}"
+                     reports it: {}",
+                    std::io::Error::from_raw_os_error(e)
                 );
-                self.wb.sent(ino, Some(e.errno()));
+                self.wb.sent(ino, Some(e));
+            }
+        }
+    }
+
+    /// One wave of a flush, sent only while the lease is trusted: if the
+    /// trust runs out with the wave in flight, the wave is stopped (none of
+    /// it may land after the namespace could evict this client), the lease
+    /// renewed, and the wave sent again (the same bytes at the same
+    /// offsets). An eviction meanwhile ends it with EIO.
+    async fn send_wave(&self, session: u64, object: common::ObjectId, wave: &[(u64, bytes::Bytes)]) -> Result<(), i32> {
+        loop {
+            self.flush_lease(session).await?;
+            let writes = wave.iter().map(|(o, d)| self.c.write(object, *o, d.clone(), Toughness::Atomic));
+            match tokio::time::timeout(self.lease_left(), futures::future::try_join_all(writes)).await {
+                Ok(r) => return r.map(|_| ()).map_err(|e| e.errno()),
+                Err(_) => tracing::warn!(
+                    "the lease's trust ran out with buffered writes in flight: stopped them, renewing before \
+                     sending them again"
+                ),
             }
         }
     }

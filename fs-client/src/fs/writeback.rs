@@ -263,6 +263,27 @@ impl WriteBack {
         self.room.notify_waiters();
     }
 
+    /// Drops every file's unsent bytes (not those a flush is sending: it
+    /// ends them itself) and keeps `error` for each such file's next fsync
+    /// or close. Returns how many files and bytes.
+    pub(super) fn drop_unsent(&self, error: i32) -> (usize, usize) {
+        let (files, bytes) = {
+            let mut all = self.files.lock();
+            let mut n = (0, 0);
+            for f in all.values_mut().filter(|f| !f.dirty.is_empty()) {
+                f.dirty.clear();
+                n.0 += 1;
+                n.1 += std::mem::take(&mut f.dirty_bytes);
+                f.since = None;
+                f.error.get_or_insert(error);
+            }
+            n
+        };
+        *self.total.lock() -= bytes;
+        self.room.notify_waiters();
+        (files, bytes)
+    }
+
     /// The error kept for `ino`, taken (the next fsync or close reports it once).
     pub(super) fn take_error(&self, ino: Ino) -> Option<i32> {
         let mut files = self.files.lock();
@@ -340,6 +361,23 @@ mod tests {
         // A read that touches no buffered byte gets the cluster's bytes as they are.
         let far = Bytes::from_static(b"........");
         assert_eq!(w.read_over(ino, 100, far.clone()).as_ptr(), far.as_ptr());
+    }
+
+    #[test]
+    fn an_eviction_drops_unsent_bytes_keeps_the_error_and_leaves_a_flush_in_progress_alone() {
+        let w = WriteBack::default();
+        let obj = ObjectId(9);
+        w.put(Ino(1), obj, 0, Bytes::from_static(b"sending"));
+        let _b = w.take(Ino(1)).expect("a flush took them");
+        w.put(Ino(1), obj, 100, Bytes::from_static(b"unsent"));
+        w.put(Ino(2), obj, 0, Bytes::from_static(b"other file"));
+        assert_eq!(w.drop_unsent(libc::EIO), (2, 16));
+        assert_eq!(w.total(), 7, "the bytes being sent stay until their flush ends");
+        assert!(w.all().is_empty());
+        assert_eq!(w.take_error(Ino(2)), Some(libc::EIO));
+        w.sent(Ino(1), None);
+        assert_eq!(w.total(), 0);
+        assert_eq!(w.take_error(Ino(1)), Some(libc::EIO));
     }
 
     #[test]
