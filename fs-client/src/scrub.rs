@@ -95,12 +95,21 @@ impl LastScrub {
     }
 
     pub fn summary(&self) -> String {
-        let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(self.finished_unix);
-        let ago = std::time::SystemTime::now().duration_since(when).unwrap_or_default();
-        let ago = humantime::format_duration(std::time::Duration::from_secs(ago.as_secs()));
+        // A record from a host whose clock was far off must not break the
+        // status: a time outside what RFC 3339 can show is printed raw.
+        let when = std::time::UNIX_EPOCH
+            .checked_add(std::time::Duration::from_secs(self.finished_unix))
+            .filter(|_| self.finished_unix < 253_402_300_800);
+        let (at, ago) = match when {
+            Some(w) => {
+                let ago = std::time::SystemTime::now().duration_since(w).unwrap_or_default();
+                let ago = humantime::format_duration(std::time::Duration::from_secs(ago.as_secs()));
+                (humantime::format_rfc3339_seconds(w).to_string(), format!("{ago} ago"))
+            }
+            None => (format!("{} s after 1970", self.finished_unix), "clock far off".to_string()),
+        };
         format!(
-            "{} ({ago} ago), {:.1} s, {} groups, {} blocks, {} problems{}{}",
-            humantime::format_rfc3339_seconds(when),
+            "{at} ({ago}), {:.1} s, {} groups, {} blocks, {} problems{}{}",
             self.seconds,
             self.groups,
             self.blocks,
@@ -432,4 +441,19 @@ pub async fn repairs_so_far(c: &ClusterClient) -> u64 {
         }
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_from_a_clock_far_off_is_shown_not_a_panic() {
+        let s =
+            |t| LastScrub { finished_unix: t, seconds: 1.5, groups: 2, blocks: 3, problems: 0, repaired: 0, healed: 0 };
+        assert!(s(1_700_000_000).summary().starts_with("2023-11-14T22:13:20Z ("), "{}", s(1_700_000_000).summary());
+        for t in [253_402_300_800, u64::MAX] {
+            assert!(s(t).summary().contains("clock far off"), "{}", s(t).summary());
+        }
+    }
 }

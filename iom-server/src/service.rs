@@ -152,8 +152,16 @@ async fn serve_stream(
         } else if h.cluster_id != router.cluster_id {
             err(ErrorCode::WrongCluster, format!("IOM {} belongs to cluster '{}'", router.me, router.cluster_id))
         } else if let Some(v) = common::wire::negotiate(h.protocol) {
-            let _ = state.peer.set((h.peer, v));
-            Reply::Hello(HelloOk { protocol: v, iom: router.me, map: router.member.current() })
+            match state.peer.get() {
+                Some(&(_, agreed)) if agreed != v => err(
+                    ErrorCode::Invalid,
+                    format!("this connection already runs at protocol {agreed}: open a new one for {v}"),
+                ),
+                _ => {
+                    let _ = state.peer.set((h.peer, v));
+                    Reply::Hello(HelloOk { protocol: v, iom: router.me, map: router.member.current() })
+                }
+            }
         } else {
             err(
                 ErrorCode::VersionMismatch,
@@ -262,6 +270,9 @@ fn client_may_ask(req: &Request) -> bool {
     }
 }
 
+/// How long a relaying IOM waits for the answer it forwards.
+const RELAY_WAIT: std::time::Duration = std::time::Duration::from_secs(25);
+
 /// What an IOM forwards for a client (`Relay`): what the client may ask
 /// itself, one hop only, and no stream. The IOM it is forwarded to sees the
 /// relaying IOM's certificate, so nothing only an IOM may ask goes through,
@@ -285,6 +296,18 @@ async fn dispatch(router: &Arc<Router>, req: Request, payload: Bytes) -> Result<
             Ok((Reply::Admin(AdminResp::CacheDropped { bytes: router.drop_cache() }), Vec::new()))
         }
         Request::Admin(AdminReq::ScrubReport(s)) => {
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            if s.finished_unix > now + 86_400 {
+                return Err(Error::Wire(WireError::new(
+                    ErrorCode::Invalid,
+                    format!(
+                        "a scrub that finished at {} s after 1970 is a day or more ahead of IOM {}'s clock ({now}): \
+                         check the reporting host's clock",
+                        s.finished_unix, router.me
+                    ),
+                )));
+            }
             tracing::info!(iom = router.me.0, problems = s.problems, groups = s.groups, "told of a cluster scrub");
             router.scrubs.keep(s)?;
             Ok((Reply::Admin(AdminResp::ScrubKept), Vec::new()))
@@ -605,7 +628,10 @@ impl Router {
         }
         let (family, op) = req.name();
         metrics::counter!("iomfs_iom_relayed_total", "family" => family, "op" => op).increment(1);
-        match self.caller.call_peer(to, &req, payload, self.timeouts.role_call).await {
+        // As long as the client waits for it (20 s) and a little more: a
+        // relay that gave up earlier would have the client send the request
+        // again while the first copy may still be carried out.
+        match self.caller.call_peer(to, &req, payload, RELAY_WAIT).await {
             Ok((r, p)) => Ok((r, vec![p])),
             Err(NetError::Remote(w)) => Ok((Reply::Error(w), Vec::new())),
             Err(e) => Err(Error::Wire(WireError::new(

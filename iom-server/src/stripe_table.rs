@@ -48,7 +48,10 @@ pub enum Outcome {
     Abort,
 }
 
-/// The group's outcome.
+/// The group's outcome, from the decider's journal and **every** member's
+/// state for the transaction: recovery collects them all before it acts
+/// (a member that asked only the decider could roll back while another
+/// had switched on a commit the decider lost; docs/full-stripe.md).
 ///
 /// A member that switched proves a commit (members switch only on the
 /// decider's commit), and one that rolled back proves an abort; these

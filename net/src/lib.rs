@@ -58,6 +58,9 @@ impl NetError {
                 | NetError::Read(_)
                 | NetError::Closed(_)
                 | NetError::Timeout(_)
+                // This peer cannot carry the request (a relay restarted at an
+                // older version): another may.
+                | NetError::PeerTooOld { .. }
         )
     }
     pub fn remote(&self) -> Option<&WireError> {

@@ -198,7 +198,16 @@ impl Inner {
     /// yet (after its own restart or failover, or the session's expiry);
     /// handles of files it names as gone become stale.
     async fn renew(&self) -> R<()> {
+        self.renew_unless(false).await
+    }
+
+    /// [`Inner::renew`]; with `if_stale`, nothing if another renewal made
+    /// the lease trusted while this one waited its turn.
+    async fn renew_unless(&self, if_stale: bool) -> R<()> {
         let _turn = self.session.lock().await;
+        if if_stale && !self.lease_left().is_zero() {
+            return Ok(());
+        }
         let mut opens: HashMap<Ino, u32> = HashMap::new();
         {
             let handles = self.handles.lock();
@@ -223,8 +232,7 @@ impl Inner {
         if expired {
             // Evicted: other clients may have written since, and bytes
             // buffered under the lapsed session must not overwrite theirs.
-            self.evictions.fetch_add(1, Ordering::SeqCst);
-            let (files, bytes) = self.wb.drop_unsent(libc::EIO);
+            let (files, bytes) = self.wb.evicted(libc::EIO);
             if files > 0 {
                 tracing::error!(
                     files,
@@ -246,25 +254,24 @@ impl Inner {
         self.claimed.lock().map_or(Duration::ZERO, |t| trust.saturating_sub(t.elapsed()))
     }
 
-    /// Before buffered bytes taken under session `session` (the eviction
-    /// count then) are sent: the lease must be trusted (renewed first if
-    /// not) and the session the same. EIO otherwise: the namespace may
-    /// have evicted this client, or did.
+    /// Before buffered bytes taken under session `session` (see
+    /// `WriteBack::session`) are sent: the lease must be trusted (renewed
+    /// first if not) and the session the same. EIO otherwise: the
+    /// namespace may have evicted this client, or did. A renewal that fails
+    /// has been retried for `stopped_wait_s` (the namespace unreachable that
+    /// long, past any lease): the bytes are dropped like after any flush
+    /// that failed past its retries.
     pub(super) async fn flush_lease(&self, session: u64) -> Result<(), i32> {
         if self.lease_left().is_zero() {
-            self.renew().await.map_err(|e| {
+            self.renew_unless(true).await.map_err(|e| {
                 tracing::warn!("lease not renewed before a flush of buffered bytes: {e:?}");
                 libc::EIO
             })?;
         }
-        if self.evictions.load(Ordering::SeqCst) != session {
+        if self.wb.session() != session {
             return Err(libc::EIO);
         }
         Ok(())
-    }
-
-    pub(super) fn session_epoch(&self) -> u64 {
-        self.evictions.load(Ordering::SeqCst)
     }
 
     /// Before and after a handle's data is used: only within `LEASE_TRUST`

@@ -404,12 +404,11 @@ impl Inner {
         }
         let gate = self.wb.gate(ino);
         let _one = gate.lock().await;
-        let session = self.session_epoch();
         let Some(b) = self.wb.take(ino) else { return };
         let roles = b.runs.iter().fold(0u64, |m, (o, d)| m | self.c.write_roles(b.object, *o, d.len()));
         let mut sent = Ok(());
         for wave in super::writeback::waves(b.runs) {
-            sent = self.send_wave(session, b.object, &wave).await;
+            sent = self.send_wave(b.session, b.object, &wave).await;
             if sent.is_err() {
                 break;
             }
@@ -433,16 +432,25 @@ impl Inner {
     }
 
     /// One wave of a flush, sent only while the lease is trusted: if the
-    /// trust runs out with the wave in flight, the wave is stopped (none of
-    /// it may land after the namespace could evict this client), the lease
-    /// renewed, and the wave sent again (the same bytes at the same
-    /// offsets). An eviction meanwhile ends it with EIO.
+    /// trust runs out with the wave in flight, the wave is stopped on this
+    /// side (so the client sends nothing more after the namespace could
+    /// evict it), the lease renewed, and the wave sent again (the same
+    /// bytes at the same offsets). An eviction meanwhile ends it with EIO,
+    /// and so does a wave not done within the retries a write has
+    /// (`stopped_wait_s`, at least 30 s), as any failed write.
     async fn send_wave(&self, session: u64, object: common::ObjectId, wave: &[(u64, bytes::Bytes)]) -> Result<(), i32> {
+        let give_up =
+            Instant::now() + Duration::from_secs(self.c.cfg.tuning.stopped_wait_s).max(Duration::from_secs(30));
         loop {
             self.flush_lease(session).await?;
             let writes = wave.iter().map(|(o, d)| self.c.write(object, *o, d.clone(), Toughness::Atomic));
-            match tokio::time::timeout(self.lease_left(), futures::future::try_join_all(writes)).await {
+            let until = (Instant::now() + self.lease_left()).min(give_up);
+            match tokio::time::timeout_at(until.into(), futures::future::try_join_all(writes)).await {
                 Ok(r) => return r.map(|_| ()).map_err(|e| e.errno()),
+                Err(_) if Instant::now() >= give_up => {
+                    tracing::warn!("buffered writes not done within the writes' retries");
+                    return Err(libc::EIO);
+                }
                 Err(_) => tracing::warn!(
                     "the lease's trust ran out with buffered writes in flight: stopped them, renewing before \
                      sending them again"

@@ -136,10 +136,6 @@ pub struct Inner {
     /// Files whose handles are stale: the namespace reclaimed them while
     /// this client's session had lapsed.
     stale: Mutex<std::collections::HashSet<Ino>>,
-    /// Times the namespace told this client its session had expired (it
-    /// was evicted): a flush of `buffered` bytes taken under an earlier
-    /// session is dropped instead of sent.
-    evictions: AtomicU64,
     /// Every task of this mount: the release and renewal workers and one
     /// task per FUSE request. `stop` ends the workers and joins them all.
     tasks: tokio_util::task::TaskTracker,
@@ -197,7 +193,6 @@ impl IomFs {
                 session: tokio::sync::Mutex::new(()),
                 claimed: Mutex::new(None),
                 stale: Mutex::new(Default::default()),
-                evictions: AtomicU64::new(0),
                 tasks: tokio_util::task::TaskTracker::new(),
                 wb: Default::default(),
                 stopping: tokio_util::sync::CancellationToken::new(),

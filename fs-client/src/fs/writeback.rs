@@ -86,11 +86,18 @@ pub(super) struct Batch {
     pub(super) object: ObjectId,
     pub(super) runs: Vec<(u64, Bytes)>,
     pub(super) bytes: usize,
+    /// The session the bytes were buffered under (`WriteBack::session`).
+    pub(super) session: u64,
 }
 
 #[derive(Default)]
 pub(super) struct WriteBack {
+    /// The files, and how many times this client was evicted (its
+    /// session at the namespace ended): bytes taken for a flush carry the
+    /// count, read under the same lock that `drop_unsent` raises it under,
+    /// so bytes buffered before an eviction are never sent after it.
     files: Mutex<HashMap<Ino, FileBuf>>,
+    session: Mutex<u64>,
     /// Unsent and sending bytes of every file.
     total: Mutex<usize>,
     pub(super) room: tokio::sync::Notify,
@@ -234,6 +241,7 @@ impl WriteBack {
     /// Takes the unsent bytes of `ino` for a flush (call holding its gate).
     pub(super) fn take(&self, ino: Ino) -> Option<Batch> {
         let mut files = self.files.lock();
+        let session = *self.session.lock();
         let f = files.get_mut(&ino)?;
         if f.dirty.is_empty() {
             return None;
@@ -244,7 +252,7 @@ impl WriteBack {
         f.since = None;
         f.sending = map.clone();
         f.sending_bytes = bytes;
-        Some(Batch { object, runs: runs(map), bytes })
+        Some(Batch { object, runs: runs(map), bytes, session })
     }
 
     /// A flush of `ino` ended: its sending bytes leave the buffer (sent,
@@ -263,12 +271,14 @@ impl WriteBack {
         self.room.notify_waiters();
     }
 
-    /// Drops every file's unsent bytes (not those a flush is sending: it
-    /// ends them itself) and keeps `error` for each such file's next fsync
-    /// or close. Returns how many files and bytes.
-    pub(super) fn drop_unsent(&self, error: i32) -> (usize, usize) {
+    /// The client was evicted: drops every file's unsent bytes (not those
+    /// a flush is sending: it ends them itself, as its session is now
+    /// stale) and keeps `error` for each such file's next fsync or close.
+    /// Returns how many files and bytes.
+    pub(super) fn evicted(&self, error: i32) -> (usize, usize) {
         let (files, bytes) = {
             let mut all = self.files.lock();
+            *self.session.lock() += 1;
             let mut n = (0, 0);
             for f in all.values_mut().filter(|f| !f.dirty.is_empty()) {
                 f.dirty.clear();
@@ -282,6 +292,11 @@ impl WriteBack {
         *self.total.lock() -= bytes;
         self.room.notify_waiters();
         (files, bytes)
+    }
+
+    /// The current session (see `files`).
+    pub(super) fn session(&self) -> u64 {
+        *self.session.lock()
     }
 
     /// The error kept for `ino`, taken (the next fsync or close reports it once).
@@ -364,17 +379,20 @@ mod tests {
     }
 
     #[test]
-    fn an_eviction_drops_unsent_bytes_keeps_the_error_and_leaves_a_flush_in_progress_alone() {
+    fn an_eviction_drops_unsent_bytes_keeps_the_error_and_marks_a_flush_in_progress_stale() {
         let w = WriteBack::default();
         let obj = ObjectId(9);
         w.put(Ino(1), obj, 0, Bytes::from_static(b"sending"));
-        let _b = w.take(Ino(1)).expect("a flush took them");
+        let b = w.take(Ino(1)).expect("a flush took them");
         w.put(Ino(1), obj, 100, Bytes::from_static(b"unsent"));
         w.put(Ino(2), obj, 0, Bytes::from_static(b"other file"));
-        assert_eq!(w.drop_unsent(libc::EIO), (2, 16));
+        let before = w.session();
+        assert_eq!(w.evicted(libc::EIO), (2, 16));
+        assert_eq!(w.session(), before + 1);
         assert_eq!(w.total(), 7, "the bytes being sent stay until their flush ends");
         assert!(w.all().is_empty());
         assert_eq!(w.take_error(Ino(2)), Some(libc::EIO));
+        assert_ne!(b.session, w.session(), "the flush in progress sees its bytes are from the old session");
         w.sent(Ino(1), None);
         assert_eq!(w.total(), 0);
         assert_eq!(w.take_error(Ino(1)), Some(libc::EIO));

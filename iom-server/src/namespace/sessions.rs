@@ -100,6 +100,11 @@ impl Sessions {
     pub fn set_serving(&mut self, serving: bool, now: Instant, orphans: impl FnOnce() -> Vec<Ino>) {
         if serving && !self.serving {
             self.map.clear();
+            // Expiries seen in an earlier serving period are stale: a client
+            // told now that it was evicted would drop bytes it buffered
+            // under a session another replica served meanwhile.
+            self.expired.clear();
+            self.expired_set.clear();
             self.since = now;
             self.no_grace = std::mem::take(&mut self.fresh);
             self.inherited = orphans().into_iter().collect();
