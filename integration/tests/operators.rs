@@ -668,3 +668,48 @@ fn an_iom_of_the_previous_protocol_serves_beside_current_ones_until_a_restart_up
     let (_, j) = status_json(&c);
     assert_eq!(j["last_scrub"]["problems"], 0, "{j:#}");
 }
+
+/// fdatasync of overwrites (the file not grown) needs no namespace round
+/// trip once the file's namespace state is durable: counted on the mount's
+/// metrics endpoint. fsync still publishes the new mtime each time, and
+/// the mtime of the fdatasync'd writes is published at close.
+#[test]
+fn fdatasync_of_overwrites_costs_no_namespace_round_trip_and_fsync_still_publishes_mtime() {
+    let _g = serial();
+    let base = free_ports(1);
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let addr = format!("127.0.0.1:{base}");
+    let m = c.mount("m", &[&format!("metrics={addr}")]);
+    let f = m.join("db");
+    std::fs::write(&f, Rng(1).bytes(1 << 20)).expect("write");
+    let meta_rpcs = || {
+        std::thread::sleep(Duration::from_millis(1200));
+        value(&scrape(&addr), "iomfs_client_rpc_duration_seconds_count", &["family=\"meta\""])
+    };
+    let run = |call: &str| {
+        let script = format!(
+            "import os,sys\nfd=os.open(sys.argv[1], os.O_WRONLY)\nfor i in range(50):\n    \
+             os.pwrite(fd, os.urandom(4096), (i * 7919 % 256) * 4096)\n    os.{call}(fd)\nos.close(fd)\n"
+        );
+        let out = Command::new("python3").arg("-c").arg(script).arg(&f).output().expect("python3");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let mtime = || std::fs::metadata(&f).expect("stat").modified().expect("mtime");
+    // One synced publication makes the file's namespace state durable.
+    run("fsync");
+    let before = meta_rpcs();
+    let t0 = mtime();
+    std::thread::sleep(Duration::from_millis(20));
+    run("fdatasync");
+    let datasync = meta_rpcs() - before;
+    // The close published the writes' mtime.
+    assert!(mtime() > t0, "the mtime of the fdatasync'd writes was never published");
+    let before = meta_rpcs();
+    run("fsync");
+    let fsync = meta_rpcs() - before;
+    assert!(datasync < 10.0, "50 fdatasyncs of overwrites cost {datasync} namespace requests");
+    assert!(fsync >= 50.0, "50 fsyncs cost only {fsync} namespace requests: the mtime must be durable");
+    // What was written is there, and the cluster is consistent.
+    c.must_scrub_clean();
+}

@@ -391,8 +391,8 @@ impl Filesystem for IomFs {
         self.spawn("release", move |fs| async move { empty(reply, fs.release(fh.0).await) });
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.spawn("fsync", move |fs| async move { empty(reply, fs.fsync(Ino(ino.0)).await) });
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        self.spawn("fsync", move |fs| async move { empty(reply, fs.fsync(Ino(ino.0), datasync).await) });
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

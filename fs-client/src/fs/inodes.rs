@@ -55,6 +55,11 @@ pub(super) struct Node {
     /// writes and its close, and the pages this client cached would hide
     /// them (close-to-open).
     pub(super) opened_as: Option<(u64, ObjectId, u64)>,
+    /// The inode's change counter (`attr.change`) when this client last
+    /// made the namespace durable with it (a synced publication, or a
+    /// `Sync` sent after it): while `attr.change` is still this, an fsync
+    /// has no namespace state of this file to make durable.
+    pub(super) synced_change: Option<u64>,
 }
 
 impl Node {
@@ -114,6 +119,7 @@ impl Inner {
                         mtime_set: None,
                         times_ctime: None,
                         opened_as: None,
+                        synced_change: None,
                     },
                 );
                 a.clone()
@@ -168,7 +174,19 @@ impl Inner {
         });
         let (end, mtime, atime_set, mtime_set) = match dirty {
             Some(d) => d,
-            None if sync => return self.meta(MetaReq::Sync).await.map(|_| ()),
+            None if sync => {
+                let known = self.nodes.lock().get(&ino).map(|n| n.attr.change);
+                if known.is_some() && self.nodes.lock().get(&ino).and_then(|n| n.synced_change) == known {
+                    // Nothing of this file changed at the namespace since
+                    // this client last made it durable there.
+                    return Ok(());
+                }
+                self.meta(MetaReq::Sync).await?;
+                if let Some(n) = self.nodes.lock().get_mut(&ino) {
+                    n.synced_change = known;
+                }
+                return Ok(());
+            }
             None => return Ok(()),
         };
         let req = match mtime {
@@ -191,6 +209,9 @@ impl Inner {
                     n.no_caps = Some(a.change);
                 }
                 n.attr = a.clone();
+                if sync {
+                    n.synced_change = Some(a.change);
+                }
                 // Clean unless this client wrote more meanwhile (published next time).
                 if n.dirty_mtime == mtime && n.dirty_end <= end {
                     n.dirty_mtime = None;
@@ -350,7 +371,13 @@ impl Inner {
         Ok(self.remember(&a))
     }
 
-    pub(super) async fn fsync(&self, ino: Ino) -> R<()> {
+    /// fsync(2), or fdatasync(2) with `datasync`: the file's data, and
+    /// of its metadata what a later read needs (its size; for fsync also
+    /// its times), durable. An fdatasync of overwrites that did not grow
+    /// the file costs no namespace round trip once the file's namespace
+    /// state is durable (its new mtime is published later, at close or
+    /// the next fsync).
+    pub(super) async fn fsync(&self, ino: Ino, datasync: bool) -> R<()> {
         self.flush_buffered(ino).await?;
         let n = self.known(ino).await?;
         // Data and metadata are made durable side by side: nothing is
@@ -367,7 +394,15 @@ impl Inner {
             }
             Ok(())
         };
-        let meta = self.publish_and(ino, true);
+        let meta = async {
+            let only_mtime = self.nodes.lock().get(&ino).is_some_and(|n| {
+                n.dirty_end <= n.attr.size && n.synced_change == Some(n.attr.change) && !n.has_times()
+            });
+            if datasync && only_mtime {
+                return Ok(());
+            }
+            self.publish_and(ino, true).await
+        };
         futures::future::try_join(data, meta).await.map(|_| ())
     }
 
