@@ -60,6 +60,10 @@ pub(super) struct Node {
     /// `Sync` sent after it): while `attr.change` is still this, an fsync
     /// has no namespace state of this file to make durable.
     pub(super) synced_change: Option<u64>,
+    /// Namespace changes of this inode this client sent unsynced: a synced
+    /// publication counts as making the state durable only if none was
+    /// sent while it was on its way.
+    pub(super) meta_changes: u64,
 }
 
 impl Node {
@@ -120,6 +124,7 @@ impl Inner {
                         times_ctime: None,
                         opened_as: None,
                         synced_change: None,
+                        meta_changes: 0,
                     },
                 );
                 a.clone()
@@ -175,15 +180,19 @@ impl Inner {
         let (end, mtime, atime_set, mtime_set) = match dirty {
             Some(d) => d,
             None if sync => {
-                let known = self.nodes.lock().get(&ino).map(|n| n.attr.change);
-                if known.is_some() && self.nodes.lock().get(&ino).and_then(|n| n.synced_change) == known {
-                    // Nothing of this file changed at the namespace since
-                    // this client last made it durable there.
-                    return Ok(());
+                let known = self.nodes.lock().get(&ino).map(|n| (n.attr.change, n.synced_change, n.meta_changes));
+                if let Some((change, Some(synced), _)) = known {
+                    if synced == change {
+                        // Nothing of this file changed at the namespace since
+                        // this client last made it durable there.
+                        return Ok(());
+                    }
                 }
                 self.meta(MetaReq::Sync).await?;
-                if let Some(n) = self.nodes.lock().get_mut(&ino) {
-                    n.synced_change = known;
+                if let (Some(n), Some((change, _, gen))) = (self.nodes.lock().get_mut(&ino), known) {
+                    if n.meta_changes == gen {
+                        n.synced_change = Some(change);
+                    }
                 }
                 return Ok(());
             }
@@ -199,6 +208,7 @@ impl Inner {
             }
             _ => MetaReq::Publish { ino, end, mtime, atime_set, mtime_set, sync },
         };
+        let gen = self.nodes.lock().get(&ino).map(|n| n.meta_changes);
         let r = self.meta(req).await;
         if let Ok(MetaResp::Attr(a)) = &r {
             let mut nodes = self.nodes.lock();
@@ -209,7 +219,7 @@ impl Inner {
                     n.no_caps = Some(a.change);
                 }
                 n.attr = a.clone();
-                if sync {
+                if sync && Some(n.meta_changes) == gen {
                     n.synced_change = Some(a.change);
                 }
                 // Clean unless this client wrote more meanwhile (published next time).

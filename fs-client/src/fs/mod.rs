@@ -221,6 +221,24 @@ impl IomFs {
 
 impl Inner {
     async fn meta(&self, req: MetaReq) -> R<MetaResp> {
+        // A change to an inode's namespace state that is not synced with it:
+        // the next fsync of the inode must make the namespace durable.
+        let changes = match &req {
+            MetaReq::SetAttr { ino, .. }
+            | MetaReq::SetXattr { ino, .. }
+            | MetaReq::RemoveXattr { ino, .. }
+            | MetaReq::Link { ino, .. }
+            | MetaReq::Written { ino, .. }
+            | MetaReq::Publish { ino, sync: false, .. }
+            | MetaReq::Open { ino, truncate: true } => Some(*ino),
+            _ => None,
+        };
+        if let Some(ino) = changes {
+            if let Some(n) = self.nodes.lock().get_mut(&ino) {
+                n.synced_change = None;
+                n.meta_changes += 1;
+            }
+        }
         match self.c.meta(req).await.map_err(errno)? {
             MetaResp::WithDirs { reply, dirs } => {
                 let until = Instant::now() + self.o.attr_ttl;
