@@ -383,14 +383,24 @@ impl ClusterClient {
         let map = self.map();
         let w = self.cfg.width();
         let start = failed_via.map(|v| v.0).unwrap_or(server.0);
-        for k in 1..w {
-            let v = IomId((start + k) % w);
-            if v == server || Some(v) == failed_via || map.state(v) != IomState::Up {
-                continue;
-            }
-            let speaks = tokio::time::timeout(Duration::from_millis(500), self.pool.version(v)).await;
-            if matches!(speaks, Ok(Ok(p)) if p >= common::wire::SINCE_RELAY) {
-                let mut relays = self.relays.lock();
+        let candidates: Vec<IomId> = (1..w)
+            .map(|k| IomId((start + k) % w))
+            .filter(|&v| v != server && Some(v) != failed_via && map.state(v) == IomState::Up)
+            .collect();
+        // Asked side by side (each at most 500 ms); the first in rotation
+        // order that relays (protocol 8) is taken.
+        let speaks = futures::future::join_all(
+            candidates.iter().map(|&v| tokio::time::timeout(Duration::from_millis(500), self.pool.version(v))),
+        )
+        .await;
+        let pick = candidates
+            .iter()
+            .zip(speaks)
+            .find(|(_, r)| matches!(r, Ok(Ok(p)) if *p >= common::wire::SINCE_RELAY))
+            .map(|(v, _)| *v);
+        let mut relays = self.relays.lock();
+        match pick {
+            Some(v) => {
                 if relays.get(&server).map(|r| r.via) != Some(v) {
                     tracing::warn!(
                         iom = server.0,
@@ -399,10 +409,11 @@ impl ClusterClient {
                     );
                 }
                 relays.insert(server, Relay { via: v, probe_at: Instant::now() + RELAY_PROBE });
-                return;
+            }
+            None => {
+                relays.remove(&server);
             }
         }
-        self.relays.lock().remove(&server);
     }
 
     /// Calls one IOM directly (admin, scrub), without role routing. A
