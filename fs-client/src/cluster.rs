@@ -329,7 +329,8 @@ impl ClusterClient {
                         // The map says `server` serves, but this client
                         // does not reach it (or its relay): go through
                         // another IOM until the direct path is back.
-                        if self.map().server_for(pick(&self.map())) == Some(server) {
+                        let now = self.map();
+                        if now.server_for(pick(&now)) == Some(server) {
                             self.start_relay(server, via).await;
                         }
                     }

@@ -94,10 +94,10 @@ pub(super) struct Batch {
 pub(super) struct WriteBack {
     /// The files, and how many times this client was evicted (its
     /// session at the namespace ended): bytes taken for a flush carry the
-    /// count, read under the same lock that `drop_unsent` raises it under,
+    /// count, read and raised (`evicted`) only under the `files` lock,
     /// so bytes buffered before an eviction are never sent after it.
     files: Mutex<HashMap<Ino, FileBuf>>,
-    session: Mutex<u64>,
+    session: std::sync::atomic::AtomicU64,
     /// Unsent and sending bytes of every file.
     total: Mutex<usize>,
     pub(super) room: tokio::sync::Notify,
@@ -241,7 +241,7 @@ impl WriteBack {
     /// Takes the unsent bytes of `ino` for a flush (call holding its gate).
     pub(super) fn take(&self, ino: Ino) -> Option<Batch> {
         let mut files = self.files.lock();
-        let session = *self.session.lock();
+        let session = self.session.load(std::sync::atomic::Ordering::SeqCst);
         let f = files.get_mut(&ino)?;
         if f.dirty.is_empty() {
             return None;
@@ -278,7 +278,7 @@ impl WriteBack {
     pub(super) fn evicted(&self, error: i32) -> (usize, usize) {
         let (files, bytes) = {
             let mut all = self.files.lock();
-            *self.session.lock() += 1;
+            self.session.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let mut n = (0, 0);
             for f in all.values_mut().filter(|f| !f.dirty.is_empty()) {
                 f.dirty.clear();
@@ -296,7 +296,7 @@ impl WriteBack {
 
     /// The current session (see `files`).
     pub(super) fn session(&self) -> u64 {
-        *self.session.lock()
+        self.session.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The error kept for `ino`, taken (the next fsync or close reports it once).
