@@ -2,8 +2,9 @@
 //! of its own — its own loopback address (127.0.0.11–15, one port), its
 //! own directory holding only what docs/operations.md ("Several hosts")
 //! says to copy there (the config, the CA certificate, its own node
-//! certificate and key, its first-start marker) — and the client runs from 127.0.0.100 with only
-//! the client files. The transport is the real networks' (`lan`). A
+//! certificate and key; no first-start marker: the IOMs settle among
+//! themselves that the cluster is new) — and the client runs from
+//! 127.0.0.100 with only the client files. The transport is the real networks' (`lan`). A
 //! firewall rule on one host's address then cuts that host off, clients
 //! included, as a host whose network fails.
 
@@ -26,7 +27,8 @@ const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 100);
 /// The IOM processes and the mount, stopped and removed on drop.
 struct Hosts {
     root: PathBuf,
-    ioms: Vec<Child>,
+    /// (host, its IOM process), in the order started.
+    ioms: Vec<(u8, Child)>,
     mnt: PathBuf,
 }
 
@@ -35,7 +37,7 @@ impl Drop for Hosts {
         if is_mounted(&self.mnt) {
             unmount(&self.mnt);
         }
-        for c in &mut self.ioms {
+        for (_, c) in &mut self.ioms {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -107,6 +109,62 @@ fn make_tree(dir: &Path) {
 /// each with only its own files, and a client directory; returns once the
 /// cluster is healthy.
 fn start_hosts(tag: &str) -> (Hosts, PathBuf) {
+    let (mut hosts, client) = start_some_hosts(tag, 0..HOSTS);
+    wait_status(&client, "cluster: healthy", Duration::from_secs(60));
+    for i in 0..HOSTS {
+        hosts.assert_runs(i);
+    }
+    (hosts, client)
+}
+
+impl Hosts {
+    /// Starts host `i`'s IOM from its own directory (made and filled as
+    /// docs/operations.md says when it does not exist yet), logging to
+    /// `root/iom-I.log`.
+    fn start(&mut self, i: u8) {
+        let init = self.root.join("init");
+        let h = self.root.join(format!("host-{i}"));
+        if !h.exists() {
+            // What docs/operations.md says to copy: cluster.toml, ca.pem,
+            // and its own iom-I/node.pem and node.key. Nothing else (no
+            // store.new: the IOMs settle that the cluster is new).
+            fs::create_dir_all(h.join(format!("iom-{i}"))).expect("host dir");
+            copy(&init.join("cluster.toml"), &h.join("cluster.toml"));
+            copy(&init.join("ca.pem"), &h.join("ca.pem"));
+            for f in ["node.pem", "node.key"] {
+                copy(&init.join(format!("iom-{i}/{f}")), &h.join(format!("iom-{i}/{f}")));
+            }
+        }
+        let log =
+            fs::OpenOptions::new().create(true).append(true).open(self.root.join(format!("iom-{i}.log"))).expect("log");
+        let child = Command::new(bin("iom-server"))
+            .args(["--dir", &h.to_string_lossy(), "--id", &i.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start iom-server");
+        self.ioms.push((i, child));
+    }
+
+    fn log(&self, i: u8) -> String {
+        fs::read_to_string(self.root.join(format!("iom-{i}.log"))).unwrap_or_default()
+    }
+
+    /// Host `i`'s IOM process, started last.
+    fn child(&mut self, i: u8) -> &mut Child {
+        &mut self.ioms.iter_mut().rev().find(|(h, _)| *h == i).expect("host started").1
+    }
+
+    fn assert_runs(&mut self, i: u8) {
+        let exited = self.child(i).try_wait().expect("wait");
+        assert!(exited.is_none(), "IOM {i} exited ({exited:?}):\n{}", self.log(i));
+    }
+}
+
+/// `iomfs init` for five hosts, then the IOMs of `which` started and a
+/// client directory made; does not wait for them.
+fn start_some_hosts(tag: &str, which: impl IntoIterator<Item = u8>) -> (Hosts, PathBuf) {
     let root = tempfile::Builder::new().prefix(&format!("iomfs-{tag}-")).tempdir_in(test_root()).expect("tmp").keep();
     let mut hosts = Hosts { root: root.clone(), ioms: Vec::new(), mnt: root.join("mnt") };
     let port = free_port();
@@ -126,36 +184,13 @@ fn start_hosts(tag: &str) -> (Hosts, PathBuf) {
         ]),
         "iomfs init --addrs",
     );
-    // Each host gets what docs/operations.md says: cluster.toml, ca.pem,
-    // and its own iom-I/node.pem, node.key and store.new (the marker that
-    // lets it create its store the first time). Nothing else.
-    for i in 0..HOSTS {
-        let h = root.join(format!("host-{i}"));
-        fs::create_dir_all(h.join(format!("iom-{i}"))).expect("host dir");
-        copy(&init.join("cluster.toml"), &h.join("cluster.toml"));
-        copy(&init.join("ca.pem"), &h.join("ca.pem"));
-        for f in ["node.pem", "node.key", "store.new"] {
-            copy(&init.join(format!("iom-{i}/{f}")), &h.join(format!("iom-{i}/{f}")));
-        }
-        let log = fs::File::create(root.join(format!("iom-{i}.log"))).expect("log");
-        let child = Command::new(bin("iom-server"))
-            .args(["--dir", &h.to_string_lossy(), "--id", &i.to_string()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start iom-server");
-        hosts.ioms.push(child);
+    for i in which {
+        hosts.start(i);
     }
     let client = root.join("client");
     fs::create_dir_all(&client).expect("client dir");
     for f in ["cluster.toml", "ca.pem", "client.pem", "client.key"] {
         copy(&init.join(f), &client.join(f));
-    }
-    let log = |i: u8| fs::read_to_string(root.join(format!("iom-{i}.log"))).unwrap_or_default();
-    wait_status(&client, "cluster: healthy", Duration::from_secs(60));
-    for i in 0..HOSTS {
-        assert!(hosts.ioms[i as usize].try_wait().expect("wait").is_none(), "IOM {i} exited:\n{}", log(i));
     }
     (hosts, client)
 }
@@ -282,4 +317,59 @@ fn a_client_cut_off_from_one_host_alone_reaches_it_through_another() {
         assert!(fs::read(m.join(format!("d{i}"))).expect("read after the heal") == *d, "d{i} differs after the heal");
     }
     must(iomfs(&["scrub", "--dir", &client.to_string_lossy()]), "scrub after the heal");
+}
+
+/// A host whose IOM first starts after the others began serving (its
+/// machine was late, or added to the plan later) has no store and no
+/// marker: the others never heard it, so it creates its store and rejoins
+/// like any IOM that was down, with no operator step. The same
+/// host after its disk is wiped is refused, naming `iomfs replace`: the
+/// others heard it run.
+#[test]
+fn a_host_that_starts_late_joins_by_itself_and_a_wiped_one_is_refused() {
+    let _g = serial();
+    let (mut hosts, client) = start_some_hosts("late", 0..4);
+    wait_status(&client, "down (proxied by 0)", Duration::from_secs(60));
+    let m = mount_from_client(&hosts, &client);
+    let files: Vec<Vec<u8>> = (0..10u64).map(|i| Rng(700 + i).bytes((i as usize * 377_777) % 3_000_000 + 1)).collect();
+    for (i, d) in files.iter().enumerate() {
+        fs::write(m.join(format!("f{i}")), d).expect("write with host 4 not started");
+    }
+    hosts.start(4);
+    let s = wait_status(&client, "cluster: healthy", Duration::from_secs(90));
+    hosts.assert_runs(4);
+    assert!(hosts.log(4).contains("after the others"), "host 4 did not say it starts late:\n{}", hosts.log(4));
+    eprintln!("healthy with the late host:\n{s}");
+    for (i, d) in files.iter().enumerate() {
+        assert!(fs::read(m.join(format!("f{i}"))).expect("read") == *d, "f{i} differs after the late host joined");
+    }
+    let scrub = must(iomfs(&["scrub", "--dir", &client.to_string_lossy()]), "scrub with the late host");
+    assert!(scrub.contains("scrub:"), "{scrub}");
+
+    // Its disk is wiped: only its certificate and key are left.
+    let c = hosts.child(4);
+    let _ = c.kill();
+    let _ = c.wait();
+    let disk = hosts.root.join("host-4/iom-4");
+    for e in fs::read_dir(&disk).expect("host 4's dir").flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        if n != "node.pem" && n != "node.key" {
+            let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
+        }
+    }
+    hosts.start(4);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(st) = hosts.child(4).try_wait().expect("wait") {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "an IOM on a wiped disk did not refuse to start:\n{}", hosts.log(4));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = hosts.log(4);
+    assert!(!exit.success() && log.contains("iomfs replace"), "refused without naming the way out ({exit}):\n{log}");
+    assert!(!disk.join("blocks.dat").exists(), "the refused IOM created a store");
+    for (i, d) in files.iter().enumerate() {
+        assert!(fs::read(m.join(format!("f{i}"))).expect("read") == *d, "f{i} differs with host 4 refused");
+    }
 }

@@ -25,6 +25,7 @@
 //! appended, so replay reproduces the map; records that point at data
 //! (a11, b11) reach the disk only after that data.
 
+pub mod birth;
 pub mod cache;
 pub mod caller;
 pub mod data;
@@ -51,6 +52,7 @@ pub mod recovery_exec;
 pub mod rejoin;
 pub mod restart;
 pub mod scrub_book;
+pub mod seen;
 pub mod server;
 pub mod service;
 pub mod standin;

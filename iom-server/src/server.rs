@@ -62,21 +62,6 @@ impl Iom {
         let data_dir = paths.data_dir(&icfg);
         let journal_dir = opts.journal_dir.clone().unwrap_or_else(|| paths.journal_dir(&icfg));
         std::fs::create_dir_all(&data_dir).map_err(|e| Error::io(format!("create {}", data_dir.display()), e))?;
-        let (storage, opened) = Storage::open(opts.id, &cfg, &paths, &icfg, data_dir.clone(), journal_dir, &timeouts)?;
-        let storage = Arc::new(storage);
-        let replacing = opened.replacing;
-        let open_at_start = opened.open_txs;
-
-        let state_map = crate::membership_state::load(&data_dir)?
-            .unwrap_or_else(|| ClusterMap::initial(cfg.width(), IomId(cfg.meta_home)));
-        let member = Arc::new(Membership::new(
-            opts.id,
-            state_map,
-            data_dir.clone(),
-            timeouts.heartbeat,
-            timeouts.failure_timeout,
-        ));
-
         let bind: SocketAddr = tokio::net::lookup_host(&icfg.addr)
             .await
             .map_err(|e| Error::Startup(format!("IOM {} address '{}' does not resolve: {e}", opts.id, icfg.addr)))?
@@ -105,6 +90,27 @@ impl Iom {
             },
             cfg.ioms.iter().map(|i| i.addr.clone()).collect(),
         );
+        // No store and no marker: a first start or a lost disk; the other
+        // IOMs' answers tell which (`birth`).
+        if crate::birth::needs_asking(&paths, &data_dir, opts.id) {
+            let initial = ClusterMap::initial(cfg.width(), IomId(cfg.meta_home));
+            crate::birth::settle(opts.id, initial, &cfg.cluster_id, &paths, &endpoint, &pool).await?;
+        }
+        let (storage, opened) = Storage::open(opts.id, &cfg, &paths, &icfg, data_dir.clone(), journal_dir, &timeouts)?;
+        let storage = Arc::new(storage);
+        let replacing = opened.replacing;
+        let open_at_start = opened.open_txs;
+
+        let state_map = crate::membership_state::load(&data_dir)?
+            .unwrap_or_else(|| ClusterMap::initial(cfg.width(), IomId(cfg.meta_home)));
+        let member = Arc::new(Membership::new(
+            opts.id,
+            state_map,
+            data_dir.clone(),
+            timeouts.heartbeat,
+            timeouts.failure_timeout,
+        ));
+
         let caller = Arc::new(RoleCaller::new(opts.id, pool, member.clone(), timeouts));
         let group = Arc::new(Group::new(layout, caller.clone(), member.clone(), timeouts));
         let workers = Arc::new(Workers::new());
@@ -255,6 +261,7 @@ impl Iom {
             workers: workers.clone(),
             scrubs: crate::scrub_book::ScrubBook::open(&data_dir),
             caller: caller.clone(),
+            seen: Arc::new(crate::seen::Seen::load(&data_dir)?),
         });
         let local: std::sync::Weak<dyn LocalRoles> = Arc::downgrade(&router) as _;
         caller.bind_local(local);

@@ -59,6 +59,8 @@ pub struct Router {
     pub scrubs: crate::scrub_book::ScrubBook,
     /// Forwards relayed client requests.
     pub caller: Arc<crate::caller::RoleCaller>,
+    /// The IOMs heard running with a store (see `birth`).
+    pub seen: Arc<crate::seen::Seen>,
 }
 
 struct ConnState {
@@ -146,34 +148,7 @@ async fn serve_stream(
         }
     };
     if let Request::Hello(h) = &req {
-        let r = if let Some(why) = hello_mismatch(h.peer, state.cert) {
-            tracing::warn!(iom = router.me.0, remote = ?state.cert, "refused a Hello: {why}");
-            err(ErrorCode::Invalid, why)
-        } else if h.cluster_id != router.cluster_id {
-            err(ErrorCode::WrongCluster, format!("IOM {} belongs to cluster '{}'", router.me, router.cluster_id))
-        } else if let Some(v) = common::wire::negotiate(h.protocol) {
-            match state.peer.get() {
-                Some(&(_, agreed)) if agreed != v => err(
-                    ErrorCode::Invalid,
-                    format!("this connection already runs at protocol {agreed}: open a new one for {v}"),
-                ),
-                _ => {
-                    let _ = state.peer.set((h.peer, v));
-                    Reply::Hello(HelloOk { protocol: v, iom: router.me, map: router.member.current() })
-                }
-            }
-        } else {
-            err(
-                ErrorCode::VersionMismatch,
-                format!(
-                    "IOM {} speaks protocol versions {} to {}, the peer {}",
-                    router.me,
-                    common::wire::PROTOCOL_OLDEST,
-                    common::wire::protocol_max(),
-                    h.protocol
-                ),
-            )
-        };
+        let r = answer_hello(router.me, &router.cluster_id, || router.member.current(), h, state.cert, &state.peer);
         reply(&mut send, r, Bytes::new()).await;
         return;
     }
@@ -211,6 +186,9 @@ async fn serve_stream(
     }
     match req {
         Request::ParityChannel { from, .. } => {
+            // A data IOM writing: it has a store (`birth`), even before
+            // its first heartbeat reached this IOM.
+            router.seen.note(from);
             crate::parity::run_channel(router.parity.clone(), from, send, recv).await;
         }
         Request::MetaMirror { from, .. } => {
@@ -238,6 +216,47 @@ async fn serve_stream(
             metrics::histogram!("iomfs_iom_request_duration_seconds", "family" => family, "op" => op)
                 .record(t0.elapsed().as_secs_f64());
         }
+    }
+}
+
+/// The answer to a Hello on a connection whose certificate names `cert`;
+/// an accepted one records the peer and the agreed version in `agreed`.
+/// (Also the answer of an IOM still deciding whether it may create its
+/// store: `birth`.)
+pub(crate) fn answer_hello(
+    me: IomId,
+    cluster_id: &str,
+    map: impl FnOnce() -> common::cluster::ClusterMap,
+    h: &common::wire::Hello,
+    cert: Option<net::tls::CertRole>,
+    agreed: &OnceLock<(PeerKind, u32)>,
+) -> Reply {
+    if let Some(why) = hello_mismatch(h.peer, cert) {
+        tracing::warn!(iom = me.0, remote = ?cert, "refused a Hello: {why}");
+        err(ErrorCode::Invalid, why)
+    } else if h.cluster_id != cluster_id {
+        err(ErrorCode::WrongCluster, format!("IOM {me} belongs to cluster '{cluster_id}'"))
+    } else if let Some(v) = common::wire::negotiate(h.protocol) {
+        match agreed.get() {
+            Some(&(_, was)) if was != v => err(
+                ErrorCode::Invalid,
+                format!("this connection already runs at protocol {was}: open a new one for {v}"),
+            ),
+            _ => {
+                let _ = agreed.set((h.peer, v));
+                Reply::Hello(HelloOk { protocol: v, iom: me, map: map() })
+            }
+        }
+    } else {
+        err(
+            ErrorCode::VersionMismatch,
+            format!(
+                "IOM {me} speaks protocol versions {} to {}, the peer {}",
+                common::wire::PROTOCOL_OLDEST,
+                common::wire::protocol_max(),
+                h.protocol
+            ),
+        )
     }
 }
 
@@ -545,7 +564,10 @@ async fn handle_data_one(router: &Arc<Router>, req: DataReq, payload: Bytes) -> 
 /// `Member`: heartbeats, map fetches, votes and commits.
 async fn handle_member(router: &Arc<Router>, req: MemberReq) -> Result<MemberResp, Error> {
     match req {
-        MemberReq::Ping { .. } => {
+        MemberReq::Ping { from, .. } => {
+            // Heard from `from` running with a store: an empty disk it
+            // starts on later is a lost store, not a first start (`birth`).
+            router.seen.note(from);
             if let Some(d) = crate::fsutil::disk_stalled(router.timeouts.failure_timeout) {
                 return Err(Error::Wire(WireError::new(
                     ErrorCode::NotServing,
@@ -569,6 +591,9 @@ async fn handle_member(router: &Arc<Router>, req: MemberReq) -> Result<MemberRes
             Ok(MemberResp::Ack)
         }
         MemberReq::GetMap => Ok(MemberResp::Map(router.member.current())),
+        MemberReq::StoreState { from } => {
+            Ok(MemberResp::StoreState { has_store: true, seen_you: router.seen.has(from) })
+        }
     }
 }
 

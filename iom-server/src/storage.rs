@@ -430,9 +430,7 @@ fn prepare_store(paths: &ClusterPaths, data_dir: &std::path::Path, id: IomId) ->
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(Error::Damaged(format!(
                 "IOM {id}'s store in {} is empty (no {}) and {} is missing, so this IOM will not start: on a \
-                 disk that lost its data it would answer reads with zeros. If this is the IOM's first start, \
-                 copy iom-{id}/store.new from the directory `iomfs init` made (docs/operations.md, \"Several \
-                 hosts\", step 2). If its disk was replaced, run `iomfs replace --dir {} --id {id}`: it joins as a \
+                 disk that lost its data it would answer reads with zeros. If its disk was replaced, run `iomfs replace --dir {} --id {id}`: it joins as a \
                  replacement and rebuilds everything from the other IOMs (the cluster stays degraded until then). \
                  If its files were moved, put them back.",
                 data_dir.display(),

@@ -136,6 +136,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("stripe_table", &[]),
     ("restart", &[]),
     ("scrub_book", &["format", "fsutil"]),
+    ("seen", &["fsutil"]),
+    ("birth", &["fsutil", "seen", "service", "store"]),
     ("timeouts", &[]),
     ("fsutil", &[]),
     ("failpoint", &[]),
@@ -259,6 +261,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "recovery_exec",
             "rejoin",
             "scrub_book",
+            "seen",
             "standin",
             "standin/handover",
             "storage",
@@ -271,6 +274,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "server",
         &[
+            "birth",
             "caller",
             "data",
             "failover",
@@ -288,6 +292,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "recovery_exec",
             "rejoin",
             "scrub_book",
+            "seen",
             "service",
             "standin",
             "standin/handover",

@@ -26,6 +26,12 @@ pub enum MemberReq {
     Commit {
         map: ClusterMap,
     },
+    /// Asked by an IOM that starts with no store and no `store.new`
+    /// marker (since 9): does the asker's cluster already run, and has the
+    /// answering IOM seen the asker serve? See `iom-server/src/birth.rs`.
+    StoreState {
+        from: IomId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,4 +47,11 @@ pub enum MemberResp {
     },
     /// Also the first answer on a parity channel and a mirror stream.
     Ack,
+    /// The answer to `StoreState`: whether this IOM holds a store, and
+    /// whether it has heard the asker's heartbeats since it has one (so
+    /// the asker held a store of this cluster before).
+    StoreState {
+        has_store: bool,
+        seen_you: bool,
+    },
 }

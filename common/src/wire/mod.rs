@@ -36,14 +36,17 @@ use std::fmt;
 /// History: 5 (2026-12-06) split membership, handover and recovery into
 /// three request families; 6 added `AdminReq::DropCache`; 7 added fields
 /// to `IomStats`; 8 (2026-12-07) speaks 7 as well and adds
-/// `AdminReq::ScrubReport` / `AdminReq::LastScrub` and `Request::Relay`.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// `AdminReq::ScrubReport` / `AdminReq::LastScrub` and `Request::Relay`;
+/// 9 adds `MemberReq::StoreState` (a first start without `store.new`).
+pub const PROTOCOL_VERSION: u32 = 9;
 /// Oldest protocol version this build still speaks.
 pub const PROTOCOL_OLDEST: u32 = 7;
 /// First version with `AdminReq::ScrubReport` and `AdminReq::LastScrub`.
 pub const SINCE_SCRUB_REPORT: u32 = 8;
 /// First version with `Request::Relay`.
 pub const SINCE_RELAY: u32 = 8;
+/// First version with `MemberReq::StoreState`.
+pub const SINCE_STORE_STATE: u32 = 9;
 /// Environment variable that makes a process announce an older version
 /// than it could (rehearsing a mixed-version cluster before an upgrade).
 pub const PROTOCOL_MAX_ENV: &str = "IOMFS_PROTOCOL_MAX";
@@ -230,6 +233,7 @@ impl Request {
         match self {
             Request::Admin(AdminReq::ScrubReport(_) | AdminReq::LastScrub) => SINCE_SCRUB_REPORT,
             Request::Relay { req, .. } => req.since().max(SINCE_RELAY),
+            Request::Member(MemberReq::StoreState { .. }) => SINCE_STORE_STATE,
             _ => PROTOCOL_OLDEST,
         }
     }

@@ -1,0 +1,296 @@
+//! A store's birth: may an IOM that starts with no store create one?
+//!
+//! An IOM whose store (`blocks.dat`) is missing either starts for the
+//! first time or lost its disk. Created blindly, an empty store would
+//! answer every read of the blocks it held with zeros while the cluster
+//! says `healthy`. `iomfs init` and `iomfs replace` leave a marker
+//! (`iom-I/store.new`) that settles it; without one (a host set up with
+//! only its config and certificate, as docs/operations.md says) the IOM
+//! asks the other IOMs before it creates anything ([`decide`]):
+//!
+//! - every IOM that runs with a store keeps the set of IOMs whose
+//!   heartbeats it heard since it has one ([`Seen`], `seen-iom` in its
+//!   data directory); an IOM that heard the asker says so, and the asker
+//!   refuses to start (its disk lost its data: `iomfs replace`);
+//! - an IOM that has no store yet answers "no store" ([`respond`], run on
+//!   the endpoint before the store exists, so IOMs started together can
+//!   answer each other);
+//! - once a majority of the cluster (the asker included) has answered and
+//!   none heard the asker, it creates its store and starts as any IOM
+//!   does: an IOM nobody heard never held a block, so an empty store is
+//!   its true state. In a new cluster that is all; a host that first
+//!   starts after the others began serving finds itself declared down and
+//!   rejoins as any returning IOM does, rebuilding what its proxy marked
+//!   (every write meant for it). A full rebuild (`replace`) would be
+//!   correct too but slower, and on a new cluster whose namespace home and
+//!   mirror both came late it would have handed the namespace to a mirror
+//!   that never held one (seen in the first multi-host runs).
+//!
+//! Why a majority is enough: every IOM that ran with a store while the
+//! asker ran heard its heartbeats (they go to every IOM each second), so
+//! a lost store is taken for a new one only if a majority of the cluster
+//! lost their stores too — with one parity block per group, the data is
+//! gone then anyway.
+
+use crate::Error;
+use bytes::Bytes;
+use common::config::ClusterPaths;
+use common::wire::{ErrorCode, MemberReq, MemberResp, PeerKind, Reply, Request, WireError};
+use common::IomId;
+use net::frame::{read_frame, write_frame};
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+pub use crate::seen::{Seen, SEEN_FILE};
+
+/// Whether IOM `id` must ask the others before it opens its store: the
+/// store is missing and no marker says what to do.
+pub fn needs_asking(paths: &ClusterPaths, data_dir: &Path, id: IomId) -> bool {
+    !data_dir.join(crate::store::BLOCK_FILE).exists() && !paths.new_store_marker(id).exists()
+}
+
+/// What the other IOMs' answers allow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nobody that answered heard this IOM: its first start. `late`: others
+    /// run with stores already (it starts after them).
+    Fresh { late: bool },
+    /// These IOMs heard this IOM run with a store: its disk lost it.
+    Lost(Vec<IomId>),
+    /// Not enough answers yet.
+    Wait,
+}
+
+/// One IOM's answer to `StoreState`, or why there was none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    NoStore,
+    Store { seen_you: bool },
+    Silent(String),
+}
+
+/// The verdict from every other IOM's answer (pure: tested below).
+pub fn verdict(width: u32, answers: &[(IomId, Answer)]) -> Verdict {
+    let lost: Vec<IomId> =
+        answers.iter().filter(|(_, a)| matches!(a, Answer::Store { seen_you: true })).map(|(i, _)| *i).collect();
+    if !lost.is_empty() {
+        return Verdict::Lost(lost);
+    }
+    let answered = answers.iter().filter(|(_, a)| !matches!(a, Answer::Silent(_))).count();
+    if (answered as u32) + 1 < width / 2 + 1 {
+        return Verdict::Wait;
+    }
+    Verdict::Fresh { late: answers.iter().any(|(_, a)| matches!(a, Answer::Store { .. })) }
+}
+
+/// Asks every other IOM until the answers allow a verdict other than
+/// `Wait`; says every 10 s whom it waits for.
+pub async fn decide(me: IomId, width: u32, pool: &net::Pool) -> Verdict {
+    let started = Instant::now();
+    let mut said = Instant::now();
+    loop {
+        let peers: Vec<IomId> = (0..width).map(IomId).filter(|&p| p != me).collect();
+        let asks = peers.iter().map(|&p| async move {
+            let ask = Request::Member(MemberReq::StoreState { from: me });
+            let a = match pool.call_timeout(p, &ask, Bytes::new(), Duration::from_secs(1)).await {
+                Ok((Reply::Member(MemberResp::StoreState { has_store: false, .. }), _)) => Answer::NoStore,
+                Ok((Reply::Member(MemberResp::StoreState { has_store: true, seen_you }), _)) => {
+                    Answer::Store { seen_you }
+                }
+                Ok((other, _)) => Answer::Silent(format!("unexpected answer {other:?}")),
+                Err(e) => Answer::Silent(e.to_string()),
+            };
+            (p, a)
+        });
+        let answers = futures::future::join_all(asks).await;
+        let v = verdict(width, &answers);
+        if v != Verdict::Wait {
+            return v;
+        }
+        if said.elapsed() >= Duration::from_secs(10) || started.elapsed() < Duration::from_millis(10) {
+            let silent: Vec<String> = answers
+                .iter()
+                .filter_map(|(p, a)| match a {
+                    Answer::Silent(why) => Some(format!("IOM {p} ({why})")),
+                    _ => None,
+                })
+                .collect();
+            tracing::warn!(
+                iom = me.0,
+                "IOM {me} has no store and no store.new marker: it creates one once a majority of the {width} \
+                 IOMs has said whether the cluster runs; waiting for {}",
+                silent.join(", ")
+            );
+            said = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Answers on `endpoint` while this IOM has no store: a Hello, and
+/// `StoreState` with "no store"; anything else is refused as "starting"
+/// (callers retry). Runs until dropped; every connection it accepted is
+/// kept in `conns` so that they can be closed then (their callers
+/// reconnect to the IOM that serves next).
+async fn respond(
+    me: IomId,
+    initial: common::cluster::ClusterMap,
+    cluster_id: String,
+    endpoint: quinn::Endpoint,
+    conns: Arc<parking_lot::Mutex<Vec<quinn::Connection>>>,
+) {
+    use futures::StreamExt;
+    let width = initial.width();
+    let serve = |incoming: quinn::Incoming| {
+        let (cluster_id, initial, conns) = (cluster_id.clone(), initial.clone(), conns.clone());
+        async move {
+            let Ok(conn) = incoming.await else { return };
+            conns.lock().push(conn.clone());
+            let cert = net::tls::peer_role(&conn, width);
+            let agreed = OnceLock::new();
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let Ok(Some((req, _))) = read_frame::<Request>(&mut recv).await else { continue };
+                let r = match &req {
+                    Request::Hello(h) => {
+                        crate::service::answer_hello(me, &cluster_id, || initial.clone(), h, cert, &agreed)
+                    }
+                    Request::Member(MemberReq::StoreState { .. })
+                        if matches!(cert, Some(net::tls::CertRole::Iom(_)))
+                            && matches!(agreed.get(), Some((PeerKind::Iom(_), _))) =>
+                    {
+                        Reply::Member(MemberResp::StoreState { has_store: false, seen_you: false })
+                    }
+                    _ => Reply::Error(WireError::new(
+                        ErrorCode::NotServing,
+                        format!(
+                            "IOM {me} is starting: it has no store yet and asks the other IOMs whether the \
+                             cluster already runs"
+                        ),
+                    )),
+                };
+                if write_frame(&mut send, &r, Bytes::new()).await.is_ok() {
+                    let _ = send.finish();
+                }
+            }
+        }
+    };
+    let mut serving = futures::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => serving.push(serve(i)),
+                None => std::future::pending::<()>().await,
+            },
+            Some(()) = serving.next(), if !serving.is_empty() => {}
+        }
+    }
+}
+
+/// Runs the whole check for IOM `me` before its store is opened (when
+/// [`needs_asking`]): answers others meanwhile, then writes the marker
+/// that lets the store be created (`new`) or refuses with the way out.
+pub async fn settle(
+    me: IomId,
+    initial: common::cluster::ClusterMap,
+    cluster_id: &str,
+    paths: &ClusterPaths,
+    endpoint: &quinn::Endpoint,
+    pool: &net::Pool,
+) -> Result<(), Error> {
+    let width = initial.width();
+    let conns: Arc<parking_lot::Mutex<Vec<quinn::Connection>>> = Arc::default();
+    let v = tokio::select! {
+        v = decide(me, width, pool) => v,
+        () = respond(me, initial, cluster_id.to_string(), endpoint.clone(), conns.clone()) => Verdict::Wait,
+    };
+    for c in conns.lock().drain(..) {
+        c.close(0u32.into(), b"the IOM now has a store");
+    }
+    let marker = paths.new_store_marker(me);
+    match v {
+        Verdict::Fresh { late: false } => {
+            tracing::info!(
+                iom = me.0,
+                "no IOM of this cluster has a store yet: IOM {me} creates its store (first start)"
+            );
+            crate::fsutil::write_atomic(&marker, b"new\n")
+        }
+        Verdict::Fresh { late: true } => {
+            tracing::warn!(
+                iom = me.0,
+                "the cluster runs but never heard IOM {me}: its first start, after the others; it creates its store \
+                 and rejoins, rebuilding what its proxy served for it"
+            );
+            crate::fsutil::write_atomic(&marker, b"new\n")
+        }
+        Verdict::Lost(by) => {
+            let by: Vec<String> = by.iter().map(|i| i.to_string()).collect();
+            Err(Error::Damaged(format!(
+                "IOM {me}'s store is empty (no {}), but IOM(s) {} heard IOM {me} run with a store: its disk was \
+                 replaced or wiped, or its files were moved, so this IOM will not start (it would answer reads with \
+                 zeros). If the disk was replaced, run `iomfs replace --dir {} --id {me}`: it joins as a \
+                 replacement and rebuilds everything from the other IOMs (the cluster stays degraded until then). \
+                 If its files were moved, put them back.",
+                crate::store::BLOCK_FILE,
+                by.join(", "),
+                paths.dir.display(),
+            )))
+        }
+        Verdict::Wait => Err(Error::Startup(format!("IOM {me}'s endpoint closed while it asked the other IOMs"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(list: &[(u32, Answer)]) -> Vec<(IomId, Answer)> {
+        list.iter().map(|(i, a)| (IomId(*i), a.clone())).collect()
+    }
+    fn silent() -> Answer {
+        Answer::Silent("timed out".into())
+    }
+
+    #[test]
+    fn a_store_that_heard_the_asker_refuses_it_whatever_else_answers() {
+        let ans =
+            a(&[(1, Answer::NoStore), (2, Answer::NoStore), (3, Answer::Store { seen_you: true }), (4, silent())]);
+        assert_eq!(verdict(5, &ans), Verdict::Lost(vec![IomId(3)]));
+    }
+
+    #[test]
+    fn a_majority_of_answers_without_stores_is_a_new_cluster() {
+        // The asker and two others: 3 of 5.
+        let ans = a(&[(1, Answer::NoStore), (2, Answer::NoStore), (3, silent()), (4, silent())]);
+        assert_eq!(verdict(5, &ans), Verdict::Fresh { late: false });
+        let ans = a(&[(1, Answer::NoStore), (2, silent()), (3, silent()), (4, silent())]);
+        assert_eq!(verdict(5, &ans), Verdict::Wait);
+    }
+
+    #[test]
+    fn stores_that_never_heard_the_asker_let_it_start_late() {
+        let ans = a(&[(0, Answer::Store { seen_you: false }), (1, Answer::NoStore), (3, silent()), (4, silent())]);
+        assert_eq!(verdict(5, &ans), Verdict::Fresh { late: true });
+    }
+
+    #[test]
+    fn with_three_ioms_one_answer_is_a_majority() {
+        assert_eq!(verdict(3, &a(&[(1, Answer::NoStore), (2, silent())])), Verdict::Fresh { late: false });
+        assert_eq!(verdict(3, &a(&[(1, silent()), (2, silent())])), Verdict::Wait);
+    }
+
+    #[test]
+    fn the_seen_set_survives_a_restart_and_rejects_garbage() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Seen::load(d.path()).unwrap();
+        assert!(!s.has(IomId(3)));
+        s.note(IomId(3));
+        s.note(IomId(1));
+        s.note(IomId(3));
+        let again = Seen::load(d.path()).unwrap();
+        assert!(again.has(IomId(3)) && again.has(IomId(1)) && !again.has(IomId(2)));
+        std::fs::write(d.path().join(SEEN_FILE), "x\n").unwrap();
+        assert!(matches!(Seen::load(d.path()), Err(Error::Damaged(_))));
+    }
+}
