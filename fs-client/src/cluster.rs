@@ -143,6 +143,11 @@ const RELAY_PROBE: Duration = Duration::from_secs(5);
 /// (the rest is margin for delays and clock rates).
 pub const LEASE_TRUST: f64 = 0.8;
 
+/// [`ClusterClient::patience`] for a longest round trip of `rtt`.
+fn probe_patience(rtt: Option<Duration>) -> Duration {
+    (rtt.unwrap_or_default() * 4 + Duration::from_millis(100)).clamp(Duration::from_millis(500), Duration::from_secs(5))
+}
+
 fn is_retryable(e: &NetError) -> bool {
     e.is_transport() || e.remote().is_some_and(|w| w.is_retryable())
 }
@@ -352,6 +357,15 @@ impl ClusterClient {
         }
     }
 
+    /// How long a probe of a path may take: a new connection, its Hello
+    /// and one request are three round trips, so four of the longest
+    /// round trip to any IOM this client reaches, and at least 500 ms (at
+    /// most 5 s). With a fixed 500 ms a client whose IOMs were more than
+    /// about 170 ms away could never end a relay.
+    fn patience(&self) -> Duration {
+        probe_patience(self.pool.max_rtt())
+    }
+
     /// The IOM requests for `server` go through now, if any. Once per
     /// `RELAY_PROBE` one caller asks `server` directly first (briefly), and
     /// the relay ends when it answers.
@@ -367,7 +381,7 @@ impl ClusterClient {
         };
         if probe {
             let ask = Request::Member(MemberReq::GetMap);
-            if self.pool.call_timeout(server, &ask, Bytes::new(), Duration::from_millis(500)).await.is_ok() {
+            if self.pool.call_timeout(server, &ask, Bytes::new(), self.patience()).await.is_ok() {
                 self.relays.lock().remove(&server);
                 tracing::warn!(iom = server.0, "IOM {server} answers this client again: no longer relayed");
                 return None;
@@ -388,12 +402,12 @@ impl ClusterClient {
             .map(|k| IomId((start + k) % w))
             .filter(|&v| v != server && Some(v) != failed_via && map.state(v) == IomState::Up)
             .collect();
-        // Asked side by side (each at most 500 ms); the first in rotation
-        // order that relays (protocol 8) is taken.
-        let speaks = futures::future::join_all(
-            candidates.iter().map(|&v| tokio::time::timeout(Duration::from_millis(500), self.pool.version(v))),
-        )
-        .await;
+        // Asked side by side (each at most `patience`); the first in
+        // rotation order that relays (protocol 8) is taken.
+        let patience = self.patience();
+        let speaks =
+            futures::future::join_all(candidates.iter().map(|&v| tokio::time::timeout(patience, self.pool.version(v))))
+                .await;
         let pick = candidates
             .iter()
             .zip(speaks)
@@ -691,6 +705,16 @@ impl ClusterClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_probe_waits_for_a_few_round_trips_of_the_slowest_path_within_bounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(probe_patience(None), ms(500));
+        assert_eq!(probe_patience(Some(ms(1))), ms(500));
+        // 200 ms away: a handshake, the Hello and the request fit.
+        assert_eq!(probe_patience(Some(ms(200))), ms(900));
+        assert_eq!(probe_patience(Some(Duration::from_secs(3))), Duration::from_secs(5));
+    }
 
     /// Every wire error code, in declaration order, with the errno a
     /// filesystem call answers for it.

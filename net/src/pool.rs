@@ -215,6 +215,16 @@ impl Pool {
         Ok(self.slot(iom)?.version.load(Ordering::Relaxed))
     }
 
+    /// The longest smoothed round-trip time among the live connections
+    /// (`None` without one): how far away the peers are, for time limits
+    /// that must cover a few round trips on a slow network.
+    pub fn max_rtt(&self) -> Option<Duration> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.cur.read().as_ref().filter(|c| c.close_reason().is_none()).map(|c| c.rtt()))
+            .max()
+    }
+
     /// Forgets a connection that failed, so the next call reconnects.
     pub fn drop_conn(&self, iom: IomId) {
         if let Ok(slot) = self.slot(iom) {
