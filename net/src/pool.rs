@@ -204,6 +204,10 @@ impl Pool {
                     )))
                 }
                 Ok((other, _)) => return Err(NetError::Handshake(format!("{addr}: unexpected hello reply {other:?}"))),
+                // The connection failed under the Hello (the peer stalled or
+                // restarted): a transport failure the caller retries, not a
+                // refusal (which would end a client's write with EIO).
+                Err(e) if e.is_transport() => return Err(err(format!("lost during the Hello: {e}"))),
                 Err(e) => return Err(NetError::Handshake(format!("{addr}: {e}"))),
             }
         }
