@@ -229,7 +229,22 @@ impl Inner {
                  files it held open after their unlink were reclaimed, and their handles now answer ESTALE"
             );
         }
-        if expired {
+        // The last renewal this client saw answered was sent more than a
+        // lease before this one: whichever replica served the namespace
+        // meanwhile may have ended the session, and a replica that took the
+        // namespace over since (a failover during the cut) knows no
+        // sessions and cannot say so. Bytes buffered under it are treated
+        // as after an eviction either way.
+        let lapsed =
+            self.claimed.lock().is_some_and(|t| sent.saturating_duration_since(t) >= self.c.cfg.client_lease());
+        if lapsed && !expired {
+            tracing::error!(
+                lease_s = self.c.cfg.client_lease().as_secs(),
+                "no renewal of this client's lease was answered for longer than the lease: its session may have \
+                 been ended by a namespace server that has failed over since"
+            );
+        }
+        if expired || lapsed {
             // Evicted: other clients may have written since, and bytes
             // buffered under the lapsed session must not overwrite theirs.
             let (files, bytes) = self.wb.evicted(libc::EIO);
