@@ -277,6 +277,25 @@ impl Cluster {
         mnt
     }
 
+    /// The warnings and errors of every mount's log (`iomfs mount
+    /// --detach` writes `D/mount_*.log`), the last `n` lines: what a failed
+    /// assertion about a client should show.
+    pub fn mount_warnings(&self, n: usize) -> String {
+        let mut lines = Vec::new();
+        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with("mount_") && name.ends_with(".log") {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                lines.extend(
+                    text.lines()
+                        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                        .map(|l| format!("{name}: {l}")),
+                );
+            }
+        }
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     /// Registers a mount point to unmount on drop.
     pub fn track_mount(&mut self, m: &Path) {
         self.mounts.push(m.to_path_buf());

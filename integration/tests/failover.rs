@@ -313,7 +313,16 @@ fn an_iom_stalled_past_the_failure_timeout_restarts_itself_and_rejoins() {
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     wait_status(&c, "down (proxied by 3)", Duration::from_secs(15));
     let during = Rng(9).bytes(1 << 20);
-    write_file(&m.join("during"), &during).unwrap();
+    let t = Instant::now();
+    if let Err(e) = write_file(&m.join("during"), &during) {
+        // Failed once in CI (EIO, 2026-12-07) and never here: say all.
+        panic!(
+            "write while IOM 2 is stalled: {e} after {:?}\nclient:\n{}\nIOM 3:\n{}",
+            t.elapsed(),
+            c.mount_warnings(60),
+            c.log(3).lines().filter(|l| !l.contains("DEBUG")).collect::<Vec<_>>().join("\n")
+        );
+    }
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     wait_healthy(&c, Duration::from_secs(60));
