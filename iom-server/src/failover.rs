@@ -214,6 +214,18 @@ impl Failover {
                 needed = self.member.majority(),
                 "map proposal lost"
             );
+            // Never committed now: the votes it got are free again, or
+            // proposals of this epoch that split the votes would stay
+            // refused for ever (`MemberReq::Release`).
+            drop(calls);
+            self.member.release(ballot);
+            for j in (0..w).map(IomId).filter(|&j| j != self.me) {
+                let me = self.clone();
+                let req = Request::Member(MemberReq::Release { ballot });
+                self.workers.spawn(Tier::Background, "vote-release", async move {
+                    let _ = me.caller.call_peer(j, &req, Bytes::new(), me.timeouts.probe_call).await;
+                });
+            }
             return false;
         }
         self.member.install(next.clone());
@@ -229,10 +241,7 @@ impl Failover {
 
     /// `Propose` from a peer.
     pub fn handle_propose(&self, ballot: Ballot, map: ClusterMap, changed: IomId) -> (bool, ClusterMap) {
-        let granted = ballot.epoch > self.member.epoch()
-            && self.member.agrees(&map, changed, ballot.proposer)
-            && self.member.vote(ballot);
-        (granted, self.member.current())
+        (self.member.grant(ballot, &map, changed), self.member.current())
     }
 
     fn spawn_standin_activate(self: &Arc<Self>, j: IomId) {

@@ -138,6 +138,25 @@ impl Membership {
         }
     }
 
+    /// A peer's proposal of `map` under `ballot`: granted when its epoch is
+    /// newer than this IOM's map, this IOM's view supports the change and
+    /// it has not voted for another proposal of that epoch.
+    pub fn grant(&self, ballot: Ballot, map: &ClusterMap, changed: IomId) -> bool {
+        ballot.epoch > self.epoch() && self.agrees(map, changed, ballot.proposer) && self.vote(ballot)
+    }
+
+    /// `ballot`'s proposer lost its round and will not commit it: a vote
+    /// for it no longer binds. (A proposal is committed only by its own
+    /// proposer, after it counted a majority, so a ballot it gave up on
+    /// can never win; its next try of the epoch is the same ballot and
+    /// may be granted again.)
+    pub fn release(&self, ballot: Ballot) {
+        let mut v = self.voted.lock();
+        if *v == Some(ballot) {
+            *v = None;
+        }
+    }
+
     /// Whether this IOM agrees with `proposer`'s proposed change of
     /// `changed`'s state.
     pub fn agrees(&self, proposed: &ClusterMap, changed: IomId, proposer: IomId) -> bool {
@@ -304,5 +323,125 @@ mod tests {
         );
         assert_eq!(standing_in_for(&m, IomId(2)), vec![IomId(1), IomId(4)]);
         assert!(standing_in_for(&m, IomId(3)).is_empty());
+    }
+
+    /// Issue 17's "stopped for good after a partition healed": IOMs 3 and 4,
+    /// both rebuilding with proxy 0, each propose to be up while proxy 0,
+    /// which briefly stopped hearing 3, proposes 3 down again, all at epoch
+    /// 9. In this interleaving the votes split 2-2-1, and before `release`
+    /// every voter stayed bound to the proposal it had granted: every later
+    /// try of epoch 9 was refused, no map of it could ever be committed,
+    /// and the cluster stayed stopped with both IOMs rebuilding. Now each
+    /// losing proposer releases its votes and a retry wins; no two maps of
+    /// one epoch are ever installed.
+    #[test]
+    fn three_proposals_of_one_epoch_that_split_the_votes_do_not_pin_it_for_ever() {
+        let ft = Duration::from_secs(2);
+        let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+        let base = ClusterMap {
+            epoch: Epoch(8),
+            states: vec![
+                IomState::Up,
+                IomState::Up,
+                IomState::Up,
+                IomState::Rebuilding { proxy: IomId(0) },
+                IomState::Rebuilding { proxy: IomId(0) },
+            ],
+            ..ClusterMap::initial(5, IomId(0))
+        };
+        let ioms: Vec<Membership> = (0..5u32)
+            .map(|i| Membership::new(IomId(i), base.clone(), dirs[i as usize].path().into(), ft / 20, ft))
+            .collect();
+        // Everybody hears everybody, then IOMs 0 and 1 stop hearing 3 for
+        // more than half the failure timeout (enough to agree that it is
+        // down; not enough for a proposal of it up to be refused).
+        let hear = |skip: &[(u32, u32)]| {
+            for a in 0..5u32 {
+                for b in 0..5u32 {
+                    if !skip.contains(&(a, b)) {
+                        ioms[a as usize].seen(IomId(b));
+                    }
+                }
+            }
+        };
+        hear(&[]);
+        std::thread::sleep(ft * 5 / 8);
+        hear(&[(0, 3), (1, 3)]);
+
+        let change = |who: u32, st: IomState| {
+            let mut m = base.clone();
+            m.epoch = Epoch(9);
+            m.states[who as usize] = st;
+            m
+        };
+        // (proposer, the IOM it changes, the map)
+        let proposals = [
+            (0u32, 3u32, change(3, IomState::Down { proxy: IomId(0) })),
+            (3, 3, change(3, IomState::Up)),
+            (4, 4, change(4, IomState::Up)),
+        ];
+        let ballot = |p: u32| Ballot { epoch: Epoch(9), proposer: IomId(p) };
+        // One round of every proposal, the votes asked in `order` (proposal,
+        // voter); a proposal with a majority is installed everywhere, as
+        // `Failover::propose` commits it; a losing one is released, as
+        // `Failover::propose` does.
+        let round = |order: &[(usize, u32)]| -> Option<usize> {
+            let mut votes = [0usize; 3];
+            for &(k, v) in order {
+                let (p, changed, map) = &proposals[k];
+                let granted = if v == *p {
+                    ioms[v as usize].agrees(map, IomId(*changed), IomId(*p)) && ioms[v as usize].vote(ballot(*p))
+                } else {
+                    ioms[v as usize].grant(ballot(*p), map, IomId(*changed))
+                };
+                votes[k] += granted as usize;
+            }
+            let winner = (0..3).find(|&k| votes[k] >= 3);
+            for (k, (p, _, map)) in proposals.iter().enumerate() {
+                if Some(k) == winner {
+                    for m in &ioms {
+                        m.install(map.clone());
+                    }
+                } else {
+                    for m in &ioms {
+                        m.release(ballot(*p));
+                    }
+                }
+            }
+            winner
+        };
+        // Each proposer votes for itself first, then its first voter is
+        // asked: 1 grants 0's, 2 grants 3's; every other ask finds the
+        // voter bound already.
+        let first: Vec<(usize, u32)> = vec![
+            (0, 0),
+            (0, 1),
+            (1, 3),
+            (1, 2),
+            (2, 4),
+            (0, 2),
+            (0, 3),
+            (0, 4),
+            (1, 0),
+            (1, 1),
+            (1, 4),
+            (2, 0),
+            (2, 1),
+            (2, 2),
+            (2, 3),
+        ];
+        assert_eq!(round(&first), None, "the interleaving splits the votes 2-2-1");
+        // The proposers try again, in the same order, each asking every
+        // voter in turn.
+        let proposers: Vec<u32> = proposals.iter().map(|p| p.0).collect();
+        let mut again: Vec<(usize, u32)> = Vec::new();
+        for (k, &p) in proposers.iter().enumerate() {
+            again.push((k, p));
+            again.extend((0..5).filter(|&v| v != p).map(|v| (k, v)));
+        }
+        let winner = (0..3).find_map(|_| round(&again));
+        let winner = winner.expect("no map of epoch 9 was ever committed: the votes stayed bound");
+        let epochs: Vec<ClusterMap> = ioms.iter().map(|m| m.current()).collect();
+        assert!(epochs.iter().all(|m| *m == proposals[winner].2), "one map of epoch 9 everywhere: {epochs:?}");
     }
 }

@@ -591,6 +591,10 @@ async fn handle_member(router: &Arc<Router>, req: MemberReq) -> Result<MemberRes
             Ok(MemberResp::Ack)
         }
         MemberReq::GetMap => Ok(MemberResp::Map(router.member.current())),
+        MemberReq::Release { ballot } => {
+            router.member.release(ballot);
+            Ok(MemberResp::Ack)
+        }
         MemberReq::StoreState { from } => {
             Ok(MemberResp::StoreState { has_store: true, seen_you: router.seen.has(from) })
         }

@@ -32,6 +32,13 @@ pub enum MemberReq {
     StoreState {
         from: IomId,
     },
+    /// The proposer of `ballot` lost that round and will never commit it
+    /// (since 9): a voter that granted it is free to vote again in its
+    /// epoch. Without it, votes split between three proposals of one epoch
+    /// stayed pinned and no map of that epoch could ever be committed.
+    Release {
+        ballot: Ballot,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

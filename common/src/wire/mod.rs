@@ -37,7 +37,8 @@ use std::fmt;
 /// three request families; 6 added `AdminReq::DropCache`; 7 added fields
 /// to `IomStats`; 8 (2026-12-07) speaks 7 as well and adds
 /// `AdminReq::ScrubReport` / `AdminReq::LastScrub` and `Request::Relay`;
-/// 9 adds `MemberReq::StoreState` (a first start without `store.new`).
+/// 9 adds `MemberReq::StoreState` (a first start without `store.new`) and
+/// `MemberReq::Release` (a lost proposal frees its votes).
 pub const PROTOCOL_VERSION: u32 = 9;
 /// Oldest protocol version this build still speaks.
 pub const PROTOCOL_OLDEST: u32 = 7;
@@ -45,7 +46,7 @@ pub const PROTOCOL_OLDEST: u32 = 7;
 pub const SINCE_SCRUB_REPORT: u32 = 8;
 /// First version with `Request::Relay`.
 pub const SINCE_RELAY: u32 = 8;
-/// First version with `MemberReq::StoreState`.
+/// First version with `MemberReq::StoreState` and `MemberReq::Release`.
 pub const SINCE_STORE_STATE: u32 = 9;
 /// Environment variable that makes a process announce an older version
 /// than it could (rehearsing a mixed-version cluster before an upgrade).
@@ -229,11 +230,16 @@ impl Request {
     /// as `("data", "WriteMany")` or `("meta", "Create")`.
     /// The oldest protocol version that has this request: it is sent only
     /// on connections running at that version or newer.
+    // Not inlined: rustc 1.95's LLVM folded `since() == PROTOCOL_OLDEST`
+    // wrongly for this match over nested enums (false for requests whose
+    // since() is 7; rust-lang/rust#159035 is the enum-discriminant
+    // miscompile fixed in 1.97.1). Called once per request.
+    #[inline(never)]
     pub fn since(&self) -> u32 {
         match self {
-            Request::Admin(AdminReq::ScrubReport(_) | AdminReq::LastScrub) => SINCE_SCRUB_REPORT,
+            Request::Admin(a) => a.since(),
+            Request::Member(m) => m.since(),
             Request::Relay { req, .. } => req.since().max(SINCE_RELAY),
-            Request::Member(MemberReq::StoreState { .. }) => SINCE_STORE_STATE,
             _ => PROTOCOL_OLDEST,
         }
     }
@@ -248,6 +254,26 @@ impl Request {
             Request::Recovery(r) => ("recovery", r.into()),
             Request::Relay { req, .. } => ("relay", req.name().0),
             other => ("stream", other.into()),
+        }
+    }
+}
+
+impl AdminReq {
+    /// The oldest protocol version that has this request (see [`Request::since`]).
+    pub fn since(&self) -> u32 {
+        match self {
+            AdminReq::ScrubReport(_) | AdminReq::LastScrub => SINCE_SCRUB_REPORT,
+            _ => PROTOCOL_OLDEST,
+        }
+    }
+}
+
+impl MemberReq {
+    /// The oldest protocol version that has this request (see [`Request::since`]).
+    pub fn since(&self) -> u32 {
+        match self {
+            MemberReq::StoreState { .. } | MemberReq::Release { .. } => SINCE_STORE_STATE,
+            _ => PROTOCOL_OLDEST,
         }
     }
 }

@@ -288,3 +288,26 @@ fn a_connection_runs_at_the_version_both_speak() {
     assert_eq!(relay(Request::Member(MemberReq::GetMap)).since(), SINCE_RELAY);
     assert_eq!(relay(Request::Admin(AdminReq::LastScrub)).since(), SINCE_SCRUB_REPORT.max(SINCE_RELAY));
 }
+
+/// rustc 1.95.0 in release mode compiled `Request::since` (one match over
+/// nested enums with an or-pattern) so that `since() == PROTOCOL_OLDEST`
+/// was false for requests whose `since()` printed as PROTOCOL_OLDEST: the
+/// comparison was folded wrongly. `since` is split per family since; the
+/// suite runs this in release, where it failed.
+#[test]
+fn since_compares_right_when_inlined_into_a_comparison() {
+    let oldest = [
+        Request::Admin(AdminReq::Stats),
+        Request::Admin(AdminReq::DropCache),
+        Request::Member(MemberReq::GetMap),
+        Request::Member(MemberReq::Ping { from: IomId(1), epoch: Epoch(3) }),
+    ];
+    for r in &oldest {
+        assert!(r.since() == PROTOCOL_OLDEST, "{r:?}");
+        assert!(r.since() <= PROTOCOL_OLDEST, "{r:?}");
+        assert!(PROTOCOL_OLDEST >= r.since(), "{r:?}");
+    }
+    assert!(Request::Member(MemberReq::StoreState { from: IomId(1) }).since() == SINCE_STORE_STATE);
+    assert!(Request::Admin(AdminReq::LastScrub).since() == SINCE_SCRUB_REPORT);
+    assert!(Request::Admin(AdminReq::Stats).since() < SINCE_STORE_STATE);
+}
