@@ -122,6 +122,12 @@ impl Hosts {
     /// docs/operations.md says when it does not exist yet), logging to
     /// `root/iom-I.log`.
     fn start(&mut self, i: u8) {
+        self.start_with(i, false)
+    }
+
+    /// [`Hosts::start`]; `marker`: with `iom-I/store.new` too (a host
+    /// started while another is missing: docs/operations.md).
+    fn start_with(&mut self, i: u8, marker: bool) {
         let init = self.root.join("init");
         let h = self.root.join(format!("host-{i}"));
         if !h.exists() {
@@ -133,6 +139,9 @@ impl Hosts {
             copy(&init.join("ca.pem"), &h.join("ca.pem"));
             for f in ["node.pem", "node.key"] {
                 copy(&init.join(format!("iom-{i}/{f}")), &h.join(format!("iom-{i}/{f}")));
+            }
+            if marker {
+                copy(&init.join(format!("iom-{i}/store.new")), &h.join(format!("iom-{i}/store.new")));
             }
         }
         let log =
@@ -163,7 +172,9 @@ impl Hosts {
 }
 
 /// `iomfs init` for five hosts, then the IOMs of `which` started and a
-/// client directory made; does not wait for them.
+/// client directory made; does not wait for them. With fewer than five,
+/// each gets its first-start marker (a new cluster without one starts
+/// once every host answers).
 fn start_some_hosts(tag: &str, which: impl IntoIterator<Item = u8>) -> (Hosts, PathBuf) {
     let root = tempfile::Builder::new().prefix(&format!("iomfs-{tag}-")).tempdir_in(test_root()).expect("tmp").keep();
     let mut hosts = Hosts { root: root.clone(), ioms: Vec::new(), mnt: root.join("mnt") };
@@ -184,8 +195,9 @@ fn start_some_hosts(tag: &str, which: impl IntoIterator<Item = u8>) -> (Hosts, P
         ]),
         "iomfs init --addrs",
     );
-    for i in which {
-        hosts.start(i);
+    let which: Vec<u8> = which.into_iter().collect();
+    for &i in &which {
+        hosts.start_with(i, which.len() < HOSTS as usize);
     }
     let client = root.join("client");
     fs::create_dir_all(&client).expect("client dir");
@@ -320,9 +332,9 @@ fn a_client_cut_off_from_one_host_alone_reaches_it_through_another() {
 }
 
 /// A host whose IOM first starts after the others began serving (its
-/// machine was late, or added to the plan later) has no store and no
-/// marker: the others never heard it, so it creates its store and rejoins
-/// like any IOM that was down, with no operator step. The same
+/// machine was late: the others were started with their markers) has no
+/// store and no marker: the others never heard it, so it creates its
+/// store and rejoins like any IOM that was down, with no operator step. The same
 /// host after its disk is wiped is refused, naming `iomfs replace`: the
 /// others heard it run.
 #[test]
@@ -338,7 +350,7 @@ fn a_host_that_starts_late_joins_by_itself_and_a_wiped_one_is_refused() {
     hosts.start(4);
     let s = wait_status(&client, "cluster: healthy", Duration::from_secs(90));
     hosts.assert_runs(4);
-    assert!(hosts.log(4).contains("after the others"), "host 4 did not say it starts late:\n{}", hosts.log(4));
+    assert!(hosts.log(4).contains("none heard IOM 4"), "host 4 did not say it starts late:\n{}", hosts.log(4));
     eprintln!("healthy with the late host:\n{s}");
     for (i, d) in files.iter().enumerate() {
         assert!(fs::read(m.join(format!("f{i}"))).expect("read") == *d, "f{i} differs after the late host joined");
@@ -357,6 +369,7 @@ fn a_host_that_starts_late_joins_by_itself_and_a_wiped_one_is_refused() {
             let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
         }
     }
+    let before = hosts.log(4).len();
     hosts.start(4);
     let deadline = Instant::now() + Duration::from_secs(30);
     let exit = loop {
@@ -366,8 +379,11 @@ fn a_host_that_starts_late_joins_by_itself_and_a_wiped_one_is_refused() {
         assert!(Instant::now() < deadline, "an IOM on a wiped disk did not refuse to start:\n{}", hosts.log(4));
         std::thread::sleep(Duration::from_millis(100));
     };
-    let log = hosts.log(4);
-    assert!(!exit.success() && log.contains("iomfs replace"), "refused without naming the way out ({exit}):\n{log}");
+    let log = hosts.log(4)[before..].to_string();
+    assert!(
+        !exit.success() && log.contains("heard IOM 4 run with a store") && log.contains("iomfs replace"),
+        "refused without saying why and the way out ({exit}):\n{log}"
+    );
     assert!(!disk.join("blocks.dat").exists(), "the refused IOM created a store");
     for (i, d) in files.iter().enumerate() {
         assert!(fs::read(m.join(format!("f{i}"))).expect("read") == *d, "f{i} differs with host 4 refused");

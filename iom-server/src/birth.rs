@@ -15,9 +15,9 @@
 //! - an IOM that has no store yet answers "no store" ([`respond`], run on
 //!   the endpoint before the store exists, so IOMs started together can
 //!   answer each other);
-//! - once a majority of the cluster (the asker included) has answered and
-//!   none heard the asker, it creates its store and starts as any IOM
-//!   does: an IOM nobody heard never held a block, so an empty store is
+//! - once every other IOM answered, or a majority of the cluster answered
+//!   from stores of their own, and none heard the asker, it creates its
+//!   store and starts as any IOM does: an IOM nobody heard never held a block, so an empty store is
 //!   its true state. In a new cluster that is all; a host that first
 //!   starts after the others began serving finds itself declared down and
 //!   rejoins as any returning IOM does, rebuilding what its proxy marked
@@ -26,11 +26,13 @@
 //!   mirror both came late it would have handed the namespace to a mirror
 //!   that never held one (seen in the first multi-host runs).
 //!
-//! Why a majority is enough: every IOM that ran with a store while the
-//! asker ran heard its heartbeats (they go to every IOM each second), so
-//! a lost store is taken for a new one only if a majority of the cluster
-//! lost their stores too — with one parity block per group, the data is
-//! gone then anyway.
+//! Why that is enough: every IOM that ran with a store while the asker
+//! ran heard its heartbeats (they go to every IOM each second, and only
+//! an IOM's own certificate counts for it), so a lost store is taken for
+//! a new one only if every IOM that heard it lost its store too. A store
+//! made before protocol 9 counts every IOM as heard (`seen`). Leftovers of
+//! an earlier life in the data directory (a cluster state, a start
+//! counter, a journal) refuse the start whatever the others say.
 
 use crate::Error;
 use bytes::Bytes;
@@ -44,10 +46,25 @@ use std::time::{Duration, Instant};
 
 pub use crate::seen::{Seen, SEEN_FILE};
 
+/// What a store leaves in its data directory or journal besides its block
+/// file, if any is there: evidence that a store existed.
+fn earlier_life(data_dir: &Path, journal_dir: &Path) -> Option<std::path::PathBuf> {
+    let files = ["cluster.state", "incarnation", crate::seen::SEEN_FILE, "map.snap"].map(|f| data_dir.join(f));
+    if let Some(f) = files.into_iter().find(|f| f.exists()) {
+        return Some(f);
+    }
+    std::fs::read_dir(journal_dir).ok()?.flatten().next().map(|_| journal_dir.to_path_buf())
+}
+
+/// Whether the store (its block file) exists in `data_dir`.
+pub fn has_store(data_dir: &Path) -> bool {
+    data_dir.join(crate::store::BLOCK_FILE).exists()
+}
+
 /// Whether IOM `id` must ask the others before it opens its store: the
 /// store is missing and no marker says what to do.
 pub fn needs_asking(paths: &ClusterPaths, data_dir: &Path, id: IomId) -> bool {
-    !data_dir.join(crate::store::BLOCK_FILE).exists() && !paths.new_store_marker(id).exists()
+    !has_store(data_dir) && !paths.new_store_marker(id).exists()
 }
 
 /// What the other IOMs' answers allow.
@@ -70,18 +87,27 @@ pub enum Answer {
     Silent(String),
 }
 
-/// The verdict from every other IOM's answer (pure: tested below).
+/// The verdict from every other IOM's answer (pure: tested below):
+/// refused if any heard the asker; created once every other IOM answered
+/// (a new cluster, or a start together with IOMs that just created
+/// theirs), or once a majority of the cluster answered from stores of
+/// their own (a running cluster that never heard it: its first start,
+/// later than theirs). "No store" answers alone never make a majority:
+/// disks that are only missing for now (a mount that failed after a power
+/// loss) must not outvote the stores that are still replaying.
 pub fn verdict(width: u32, answers: &[(IomId, Answer)]) -> Verdict {
     let lost: Vec<IomId> =
         answers.iter().filter(|(_, a)| matches!(a, Answer::Store { seen_you: true })).map(|(i, _)| *i).collect();
     if !lost.is_empty() {
         return Verdict::Lost(lost);
     }
-    let answered = answers.iter().filter(|(_, a)| !matches!(a, Answer::Silent(_))).count();
-    if (answered as u32) + 1 < width / 2 + 1 {
-        return Verdict::Wait;
+    let answered = answers.iter().filter(|(_, a)| !matches!(a, Answer::Silent(_))).count() as u32;
+    let stores = answers.iter().filter(|(_, a)| matches!(a, Answer::Store { .. })).count() as u32;
+    if answered + 1 >= width || stores > width / 2 {
+        Verdict::Fresh { late: stores > 0 }
+    } else {
+        Verdict::Wait
     }
-    Verdict::Fresh { late: answers.iter().any(|(_, a)| matches!(a, Answer::Store { .. })) }
 }
 
 /// Asks every other IOM until the answers allow a verdict other than
@@ -93,7 +119,7 @@ pub async fn decide(me: IomId, width: u32, pool: &net::Pool) -> Verdict {
         let peers: Vec<IomId> = (0..width).map(IomId).filter(|&p| p != me).collect();
         let asks = peers.iter().map(|&p| async move {
             let ask = Request::Member(MemberReq::StoreState { from: me });
-            let a = match pool.call_timeout(p, &ask, Bytes::new(), Duration::from_secs(1)).await {
+            let a = match pool.call_timeout(p, &ask, Bytes::new(), Duration::from_secs(3)).await {
                 Ok((Reply::Member(MemberResp::StoreState { has_store: false, .. }), _)) => Answer::NoStore,
                 Ok((Reply::Member(MemberResp::StoreState { has_store: true, seen_you }), _)) => {
                     Answer::Store { seen_you }
@@ -118,8 +144,8 @@ pub async fn decide(me: IomId, width: u32, pool: &net::Pool) -> Verdict {
                 .collect();
             tracing::warn!(
                 iom = me.0,
-                "IOM {me} has no store and no store.new marker: it creates one once a majority of the {width} \
-                 IOMs has said whether the cluster runs; waiting for {}",
+                "IOM {me} has no store and no store.new marker: it creates one once every other IOM, or a \
+                 majority of the {width} with stores, has said it never heard IOM {me}; waiting for {}",
                 silent.join(", ")
             );
             said = Instant::now();
@@ -190,14 +216,28 @@ async fn respond(
 /// Runs the whole check for IOM `me` before its store is opened (when
 /// [`needs_asking`]): answers others meanwhile, then writes the marker
 /// that lets the store be created (`new`) or refuses with the way out.
+#[allow(clippy::too_many_arguments)]
 pub async fn settle(
     me: IomId,
     initial: common::cluster::ClusterMap,
     cluster_id: &str,
     paths: &ClusterPaths,
+    data_dir: &Path,
+    journal_dir: &Path,
     endpoint: &quinn::Endpoint,
     pool: &net::Pool,
 ) -> Result<(), Error> {
+    if let Some(left) = earlier_life(data_dir, journal_dir) {
+        return Err(Error::Damaged(format!(
+            "IOM {me}'s store ({}) is missing, but {} is still there: the store was moved or deleted, so this \
+             IOM will not start (it would answer reads with zeros). Put the store back; if its disk was \
+             replaced, move what is left away except node.pem and node.key and run `iomfs replace --dir {} \
+             --id {me}`.",
+            data_dir.join(crate::store::BLOCK_FILE).display(),
+            left.display(),
+            paths.dir.display()
+        )));
+    }
     let width = initial.width();
     let conns: Arc<parking_lot::Mutex<Vec<quinn::Connection>>> = Arc::default();
     let v = tokio::select! {
@@ -219,8 +259,8 @@ pub async fn settle(
         Verdict::Fresh { late: true } => {
             tracing::warn!(
                 iom = me.0,
-                "the cluster runs but never heard IOM {me}: its first start, after the others; it creates its store \
-                 and rejoins, rebuilding what its proxy served for it"
+                "IOMs of this cluster already have stores and none heard IOM {me}: its first start; it creates its \
+                 store and joins, rebuilding what its proxy served for it if it was declared down"
             );
             crate::fsutil::write_atomic(&marker, b"new\n")
         }
@@ -260,37 +300,37 @@ mod tests {
     }
 
     #[test]
-    fn a_majority_of_answers_without_stores_is_a_new_cluster() {
-        // The asker and two others: 3 of 5.
+    fn a_new_cluster_needs_every_answer_and_missing_disks_never_outvote_silent_stores() {
+        let all = a(&[(1, Answer::NoStore), (2, Answer::NoStore), (3, Answer::NoStore), (4, Answer::NoStore)]);
+        assert_eq!(verdict(5, &all), Verdict::Fresh { late: false });
+        // Three disks missing after a power loss, the two stores still
+        // replaying their journals (silent): wait for them.
         let ans = a(&[(1, Answer::NoStore), (2, Answer::NoStore), (3, silent()), (4, silent())]);
-        assert_eq!(verdict(5, &ans), Verdict::Fresh { late: false });
-        let ans = a(&[(1, Answer::NoStore), (2, silent()), (3, silent()), (4, silent())]);
         assert_eq!(verdict(5, &ans), Verdict::Wait);
-    }
-
-    #[test]
-    fn stores_that_never_heard_the_asker_let_it_start_late() {
-        let ans = a(&[(0, Answer::Store { seen_you: false }), (1, Answer::NoStore), (3, silent()), (4, silent())]);
+        // Started together: some just created their stores.
+        let ans = a(&[
+            (1, Answer::Store { seen_you: false }),
+            (2, Answer::NoStore),
+            (3, Answer::NoStore),
+            (4, Answer::NoStore),
+        ]);
         assert_eq!(verdict(5, &ans), Verdict::Fresh { late: true });
     }
 
     #[test]
-    fn with_three_ioms_one_answer_is_a_majority() {
-        assert_eq!(verdict(3, &a(&[(1, Answer::NoStore), (2, silent())])), Verdict::Fresh { late: false });
-        assert_eq!(verdict(3, &a(&[(1, silent()), (2, silent())])), Verdict::Wait);
+    fn a_majority_of_stores_that_never_heard_the_asker_let_it_start_late() {
+        let store = || Answer::Store { seen_you: false };
+        let ans = a(&[(0, store()), (1, store()), (2, store()), (4, silent())]);
+        assert_eq!(verdict(5, &ans), Verdict::Fresh { late: true });
+        let ans = a(&[(0, store()), (1, store()), (2, silent()), (4, silent())]);
+        assert_eq!(verdict(5, &ans), Verdict::Wait, "two stores are not a majority of five");
     }
 
     #[test]
-    fn the_seen_set_survives_a_restart_and_rejects_garbage() {
-        let d = tempfile::tempdir().unwrap();
-        let s = Seen::load(d.path()).unwrap();
-        assert!(!s.has(IomId(3)));
-        s.note(IomId(3));
-        s.note(IomId(1));
-        s.note(IomId(3));
-        let again = Seen::load(d.path()).unwrap();
-        assert!(again.has(IomId(3)) && again.has(IomId(1)) && !again.has(IomId(2)));
-        std::fs::write(d.path().join(SEEN_FILE), "x\n").unwrap();
-        assert!(matches!(Seen::load(d.path()), Err(Error::Damaged(_))));
+    fn with_three_ioms_two_stores_are_a_majority() {
+        let store = || Answer::Store { seen_you: false };
+        assert_eq!(verdict(3, &a(&[(1, Answer::NoStore), (2, silent())])), Verdict::Wait);
+        assert_eq!(verdict(3, &a(&[(1, store()), (2, store())])), Verdict::Fresh { late: true });
+        assert_eq!(verdict(3, &a(&[(1, Answer::NoStore), (2, Answer::NoStore)])), Verdict::Fresh { late: false });
     }
 }

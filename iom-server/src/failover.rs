@@ -44,6 +44,11 @@ pub struct Failover {
     pub(crate) rejoining: Arc<AtomicBool>,
     /// Cancelled when the IOM's background work stops.
     pub(crate) stop: CancellationToken,
+    /// One proposal round at a time (the detector and the rejoin both
+    /// propose), numbered: the rounds of one ballot never overlap, so a
+    /// vote moved to a later round and a `Release` of an earlier one never
+    /// meet a round still being counted. Holds the last round's number.
+    pub(crate) proposing: tokio::sync::Mutex<u64>,
 }
 
 /// What failover asks of the namespace service: whether this IOM holds a
@@ -179,8 +184,14 @@ impl Failover {
 
     /// One voting round for `next` (a change of `changed`); commits it on a majority.
     pub async fn propose(self: &Arc<Self>, next: ClusterMap, changed: IomId) -> bool {
+        let mut last = self.proposing.lock().await;
+        // Distinct across restarts too (a voter may still hold a vote of a
+        // round from before this IOM's restart): the clock, in nanoseconds.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let round = (*last + 1).max(now);
+        *last = round;
         let ballot = Ballot { epoch: next.epoch, proposer: self.me };
-        if !self.member.agrees(&next, changed, self.me) || !self.member.vote(ballot) {
+        if !self.member.agrees(&next, changed, self.me) || !self.member.vote(ballot, round) {
             return false;
         }
         let w = self.width;
@@ -190,8 +201,18 @@ impl Failover {
             .filter(|&j| j != self.me && !(declaring_down && j == changed))
             .map(|j| {
                 let me = self.clone();
-                let req = Request::Member(MemberReq::Propose { ballot, map: next.clone(), changed });
-                async move { me.caller.call_peer(j, &req, Bytes::new(), me.timeouts.vote_call).await }
+                let req = Request::Member(MemberReq::ProposeRound { ballot, round, map: next.clone(), changed });
+                let old = Request::Member(MemberReq::Propose { ballot, map: next.clone(), changed });
+                async move {
+                    match me.caller.call_peer(j, &req, Bytes::new(), me.timeouts.vote_call).await {
+                        // A voter of protocol 7/8 (a rolling upgrade): the
+                        // round-less proposal; it is never sent a release.
+                        Err(net::NetError::PeerTooOld { .. }) => {
+                            me.caller.call_peer(j, &old, Bytes::new(), me.timeouts.vote_call).await
+                        }
+                        r => r,
+                    }
+                }
             })
             .collect();
         let mut votes = 1usize;
@@ -214,14 +235,16 @@ impl Failover {
                 needed = self.member.majority(),
                 "map proposal lost"
             );
-            // Never committed now: the votes it got are free again, or
-            // proposals of this epoch that split the votes would stay
-            // refused for ever (`MemberReq::Release`).
+            // This round is never committed now: the votes it got are free
+            // again, or proposals of this epoch that split the votes would
+            // stay refused for ever (`MemberReq::Release`). The release
+            // names the round, so one that arrives after a later round of
+            // this ballot got a vote frees nothing.
             drop(calls);
-            self.member.release(ballot);
+            self.member.release(ballot, round);
             for j in (0..w).map(IomId).filter(|&j| j != self.me) {
                 let me = self.clone();
-                let req = Request::Member(MemberReq::Release { ballot });
+                let req = Request::Member(MemberReq::Release { ballot, round });
                 self.workers.spawn(Tier::Background, "vote-release", async move {
                     let _ = me.caller.call_peer(j, &req, Bytes::new(), me.timeouts.probe_call).await;
                 });
@@ -240,8 +263,9 @@ impl Failover {
     }
 
     /// `Propose` from a peer.
-    pub fn handle_propose(&self, ballot: Ballot, map: ClusterMap, changed: IomId) -> (bool, ClusterMap) {
-        (self.member.grant(ballot, &map, changed), self.member.current())
+    /// `round` is 0 from a proposer of protocol 7/8 (`Propose`).
+    pub fn handle_propose(&self, ballot: Ballot, round: u64, map: ClusterMap, changed: IomId) -> (bool, ClusterMap) {
+        (self.member.grant(ballot, round, &map, changed), self.member.current())
     }
 
     fn spawn_standin_activate(self: &Arc<Self>, j: IomId) {

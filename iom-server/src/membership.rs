@@ -29,7 +29,9 @@ pub struct Membership {
     changes: watch::Sender<Epoch>,
     /// Whom this IOM hears (a pure machine; see `liveness`).
     live: Mutex<Liveness>,
-    voted: Mutex<Option<Ballot>>,
+    /// The ballot this IOM voted for last, with the round of it (0: a
+    /// proposer of protocol 7/8, which names no rounds).
+    voted: Mutex<Option<(Ballot, u64)>>,
     dir: PathBuf,
 }
 
@@ -122,37 +124,40 @@ impl Membership {
 
     // --------------------------------------------------------------- voting
 
-    /// Records a vote for `b` if it is newer than any vote given; the caller
-    /// checked the proposal makes sense.
-    pub fn vote(&self, b: Ballot) -> bool {
+    /// Records a vote for round `round` of `b` if it is newer than any vote
+    /// given; the caller checked the proposal makes sense. A later round of
+    /// the same ballot takes the vote over (its proposer tries one round at
+    /// a time and gave the earlier one up).
+    pub fn vote(&self, b: Ballot, round: u64) -> bool {
         if b.epoch <= self.epoch() {
             return false;
         }
         let mut v = self.voted.lock();
         match *v {
-            Some(prev) if prev.epoch >= b.epoch && prev != b => false,
+            Some((prev, _)) if prev.epoch >= b.epoch && prev != b => false,
             _ => {
-                *v = Some(b);
+                *v = Some((b, round));
                 true
             }
         }
     }
 
-    /// A peer's proposal of `map` under `ballot`: granted when its epoch is
-    /// newer than this IOM's map, this IOM's view supports the change and
-    /// it has not voted for another proposal of that epoch.
-    pub fn grant(&self, ballot: Ballot, map: &ClusterMap, changed: IomId) -> bool {
-        ballot.epoch > self.epoch() && self.agrees(map, changed, ballot.proposer) && self.vote(ballot)
+    /// A peer's proposal of `map` under round `round` of `ballot`: granted
+    /// when its epoch is newer than this IOM's map, this IOM's view
+    /// supports the change and it has not voted for another proposal of
+    /// that epoch.
+    pub fn grant(&self, ballot: Ballot, round: u64, map: &ClusterMap, changed: IomId) -> bool {
+        ballot.epoch > self.epoch() && self.agrees(map, changed, ballot.proposer) && self.vote(ballot, round)
     }
 
-    /// `ballot`'s proposer lost its round and will not commit it: a vote
-    /// for it no longer binds. (A proposal is committed only by its own
-    /// proposer, after it counted a majority, so a ballot it gave up on
-    /// can never win; its next try of the epoch is the same ballot and
-    /// may be granted again.)
-    pub fn release(&self, ballot: Ballot) {
+    /// Round `round` of `ballot` was lost and its proposer will never
+    /// commit it: a vote for exactly that round no longer binds. (A
+    /// proposal is committed only by its own proposer, after it counted a
+    /// majority in that round; a vote since given to a later round of the
+    /// ballot stays.)
+    pub fn release(&self, ballot: Ballot, round: u64) {
         let mut v = self.voted.lock();
-        if *v == Some(ballot) {
+        if *v == Some((ballot, round)) {
             *v = None;
         }
     }
@@ -385,14 +390,14 @@ mod tests {
         // voter); a proposal with a majority is installed everywhere, as
         // `Failover::propose` commits it; a losing one is released, as
         // `Failover::propose` does.
-        let round = |order: &[(usize, u32)]| -> Option<usize> {
+        let round = |order: &[(usize, u32)], r: u64| -> Option<usize> {
             let mut votes = [0usize; 3];
             for &(k, v) in order {
                 let (p, changed, map) = &proposals[k];
                 let granted = if v == *p {
-                    ioms[v as usize].agrees(map, IomId(*changed), IomId(*p)) && ioms[v as usize].vote(ballot(*p))
+                    ioms[v as usize].agrees(map, IomId(*changed), IomId(*p)) && ioms[v as usize].vote(ballot(*p), r)
                 } else {
-                    ioms[v as usize].grant(ballot(*p), map, IomId(*changed))
+                    ioms[v as usize].grant(ballot(*p), r, map, IomId(*changed))
                 };
                 votes[k] += granted as usize;
             }
@@ -404,7 +409,7 @@ mod tests {
                     }
                 } else {
                     for m in &ioms {
-                        m.release(ballot(*p));
+                        m.release(ballot(*p), r);
                     }
                 }
             }
@@ -430,7 +435,7 @@ mod tests {
             (2, 2),
             (2, 3),
         ];
-        assert_eq!(round(&first), None, "the interleaving splits the votes 2-2-1");
+        assert_eq!(round(&first, 1), None, "the interleaving splits the votes 2-2-1");
         // The proposers try again, in the same order, each asking every
         // voter in turn.
         let proposers: Vec<u32> = proposals.iter().map(|p| p.0).collect();
@@ -439,9 +444,34 @@ mod tests {
             again.push((k, p));
             again.extend((0..5).filter(|&v| v != p).map(|v| (k, v)));
         }
-        let winner = (0..3).find_map(|_| round(&again));
+        let winner = (2..5).find_map(|r| round(&again, r));
         let winner = winner.expect("no map of epoch 9 was ever committed: the votes stayed bound");
         let epochs: Vec<ClusterMap> = ioms.iter().map(|m| m.current()).collect();
         assert!(epochs.iter().all(|m| *m == proposals[winner].2), "one map of epoch 9 everywhere: {epochs:?}");
+    }
+
+    /// A release names the round it ends: one that arrives late, after the
+    /// proposer's next round of the same ballot got the vote, frees nothing
+    /// (else that later round, perhaps committed, and another proposal of
+    /// the epoch could both win).
+    #[test]
+    fn a_late_release_of_a_lost_round_does_not_free_a_vote_for_a_later_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Membership::new(
+            IomId(1),
+            ClusterMap::initial(5, IomId(0)),
+            dir.path().into(),
+            Duration::from_millis(100),
+            Duration::from_secs(2),
+        );
+        let e = Epoch(m.epoch().0 + 1);
+        let p = Ballot { epoch: e, proposer: IomId(0) };
+        let q = Ballot { epoch: e, proposer: IomId(3) };
+        assert!(m.vote(p, 1));
+        assert!(m.vote(p, 2), "the next round of the same ballot takes the vote");
+        m.release(p, 1);
+        assert!(!m.vote(q, 1), "a late release of round 1 freed the vote of round 2");
+        m.release(p, 2);
+        assert!(m.vote(q, 1), "the release of the round voted for frees the vote");
     }
 }

@@ -1,6 +1,11 @@
 //! The IOMs this IOM heard running with a store since its own store
 //! exists (`seen-iom` in the data directory): the evidence `birth` asks
 //! for before an IOM with an empty disk may create a store.
+//!
+//! The file holds one IOM id per line, or `all`: a store older than the
+//! file (made before protocol 9) cannot tell whom it heard, so it counts
+//! every IOM as heard, and an IOM of that cluster that lost its disk is
+//! refused as before rather than taken for a new one.
 
 use crate::Error;
 use common::IomId;
@@ -10,47 +15,96 @@ use std::path::{Path, PathBuf};
 /// File in the data directory listing the IOMs heard since the store exists.
 pub const SEEN_FILE: &str = "seen-iom";
 
-/// The IOMs whose heartbeats this IOM heard since its store exists; kept
-/// on disk (a line per IOM id), written once per IOM.
+/// The IOMs whose heartbeats (or parity channels) this IOM heard since its
+/// store exists. Noted in memory at once; kept on disk by [`Seen::persist`].
 pub struct Seen {
     path: PathBuf,
-    ids: parking_lot::Mutex<BTreeSet<u32>>,
+    /// `None`: every IOM (a store older than the file).
+    ids: parking_lot::Mutex<Option<BTreeSet<u32>>>,
+    /// Held while the file is written, so writes land in order.
+    writing: parking_lot::Mutex<()>,
 }
 
 impl Seen {
-    /// Loads the set kept in `data_dir` (empty when there is none).
-    pub fn load(data_dir: &Path) -> Result<Seen, Error> {
+    /// Opens the set kept in `data_dir`. Without the file: a store that
+    /// existed before this start (`had_store`) predates it and counts
+    /// every IOM as heard; a store created by this start hears from now.
+    /// The file is written at once in both cases.
+    pub fn open(data_dir: &Path, had_store: bool) -> Result<Seen, Error> {
         let path = data_dir.join(SEEN_FILE);
         let ids = match std::fs::read_to_string(&path) {
-            Ok(s) => s
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| l.trim().parse::<u32>())
-                .collect::<Result<BTreeSet<u32>, _>>()
-                .map_err(|e| Error::Damaged(format!("{}: {e} (one IOM id per line)", path.display())))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
+            Ok(s) if s.trim() == "all" => None,
+            Ok(s) => Some(
+                s.lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(|l| l.trim().parse::<u32>())
+                    .collect::<Result<BTreeSet<u32>, _>>()
+                    .map_err(|e| Error::Damaged(format!("{}: {e} (one IOM id per line, or `all`)", path.display())))?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let ids = (!had_store).then(BTreeSet::new);
+                crate::fsutil::write_atomic(&path, text(&ids).as_bytes())?;
+                ids
+            }
             Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
         };
-        Ok(Seen { path, ids: parking_lot::Mutex::new(ids) })
+        Ok(Seen { path, ids: parking_lot::Mutex::new(ids), writing: parking_lot::Mutex::new(()) })
     }
 
     pub fn has(&self, iom: IomId) -> bool {
-        self.ids.lock().contains(&iom.0)
+        self.ids.lock().as_ref().is_none_or(|ids| ids.contains(&iom.0))
     }
 
-    /// Records that `iom` was heard (durably, the first time). A failure
-    /// is logged and tried again at the next heartbeat.
-    pub fn note(&self, iom: IomId) {
-        let mut ids = self.ids.lock();
-        if ids.contains(&iom.0) {
-            return;
+    /// Records in memory that `iom` was heard; true when that is new and
+    /// the set should be persisted ([`Seen::persist`], off the runtime).
+    pub fn note(&self, iom: IomId) -> bool {
+        match self.ids.lock().as_mut() {
+            Some(ids) => ids.insert(iom.0),
+            None => false,
         }
-        let mut next = ids.clone();
-        next.insert(iom.0);
-        let text: String = next.iter().map(|i| format!("{i}\n")).collect();
-        match crate::fsutil::write_atomic(&self.path, text.as_bytes()) {
-            Ok(()) => *ids = next,
-            Err(e) => tracing::warn!("cannot record that IOM {iom} was heard: {e}"),
-        }
+    }
+
+    /// Writes the set as it is now (blocking: file and directory syncs).
+    pub fn persist(&self) -> Result<(), Error> {
+        let _one = self.writing.lock();
+        let now = self.ids.lock().clone();
+        crate::fsutil::write_atomic(&self.path, text(&now).as_bytes())
+    }
+}
+
+fn text(ids: &Option<BTreeSet<u32>>) -> String {
+    match ids {
+        None => "all\n".into(),
+        Some(ids) => ids.iter().map(|i| format!("{i}\n")).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_set_survives_a_restart_and_rejects_garbage() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Seen::open(d.path(), false).unwrap();
+        assert!(!s.has(IomId(3)));
+        assert!(s.note(IomId(3)));
+        assert!(s.note(IomId(1)));
+        assert!(!s.note(IomId(3)), "noted once");
+        s.persist().unwrap();
+        let again = Seen::open(d.path(), true).unwrap();
+        assert!(again.has(IomId(3)) && again.has(IomId(1)) && !again.has(IomId(2)));
+        std::fs::write(d.path().join(SEEN_FILE), "x\n").unwrap();
+        assert!(matches!(Seen::open(d.path(), true), Err(Error::Damaged(_))));
+    }
+
+    #[test]
+    fn a_store_older_than_the_file_counts_every_iom_as_heard_for_good() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Seen::open(d.path(), true).unwrap();
+        assert!(s.has(IomId(4)), "an upgraded store cannot tell whom it heard");
+        assert!(!s.note(IomId(4)));
+        let again = Seen::open(d.path(), true).unwrap();
+        assert!(again.has(IomId(0)) && again.has(IomId(4)));
     }
 }

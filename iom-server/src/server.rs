@@ -94,8 +94,10 @@ impl Iom {
         // IOMs' answers tell which (`birth`).
         if crate::birth::needs_asking(&paths, &data_dir, opts.id) {
             let initial = ClusterMap::initial(cfg.width(), IomId(cfg.meta_home));
-            crate::birth::settle(opts.id, initial, &cfg.cluster_id, &paths, &endpoint, &pool).await?;
+            crate::birth::settle(opts.id, initial, &cfg.cluster_id, &paths, &data_dir, &journal_dir, &endpoint, &pool)
+                .await?;
         }
+        let had_store = crate::birth::has_store(&data_dir);
         let (storage, opened) = Storage::open(opts.id, &cfg, &paths, &icfg, data_dir.clone(), journal_dir, &timeouts)?;
         let storage = Arc::new(storage);
         let replacing = opened.replacing;
@@ -219,6 +221,7 @@ impl Iom {
             namespace: namespace.clone() as Arc<dyn crate::failover::NamespaceTakeover>,
             rejoining: rejoining.clone(),
             stop: workers.token(Tier::Background),
+            proposing: tokio::sync::Mutex::new(0),
         });
         let rejoin = Arc::new(crate::rejoin::Rejoin {
             me: opts.id,
@@ -261,7 +264,7 @@ impl Iom {
             workers: workers.clone(),
             scrubs: crate::scrub_book::ScrubBook::open(&data_dir),
             caller: caller.clone(),
-            seen: Arc::new(crate::seen::Seen::load(&data_dir)?),
+            seen: Arc::new(crate::seen::Seen::open(&data_dir, had_store)?),
         });
         let local: std::sync::Weak<dyn LocalRoles> = Arc::downgrade(&router) as _;
         caller.bind_local(local);

@@ -170,6 +170,33 @@ async fn serve_stream(
         reply(&mut send, err(ErrorCode::Invalid, why), Bytes::new()).await;
         return;
     }
+    // Only an IOM's own certificate speaks for it: a heartbeat or a parity
+    // channel (a data IOM writing, perhaps before its first heartbeat got
+    // here) shows that IOM runs with a store (`birth`), and only the
+    // proposer may release its votes.
+    let cert_iom = match state.cert {
+        Some(net::tls::CertRole::Iom(i)) => Some(IomId(i)),
+        _ => None,
+    };
+    match &req {
+        Request::Member(MemberReq::Ping { from, .. }) | Request::ParityChannel { from, .. }
+            if cert_iom == Some(*from) && router.seen.note(*from) =>
+        {
+            let seen = router.seen.clone();
+            router.workers.spawn(Tier::Background, "seen-persist", async move {
+                let r = crate::fsutil::off_loop("record a heard IOM", move || seen.persist()).await;
+                if let Err(e) = r {
+                    tracing::warn!("cannot record the IOMs heard: {e}");
+                }
+            });
+        }
+        Request::Member(MemberReq::Release { ballot, .. }) if cert_iom != Some(ballot.proposer) => {
+            let why = format!("only IOM {} may release its ballot", ballot.proposer);
+            reply(&mut send, err(ErrorCode::Invalid, why), Bytes::new()).await;
+            return;
+        }
+        _ => {}
+    }
     let serves_data =
         matches!(req, Request::Data(_) | Request::Meta(_) | Request::ParityChannel { .. } | Request::MetaMirror { .. });
     if serves_data && !*router.rejoin.ready.borrow() {
@@ -186,9 +213,6 @@ async fn serve_stream(
     }
     match req {
         Request::ParityChannel { from, .. } => {
-            // A data IOM writing: it has a store (`birth`), even before
-            // its first heartbeat reached this IOM.
-            router.seen.note(from);
             crate::parity::run_channel(router.parity.clone(), from, send, recv).await;
         }
         Request::MetaMirror { from, .. } => {
@@ -564,10 +588,7 @@ async fn handle_data_one(router: &Arc<Router>, req: DataReq, payload: Bytes) -> 
 /// `Member`: heartbeats, map fetches, votes and commits.
 async fn handle_member(router: &Arc<Router>, req: MemberReq) -> Result<MemberResp, Error> {
     match req {
-        MemberReq::Ping { from, .. } => {
-            // Heard from `from` running with a store: an empty disk it
-            // starts on later is a lost store, not a first start (`birth`).
-            router.seen.note(from);
+        MemberReq::Ping { .. } => {
             if let Some(d) = crate::fsutil::disk_stalled(router.timeouts.failure_timeout) {
                 return Err(Error::Wire(WireError::new(
                     ErrorCode::NotServing,
@@ -583,7 +604,11 @@ async fn handle_member(router: &Arc<Router>, req: MemberReq) -> Result<MemberRes
             Ok(MemberResp::Pong { epoch: router.member.epoch(), reachable: Vec::new() })
         }
         MemberReq::Propose { ballot, map, changed } => {
-            let (granted, map) = router.failover.handle_propose(ballot, map, changed);
+            let (granted, map) = router.failover.handle_propose(ballot, 0, map, changed);
+            Ok(MemberResp::Vote { granted, map })
+        }
+        MemberReq::ProposeRound { ballot, round, map, changed } => {
+            let (granted, map) = router.failover.handle_propose(ballot, round, map, changed);
             Ok(MemberResp::Vote { granted, map })
         }
         MemberReq::Commit { map } => {
@@ -591,8 +616,8 @@ async fn handle_member(router: &Arc<Router>, req: MemberReq) -> Result<MemberRes
             Ok(MemberResp::Ack)
         }
         MemberReq::GetMap => Ok(MemberResp::Map(router.member.current())),
-        MemberReq::Release { ballot } => {
-            router.member.release(ballot);
+        MemberReq::Release { ballot, round } => {
+            router.member.release(ballot, round);
             Ok(MemberResp::Ack)
         }
         MemberReq::StoreState { from } => {

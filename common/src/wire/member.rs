@@ -32,12 +32,23 @@ pub enum MemberReq {
     StoreState {
         from: IomId,
     },
-    /// The proposer of `ballot` lost that round and will never commit it
-    /// (since 9): a voter that granted it is free to vote again in its
-    /// epoch. Without it, votes split between three proposals of one epoch
-    /// stayed pinned and no map of that epoch could ever be committed.
+    /// The proposer of `ballot` lost its round `round` and will never
+    /// commit it (since 9): a voter whose vote is for exactly that round is
+    /// free to vote again in its epoch. Without it, votes split between
+    /// three proposals of one epoch stayed pinned and no map of that epoch
+    /// could ever be committed.
     Release {
         ballot: Ballot,
+        round: u64,
+    },
+    /// `Propose` naming its round (since 9): a proposer tries one ballot in
+    /// rounds, one after another, each with a new number, so a `Release`
+    /// of a lost round never frees a vote given to a later one.
+    ProposeRound {
+        ballot: Ballot,
+        round: u64,
+        map: ClusterMap,
+        changed: IomId,
     },
 }
 

@@ -37,8 +37,9 @@ use std::fmt;
 /// three request families; 6 added `AdminReq::DropCache`; 7 added fields
 /// to `IomStats`; 8 (2026-12-07) speaks 7 as well and adds
 /// `AdminReq::ScrubReport` / `AdminReq::LastScrub` and `Request::Relay`;
-/// 9 adds `MemberReq::StoreState` (a first start without `store.new`) and
-/// `MemberReq::Release` (a lost proposal frees its votes).
+/// 9 adds `MemberReq::StoreState` (a first start without `store.new`),
+/// `MemberReq::ProposeRound` and `MemberReq::Release` (a lost round of a
+/// proposal frees its votes).
 pub const PROTOCOL_VERSION: u32 = 9;
 /// Oldest protocol version this build still speaks.
 pub const PROTOCOL_OLDEST: u32 = 7;
@@ -46,7 +47,7 @@ pub const PROTOCOL_OLDEST: u32 = 7;
 pub const SINCE_SCRUB_REPORT: u32 = 8;
 /// First version with `Request::Relay`.
 pub const SINCE_RELAY: u32 = 8;
-/// First version with `MemberReq::StoreState` and `MemberReq::Release`.
+/// First version with `MemberReq::StoreState`, `ProposeRound` and `Release`.
 pub const SINCE_STORE_STATE: u32 = 9;
 /// Environment variable that makes a process announce an older version
 /// than it could (rehearsing a mixed-version cluster before an upgrade).
@@ -272,7 +273,9 @@ impl MemberReq {
     /// The oldest protocol version that has this request (see [`Request::since`]).
     pub fn since(&self) -> u32 {
         match self {
-            MemberReq::StoreState { .. } | MemberReq::Release { .. } => SINCE_STORE_STATE,
+            MemberReq::StoreState { .. } | MemberReq::Release { .. } | MemberReq::ProposeRound { .. } => {
+                SINCE_STORE_STATE
+            }
             _ => PROTOCOL_OLDEST,
         }
     }
