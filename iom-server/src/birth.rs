@@ -48,8 +48,10 @@ pub use crate::seen::{Seen, SEEN_FILE};
 
 /// What a store leaves in its data directory or journal besides its block
 /// file, if any is there: evidence that a store existed.
-fn earlier_life(data_dir: &Path, journal_dir: &Path) -> Option<std::path::PathBuf> {
-    let files = ["cluster.state", "incarnation", crate::seen::SEEN_FILE, "map.snap"].map(|f| data_dir.join(f));
+fn earlier_life(iom_dir: &Path, data_dir: &Path, journal_dir: &Path) -> Option<std::path::PathBuf> {
+    let mut files: Vec<std::path::PathBuf> =
+        ["cluster.state", "incarnation", crate::seen::SEEN_FILE, "map.snap", "vote"].map(|f| data_dir.join(f)).into();
+    files.push(iom_dir.join(crate::seen::BORN_FILE));
     if let Some(f) = files.into_iter().find(|f| f.exists()) {
         return Some(f);
     }
@@ -227,7 +229,7 @@ pub async fn settle(
     endpoint: &quinn::Endpoint,
     pool: &net::Pool,
 ) -> Result<(), Error> {
-    if let Some(left) = earlier_life(data_dir, journal_dir) {
+    if let Some(left) = earlier_life(&paths.iom_dir(me), data_dir, journal_dir) {
         return Err(Error::Damaged(format!(
             "IOM {me}'s store ({}) is missing, but {} is still there: the store was moved or deleted, so this \
              IOM will not start (it would answer reads with zeros). Put the store back; if its disk was \

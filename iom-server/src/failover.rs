@@ -226,8 +226,13 @@ impl Failover {
                     self.member.install(map);
                 }
             }
+            if self.member.epoch() >= next.epoch {
+                // A map of this epoch (or later) is committed already: this
+                // round cannot be.
+                break;
+            }
         }
-        if votes < self.member.majority() {
+        if votes < self.member.majority() || self.member.epoch() >= next.epoch {
             tracing::warn!(
                 iom = self.me.0,
                 epoch = next.epoch.0,
@@ -251,7 +256,12 @@ impl Failover {
             }
             return false;
         }
-        self.member.install(next.clone());
+        if !self.member.install(next.clone()) {
+            // Not kept (the disk refused it): not committed, and it is not
+            // released either (a majority holds it; their votes pass with
+            // the epoch).
+            return false;
+        }
         for j in (0..w).map(IomId).filter(|&j| j != self.me) {
             let me = self.clone();
             let req = Request::Member(MemberReq::Commit { map: next.clone() });

@@ -32,6 +32,10 @@ pub struct Membership {
     /// The ballot this IOM voted for last, with the round of it (0: a
     /// proposer of protocol 7/8, which names no rounds).
     voted: Mutex<Option<(Ballot, u64)>>,
+    /// The highest round released of a ballot of the next epoch: a
+    /// proposal of that round or an earlier one arriving late is refused
+    /// (it would bind this voter to a round its proposer gave up).
+    released: Mutex<Option<(Ballot, u64)>>,
     dir: PathBuf,
 }
 
@@ -39,7 +43,17 @@ impl Membership {
     pub fn new(me: IomId, map: ClusterMap, dir: PathBuf, heartbeat: Duration, failure_timeout: Duration) -> Membership {
         let (changes, _) = watch::channel(map.epoch);
         let live = Liveness::new(me, map.width(), heartbeat, failure_timeout, Instant::now());
-        Membership { me, map: RwLock::new(map), changes, live: Mutex::new(live), voted: Mutex::new(None), dir }
+        // The vote given before a restart still binds (kept on disk).
+        let voted = crate::membership_state::load_vote(&dir);
+        Membership {
+            me,
+            map: RwLock::new(map),
+            changes,
+            live: Mutex::new(live),
+            voted: Mutex::new(voted),
+            released: Mutex::new(None),
+            dir,
+        }
     }
 
     pub fn me(&self) -> IomId {
@@ -65,8 +79,12 @@ impl Membership {
             if m.epoch <= cur.epoch || m.width() != cur.width() {
                 return false;
             }
+            // A map this IOM cannot keep is not adopted: after a restart it
+            // would come back at the older epoch (and, as the proposer,
+            // could commit another map of this one).
             if let Err(e) = crate::membership_state::save(&self.dir, &m) {
-                tracing::error!("cannot persist cluster map: {e}");
+                tracing::error!("cannot persist cluster map of epoch {}: {e}; not adopted", m.epoch.0);
+                return false;
             }
             tracing::warn!(iom = self.me.0, epoch = m.epoch.0, states = ?m.states, meta_home = m.meta_home.0, "new cluster map");
             *cur = m;
@@ -127,15 +145,24 @@ impl Membership {
     /// Records a vote for round `round` of `b` if it is newer than any vote
     /// given; the caller checked the proposal makes sense. A later round of
     /// the same ballot takes the vote over (its proposer tries one round at
-    /// a time and gave the earlier one up).
+    /// a time and gave the earlier one up); an earlier or released round
+    /// does not (it arrived late). The vote is on disk before it counts.
     pub fn vote(&self, b: Ballot, round: u64) -> bool {
         if b.epoch <= self.epoch() {
+            return false;
+        }
+        if self.released.lock().is_some_and(|(rb, rr)| rb == b && round <= rr) {
             return false;
         }
         let mut v = self.voted.lock();
         match *v {
             Some((prev, _)) if prev.epoch >= b.epoch && prev != b => false,
+            Some((prev, r)) if prev == b && round < r => false,
             _ => {
+                if let Err(e) = crate::membership_state::save_vote(&self.dir, b, round) {
+                    tracing::error!("cannot keep a vote on disk: {e}; not voting");
+                    return false;
+                }
                 *v = Some((b, round));
                 true
             }
@@ -156,8 +183,19 @@ impl Membership {
     /// majority in that round; a vote since given to a later round of the
     /// ballot stays.)
     pub fn release(&self, ballot: Ballot, round: u64) {
+        if ballot.epoch <= self.epoch() {
+            return;
+        }
+        {
+            let mut rel = self.released.lock();
+            if !rel.is_some_and(|(rb, rr)| rb == ballot && rr >= round) {
+                *rel = Some((ballot, round));
+            }
+        }
         let mut v = self.voted.lock();
         if *v == Some((ballot, round)) {
+            // On disk the vote stays; after a restart it binds until the
+            // epoch passes, as a vote whose release was lost does.
             *v = None;
         }
     }
@@ -473,5 +511,37 @@ mod tests {
         assert!(!m.vote(q, 1), "a late release of round 1 freed the vote of round 2");
         m.release(p, 2);
         assert!(m.vote(q, 1), "the release of the round voted for frees the vote");
+        // A round of q that arrives after the vote moved on, or after its
+        // release, binds nothing.
+        assert!(m.vote(q, 5));
+        assert!(!m.vote(q, 3), "an earlier round of the held ballot took the vote back");
+        m.release(q, 5);
+        assert!(!m.vote(q, 5), "a proposal that arrived after its release bound the voter again");
+        assert!(m.vote(q, 6), "the proposer's next round is granted");
+    }
+
+    /// A vote outlives a restart: a voter that granted one proposal of an
+    /// epoch and restarted before its commit must not grant another.
+    #[test]
+    fn a_vote_survives_a_restart_of_the_voter() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            Membership::new(
+                IomId(1),
+                ClusterMap::initial(5, IomId(0)),
+                dir.path().into(),
+                Duration::from_millis(100),
+                Duration::from_secs(2),
+            )
+        };
+        let m = open();
+        let e = Epoch(m.epoch().0 + 1);
+        let p = Ballot { epoch: e, proposer: IomId(0) };
+        let q = Ballot { epoch: e, proposer: IomId(3) };
+        assert!(m.vote(p, 4));
+        drop(m);
+        let m = open();
+        assert!(!m.vote(q, 1), "a restarted voter granted a second proposal of the epoch");
+        assert!(m.vote(p, 4), "the same round again is the same vote");
     }
 }

@@ -50,6 +50,32 @@ pub fn save(dir: &Path, m: &ClusterMap) -> Result<(), Error> {
     crate::fsutil::write_atomic(&dir.join(FILE), &encode(m)?)
 }
 
+/// File keeping the vote this IOM gave last: `epoch proposer round`.
+const VOTE_FILE: &str = "vote";
+
+/// The vote kept in `dir` (`None` without one; an unreadable one is
+/// reported and taken as none, as before votes were kept).
+pub fn load_vote(dir: &Path) -> Option<(common::wire::Ballot, u64)> {
+    let p = dir.join(VOTE_FILE);
+    let s = std::fs::read_to_string(&p).ok()?;
+    let f: Vec<u64> = s.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    match f[..] {
+        [e, p_, r] if p_ <= u32::MAX as u64 => {
+            Some((common::wire::Ballot { epoch: common::Epoch(e), proposer: common::IomId(p_ as u32) }, r))
+        }
+        _ => {
+            tracing::error!("{}: not a vote ('epoch proposer round'); ignored", p.display());
+            None
+        }
+    }
+}
+
+/// Keeps a vote on disk before it is given: a voter that restarts between
+/// granting a proposal and its commit must not grant another of that epoch.
+pub fn save_vote(dir: &Path, b: common::wire::Ballot, round: u64) -> Result<(), Error> {
+    crate::fsutil::write_atomic(&dir.join(VOTE_FILE), format!("{} {} {round}\n", b.epoch.0, b.proposer.0).as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,10 @@ use std::path::{Path, PathBuf};
 
 /// File in the data directory listing the IOMs heard since the store exists.
 pub const SEEN_FILE: &str = "seen-iom";
+/// File in the IOM's own directory (`D/iom-I`, with its certificate)
+/// written when its store is created: evidence of a store even when the
+/// data directory is another filesystem that is missing for now.
+pub const BORN_FILE: &str = "store.born";
 
 /// The IOMs whose heartbeats (or parity channels) this IOM heard since its
 /// store exists. Noted in memory at once; kept on disk by [`Seen::persist`].
@@ -61,6 +65,14 @@ impl Seen {
         match self.ids.lock().as_mut() {
             Some(ids) => ids.insert(iom.0),
             None => false,
+        }
+    }
+
+    /// Takes back a note whose [`Seen::persist`] failed, so that the next
+    /// heartbeat notes (and persists) it again.
+    pub fn forget(&self, iom: IomId) {
+        if let Some(ids) = self.ids.lock().as_mut() {
+            ids.remove(&iom.0);
         }
     }
 

@@ -182,11 +182,13 @@ async fn serve_stream(
         Request::Member(MemberReq::Ping { from, .. }) | Request::ParityChannel { from, .. }
             if cert_iom == Some(*from) && router.seen.note(*from) =>
         {
-            let seen = router.seen.clone();
+            let (seen, who) = (router.seen.clone(), *from);
             router.workers.spawn(Tier::Background, "seen-persist", async move {
-                let r = crate::fsutil::off_loop("record a heard IOM", move || seen.persist()).await;
+                let keep = seen.clone();
+                let r = crate::fsutil::off_loop("record a heard IOM", move || keep.persist()).await;
                 if let Err(e) = r {
-                    tracing::warn!("cannot record the IOMs heard: {e}");
+                    tracing::warn!("cannot record that IOM {who} was heard: {e}; noted again at its next heartbeat");
+                    seen.forget(who);
                 }
             });
         }

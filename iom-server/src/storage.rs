@@ -441,6 +441,14 @@ fn prepare_store(paths: &ClusterPaths, data_dir: &std::path::Path, id: IomId) ->
         }
         Err(e) => return Err(Error::io(format!("read {}", marker.display()), e)),
     };
+    // Before the store exists: an empty set of IOMs heard (so a block file
+    // without it is a store older than the set, `seen`), and a record on
+    // the configuration's filesystem that this IOM had a store (so a data
+    // disk that is missing for now is not taken for a new one: `birth`).
+    if kind == "new" || kind == "replace" {
+        crate::fsutil::write_atomic(&data_dir.join(crate::seen::SEEN_FILE), b"")?;
+        crate::fsutil::write_atomic(&paths.iom_dir(id).join(crate::seen::BORN_FILE), b"a store was created here\n")?;
+    }
     match kind.as_str() {
         "new" => Ok(false),
         "replace" => {

@@ -152,7 +152,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("journal", &["format", "fsutil", "records", "store"]),
     ("map", &["format", "fsutil", "records"]),
     ("membership_state", &["format", "fsutil"]),
-    ("storage", &["cache", "failpoint", "fsutil", "journal", "map", "records", "store", "timeouts"]),
+    ("storage", &["cache", "failpoint", "fsutil", "journal", "map", "records", "seen", "store", "timeouts"]),
     // Membership (pure state + persistence) and the outgoing calls.
     ("membership", &["liveness", "membership_state"]),
     ("caller", &["membership", "timeouts"]),
