@@ -9,7 +9,7 @@
 //! asks the other IOMs before it creates anything ([`decide`]):
 //!
 //! - every IOM that runs with a store keeps the set of IOMs whose
-//!   heartbeats it heard since it has one ([`Seen`], `seen-iom` in its
+//!   heartbeats it heard since it has one (`seen::Seen`, `seen-iom` in its
 //!   data directory); an IOM that heard the asker says so, and the asker
 //!   refuses to start (its disk lost its data: `iomfs replace`);
 //! - an IOM that has no store yet answers "no store" ([`respond`], run on
@@ -44,13 +44,18 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-pub use crate::seen::{Seen, SEEN_FILE};
-
 /// What a store leaves in its data directory or journal besides its block
 /// file, if any is there: evidence that a store existed.
 fn earlier_life(iom_dir: &Path, data_dir: &Path, journal_dir: &Path) -> Option<std::path::PathBuf> {
-    let mut files: Vec<std::path::PathBuf> =
-        ["cluster.state", "incarnation", crate::seen::SEEN_FILE, "map.snap", "vote"].map(|f| data_dir.join(f)).into();
+    let mut files: Vec<std::path::PathBuf> = [
+        crate::membership_state::FILE,
+        crate::membership_state::VOTE_FILE,
+        crate::storage::INCARNATION_FILE,
+        crate::seen::SEEN_FILE,
+        crate::map::SNAPSHOT_FILE,
+    ]
+    .map(|f| data_dir.join(f))
+    .into();
     files.push(iom_dir.join(crate::seen::BORN_FILE));
     if let Some(f) = files.into_iter().find(|f| f.exists()) {
         return Some(f);
@@ -115,8 +120,7 @@ pub fn verdict(width: u32, answers: &[(IomId, Answer)]) -> Verdict {
 /// Asks every other IOM until the answers allow a verdict other than
 /// `Wait`; says every 10 s whom it waits for.
 pub async fn decide(me: IomId, width: u32, pool: &net::Pool) -> Verdict {
-    let started = Instant::now();
-    let mut said = Instant::now();
+    let mut said: Option<Instant> = None;
     loop {
         let peers: Vec<IomId> = (0..width).map(IomId).filter(|&p| p != me).collect();
         let asks = peers.iter().map(|&p| async move {
@@ -136,7 +140,7 @@ pub async fn decide(me: IomId, width: u32, pool: &net::Pool) -> Verdict {
         if v != Verdict::Wait {
             return v;
         }
-        if said.elapsed() >= Duration::from_secs(10) || started.elapsed() < Duration::from_millis(10) {
+        if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
             let silent: Vec<String> = answers
                 .iter()
                 .filter_map(|(p, a)| match a {
@@ -150,7 +154,7 @@ pub async fn decide(me: IomId, width: u32, pool: &net::Pool) -> Verdict {
                  majority of the {width} with stores, has said it never heard IOM {me}; waiting for {}",
                 silent.join(", ")
             );
-            said = Instant::now();
+            said = Some(Instant::now());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

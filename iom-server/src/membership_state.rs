@@ -10,7 +10,8 @@ use common::cluster::ClusterMap;
 use common::codec;
 use std::path::Path;
 
-const FILE: &str = "cluster.state";
+/// The map this IOM knows, kept across restarts.
+pub const FILE: &str = "cluster.state";
 pub const FORMAT_VERSION: u32 = 1;
 const FORMAT: Format = Format { magic: b"IOMFSCST", version: FORMAT_VERSION, oldest: FORMAT_VERSION };
 
@@ -51,7 +52,7 @@ pub fn save(dir: &Path, m: &ClusterMap) -> Result<(), Error> {
 }
 
 /// File keeping the vote this IOM gave last: `epoch proposer round`.
-const VOTE_FILE: &str = "vote";
+pub const VOTE_FILE: &str = "vote";
 
 /// The vote kept in `dir` (`None` without one; an unreadable one is
 /// reported and taken as none, as before votes were kept).

@@ -30,11 +30,10 @@ pub struct Seen {
 }
 
 impl Seen {
-    /// Opens the set kept in `data_dir`. Without the file: a store that
-    /// existed before this start (`had_store`) predates it and counts
-    /// every IOM as heard; a store created by this start hears from now.
-    /// The file is written at once in both cases.
-    pub fn open(data_dir: &Path, had_store: bool) -> Result<Seen, Error> {
+    /// Opens the set kept in `data_dir`. `storage::prepare_store` writes
+    /// an empty file before it creates a store, so a store without the
+    /// file predates it: it counts every IOM as heard (written so at once).
+    pub fn open(data_dir: &Path) -> Result<Seen, Error> {
         let path = data_dir.join(SEEN_FILE);
         let ids = match std::fs::read_to_string(&path) {
             Ok(s) if s.trim() == "all" => None,
@@ -46,9 +45,8 @@ impl Seen {
                     .map_err(|e| Error::Damaged(format!("{}: {e} (one IOM id per line, or `all`)", path.display())))?,
             ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let ids = (!had_store).then(BTreeSet::new);
-                crate::fsutil::write_atomic(&path, text(&ids).as_bytes())?;
-                ids
+                crate::fsutil::write_atomic(&path, text(&None).as_bytes())?;
+                None
             }
             Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
         };
@@ -98,25 +96,27 @@ mod tests {
     #[test]
     fn the_set_survives_a_restart_and_rejects_garbage() {
         let d = tempfile::tempdir().unwrap();
-        let s = Seen::open(d.path(), false).unwrap();
+        // As `storage::prepare_store` leaves it before a new store.
+        std::fs::write(d.path().join(SEEN_FILE), "").unwrap();
+        let s = Seen::open(d.path()).unwrap();
         assert!(!s.has(IomId(3)));
         assert!(s.note(IomId(3)));
         assert!(s.note(IomId(1)));
         assert!(!s.note(IomId(3)), "noted once");
         s.persist().unwrap();
-        let again = Seen::open(d.path(), true).unwrap();
+        let again = Seen::open(d.path()).unwrap();
         assert!(again.has(IomId(3)) && again.has(IomId(1)) && !again.has(IomId(2)));
         std::fs::write(d.path().join(SEEN_FILE), "x\n").unwrap();
-        assert!(matches!(Seen::open(d.path(), true), Err(Error::Damaged(_))));
+        assert!(matches!(Seen::open(d.path()), Err(Error::Damaged(_))));
     }
 
     #[test]
     fn a_store_older_than_the_file_counts_every_iom_as_heard_for_good() {
         let d = tempfile::tempdir().unwrap();
-        let s = Seen::open(d.path(), true).unwrap();
+        let s = Seen::open(d.path()).unwrap();
         assert!(s.has(IomId(4)), "an upgraded store cannot tell whom it heard");
         assert!(!s.note(IomId(4)));
-        let again = Seen::open(d.path(), true).unwrap();
+        let again = Seen::open(d.path()).unwrap();
         assert!(again.has(IomId(0)) && again.has(IomId(4)));
     }
 }

@@ -97,7 +97,6 @@ impl Iom {
             crate::birth::settle(opts.id, initial, &cfg.cluster_id, &paths, &data_dir, &journal_dir, &endpoint, &pool)
                 .await?;
         }
-        let had_store = crate::birth::has_store(&data_dir);
         let (storage, opened) = Storage::open(opts.id, &cfg, &paths, &icfg, data_dir.clone(), journal_dir, &timeouts)?;
         let storage = Arc::new(storage);
         let replacing = opened.replacing;
@@ -264,7 +263,7 @@ impl Iom {
             workers: workers.clone(),
             scrubs: crate::scrub_book::ScrubBook::open(&data_dir),
             caller: caller.clone(),
-            seen: Arc::new(crate::seen::Seen::open(&data_dir, had_store)?),
+            seen: Arc::new(crate::seen::Seen::open(&data_dir)?),
         });
         let local: std::sync::Weak<dyn LocalRoles> = Arc::downgrade(&router) as _;
         caller.bind_local(local);

@@ -463,9 +463,12 @@ fn prepare_store(paths: &ClusterPaths, data_dir: &std::path::Path, id: IomId) ->
     }
 }
 
+/// The start counter's file in the data directory.
+pub const INCARNATION_FILE: &str = "incarnation";
+
 /// Bumps and returns the start counter kept in `D/iom-I/incarnation`.
 fn next_incarnation(dir: &std::path::Path) -> Result<u64, Error> {
-    let p = dir.join("incarnation");
+    let p = dir.join(INCARNATION_FILE);
     let cur = match std::fs::read_to_string(&p) {
         Ok(s) => s.trim().parse::<u64>().map_err(|e| Error::Damaged(format!("{}: {e}", p.display())))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
@@ -480,7 +483,7 @@ fn next_incarnation(dir: &std::path::Path) -> Result<u64, Error> {
 /// (a replacement store starts above every transaction id its IOM's lost
 /// store used, so the store-age check never mistakes it for a stale one).
 pub fn raise_incarnation(dir: &std::path::Path, at_least: u64) -> Result<(), Error> {
-    let p = dir.join("incarnation");
+    let p = dir.join(INCARNATION_FILE);
     let cur = std::fs::read_to_string(&p).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
     if cur < at_least {
         crate::fsutil::write_atomic(&p, format!("{at_least}\n").as_bytes())?;

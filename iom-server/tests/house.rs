@@ -137,7 +137,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("restart", &[]),
     ("scrub_book", &["format", "fsutil"]),
     ("seen", &["fsutil"]),
-    ("birth", &["fsutil", "seen", "service", "store"]),
+    ("birth", &["fsutil", "map", "membership_state", "seen", "service", "storage", "store"]),
     ("timeouts", &[]),
     ("fsutil", &[]),
     ("failpoint", &[]),

@@ -67,6 +67,21 @@ pub(super) struct Node {
 }
 
 impl Node {
+    /// The namespace holds this inode's state durably as this client knows
+    /// it (no change since a synced publication or `Sync`).
+    fn meta_durable(&self) -> bool {
+        self.synced_change == Some(self.attr.change)
+    }
+
+    /// A synced publication or `Sync` answered with change counter
+    /// `change`; `gen` is `meta_changes` when it was sent: it made the
+    /// state durable only if no unsynced change was sent meanwhile.
+    fn note_synced(&mut self, gen: u64, change: u64) {
+        if self.meta_changes == gen {
+            self.synced_change = Some(change);
+        }
+    }
+
     pub(super) fn merged(&self) -> Attr {
         let mut a = self.attr.clone();
         if self.dirty_end > a.size {
@@ -180,19 +195,15 @@ impl Inner {
         let (end, mtime, atime_set, mtime_set) = match dirty {
             Some(d) => d,
             None if sync => {
-                let known = self.nodes.lock().get(&ino).map(|n| (n.attr.change, n.synced_change, n.meta_changes));
-                if let Some((change, Some(synced), _)) = known {
-                    if synced == change {
-                        // Nothing of this file changed at the namespace since
-                        // this client last made it durable there.
-                        return Ok(());
-                    }
+                let known = self.nodes.lock().get(&ino).map(|n| (n.attr.change, n.meta_changes, n.meta_durable()));
+                if known.is_some_and(|(_, _, durable)| durable) {
+                    // Nothing of this file changed at the namespace since
+                    // this client last made it durable there.
+                    return Ok(());
                 }
                 self.meta(MetaReq::Sync).await?;
-                if let (Some(n), Some((change, _, gen))) = (self.nodes.lock().get_mut(&ino), known) {
-                    if n.meta_changes == gen {
-                        n.synced_change = Some(change);
-                    }
+                if let (Some(n), Some((change, gen, _))) = (self.nodes.lock().get_mut(&ino), known) {
+                    n.note_synced(gen, change);
                 }
                 return Ok(());
             }
@@ -219,8 +230,8 @@ impl Inner {
                     n.no_caps = Some(a.change);
                 }
                 n.attr = a.clone();
-                if sync && Some(n.meta_changes) == gen {
-                    n.synced_change = Some(a.change);
+                if let (true, Some(gen)) = (sync, gen) {
+                    n.note_synced(gen, a.change);
                 }
                 // Clean unless this client wrote more meanwhile (published next time).
                 if n.dirty_mtime == mtime && n.dirty_end <= end {
@@ -405,9 +416,11 @@ impl Inner {
             Ok(())
         };
         let meta = async {
-            let only_mtime = self.nodes.lock().get(&ino).is_some_and(|n| {
-                n.dirty_end <= n.attr.size && n.synced_change == Some(n.attr.change) && !n.has_times()
-            });
+            let only_mtime = self
+                .nodes
+                .lock()
+                .get(&ino)
+                .is_some_and(|n| n.dirty_end <= n.attr.size && n.meta_durable() && !n.has_times());
             if datasync && only_mtime {
                 return Ok(());
             }
