@@ -106,6 +106,17 @@ pub struct Tuning {
     /// journal before it, MiB. Smaller: faster restarts, more checkpoint
     /// writes.
     pub checkpoint_mib: u64,
+    /// Clients send a whole parity group written over absent blocks as a
+    /// stripe: the parity block's delta computed by the client and sent
+    /// to the parity IOM directly, so the data cross the network once
+    /// (protocol 10; `false` sends every block's delta through its data
+    /// IOM). Written to cluster.toml only when turned off.
+    #[serde(skip_serializing_if = "is_true")]
+    pub client_stripes: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl Default for Tuning {
@@ -121,6 +132,7 @@ impl Default for Tuning {
             disk_errors_before_stop: 10,
             client_lease_s: 30,
             checkpoint_mib: 64,
+            client_stripes: true,
         }
     }
 }

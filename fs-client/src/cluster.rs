@@ -126,6 +126,35 @@ pub struct ClusterClient {
     /// network fault between the two alone), each with the IOM its
     /// requests go through meanwhile (`Request::Relay`).
     relays: parking_lot::Mutex<std::collections::HashMap<IomId, Relay>>,
+    /// Numbers this client's stripes (with its id: `stripes_for`).
+    stripe_seq: std::sync::atomic::AtomicU64,
+}
+
+/// One IOM role's part of a write: its pieces, their bytes, their stripes.
+type RoleWrite = (IomId, Vec<WritePiece>, Vec<Bytes>, Vec<u64>);
+
+/// A whole parity group written as a client stripe.
+struct Stripe {
+    group: GroupNo,
+    id: u64,
+    /// Each member's new block's checksum, in member order.
+    crcs: Vec<u32>,
+    /// The XOR of the members' new blocks.
+    piece: Bytes,
+}
+
+/// `acc ^= b` over `b`'s length (`acc` at least as long).
+fn xor_into(acc: &mut [u8], b: &[u8]) {
+    let (a8, b8) = (acc[..b.len()].chunks_exact_mut(8), b.chunks_exact(8));
+    let tail = b.len() - b.len() % 8;
+    for (x, y) in a8.zip(b8) {
+        let v =
+            u64::from_ne_bytes(x[..].try_into().expect("8 bytes")) ^ u64::from_ne_bytes(y.try_into().expect("8 bytes"));
+        x.copy_from_slice(&v.to_ne_bytes());
+    }
+    for i in tail..b.len() {
+        acc[i] ^= b[i];
+    }
 }
 
 /// Requests for an IOM this client cannot reach go through `via`; the
@@ -197,6 +226,7 @@ impl ClusterClient {
             map,
             rpc_timeout: Duration::from_secs(20),
             client_id: rand::random::<u64>() | 1,
+            stripe_seq: std::sync::atomic::AtomicU64::new(1),
             seq: std::sync::atomic::AtomicU64::new(1),
             written: std::sync::atomic::AtomicU64::new(0),
             relays: parking_lot::Mutex::default(),
@@ -539,6 +569,23 @@ impl ClusterClient {
     /// Writes `data` at `offset` of an object; returns when every block's
     /// write reached the point `toughness` names.
     pub async fn write(&self, object: ObjectId, offset: u64, data: Bytes, toughness: Toughness) -> Result<()> {
+        self.write_from(object, offset, data, toughness, u64::MAX).await
+    }
+
+    /// `write`, told that the object's blocks from byte `fresh_from` on are
+    /// probably absent (its size as this client knows it): each whole
+    /// parity group of the write past it goes as a stripe, its parity
+    /// delta computed here and sent to the parity IOM, so no data IOM
+    /// sends it one (`parity::stripes` on the IOMs). A data IOM whose
+    /// block was not absent after all sends its delta as usual.
+    pub async fn write_from(
+        &self,
+        object: ObjectId,
+        offset: u64,
+        data: Bytes,
+        toughness: Toughness,
+        fresh_from: u64,
+    ) -> Result<()> {
         self.written.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         metrics::counter!("iomfs_client_written_bytes_total").increment(data.len() as u64);
         let pieces = self.layout.split(offset, data.len());
@@ -546,26 +593,55 @@ impl ClusterClient {
         for p in &pieces {
             *per_group.entry(self.layout.group_of(p.block)).or_default() += 1;
         }
-        // One request per IOM role: the pieces it holds, their bytes in order.
-        let mut per_role: Vec<(IomId, Vec<WritePiece>, Vec<Bytes>)> = Vec::new();
+        let stripes = self.stripes_for(&pieces, &data, fresh_from).await;
+        // One request per IOM role: the pieces it holds, their bytes in
+        // order, and each piece's stripe (0: none).
+        let mut per_role: Vec<RoleWrite> = Vec::new();
         for p in &pieces {
             let role = self.layout.data_iom(object, p.block);
+            let group = self.layout.group_of(p.block);
             let piece = WritePiece {
                 key: BlockKey { object, block: p.block },
                 offset: p.offset,
                 len: p.len,
-                group_hint: per_group[&self.layout.group_of(p.block)],
+                group_hint: per_group[&group],
             };
+            let stripe = stripes.iter().find(|s| s.group == group).map_or(0, |s| s.id);
             let bytes = data.slice(p.buf_offset..p.buf_offset + p.len as usize);
-            match per_role.iter_mut().find(|(r, _, _)| *r == role) {
-                Some((_, ps, bs)) => {
+            match per_role.iter_mut().find(|(r, _, _, _)| *r == role) {
+                Some((_, ps, bs, ss)) => {
                     ps.push(piece);
                     bs.push(bytes);
+                    ss.push(stripe);
                 }
-                None => per_role.push((role, vec![piece], vec![bytes])),
+                None => per_role.push((role, vec![piece], vec![bytes], vec![stripe])),
             }
         }
-        let writes = per_role.into_iter().map(|(role, ps, mut bs)| async move {
+        // The pieces first: they reach their parity IOMs about when the
+        // data IOMs' references do. A piece that is lost costs only time:
+        // its stripe's data IOMs are then asked for their deltas.
+        let parity_pieces = stripes.into_iter().map(|s| async move {
+            let group = common::GroupKey { object, group: s.group };
+            let parity = self.layout.parity_iom(object, s.group);
+            let (stripe, crcs) = (s.id, s.crcs);
+            let r = self
+                .data(parity, |route| DataReq::StripeParity { route, group, stripe, crcs: crcs.clone() }, s.piece)
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(object = object.0, group = s.group.0, "stripe piece not taken: {e}");
+            }
+        });
+        let pieces_sent = futures::future::join_all(parity_pieces);
+        let writes = per_role.into_iter().map(|(role, ps, mut bs, ss)| async move {
+            if ss.iter().any(|&s| s != 0) {
+                return self
+                    .data_chunks(
+                        role,
+                        |route| DataReq::WriteStriped { route, pieces: ps.clone(), toughness, stripes: ss.clone() },
+                        bs,
+                    )
+                    .await;
+            }
             if ps.len() == 1 {
                 let p = ps[0];
                 let payload = bs.pop().expect("one piece, one payload");
@@ -585,8 +661,57 @@ impl ClusterClient {
             }
             self.data_chunks(role, |route| DataReq::WriteMany { route, pieces: ps.clone(), toughness }, bs).await
         });
-        futures::future::try_join_all(writes).await?;
+        let (_, written) = futures::future::join(pieces_sent, futures::future::try_join_all(writes)).await;
+        written?;
         Ok(())
+    }
+
+    /// The whole parity groups of a write (`pieces` of `data`) that go as
+    /// stripes: every member written whole, the group past `fresh_from`,
+    /// stripes on in the config, every IOM up in the map, reached
+    /// directly and speaking protocol 10.
+    async fn stripes_for(&self, pieces: &[common::layout::Piece], data: &Bytes, fresh_from: u64) -> Vec<Stripe> {
+        let n = self.layout.n() as usize;
+        let bs = self.layout.block_size();
+        if !self.cfg.tuning.client_stripes || fresh_from == u64::MAX || pieces.len() < n {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for run in pieces.chunk_by(|a, b| self.layout.group_of(a.block) == self.layout.group_of(b.block)) {
+            let group = self.layout.group_of(run[0].block);
+            let start = self.layout.member_block(group, 0).0 * bs as u64;
+            if run.len() != n || start < fresh_from || run.iter().any(|p| p.offset != 0 || p.len != bs) {
+                continue;
+            }
+            out.push((group, run));
+        }
+        if out.is_empty() {
+            return Vec::new();
+        }
+        let map = self.map();
+        if (0..self.cfg.width()).any(|i| map.state(IomId(i)) != IomState::Up) || !self.relays.lock().is_empty() {
+            return Vec::new();
+        }
+        for i in 0..self.cfg.width() {
+            if !matches!(self.pool.version(IomId(i)).await, Ok(v) if v >= common::wire::SINCE_STRIPE) {
+                return Vec::new();
+            }
+        }
+        out.into_iter()
+            .map(|(group, run)| {
+                let mut piece = BytesMut::zeroed(bs as usize);
+                let mut crcs = Vec::with_capacity(n);
+                for p in run {
+                    let b = &data[p.buf_offset..p.buf_offset + p.len as usize];
+                    crcs.push(common::codec::crc(b));
+                    xor_into(&mut piece, b);
+                }
+                let id = (self.client_id.rotate_left(29)
+                    ^ self.stripe_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                .max(1);
+                Stripe { group, id, crcs, piece: piece.freeze() }
+            })
+            .collect()
     }
 
     /// Cuts an object to `size` bytes: the block holding `size` keeps its

@@ -423,3 +423,49 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
     }
 }
+
+/// A first port of `n` consecutive TCP ports free on 127.0.0.1 now.
+pub fn free_ports(n: u16) -> u16 {
+    let mut rng = Rng(std::process::id() as u64 ^ 0x5eed);
+    loop {
+        let base = 20000 + rng.below(40000) as u16;
+        let held: Vec<_> = (0..n).map_while(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).ok()).collect();
+        if held.len() == n as usize {
+            return base;
+        }
+    }
+}
+
+/// `GET /metrics` from `addr`: the body of a 200 answer.
+pub fn scrape(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to metrics at {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    std::io::Write::write_fmt(
+        &mut s,
+        format_args!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .expect("send");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).expect("read answer");
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "metrics at {addr} answered {head}");
+    body.to_string()
+}
+
+/// Names of the series in a scrape (`name{labels} value` lines).
+pub fn names(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap_or("").to_string())
+        .collect()
+}
+
+/// Sum of the values of series `name` whose labels contain every one of `with`.
+pub fn value(text: &str, name: &str, with: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| with.iter().all(|w| l.contains(w)))
+        .map(|l| l.rsplit(' ').next().unwrap_or("0").parse::<f64>().expect("a number"))
+        .sum()
+}

@@ -3,51 +3,8 @@
 
 use integration::*;
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// A first port of `n` consecutive TCP ports free on 127.0.0.1 now.
-fn free_ports(n: u16) -> u16 {
-    let mut rng = Rng(std::process::id() as u64 ^ 0x5eed);
-    loop {
-        let base = 20000 + rng.below(40000) as u16;
-        let held: Vec<_> = (0..n).map_while(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).ok()).collect();
-        if held.len() == n as usize {
-            return base;
-        }
-    }
-}
-
-/// `GET /metrics` from `addr`: the body of a 200 answer.
-fn scrape(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to metrics at {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("send");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read answer");
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
-    assert!(head.starts_with("HTTP/1.1 200"), "metrics at {addr} answered {head}");
-    body.to_string()
-}
-
-/// Names of the series in a scrape (`name{labels} value` lines).
-fn names(text: &str) -> BTreeSet<String> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| l.split(['{', ' ']).next().unwrap_or("").to_string())
-        .collect()
-}
-
-/// Sum of the values of series `name` whose labels contain every one of `with`.
-fn value(text: &str, name: &str, with: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter(|l| with.iter().all(|w| l.contains(w)))
-        .map(|l| l.rsplit(' ').next().unwrap_or("0").parse::<f64>().expect("a number"))
-        .sum()
-}
 
 #[test]
 fn metrics_endpoints_count_the_traffic_and_serve_every_series_the_dashboard_reads() {

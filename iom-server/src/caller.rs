@@ -173,6 +173,11 @@ impl RoleCaller {
         self.pool.conn(to).await
     }
 
+    /// The protocol version of the connection to IOM `to`.
+    pub async fn version(&self, to: IomId) -> Result<u32, net::NetError> {
+        self.pool.version(to).await
+    }
+
     /// Closes every connection (the node's stop).
     pub fn close(&self) {
         self.pool.close()

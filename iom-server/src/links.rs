@@ -23,9 +23,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
+/// An update's client stripe (`DataReq::WriteStriped`).
+#[derive(Clone, Copy, Debug)]
+pub struct StripeTag {
+    pub id: u64,
+    /// The new block's checksum.
+    pub crc: u32,
+    /// The block was absent: its delta is its new bytes, which the
+    /// stripe's piece sums, so a reference goes instead of the delta.
+    pub reference: bool,
+}
+
 struct PendingUpdate {
     upd: ParityUpdate,
     delta: Bytes,
+    /// The update's stripe while it was never sent: its first send may be
+    /// a reference (a channel opened after it was queued sends it too);
+    /// any later send carries the delta.
+    unsent_stripe: Option<StripeTag>,
     held: Option<oneshot::Sender<Result<(), Refused>>>,
     done: Option<oneshot::Sender<()>>,
     /// When it was queued (a6), for the round-trip metrics.
@@ -55,6 +70,8 @@ type Out = (ParityMsg, Bytes);
 struct LinkState {
     pending: BTreeMap<TxId, PendingUpdate>,
     out: Option<mpsc::UnboundedSender<Out>>,
+    /// The channel's connection speaks stripe references (protocol 10).
+    stripes_ok: bool,
     /// "write completed" notices not yet sent (stream down).
     backlog: Vec<TxRef>,
     /// Blocks whose refused updates are being rolled back, with how many
@@ -97,12 +114,15 @@ impl Links {
     }
 
     /// a6/a8: queues an update for the parity role `role`; returns receivers
-    /// for "held" (b4) and "completed" (b12).
+    /// for "held" (b4) and "completed" (b12). With `stripe`, the first
+    /// send is a `StripeUpdate` (a reference when the tag says so) if the
+    /// channel speaks it; any resend carries the delta.
     pub fn send_update(
         self: &Arc<Self>,
         role: IomId,
         upd: ParityUpdate,
         delta: Bytes,
+        stripe: Option<StripeTag>,
     ) -> (HeldRx, oneshot::Receiver<()>) {
         let (ht, hr) = oneshot::channel();
         let (dt, dr) = oneshot::channel();
@@ -114,12 +134,20 @@ impl Links {
                 let _ = ht.send(Err(Refused { discard: false }));
                 return (hr, dr);
             }
+            let mut unsent_stripe = stripe;
             if let Some(out) = &s.out {
-                let _ = out.send((ParityMsg::Update(upd.clone()), delta.clone()));
+                let _ = out.send(first_send(&upd, &delta, unsent_stripe.take(), s.stripes_ok));
             }
             s.pending.insert(
                 upd.tx.tx,
-                PendingUpdate { upd, delta, held: Some(ht), done: Some(dt), sent: std::time::Instant::now() },
+                PendingUpdate {
+                    upd,
+                    delta,
+                    unsent_stripe,
+                    held: Some(ht),
+                    done: Some(dt),
+                    sent: std::time::Instant::now(),
+                },
             );
         }
         self.ensure_started(role);
@@ -227,6 +255,7 @@ async fn run_stream(
 ) -> Result<(), String> {
     let link = &l.links[role.0 as usize];
     let conn = l.caller.conn(server).await.map_err(|e| e.to_string())?;
+    let stripes_ok = l.caller.version(server).await.is_ok_and(|v| v >= common::wire::SINCE_STRIPE);
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let open = Request::ParityChannel { from: l.me, epoch: l.member.epoch() };
     write_frame(&mut send, &open, Bytes::new()).await.map_err(|e| e.to_string())?;
@@ -238,13 +267,14 @@ async fn run_stream(
     let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
     {
         let mut s = link.state.lock();
-        for p in s.pending.values() {
-            let _ = tx.send((ParityMsg::Update(p.upd.clone()), p.delta.clone()));
+        for p in s.pending.values_mut() {
+            let _ = tx.send(first_send(&p.upd, &p.delta, p.unsent_stripe.take(), stripes_ok));
         }
         for t in std::mem::take(&mut s.backlog) {
             let _ = tx.send((ParityMsg::WriteDone { tx: t }, Bytes::new()));
         }
         s.out = Some(tx);
+        s.stripes_ok = stripes_ok;
     }
     let mut writer = l.workers.spawn(Tier::Protocol, "parity-link-writer", async move {
         while let Some((m, payload)) = rx.recv().await {
@@ -289,6 +319,19 @@ async fn run_stream(
     result
 }
 
+/// The message that sends an update: a `StripeUpdate` for an update of a
+/// client stripe on a channel that speaks it (a reference without the
+/// delta if the tag says so), an `Update` with its delta otherwise.
+fn first_send(upd: &ParityUpdate, delta: &Bytes, stripe: Option<StripeTag>, stripes_ok: bool) -> Out {
+    match stripe.filter(|_| stripes_ok) {
+        Some(t) => (
+            ParityMsg::StripeUpdate { upd: upd.clone(), stripe: t.id, crc: t.crc, with_delta: !t.reference },
+            if t.reference { Bytes::new() } else { delta.clone() },
+        ),
+        None => (ParityMsg::Update(upd.clone()), delta.clone()),
+    }
+}
+
 /// b1 refused `tx` for lack of space: its writer and the writers of every
 /// later update of the same block hear it now, and the block takes no new
 /// update until the data side has rolled them all back. Nothing is
@@ -319,6 +362,12 @@ fn on_ack(l: &Arc<Links>, role: IomId, ack: ParityAck) {
     let link = &l.links[role.0 as usize];
     let mut s = link.state.lock();
     match ack {
+        ParityAck::NeedDelta { tx } => {
+            // The stripe could not be used: the delta itself, at once.
+            if let (Some(p), Some(out)) = (s.pending.get(&tx.tx), &s.out) {
+                let _ = out.send((ParityMsg::Update(p.upd.clone()), p.delta.clone()));
+            }
+        }
         ParityAck::Held { tx } => {
             if let Some(p) = s.pending.get_mut(&tx.tx) {
                 if let Some(h) = p.held.take() {

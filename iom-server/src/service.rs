@@ -23,7 +23,8 @@ use common::cluster::IomState;
 use common::toughness::Toughness;
 use common::wire::{
     AdminReq, AdminResp, DataReq, DataResp, ErrorCode, HandoverReq, HandoverResp, HelloOk, IomStats, MemberReq,
-    MemberResp, PeerKind, RecoveryReq, RecoveryResp, Reply, Request, Route, WireError, MAX_DROP_OBJECTS, MAX_PIECES,
+    MemberResp, PeerKind, RecoveryReq, RecoveryResp, Reply, Request, Route, WireError, WritePiece, MAX_DROP_OBJECTS,
+    MAX_PIECES,
 };
 use common::{BlockKey, GroupKey, GroupNo, IomId, ObjectId, Version};
 use net::frame::{read_frame, write_frame, write_frame_chunks};
@@ -398,9 +399,10 @@ impl Plane {
         op: Op,
         t: Toughness,
         hint: u8,
+        stripe: Option<u64>,
     ) -> Result<Version, Error> {
         match self {
-            Plane::Own => router.data.write_block(key, op, t, hint).await,
+            Plane::Own => router.data.write_block(key, op, t, hint, stripe).await,
             Plane::StandIn(owner) => router.standin.write(owner, key, op, t, hint).await,
         }
     }
@@ -505,6 +507,40 @@ async fn handle_data(router: &Arc<Router>, req: DataReq, payload: Bytes) -> Resu
     }
 }
 
+/// `WriteMany` and `WriteStriped`: the pieces of one client write that
+/// this IOM holds, each its own transaction; `stripes[i]` (if given) names
+/// piece i's client stripe (0: none), used only for this IOM's own blocks.
+async fn handle_write_many(
+    router: &Arc<Router>,
+    route: Route,
+    pieces: Vec<WritePiece>,
+    toughness: Toughness,
+    stripes: Vec<u64>,
+    payload: Bytes,
+) -> Result<(DataResp, Bytes), Error> {
+    let plane = Plane::of(router, &route)?;
+    let total: u64 = pieces.iter().map(|p| p.len as u64).sum();
+    let bs = router.block_size as u64;
+    let fits = pieces.iter().all(|p| p.len > 0 && p.offset as u64 + p.len as u64 <= bs);
+    if total != payload.len() as u64 || pieces.len() > MAX_PIECES || !fits {
+        return Err(Error::BadRequest(format!(
+            "multi-block write of {} pieces ({total} bytes, payload {}): at most {MAX_PIECES} pieces, \
+             each non-empty and inside a {bs}-byte block, adding up to the payload",
+            pieces.len(),
+            payload.len()
+        )));
+    }
+    let mut at = 0usize;
+    let writes = pieces.into_iter().enumerate().map(|(i, p)| {
+        let op = Op::Write { offset: p.offset, data: payload.slice(at..at + p.len as usize) };
+        at += p.len as usize;
+        let stripe = stripes.get(i).copied().filter(|&s| s != 0);
+        plane.write(router, p.key, op, toughness, p.group_hint, stripe)
+    });
+    futures::future::try_join_all(writes).await?;
+    Ok((DataResp::WrittenAll, Bytes::new()))
+}
+
 async fn handle_data_one(router: &Arc<Router>, req: DataReq, payload: Bytes) -> Result<(DataResp, Bytes), Error> {
     match req {
         DataReq::Read { route, key, offset, len } => {
@@ -514,33 +550,31 @@ async fn handle_data_one(router: &Arc<Router>, req: DataReq, payload: Bytes) -> 
         DataReq::Write { route, key, offset, toughness, group_hint } => {
             let plane = Plane::of(router, &route)?;
             let op = Op::Write { offset, data: payload };
-            let v = plane.write(router, key, op, toughness, group_hint).await?;
+            let v = plane.write(router, key, op, toughness, group_hint, None).await?;
             Ok((DataResp::Written { version: v }, Bytes::new()))
         }
         DataReq::WriteMany { route, pieces, toughness } => {
-            let plane = Plane::of(router, &route)?;
-            let total: u64 = pieces.iter().map(|p| p.len as u64).sum();
-            let bs = router.block_size as u64;
-            let fits = pieces.iter().all(|p| p.len > 0 && p.offset as u64 + p.len as u64 <= bs);
-            if total != payload.len() as u64 || pieces.len() > MAX_PIECES || !fits {
+            handle_write_many(router, route, pieces, toughness, Vec::new(), payload).await
+        }
+        DataReq::WriteStriped { route, pieces, toughness, stripes } => {
+            if stripes.len() != pieces.len() {
                 return Err(Error::BadRequest(format!(
-                    "multi-block write of {} pieces ({total} bytes, payload {}): at most {MAX_PIECES} pieces, \
-                     each non-empty and inside a {bs}-byte block, adding up to the payload",
+                    "striped write of {} pieces names {} stripes",
                     pieces.len(),
-                    payload.len()
+                    stripes.len()
                 )));
             }
-            let mut at = 0usize;
-            let writes = pieces.into_iter().map(|p| {
-                let op = Op::Write { offset: p.offset, data: payload.slice(at..at + p.len as usize) };
-                at += p.len as usize;
-                plane.write(router, p.key, op, toughness, p.group_hint)
-            });
-            futures::future::try_join_all(writes).await?;
-            Ok((DataResp::WrittenAll, Bytes::new()))
+            handle_write_many(router, route, pieces, toughness, stripes, payload).await
+        }
+        DataReq::StripeParity { route, group, stripe, crcs } => {
+            // A stand-in keeps no parity for its failed IOM: nothing to take.
+            if let Plane::Own = Plane::of(router, &route)? {
+                router.parity.take_piece(group, stripe, crcs, payload)?;
+            }
+            Ok((DataResp::StripeTaken, Bytes::new()))
         }
         DataReq::Truncate { route, key, keep, toughness } => {
-            let v = Plane::of(router, &route)?.write(router, key, Op::Truncate { keep }, toughness, 1).await?;
+            let v = Plane::of(router, &route)?.write(router, key, Op::Truncate { keep }, toughness, 1, None).await?;
             Ok((DataResp::Written { version: v }, Bytes::new()))
         }
         DataReq::Flush { route } => {

@@ -12,7 +12,7 @@ use crate::data::DataSide;
 use crate::group::xor_into;
 use crate::inflight::Progress;
 use crate::journal::Wait;
-use crate::links::{HeldRx, Refused};
+use crate::links::{HeldRx, Refused, StripeTag};
 use crate::records::{Record, VerRef};
 use crate::workers::Tier;
 use crate::Error;
@@ -96,7 +96,7 @@ impl DataSide {
     /// Runs a data transaction found open in the journal through a8–a14
     /// again (recovery rolls it forward): its update is sent again.
     pub(crate) fn resume(self: &Arc<Self>, tx: TxId, t: &crate::map::DTx, upd: ParityUpdate, delta: Bytes) {
-        let (held, done) = self.links.send_update(t.parity, upd, delta);
+        let (held, done) = self.links.send_update(t.parity, upd, delta, None);
         let p = Pending::resumed(self, tx, t.key, t.old, t.new, held, done);
         let me = self.clone();
         self.workers.spawn(Tier::Protocol, "write-finish", async move { me.finish(p, None).await });
@@ -110,6 +110,7 @@ impl DataSide {
         op: Op,
         toughness: Toughness,
         hint: u8,
+        stripe: Option<u64>,
     ) -> Result<Version, Error> {
         if self.workers.stopping(Tier::Intake) {
             return Err(Error::Shutdown);
@@ -125,7 +126,7 @@ impl DataSide {
         }
         self.fence.wait(&key).await;
         let guard = self.locks.lock(key).await;
-        let mut p = self.issue(key, &op, hint, toughness == Toughness::Durable).await?;
+        let mut p = self.issue(key, &op, hint, toughness == Toughness::Durable, stripe).await?;
         drop(guard);
         let version = p.new.version;
         let mut watch = p.progress.subscribe();
@@ -151,7 +152,14 @@ impl DataSide {
     }
 
     /// a1–a8 under the block's lock: from the old version to the delta on its way.
-    async fn issue(self: &Arc<Self>, key: BlockKey, op: &Op, hint: u8, urgent: bool) -> Result<Pending, Error> {
+    async fn issue(
+        self: &Arc<Self>,
+        key: BlockKey,
+        op: &Op,
+        hint: u8,
+        urgent: bool,
+        stripe: Option<u64>,
+    ) -> Result<Pending, Error> {
         // a1: the old block, from the buffer cache or the disk (zeros if it never existed).
         let old = self.storage.map.head(&key);
         let old_bytes = match self.storage.read_data(key, old).await {
@@ -213,7 +221,18 @@ impl DataSide {
             data_iom: self.me,
             durable: urgent,
         };
-        let (held, done) = self.links.send_update(parity, upd, delta);
+        // A block that was absent has its new bytes as its delta: in a
+        // client stripe, the parity IOM has their sum from the client and
+        // gets a reference instead (`parity::stripes`).
+        let stripe = stripe.map(|id| StripeTag {
+            id,
+            crc: new.crc,
+            reference: old.addr.is_none()
+                && old_bytes.is_empty()
+                && delta_offset == 0
+                && delta.len() == new.len as usize,
+        });
+        let (held, done) = self.links.send_update(parity, upd, delta, stripe);
         crash_point!(self, "write::after-a6");
         Ok(Pending { tx, key, old, new, progress, written, held, done, urgent })
     }

@@ -145,6 +145,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("inflight", &[]),
     ("standin/handover", &[]),
     ("parity/plan", &[]),
+    ("parity/stripes", &[]),
     ("namespace/state", &[]),
     ("namespace/sessions", &[]),
     // Storage: the block file, journal, map and their surface.
@@ -188,6 +189,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "map",
             "membership",
             "parity/plan",
+            "parity/stripes",
             "records",
             "standin/handover",
             "storage",
@@ -330,6 +332,7 @@ const FREE_OF_THE_NODE: &[&str] = &[
     "namespace/state",
     "parity",
     "parity/plan",
+    "parity/stripes",
     "read_path",
     "records",
     "recovery",

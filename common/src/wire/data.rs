@@ -36,6 +36,19 @@ pub enum DataReq {
     /// `iomfs scrub --repair`: recompute a group's parity from its data
     /// blocks (the parity disagrees with blocks whose checksums hold).
     RecomputeParity { route: Route, group: GroupKey },
+    /// `WriteMany` whose pieces may belong to client-computed stripes
+    /// (protocol 10): `stripes[i]` names piece i's stripe (0: none). A
+    /// piece of a stripe that writes a whole block over an absent one
+    /// sends its parity IOM a reference (`ParityMsg::StripeUpdate`)
+    /// instead of a delta: the client sent that IOM the XOR of the
+    /// stripe's blocks (`StripeParity`). Any other piece goes as usual.
+    WriteStriped { route: Route, pieces: Vec<WritePiece>, toughness: Toughness, stripes: Vec<u64> },
+    /// The XOR of a stripe's new blocks, for the group's parity IOM (the
+    /// payload): the sum of the deltas of the stripe's members, whose
+    /// blocks were absent. `crcs[j]`: the checksum of member j's new
+    /// block, which each member's reference must match. Answered
+    /// `StripeTaken` at once; the members' writes wait for the stripe.
+    StripeParity { route: Route, group: GroupKey, stripe: u64, crcs: Vec<u32> },
 }
 
 /// One block's part of a `ReadMany`.
@@ -99,4 +112,5 @@ pub enum DataResp {
         lens: Vec<u32>,
     },
     Recomputed,
+    StripeTaken,
 }

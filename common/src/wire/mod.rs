@@ -39,8 +39,10 @@ use std::fmt;
 /// `AdminReq::ScrubReport` / `AdminReq::LastScrub` and `Request::Relay`;
 /// 9 adds `MemberReq::StoreState` (a first start without `store.new`),
 /// `MemberReq::ProposeRound` and `MemberReq::Release` (a lost round of a
-/// proposal frees its votes).
-pub const PROTOCOL_VERSION: u32 = 9;
+/// proposal frees its votes); 10 adds client-computed stripes
+/// (`DataReq::WriteStriped`, `DataReq::StripeParity`,
+/// `ParityMsg::StripeUpdate`, `ParityAck::NeedDelta`).
+pub const PROTOCOL_VERSION: u32 = 10;
 /// Oldest protocol version this build still speaks.
 pub const PROTOCOL_OLDEST: u32 = 7;
 /// First version with `AdminReq::ScrubReport` and `AdminReq::LastScrub`.
@@ -49,6 +51,9 @@ pub const SINCE_SCRUB_REPORT: u32 = 8;
 pub const SINCE_RELAY: u32 = 8;
 /// First version with `MemberReq::StoreState`, `ProposeRound` and `Release`.
 pub const SINCE_STORE_STATE: u32 = 9;
+/// First version with client-computed stripes (`DataReq::WriteStriped`,
+/// `DataReq::StripeParity`, `ParityMsg::StripeUpdate`, `ParityAck::NeedDelta`).
+pub const SINCE_STRIPE: u32 = 10;
 /// Environment variable that makes a process announce an older version
 /// than it could (rehearsing a mixed-version cluster before an upgrade).
 pub const PROTOCOL_MAX_ENV: &str = "IOMFS_PROTOCOL_MAX";
@@ -241,6 +246,7 @@ impl Request {
             Request::Admin(a) => a.since(),
             Request::Member(m) => m.since(),
             Request::Relay { req, .. } => req.since().max(SINCE_RELAY),
+            Request::Data(d) => d.since(),
             _ => PROTOCOL_OLDEST,
         }
     }
@@ -264,6 +270,17 @@ impl AdminReq {
     pub fn since(&self) -> u32 {
         match self {
             AdminReq::ScrubReport(_) | AdminReq::LastScrub => SINCE_SCRUB_REPORT,
+            _ => PROTOCOL_OLDEST,
+        }
+    }
+}
+
+impl DataReq {
+    /// The oldest protocol version that has this request (see [`Request::since`]).
+    #[inline(never)]
+    pub fn since(&self) -> u32 {
+        match self {
+            DataReq::WriteStriped { .. } | DataReq::StripeParity { .. } => SINCE_STRIPE,
             _ => PROTOCOL_OLDEST,
         }
     }

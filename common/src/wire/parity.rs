@@ -30,6 +30,19 @@ pub enum ParityMsg {
     WriteDone {
         tx: TxRef,
     },
+    /// a6 of a block written as part of client stripe `stripe` (protocol
+    /// 10). `with_delta == false`: the block was absent and is written
+    /// whole, so its delta is its new bytes, whose checksum is `crc`; the
+    /// stripe's parity piece carries the sum of such deltas and this
+    /// message none. `with_delta == true`: the block was not absent; the
+    /// delta is the payload as in `Update`, and the stripe's piece is of
+    /// no use (the parity IOM asks the stripe's other members for theirs).
+    StripeUpdate {
+        upd: ParityUpdate,
+        stripe: u64,
+        crc: u32,
+        with_delta: bool,
+    },
 }
 
 /// Parity IOM to data IOM, on the parity channel.
@@ -46,5 +59,11 @@ pub enum ParityAck {
     Failed {
         tx: TxRef,
         error: WireError,
+    },
+    /// A `StripeUpdate` reference could not be served from a stripe piece
+    /// (the piece never came, did not match, or another member sent a
+    /// delta): send the update again with its delta.
+    NeedDelta {
+        tx: TxRef,
     },
 }

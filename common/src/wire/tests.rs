@@ -284,6 +284,10 @@ fn a_connection_runs_at_the_version_both_speak() {
     assert_eq!(Request::Admin(AdminReq::LastScrub).since(), SINCE_SCRUB_REPORT);
     assert_eq!(Request::Admin(AdminReq::Stats).since(), PROTOCOL_OLDEST);
     assert_eq!(Request::Member(MemberReq::GetMap).since(), PROTOCOL_OLDEST);
+    let route = Route { epoch: Epoch(1), target: IomId(0) };
+    let group = GroupKey { object: ObjectId(1), group: GroupNo(0) };
+    assert_eq!(Request::Data(DataReq::StripeParity { route, group, stripe: 1, crcs: vec![] }).since(), SINCE_STRIPE);
+    assert_eq!(Request::Data(DataReq::Flush { route }).since(), PROTOCOL_OLDEST);
     let relay = |r| Request::Relay { to: IomId(1), req: Box::new(r) };
     assert_eq!(relay(Request::Member(MemberReq::GetMap)).since(), SINCE_RELAY);
     assert_eq!(relay(Request::Admin(AdminReq::LastScrub)).since(), SINCE_SCRUB_REPORT.max(SINCE_RELAY));

@@ -299,7 +299,10 @@ impl Inner {
         self.send_buffered(ino).await;
         let roles = self.c.write_roles(n.attr.object, offset, data.len());
         self.session_ok(ino).await?;
-        self.c.write(n.attr.object, offset, data, t).await.map_err(errno)?;
+        // Blocks past what this client knows of the file are probably
+        // absent: whole parity groups there go as client stripes.
+        let fresh_from = n.attr.size.max(n.dirty_end);
+        self.c.write_from(n.attr.object, offset, data, t, fresh_from).await.map_err(errno)?;
         self.session_ok(ino).await?;
         // Noted once answered: an fsync that started earlier need not cover it.
         self.mark_unsynced(ino, roles);
@@ -465,8 +468,9 @@ impl Inner {
         let Some(b) = self.wb.take(ino) else { return };
         let roles = b.runs.iter().fold(0u64, |m, (o, d)| m | self.c.write_roles(b.object, *o, d.len()));
         let mut sent = Ok(());
+        let fresh_from = self.nodes.lock().get(&ino).map_or(u64::MAX, |n| n.attr.size);
         for wave in super::writeback::waves(b.runs) {
-            sent = self.send_wave(b.session, b.object, &wave).await;
+            sent = self.send_wave(b.session, b.object, &wave, fresh_from).await;
             if sent.is_err() {
                 break;
             }
@@ -496,12 +500,19 @@ impl Inner {
     /// bytes at the same offsets). An eviction meanwhile ends it with EIO,
     /// and so does a wave not done within the retries a write has
     /// (`stopped_wait_s`, at least 30 s), as any failed write.
-    async fn send_wave(&self, session: u64, object: common::ObjectId, wave: &[(u64, bytes::Bytes)]) -> Result<(), i32> {
+    async fn send_wave(
+        &self,
+        session: u64,
+        object: common::ObjectId,
+        wave: &[(u64, bytes::Bytes)],
+        fresh_from: u64,
+    ) -> Result<(), i32> {
         let give_up =
             Instant::now() + Duration::from_secs(self.c.cfg.tuning.stopped_wait_s).max(Duration::from_secs(30));
         loop {
             self.flush_lease(session).await?;
-            let writes = wave.iter().map(|(o, d)| self.c.write(object, *o, d.clone(), Toughness::Atomic));
+            let writes =
+                wave.iter().map(|(o, d)| self.c.write_from(object, *o, d.clone(), Toughness::Atomic, fresh_from));
             let until = (Instant::now() + self.lease_left()).min(give_up);
             match tokio::time::timeout_at(until.into(), futures::future::try_join_all(writes)).await {
                 Ok(r) => return r.map(|_| ()).map_err(|e| e.errno()),

@@ -8,6 +8,7 @@
 //! still journaled (b1) on its own.
 
 pub mod plan;
+pub mod stripes;
 
 use crate::cache::CacheKey;
 use crate::crash_point;
@@ -43,6 +44,20 @@ struct Delta {
     /// update held again after a restart): a batch writes into one of its
     /// deltas' slots, the others go back when the deltas are dropped.
     slot: Option<Slot>,
+    /// A reference to this client stripe (`stripes`): its delta comes
+    /// with the stripe's piece.
+    stripe: Option<u64>,
+    /// The stripe is complete: applicable (one of its references carries
+    /// the piece as its delta).
+    ready: bool,
+    /// A reference's b1 record being written: "held" waits for it.
+    written: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl Delta {
+    fn new(upd: ParityUpdate, delta: Bytes, acks: AckTx, slot: Option<Slot>) -> Delta {
+        Delta { upd, delta, acks, slot, stripe: None, ready: false, written: None }
+    }
 }
 
 #[derive(Default)]
@@ -83,6 +98,11 @@ pub struct ParitySide {
     pub repairs: AtomicU64,
     /// Updates refused because this IOM's disk could not hold their parity.
     pub no_space: AtomicU64,
+    /// Client stripes waiting for their piece or references.
+    stripes: Mutex<stripes::Stripes>,
+    /// Stripes applied from their pieces, and given up (their deltas asked for).
+    pub stripes_applied: AtomicU64,
+    pub stripes_abandoned: AtomicU64,
     /// Fired whenever a group's queue or busy flag may have changed (each
     /// batch taken, a group idle, a delta dropped): `pause` and
     /// `wait_unqueued` wait on it.
@@ -130,6 +150,9 @@ impl ParitySide {
             deltas: AtomicU64::new(0),
             repairs: AtomicU64::new(0),
             no_space: AtomicU64::new(0),
+            stripes: Mutex::default(),
+            stripes_applied: AtomicU64::new(0),
+            stripes_abandoned: AtomicU64::new(0),
             changed: tokio::sync::Notify::new(),
         }
     }
@@ -232,7 +255,18 @@ pub async fn run_channel(
     loop {
         match read_frame::<ParityMsg>(&mut recv).await {
             Ok(Some((ParityMsg::Update(u), delta))) => {
-                if let Err(e) = parity.receive_update(u.clone(), delta, ack_tx.clone()) {
+                if let Err(e) = parity.receive_update(u.clone(), delta, ack_tx.clone(), None) {
+                    let _ = ack_tx.send(ParityAck::Failed { tx: u.tx, error: e.to_wire() });
+                }
+            }
+            Ok(Some((ParityMsg::StripeUpdate { upd: u, stripe, crc, with_delta }, delta))) => {
+                // A member whose block was not absent sent its delta: the
+                // stripe's piece cannot be used.
+                if with_delta {
+                    parity.abandon_stripe((u.group, stripe));
+                }
+                let reference = (!with_delta).then_some((stripe, crc));
+                if let Err(e) = parity.receive_update(u.clone(), delta, ack_tx.clone(), reference) {
                     let _ = ack_tx.send(ParityAck::Failed { tx: u.tx, error: e.to_wire() });
                 }
             }
@@ -313,7 +347,15 @@ impl ParitySide {
         });
     }
 
-    fn receive_update(self: &Arc<Self>, u: ParityUpdate, delta: Bytes, acks: AckTx) -> Result<(), Error> {
+    /// `reference`: `Some((stripe, crc))` for a `StripeUpdate` without its
+    /// delta, which comes with the stripe's piece (`stripes`).
+    fn receive_update(
+        self: &Arc<Self>,
+        u: ParityUpdate,
+        delta: Bytes,
+        acks: AckTx,
+        reference: Option<(u64, u32)>,
+    ) -> Result<(), Error> {
         let n = self.layout.n();
         let role = self.layout.parity_iom(u.group.object, u.group.group);
         if role != self.me {
@@ -339,6 +381,9 @@ impl ParitySide {
         }
         self.deltas.fetch_add(1, Ordering::Relaxed);
 
+        if reference.is_some() && (u.delta_offset != 0 || !delta.is_empty()) {
+            return Err(Error::BadRequest(format!("stripe reference with a delta {u:?}")));
+        }
         // A resent update: answer from what is known.
         let known = self.storage.map.ptx.lock().get(&u.tx).cloned();
         if let Some(pt) = known {
@@ -346,15 +391,32 @@ impl ParitySide {
                 self.ack_done_after_flush(u.tx, acks);
                 return Ok(());
             }
+            if reference.is_some() {
+                // References are sent once; a resend carries its delta.
+                let _ = acks.send(ParityAck::NeedDelta { tx: u.tx });
+                return Ok(());
+            }
             let mut groups = self.groups.lock();
             let q = groups.entry(u.group).or_default();
-            if q.queue.iter().any(|d| d.upd.tx == u.tx) {
+            if let Some(d) = q.queue.iter_mut().find(|d| d.upd.tx == u.tx) {
+                if let Some(stripe) = d.stripe.filter(|_| !d.ready) {
+                    // A reference whose stripe is not complete, sent again
+                    // with its delta (its channel broke): it holds its own
+                    // delta now and the stripe is given up.
+                    d.delta = delta;
+                    d.stripe = None;
+                    let written = d.written.take();
+                    drop(groups);
+                    self.abandon_stripe((u.group, stripe));
+                    self.held_after(vec![(u.tx, acks)], written.into_iter().collect());
+                    return Ok(());
+                }
                 let _ = acks.send(ParityAck::Held { tx: u.tx });
                 return Ok(());
             }
             // Journaled before a restart but its delta was lost: hold it again.
             let _ = acks.send(ParityAck::Held { tx: u.tx });
-            self.enqueue(q, u.group, Delta { upd: u, delta, acks, slot: None });
+            self.enqueue(q, u.group, Delta::new(u, delta, acks, None));
             return Ok(());
         }
 
@@ -380,6 +442,24 @@ impl ParitySide {
         let rec = Record::Received { tx: u.tx, group: u.group, index: u.index, old: u.old, new: u.new };
         let written = self.storage.commit(&rec, false, Wait::Written);
         crate::crash_point_sync!(self, "parity::after-b1");
+        if let Some((stripe, crc)) = reference {
+            // Held only once its stripe is complete and its batch has read
+            // the old parity (`apply_batch`).
+            let (group, index, tx) = (u.group, u.index, u.tx);
+            {
+                let mut groups = self.groups.lock();
+                let q = groups.entry(group).or_default();
+                let mut d = Delta::new(u, delta, acks, slot);
+                d.stripe = Some(stripe);
+                d.written = written;
+                q.queue.push(d);
+            }
+            crate::crash_point_sync!(self, "stripe::after-reference");
+            let r = stripes::Ref { tx, index, crc };
+            let (new, step) = self.stripes.lock().reference((group, stripe), self.layout.n(), r);
+            self.stripe_step(group, stripe, new, step);
+            return Ok(());
+        }
         // b2: the delta came with the request (pushed by D, DESIGN a8).
         // b4: hold the delta and confirm receipt once b1 is written.
         let tx = u.tx;
@@ -403,8 +483,121 @@ impl ParitySide {
         crate::crash_point_sync!(self, "parity::after-b2");
         let mut groups = self.groups.lock();
         let q = groups.entry(group).or_default();
-        self.enqueue(q, group, Delta { upd: u, delta, acks, slot });
+        self.enqueue(q, group, Delta::new(u, delta, acks, slot));
         Ok(())
+    }
+
+    /// The client's piece of stripe `stripe` of group `g` (`DataReq::StripeParity`).
+    pub fn take_piece(self: &Arc<Self>, g: GroupKey, stripe: u64, crcs: Vec<u32>, piece: Bytes) -> Result<(), Error> {
+        if self.layout.parity_iom(g.object, g.group) != self.me {
+            // A stand-in keeps no parity for its failed IOM: nothing to take.
+            return Ok(());
+        }
+        if piece.len() > self.block_size as usize {
+            return Err(Error::BadRequest(format!("stripe piece of {} bytes: more than a block", piece.len())));
+        }
+        let (new, step) = self.stripes.lock().piece((g, stripe), self.layout.n(), piece, crcs);
+        crate::crash_point_sync!(self, "stripe::after-piece");
+        self.stripe_step(g, stripe, new, step);
+        Ok(())
+    }
+
+    /// Acts on what a piece or reference made of its stripe: a new stripe
+    /// gets a timer, a complete one becomes applicable, an abandoned one's
+    /// references are asked for their deltas.
+    fn stripe_step(self: &Arc<Self>, g: GroupKey, stripe: u64, new: bool, step: stripes::Step) {
+        match step {
+            stripes::Step::Waiting => {
+                if new {
+                    let me = self.clone();
+                    self.workers.spawn(Tier::Protocol, "stripe-timer", async move {
+                        tokio::time::sleep(stripes::STRIPE_WAIT).await;
+                        if me.stripes.lock().is_open(&(g, stripe)) {
+                            tracing::debug!(iom = me.me.0, ?g, stripe, "stripe incomplete; asking for deltas");
+                            me.abandon_stripe((g, stripe));
+                        }
+                    });
+                }
+            }
+            stripes::Step::Complete { piece, refs } => {
+                let mut groups = self.groups.lock();
+                let q = groups.entry(g).or_default();
+                let mut carrier = true;
+                for d in q.queue.iter_mut().filter(|d| d.stripe == Some(stripe) && !d.ready) {
+                    debug_assert!(refs.iter().any(|r| r.tx == d.upd.tx));
+                    d.ready = true;
+                    if carrier {
+                        d.delta = piece.clone();
+                        carrier = false;
+                    }
+                }
+                if !q.busy {
+                    q.busy = true;
+                    let me = self.clone();
+                    self.workers.spawn(Tier::Protocol, "parity-group", async move { me.group_worker(g).await });
+                }
+            }
+            stripes::Step::Abandoned { refs, first } => self.ask_deltas(g, stripe, &refs, first),
+        }
+    }
+
+    /// Gives stripe `k` up (if open) and asks its references for their deltas.
+    fn abandon_stripe(self: &Arc<Self>, k: stripes::StripeKey) {
+        let step = self.stripes.lock().abandon(k);
+        if let stripes::Step::Abandoned { refs, first } = step {
+            self.ask_deltas(k.0, k.1, &refs, first);
+        }
+    }
+
+    /// The references of an abandoned stripe leave the queue (none was held
+    /// yet: held comes only with their batch) and their data IOMs are asked
+    /// for their deltas once their b1 records are written; a resend is then
+    /// held like one after a restart.
+    /// `first`: this gave the stripe up (counted once).
+    fn ask_deltas(self: &Arc<Self>, g: GroupKey, stripe: u64, refs: &[stripes::Ref], first: bool) {
+        if first {
+            self.stripes_abandoned.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("iomfs_iom_stripes_total", "outcome" => "abandoned").increment(1);
+        }
+        let mut out = Vec::new();
+        {
+            let mut groups = self.groups.lock();
+            if let Some(q) = groups.get_mut(&g) {
+                let (gone, kept): (Vec<Delta>, Vec<Delta>) = std::mem::take(&mut q.queue)
+                    .into_iter()
+                    .partition(|d| d.stripe == Some(stripe) && refs.iter().any(|r| r.tx == d.upd.tx));
+                q.queue = kept;
+                if q.queue.is_empty() && !q.busy {
+                    groups.remove(&g);
+                }
+                out = gone;
+            }
+        }
+        self.changed.notify_waiters();
+        if out.is_empty() {
+            return;
+        }
+        self.workers.spawn(Tier::Protocol, "stripe-need-delta", async move {
+            for d in out {
+                debug_assert!(!d.ready, "a complete stripe is never given up");
+                if let Some(w) = d.written {
+                    let _ = w.await;
+                }
+                let _ = d.acks.send(ParityAck::NeedDelta { tx: d.upd.tx });
+            }
+        });
+    }
+
+    /// Sends "held" to each `(tx, acks)` once every record in `written` is written.
+    fn held_after(self: &Arc<Self>, to: Vec<(TxRef, AckTx)>, written: Vec<tokio::sync::oneshot::Receiver<()>>) {
+        self.workers.spawn(Tier::Protocol, "parity-ack", async move {
+            for w in written {
+                let _ = w.await;
+            }
+            for (tx, a) in to {
+                let _ = a.send(ParityAck::Held { tx });
+            }
+        });
     }
 
     /// Whether a later version of `u`'s block than `u` makes is queued here.
@@ -461,7 +654,7 @@ impl ParitySide {
 
     /// Takes every queued delta that can be applied now: each member's
     /// updates in version order, starting from the parity head.
-    fn next_batch(&self, g: GroupKey, waited: bool) -> Next {
+    fn next_batch(self: &Arc<Self>, g: GroupKey, waited: bool) -> Next {
         let mut groups = self.groups.lock();
         let Some(q) = groups.get_mut(&g) else {
             return Next::Idle;
@@ -470,7 +663,14 @@ impl ParitySide {
         let queued: Vec<plan::Queued> = q
             .queue
             .iter()
-            .map(|d| plan::Queued { index: d.upd.index, old: d.upd.old, new: d.upd.new, hint: d.upd.hint })
+            .map(|d| plan::Queued {
+                index: d.upd.index,
+                old: d.upd.old,
+                new: d.upd.new,
+                hint: d.upd.hint,
+                stripe: d.stripe,
+                blocked: d.stripe.is_some() && !d.ready,
+            })
             .collect();
         if plan::should_wait(&queued, waited) {
             return Next::Wait;
@@ -496,6 +696,33 @@ impl ParitySide {
         }
         drop(groups);
         self.changed.notify_waiters();
+        // A stripe reference the parity already covers cannot happen (no
+        // member switches before its stripe's batch holds it); should one
+        // appear, the rest of its stripe cannot use the piece.
+        for d in stale.iter().filter(|d| d.stripe.is_some()) {
+            let stripe = d.stripe.expect("filtered");
+            tracing::warn!(iom = self.me.0, group = ?g, stripe, "stripe reference already covered; giving the stripe up");
+            let refs: Vec<stripes::Ref> = self
+                .groups
+                .lock()
+                .get(&g)
+                .map(|q| {
+                    q.queue
+                        .iter()
+                        .filter(|x| x.stripe == Some(stripe))
+                        .map(|x| stripes::Ref { tx: x.upd.tx, index: x.upd.index, crc: 0 })
+                        .collect()
+                })
+                .unwrap_or_default();
+            for x in self.groups.lock().get_mut(&g).into_iter().flat_map(|q| q.queue.iter_mut()) {
+                if x.stripe == Some(stripe) {
+                    x.ready = false;
+                }
+            }
+            let first =
+                matches!(self.stripes.lock().abandon((g, stripe)), stripes::Step::Abandoned { first: true, .. });
+            self.ask_deltas(g, stripe, &refs, first);
+        }
         for d in stale {
             // Already covered by the parity (a resend that raced its
             // original, or a parity recomputed from the data).
@@ -525,6 +752,18 @@ impl ParitySide {
             Err(e) => return self.repair_parity(g, e, batch).await,
         };
         crash_point!(self, "parity::after-b3");
+        // Stripe references are held from here: this batch is applied or
+        // the IOM stops (see `stripes`).
+        let held: Vec<(TxRef, AckTx)> =
+            batch.iter().filter(|d| d.stripe.is_some()).map(|d| (d.upd.tx, d.acks.clone())).collect();
+        if !held.is_empty() {
+            let written = batch.iter_mut().filter_map(|d| d.written.take()).collect();
+            let stripes = batch.iter().filter_map(|d| d.stripe).collect::<std::collections::HashSet<_>>().len();
+            self.stripes_applied.fetch_add(stripes as u64, Ordering::Relaxed);
+            metrics::counter!("iomfs_iom_stripes_total", "outcome" => "applied").increment(stripes as u64);
+            self.held_after(held, written);
+            crash_point!(self, "stripe::after-held");
+        }
         // b5: a new parity address (a slot reserved at b1) and buffer.
         let addr = match batch.iter_mut().find_map(|d| d.slot.take()) {
             Some(s) => s.take(),

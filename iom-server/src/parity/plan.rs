@@ -23,6 +23,11 @@ pub struct Queued {
     /// How many deltas of this group its writer sent together (a
     /// full-stripe write): worth waiting once for the rest.
     pub hint: u8,
+    /// The client stripe whose piece carries this delta (`stripes`): a
+    /// stripe's deltas are applied in one batch or not at all.
+    pub stripe: Option<u64>,
+    /// A stripe reference whose stripe is not complete: never applied.
+    pub blocked: bool,
 }
 
 /// What to do with each queued delta.
@@ -46,11 +51,39 @@ pub fn should_wait(queue: &[Queued], waited: bool) -> bool {
 /// Plans one batch over `queue`, which must be sorted by `(index, old)`,
 /// from the parity head's member versions `head`. Returns the member
 /// versions the new parity covers and each delta's fate (same order).
+/// A blocked delta is kept, and so is every later delta of its member;
+/// a stripe some of whose deltas cannot be taken is kept whole.
 pub fn plan_batch(queue: &[Queued], head: &[Version]) -> (Vec<Version>, Vec<Fate>) {
+    let mut blocked: Vec<bool> = queue.iter().map(|d| d.blocked).collect();
+    loop {
+        let (members, fates) = plan_unblocked(queue, head, &blocked);
+        let split: std::collections::HashSet<u64> = queue
+            .iter()
+            .zip(&fates)
+            .filter(|(d, f)| d.stripe.is_some() && **f != Fate::Take)
+            .filter_map(|(d, _)| d.stripe)
+            .collect();
+        let newly: Vec<usize> = (0..queue.len())
+            .filter(|&i| !blocked[i] && queue[i].stripe.is_some_and(|s| split.contains(&s)) && fates[i] == Fate::Take)
+            .collect();
+        if newly.is_empty() {
+            return (members, fates);
+        }
+        for i in newly {
+            blocked[i] = true;
+        }
+    }
+}
+
+fn plan_unblocked(queue: &[Queued], head: &[Version], blocked: &[bool]) -> (Vec<Version>, Vec<Fate>) {
     let mut members = head.to_vec();
     let fates = queue
         .iter()
-        .map(|d| {
+        .zip(blocked)
+        .map(|(d, &blocked)| {
+            if blocked {
+                return Fate::Keep;
+            }
             let Some(cur) = members.get_mut(d.index as usize) else {
                 // Not a member of this group: never applicable.
                 return Fate::Keep;
@@ -73,7 +106,42 @@ mod tests {
     use super::*;
 
     fn q(index: u32, old: u64, new: u64) -> Queued {
-        Queued { index, old: Version(old), new: Version(new), hint: 1 }
+        Queued { index, old: Version(old), new: Version(new), hint: 1, stripe: None, blocked: false }
+    }
+
+    fn s(index: u32, old: u64, stripe: u64, blocked: bool) -> Queued {
+        Queued { stripe: Some(stripe), blocked, ..q(index, old, old + 1) }
+    }
+
+    #[test]
+    fn a_blocked_stripe_reference_holds_back_its_member_but_not_the_others() {
+        let queue = [s(0, 0, 7, true), q(0, 1, 2), q(1, 0, 1)];
+        let (members, fates) = plan_batch(&queue, &v(&[0, 0]));
+        assert_eq!(fates, vec![Fate::Keep, Fate::Keep, Fate::Take]);
+        assert_eq!(members, v(&[0, 1]));
+    }
+
+    #[test]
+    fn a_complete_stripe_goes_whole_with_what_its_members_chain_after_it() {
+        let queue = [s(0, 0, 7, false), q(0, 1, 2), s(1, 0, 7, false)];
+        let (members, fates) = plan_batch(&queue, &v(&[0, 0]));
+        assert_eq!(fates, vec![Fate::Take, Fate::Take, Fate::Take]);
+        assert_eq!(members, v(&[2, 1]));
+    }
+
+    #[test]
+    fn a_stripe_one_of_whose_members_must_wait_is_kept_whole() {
+        // Member 1's reference builds on version 3, which has not arrived:
+        // member 0's reference must not go alone (the piece sums both).
+        let queue = [s(0, 0, 7, false), q(0, 1, 2), s(1, 3, 7, false)];
+        let (members, fates) = plan_batch(&queue, &v(&[0, 2]));
+        assert_eq!(fates, vec![Fate::Keep, Fate::Keep, Fate::Keep]);
+        assert_eq!(members, v(&[0, 2]));
+        // A stale member (the parity recomputed past it) keeps it too.
+        let queue = [s(0, 0, 8, false), s(1, 1, 8, false)];
+        let (members, fates) = plan_batch(&queue, &v(&[0, 2]));
+        assert_eq!(fates, vec![Fate::Keep, Fate::Stale]);
+        assert_eq!(members, v(&[0, 2]));
     }
 
     fn v(x: &[u64]) -> Vec<Version> {

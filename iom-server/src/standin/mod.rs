@@ -229,7 +229,7 @@ impl StandIn {
             data_iom: owner,
             durable: toughness == Toughness::Durable,
         };
-        let (held, done) = self.links.send_update(parity, upd, delta);
+        let (held, done) = self.links.send_update(parity, upd, delta, None);
         if let Some(m) = mark {
             let _ = m.await;
         }
