@@ -15,6 +15,7 @@
 # trip measured through the relay with UDP pings.
 #
 # usage: bench/latency.sh [DELAY ...]    (default: direct 0 100 500)
+# IOMFS_BENCH_STRIPES=0 starts the client with `client_stripes = false`.
 # needs: release binaries (cargo build --release --workspace --bins), root
 # (FUSE), python3, attr (setfattr).
 set -euo pipefail
@@ -94,6 +95,9 @@ EOF
     local pairs=()
     for i in 0 1 2 3 4; do pairs+=("127.0.0.$((31 + i)):$PORT=127.0.0.$((11 + i)):$PORT"); done
     "$BIN/udp-delay" "$d" "${pairs[@]}" 2>"$ROOT/relay-$d.log" & PIDS+=($!)
+  fi
+  if [ "${IOMFS_BENCH_STRIPES:-1}" = 0 ]; then
+    sed -i 's/^\[tuning\]/[tuning]\nclient_stripes = false/' "$c/client/cluster.toml"
   fi
   for i in 0 1 2 3 4; do
     setsid "$BIN/iom-server" --dir "$c/host-$i" --id $i >"$ROOT/iom-$d-$i.log" 2>&1 </dev/null & PIDS+=($!)

@@ -624,11 +624,14 @@ impl ClusterClient {
             let group = common::GroupKey { object, group: s.group };
             let parity = self.layout.parity_iom(object, s.group);
             let (stripe, crcs) = (s.id, s.crcs);
-            let r = self
-                .data(parity, |route| DataReq::StripeParity { route, group, stripe, crcs: crcs.clone() }, s.piece)
-                .await;
-            if let Err(e) = r {
-                tracing::debug!(object = object.0, group = s.group.0, "stripe piece not taken: {e}");
+            // Not waited for longer than the IOMs wait for it: the write's
+            // answer does not depend on it.
+            let send =
+                self.data(parity, |route| DataReq::StripeParity { route, group, stripe, crcs: crcs.clone() }, s.piece);
+            match tokio::time::timeout(Duration::from_secs(2), send).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::debug!(object = object.0, group = s.group.0, "stripe piece not taken: {e}"),
+                Err(_) => tracing::debug!(object = object.0, group = s.group.0, "stripe piece not answered within 2 s"),
             }
         });
         let pieces_sent = futures::future::join_all(parity_pieces);

@@ -66,6 +66,14 @@ struct GroupQueue {
     busy: bool,
 }
 
+/// Takes stripe `stripe`'s references out of a group's queue.
+fn take_stripe(q: &mut GroupQueue, stripe: u64) -> Vec<Delta> {
+    let (gone, kept): (Vec<Delta>, Vec<Delta>) =
+        std::mem::take(&mut q.queue).into_iter().partition(|d| d.stripe == Some(stripe));
+    q.queue = kept;
+    gone
+}
+
 enum Next {
     Wait,
     Idle,
@@ -163,11 +171,21 @@ impl ParitySide {
     }
 
     /// Drops a held delta (its write was rolled back).
-    pub fn unqueue(&self, tx: TxRef) {
-        for q in self.groups.lock().values_mut() {
+    /// A stripe reference takes its whole stripe out with it (none of it
+    /// is held yet: `stripes`), whose other members are asked for deltas.
+    pub fn unqueue(self: &Arc<Self>, tx: TxRef) {
+        let mut gone = Vec::new();
+        for (g, q) in self.groups.lock().iter_mut() {
+            let stripe = q.queue.iter().find(|d| d.upd.tx == tx).and_then(|d| d.stripe);
             q.queue.retain(|d| d.upd.tx != tx);
+            if let Some(s) = stripe {
+                gone.push((*g, s, take_stripe(q, s)));
+            }
         }
         self.changed.notify_waiters();
+        for (g, s, deltas) in gone {
+            self.gave_up(g, s, deltas);
+        }
     }
 
     /// Stops applying deltas to group `g` (waits for a running batch).
@@ -399,16 +417,17 @@ impl ParitySide {
             let mut groups = self.groups.lock();
             let q = groups.entry(u.group).or_default();
             if let Some(d) = q.queue.iter_mut().find(|d| d.upd.tx == u.tx) {
-                if let Some(stripe) = d.stripe.filter(|_| !d.ready) {
-                    // A reference whose stripe is not complete, sent again
-                    // with its delta (its channel broke): it holds its own
-                    // delta now and the stripe is given up.
-                    d.delta = delta;
-                    d.stripe = None;
-                    let written = d.written.take();
+                if let Some(stripe) = d.stripe {
+                    // A stripe reference sent again with its delta (its
+                    // channel broke). Its stripe is given up, under this
+                    // lock so that no completion can slip in between: the
+                    // whole stripe leaves the queue (none of it is held
+                    // yet) and its members, this one too, are asked for
+                    // their deltas on their current channels.
+                    d.acks = acks;
+                    let deltas = take_stripe(q, stripe);
                     drop(groups);
-                    self.abandon_stripe((u.group, stripe));
-                    self.held_after(vec![(u.tx, acks)], written.into_iter().collect());
+                    self.gave_up(u.group, stripe, deltas);
                     return Ok(());
                 }
                 let _ = acks.send(ParityAck::Held { tx: u.tx });
@@ -522,9 +541,20 @@ impl ParitySide {
             stripes::Step::Complete { piece, refs } => {
                 let mut groups = self.groups.lock();
                 let q = groups.entry(g).or_default();
+                // Applicable only if the queue holds exactly the references
+                // the table counted (one may have been sent again with its
+                // delta, or discarded, meanwhile): otherwise given up.
+                let queued: Vec<TxRef> =
+                    q.queue.iter().filter(|d| d.stripe == Some(stripe)).map(|d| d.upd.tx).collect();
+                let whole = queued.len() == refs.len() && refs.iter().all(|r| queued.contains(&r.tx));
+                if !whole {
+                    let deltas = take_stripe(q, stripe);
+                    drop(groups);
+                    self.gave_up(g, stripe, deltas);
+                    return;
+                }
                 let mut carrier = true;
-                for d in q.queue.iter_mut().filter(|d| d.stripe == Some(stripe) && !d.ready) {
-                    debug_assert!(refs.iter().any(|r| r.tx == d.upd.tx));
+                for d in q.queue.iter_mut().filter(|d| d.stripe == Some(stripe)) {
                     d.ready = true;
                     if carrier {
                         d.delta = piece.clone();
@@ -559,27 +589,43 @@ impl ParitySide {
             self.stripes_abandoned.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("iomfs_iom_stripes_total", "outcome" => "abandoned").increment(1);
         }
-        let mut out = Vec::new();
-        {
+        let _ = refs;
+        let out = {
             let mut groups = self.groups.lock();
-            if let Some(q) = groups.get_mut(&g) {
-                let (gone, kept): (Vec<Delta>, Vec<Delta>) = std::mem::take(&mut q.queue)
-                    .into_iter()
-                    .partition(|d| d.stripe == Some(stripe) && refs.iter().any(|r| r.tx == d.upd.tx));
-                q.queue = kept;
-                if q.queue.is_empty() && !q.busy {
-                    groups.remove(&g);
+            match groups.get_mut(&g) {
+                Some(q) => {
+                    let gone = take_stripe(q, stripe);
+                    if q.queue.is_empty() && !q.busy {
+                        groups.remove(&g);
+                    }
+                    gone
                 }
-                out = gone;
+                None => Vec::new(),
             }
+        };
+        self.need_deltas(out);
+    }
+
+    /// A stripe given up after its references were taken out of the queue
+    /// (`take_stripe`, under the queue's lock): counted once, and each
+    /// reference's data IOM asked for its delta.
+    fn gave_up(self: &Arc<Self>, g: GroupKey, stripe: u64, deltas: Vec<Delta>) {
+        if let stripes::Step::Abandoned { first: true, .. } = self.stripes.lock().abandon((g, stripe)) {
+            self.stripes_abandoned.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("iomfs_iom_stripes_total", "outcome" => "abandoned").increment(1);
         }
+        self.need_deltas(deltas);
+    }
+
+    /// Asks the data IOMs of these references (out of the queue, none held)
+    /// for their deltas, each once its b1 record is written.
+    fn need_deltas(self: &Arc<Self>, deltas: Vec<Delta>) {
         self.changed.notify_waiters();
-        if out.is_empty() {
+        if deltas.is_empty() {
             return;
         }
         self.workers.spawn(Tier::Protocol, "stripe-need-delta", async move {
-            for d in out {
-                debug_assert!(!d.ready, "a complete stripe is never given up");
+            for d in deltas {
                 if let Some(w) = d.written {
                     let _ = w.await;
                 }
@@ -688,6 +734,16 @@ impl ParitySide {
             }
         }
         q.queue = rest;
+        // A stripe reference the parity already covers cannot happen (no
+        // member switches before its stripe's batch holds it); should one
+        // appear, the rest of its stripe cannot use the piece: taken out
+        // here, under the same lock as the plan (which kept them).
+        let split: Vec<u64> = stale.iter().filter_map(|d| d.stripe).collect();
+        let mut given_up = Vec::new();
+        for s in split {
+            tracing::warn!(iom = self.me.0, group = ?g, stripe = s, "stripe reference already covered; giving it up");
+            given_up.push((s, take_stripe(q, s)));
+        }
         if batch.is_empty() {
             q.busy = false;
             if q.queue.is_empty() {
@@ -696,32 +752,8 @@ impl ParitySide {
         }
         drop(groups);
         self.changed.notify_waiters();
-        // A stripe reference the parity already covers cannot happen (no
-        // member switches before its stripe's batch holds it); should one
-        // appear, the rest of its stripe cannot use the piece.
-        for d in stale.iter().filter(|d| d.stripe.is_some()) {
-            let stripe = d.stripe.expect("filtered");
-            tracing::warn!(iom = self.me.0, group = ?g, stripe, "stripe reference already covered; giving the stripe up");
-            let refs: Vec<stripes::Ref> = self
-                .groups
-                .lock()
-                .get(&g)
-                .map(|q| {
-                    q.queue
-                        .iter()
-                        .filter(|x| x.stripe == Some(stripe))
-                        .map(|x| stripes::Ref { tx: x.upd.tx, index: x.upd.index, crc: 0 })
-                        .collect()
-                })
-                .unwrap_or_default();
-            for x in self.groups.lock().get_mut(&g).into_iter().flat_map(|q| q.queue.iter_mut()) {
-                if x.stripe == Some(stripe) {
-                    x.ready = false;
-                }
-            }
-            let first =
-                matches!(self.stripes.lock().abandon((g, stripe)), stripes::Step::Abandoned { first: true, .. });
-            self.ask_deltas(g, stripe, &refs, first);
+        for (s, deltas) in given_up {
+            self.gave_up(g, s, deltas);
         }
         for d in stale {
             // Already covered by the parity (a resend that raced its
