@@ -64,6 +64,8 @@ impl Delta {
 struct GroupQueue {
     queue: Vec<Delta>,
     busy: bool,
+    /// The transactions of the batch being applied (out of `queue`).
+    running: Vec<TxRef>,
 }
 
 /// Takes stripe `stripe`'s references out of a group's queue.
@@ -419,18 +421,44 @@ impl ParitySide {
             if let Some(d) = q.queue.iter_mut().find(|d| d.upd.tx == u.tx) {
                 if let Some(stripe) = d.stripe {
                     // A stripe reference sent again with its delta (its
-                    // channel broke). Its stripe is given up, under this
-                    // lock so that no completion can slip in between: the
-                    // whole stripe leaves the queue (none of it is held
-                    // yet) and its members, this one too, are asked for
-                    // their deltas on their current channels.
-                    d.acks = acks;
+                    // channel broke): it holds its own delta from now on,
+                    // and its stripe is given up under this lock, so that
+                    // no completion can slip in between (none of it is
+                    // held yet); the other members are asked for theirs.
+                    d.delta = delta;
+                    d.stripe = None;
+                    d.ready = false;
+                    d.acks = acks.clone();
+                    let written = d.written.take();
                     let deltas = take_stripe(q, stripe);
+                    self.kick(q, u.group);
                     drop(groups);
                     self.gave_up(u.group, stripe, deltas);
+                    self.held_after(vec![(u.tx, acks)], written.into_iter().collect());
                     return Ok(());
                 }
                 let _ = acks.send(ParityAck::Held { tx: u.tx });
+                return Ok(());
+            }
+            if q.running.contains(&u.tx) {
+                // In the batch being applied: answered once that batch is
+                // done (applied, or put back in the queue by a repair),
+                // never by a second copy queued beside it.
+                drop(groups);
+                let me = self.clone();
+                self.workers.spawn(Tier::Protocol, "parity-resend-wait", async move {
+                    loop {
+                        let changed = me.changed.notified();
+                        if !me.groups.lock().get(&u.group).is_some_and(|q| q.running.contains(&u.tx)) {
+                            break;
+                        }
+                        changed.await;
+                    }
+                    let tx = u.tx;
+                    if let Err(e) = me.receive_update(u, delta, acks.clone(), None) {
+                        let _ = acks.send(ParityAck::Failed { tx, error: e.to_wire() });
+                    }
+                });
                 return Ok(());
             }
             // Journaled before a restart but its delta was lost: hold it again.
@@ -459,26 +487,30 @@ impl ParitySide {
 
         // b1: journal "update parity received".
         let rec = Record::Received { tx: u.tx, group: u.group, index: u.index, old: u.old, new: u.new };
-        let written = self.storage.commit(&rec, false, Wait::Written);
-        crate::crash_point_sync!(self, "parity::after-b1");
         if let Some((stripe, crc)) = reference {
             // Held only once its stripe is complete and its batch has read
-            // the old parity (`apply_batch`).
+            // the old parity (`apply_batch`). Journaled and queued under the
+            // queue's lock: a resend sees it in the queue once b1 is in
+            // the transaction table.
             let (group, index, tx) = (u.group, u.index, u.tx);
             {
                 let mut groups = self.groups.lock();
+                let written = self.storage.commit(&rec, false, Wait::Written);
                 let q = groups.entry(group).or_default();
                 let mut d = Delta::new(u, delta, acks, slot);
                 d.stripe = Some(stripe);
                 d.written = written;
                 q.queue.push(d);
             }
+            crate::crash_point_sync!(self, "parity::after-b1");
             crate::crash_point_sync!(self, "stripe::after-reference");
             let r = stripes::Ref { tx, index, crc };
             let (new, step) = self.stripes.lock().reference((group, stripe), self.layout.n(), r);
             self.stripe_step(group, stripe, new, step);
             return Ok(());
         }
+        let written = self.storage.commit(&rec, false, Wait::Written);
+        crate::crash_point_sync!(self, "parity::after-b1");
         // b2: the delta came with the request (pushed by D, DESIGN a8).
         // b4: hold the delta and confirm receipt once b1 is written.
         let tx = u.tx;
@@ -561,11 +593,7 @@ impl ParitySide {
                         carrier = false;
                     }
                 }
-                if !q.busy {
-                    q.busy = true;
-                    let me = self.clone();
-                    self.workers.spawn(Tier::Protocol, "parity-group", async move { me.group_worker(g).await });
-                }
+                self.kick(q, g);
             }
             stripes::Step::Abandoned { refs, first } => self.ask_deltas(g, stripe, &refs, first),
         }
@@ -656,6 +684,11 @@ impl ParitySide {
 
     fn enqueue(self: &Arc<Self>, q: &mut GroupQueue, group: GroupKey, d: Delta) {
         q.queue.push(d);
+        self.kick(q, group);
+    }
+
+    /// Starts group `group`'s worker unless it runs (the queue's lock held).
+    fn kick(self: &Arc<Self>, q: &mut GroupQueue, group: GroupKey) {
         if !q.busy {
             q.busy = true;
             let me = self.clone();
@@ -677,7 +710,12 @@ impl ParitySide {
                 Next::Idle => return,
                 Next::Batch(head, members, batch) => {
                     waited = true;
-                    if let Err(e) = self.apply_batch(g, head, members, batch).await {
+                    let applied = self.apply_batch(g, head, members, batch).await;
+                    if let Some(q) = self.groups.lock().get_mut(&g) {
+                        q.running.clear();
+                    }
+                    self.changed.notify_waiters();
+                    if let Err(e) = applied {
                         if matches!(e, Error::Io { .. } | Error::NoSpace) {
                             // The deltas of this batch are held (b1) but cannot
                             // be applied here: stop, like a failed fsync. The
@@ -749,6 +787,8 @@ impl ParitySide {
             if q.queue.is_empty() {
                 groups.remove(&g);
             }
+        } else {
+            q.running = batch.iter().map(|d| d.upd.tx).collect();
         }
         drop(groups);
         self.changed.notify_waiters();
