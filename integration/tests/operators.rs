@@ -670,3 +670,32 @@ fn fdatasync_of_overwrites_costs_no_namespace_round_trip_and_fsync_still_publish
     // What was written is there, and the cluster is consistent.
     c.must_scrub_clean();
 }
+
+/// `-o allow_root` keeps other users out of the mount; by default every
+/// user reaches it and the kernel checks permissions (allow_other).
+#[test]
+fn allow_root_keeps_other_users_out_and_the_default_lets_them_in() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let _g = serial();
+    let mut c = Cluster::init(3);
+    c.start_all();
+    // Other users must be able to reach the mount points at all.
+    for p in [c.tmp.path(), c.dir.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let open = c.mount("open", &[]);
+    let closed = c.mount("closed", &["allow_root"]);
+    std::fs::write(open.join("f"), b"x").expect("write");
+    std::fs::set_permissions(open.join("f"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let as_nobody =
+        |p: &std::path::Path| Command::new("cat").arg(p).uid(65534).gid(65534).output().expect("run cat as nobody");
+    let out = as_nobody(&open.join("f"));
+    assert!(out.status.success(), "nobody cannot read through the default mount: {out:?}");
+    assert_eq!(out.stdout, b"x");
+    let out = as_nobody(&closed.join("f"));
+    assert!(!out.status.success(), "nobody read through an allow_root mount: {out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Permission denied"), "{err}");
+    assert_eq!(std::fs::read(closed.join("f")).expect("root reads"), b"x");
+}

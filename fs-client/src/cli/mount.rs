@@ -61,9 +61,11 @@ pub fn parse_options(opts: &[String]) -> Result<(FsOptions, bool)> {
             "dev" => o.nodev = false,
             "noexec" => o.noexec = true,
             "exec" => o.noexec = false,
+            "allow_other" => o.allow_root_only = false,
+            "allow_root" | "noallow_other" => o.allow_root_only = true,
             // Always in force: the kernel checks permissions for every
             // user of the mount.
-            "allow_other" | "default_permissions" | "noatime" => {}
+            "default_permissions" | "noatime" => {}
             // fstab's and systemd's, not the filesystem's (mount(8) and
             // mount.fuse3 may pass them on).
             "defaults" | "auto" | "noauto" | "nofail" | "_netdev" | "user" | "users" | "nouser" | "owner" | "group" => {
@@ -71,7 +73,8 @@ pub fn parse_options(opts: &[String]) -> Result<(FsOptions, bool)> {
             k if k.starts_with("x-") || k == "comment" || k == "subtype" || k == "fsname" => {}
             other => bail!(
                 "unknown mount option '{other}' (known: toughness=, attr_timeout=, entry_timeout=, ro, rw, \
-                 buffer_mb=, buffer_file_mb=, buffer_age=, metrics=, bind=, nosuid, nodev, noexec; fstab's defaults, \
+                 buffer_mb=, buffer_file_mb=, buffer_age=, metrics=, bind=, nosuid, nodev, noexec, allow_other, \
+                 allow_root (noallow_other); fstab's defaults, \
                  noauto, nofail, _netdev, user, x-* are ignored)"
             ),
         }
@@ -144,7 +147,9 @@ pub fn mount_foreground(dir: &Path, mnt: &Path, fso: FsOptions, debug: bool) -> 
         fuser::MountOption::AutoUnmount,
         if fso.read_only { fuser::MountOption::RO } else { fuser::MountOption::RW },
     ];
-    cfg.acl = fuser::SessionACL::All;
+    // Without allow_other, the kernel still gets allow_other (auto_unmount
+    // needs it) and fuser answers only the mounting user and root.
+    cfg.acl = if fso.allow_root_only { fuser::SessionACL::RootAndOwner } else { fuser::SessionACL::All };
     cfg.n_threads = Some(2);
     cfg.clone_fd = true;
     let _ = debug;

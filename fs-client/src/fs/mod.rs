@@ -81,6 +81,10 @@ pub struct FsOptions {
     /// a host with several addresses sends from the one its firewall and
     /// the IOMs' expect; the unspecified address when `None`.
     pub bind: Option<std::net::IpAddr>,
+    /// `-o allow_root` (or `noallow_other`): only the mounting user and
+    /// root reach the mount. By default every user does (`allow_other`,
+    /// with the kernel checking permissions), as ceph-fuse does.
+    pub allow_root_only: bool,
     /// `-o nosuid`, `-o nodev`, `-o noexec`: the kernel ignores set-id
     /// bits, device files, execution on this mount.
     pub nosuid: bool,
@@ -98,6 +102,7 @@ impl Default for FsOptions {
             buffer: BufferCaps::default(),
             metrics: None,
             bind: None,
+            allow_root_only: false,
             nosuid: false,
             nodev: false,
             noexec: false,
