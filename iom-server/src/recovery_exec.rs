@@ -98,6 +98,10 @@ impl Recovery {
                 self.storage.mark_group(role, g);
                 return TxView::Parity { state: ParityTxState::None, standin: true, covers: Version(0) };
             }
+            // A stripe reference not yet complete is no held delta: its
+            // stripe is given up now (nothing of it is held yet), so this
+            // answer cannot be overtaken by the stripe completing.
+            self.parity.give_up_blocked(g, tx);
             // A delta held in memory is applied before the answer.
             self.parity.wait_unqueued(g, tx, self.timeouts.held_delta_wait).await;
             let state = match self.storage.map.ptx.lock().get(&tx) {

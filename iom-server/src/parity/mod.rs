@@ -36,6 +36,9 @@ use tokio::sync::mpsc;
 
 type AckTx = mpsc::UnboundedSender<ParityAck>;
 
+/// How long a given-up reference's b1 slot waits for its resend.
+const PARKED_SLOT_KEPT: std::time::Duration = std::time::Duration::from_secs(30);
+
 struct Delta {
     upd: ParityUpdate,
     delta: Bytes,
@@ -110,6 +113,9 @@ pub struct ParitySide {
     pub no_space: AtomicU64,
     /// Client stripes waiting for their piece or references.
     stripes: Mutex<stripes::Stripes>,
+    /// The b1 slots of references whose stripes were given up, kept for
+    /// their resends (which come with their deltas) for `PARKED_SLOT_KEPT`.
+    parked: Mutex<HashMap<TxRef, (std::time::Instant, Slot)>>,
     /// Stripes applied from their pieces, and given up (their deltas asked for).
     pub stripes_applied: AtomicU64,
     pub stripes_abandoned: AtomicU64,
@@ -161,6 +167,7 @@ impl ParitySide {
             repairs: AtomicU64::new(0),
             no_space: AtomicU64::new(0),
             stripes: Mutex::default(),
+            parked: Mutex::default(),
             stripes_applied: AtomicU64::new(0),
             stripes_abandoned: AtomicU64::new(0),
             changed: tokio::sync::Notify::new(),
@@ -173,9 +180,24 @@ impl ParitySide {
     }
 
     /// Drops a held delta (its write was rolled back).
+    /// Recovery asks about `tx`: if it is a stripe reference whose stripe is
+    /// not complete, the stripe is given up (its references, this one too,
+    /// leave the queue and are asked for their deltas).
+    pub fn give_up_blocked(self: &Arc<Self>, g: GroupKey, tx: TxRef) {
+        let mut groups = self.groups.lock();
+        let Some(q) = groups.get_mut(&g) else { return };
+        let Some(stripe) = q.queue.iter().find(|d| d.upd.tx == tx && !d.ready).and_then(|d| d.stripe) else {
+            return;
+        };
+        let deltas = take_stripe(q, stripe);
+        drop(groups);
+        self.gave_up(g, stripe, deltas);
+    }
+
     /// A stripe reference takes its whole stripe out with it (none of it
     /// is held yet: `stripes`), whose other members are asked for deltas.
     pub fn unqueue(self: &Arc<Self>, tx: TxRef) {
+        self.parked.lock().remove(&tx);
         let mut gone = Vec::new();
         for (g, q) in self.groups.lock().iter_mut() {
             let stripe = q.queue.iter().find(|d| d.upd.tx == tx).and_then(|d| d.stripe);
@@ -463,7 +485,14 @@ impl ParitySide {
             }
             // Journaled before a restart but its delta was lost: hold it again.
             let _ = acks.send(ParityAck::Held { tx: u.tx });
-            self.enqueue(q, u.group, Delta::new(u, delta, acks, None));
+            // A reference whose stripe was given up finds the slot it
+            // reserved at b1.
+            let slot = {
+                let mut parked = self.parked.lock();
+                parked.retain(|_, (at, _)| at.elapsed() < PARKED_SLOT_KEPT);
+                parked.remove(&u.tx).map(|(_, s)| s)
+            };
+            self.enqueue(q, u.group, Delta::new(u, delta, acks, slot));
             return Ok(());
         }
 
@@ -647,10 +676,20 @@ impl ParitySide {
 
     /// Asks the data IOMs of these references (out of the queue, none held)
     /// for their deltas, each once its b1 record is written.
-    fn need_deltas(self: &Arc<Self>, deltas: Vec<Delta>) {
+    /// The parity slot each reserved at b1 is kept for its resend (`parked`).
+    fn need_deltas(self: &Arc<Self>, mut deltas: Vec<Delta>) {
         self.changed.notify_waiters();
         if deltas.is_empty() {
             return;
+        }
+        {
+            let mut parked = self.parked.lock();
+            parked.retain(|_, (at, _)| at.elapsed() < PARKED_SLOT_KEPT);
+            for d in deltas.iter_mut() {
+                if let Some(slot) = d.slot.take() {
+                    parked.insert(d.upd.tx, (std::time::Instant::now(), slot));
+                }
+            }
         }
         self.workers.spawn(Tier::Protocol, "stripe-need-delta", async move {
             for d in deltas {
