@@ -71,14 +71,6 @@ struct GroupQueue {
     running: Vec<TxRef>,
 }
 
-/// Takes stripe `stripe`'s references out of a group's queue.
-fn take_stripe(q: &mut GroupQueue, stripe: u64) -> Vec<Delta> {
-    let (gone, kept): (Vec<Delta>, Vec<Delta>) =
-        std::mem::take(&mut q.queue).into_iter().partition(|d| d.stripe == Some(stripe));
-    q.queue = kept;
-    gone
-}
-
 enum Next {
     Wait,
     Idle,
@@ -179,21 +171,46 @@ impl ParitySide {
         self.groups.lock().get(&g).is_some_and(|q| q.busy || q.queue.iter().any(|d| d.upd.tx == tx))
     }
 
-    /// Drops a held delta (its write was rolled back).
-    /// Recovery asks about `tx`: if it is a stripe reference whose stripe is
-    /// not complete, the stripe is given up (its references, this one too,
-    /// leave the queue and are asked for their deltas).
+    /// Takes stripe `stripe`'s references out of a group's queue (whose
+    /// lock the caller holds); the slot each reserved at b1 is kept for its
+    /// resend (`parked`), before anyone can send it.
+    fn take_stripe(&self, q: &mut GroupQueue, stripe: u64) -> Vec<Delta> {
+        let (mut gone, kept): (Vec<Delta>, Vec<Delta>) =
+            std::mem::take(&mut q.queue).into_iter().partition(|d| d.stripe == Some(stripe));
+        q.queue = kept;
+        let mut parked = self.parked.lock();
+        for d in gone.iter_mut() {
+            if let Some(slot) = d.slot.take() {
+                parked.insert(d.upd.tx, (std::time::Instant::now(), slot));
+            }
+        }
+        gone
+    }
+
+    /// Frees parked slots whose resends did not come within `PARKED_SLOT_KEPT`.
+    fn prune_parked(&self) {
+        let mut parked = self.parked.lock();
+        if !parked.is_empty() {
+            parked.retain(|_, (at, _)| at.elapsed() < PARKED_SLOT_KEPT);
+        }
+    }
+
+    /// Recovery asks about `tx`: if it is a stripe reference still queued
+    /// (not in the batch being applied, so not held), its stripe is given
+    /// up (its references, this one too, leave the queue and are asked for
+    /// their deltas), so the answer cannot be overtaken by the stripe.
     pub fn give_up_blocked(self: &Arc<Self>, g: GroupKey, tx: TxRef) {
         let mut groups = self.groups.lock();
         let Some(q) = groups.get_mut(&g) else { return };
-        let Some(stripe) = q.queue.iter().find(|d| d.upd.tx == tx && !d.ready).and_then(|d| d.stripe) else {
+        let Some(stripe) = q.queue.iter().find(|d| d.upd.tx == tx).and_then(|d| d.stripe) else {
             return;
         };
-        let deltas = take_stripe(q, stripe);
+        let deltas = self.take_stripe(q, stripe);
         drop(groups);
         self.gave_up(g, stripe, deltas);
     }
 
+    /// Drops a held delta (its write was rolled back).
     /// A stripe reference takes its whole stripe out with it (none of it
     /// is held yet: `stripes`), whose other members are asked for deltas.
     pub fn unqueue(self: &Arc<Self>, tx: TxRef) {
@@ -203,7 +220,7 @@ impl ParitySide {
             let stripe = q.queue.iter().find(|d| d.upd.tx == tx).and_then(|d| d.stripe);
             q.queue.retain(|d| d.upd.tx != tx);
             if let Some(s) = stripe {
-                gone.push((*g, s, take_stripe(q, s)));
+                gone.push((*g, s, self.take_stripe(q, s)));
             }
         }
         self.changed.notify_waiters();
@@ -423,6 +440,7 @@ impl ParitySide {
         }
         self.deltas.fetch_add(1, Ordering::Relaxed);
 
+        self.prune_parked();
         if reference.is_some() && (u.delta_offset != 0 || !delta.is_empty()) {
             return Err(Error::BadRequest(format!("stripe reference with a delta {u:?}")));
         }
@@ -452,7 +470,7 @@ impl ParitySide {
                     d.ready = false;
                     d.acks = acks.clone();
                     let written = d.written.take();
-                    let deltas = take_stripe(q, stripe);
+                    let deltas = self.take_stripe(q, stripe);
                     self.kick(q, u.group);
                     drop(groups);
                     self.gave_up(u.group, stripe, deltas);
@@ -487,11 +505,7 @@ impl ParitySide {
             let _ = acks.send(ParityAck::Held { tx: u.tx });
             // A reference whose stripe was given up finds the slot it
             // reserved at b1.
-            let slot = {
-                let mut parked = self.parked.lock();
-                parked.retain(|_, (at, _)| at.elapsed() < PARKED_SLOT_KEPT);
-                parked.remove(&u.tx).map(|(_, s)| s)
-            };
+            let slot = self.parked.lock().remove(&u.tx).map(|(_, s)| s);
             self.enqueue(q, u.group, Delta::new(u, delta, acks, slot));
             return Ok(());
         }
@@ -609,7 +623,7 @@ impl ParitySide {
                     q.queue.iter().filter(|d| d.stripe == Some(stripe)).map(|d| d.upd.tx).collect();
                 let whole = queued.len() == refs.len() && refs.iter().all(|r| queued.contains(&r.tx));
                 if !whole {
-                    let deltas = take_stripe(q, stripe);
+                    let deltas = self.take_stripe(q, stripe);
                     drop(groups);
                     self.gave_up(g, stripe, deltas);
                     return;
@@ -651,7 +665,7 @@ impl ParitySide {
             let mut groups = self.groups.lock();
             match groups.get_mut(&g) {
                 Some(q) => {
-                    let gone = take_stripe(q, stripe);
+                    let gone = self.take_stripe(q, stripe);
                     if q.queue.is_empty() && !q.busy {
                         groups.remove(&g);
                     }
@@ -676,20 +690,10 @@ impl ParitySide {
 
     /// Asks the data IOMs of these references (out of the queue, none held)
     /// for their deltas, each once its b1 record is written.
-    /// The parity slot each reserved at b1 is kept for its resend (`parked`).
-    fn need_deltas(self: &Arc<Self>, mut deltas: Vec<Delta>) {
+    fn need_deltas(self: &Arc<Self>, deltas: Vec<Delta>) {
         self.changed.notify_waiters();
         if deltas.is_empty() {
             return;
-        }
-        {
-            let mut parked = self.parked.lock();
-            parked.retain(|_, (at, _)| at.elapsed() < PARKED_SLOT_KEPT);
-            for d in deltas.iter_mut() {
-                if let Some(slot) = d.slot.take() {
-                    parked.insert(d.upd.tx, (std::time::Instant::now(), slot));
-                }
-            }
         }
         self.workers.spawn(Tier::Protocol, "stripe-need-delta", async move {
             for d in deltas {
@@ -819,7 +823,7 @@ impl ParitySide {
         let mut given_up = Vec::new();
         for s in split {
             tracing::warn!(iom = self.me.0, group = ?g, stripe = s, "stripe reference already covered; giving it up");
-            given_up.push((s, take_stripe(q, s)));
+            given_up.push((s, self.take_stripe(q, s)));
         }
         if batch.is_empty() {
             q.busy = false;
@@ -981,6 +985,7 @@ impl ParitySide {
     /// b13: a data IOM's write completed; free the old parity once every
     /// transaction of its batch has.
     pub fn write_done(self: &Arc<Self>, tx: TxRef) {
+        self.prune_parked();
         if let Some((owner, g)) = self.handover.parity_closed(tx) {
             // A stand-in's update: its data is in place now. A rebuild
             // round may have cleared the group's mark after reading the
