@@ -133,6 +133,21 @@ pub fn mix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// `dst ^= src` over `src.len()` bytes.
+pub fn xor_into(dst: &mut [u8], src: &[u8]) {
+    let n = src.len().min(dst.len());
+    let (d8, s8) = (&mut dst[..n], &src[..n]);
+    let mut dc = d8.chunks_exact_mut(8);
+    let mut sc = s8.chunks_exact(8);
+    for (d, s) in (&mut dc).zip(&mut sc) {
+        let x = u64::from_ne_bytes(d.try_into().expect("8")) ^ u64::from_ne_bytes(s.try_into().expect("8"));
+        d.copy_from_slice(&x.to_ne_bytes());
+    }
+    for (d, s) in dc.into_remainder().iter_mut().zip(sc.remainder()) {
+        *d ^= *s;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -143,20 +143,6 @@ struct Stripe {
     piece: Bytes,
 }
 
-/// `acc ^= b` over `b`'s length (`acc` at least as long).
-fn xor_into(acc: &mut [u8], b: &[u8]) {
-    let (a8, b8) = (acc[..b.len()].chunks_exact_mut(8), b.chunks_exact(8));
-    let tail = b.len() - b.len() % 8;
-    for (x, y) in a8.zip(b8) {
-        let v =
-            u64::from_ne_bytes(x[..].try_into().expect("8 bytes")) ^ u64::from_ne_bytes(y.try_into().expect("8 bytes"));
-        x.copy_from_slice(&v.to_ne_bytes());
-    }
-    for i in tail..b.len() {
-        acc[i] ^= b[i];
-    }
-}
-
 /// Requests for an IOM this client cannot reach go through `via`; the
 /// direct path is tried again at `probe_at`.
 #[derive(Clone, Copy, Debug)]
@@ -707,7 +693,7 @@ impl ClusterClient {
                 for p in run {
                     let b = &data[p.buf_offset..p.buf_offset + p.len as usize];
                     crcs.push(common::codec::crc(b));
-                    xor_into(&mut piece, b);
+                    common::layout::xor_into(&mut piece, b);
                 }
                 let id = (self.client_id.rotate_left(29)
                     ^ self.stripe_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed))

@@ -108,9 +108,6 @@ pub struct ParitySide {
     /// The b1 slots of references whose stripes were given up, kept for
     /// their resends (which come with their deltas) for `PARKED_SLOT_KEPT`.
     parked: Mutex<HashMap<TxRef, (std::time::Instant, Slot)>>,
-    /// Stripes applied from their pieces, and given up (their deltas asked for).
-    pub stripes_applied: AtomicU64,
-    pub stripes_abandoned: AtomicU64,
     /// Fired whenever a group's queue or busy flag may have changed (each
     /// batch taken, a group idle, a delta dropped): `pause` and
     /// `wait_unqueued` wait on it.
@@ -160,8 +157,6 @@ impl ParitySide {
             no_space: AtomicU64::new(0),
             stripes: Mutex::default(),
             parked: Mutex::default(),
-            stripes_applied: AtomicU64::new(0),
-            stripes_abandoned: AtomicU64::new(0),
             changed: tokio::sync::Notify::new(),
         }
     }
@@ -638,15 +633,15 @@ impl ParitySide {
                 }
                 self.kick(q, g);
             }
-            stripes::Step::Abandoned { refs, first } => self.ask_deltas(g, stripe, &refs, first),
+            stripes::Step::Abandoned { first, .. } => self.ask_deltas(g, stripe, first),
         }
     }
 
     /// Gives stripe `k` up (if open) and asks its references for their deltas.
     fn abandon_stripe(self: &Arc<Self>, k: stripes::StripeKey) {
         let step = self.stripes.lock().abandon(k);
-        if let stripes::Step::Abandoned { refs, first } = step {
-            self.ask_deltas(k.0, k.1, &refs, first);
+        if let stripes::Step::Abandoned { first, .. } = step {
+            self.ask_deltas(k.0, k.1, first);
         }
     }
 
@@ -655,12 +650,10 @@ impl ParitySide {
     /// for their deltas once their b1 records are written; a resend is then
     /// held like one after a restart.
     /// `first`: this gave the stripe up (counted once).
-    fn ask_deltas(self: &Arc<Self>, g: GroupKey, stripe: u64, refs: &[stripes::Ref], first: bool) {
+    fn ask_deltas(self: &Arc<Self>, g: GroupKey, stripe: u64, first: bool) {
         if first {
-            self.stripes_abandoned.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("iomfs_iom_stripes_total", "outcome" => "abandoned").increment(1);
         }
-        let _ = refs;
         let out = {
             let mut groups = self.groups.lock();
             match groups.get_mut(&g) {
@@ -682,7 +675,6 @@ impl ParitySide {
     /// reference's data IOM asked for its delta.
     fn gave_up(self: &Arc<Self>, g: GroupKey, stripe: u64, deltas: Vec<Delta>) {
         if let stripes::Step::Abandoned { first: true, .. } = self.stripes.lock().abandon((g, stripe)) {
-            self.stripes_abandoned.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("iomfs_iom_stripes_total", "outcome" => "abandoned").increment(1);
         }
         self.need_deltas(deltas);
@@ -874,7 +866,6 @@ impl ParitySide {
         if !held.is_empty() {
             let written = batch.iter_mut().filter_map(|d| d.written.take()).collect();
             let stripes = batch.iter().filter_map(|d| d.stripe).collect::<std::collections::HashSet<_>>().len();
-            self.stripes_applied.fetch_add(stripes as u64, Ordering::Relaxed);
             metrics::counter!("iomfs_iom_stripes_total", "outcome" => "applied").increment(stripes as u64);
             self.held_after(held, written);
             crash_point!(self, "stripe::after-held");
