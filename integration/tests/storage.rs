@@ -530,3 +530,59 @@ fn cache_drop_empties_every_iom_cache_and_reads_come_from_the_disks() {
     );
     client.close();
 }
+
+/// An IOM killed and restarted at once (a crash and its supervisor's
+/// restart) is noticed by the connections its previous run held at their
+/// next packet: its endpoint answers them with a stateless reset whose key
+/// it derives from its private key, so a client's read and a data IOM's
+/// parity update go on at once. Before, both waited for QUIC's 5 s idle
+/// timeout (the reset key was random per run, so peers ignored it).
+#[test]
+fn a_restarted_iom_is_noticed_at_once_by_the_connections_of_its_previous_run() {
+    let _g = serial();
+    let mut c = Cluster::init(3);
+    // A restart, not a failover: no failure detection in the way.
+    c.set_tuning("failure_timeout_ms", 600_000);
+    c.start_all();
+    let layout = common::Layout::new(3, 65536).unwrap();
+    let bs = 65536u64;
+    // Block 0's parity is on IOM 0; block `own` is stored on IOM 0.
+    let obj =
+        (1..10_000).map(ObjectId).find(|&o| layout.parity_iom(o, common::GroupNo(0)) == common::IomId(0)).unwrap();
+    let own = (0..64).find(|&b| layout.data_iom(obj, common::BlockNo(b)) == common::IomId(0)).unwrap();
+    let rt = rt();
+    let client = rt.block_on(async {
+        let client = c.client().await;
+        client.write(obj, 0, Bytes::from(Rng(1).bytes(65536)), Toughness::Durable).await.unwrap();
+        client.write(obj, own * bs, Bytes::from(Rng(2).bytes(65536)), Toughness::Durable).await.unwrap();
+        client
+    });
+    c.kill(0);
+    c.start(0);
+    rt.block_on(async {
+        let t = std::time::Instant::now();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(30), client.read(obj, own * bs, 65536))
+            .await
+            .expect("read never answered")
+            .unwrap();
+        assert_eq!(&got[..], &Rng(2).bytes(65536)[..]);
+        let read = t.elapsed();
+        let t = std::time::Instant::now();
+        let new = Rng(3).bytes(65536);
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            client.write(obj, 0, Bytes::from(new.clone()), Toughness::Atomic),
+        )
+        .await
+        .expect("write never answered")
+        .unwrap();
+        let write = t.elapsed();
+        assert!(
+            read < std::time::Duration::from_millis(2500) && write < std::time::Duration::from_millis(2500),
+            "after IOM 0 restarted, a read from it took {read:?} and a write whose parity it holds {write:?}"
+        );
+        assert_eq!(&client.read(obj, 0, 65536).await.unwrap()[..], &new[..]);
+        client.close();
+    });
+    c.must_scrub_clean();
+}

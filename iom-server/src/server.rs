@@ -70,7 +70,7 @@ impl Iom {
         let ident = net::tls::Identity::load_iom(&paths, opts.id).map_err(|e| Error::Startup(e.to_string()))?;
         let sc = net::tls::server_config(&ident, cfg.transport).map_err(|e| Error::Startup(e.to_string()))?;
         let cc = net::tls::client_config(&ident, cfg.transport).map_err(|e| Error::Startup(e.to_string()))?;
-        let endpoint = net::tls::make_endpoint(bind, Some(sc), cfg.transport).map_err(|e| {
+        let endpoint = net::tls::make_endpoint(bind, Some((sc, &ident)), cfg.transport).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AddrInUse {
                 Error::Startup(format!(
                     "UDP port {bind} is in use: is IOM {} already running, or another program on that port?",

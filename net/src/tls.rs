@@ -111,6 +111,10 @@ pub fn anonymous_client_config(ca: &[CertificateDer<'static>]) -> Result<quinn::
 /// 16383, the largest quinn accepts, discovery up to 65527), big windows,
 /// GSO off (quinn would batch sends over the kernel's 64 KB limit), a 1 MiB
 /// initial congestion window. See LIMITS.md for the measurements.
+/// Loopback and LAN assume a 10 ms round trip before the first sample
+/// (quinn's default is the RFC's 333 ms, made for the internet): a first
+/// handshake packet lost to a peer that was not listening yet (IOMs
+/// starting together) is sent again after ~30 ms instead of ~1 s.
 pub fn transport(profile: TransportProfile) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
@@ -119,6 +123,7 @@ pub fn transport(profile: TransportProfile) -> Arc<quinn::TransportConfig> {
     t.max_idle_timeout(Some(quinn::VarInt::from_u32(5_000).into()));
     match profile {
         TransportProfile::Loopback => {
+            t.initial_rtt(Duration::from_millis(10));
             t.initial_mtu(16383).min_mtu(16383);
             let mut mtud = quinn::MtuDiscoveryConfig::default();
             mtud.upper_bound(65527);
@@ -132,6 +137,7 @@ pub fn transport(profile: TransportProfile) -> Arc<quinn::TransportConfig> {
             t.send_window(64 << 20);
         }
         TransportProfile::Lan => {
+            t.initial_rtt(Duration::from_millis(10));
             let mut mtud = quinn::MtuDiscoveryConfig::default();
             mtud.upper_bound(8952);
             t.mtu_discovery_config(Some(mtud));
@@ -145,8 +151,31 @@ pub fn transport(profile: TransportProfile) -> Arc<quinn::TransportConfig> {
 }
 
 /// Endpoint settings matching the transport profile.
-pub fn endpoint_config(profile: TransportProfile) -> quinn::EndpointConfig {
-    let mut e = quinn::EndpointConfig::default();
+///
+/// `reset_secret` is a server's long-lived secret (an IOM's private key).
+/// The stateless-reset key (RFC 9000 §10.3) is derived from it instead of
+/// drawn at random, so an IOM restarted on the same address can answer a
+/// packet of a connection its previous run held with a reset that peer
+/// accepts: peers notice the restart at their next packet (a keep-alive
+/// goes every 500 ms) instead of after the 5 s idle timeout, and writes
+/// waiting on the old connection resume at once. Without a secret (the
+/// client) the key is random, as quinn's default.
+pub fn endpoint_config(profile: TransportProfile, reset_secret: Option<&[u8]>) -> quinn::EndpointConfig {
+    let mut e = match reset_secret {
+        Some(secret) => {
+            use ring::hmac;
+            let root = hmac::Key::new(hmac::HMAC_SHA256, secret);
+            let reset = hmac::sign(&root, b"iomfs stateless-reset key v1");
+            let mut e = quinn::EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, reset.as_ref())));
+            // The connection ids must validate across the restart too, or
+            // the packet is dropped before a reset is considered.
+            let cid = hmac::sign(&root, b"iomfs connection-id key v1");
+            let cid_key = u64::from_le_bytes(cid.as_ref()[..8].try_into().expect("8 bytes of a 32-byte tag"));
+            e.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+            e
+        }
+        None => quinn::EndpointConfig::default(),
+    };
     if profile == TransportProfile::Loopback {
         e.max_udp_payload_size(65527).expect("valid payload size");
     }
@@ -154,9 +183,11 @@ pub fn endpoint_config(profile: TransportProfile) -> quinn::EndpointConfig {
 }
 
 /// Binds a UDP socket with large buffers and makes a quinn endpoint on it.
+/// A server passes its identity: its stateless-reset key is derived from
+/// the private key (see [`endpoint_config`]).
 pub fn make_endpoint(
     bind: std::net::SocketAddr,
-    server: Option<quinn::ServerConfig>,
+    server: Option<(quinn::ServerConfig, &Identity)>,
     profile: TransportProfile,
 ) -> std::io::Result<quinn::Endpoint> {
     use socket2::{Domain, Protocol, Socket, Type};
@@ -165,7 +196,9 @@ pub fn make_endpoint(
     let _ = sock.set_send_buffer_size(8 << 20);
     sock.bind(&bind.into())?;
     let udp: std::net::UdpSocket = sock.into();
-    quinn::Endpoint::new(endpoint_config(profile), server, udp, Arc::new(quinn::TokioRuntime))
+    let secret = server.as_ref().map(|(_, id)| id.key.secret_der());
+    let config = endpoint_config(profile, secret);
+    quinn::Endpoint::new(config, server.map(|(sc, _)| sc), udp, Arc::new(quinn::TokioRuntime))
 }
 
 /// Whom a peer's certificate (verified against the cluster CA by the TLS
