@@ -390,6 +390,16 @@ fn iom_server_tells_systemd_it_is_ready_only_once_it_serves_and_that_it_stops_on
     );
     let service = std::fs::read_to_string(out.join("iom-server@.service")).expect("service unit");
     assert!(service.contains("Type=notify") && service.contains("--id %i"), "{service}");
+    // Started only once the disks it needs are mounted: the cluster
+    // directory for every IOM, each IOM's store in its own drop-in.
+    let canon = std::fs::canonicalize(&c.dir).expect("cluster dir");
+    assert!(service.contains(&format!("RequiresMountsFor={}\n", canon.display())), "{service}");
+    for i in 0..c.width {
+        let dropin = out.join(format!("iom-server@{i}.service.d/iomfs-dirs.conf"));
+        let text = std::fs::read_to_string(&dropin).unwrap_or_else(|e| panic!("{}: {e}", dropin.display()));
+        let want = format!("RequiresMountsFor={}\n", canon.join(format!("iom-{i}")).display());
+        assert!(text.contains("[Unit]") && text.contains(&want), "{text}");
+    }
     let mount_unit = std::fs::read_dir(&out)
         .expect("units")
         .flatten()
@@ -398,9 +408,13 @@ fn iom_server_tells_systemd_it_is_ready_only_once_it_serves_and_that_it_stops_on
         .unwrap_or_else(|| panic!("no .mount unit: {o}"));
     let text = std::fs::read_to_string(&mount_unit).expect("mount unit");
     assert!(text.contains("Type=fuse.iomfs") && text.contains("toughness=durable"), "{text}");
+    assert!(text.contains(&format!("RequiresMountsFor={}\n", canon.display())), "{text}");
     if Command::new("systemd-analyze").arg("--version").output().is_ok_and(|o| o.status.success()) {
         let instance = out.join("iom-server@0.service");
-        std::fs::copy(out.join("iom-server@.service"), &instance).expect("instance");
+        let mut with_dropin = std::fs::read_to_string(out.join("iom-server@.service")).expect("template");
+        with_dropin
+            .push_str(&std::fs::read_to_string(out.join("iom-server@0.service.d/iomfs-dirs.conf")).expect("drop-in"));
+        std::fs::write(&instance, with_dropin).expect("instance");
         let v = Command::new("systemd-analyze")
             .args(["verify", "--man=no"])
             .arg(&instance)
