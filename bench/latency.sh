@@ -11,7 +11,8 @@
 # For each one-way delay (`direct` = no relay at all), a fresh cluster;
 # for each toughness level (a directory with user.iomfs.toughness), a
 # 128 MiB sequential write (dd bs=1M conv=fsync) and 300 small files
-# (4 KiB, create + write + close). Prints a markdown table, and the round
+# (4 KiB, create + write + close), then those files read back with `cat`
+# after `iomfs cache drop` and drop_caches. Prints a markdown table, and the round
 # trip measured through the relay with UDP pings.
 #
 # usage: bench/latency.sh [DELAY ...]    (default: direct 0 100 500)
@@ -120,11 +121,12 @@ stop_cluster() {
 
 now() { date +%s.%N; }
 
-echo "| one-way delay | UDP round trip (median) | level | seq write 128 MiB (MiB/s) | small files, 4 KiB (files/s) |"
-echo "| --- | ---: | --- | ---: | ---: |"
+echo "| one-way delay | UDP round trip (median) | level | seq write 128 MiB (MiB/s) | small files, 4 KiB (files/s) | read back after cache drops (files/s) |"
+echo "| --- | ---: | --- | ---: | ---: | ---: |"
 for d in "${DELAYS[@]}"; do
   if [ "$d" = direct ]; then rtt="-"; else rtt="$(ping_rtt "$d") µs"; fi
   start_cluster "$d"
+  c_dir=$ROOT/c-$d/client
   for l in "${LEVELS[@]}"; do
     mkdir -p "$MNT/$l"
     setfattr -n user.iomfs.toughness -v "$l" "$MNT/$l"
@@ -139,9 +141,17 @@ for i in range(300):
         f.write(data)
 EOF
     t2=$(now)
+    # The same files read back, every cache dropped first (each open and
+    # read goes to the cluster).
+    "$BIN/iomfs" cache drop --dir "$c_dir" >/dev/null 2>&1 || true
+    sync; echo 3 >/proc/sys/vm/drop_caches
+    t3=$(now)
+    (cd "$MNT/$l/small" && cat f* >/dev/null)
+    t4=$(now)
     seq=$(python3 -c "print(round(128 / ($t1 - $t0), 1))")
     small=$(python3 -c "print(round(300 / ($t2 - $t1)))")
-    echo "| ${d} µs | $rtt | $l | $seq | $small |" | sed 's/| direct µs |/| direct (no relay) |/'
+    sread=$(python3 -c "print(round(300 / ($t4 - $t3)))")
+    echo "| ${d} µs | $rtt | $l | $seq | $small | $sread |" | sed 's/| direct µs |/| direct (no relay) |/'
   done
   stop_cluster
 done

@@ -335,7 +335,7 @@ impl Filesystem for IomFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
@@ -343,7 +343,7 @@ impl Filesystem for IomFs {
         reply: ReplyData,
     ) {
         self.spawn("read", move |fs| async move {
-            match fs.read(Ino(ino.0), offset, size).await {
+            match fs.read(Ino(ino.0), fh.0, offset, size).await {
                 Ok(b) => reply.data(&b),
                 Err(e) => reply.error(e),
             }

@@ -29,6 +29,9 @@ pub(super) struct Handle {
 
 impl Inner {
     fn new_handle(&self, ino: Ino, write: bool, sync: bool) -> FileHandle {
+        if write {
+            self.data_changing(ino);
+        }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, Handle { ino, write, sync });
         let mut nodes = self.nodes.lock();
@@ -61,6 +64,7 @@ impl Inner {
             self.publish(ino).await?;
         }
         let before = self.node(ino).and_then(|n| n.opened_as);
+        let pre = if write { None } else { self.start_prefetch(ino) };
         let attr = match self.meta(MetaReq::Open { ino, truncate }).await? {
             MetaResp::Opened { attr, .. } => attr,
             _ => return Err(wrong_reply()),
@@ -72,6 +76,9 @@ impl Inner {
             n.opened_as = Some(now_as);
         }
         let fh = self.new_handle(ino, write, sync);
+        if let Some(p) = pre {
+            self.keep_prefetch(fh.0, p, &attr, keep);
+        }
         let mut f = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
         if !write {
             // A read-only descriptor has nothing of its own to send at
@@ -84,6 +91,7 @@ impl Inner {
     }
 
     pub(super) async fn release(&self, fh: u64) -> R<()> {
+        self.drop_prefetch(fh);
         // Buffered bytes go before the release is queued: once the
         // namespace has the release, an unlinked file's object may be
         // dropped, and bytes sent after that would land nowhere.

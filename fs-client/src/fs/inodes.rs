@@ -64,6 +64,10 @@ pub(super) struct Node {
     /// publication counts as making the state durable only if none was
     /// sent while it was on its way.
     pub(super) meta_changes: u64,
+    /// `Inner::data_gen` at this client's last change of the file's data
+    /// (at least its value when the node was made): a prefetch sent before
+    /// it is stale.
+    pub(super) changed_at: u64,
 }
 
 impl Node {
@@ -140,6 +144,7 @@ impl Inner {
                         opened_as: None,
                         synced_change: None,
                         meta_changes: 0,
+                        changed_at: self.data_gen.load(std::sync::atomic::Ordering::Acquire),
                     },
                 );
                 a.clone()
@@ -325,13 +330,17 @@ impl Inner {
         Ok(len)
     }
 
-    pub(super) async fn read(&self, ino: Ino, offset: u64, size: u32) -> R<Bytes> {
+    pub(super) async fn read(&self, ino: Ino, fh: u64, offset: u64, size: u32) -> R<Bytes> {
         let n = self.known(ino).await?;
         let a = n.merged();
         if offset >= a.size {
             return Ok(Bytes::new());
         }
         let len = (a.size - offset).min(size as u64) as usize;
+        if let Some(b) = self.prefetched(fh, ino, offset, len).await {
+            self.session_ok(ino).await?;
+            return Ok(self.wb.read_over(ino, offset, b));
+        }
         self.session_ok(ino).await?;
         let b = self.c.read(a.object, offset, len).await.map_err(errno)?;
         self.session_ok(ino).await?;
@@ -369,6 +378,7 @@ impl Inner {
             if self.o.read_only {
                 return Err(Errno::EROFS);
             }
+            self.data_changing(ino);
             self.publish(ino).await?;
             let n = self.known(ino).await?;
             if n.attr.kind == FileKind::Directory {

@@ -39,6 +39,7 @@ mod adapter;
 mod dircache;
 mod handles;
 mod inodes;
+mod prefetch;
 mod writeback;
 mod xattr;
 
@@ -154,6 +155,12 @@ pub struct Inner {
     space: Mutex<Option<SpaceSeen>>,
     /// A `buffered` write looked at `space` since the last refresh.
     space_wanted: std::sync::atomic::AtomicBool,
+    /// Small files' bytes read beside their read-only open, per handle
+    /// (`prefetch`).
+    prefetched: Mutex<HashMap<u64, prefetch::Prefetch>>,
+    /// Counts this client's data changes (handles opened for writing,
+    /// truncations); a node's `changed_at` is its value at the last one.
+    data_gen: AtomicU64,
 }
 
 pub struct IomFs {
@@ -203,6 +210,8 @@ impl IomFs {
                 stopping: tokio_util::sync::CancellationToken::new(),
                 space: Mutex::new(None),
                 space_wanted: std::sync::atomic::AtomicBool::new(false),
+                prefetched: Mutex::new(HashMap::new()),
+                data_gen: AtomicU64::new(0),
             }),
         }
     }
