@@ -158,8 +158,9 @@ fn read_direct(f: &fs::File, len: usize) -> Vec<u8> {
 /// A read-only open of a small file reads its bytes beside the open
 /// (`fs::prefetch`). Those bytes must never be older than the open (another
 /// client's write closed before it) nor than this client's own write
-/// through another handle after it; and the mechanism must really be used
-/// (its counter moves), or this test would test nothing.
+/// through another handle after it, and an old handle must not refill the
+/// kernel's pages with them after a newer open; and the mechanism must
+/// really be used (its counter moves), or this test would test nothing.
 #[test]
 fn small_files_read_with_their_open_are_never_older_than_the_open_or_this_clients_writes() {
     let _g = serial();
@@ -195,6 +196,26 @@ fn small_files_read_with_their_open_are_never_older_than_the_open_or_this_client
     let r = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&p).expect("open");
     OpenOptions::new().write(true).open(&p).expect("open").set_len(100).expect("truncate");
     assert!(read_direct(&r, 4096) == vec![2u8; 100], "a read after this client's own truncation returned older bytes");
+    // An old handle must not put its open's bytes back into the kernel's
+    // pages (shared by every handle) after a newer open on this client
+    // saw another client's close: that newer open, and every open after
+    // it that keeps the pages, would read them.
+    let name = "pages";
+    let (v1, v2) = (vec![7u8; 8192], vec![8u8; 8192]);
+    fs::write(a.join(name), &v1).expect("write on A");
+    assert!(fs::read_dir(&b).expect("list on B").count() >= 4);
+    let r1 = fs::File::open(b.join(name)).expect("first open on B");
+    let w = OpenOptions::new().write(true).open(a.join(name)).expect("open on A");
+    w.write_all_at(&v2, 0).expect("overwrite on A");
+    drop(w);
+    let r2 = fs::File::open(b.join(name)).expect("second open on B");
+    let mut got = vec![0u8; 8192];
+    r1.read_exact_at(&mut got, 0).expect("read through the first handle");
+    r2.read_exact_at(&mut got, 0).expect("read through the second handle");
+    assert!(got == v2, "an open after another client's close read the bytes from before it");
+    let r3 = fs::File::open(b.join(name)).expect("third open on B");
+    r3.read_exact_at(&mut got, 0).expect("read through the third handle");
+    assert!(got == v2, "a later open read the bytes from before another client's close");
     let dropped = value(&scrape(&addr), "iomfs_client_prefetch_total", &["outcome=\"dropped\""]);
     assert!(dropped >= 1.0, "no prefetch was found stale: {dropped}");
     c.must_scrub_clean();

@@ -29,16 +29,17 @@ pub(super) struct Handle {
 
 impl Inner {
     fn new_handle(&self, ino: Ino, write: bool, sync: bool) -> FileHandle {
-        if write {
-            self.data_changing(ino);
-        }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, Handle { ino, write, sync });
         let mut nodes = self.nodes.lock();
+        // A writer's count and the data change it announces go together,
+        // under the lock a prefetch looks at both under (`prefetch`).
+        let changed = write.then(|| self.next_data_gen());
         if let Some(n) = nodes.get_mut(&ino) {
             n.opens += 1;
-            if write {
+            if let Some(g) = changed {
                 n.writers += 1;
+                n.changed_at = g;
             }
         }
         FileHandle(fh)

@@ -7,12 +7,19 @@
 //! - the read is sent after the open began, so everything any client had
 //!   closed before the open (close-to-open) is in them;
 //! - they are kept only if the `Open` answer names the object they were
-//!   read from and a size they cover, and only for reads through that
-//!   handle;
-//! - they are served only while this client has changed no data of the
-//!   file since the read was sent: every handle opened for writing and
-//!   every truncation first moves the file's `changed_at` past the
-//!   prefetch's generation (`data_changing`);
+//!   read from, a size they cover and the change counter this client knew
+//!   when it sent the read (else another client's close may lie between
+//!   the read and the answer, and the pages filled from them would be
+//!   older than the `opened_as` the next open compares with), and only for
+//!   reads through that handle;
+//! - they are served only while the file's attributes as this client knows
+//!   them still carry that change counter (a later open, here or through
+//!   another handle, that saw a newer one ends them: the kernel's pages are
+//!   shared by every handle, and an old handle must not refill them with
+//!   old bytes), and while this client has changed no data of the file
+//!   since the read was sent: every handle opened for writing and every
+//!   truncation moves the file's `changed_at` past the prefetch's
+//!   generation, under the nodes lock the prefetch reads both under;
 //! - the kernel's own pages are not in the way: a file unchanged since this
 //!   client's last open keeps them (`FOPEN_KEEP_CACHE`) and is not
 //!   prefetched; otherwise the kernel dropped them at the open.
@@ -37,6 +44,8 @@ pub(super) struct Prefetch {
     size: u64,
     /// `Inner::data_gen` when the read was sent.
     gen: u64,
+    /// The file's change counter as this client knew it then.
+    change: u64,
     bytes: Shared<BoxFuture<'static, Option<Bytes>>>,
 }
 
@@ -45,9 +54,9 @@ impl Inner {
     /// to ask the namespace, when the file is small and this client holds
     /// nothing of its own for it.
     pub(super) fn start_prefetch(&self, ino: Ino) -> Option<Prefetch> {
-        let gen = self.data_gen.load(Ordering::Acquire);
-        let (object, size) = {
+        let (object, size, change, gen) = {
             let nodes = self.nodes.lock();
+            let gen = self.data_gen.load(Ordering::Acquire);
             let n = nodes.get(&ino)?;
             let a = &n.attr;
             if a.kind != FileKind::Regular
@@ -62,7 +71,7 @@ impl Inner {
             {
                 return None;
             }
-            (a.object, a.size)
+            (a.object, a.size, a.change, gen)
         };
         if self.prefetched.lock().len() >= MAX_HELD {
             return None;
@@ -81,7 +90,7 @@ impl Inner {
             }
         });
         let bytes = async move { rx.await.ok().flatten() }.boxed().shared();
-        Some(Prefetch { ino, object, size, gen, bytes })
+        Some(Prefetch { ino, object, size, gen, change, bytes })
     }
 
     /// Keeps `p` for handle `fh` if the namespace's answer to the open
@@ -89,8 +98,11 @@ impl Inner {
     pub(super) fn keep_prefetch(&self, fh: u64, p: Prefetch, attr: &Attr, keep_cache: bool) {
         // A file that shrank meanwhile: its first `attr.size` bytes were
         // read after the open began, as a read after the open would be.
-        if !keep_cache && attr.object == p.object && attr.size <= p.size {
-            self.prefetched.lock().insert(fh, p);
+        if !keep_cache && attr.object == p.object && attr.size <= p.size && attr.change == p.change {
+            let mut held = self.prefetched.lock();
+            if held.len() < MAX_HELD {
+                held.insert(fh, p);
+            }
         }
     }
 
@@ -100,7 +112,11 @@ impl Inner {
         let p = self.prefetched.lock().get(&fh).cloned()?;
         let fresh = || {
             self.nodes.lock().get(&ino).is_some_and(|n| {
-                n.changed_at <= p.gen && n.writers == 0 && n.dirty_end == 0 && n.attr.object == p.object
+                n.changed_at <= p.gen
+                    && n.writers == 0
+                    && n.dirty_end == 0
+                    && n.attr.object == p.object
+                    && n.attr.change == p.change
             })
         };
         if p.ino != ino || offset + len as u64 > p.size || !fresh() {
@@ -116,6 +132,11 @@ impl Inner {
             return None;
         };
         metrics::counter!("iomfs_client_prefetch_total", "outcome" => "used").increment(1);
+        if offset + len as u64 == p.size {
+            // Read to the end (`cat` reads a small file at once): its slot
+            // is free for another file; a later read goes to the IOMs.
+            self.drop_prefetch(fh);
+        }
         Some(b.slice(offset as usize..offset as usize + len))
     }
 
@@ -127,9 +148,15 @@ impl Inner {
     /// for writing, a truncation): no prefetch sent before now may serve
     /// it any more.
     pub(super) fn data_changing(&self, ino: Ino) {
-        let g = self.data_gen.fetch_add(1, Ordering::AcqRel) + 1;
-        if let Some(n) = self.nodes.lock().get_mut(&ino) {
+        let mut nodes = self.nodes.lock();
+        let g = self.next_data_gen();
+        if let Some(n) = nodes.get_mut(&ino) {
             n.changed_at = g;
         }
+    }
+
+    /// The next data generation; call with the nodes lock held.
+    pub(super) fn next_data_gen(&self) -> u64 {
+        self.data_gen.fetch_add(1, Ordering::AcqRel) + 1
     }
 }
