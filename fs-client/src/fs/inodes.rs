@@ -68,6 +68,10 @@ pub(super) struct Node {
     /// (at least its value when the node was made): a prefetch sent before
     /// it is stale.
     pub(super) changed_at: u64,
+    /// The highest change counter of this inode any answer carried:
+    /// answers may be applied out of order (each FUSE request is its own
+    /// task), so `attr.change` can go back; this cannot.
+    pub(super) max_change: u64,
 }
 
 impl Node {
@@ -121,6 +125,7 @@ impl Inner {
         match nodes.get_mut(&a.ino) {
             Some(n) => {
                 n.attr = a.clone();
+                n.max_change = n.max_change.max(a.change);
                 n.merged()
             }
             None => {
@@ -145,6 +150,7 @@ impl Inner {
                         synced_change: None,
                         meta_changes: 0,
                         changed_at: self.data_gen.load(std::sync::atomic::Ordering::Acquire),
+                        max_change: a.change,
                     },
                 );
                 a.clone()
@@ -235,6 +241,7 @@ impl Inner {
                     n.no_caps = Some(a.change);
                 }
                 n.attr = a.clone();
+                n.max_change = n.max_change.max(a.change);
                 if let (true, Some(gen)) = (sync, gen) {
                     n.note_synced(gen, a.change);
                 }
@@ -348,6 +355,17 @@ impl Inner {
     }
 
     pub(super) async fn setattr(&self, ino: Ino, set: SetAttr, caller: Caller) -> R<Attr> {
+        let truncation = set.size.is_some();
+        let r = self.setattr_now(ino, set, caller).await;
+        if truncation {
+            // Again once the data changed (or failed half-way): a prefetch
+            // sent while the truncation ran has seen neither state surely.
+            self.data_changing(ino);
+        }
+        r
+    }
+
+    async fn setattr_now(&self, ino: Ino, set: SetAttr, caller: Caller) -> R<Attr> {
         let times_only = set.mode.is_none()
             && set.uid.is_none()
             && set.gid.is_none()

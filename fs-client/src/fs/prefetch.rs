@@ -13,13 +13,16 @@
 //!   older than the `opened_as` the next open compares with), and only for
 //!   reads through that handle;
 //! - they are served only while the file's attributes as this client knows
-//!   them still carry that change counter (a later open, here or through
-//!   another handle, that saw a newer one ends them: the kernel's pages are
-//!   shared by every handle, and an old handle must not refill them with
-//!   old bytes), and while this client has changed no data of the file
-//!   since the read was sent: every handle opened for writing and every
-//!   truncation moves the file's `changed_at` past the prefetch's
-//!   generation, under the nodes lock the prefetch reads both under;
+//!   them still carry that change counter and no answer with a higher one
+//!   was seen (`max_change`: answers are applied out of order). A later
+//!   open, here or through another handle, that saw a newer counter ends
+//!   them: the kernel's pages are shared by every handle, and an old
+//!   handle must not refill them with old bytes;
+//! - and only while this client has changed no data of the file since the
+//!   read was sent: every handle opened for writing and every truncation
+//!   (before it and again once it is done) moves the file's `changed_at`
+//!   past the prefetch's generation, under the nodes lock the prefetch
+//!   reads both under;
 //! - the kernel's own pages are not in the way: a file unchanged since this
 //!   client's last open keeps them (`FOPEN_KEEP_CACHE`) and is not
 //!   prefetched; otherwise the kernel dropped them at the open.
@@ -98,11 +101,17 @@ impl Inner {
     pub(super) fn keep_prefetch(&self, fh: u64, p: Prefetch, attr: &Attr, keep_cache: bool) {
         // A file that shrank meanwhile: its first `attr.size` bytes were
         // read after the open began, as a read after the open would be.
-        if !keep_cache && attr.object == p.object && attr.size <= p.size && attr.change == p.change {
-            let mut held = self.prefetched.lock();
-            if held.len() < MAX_HELD {
-                held.insert(fh, p);
-            }
+        if keep_cache || attr.object != p.object || attr.size > p.size || attr.change != p.change {
+            return;
+        }
+        // Not if this client has seen a newer change already (another
+        // open's answer, applied before this one).
+        if self.nodes.lock().get(&p.ino).is_none_or(|n| n.max_change != p.change) {
+            return;
+        }
+        let mut held = self.prefetched.lock();
+        if held.len() < MAX_HELD {
+            held.insert(fh, p);
         }
     }
 
@@ -117,6 +126,7 @@ impl Inner {
                     && n.dirty_end == 0
                     && n.attr.object == p.object
                     && n.attr.change == p.change
+                    && n.max_change == p.change
             })
         };
         if p.ino != ino || offset + len as u64 > p.size || !fresh() {
