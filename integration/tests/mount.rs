@@ -781,7 +781,21 @@ fn a_burst_of_writes_into_a_nearly_full_disk_gets_enospc_and_every_iom_keeps_run
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
-        panic!("no write succeeded within 10 s of freeing the disk: {last:?}\n{}", warnings(&c));
+        // Failed once in a full suite run (not reproduced alone): every
+        // IOM's last lines and the cluster's view, to find out why.
+        let tails: String = (0..3)
+            .map(|i| {
+                let l = c.log(i);
+                let lines: Vec<&str> = l.lines().collect();
+                format!("--- IOM {i}, last lines:\n{}\n", lines[lines.len().saturating_sub(40)..].join("\n"))
+            })
+            .collect();
+        let st = c.iomfs(&["status"]);
+        panic!(
+            "no write succeeded within 10 s of freeing the disk: {last:?}\n{}{tails}--- iomfs status:\n{}",
+            warnings(&c),
+            String::from_utf8_lossy(&st.stdout)
+        );
     });
     client.close();
 }
