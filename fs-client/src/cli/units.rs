@@ -37,10 +37,11 @@ pub fn escape_path(p: &Path) -> String {
     out
 }
 
-/// A path as one word of a unit file's `RequiresMountsFor=` list: `%`
-/// doubled (systemd expands specifiers there), and the whole word in
-/// double quotes with `\` and `"` escaped when it holds anything but
-/// plain characters (the list is split at spaces, then unquoted).
+/// A path as one word of a unit file's word list (`ExecStart=`,
+/// `RequiresMountsFor=`): `%` doubled (systemd expands specifiers there),
+/// and the whole word in double quotes with `\` and `"` escaped when it
+/// holds anything but plain characters (the list is split at spaces, then
+/// unquoted).
 fn unit_path(p: &Path) -> String {
     let s = p.to_string_lossy().replace('%', "%%");
     if s.chars().all(|c| c.is_ascii_alphanumeric() || "/-_.:+@%".contains(c)) {

@@ -129,14 +129,14 @@ impl Inner {
                     && n.max_change == p.change
             })
         };
-        if p.ino != ino || offset + len as u64 > p.size || !fresh() {
-            self.drop_prefetch(fh);
-            metrics::counter!("iomfs_client_prefetch_total", "outcome" => "dropped").increment(1);
-            return None;
-        }
-        let got = p.bytes.clone().await;
-        // A handle opened for writing while the read was on its way.
-        let Some(b) = got.filter(|b| b.len() as u64 == p.size && fresh()) else {
+        let usable = if p.ino == ino && offset + len as u64 <= p.size && fresh() {
+            // Fresh again once the bytes are here: a handle opened for
+            // writing while the read was on its way ends them too.
+            p.bytes.clone().await.filter(|b| b.len() as u64 == p.size && fresh())
+        } else {
+            None
+        };
+        let Some(b) = usable else {
             self.drop_prefetch(fh);
             metrics::counter!("iomfs_client_prefetch_total", "outcome" => "dropped").increment(1);
             return None;
