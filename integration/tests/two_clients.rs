@@ -220,3 +220,47 @@ fn small_files_read_with_their_open_are_never_older_than_the_open_or_this_client
     assert!(dropped >= 1.0, "no prefetch was found stale: {dropped}");
     c.must_scrub_clean();
 }
+
+/// A namespace answer overtaken by this client's own later change of the
+/// file (a getattr read before an ftruncate to 0 and answered after it)
+/// must not bring the file's old data object back: the writes that follow
+/// would go to the dropped object, and every client would read zeros where
+/// they were acknowledged. The `failpoints` build answers every regular
+/// file's getattr 800 ms after reading it.
+#[test]
+fn an_answer_overtaken_by_a_truncate_does_not_send_later_writes_to_the_old_object() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.server_bin = integration::bin("iom-server-failpoints");
+    for e in c.env.iter_mut() {
+        e.push(("FAILPOINTS".into(), "namespace::getattr-answered=return(800)".into()));
+    }
+    c.start_all();
+    // No kernel attribute cache: the fstat below reaches the client.
+    let a = c.mount("a", &["attr_timeout=0"]);
+    let b = c.mount("b", &[]);
+    let p = a.join("f");
+    fs::write(&p, vec![b'o'; 3 * BS]).expect("write");
+    let f = OpenOptions::new().read(true).write(true).open(&p).expect("open");
+    let g = f.try_clone().expect("dup");
+    let stat = std::thread::spawn(move || g.metadata().map(|m| m.len()));
+    // The getattr has been read (its answer waits); the truncate overtakes it.
+    std::thread::sleep(Duration::from_millis(300));
+    f.set_len(0).expect("truncate");
+    let seen = stat.join().expect("fstat thread").expect("fstat");
+    assert!(seen == 0 || seen == 3 * BS as u64, "fstat saw {seen} bytes");
+    let data = Rng(99).bytes(BS + 100);
+    f.write_all_at(&data, 0).expect("write after the truncate");
+    f.sync_all().expect("fsync");
+    drop(f);
+    let got = fs::read(b.join("f")).expect("read on B");
+    assert!(
+        got == data,
+        "the other client read {} bytes ({} zero) where {} were written after the truncate",
+        got.len(),
+        got.iter().filter(|&&x| x == 0).count(),
+        data.len()
+    );
+    let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&p).expect("open");
+    assert!(read_direct(&f, data.len()) == data, "the writing client reads other bytes than it wrote");
+}

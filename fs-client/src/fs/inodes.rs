@@ -72,6 +72,9 @@ pub(super) struct Node {
     /// answers may be applied out of order (each FUSE request is its own
     /// task), so `attr.change` can go back; this cannot.
     pub(super) max_change: u64,
+    /// `Inner::meta_clock` when `attr` was installed: an answer to a
+    /// request sent before it may be older than `attr` (`settle`).
+    pub(super) attr_at: u64,
 }
 
 impl Node {
@@ -120,11 +123,22 @@ impl Node {
 
 impl Inner {
     /// Stores attributes fresh from the namespace; returns what to tell the kernel.
+    ///
+    /// Answers are applied out of order (each FUSE request is its own
+    /// task), so an answer older than the attributes held (a lower change
+    /// counter) is not installed: a getattr read before this client's
+    /// truncate to 0 and answered after it would otherwise bring back the
+    /// file's dropped data object, and the writes that follow would go to
+    /// it. A lower counter that is not a reordering (a namespace that failed
+    /// over without the newest change) was installed by `settle` already.
     pub(super) fn remember(&self, a: &Attr) -> Attr {
         let mut nodes = self.nodes.lock();
         match nodes.get_mut(&a.ino) {
             Some(n) => {
-                n.attr = a.clone();
+                if a.change >= n.attr.change {
+                    n.attr = a.clone();
+                    n.attr_at = self.meta_clock.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                }
                 n.max_change = n.max_change.max(a.change);
                 n.merged()
             }
@@ -151,9 +165,43 @@ impl Inner {
                         meta_changes: 0,
                         changed_at: self.data_gen.load(std::sync::atomic::Ordering::Acquire),
                         max_change: a.change,
+                        attr_at: self.meta_clock.fetch_add(1, std::sync::atomic::Ordering::AcqRel),
                     },
                 );
                 a.clone()
+            }
+        }
+    }
+
+    /// An answer to a namespace request sent at `sent` (`meta_clock`):
+    /// attributes in it with a lower change counter than those held, from a
+    /// request sent after those were installed, are not a reordering but
+    /// the namespace's state as it is now (it failed over without the change
+    /// this client had seen): installed here, so `remember` keeps them.
+    pub(super) fn settle(&self, resp: &MetaResp, sent: u64) {
+        let attrs: Vec<&Attr> = match resp {
+            MetaResp::Attr(a) | MetaResp::Opened { attr: a, .. } | MetaResp::Created { attr: a, .. } => vec![a],
+            MetaResp::Entries(es) => es.iter().filter_map(|e| e.attr.as_ref()).collect(),
+            MetaResp::WithDirs { reply, dirs } => {
+                self.settle(reply, sent);
+                dirs.iter().collect()
+            }
+            _ => return,
+        };
+        let mut nodes = self.nodes.lock();
+        for a in attrs {
+            if let Some(n) = nodes.get_mut(&a.ino) {
+                if a.change < n.attr.change && sent > n.attr_at {
+                    tracing::warn!(
+                        ino = a.ino.0,
+                        held = n.attr.change,
+                        now = a.change,
+                        "the namespace answered an older state of an inode than this client had seen (it failed over \
+                         without that change): taking its answer"
+                    );
+                    n.attr = a.clone();
+                    n.attr_at = self.meta_clock.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                }
             }
         }
     }
@@ -240,7 +288,10 @@ impl Inner {
                 if n.no_caps == Some(n.attr.change) && a.change == n.attr.change + 1 {
                     n.no_caps = Some(a.change);
                 }
-                n.attr = a.clone();
+                if a.change >= n.attr.change {
+                    n.attr = a.clone();
+                    n.attr_at = self.meta_clock.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                }
                 n.max_change = n.max_change.max(a.change);
                 if let (true, Some(gen)) = (sync, gen) {
                     n.note_synced(gen, a.change);

@@ -161,6 +161,9 @@ pub struct Inner {
     /// Counts this client's data changes (handles opened for writing,
     /// truncations); a node's `changed_at` is its value at the last one.
     data_gen: AtomicU64,
+    /// Ticks at every namespace request sent and answer installed: orders
+    /// answers against the requests in flight when they came (`settle`).
+    meta_clock: AtomicU64,
 }
 
 pub struct IomFs {
@@ -212,6 +215,7 @@ impl IomFs {
                 space_wanted: std::sync::atomic::AtomicBool::new(false),
                 prefetched: Mutex::new(HashMap::new()),
                 data_gen: AtomicU64::new(0),
+                meta_clock: AtomicU64::new(1),
             }),
         }
     }
@@ -253,7 +257,10 @@ impl Inner {
                 n.meta_changes += 1;
             }
         }
-        match self.c.meta(req).await.map_err(errno)? {
+        let sent = self.meta_clock.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let resp = self.c.meta(req).await.map_err(errno)?;
+        self.settle(&resp, sent);
+        match resp {
             MetaResp::WithDirs { reply, dirs } => {
                 let until = Instant::now() + self.o.attr_ttl;
                 for a in &dirs {

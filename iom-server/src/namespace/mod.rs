@@ -386,7 +386,24 @@ impl Namespace {
             }
             return Ok(r);
         }
-        self.handle_one(MetaCall { client, seq, req }, None).await
+        #[cfg(feature = "failpoints")]
+        let getattr = matches!(req, MetaReq::GetAttr { .. });
+        let r = self.handle_one(MetaCall { client, seq, req }, None).await;
+        // `namespace::getattr-answered=return(MS)`: a regular file's
+        // attributes are answered MS ms after they were read (an answer
+        // overtaken by a later change of the file, as a slow network makes).
+        #[cfg(feature = "failpoints")]
+        if let (true, Ok(MetaResp::Attr(a))) = (getattr, &r) {
+            let ms = (|| {
+                fail::fail_point!("namespace::getattr-answered", |a| a);
+                None::<String>
+            })();
+            if let (FileKind::Regular, Some(ms)) = (a.kind, ms.and_then(|m| m.parse::<u64>().ok())) {
+                tracing::warn!(iom = self.l().me.0, ino = a.ino.0, ms, "failpoint namespace::getattr-answered");
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
+        }
+        r
     }
 
     /// One request; with `sync`, a change it commits is also made durable
