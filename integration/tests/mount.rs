@@ -945,3 +945,78 @@ fn writes_truncates_and_chowns_drop_setuid_setgid_and_capabilities() {
     assert_eq!(fs::read(f("w-user")).unwrap(), b"0123456789x");
     assert_eq!(fs::read(f("t-user")).unwrap(), b"012");
 }
+
+/// A disk left with no free byte at all (another tenant of the filesystem
+/// took the rest): once data is deleted, the slots it frees go back to
+/// the filesystem, so the journals can grow and the writes that follow
+/// succeed for as long as they fit. Before, freed slots stayed allocated
+/// inside the block file: once a journal had used the room it had filled
+/// ahead, every write was refused with ENOSPC for good (what made the
+/// full-disk test above fail now and then).
+#[test]
+fn space_freed_on_a_disk_with_no_free_byte_comes_back_for_new_writes() {
+    let _g = serial();
+    let disk = integration::Tmpfs::new(96);
+    let mut c = Cluster::init_at(disk.path(), 3, &[]);
+    c.start_all();
+    const CHUNK: u64 = 2 << 20;
+    const BS: usize = 65536;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client = rt.block_on(c.client());
+    let object = common::ObjectId(1 << 51);
+    let chunk = |k: u64| bytes::Bytes::from(Rng(80 + k).bytes(CHUNK as usize));
+    rt.block_on(async {
+        let mut off = 0;
+        let e = loop {
+            match client.write(object, off, chunk(0), common::Toughness::Atomic).await {
+                Ok(()) => off += CHUNK,
+                Err(e) => break e,
+            }
+            assert!(off < 512 << 20, "512 MiB went into a 96 MiB disk without an error");
+        };
+        assert_eq!(e.errno(), libc::ENOSPC, "a full disk gave {e}");
+    });
+    // Another tenant takes every byte left.
+    let mut filler = File::create(disk.path().join("filler")).unwrap();
+    let block = vec![7u8; 64 << 10];
+    while filler.write_all(&block).is_ok() {}
+    let _ = filler.sync_all();
+    rt.block_on(async {
+        client.drop_object(object, common::GroupNo(0)).await.unwrap();
+        // Overwrites of single blocks in 16 MiB, over and over, 16 at a
+        // time: each frees what the one before it took, but every one adds
+        // journal records (about 5 MiB on each IOM in all).
+        let t = std::time::Instant::now();
+        let block = |k: u64| bytes::Bytes::from(vec![(k % 251) as u8; BS]);
+        let tasks = (0..16u64).map(|w| {
+            let client = &client;
+            async move {
+                for r in 0..1000u64 {
+                    let k = r * 16 + w;
+                    let off = (k % 256) * BS as u64;
+                    let mut tries = 0;
+                    while let Err(e) = client.write(object, off, block(k), common::Toughness::Atomic).await {
+                        tries += 1;
+                        if tries == 25 {
+                            return Err(format!("write {k} refused for 5 s ({:?} in): {e}", t.elapsed()));
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                Ok(())
+            }
+        });
+        for r in futures::future::join_all(tasks).await {
+            if let Err(e) = r {
+                panic!("{e}\n{}", (0..3).map(|i| c.log(i)).collect::<Vec<_>>().join("\n----\n"));
+            }
+        }
+        eprintln!("16000 overwrites in {:?}", t.elapsed());
+        for k in 15744..16000u64 {
+            let got = client.read(object, (k % 256) * BS as u64, BS).await.unwrap();
+            assert!(got == block(k), "the last write of block {} reads back different bytes", k % 256);
+        }
+    });
+    client.close();
+    c.must_scrub_clean();
+}

@@ -388,9 +388,15 @@ fn zero_ahead(shared: &Shared) {
         let zeros = vec![0u8; ZERO_CHUNK as usize];
         if let Err(e) = seg.file.write_all_at(&zeros, from) {
             // Not fatal: appends then grow the file as they would without
-            // it. Out of space, new writes are refused until it is back.
+            // it. Out of space, new writes are refused until it is back,
+            // and the part of the fill that fitted goes back to the
+            // filesystem (nothing is written past `from`): kept, it would
+            // take the room a restart, a checkpoint or another IOM on the
+            // filesystem needs, and a retry every `SHORT_RETRY` would take
+            // each bit freed.
             if e.raw_os_error() == Some(libc::ENOSPC) {
                 shared.short.store(true, Ordering::Relaxed);
+                let _ = seg.file.set_len(from);
             }
             return;
         }

@@ -104,6 +104,9 @@ impl Storage {
             None => fs_capacity(&data_dir, cfg.block_size),
         };
         store.set_allocator(Allocator::from_live(capacity + 1, map.live_addrs()));
+        // On a (nearly) full disk, the free slots go back to the filesystem
+        // before anything below needs room in it.
+        store.give_back_at_start();
         // Transaction ids carry this start's incarnation, so an update sent
         // just before a crash (its a5 never journaled) can never be confused
         // with a transaction of a later start.

@@ -26,13 +26,16 @@ pub struct Allocator {
     high: u64,
     /// Freed slots below `high`.
     free: BTreeSet<u64>,
+    /// Of those, the ones whose disk blocks went back to the filesystem
+    /// (`Store::punch_free`): they are room the filesystem counts already.
+    holes: BTreeSet<u64>,
     capacity: u64,
     used: u64,
 }
 
 impl Allocator {
     pub fn new(capacity: u64) -> Allocator {
-        Allocator { high: 1, free: BTreeSet::new(), capacity, used: 0 }
+        Allocator { high: 1, free: BTreeSet::new(), holes: BTreeSet::new(), capacity, used: 0 }
     }
 
     /// Rebuilds the allocator from the set of live addresses (map plus
@@ -52,11 +55,12 @@ impl Allocator {
                 free.insert(a);
             }
         }
-        Allocator { high, free, capacity: capacity.max(high), used: live.len() as u64 }
+        Allocator { high, free, holes: BTreeSet::new(), capacity: capacity.max(high), used: live.len() as u64 }
     }
 
     pub fn alloc(&mut self) -> Option<DiskAddr> {
         let a = if let Some(a) = self.free.pop_first() {
+            self.holes.remove(&a);
             a
         } else if self.high < self.capacity {
             self.high += 1;
@@ -118,6 +122,9 @@ struct Prealloc {
     running: std::sync::atomic::AtomicBool,
     /// fallocate failed (no space, or not supported): stop trying.
     failed: std::sync::atomic::AtomicBool,
+    /// The filesystem had less than four reserves free at the last look
+    /// (`give_back_tail`): freed slots go back to it (`punch_free`).
+    near_full: std::sync::atomic::AtomicBool,
     /// The tail was given back (`give_back_tail`): no new one until the
     /// filesystem has eight reserves free again, so tails do not come and
     /// go around the four-reserve mark.
@@ -249,7 +256,7 @@ impl Store {
         let bs = self.block_size as u64;
         let (high, free) = {
             let a = self.alloc.lock();
-            (a.high, a.free.len() as u64)
+            (a.high, (a.free.len() - a.holes.len()) as u64)
         };
         let tail = self.prealloc.end.load(Ordering::Acquire).saturating_sub(high * bs);
         avail.saturating_add(free * bs).saturating_add(tail).saturating_sub(self.reserve_bytes())
@@ -298,16 +305,35 @@ impl Store {
     /// filesystem: IOMs sharing it may need the room more, and a tail no
     /// other IOM can use would make the cluster full while space is left.
     pub fn give_back_tail(&self) {
+        self.give_back_tail_keeping(TAIL_CUSHION)
+    }
+
+    /// At a start on a (nearly) full disk: the free slots and the whole
+    /// preallocated tail go back to the filesystem before the start needs
+    /// room in it (its start counter, the journal's new segment).
+    pub fn give_back_at_start(&self) {
+        self.give_back_tail_keeping(0)
+    }
+
+    fn give_back_tail_keeping(&self, cushion: u64) {
         use std::sync::atomic::Ordering;
         let bs = self.block_size as u64;
         let (avail, _) = self.fs_space(true);
-        if avail >= 4 * self.reserve_bytes() || self.prealloc.running.load(Ordering::Acquire) {
+        let near_full = avail < 4 * self.reserve_bytes();
+        if near_full && !self.prealloc.near_full.swap(true, Ordering::AcqRel) {
+            // Slots freed before it got this full go back too.
+            let free: Vec<u64> = self.alloc.lock().free.iter().copied().collect();
+            self.punch_free(&free);
+        } else if !near_full {
+            self.prealloc.near_full.store(false, Ordering::Release);
+        }
+        if !near_full || self.prealloc.running.load(Ordering::Acquire) {
             return;
         }
         // Under the allocator's lock: no slot past `high` is handed out
         // while its blocks go.
         let a = self.alloc.lock();
-        let keep = (a.high + TAIL_CUSHION) * bs;
+        let keep = (a.high + cushion) * bs;
         let end = self.prealloc.end.load(Ordering::Acquire);
         if end <= keep {
             return;
@@ -424,6 +450,43 @@ impl Store {
 
     pub fn free(&self, a: DiskAddr) {
         self.alloc.lock().free(a);
+        if self.prealloc.near_full.load(std::sync::atomic::Ordering::Acquire) {
+            self.punch_free(&[a.0]);
+        }
+    }
+
+    /// Near full, the disk blocks of free slots go back to the filesystem
+    /// (`FALLOC_FL_PUNCH_HOLE`), one run of adjacent slots at a time: the
+    /// journal's segments and checkpoints, and other IOMs on the same
+    /// filesystem, need filesystem space, and a slot freed inside the block
+    /// file gives none. Without it a disk filled to the last byte stayed
+    /// full after its files were deleted: the journal could not grow, so
+    /// every write was refused. A slot taken again is backed again
+    /// (`reserve_slot` allocates it; a data write into a hole allocates as
+    /// it writes, or fails with ENOSPC). Slots still free only.
+    fn punch_free(&self, slots: &[u64]) {
+        use std::os::fd::AsRawFd;
+        let bs = self.block_size as u64;
+        let mut a = self.alloc.lock();
+        let todo: Vec<u64> = slots.iter().copied().filter(|x| a.free.contains(x) && !a.holes.contains(x)).collect();
+        let mut punched = 0u64;
+        for run in adjacent_slots(&todo) {
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            let (from, len) = (run.0 * bs, (run.1 - run.0) * bs);
+            // SAFETY: a valid open descriptor; the range holds free slots
+            // only (under the allocator's lock: none is handed out meanwhile).
+            let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, from as libc::off_t, len as libc::off_t) };
+            if r != 0 {
+                break;
+            }
+            a.holes.extend(run.0..run.1);
+            punched += run.1 - run.0;
+        }
+        drop(a);
+        if punched > 0 {
+            *self.fs_seen.lock() = None;
+            tracing::debug!(slots = punched, "near full: freed slots given back to the filesystem");
+        }
     }
 
     pub fn usage(&self) -> (u64, u64) {
@@ -597,10 +660,28 @@ impl Header {
     }
 }
 
+/// Sorted, distinct slots as half-open runs of adjacent ones.
+fn adjacent_slots(sorted: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &x in sorted {
+        match runs.last_mut() {
+            Some(r) if r.1 == x => r.1 += 1,
+            _ => runs.push((x, x + 1)),
+        }
+    }
+    runs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn adjacent_slots_are_cut_into_half_open_runs() {
+        assert_eq!(adjacent_slots(&[]), vec![]);
+        assert_eq!(adjacent_slots(&[3, 4, 5, 9, 11, 12]), vec![(3, 6), (9, 10), (11, 13)]);
+    }
 
     proptest! {
         /// The allocator never hands out an address that is live, whether
