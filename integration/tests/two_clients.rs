@@ -237,7 +237,8 @@ fn an_answer_overtaken_by_a_truncate_does_not_send_later_writes_to_the_old_objec
     }
     c.start_all();
     // No kernel attribute cache: the fstat below reaches the client.
-    let a = c.mount("a", &["attr_timeout=0"]);
+    let addr = format!("127.0.0.1:{}", free_ports(1));
+    let a = c.mount("a", &["attr_timeout=0", &format!("metrics={addr}")]);
     let b = c.mount("b", &[]);
     let p = a.join("f");
     fs::write(&p, vec![b'o'; 3 * BS]).expect("write");
@@ -263,4 +264,7 @@ fn an_answer_overtaken_by_a_truncate_does_not_send_later_writes_to_the_old_objec
     );
     let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&p).expect("open");
     assert!(read_direct(&f, data.len()) == data, "the writing client reads other bytes than it wrote");
+    // The overtaken answer did come (else this test tested nothing).
+    let stale = value(&scrape(&addr), "iomfs_client_stale_answers_total", &[]);
+    assert!(stale >= 1.0, "no answer was overtaken ({stale}): the getattr was not answered after the truncate");
 }

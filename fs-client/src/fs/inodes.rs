@@ -93,6 +93,15 @@ impl Node {
         }
     }
 
+    /// This client applied its own namespace change to `attr` (the answer
+    /// carried no attributes): the namespace counted it too, so an answer
+    /// read before the change, carrying the counter `attr` had, is older
+    /// and must not undo it (`remember`).
+    pub(super) fn changed_locally(&mut self) {
+        self.attr.change += 1;
+        self.max_change = self.max_change.max(self.attr.change);
+    }
+
     pub(super) fn merged(&self) -> Attr {
         let mut a = self.attr.clone();
         if self.dirty_end > a.size {
@@ -138,6 +147,8 @@ impl Inner {
                 if a.change >= n.attr.change {
                     n.attr = a.clone();
                     n.attr_at = self.meta_clock.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                } else {
+                    metrics::counter!("iomfs_client_stale_answers_total").increment(1);
                 }
                 n.max_change = n.max_change.max(a.change);
                 n.merged()

@@ -107,6 +107,7 @@ impl Inner {
         if r.is_ok() && is_t {
             if let Some(n) = self.nodes.lock().get_mut(&ino) {
                 n.attr.toughness = Toughness::parse_xattr(&value);
+                n.changed_locally();
             }
         }
         r
@@ -164,6 +165,7 @@ impl Inner {
         if r.is_ok() && is_t {
             if let Some(n) = self.nodes.lock().get_mut(&ino) {
                 n.attr.toughness = None;
+                n.changed_locally();
             }
         }
         r
