@@ -178,11 +178,7 @@ impl Storage {
             return None;
         }
         let store = self.store.clone();
-        Some(Box::new(move || {
-            for a in freed {
-                store.free(a);
-            }
-        }))
+        Some(Box::new(move || store.free_many(freed)))
     }
 
     /// The bytes of data version `v` of block `key`: from the cache, else

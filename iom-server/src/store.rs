@@ -24,10 +24,12 @@ const STORE_FORMAT: Format = Format { magic: b"IOMFSBLK", version: STORE_FORMAT_
 pub struct Allocator {
     /// One past the highest slot ever handed out.
     high: u64,
-    /// Freed slots below `high`.
+    /// Freed slots below `high` whose disk blocks the file still has.
     free: BTreeSet<u64>,
-    /// Of those, the ones whose disk blocks went back to the filesystem
-    /// (`Store::punch_free`): they are room the filesystem counts already.
+    /// Freed slots below `high` whose disk blocks went back to the
+    /// filesystem (`Store::punch_free`; none of them is in `free`): room the
+    /// filesystem counts already, and a slot that must be backed again
+    /// before use.
     holes: BTreeSet<u64>,
     capacity: u64,
     used: u64,
@@ -59,22 +61,45 @@ impl Allocator {
     }
 
     pub fn alloc(&mut self) -> Option<DiskAddr> {
-        let a = if let Some(a) = self.free.pop_first() {
-            self.holes.remove(&a);
-            a
+        self.alloc_slot().map(|(a, _)| a)
+    }
+
+    /// A free slot, and whether it is a hole (`holes`): a slot the file
+    /// still backs first, then a hole, then one past `high`.
+    pub fn alloc_slot(&mut self) -> Option<(DiskAddr, bool)> {
+        let (a, hole) = if let Some(a) = self.free.pop_first() {
+            (a, false)
+        } else if let Some(a) = self.holes.pop_first() {
+            (a, true)
         } else if self.high < self.capacity {
             self.high += 1;
-            self.high - 1
+            (self.high - 1, false)
         } else {
             return None;
         };
         self.used += 1;
-        Some(DiskAddr(a))
+        Some((DiskAddr(a), hole))
+    }
+
+    /// A slot `alloc_slot` handed out as a hole goes back unused.
+    fn unalloc_hole(&mut self, a: DiskAddr) {
+        if self.holes.insert(a.0) {
+            self.used -= 1;
+        }
+    }
+
+    /// Moves free slots to `holes` (their blocks went back).
+    fn punched(&mut self, from: u64, to: u64) {
+        for x in from..to {
+            if self.free.remove(&x) {
+                self.holes.insert(x);
+            }
+        }
     }
 
     pub fn free(&mut self, a: DiskAddr) {
         debug_assert!(a.0 >= 1 && a.0 < self.high, "free of never-allocated slot {a:?}");
-        if a.0 >= 1 && a.0 < self.high && self.free.insert(a.0) {
+        if a.0 >= 1 && a.0 < self.high && !self.holes.contains(&a.0) && self.free.insert(a.0) {
             self.used -= 1;
         }
     }
@@ -86,7 +111,7 @@ impl Allocator {
         self.capacity.saturating_sub(1)
     }
     pub fn is_free(&self, a: DiskAddr) -> bool {
-        a.0 >= self.high || self.free.contains(&a.0)
+        a.0 >= self.high || self.free.contains(&a.0) || self.holes.contains(&a.0)
     }
 }
 
@@ -219,9 +244,28 @@ impl Store {
 
     /// a2 / b5: a new disk address.
     pub fn alloc(&self) -> Result<DiskAddr, Error> {
-        let a = self.alloc.lock().alloc().ok_or(Error::NoSpace)?;
+        let (a, hole) = self.alloc.lock().alloc_slot().ok_or(Error::NoSpace)?;
+        if hole {
+            self.back_hole(a)?;
+        }
         self.reserve_ahead(self.offset(a) + self.block_size as u64);
         Ok(a)
+    }
+
+    /// A hole handed out (`Allocator::alloc_slot`) gets its disk blocks
+    /// back before use: a write into it then cannot fail for lack of space
+    /// (a parity IOM stops when its b8 write fails). No room: the slot
+    /// stays a hole and the caller gets `NoSpace`.
+    fn back_hole(&self, a: DiskAddr) -> Result<(), Error> {
+        use std::os::fd::AsRawFd;
+        let (from, len) = (self.offset(a), self.block_size as u64);
+        // SAFETY: a valid open descriptor; mode 0 allocates.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, from as libc::off_t, len as libc::off_t) };
+        if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSPC) {
+            self.alloc.lock().unalloc_hole(a);
+            return Err(Error::NoSpace);
+        }
+        Ok(())
     }
 
     /// (available, total) bytes of the store's filesystem, at most
@@ -256,7 +300,7 @@ impl Store {
         let bs = self.block_size as u64;
         let (high, free) = {
             let a = self.alloc.lock();
-            (a.high, (a.free.len() - a.holes.len()) as u64)
+            (a.high, a.free.len() as u64)
         };
         let tail = self.prealloc.end.load(Ordering::Acquire).saturating_sub(high * bs);
         avail.saturating_add(free * bs).saturating_add(tail).saturating_sub(self.reserve_bytes())
@@ -360,7 +404,17 @@ impl Store {
     /// is the journal's and recovery's). The slot goes back to the
     /// allocator when the [`Slot`] is dropped unused.
     pub fn reserve_slot(self: &Arc<Self>) -> Result<Slot, Error> {
-        let a = self.alloc.lock().alloc().ok_or(Error::NoSpace)?;
+        let (a, hole) = self.alloc.lock().alloc_slot().ok_or(Error::NoSpace)?;
+        if hole {
+            // Below the reserve's last quarter a hole costs disk blocks
+            // like growing the file does.
+            let (avail, _) = self.fs_space(false);
+            if avail < self.reserve_bytes() / 4 && self.fs_space(true).0 < self.reserve_bytes() / 4 {
+                self.alloc.lock().unalloc_hole(a);
+                return Err(Error::NoSpace);
+            }
+            self.back_hole(a)?;
+        }
         let slot = Slot { addr: a, store: self.clone(), used: false };
         let (from, len) = (self.offset(a), self.block_size as u64);
         // Always asked of the filesystem (about a microsecond when the slot
@@ -449,9 +503,22 @@ impl Store {
     }
 
     pub fn free(&self, a: DiskAddr) {
-        self.alloc.lock().free(a);
+        self.free_many(vec![a]);
+    }
+
+    /// Frees slots; near full, their disk blocks go back at once, a run of
+    /// adjacent slots at a time (`punch_free`).
+    pub fn free_many(&self, mut slots: Vec<DiskAddr>) {
+        {
+            let mut a = self.alloc.lock();
+            for s in &slots {
+                a.free(*s);
+            }
+        }
         if self.prealloc.near_full.load(std::sync::atomic::Ordering::Acquire) {
-            self.punch_free(&[a.0]);
+            slots.sort_unstable();
+            slots.dedup();
+            self.punch_free(&slots.iter().map(|s| s.0).collect::<Vec<_>>());
         }
     }
 
@@ -468,7 +535,7 @@ impl Store {
         use std::os::fd::AsRawFd;
         let bs = self.block_size as u64;
         let mut a = self.alloc.lock();
-        let todo: Vec<u64> = slots.iter().copied().filter(|x| a.free.contains(x) && !a.holes.contains(x)).collect();
+        let todo: Vec<u64> = slots.iter().copied().filter(|x| a.free.contains(x)).collect();
         let mut punched = 0u64;
         for run in adjacent_slots(&todo) {
             let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -479,7 +546,7 @@ impl Store {
             if r != 0 {
                 break;
             }
-            a.holes.extend(run.0..run.1);
+            a.punched(run.0, run.1);
             punched += run.1 - run.0;
         }
         drop(a);
@@ -676,6 +743,26 @@ fn adjacent_slots(sorted: &[u64]) -> Vec<(u64, u64)> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn backed_free_slots_go_before_holes_and_holes_before_growing() {
+        let mut a = Allocator::from_live(10, [1, 2, 3].map(DiskAddr));
+        a.free(DiskAddr(2));
+        a.free(DiskAddr(3));
+        a.punched(2, 3);
+        assert_eq!((a.free.len(), a.holes.len(), a.used()), (1, 1, 1));
+        // A hole freed again stays one slot, counted once.
+        a.free(DiskAddr(2));
+        assert_eq!((a.free.len(), a.holes.len(), a.used()), (1, 1, 1));
+        assert_eq!(a.alloc_slot(), Some((DiskAddr(3), false)));
+        assert_eq!(a.alloc_slot(), Some((DiskAddr(2), true)));
+        a.unalloc_hole(DiskAddr(2));
+        assert!(a.is_free(DiskAddr(2)));
+        assert_eq!(a.used(), 2);
+        assert_eq!(a.alloc_slot(), Some((DiskAddr(2), true)));
+        assert_eq!(a.alloc_slot(), Some((DiskAddr(4), false)));
+        assert_eq!(a.used(), 4);
+    }
 
     #[test]
     fn adjacent_slots_are_cut_into_half_open_runs() {
