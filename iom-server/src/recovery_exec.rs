@@ -102,8 +102,9 @@ impl Recovery {
             // stripe is given up now (nothing of it is held yet), so this
             // answer cannot be overtaken by the stripe completing.
             self.parity.give_up_blocked(g, tx);
-            // A delta held in memory is applied before the answer.
-            self.parity.wait_unqueued(g, tx, self.timeouts.held_delta_wait).await;
+            // A delta held in memory is applied before the answer, or set
+            // aside (`settle_for_status`).
+            self.parity.settle_for_status(g, tx, self.timeouts.held_delta_wait).await;
             let state = match self.storage.map.ptx.lock().get(&tx) {
                 Some(p) if p.applied.is_some() => ParityTxState::Completed,
                 Some(_) => ParityTxState::Received,

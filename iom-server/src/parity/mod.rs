@@ -212,15 +212,65 @@ impl ParitySide {
         self.parked.lock().remove(&tx);
         let mut gone = Vec::new();
         for (g, q) in self.groups.lock().iter_mut() {
-            let stripe = q.queue.iter().find(|d| d.upd.tx == tx).and_then(|d| d.stripe);
-            q.queue.retain(|d| d.upd.tx != tx);
-            if let Some(s) = stripe {
+            if let Some(s) = self.unqueue_locked(q, tx) {
                 gone.push((*g, s, self.take_stripe(q, s)));
             }
         }
         self.changed.notify_waiters();
         for (g, s, deltas) in gone {
             self.gave_up(g, s, deltas);
+        }
+    }
+
+    /// Takes `tx`'s delta out of a group's queue (whose lock the caller
+    /// holds); returns its stripe if it was a stripe reference (the caller
+    /// takes the rest of the stripe out too).
+    fn unqueue_locked(&self, q: &mut GroupQueue, tx: TxRef) -> Option<u64> {
+        let stripe = q.queue.iter().find(|d| d.upd.tx == tx).and_then(|d| d.stripe);
+        q.queue.retain(|d| d.upd.tx != tx);
+        stripe
+    }
+
+    /// For `TxStatus` (recovery asks before it decides): waits, at most
+    /// `max`, for the delta of `tx` to be applied; one still queued then is
+    /// taken out of the queue, as a restart would lose it, under the lock
+    /// the group's worker plans under. "Received" then means journaled and
+    /// not held, and nothing can apply the delta between this answer and
+    /// the decision (a roll forward sends it again, a roll back discards
+    /// it). Before, a delta queued behind a slow predecessor was answered
+    /// "received" and could still be applied before the roll back's
+    /// `DiscardTx` came: parity with the delta of a write that was undone.
+    /// A delta in the batch being applied is waited for.
+    pub async fn settle_for_status(self: &Arc<Self>, g: GroupKey, tx: TxRef, max: std::time::Duration) {
+        self.wait_unqueued(g, tx, max).await;
+        loop {
+            let changed = self.changed.notified();
+            let gone = {
+                let mut groups = self.groups.lock();
+                let Some(q) = groups.get_mut(&g) else { return };
+                if q.running.contains(&tx) {
+                    None
+                } else {
+                    let queued = q.queue.iter().any(|d| d.upd.tx == tx);
+                    let stripe = self.unqueue_locked(q, tx);
+                    let rest = stripe.map(|s| (s, self.take_stripe(q, s)));
+                    Some((queued, rest))
+                }
+            };
+            match gone {
+                None => changed.await,
+                Some((queued, rest)) => {
+                    if queued {
+                        self.parked.lock().remove(&tx);
+                        tracing::info!(iom = self.me.0, ?tx, group = ?g, "a delta still queued when recovery asked: set aside");
+                        self.changed.notify_waiters();
+                    }
+                    if let Some((s, deltas)) = rest {
+                        self.gave_up(g, s, deltas);
+                    }
+                    return;
+                }
+            }
         }
     }
 
@@ -401,6 +451,26 @@ impl ParitySide {
         });
     }
 
+    /// A resend of an update whose delta is in the batch being applied:
+    /// taken again once that batch is done (then answered from the
+    /// journal, after a flush, or held again if a repair put it back).
+    fn answer_after_running(self: &Arc<Self>, u: ParityUpdate, delta: Bytes, acks: AckTx) {
+        let me = self.clone();
+        self.workers.spawn(Tier::Protocol, "parity-resend-wait", async move {
+            loop {
+                let changed = me.changed.notified();
+                if !me.groups.lock().get(&u.group).is_some_and(|q| q.running.contains(&u.tx)) {
+                    break;
+                }
+                changed.await;
+            }
+            let tx = u.tx;
+            if let Err(e) = me.receive_update(u, delta, acks.clone(), None) {
+                let _ = acks.send(ParityAck::Failed { tx, error: e.to_wire() });
+            }
+        });
+    }
+
     /// `reference`: `Some((stripe, crc))` for a `StripeUpdate` without its
     /// delta, which comes with the stripe's piece (`stripes`).
     fn receive_update(
@@ -480,20 +550,7 @@ impl ParitySide {
                 // done (applied, or put back in the queue by a repair),
                 // never by a second copy queued beside it.
                 drop(groups);
-                let me = self.clone();
-                self.workers.spawn(Tier::Protocol, "parity-resend-wait", async move {
-                    loop {
-                        let changed = me.changed.notified();
-                        if !me.groups.lock().get(&u.group).is_some_and(|q| q.running.contains(&u.tx)) {
-                            break;
-                        }
-                        changed.await;
-                    }
-                    let tx = u.tx;
-                    if let Err(e) = me.receive_update(u, delta, acks.clone(), None) {
-                        let _ = acks.send(ParityAck::Failed { tx, error: e.to_wire() });
-                    }
-                });
+                self.answer_after_running(u, delta, acks);
                 return Ok(());
             }
             // Journaled before a restart but its delta was lost: hold it again.
@@ -831,13 +888,24 @@ impl ParitySide {
             self.gave_up(g, s, deltas);
         }
         for d in stale {
-            // Already covered by the parity (a resend that raced its
-            // original, or a parity recomputed from the data).
-            let _ = d.acks.send(ParityAck::Held { tx: d.upd.tx });
-            let _ = d.acks.send(ParityAck::Done { tx: d.upd.tx });
-            if self.storage.map.ptx.lock().get(&d.upd.tx).is_some_and(|p| p.applied.is_none()) {
-                self.storage.commit(&Record::Discarded { tx: d.upd.tx }, false, Wait::Nothing);
+            let Delta { upd, delta, acks, .. } = d;
+            if batch.iter().any(|b| b.upd.tx == upd.tx) {
+                // A second copy of an update this batch applies (a resend
+                // queued beside its original): answered once the batch's
+                // record is durable. Answered "done" and journaled
+                // `Discarded` here, a crash before that record left the
+                // update discarded while its data IOM went on as if the
+                // parity held it.
+                self.answer_after_running(upd, delta, acks);
+                continue;
             }
+            // Already covered by the parity (applied by an earlier batch,
+            // or a parity recomputed from the data): answered once what
+            // the journal holds is on disk.
+            if self.storage.map.ptx.lock().get(&upd.tx).is_some_and(|p| p.applied.is_none()) {
+                self.storage.commit(&Record::Discarded { tx: upd.tx }, false, Wait::Nothing);
+            }
+            self.ack_done_after_flush(upd.tx, acks);
         }
         if batch.is_empty() {
             Next::Idle
