@@ -25,7 +25,7 @@ use crate::storage::Storage;
 use crate::timeouts::Timeouts;
 use crate::Error;
 use bytes::BytesMut;
-use common::wire::{ErrorCode, ParityTxState, ParityUpdate, RecoveryReq, RecoveryResp, TxView};
+use common::wire::{ErrorCode, ParityTxState, ParityUpdate, RecoveryReq, RecoveryResp, TxView, WireError};
 use common::{codec, BlockKey, GroupKey, TxId, TxRef, Version};
 use common::{IomId, Layout};
 use std::collections::{BTreeMap, HashSet};
@@ -87,8 +87,9 @@ impl Recovery {
         self.storage.install_data(key, version, bytes).await
     }
 
-    /// `TxStatus`: what this IOM knows of a transaction.
-    pub async fn tx_status(self: &Arc<Self>, tx: TxRef, key: BlockKey, parity_side: bool) -> TxView {
+    /// `TxStatus`: what this IOM knows of a transaction (`Unavailable`
+    /// while its delta is still being applied here: ask again).
+    pub async fn tx_status(self: &Arc<Self>, tx: TxRef, key: BlockKey, parity_side: bool) -> Result<TxView, Error> {
         if parity_side {
             let g = self.layout.group_key(key);
             let role = self.layout.parity_iom(g.object, g.group);
@@ -96,7 +97,7 @@ impl Recovery {
                 // A stand-in keeps no parity for the failed IOM: the group
                 // will be recomputed when it comes back.
                 self.storage.mark_group(role, g);
-                return TxView::Parity { state: ParityTxState::None, standin: true, covers: Version(0) };
+                return Ok(TxView::Parity { state: ParityTxState::None, standin: true, covers: Version(0) });
             }
             // A stripe reference not yet complete is no held delta: its
             // stripe is given up now (nothing of it is held yet), so this
@@ -104,7 +105,12 @@ impl Recovery {
             self.parity.give_up_blocked(g, tx);
             // A delta held in memory is applied before the answer, or set
             // aside (`settle_for_status`).
-            self.parity.settle_for_status(g, tx, self.timeouts.held_delta_wait).await;
+            if !self.parity.settle_for_status(g, tx, self.timeouts.held_delta_wait).await {
+                return Err(Error::Wire(WireError::new(
+                    ErrorCode::Unavailable,
+                    format!("the delta of {tx:?} is being applied on IOM {}; ask again", self.me),
+                )));
+            }
             let state = match self.storage.map.ptx.lock().get(&tx) {
                 Some(p) if p.applied.is_some() => ParityTxState::Completed,
                 Some(_) => ParityTxState::Received,
@@ -112,7 +118,7 @@ impl Recovery {
             };
             let j = self.layout.index_in_group(key.block) as usize;
             let covers = self.storage.map.parity_head(&g).members.get(j).copied().unwrap_or(Version(0));
-            TxView::Parity { state, standin: false, covers }
+            Ok(TxView::Parity { state, standin: false, covers })
         } else {
             // Open: a data-side transaction of this IOM, or the update of a
             // stand-in write of this IOM that still runs (it keeps no
@@ -123,7 +129,7 @@ impl Recovery {
                 Some(e) => (e.pointer, e.head().version),
                 None => (Version(0), Version(0)),
             };
-            TxView::Data { open, pointer, head }
+            Ok(TxView::Data { open, pointer, head })
         }
     }
 

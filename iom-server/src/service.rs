@@ -689,7 +689,7 @@ pub(crate) async fn handle_recovery(router: &Arc<Router>, req: RecoveryReq) -> R
     match req {
         RecoveryReq::Unfinished { about } => Ok(RecoveryResp::Unfinished(router.parity.unfinished_about(about).await)),
         RecoveryReq::TxStatus { tx, key, parity_side } => {
-            Ok(RecoveryResp::TxStatus(router.recovery.tx_status(tx, key, parity_side).await))
+            Ok(RecoveryResp::TxStatus(router.recovery.tx_status(tx, key, parity_side).await?))
         }
         RecoveryReq::DoneSeen { of } => Ok(RecoveryResp::DoneSeen { tx: router.recovery.done_seen(of) }),
         RecoveryReq::DiscardTx { tx } => {

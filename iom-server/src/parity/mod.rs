@@ -161,9 +161,11 @@ impl ParitySide {
         }
     }
 
-    /// Whether the delta of `tx` waits in group `g`'s queue or is being applied.
+    /// Whether the delta of `tx` waits in group `g`'s queue or is in the
+    /// batch being applied (`ptx` says `applied` before it leaves
+    /// `running`).
     pub fn is_queued(&self, g: GroupKey, tx: TxRef) -> bool {
-        self.groups.lock().get(&g).is_some_and(|q| q.busy || q.queue.iter().any(|d| d.upd.tx == tx))
+        self.groups.lock().get(&g).is_some_and(|q| q.running.contains(&tx) || q.queue.iter().any(|d| d.upd.tx == tx))
     }
 
     /// Takes stripe `stripe`'s references out of a group's queue (whose
@@ -234,41 +236,57 @@ impl ParitySide {
     /// For `TxStatus` (recovery asks before it decides): waits, at most
     /// `max`, for the delta of `tx` to be applied; one still queued then is
     /// taken out of the queue, as a restart would lose it, under the lock
-    /// the group's worker plans under. "Received" then means journaled and
-    /// not held, and nothing can apply the delta between this answer and
-    /// the decision (a roll forward sends it again, a roll back discards
-    /// it). Before, a delta queued behind a slow predecessor was answered
-    /// "received" and could still be applied before the roll back's
-    /// `DiscardTx` came: parity with the delta of a write that was undone.
-    /// A delta in the batch being applied is waited for.
-    pub async fn settle_for_status(self: &Arc<Self>, g: GroupKey, tx: TxRef, max: std::time::Duration) {
+    /// the group's worker plans under, and its b1 slot is kept for a resend
+    /// (`parked`). "Received" then means journaled and not held, and
+    /// nothing can apply the delta between this answer and the decision (a
+    /// roll forward sends it again, a roll back discards it). Before, a
+    /// delta queued behind a slow predecessor was answered "received" and
+    /// could still be applied before the roll back's `DiscardTx` came:
+    /// parity with the delta of a write that was undone. A delta in the
+    /// batch being applied is waited for, up to `max` more; `false` when it
+    /// is still being applied (the asker asks again).
+    pub async fn settle_for_status(self: &Arc<Self>, g: GroupKey, tx: TxRef, max: std::time::Duration) -> bool {
         self.wait_unqueued(g, tx, max).await;
+        let deadline = tokio::time::Instant::now() + max;
         loop {
             let changed = self.changed.notified();
             let gone = {
                 let mut groups = self.groups.lock();
-                let Some(q) = groups.get_mut(&g) else { return };
+                let Some(q) = groups.get_mut(&g) else { return true };
                 if q.running.contains(&tx) {
                     None
                 } else {
-                    let queued = q.queue.iter().any(|d| d.upd.tx == tx);
-                    let stripe = self.unqueue_locked(q, tx);
-                    let rest = stripe.map(|s| (s, self.take_stripe(q, s)));
-                    Some((queued, rest))
+                    let at = q.queue.iter().position(|d| d.upd.tx == tx);
+                    Some(match at.map(|i| (i, q.queue[i].stripe)) {
+                        None => None,
+                        // A stripe reference (its stripe completed after
+                        // `give_up_blocked`): the whole stripe goes, every
+                        // slot parked.
+                        Some((_, Some(stripe))) => Some((Some(stripe), self.take_stripe(q, stripe))),
+                        Some((i, None)) => {
+                            let mut d = q.queue.remove(i);
+                            if let Some(slot) = d.slot.take() {
+                                self.parked.lock().insert(tx, (std::time::Instant::now(), slot));
+                            }
+                            Some((None, Vec::new()))
+                        }
+                    })
                 }
             };
             match gone {
-                None => changed.await,
-                Some((queued, rest)) => {
-                    if queued {
-                        self.parked.lock().remove(&tx);
-                        tracing::info!(iom = self.me.0, ?tx, group = ?g, "a delta still queued when recovery asked: set aside");
-                        self.changed.notify_waiters();
+                None => {
+                    if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                        return false;
                     }
-                    if let Some((s, deltas)) = rest {
+                }
+                Some(None) => return true,
+                Some(Some((stripe, deltas))) => {
+                    tracing::info!(iom = self.me.0, ?tx, group = ?g, "a delta still queued when recovery asked: set aside");
+                    self.changed.notify_waiters();
+                    if let Some(s) = stripe {
                         self.gave_up(g, s, deltas);
                     }
-                    return;
+                    return true;
                 }
             }
         }
@@ -452,21 +470,35 @@ impl ParitySide {
     }
 
     /// A resend of an update whose delta is in the batch being applied:
-    /// taken again once that batch is done (then answered from the
-    /// journal, after a flush, or held again if a repair put it back).
-    fn answer_after_running(self: &Arc<Self>, u: ParityUpdate, delta: Bytes, acks: AckTx) {
+    /// answered once that batch is done, from what is known then: applied
+    /// (after a flush), or queued again by a repair (held). Never queued a
+    /// second time here: a delta `settle_for_status` set aside or a failed
+    /// repair dropped meanwhile must not come back behind a decision; the
+    /// sender hears "unavailable" and sends it again later.
+    fn answer_after_running(self: &Arc<Self>, u: ParityUpdate, acks: AckTx) {
         let me = self.clone();
         self.workers.spawn(Tier::Protocol, "parity-resend-wait", async move {
-            loop {
+            let tx = u.tx;
+            let queued = loop {
                 let changed = me.changed.notified();
-                if !me.groups.lock().get(&u.group).is_some_and(|q| q.running.contains(&u.tx)) {
-                    break;
+                {
+                    let groups = me.groups.lock();
+                    let q = groups.get(&u.group);
+                    if !q.is_some_and(|q| q.running.contains(&tx)) {
+                        break q.is_some_and(|q| q.queue.iter().any(|d| d.upd.tx == tx));
+                    }
                 }
                 changed.await;
-            }
-            let tx = u.tx;
-            if let Err(e) = me.receive_update(u, delta, acks.clone(), None) {
-                let _ = acks.send(ParityAck::Failed { tx, error: e.to_wire() });
+            };
+            let applied = me.storage.map.ptx.lock().get(&tx).is_some_and(|p| p.applied.is_some());
+            if applied {
+                me.ack_done_after_flush(tx, acks);
+            } else if queued {
+                let _ = acks.send(ParityAck::Held { tx });
+            } else {
+                let error =
+                    WireError::new(ErrorCode::Unavailable, "the parity update's batch did not complete; send it again");
+                let _ = acks.send(ParityAck::Failed { tx, error });
             }
         });
     }
@@ -550,7 +582,7 @@ impl ParitySide {
                 // done (applied, or put back in the queue by a repair),
                 // never by a second copy queued beside it.
                 drop(groups);
-                self.answer_after_running(u, delta, acks);
+                self.answer_after_running(u, acks);
                 return Ok(());
             }
             // Journaled before a restart but its delta was lost: hold it again.
@@ -888,7 +920,7 @@ impl ParitySide {
             self.gave_up(g, s, deltas);
         }
         for d in stale {
-            let Delta { upd, delta, acks, .. } = d;
+            let Delta { upd, acks, .. } = d;
             if batch.iter().any(|b| b.upd.tx == upd.tx) {
                 // A second copy of an update this batch applies (a resend
                 // queued beside its original): answered once the batch's
@@ -896,7 +928,7 @@ impl ParitySide {
                 // `Discarded` here, a crash before that record left the
                 // update discarded while its data IOM went on as if the
                 // parity held it.
-                self.answer_after_running(upd, delta, acks);
+                self.answer_after_running(upd, acks);
                 continue;
             }
             // Already covered by the parity (applied by an earlier batch,
