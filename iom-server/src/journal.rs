@@ -385,6 +385,14 @@ fn zero_ahead(shared: &Shared) {
         // Under the segment lock: no record is appended meanwhile, and the
         // fill starts at or after the end, so it never overwrites a record.
         let from = seg.zeroed.max(seg.end);
+        // Not tried when the filesystem cannot hold it: a fill that fails
+        // half way holds the filesystem's last bytes until it is undone,
+        // and a neighbour (another IOM's start, its checkpoint) that
+        // writes meanwhile gets ENOSPC.
+        if crate::fsutil::fs_space(&shared.dir).is_some_and(|(avail, _)| avail < ZERO_CHUNK) {
+            shared.short.store(true, Ordering::Relaxed);
+            return;
+        }
         let zeros = vec![0u8; ZERO_CHUNK as usize];
         if let Err(e) = seg.file.write_all_at(&zeros, from) {
             // Not fatal: appends then grow the file as they would without
@@ -673,6 +681,16 @@ impl Journal {
         data_file: Arc<File>,
         flush_interval: Duration,
     ) -> Result<(Journal, Replayed), Error> {
+        let replayed = Journal::replay(dir, from)?;
+        let journal = Journal::start(dir, replayed.segment, data_file, flush_interval)?;
+        Ok((journal, replayed))
+    }
+
+    /// The first half of [`Journal::open`]: reads the records of segments
+    /// `from` on (dropping older ones, truncating a torn tail) and writes
+    /// nothing new, so a store on a full disk can give space back
+    /// (`Store::give_back_at_start`) before [`Journal::start`] needs some.
+    pub fn replay(dir: &Path, from: u64) -> Result<Replayed, Error> {
         fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         if from > u64::MAX / 2 {
             return Err(Error::Damaged(format!("{}: checkpoint names journal segment {from}", dir.display())));
@@ -707,7 +725,12 @@ impl Journal {
             records.extend(recs);
             last = last.max(num);
         }
-        let segment = last + 1;
+        Ok(Replayed { records, segment: last + 1 })
+    }
+
+    /// The second half of [`Journal::open`]: a new segment `segment` and
+    /// the journal's threads.
+    pub fn start(dir: &Path, segment: u64, data_file: Arc<File>, flush_interval: Duration) -> Result<Journal, Error> {
         let file = new_segment(dir, segment)?;
         let sync_file = Arc::new(file.try_clone().map_err(|e| Error::io("clone journal segment handle", e))?);
         let stats = Arc::new(JournalStats::default());
@@ -743,7 +766,7 @@ impl Journal {
                     .map_err(|e| Error::io("spawn data-sync thread", e))?,
             );
         }
-        Ok((Journal { shared, ds, stats, threads: parking_lot::Mutex::new(threads) }, Replayed { records, segment }))
+        Ok(Journal { shared, ds, stats, threads: parking_lot::Mutex::new(threads) })
     }
 
     /// Appends an encoded record. The returned receiver (none when there is

@@ -91,8 +91,7 @@ impl Storage {
             other => other,
         };
         let from = map.load_snapshot(&data_dir).map_err(damaged)?;
-        let (journal, replayed) =
-            Journal::open(&journal_dir, from, store.file(), timeouts.journal_flush).map_err(damaged)?;
+        let replayed = Journal::replay(&journal_dir, from).map_err(damaged)?;
         let n = replayed.records.len();
         for (i, raw) in replayed.records.iter().enumerate() {
             let rec: Record = codec::decode(raw)
@@ -105,12 +104,15 @@ impl Storage {
         };
         store.set_allocator(Allocator::from_live(capacity + 1, map.live_addrs()));
         // On a (nearly) full disk, the free slots go back to the filesystem
-        // before anything below needs room in it.
+        // before anything below needs room in it (the journal's new
+        // segment, the start counter).
         store.give_back_at_start();
+        let journal = Journal::start(&journal_dir, replayed.segment, store.file(), timeouts.journal_flush)
+            .map_err(|e| full_disk_hint(e, &data_dir))?;
         // Transaction ids carry this start's incarnation, so an update sent
         // just before a crash (its a5 never journaled) can never be confused
         // with a transaction of a later start.
-        let incarnation = next_incarnation(&data_dir)?;
+        let incarnation = next_incarnation(&data_dir).map_err(|e| full_disk_hint(e, &data_dir))?;
         map.start_incarnation(incarnation);
         let (open_d, open_p) = (map.dtx.lock().len(), map.ptx.lock().len());
         let open_at_start = crate::map::OpenTxs {
@@ -459,6 +461,23 @@ fn prepare_store(paths: &ClusterPaths, data_dir: &std::path::Path, id: IomId) ->
         other => {
             Err(Error::Damaged(format!("{}: unknown content '{other}' (expected new or replace)", marker.display())))
         }
+    }
+}
+
+/// A start that found no room says where and what to do.
+fn full_disk_hint(e: Error, dir: &std::path::Path) -> Error {
+    match e {
+        Error::Io { err, what } if err.raw_os_error() == Some(libc::ENOSPC) => Error::Io {
+            what: format!(
+                "{what}: the filesystem holding {} has no room left ({} bytes free) even after this IOM gave its \
+                 free block slots back; free some space on it (files of other programs, or delete files through \
+                 a mount while this IOM is down: its proxy serves it) and start it again",
+                dir.display(),
+                crate::fsutil::fs_space(dir).map_or(0, |(a, _)| a)
+            ),
+            err,
+        },
+        other => other,
     }
 }
 
