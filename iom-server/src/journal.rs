@@ -532,9 +532,15 @@ fn new_segment(dir: &Path, n: u64) -> Result<File, Error> {
         .write(true)
         .open(&p)
         .map_err(|e| Error::io(format!("create {}", p.display()), e))?;
-    f.write_all(&segment_header())
-        .and_then(|_| f.sync_all())
-        .map_err(|e| Error::io(format!("write {}", p.display()), e))?;
+    if let Err(e) = f.write_all(&segment_header()).and_then(|_| f.sync_all()) {
+        // A segment without its whole header must not stay: once a later
+        // one exists it would be a sealed segment damaged at offset 0, and
+        // the store would not open again (a start or rotation on a full
+        // disk left one).
+        drop(f);
+        let _ = fs::remove_file(&p);
+        return Err(Error::io(format!("write {}", p.display()), e));
+    }
     crate::fsutil::sync_dir(dir)?;
     Ok(f)
 }
@@ -705,6 +711,14 @@ impl Journal {
                 continue;
             }
             let buf = fs::read(&path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+            if buf.len() < SEG_HEADER && i + 1 != n {
+                // Created and never completed (no room for its header), with
+                // a later segment after it: it never held a record (the
+                // header is synced before any is appended).
+                tracing::warn!(segment = %path.display(), "journal: segment without its header removed");
+                let _ = fs::remove_file(&path);
+                continue;
+            }
             let (recs, torn) = parse_segment(&buf, &path)?;
             if let Some(off) = torn {
                 if i + 1 != n {
@@ -939,6 +953,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A segment left without its whole header (its creation ran out of
+    /// space) before a later one does not make the journal unreadable.
+    #[test]
+    fn a_headerless_segment_before_the_last_is_dropped_not_called_damaged() {
+        let d = tempfile::tempdir().unwrap();
+        drop(new_segment(d.path(), 1).unwrap());
+        fs::write(d.path().join(seg_name(2)), b"IOMFS").unwrap();
+        drop(new_segment(d.path(), 3).unwrap());
+        let r = Journal::replay(d.path(), 0).expect("replays");
+        assert_eq!((r.records.len(), r.segment), (0, 4));
+        assert!(!d.path().join(seg_name(2)).exists());
     }
 
     /// The segment header as written today: magic, format version, four

@@ -108,7 +108,7 @@ impl Storage {
         // segment, the start counter).
         store.give_back_at_start();
         let journal = Journal::start(&journal_dir, replayed.segment, store.file(), timeouts.journal_flush)
-            .map_err(|e| full_disk_hint(e, &data_dir))?;
+            .map_err(|e| full_disk_hint(e, &journal_dir))?;
         // Transaction ids carry this start's incarnation, so an update sent
         // just before a crash (its a5 never journaled) can never be confused
         // with a transaction of a later start.
@@ -469,9 +469,10 @@ fn full_disk_hint(e: Error, dir: &std::path::Path) -> Error {
     match e {
         Error::Io { err, what } if err.raw_os_error() == Some(libc::ENOSPC) => Error::Io {
             what: format!(
-                "{what}: the filesystem holding {} has no room left ({} bytes free) even after this IOM gave its \
-                 free block slots back; free some space on it (files of other programs, or delete files through \
-                 a mount while this IOM is down: its proxy serves it) and start it again",
+                "{what}: the filesystem holding {} is full ({} bytes free, or no inodes left), after this IOM gave \
+                 back what it could of its block file; free space on that filesystem (other programs' files there; \
+                 where other IOMs share it, deleting files through a mount frees theirs) and start the IOM again \
+                 (its proxy serves its share meanwhile)",
                 dir.display(),
                 crate::fsutil::fs_space(dir).map_or(0, |(a, _)| a)
             ),
