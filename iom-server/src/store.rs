@@ -773,7 +773,8 @@ mod tests {
     proptest! {
         /// The allocator never hands out an address that is live, whether
         /// it was built fresh or derived from a live set, under any
-        /// interleaving of allocations and frees.
+        /// interleaving of allocations, frees and punched slots; holes are
+        /// handed out only when no backed free slot is left.
         #[test]
         fn never_hands_out_a_live_address(
             initial in proptest::collection::btree_set(1u64..200, 0..60),
@@ -783,11 +784,27 @@ mod tests {
             let mut live: BTreeSet<u64> = initial.clone();
             prop_assert_eq!(a.used(), live.len() as u64);
             for (is_alloc, pick) in ops {
-                if is_alloc || live.is_empty() {
-                    match a.alloc() {
-                        Some(d) => {
+                if pick % 5 == 0 {
+                    // Slots go back to the filesystem (`punch_free`), some
+                    // of them not free at all: those must stay as they are.
+                    let from = pick as u64 % 300;
+                    a.punched(from, from + 1 + pick as u64 % 7);
+                    prop_assert!(a.holes.is_disjoint(&a.free));
+                    prop_assert!(a.holes.iter().all(|h| !live.contains(h)), "a live slot became a hole");
+                } else if is_alloc || live.is_empty() {
+                    let backed_free = !a.free.is_empty();
+                    match a.alloc_slot() {
+                        Some((d, hole)) => {
                             prop_assert!(d.0 >= 1);
                             prop_assert!(live.insert(d.0), "handed out live address {}", d.0);
+                            prop_assert!(!(hole && backed_free), "a hole handed out before a backed free slot");
+                            if hole {
+                                // Sometimes it could not be backed and goes back.
+                                if pick % 3 == 0 {
+                                    live.remove(&d.0);
+                                    a.unalloc_hole(d);
+                                }
+                            }
                         }
                         None => prop_assert_eq!(live.len() as u64, a.capacity()),
                     }
