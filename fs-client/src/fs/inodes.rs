@@ -68,10 +68,6 @@ pub(super) struct Node {
     /// (at least its value when the node was made): a prefetch sent before
     /// it is stale.
     pub(super) changed_at: u64,
-    /// The highest change counter of this inode any answer carried:
-    /// answers may be applied out of order (each FUSE request is its own
-    /// task), so `attr.change` can go back; this cannot.
-    pub(super) max_change: u64,
     /// `Inner::meta_clock` when `attr` was installed: an answer to a
     /// request sent before it may be older than `attr` (`settle`).
     pub(super) attr_at: u64,
@@ -99,7 +95,6 @@ impl Node {
     /// and must not undo it (`remember`).
     pub(super) fn changed_locally(&mut self) {
         self.attr.change += 1;
-        self.max_change = self.max_change.max(self.attr.change);
     }
 
     pub(super) fn merged(&self) -> Attr {
@@ -144,13 +139,7 @@ impl Inner {
         let mut nodes = self.nodes.lock();
         match nodes.get_mut(&a.ino) {
             Some(n) => {
-                if a.change >= n.attr.change {
-                    n.attr = a.clone();
-                    n.attr_at = self.meta_clock.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                } else {
-                    metrics::counter!("iomfs_client_stale_answers_total").increment(1);
-                }
-                n.max_change = n.max_change.max(a.change);
+                self.install(n, a);
                 n.merged()
             }
             None => {
@@ -175,13 +164,28 @@ impl Inner {
                         synced_change: None,
                         meta_changes: 0,
                         changed_at: self.data_gen.load(std::sync::atomic::Ordering::Acquire),
-                        max_change: a.change,
-                        attr_at: self.meta_clock.fetch_add(1, std::sync::atomic::Ordering::AcqRel),
+                        attr_at: self.meta_tick(),
                     },
                 );
                 a.clone()
             }
         }
+    }
+
+    /// `a` into `n` unless it is older than what `n` holds (`remember`):
+    /// `attr.change` never goes back but through `settle`.
+    fn install(&self, n: &mut Node, a: &Attr) {
+        if a.change >= n.attr.change {
+            n.attr = a.clone();
+            n.attr_at = self.meta_tick();
+        } else {
+            metrics::counter!("iomfs_client_stale_answers_total").increment(1);
+        }
+    }
+
+    /// The next tick of `meta_clock`.
+    pub(super) fn meta_tick(&self) -> u64 {
+        self.meta_clock.fetch_add(1, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// An answer to a namespace request sent at `sent` (`meta_clock`):
@@ -211,7 +215,9 @@ impl Inner {
                          without that change): taking its answer"
                     );
                     n.attr = a.clone();
-                    n.attr_at = self.meta_clock.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    n.attr_at = self.meta_tick();
+                    // A prefetch sent before read the state this replaces.
+                    n.changed_at = self.next_data_gen();
                 }
             }
         }
@@ -299,11 +305,7 @@ impl Inner {
                 if n.no_caps == Some(n.attr.change) && a.change == n.attr.change + 1 {
                     n.no_caps = Some(a.change);
                 }
-                if a.change >= n.attr.change {
-                    n.attr = a.clone();
-                    n.attr_at = self.meta_clock.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                }
-                n.max_change = n.max_change.max(a.change);
+                self.install(n, a);
                 if let (true, Some(gen)) = (sync, gen) {
                     n.note_synced(gen, a.change);
                 }

@@ -257,7 +257,7 @@ impl Inner {
                 n.meta_changes += 1;
             }
         }
-        let sent = self.meta_clock.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let sent = self.meta_tick();
         let resp = self.c.meta(req).await.map_err(errno)?;
         self.settle(&resp, sent);
         match resp {

@@ -13,8 +13,9 @@
 //!   older than the `opened_as` the next open compares with), and only for
 //!   reads through that handle;
 //! - they are served only while the file's attributes as this client knows
-//!   them still carry that change counter and no answer with a higher one
-//!   was seen (`max_change`: answers are applied out of order). A later
+//!   them still carry that change counter (`attr.change` never goes back:
+//!   `remember` keeps no older answer, and a namespace failover that does
+//!   lower it moves `changed_at`, below). A later
 //!   open, here or through another handle, that saw a newer counter ends
 //!   them: the kernel's pages are shared by every handle, and an old
 //!   handle must not refill them with old bytes;
@@ -106,7 +107,7 @@ impl Inner {
         }
         // Not if this client has seen a newer change already (another
         // open's answer, applied before this one).
-        if self.nodes.lock().get(&p.ino).is_none_or(|n| n.max_change != p.change) {
+        if self.nodes.lock().get(&p.ino).is_none_or(|n| n.attr.change != p.change) {
             return;
         }
         let mut held = self.prefetched.lock();
@@ -126,7 +127,6 @@ impl Inner {
                     && n.dirty_end == 0
                     && n.attr.object == p.object
                     && n.attr.change == p.change
-                    && n.max_change == p.change
             })
         };
         let usable = if p.ino == ino && offset + len as u64 <= p.size && fresh() {
