@@ -8,7 +8,7 @@ use crate::cache::{Cache, CacheKey};
 use crate::journal::{Journal, Wait};
 use crate::map::{BlockMap, OpenTxs};
 use crate::records::{PVerRef, Record, VerRef};
-use crate::store::{Allocator, Store};
+use crate::store::{adjacent_runs, Allocator, Store};
 use crate::timeouts::Timeouts;
 use crate::Error;
 use bytes::Bytes;
@@ -370,19 +370,6 @@ impl Storage {
 /// Whether a failed read of a stored version may be answered by
 /// rebuilding it from its group: damaged bytes or a read error of the
 /// disk; a full disk is not a damaged block.
-/// `items`, sorted by slot, cut into runs of adjacent slots of at most
-/// `max` items each.
-fn adjacent_runs<T>(items: Vec<T>, slot: impl Fn(&T) -> DiskAddr, max: usize) -> Vec<Vec<T>> {
-    let mut runs: Vec<Vec<T>> = Vec::new();
-    for t in items {
-        match runs.last_mut() {
-            Some(r) if r.len() < max && r.last().is_some_and(|l| slot(l).0 + 1 == slot(&t).0) => r.push(t),
-            _ => runs.push(vec![t]),
-        }
-    }
-    runs
-}
-
 pub fn healable(e: &Error) -> bool {
     match e {
         Error::Corrupt(_) => true,

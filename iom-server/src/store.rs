@@ -257,15 +257,24 @@ impl Store {
     /// (a parity IOM stops when its b8 write fails). No room: the slot
     /// stays a hole and the caller gets `NoSpace`.
     fn back_hole(&self, a: DiskAddr) -> Result<(), Error> {
-        use std::os::fd::AsRawFd;
-        let (from, len) = (self.offset(a), self.block_size as u64);
-        // SAFETY: a valid open descriptor; mode 0 allocates.
-        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, from as libc::off_t, len as libc::off_t) };
-        if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSPC) {
+        if self.fallocate(0, self.offset(a), self.block_size as u64).is_err_and(is_enospc) {
             self.alloc.lock().unalloc_hole(a);
             return Err(Error::NoSpace);
         }
         Ok(())
+    }
+
+    /// `fallocate(2)` on the block file: mode 0 backs `len` bytes at
+    /// `from` with disk blocks, `PUNCH_HOLE | KEEP_SIZE` gives them back.
+    fn fallocate(&self, mode: libc::c_int, from: u64, len: u64) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor; no memory is passed.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, from as libc::off_t, len as libc::off_t) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
 
     /// (available, total) bytes of the store's filesystem, at most
@@ -366,7 +375,7 @@ impl Store {
         let near_full = avail < 4 * self.reserve_bytes();
         if near_full && !self.prealloc.near_full.swap(true, Ordering::AcqRel) {
             // Slots freed before it got this full go back too.
-            let free: Vec<u64> = self.alloc.lock().free.iter().copied().collect();
+            let free: Vec<DiskAddr> = self.alloc.lock().free.iter().map(|&x| DiskAddr(x)).collect();
             self.punch_free(&free);
         } else if !near_full {
             self.prealloc.near_full.store(false, Ordering::Release);
@@ -382,12 +391,8 @@ impl Store {
         if end <= keep {
             return;
         }
-        use std::os::fd::AsRawFd;
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        // SAFETY: a valid open descriptor; the range holds no slot in use.
-        let r =
-            unsafe { libc::fallocate(self.file.as_raw_fd(), mode, keep as libc::off_t, (end - keep) as libc::off_t) };
-        if r == 0 {
+        // The range holds no slot in use.
+        if self.fallocate(PUNCH, keep, end - keep).is_ok() {
             self.prealloc.end.store(keep, Ordering::Release);
             self.prealloc.gave_back.store(true, Ordering::Release);
             *self.fs_seen.lock() = None;
@@ -405,43 +410,37 @@ impl Store {
     /// allocator when the [`Slot`] is dropped unused.
     pub fn reserve_slot(self: &Arc<Self>) -> Result<Slot, Error> {
         let (a, hole) = self.alloc.lock().alloc_slot().ok_or(Error::NoSpace)?;
-        if hole {
-            // Below the reserve's last quarter a hole costs disk blocks
-            // like growing the file does.
-            let (avail, _) = self.fs_space(false);
-            if avail < self.reserve_bytes() / 4 && self.fs_space(true).0 < self.reserve_bytes() / 4 {
+        // Refused: a hole goes back as a hole, any other slot as free.
+        let refuse = || {
+            if hole {
                 self.alloc.lock().unalloc_hole(a);
-                return Err(Error::NoSpace);
+            } else {
+                self.free(a);
             }
-            self.back_hole(a)?;
-        }
-        let slot = Slot { addr: a, store: self.clone(), used: false };
+            Err(Error::NoSpace)
+        };
         let (from, len) = (self.offset(a), self.block_size as u64);
         // Always asked of the filesystem (about a microsecond when the slot
         // is backed already): a slot below the preallocated end or inside
         // the file may still be a hole (a write that failed for lack of
-        // space, a region skipped by preallocation, a restart).
-        // Growing the file into the last quarter of the reserve is refused
-        // (a slot inside the file, freed by an overwrite, is still taken).
+        // space, a region skipped by preallocation, a restart, a punched
+        // slot).
+        // Taking new disk blocks in the last quarter of the reserve is
+        // refused (growing the file, or a punched slot); a slot inside the
+        // file, freed by an overwrite, is still taken.
         let (avail, _) = self.fs_space(false);
         if avail < self.reserve_bytes() / 4 {
             let (avail, _) = self.fs_space(true);
-            let inside = self.file.metadata().is_ok_and(|m| from + len <= m.len());
+            let inside = !hole && self.file.metadata().is_ok_and(|m| from + len <= m.len());
             if avail < self.reserve_bytes() / 4 && !inside {
-                return Err(Error::NoSpace);
+                return refuse();
             }
         }
-        use std::os::fd::AsRawFd;
-        // SAFETY: a valid open descriptor; mode 0 allocates (and extends).
-        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, from as libc::off_t, len as libc::off_t) };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENOSPC) {
-                return Err(Error::NoSpace);
-            }
-            // Not supported here: the slot is taken unreserved (as before).
+        // Not supported here (not ENOSPC): the slot is taken unreserved.
+        if self.fallocate(0, from, len).is_err_and(is_enospc) {
+            return refuse();
         }
-        Ok(slot)
+        Ok(Slot { addr: a, store: self.clone(), used: false })
     }
 
     /// Extends the reserved region in the background once `used_end`
@@ -503,7 +502,10 @@ impl Store {
     }
 
     pub fn free(&self, a: DiskAddr) {
-        self.free_many(vec![a]);
+        self.alloc.lock().free(a);
+        if self.prealloc.near_full.load(std::sync::atomic::Ordering::Acquire) {
+            self.punch_free(&[a]);
+        }
     }
 
     /// Frees slots; near full, their disk blocks go back at once, a run of
@@ -518,7 +520,7 @@ impl Store {
         if self.prealloc.near_full.load(std::sync::atomic::Ordering::Acquire) {
             slots.sort_unstable();
             slots.dedup();
-            self.punch_free(&slots.iter().map(|s| s.0).collect::<Vec<_>>());
+            self.punch_free(&slots);
         }
     }
 
@@ -531,23 +533,19 @@ impl Store {
     /// every write was refused. A slot taken again is backed again
     /// (`reserve_slot` allocates it; a data write into a hole allocates as
     /// it writes, or fails with ENOSPC). Slots still free only.
-    fn punch_free(&self, slots: &[u64]) {
-        use std::os::fd::AsRawFd;
-        let bs = self.block_size as u64;
+    fn punch_free(&self, slots: &[DiskAddr]) {
         let mut a = self.alloc.lock();
-        let todo: Vec<u64> = slots.iter().copied().filter(|x| a.free.contains(x)).collect();
+        let todo: Vec<DiskAddr> = slots.iter().copied().filter(|x| a.free.contains(&x.0)).collect();
         let mut punched = 0u64;
-        for run in adjacent_slots(&todo) {
-            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-            let (from, len) = (run.0 * bs, (run.1 - run.0) * bs);
-            // SAFETY: a valid open descriptor; the range holds free slots
-            // only (under the allocator's lock: none is handed out meanwhile).
-            let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, from as libc::off_t, len as libc::off_t) };
-            if r != 0 {
+        for run in adjacent_runs(todo, |x| *x, usize::MAX) {
+            let (first, n) = (run[0].0, run.len() as u64);
+            // Free slots only, under the allocator's lock: none is handed
+            // out meanwhile.
+            if self.fallocate(PUNCH, self.offset(run[0]), n * self.block_size as u64).is_err() {
                 break;
             }
-            a.punched(run.0, run.1);
-            punched += run.1 - run.0;
+            a.punched(first, first + n);
+            punched += n;
         }
         drop(a);
         if punched > 0 {
@@ -727,13 +725,21 @@ impl Header {
     }
 }
 
-/// Sorted, distinct slots as half-open runs of adjacent ones.
-fn adjacent_slots(sorted: &[u64]) -> Vec<(u64, u64)> {
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for &x in sorted {
+/// `fallocate` mode giving disk blocks back without changing the size.
+const PUNCH: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+
+fn is_enospc(e: std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOSPC)
+}
+
+/// `items`, sorted by slot, cut into runs of adjacent slots of at most
+/// `max` items each.
+pub(crate) fn adjacent_runs<T>(items: Vec<T>, slot: impl Fn(&T) -> DiskAddr, max: usize) -> Vec<Vec<T>> {
+    let mut runs: Vec<Vec<T>> = Vec::new();
+    for t in items {
         match runs.last_mut() {
-            Some(r) if r.1 == x => r.1 += 1,
-            _ => runs.push((x, x + 1)),
+            Some(r) if r.len() < max && r.last().is_some_and(|l| slot(l).0 + 1 == slot(&t).0) => r.push(t),
+            _ => runs.push(vec![t]),
         }
     }
     runs
@@ -762,12 +768,6 @@ mod tests {
         assert_eq!(a.alloc_slot(), Some((DiskAddr(2), true)));
         assert_eq!(a.alloc_slot(), Some((DiskAddr(4), false)));
         assert_eq!(a.used(), 4);
-    }
-
-    #[test]
-    fn adjacent_slots_are_cut_into_half_open_runs() {
-        assert_eq!(adjacent_slots(&[]), vec![]);
-        assert_eq!(adjacent_slots(&[3, 4, 5, 9, 11, 12]), vec![(3, 6), (9, 10), (11, 13)]);
     }
 
     proptest! {
