@@ -6,13 +6,9 @@
 # $1.$2.bench (one "name value unit" per line). Alternate old and new:
 #   for r in 1 2 3; do bench/local-pair.sh /tmp/old $r; bench/local-pair.sh /tmp/new $r; done
 set -u
-B=$(cd "$1" && pwd); R=$2
-D=/var/tmp/pair-$(basename "$B"); M=$D-mnt
-rm -rf "$D" "$M"; mkdir -p "$M"
-export IOMFS_BIN_DIR=$B PATH=$B:$PATH
-"$B/iomfs" local --dir "$D" --mount "$M" --detach >/dev/null 2>&1 || { echo "start failed"; exit 1; }
+. "$(dirname "$0")/pair-lib.sh"
+pair_up pair "$@"
 "$B/iomfs" bench --dir "$D" --size 256M --random-ops 2000 > "$B.$R.bench" 2>&1
 s=$(date +%s.%N); mkdir "$M/t"; for i in $(seq 1 2000); do : > "$M/t/f$i"; done; rm -rf "$M/t"; e=$(date +%s.%N)
 echo "creates+rm $(echo "$e - $s" | bc) s" >> "$B.$R.bench"
-"$B/iomfs" local stop --dir "$D" >/dev/null 2>&1 || fusermount3 -u "$M"
-sleep 1; rm -rf "$D" "$M"
+pair_down

@@ -7,11 +7,8 @@
 # ("files_per_s N" per pass). Alternate old and new:
 #   for r in 1 2 3; do bench/smallread-pair.sh /tmp/old $r; bench/smallread-pair.sh /tmp/new $r; done
 set -u
-B=$(cd "$1" && pwd); R=$2
-D=/var/tmp/sr-$(basename "$B"); M=$D-mnt
-rm -rf "$D" "$M"; mkdir -p "$M"
-export IOMFS_BIN_DIR=$B PATH=$B:$PATH
-"$B/iomfs" local --dir "$D" --mount "$M" --detach >/dev/null 2>&1 || { echo "start failed"; exit 1; }
+. "$(dirname "$0")/pair-lib.sh"
+pair_up sr "$@"
 mkdir "$M/t"
 head -c 4096 /dev/urandom > /tmp/sr-4k
 for i in $(seq 1 2000); do cp /tmp/sr-4k "$M/t/f$i"; done
@@ -21,5 +18,4 @@ for pass in 1 2 3; do
   s=$(date +%s.%N); (cd "$M/t" && cat f* > /dev/null); e=$(date +%s.%N)
   echo "files_per_s $(echo "2000 / ($e - $s)" | bc)" >> "$out"
 done
-"$B/iomfs" local stop --dir "$D" >/dev/null 2>&1 || fusermount3 -u "$M"
-sleep 1; rm -rf "$D" "$M"
+pair_down
