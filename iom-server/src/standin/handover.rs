@@ -98,6 +98,31 @@ impl HandoverState {
         true
     }
 
+    /// Runs `mark` (a stand-in's journaled mark for `i`) only while this
+    /// IOM serves `i`'s role: `serving()` (the map says so) and not frozen,
+    /// both asked under the lock a freeze takes. A mark made is therefore
+    /// in the marks a freeze hands out, or the write sees the freeze (or,
+    /// once `i` is back and forgotten, the map) and changes nothing. The
+    /// freeze's drain of running writes has a deadline, so a write counted
+    /// before the freeze but slow to mark (rebuilding its old block while
+    /// the cluster was stopped) could otherwise mark after the hand-out and
+    /// move the parity past a block the returning IOM never rebuilt.
+    pub fn mark_if_serving<T>(
+        &self,
+        i: IomId,
+        serving: impl FnOnce() -> bool,
+        mark: impl FnOnce() -> T,
+    ) -> Result<T, Error> {
+        let f = self.frozen.lock();
+        if f.contains(&i) || !serving() {
+            return Err(Error::Wire(WireError::new(
+                ErrorCode::NotServing,
+                format!("IOM {i} is taking its role back or is back"),
+            )));
+        }
+        Ok(mark())
+    }
+
     pub fn unfreeze(&self, i: IomId) {
         self.frozen.lock().remove(&i);
     }

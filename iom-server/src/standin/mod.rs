@@ -217,7 +217,14 @@ impl StandIn {
         let group = self.layout.group_key(key);
         let parity = self.layout.parity_iom(key.object, group.group);
         let wait = if toughness == Toughness::Durable { Wait::Durable } else { Wait::Written };
-        let mark = self.storage.commit(&Record::Marked { owner, key, version: next }, false, wait);
+        crate::crash_point!(self, "standin::before-mark");
+        // Marked only while still serving `owner` (see `mark_if_serving`):
+        // nothing below runs for a role taken back meanwhile.
+        let mark = self.handover.mark_if_serving(
+            owner,
+            || self.member.is_standin_for(owner),
+            || self.storage.commit(&Record::Marked { owner, key, version: next }, false, wait),
+        )?;
         let upd = ParityUpdate {
             tx: TxRef { iom: self.me, tx },
             group,
@@ -257,8 +264,11 @@ impl StandIn {
     pub fn drop_object(&self, owner: IomId, object: ObjectId, from: GroupNo) -> Result<(), Error> {
         // Counted like a write, so a freeze hands this mark out with the others.
         let _op = self.handover.op(owner);
-        self.serving(owner)?;
-        self.storage.commit(&Record::MarkedDrop { owner, object, from }, false, Wait::Written);
+        self.handover.mark_if_serving(
+            owner,
+            || self.member.is_standin_for(owner),
+            || self.storage.commit(&Record::MarkedDrop { owner, object, from }, false, Wait::Written),
+        )?;
         Ok(())
     }
 
