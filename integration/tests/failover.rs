@@ -675,6 +675,65 @@ fn stand_in_write_paused_past_the_handover(failpoint: &str) {
     client.close();
 }
 
+/// A write left open by an IOM's death, on an object dropped while the
+/// IOM was down, must not be driven again when it comes back. IOM 2 dies
+/// between b4 and a10 of a write (its journal: "issued"); the object is
+/// dropped (the parity IOM drops its group, the stand-in marks the drop);
+/// IOM 2 comes back. Its recovery asked the parity IOM, which no longer
+/// knew the transaction, rolled it forward and sent the update again: the
+/// parity IOM made the dropped group anew, and the rejoin then dropped
+/// the block (scrub: "block 0 is at version 0 on IOM 2 but parity covers
+/// version 1"; CI saw it in `two_ioms_silent_together_…`, where a fast
+/// writer re-created a file while one of the two was still away).
+#[test]
+fn a_write_left_open_on_an_object_dropped_meanwhile_is_not_driven_again() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.server_bin = integration::bin("iom-server-failpoints");
+    let victim = 2u32;
+    c.env[victim as usize] = vec![("FAILPOINTS".into(), "write::after-a8=1*return(pause)".into())];
+    c.start_all();
+    wait_healthy(&c, Duration::from_secs(30));
+    let bs = 64 * 1024usize;
+    let layout = common::Layout::new(5, bs as u32).unwrap();
+    let obj = (1..).map(common::ObjectId).find(|&o| layout.data_iom(o, common::BlockNo(0)).0 == victim).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client = rt.block_on(c.client());
+    // One request (the client's write would be sent again to the stand-in,
+    // whose mark would settle the block another way).
+    let w = {
+        let client = client.clone();
+        let data = bytes::Bytes::from(Rng(31).bytes(bs));
+        rt.spawn(async move {
+            let route = common::wire::Route { epoch: client.map().epoch, target: common::IomId(victim) };
+            let key = common::BlockKey { object: obj, block: common::BlockNo(0) };
+            let req = common::wire::Request::Data(common::wire::DataReq::Write {
+                route,
+                key,
+                offset: 0,
+                toughness: common::Toughness::Atomic,
+                group_hint: 1,
+            });
+            client.pool().call_timeout(common::IomId(victim), &req, data, Duration::from_secs(60)).await
+        })
+    };
+    let marker = c.dir.join(format!("iom-{victim}/failpoint-hit"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the write never reached its crash point:\n{}", c.log(victim));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.kill(victim);
+    let _ = rt.block_on(w);
+    wait_status(&c, "down (proxied by", Duration::from_secs(15));
+    rt.block_on(client.drop_object(obj, common::GroupNo(0))).expect("drop while IOM 2 is down");
+    c.env[victim as usize].clear();
+    c.start(victim);
+    wait_healthy(&c, Duration::from_secs(90));
+    client.close();
+    c.must_scrub_clean();
+}
+
 /// A block written from `first` to `second` holds one of them, `second`
 /// if that write was acknowledged.
 fn assert_old_or_new(got: &[u8], first: &[u8], second: &[u8], acknowledged: bool) {

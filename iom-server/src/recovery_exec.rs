@@ -361,6 +361,19 @@ impl Recovery {
     pub async fn recover_with(self: Arc<Self>, marks: Option<&common::wire::RebuildMarks>) {
         // Only what the journal left open: transactions started since are live.
         let Some(OpenTxs { data: mut dtx, parity: mut ptx }) = self.startup_open.lock().take() else { return };
+        if let Some(m) = marks {
+            // Objects dropped while this IOM was away go first: the drop
+            // forgets their open transactions (filtered out below). Settled
+            // here, a write left open on one found its parity IOM knowing
+            // nothing of it (that IOM dropped the group), was rolled
+            // forward, and its update made the dropped group anew there;
+            // the rebuild then dropped the block (scrub: a block at
+            // version 0 under a parity covering version 1). The rebuild
+            // commits these drops again, which changes nothing more.
+            for (o, from) in &m.drops {
+                self.storage.commit(&Record::Dropped { object: *o, from: *from }, false, Wait::Written);
+            }
+        }
         dtx.retain(|(tx, _)| self.storage.map.dtx.lock().contains_key(tx));
         ptx.retain(|(tx, _)| self.storage.map.ptx.lock().contains_key(tx));
         if let Some(m) = marks {
