@@ -347,6 +347,12 @@ fn run(cli: Cli) -> Result<u8> {
                 if healed > 0 {
                     println!("scrub: {healed} damaged blocks were rebuilt from their groups while it read them");
                 }
+                if r.dropping > 0 {
+                    println!(
+                        "scrub: {} differences in objects being deleted set aside (their drop is under way)",
+                        r.dropping
+                    );
+                }
                 println!("scrub: {} groups checked, {} blocks, {} problems", r.groups, r.blocks, r.problems.len());
                 Ok::<_, anyhow::Error>(r)
             };
