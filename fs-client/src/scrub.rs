@@ -344,7 +344,6 @@ pub async fn scrub(c: &ClusterClient, mut progress: impl FnMut(u64, u64)) -> Res
         }
         progress(done, total);
     }
-    drop(checks);
     if !report.problems.is_empty() {
         report.dropping = set_aside_dropping(c, &mut report.problems).await;
     }

@@ -633,25 +633,10 @@ fn stand_in_write_paused_past_the_handover(failpoint: &str) {
         let data = bytes::Bytes::from(second.clone());
         rt.spawn(async move {
             client.refresh_map().await;
-            let route = common::wire::Route { epoch: client.map().epoch, target: common::IomId(victim) };
-            let key = common::BlockKey { object: obj, block: common::BlockNo(0) };
-            let toughness = common::Toughness::Atomic;
-            let req = common::wire::Request::Data(common::wire::DataReq::Write {
-                route,
-                key,
-                offset: 0,
-                toughness,
-                group_hint: 1,
-            });
-            client.pool().call_timeout(common::IomId(proxy), &req, data, Duration::from_secs(120)).await
+            one_write(&client, victim, proxy, obj, data, Duration::from_secs(120)).await
         })
     };
-    let marker = c.dir.join(format!("iom-{proxy}/failpoint-hit"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !marker.exists() {
-        assert!(Instant::now() < deadline, "the stand-in write never reached its crash point:\n{}", c.log(proxy));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let marker = wait_for_crash_point(&c, proxy, "the stand-in write");
     // The IOM comes back and takes its role again meanwhile.
     c.start(victim);
     wait_healthy(&c, Duration::from_secs(90));
@@ -703,25 +688,9 @@ fn a_write_left_open_on_an_object_dropped_meanwhile_is_not_driven_again() {
     let w = {
         let client = client.clone();
         let data = bytes::Bytes::from(Rng(31).bytes(bs));
-        rt.spawn(async move {
-            let route = common::wire::Route { epoch: client.map().epoch, target: common::IomId(victim) };
-            let key = common::BlockKey { object: obj, block: common::BlockNo(0) };
-            let req = common::wire::Request::Data(common::wire::DataReq::Write {
-                route,
-                key,
-                offset: 0,
-                toughness: common::Toughness::Atomic,
-                group_hint: 1,
-            });
-            client.pool().call_timeout(common::IomId(victim), &req, data, Duration::from_secs(60)).await
-        })
+        rt.spawn(async move { one_write(&client, victim, victim, obj, data, Duration::from_secs(60)).await })
     };
-    let marker = c.dir.join(format!("iom-{victim}/failpoint-hit"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !marker.exists() {
-        assert!(Instant::now() < deadline, "the write never reached its crash point:\n{}", c.log(victim));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_crash_point(&c, victim, "the write");
     c.kill(victim);
     let _ = rt.block_on(w);
     wait_status(&c, "down (proxied by", Duration::from_secs(15));
@@ -731,6 +700,40 @@ fn a_write_left_open_on_an_object_dropped_meanwhile_is_not_driven_again() {
     wait_healthy(&c, Duration::from_secs(90));
     client.close();
     c.must_scrub_clean();
+}
+
+/// One atomic write of block 0 of `obj` for role `role`, sent once to IOM
+/// `to` (no retry elsewhere, unlike the client's write).
+async fn one_write(
+    client: &fs_client::ClusterClient,
+    role: u32,
+    to: u32,
+    obj: common::ObjectId,
+    data: bytes::Bytes,
+    within: Duration,
+) -> Result<(common::wire::Reply, bytes::Bytes), net::NetError> {
+    let route = common::wire::Route { epoch: client.map().epoch, target: common::IomId(role) };
+    let key = common::BlockKey { object: obj, block: common::BlockNo(0) };
+    let req = common::wire::Request::Data(common::wire::DataReq::Write {
+        route,
+        key,
+        offset: 0,
+        toughness: common::Toughness::Atomic,
+        group_hint: 1,
+    });
+    client.pool().call_timeout(common::IomId(to), &req, data, within).await
+}
+
+/// Waits (at most 30 s) until IOM `iom` stops at its crash point; the
+/// marker whose removal lets it go on.
+fn wait_for_crash_point(c: &Cluster, iom: u32, what: &str) -> PathBuf {
+    let marker = c.dir.join(format!("iom-{iom}/failpoint-hit"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "{what} never reached its crash point:\n{}", c.log(iom));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    marker
 }
 
 /// A block written from `first` to `second` holds one of them, `second`
