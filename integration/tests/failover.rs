@@ -702,6 +702,79 @@ fn a_write_left_open_on_an_object_dropped_meanwhile_is_not_driven_again() {
     c.must_scrub_clean();
 }
 
+/// A stand-in write refused because the parity IOM's disk is full (a real
+/// full tmpfs: 3 IOMs on 96 MiB) changed nothing, so it must leave no mark
+/// the returning IOM can never satisfy. Before, its mark asked for the
+/// version the refused write would have made; the parity never reached
+/// it, every handover round left the block for the next, and the IOM
+/// stayed `rebuilding` for good after the disk had room again.
+#[test]
+fn a_stand_in_write_refused_for_a_full_disk_does_not_keep_its_iom_from_coming_back() {
+    let _g = serial();
+    let disk = integration::Tmpfs::new(96);
+    let mut c = Cluster::init_at(disk.path(), 3, &[]);
+    c.start_all();
+    let victim = 2u32;
+    let bs = 64 * 1024usize;
+    let layout = common::Layout::new(3, bs as u32).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client = rt.block_on(c.client());
+    let kept = common::ObjectId(1 << 51);
+    let fill = common::ObjectId((1 << 51) + 1);
+    let first = Rng(41).bytes(32 * bs);
+    rt.block_on(client.write(kept, 0, bytes::Bytes::from(first.clone()), common::Toughness::Atomic))
+        .expect("first write");
+    c.kill(victim);
+    wait_status(&c, "down (proxied by", Duration::from_secs(15));
+
+    // Fill the disk through the stand-in's cluster.
+    let chunk = bytes::Bytes::from(Rng(42).bytes(2 << 20));
+    let mut off = 0u64;
+    let full = loop {
+        match rt.block_on(client.write(fill, off, chunk.clone(), common::Toughness::Atomic)) {
+            Ok(()) => off += chunk.len() as u64,
+            Err(e) => break e,
+        }
+        assert!(off < 256 << 20, "256 MiB went into a 96 MiB disk without an error");
+    };
+    assert_eq!(full.errno(), libc::ENOSPC, "the full disk gave {full}");
+    // Client writes are refused first (they leave the reserve alone); a
+    // stand-in write needs only a parity slot, which may come from the
+    // reserve. Small writes into the victim's blocks of fresh groups, each
+    // through the stand-in, until one is refused for lack of room.
+    let spill = common::ObjectId((1 << 51) + 2);
+    let piece = bytes::Bytes::from(Rng(43).bytes(4096));
+    let mut acked = Vec::new();
+    let refused = (0..100_000u64).filter(|&b| layout.data_iom(spill, common::BlockNo(b)).0 == victim).find_map(|b| {
+        match rt.block_on(client.write(spill, b * bs as u64, piece.clone(), common::Toughness::Atomic)) {
+            Ok(()) => {
+                acked.push(b);
+                None
+            }
+            Err(e) => Some((b, e)),
+        }
+    });
+    let (refused, e) = refused.expect("100 000 blocks of stand-in writes fitted into a 96 MiB disk");
+    assert_eq!(e.errno(), libc::ENOSPC, "a stand-in write into a full disk gave {e}");
+    eprintln!("stand-in writes: {} acknowledged before block {refused} was refused", acked.len());
+
+    // Room again, and the victim comes back: it must get through its
+    // handover and be up.
+    rt.block_on(client.drop_object(fill, common::GroupNo(0))).expect("drop the filler");
+    c.start(victim);
+    wait_healthy(&c, Duration::from_secs(90));
+    let got = rt.block_on(client.read(kept, 0, first.len())).expect("read back");
+    assert!(got == first, "a file written before the disk filled reads wrong after the rejoin");
+    for &b in acked.iter().chain([&refused]) {
+        let got = rt.block_on(client.read(spill, b * bs as u64, 4096)).expect("read back");
+        let want = if b == refused { vec![0u8; 4096] } else { piece.to_vec() };
+        assert!(got.len() <= 4096 && got[..] == want[..got.len()], "block {b} of the stand-in's writes reads wrong");
+        assert!(b == refused || got.len() == 4096, "block {b} of the stand-in's writes is short");
+    }
+    client.close();
+    c.must_scrub_clean();
+}
+
 /// One atomic write of block 0 of `obj` for role `role`, sent once to IOM
 /// `to` (no retry elsewhere, unlike the client's write).
 async fn one_write(

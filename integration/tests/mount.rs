@@ -1020,3 +1020,39 @@ fn space_freed_on_a_disk_with_no_free_byte_comes_back_for_new_writes() {
     client.close();
     c.must_scrub_clean();
 }
+
+/// IOMs that start on a nearly full disk take what room there is as their
+/// capacity; room made on the disk after their start (here: another
+/// tenant's file deleted) must be used without a restart, as an operator
+/// who frees or grows a filesystem expects. Before, each IOM's allocator
+/// kept the capacity it saw at its start, and writes got ENOSPC for good.
+#[test]
+fn room_made_on_the_disk_after_the_ioms_started_is_used() {
+    let _g = serial();
+    let disk = integration::Tmpfs::new(96);
+    let mut c = Cluster::init_at(disk.path(), 3, &[]);
+    // Another tenant takes all but 6 MiB before the IOMs start.
+    let mut ballast = File::create(disk.path().join("ballast")).unwrap();
+    let block = vec![7u8; 1 << 20];
+    while ballast.write_all(&block).is_ok() {}
+    drop(ballast);
+    let len = fs::metadata(disk.path().join("ballast")).unwrap().len();
+    let f = OpenOptions::new().write(true).open(disk.path().join("ballast")).unwrap();
+    f.set_len(len.saturating_sub(6 << 20)).unwrap();
+    drop(f);
+    c.start_all();
+    let m = c.mount("mnt", &[]);
+    // The tenant goes; 24 MiB of data (36 MiB with parity) must now fit.
+    fs::remove_file(disk.path().join("ballast")).unwrap();
+    let data = Rng(90).bytes(24 << 20);
+    let mut f = File::create(m.join("big")).unwrap();
+    for (i, piece) in data.chunks(1 << 20).enumerate() {
+        if let Err(e) = f.write_all(piece) {
+            panic!("MiB {i} refused after the disk had room again: {e}");
+        }
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    assert!(fs::read(m.join("big")).unwrap() == data, "the file reads back wrong");
+    c.must_scrub_clean();
+}

@@ -503,6 +503,20 @@ impl BlockMap {
                 let e = m.entry(*owner).or_default().blocks.entry(*key).or_insert(*version);
                 *e = (*e).max(*version);
             }
+            Record::MarkUndone { owner, key, version, back_to } => {
+                let mut m = self.marks.lock();
+                if let Some(mk) = m.get_mut(owner) {
+                    if mk.blocks.get(key) == Some(version) {
+                        match back_to {
+                            Some(v) => mk.blocks.insert(*key, *v),
+                            None => mk.blocks.remove(key),
+                        };
+                    }
+                    if mk.blocks.is_empty() && mk.groups.is_empty() && mk.drops.is_empty() {
+                        m.remove(owner);
+                    }
+                }
+            }
             Record::MarkedGroup { owner, group } => {
                 self.marks.lock().entry(*owner).or_default().groups.insert(*group);
             }
@@ -895,6 +909,32 @@ mod tests {
         m.apply(&Record::Switched { tx: TxId(2) });
         assert_eq!(m.apply(&Record::Completed { tx: TxId(2) }), vec![DiskAddr(7)]);
         assert_eq!(m.head(&key(0)), ver(2, 6));
+    }
+
+    /// A refused stand-in write puts its block's mark back as it was, and
+    /// only if the mark still asks for that write's version.
+    #[test]
+    fn an_undone_mark_goes_back_to_what_it_was() {
+        let m = BlockMap::new(layout());
+        let (owner, v) = (IomId(2), Version);
+        let mark = |k, x| m.apply(&Record::Marked { owner, key: key(k), version: v(x) });
+        let undo = |k, x, back| m.apply(&Record::MarkUndone { owner, key: key(k), version: v(x), back_to: back });
+        let marks = || m.marks.lock().get(&owner).map(|mk| mk.blocks.clone());
+        mark(0, 1);
+        mark(0, 2);
+        undo(0, 2, Some(v(1)));
+        assert_eq!(marks().unwrap().get(&key(0)), Some(&v(1)));
+        // A later mark is not undone by an earlier write's refusal.
+        mark(0, 3);
+        undo(0, 2, Some(v(1)));
+        assert_eq!(marks().unwrap().get(&key(0)), Some(&v(3)));
+        // A block that had no mark has none again; the owner's entry goes
+        // once nothing is left in it.
+        mark(1, 1);
+        undo(1, 1, None);
+        assert_eq!(marks().unwrap().get(&key(1)), None);
+        undo(0, 3, None);
+        assert!(marks().is_none(), "{:?}", marks());
     }
 
     #[test]

@@ -81,6 +81,11 @@ pub enum Record {
     /// was rebuilt from its group into a new slot: `bad` is freed, the map
     /// and any open transaction refer to `good` (same version and bytes).
     Repaired { key: BlockKey, bad: VerRef, good: VerRef },
+    /// A stand-in's write of `owner`'s block `key` to `version` was refused
+    /// (no room for its parity) and changed nothing: the block's mark goes
+    /// back to what it was before the write (`back_to`; `None`: no mark),
+    /// if it still asks for `version`.
+    MarkUndone { owner: IomId, key: BlockKey, version: Version, back_to: Option<Version> },
 }
 
 #[cfg(test)]
@@ -119,5 +124,15 @@ mod tests {
         assert_eq!(decode::<Record>(&b).unwrap(), p);
 
         assert_eq!(hex(&encode(&Record::Completed { tx: TxId(300) }).unwrap()), "02fb2c01");
+        // The newest kind: appended, so every older record keeps its tag.
+        let u = Record::MarkUndone {
+            owner: IomId(2),
+            key: BlockKey { object: ObjectId(9), block: BlockNo(2) },
+            version: Version(3),
+            back_to: Some(Version(1)),
+        };
+        let b = encode(&u).unwrap();
+        assert_eq!(hex(&b), "11020902030101");
+        assert_eq!(decode::<Record>(&b).unwrap(), u);
     }
 }

@@ -488,12 +488,29 @@ impl Rejoin {
                 let me = me.clone();
                 async move {
                     let g = me.locks.lock(key).await;
-                    let (v, bytes) = me.group.reconstruct(key, None).await.ok()?;
+                    let (v, bytes) = match me.group.reconstruct(key, None).await {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::debug!(iom = me.me.0, ?key, "rebuild: block not rebuilt this round: {e}");
+                            return None;
+                        }
+                    };
                     if v < want {
-                        return None; // parity not there yet: next round
+                        // Parity not there yet: next round.
+                        tracing::debug!(
+                            iom = me.me.0,
+                            ?key,
+                            have = v.0,
+                            want = want.0,
+                            "rebuild: parity behind the mark"
+                        );
+                        return None;
                     }
                     let n = bytes.len() as u64;
-                    me.storage.install_data(key, v, bytes).await.ok()?;
+                    if let Err(e) = me.storage.install_data(key, v, bytes).await {
+                        tracing::debug!(iom = me.me.0, ?key, "rebuild: cannot install a rebuilt block: {e}");
+                        return None;
+                    }
                     drop(g);
                     me.rebuilt_one(n, limit, started, bytes0).await;
                     Some((key, v))
@@ -507,7 +524,10 @@ impl Rejoin {
             .map(|g| {
                 let me = me.clone();
                 async move {
-                    me.parity.recompute(g).await.ok()?;
+                    if let Err(e) = me.parity.recompute(g).await {
+                        tracing::debug!(iom = me.me.0, group = ?g, "rebuild: group not recomputed this round: {e}");
+                        return None;
+                    }
                     me.rebuilt_one(me.layout.block_size() as u64, limit, started, bytes0).await;
                     Some(g)
                 }

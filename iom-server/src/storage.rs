@@ -102,7 +102,7 @@ impl Storage {
             Some(c) => c / cfg.block_size as u64,
             None => fs_capacity(&data_dir, cfg.block_size),
         };
-        store.set_allocator(Allocator::from_live(capacity + 1, map.live_addrs()));
+        store.set_allocator(Allocator::from_live(capacity + 1, map.live_addrs()), icfg.capacity.is_none());
         // On a (nearly) full disk, the free slots go back to the filesystem
         // before anything below needs room in it (the journal's new
         // segment, the start counter).

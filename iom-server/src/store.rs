@@ -88,6 +88,12 @@ impl Allocator {
         }
     }
 
+    /// The filesystem has room for `capacity` slots now (more than at the
+    /// start): `alloc_slot` may go up to it.
+    pub fn grow_capacity(&mut self, capacity: u64) {
+        self.capacity = self.capacity.max(capacity);
+    }
+
     /// Moves free slots to `holes` (their blocks went back).
     fn punched(&mut self, from: u64, to: u64) {
         for x in from..to {
@@ -123,6 +129,9 @@ pub struct Store {
     dir: std::path::PathBuf,
     /// Last `statvfs` of the store's filesystem: (when, available, total bytes).
     fs_seen: Mutex<Option<(std::time::Instant, u64, u64)>>,
+    /// The allocator's capacity follows the filesystem (none configured):
+    /// see `alloc_slot`.
+    grows: std::sync::atomic::AtomicBool,
 }
 
 /// How long a `statvfs` of the store's filesystem is trusted.
@@ -225,13 +234,37 @@ impl Store {
             prealloc: Arc::new(prealloc),
             dir: dir.to_path_buf(),
             fs_seen: Mutex::new(None),
+            grows: false.into(),
         };
         Ok((store, fresh))
     }
 
-    /// Installs the allocator derived from the live addresses after replay.
-    pub fn set_allocator(&self, a: Allocator) {
+    /// Installs the allocator derived from the live addresses after replay;
+    /// with `grows`, its capacity is the filesystem's room at the start and
+    /// grows with it (`alloc_slot`), else it is fixed (configured).
+    pub fn set_allocator(&self, a: Allocator, grows: bool) {
         *self.alloc.lock() = a;
+        self.grows.store(grows, std::sync::atomic::Ordering::Release);
+    }
+
+    /// A slot from the allocator (see `Allocator::alloc_slot`). When it has
+    /// none left and its capacity follows the filesystem, the capacity is
+    /// taken anew from the filesystem first: room made there since the
+    /// start (freed by other IOMs sharing it, by the operator, or a grown
+    /// filesystem) is used. Before, an IOM started on a full disk stayed
+    /// full until its next restart, whatever was freed.
+    fn alloc_slot(&self) -> Option<(DiskAddr, bool)> {
+        if let Some(x) = self.alloc.lock().alloc_slot() {
+            return Some(x);
+        }
+        if !self.grows.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let (avail, _) = self.fs_space(true);
+        let len = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut a = self.alloc.lock();
+        a.grow_capacity((avail + len) / self.block_size as u64 + 1);
+        a.alloc_slot()
     }
 
     pub fn file(&self) -> Arc<File> {
@@ -244,7 +277,7 @@ impl Store {
 
     /// a2 / b5: a new disk address.
     pub fn alloc(&self) -> Result<DiskAddr, Error> {
-        let (a, hole) = self.alloc.lock().alloc_slot().ok_or(Error::NoSpace)?;
+        let (a, hole) = self.alloc_slot().ok_or(Error::NoSpace)?;
         if hole {
             self.back_hole(a)?;
         }
@@ -409,7 +442,7 @@ impl Store {
     /// is the journal's and recovery's). The slot goes back to the
     /// allocator when the [`Slot`] is dropped unused.
     pub fn reserve_slot(self: &Arc<Self>) -> Result<Slot, Error> {
-        let (a, hole) = self.alloc.lock().alloc_slot().ok_or(Error::NoSpace)?;
+        let (a, hole) = self.alloc_slot().ok_or(Error::NoSpace)?;
         // Refused: a hole goes back as a hole, any other slot as free.
         let refuse = || {
             if hole {
@@ -868,7 +901,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (s, fresh) = Store::open(d.path(), 4096, 2, "c").unwrap();
         assert!(fresh);
-        s.set_allocator(Allocator::new(100));
+        s.set_allocator(Allocator::new(100), false);
         let a = s.alloc().unwrap();
         assert_eq!(a, DiskAddr(1));
         s.write(a, b"hello").unwrap();

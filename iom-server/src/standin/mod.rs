@@ -219,11 +219,16 @@ impl StandIn {
         let wait = if toughness == Toughness::Durable { Wait::Durable } else { Wait::Written };
         crate::crash_point!(self, "standin::before-mark");
         // Marked only while still serving `owner` (see `mark_if_serving`):
-        // nothing below runs for a role taken back meanwhile.
-        let mark = self.handover.mark_if_serving(
+        // nothing below runs for a role taken back meanwhile. The mark it
+        // replaces is what a refused write puts back (no other stand-in
+        // write of this block runs: the block is locked).
+        let (before, mark) = self.handover.mark_if_serving(
             owner,
             || self.member.is_standin_for(owner),
-            || self.storage.commit(&Record::Marked { owner, key, version: next }, false, wait),
+            || {
+                let before = self.storage.map.marks.lock().get(&owner).and_then(|m| m.blocks.get(&key).copied());
+                (before, self.storage.commit(&Record::Marked { owner, key, version: next }, false, wait))
+            },
         )?;
         let upd = ParityUpdate {
             tx: TxRef { iom: self.me, tx },
@@ -242,11 +247,17 @@ impl StandIn {
         }
         let unavailable = || Error::Wire(WireError::new(ErrorCode::Unavailable, "parity IOM unreachable"));
         if let Err(refused) = held.await.map_err(|_| unavailable())? {
-            // No room for the parity: nothing changed (the mark only makes
-            // the owner rebuild this block from its group, as it is).
+            // No room for the parity: nothing changed, so the mark goes
+            // back to what it was. Left asking for `next`, a version the
+            // parity never reaches, it would keep every rebuild round of
+            // the owner from clearing it, and the owner from coming back.
             self.links.rolled_back(parity, (group, self.layout.index_in_group(key.block)));
             if refused.discard {
                 let _ = self.links.discard(parity, TxRef { iom: self.me, tx }).await;
+            }
+            let undo = Record::MarkUndone { owner, key, version: next, back_to: before };
+            if let Some(u) = self.storage.commit(&undo, false, Wait::Written) {
+                let _ = u.await;
             }
             return Err(Error::NoSpace);
         }
