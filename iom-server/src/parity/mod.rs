@@ -446,15 +446,18 @@ impl ParitySide {
             })
             .map(|(t, p)| (*t, p.clone()))
             .collect();
-        let mut out = Vec::new();
-        for (tx, p) in mine {
-            self.wait_unqueued(p.group, tx, self.timeouts.held_delta_wait).await;
-            let key = BlockKey { object: p.group.object, block: self.layout.member_block(p.group.group, p.index) };
-            let covers =
-                self.storage.map.parity_head(&p.group).members.get(p.index as usize).copied().unwrap_or(Version(0));
-            out.push((key, covers));
-        }
-        out
+        // All at once: a stand-in's activation waits for this answer, and
+        // one after another it took up to `held_delta_wait` per transaction.
+        let wait = self.timeouts.held_delta_wait;
+        futures::future::join_all(mine.iter().map(|(tx, p)| self.wait_unqueued(p.group, *tx, wait))).await;
+        mine.into_iter()
+            .map(|(_, p)| {
+                let key = BlockKey { object: p.group.object, block: self.layout.member_block(p.group.group, p.index) };
+                let covers =
+                    self.storage.map.parity_head(&p.group).members.get(p.index as usize).copied().unwrap_or(Version(0));
+                (key, covers)
+            })
+            .collect()
     }
 
     /// b1–b4: journal the update, hold its delta, confirm receipt.
