@@ -1021,6 +1021,81 @@ fn space_freed_on_a_disk_with_no_free_byte_comes_back_for_new_writes() {
     c.must_scrub_clean();
 }
 
+/// Metadata alone filling a full disk: 3 IOMs on a 64 MiB tmpfs filled
+/// with file data until ENOSPC, then files created with 3 KB xattrs each.
+/// The creates must get ENOSPC promptly while the reserve is left, every
+/// IOM keeps running, deletes work, and once a file is deleted creates
+/// work again. Before, the namespace took creates into the reserve until
+/// its journal's write failed: the namespace home stopped itself after
+/// about 1 300 files, no other IOM could keep its vote on the full disk to
+/// fail over, and every request got EIO after two minutes, `rm` included.
+#[test]
+fn creates_on_a_full_disk_get_enospc_and_the_namespace_keeps_serving() {
+    let _g = serial();
+    let disk = integration::Tmpfs::new(64);
+    let mut c = Cluster::init_at(disk.path(), 3, &[]);
+    c.start_all();
+    let m = c.mount("mnt", &[]);
+    fs::create_dir(m.join("d")).unwrap();
+    let mut f = File::create(m.join("fill")).unwrap();
+    let chunk = Rng(95).bytes(1 << 20);
+    let err = loop {
+        if let Err(e) = f.write_all(&chunk) {
+            break e;
+        }
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "filling the disk gave {err}");
+    drop(f);
+    let value = vec![b'a'; 3000];
+    let name = std::ffi::CString::new("user.big").unwrap();
+    let t = std::time::Instant::now();
+    let mut made = 0;
+    let err = loop {
+        let p = m.join(format!("d/m{made}"));
+        let r = File::create(&p).and_then(|_| {
+            let cp = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: valid C strings and a buffer of the length given.
+            let rc = unsafe { libc::setxattr(cp.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+        match r {
+            Ok(()) => made += 1,
+            Err(e) => break e,
+        }
+        assert!(made < 20_000, "20 000 files with 3 KB xattrs went into a full 64 MiB disk");
+    };
+    eprintln!("{made} files created before {err} in {:?}", t.elapsed());
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "a create on a full disk gave {err} after {made} files");
+    assert!(t.elapsed() < Duration::from_secs(30), "ENOSPC came only after {:?}", t.elapsed());
+    for i in 0..3 {
+        assert!(c.is_running(i), "IOM {i} stopped when metadata filled the disk:\n{}", c.log(i));
+    }
+    // Deletes work, and make room for creates again.
+    fs::remove_dir_all(m.join("d")).unwrap();
+    fs::remove_file(m.join("fill")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match fs::write(m.join("after"), b"room again") {
+            Ok(()) => break,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => panic!("a create after deleting gave {e}"),
+        }
+    }
+    let st = c.iomfs(&["status"]);
+    assert!(
+        st.status.success(),
+        "not healthy after metadata filled the disk:\n{}",
+        String::from_utf8_lossy(&st.stdout)
+    );
+    c.must_scrub_clean();
+}
+
 /// IOMs that start on a nearly full disk take what room there is as their
 /// capacity; room made on the disk after their start (here: another
 /// tenant's file deleted) must be used without a restart, as an operator

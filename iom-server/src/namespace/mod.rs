@@ -84,6 +84,9 @@ pub struct Namespace {
     syncs: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     next_token: AtomicU64,
     fs_stats: Mutex<(FsStats, Option<std::time::Instant>)>,
+    /// The mirror's room for client writes at the last `refresh_stats`
+    /// (`u64::MAX`: not known): see `room_to_grow`.
+    mirror_room: AtomicU64,
     /// Held while a checkpoint is taken and written, and by `install`.
     checkpointing: Arc<tokio::sync::Mutex<()>>,
     /// Fired when a replica is installed (the mirror worker waits on it).
@@ -145,6 +148,7 @@ impl Namespace {
             syncs: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(1),
             fs_stats: Mutex::new((FsStats::default(), None)),
+            mirror_room: AtomicU64::new(u64::MAX),
             checkpointing: Arc::new(tokio::sync::Mutex::new(())),
             installed: tokio::sync::Notify::new(),
             links,
@@ -327,6 +331,28 @@ impl Namespace {
         (r.lsn, gen)
     }
 
+    /// `NoSpace` (the client's ENOSPC) for a mutation that makes the
+    /// namespace bigger (a new inode or name, an xattr) once client writes
+    /// get no room on this IOM or its mirror, or a namespace or block
+    /// journal here cannot keep its runway. What is left is the reserve,
+    /// which deletes, truncates, size publications and the data path's
+    /// journals need. Before, creates went on into the reserve until the
+    /// namespace journal's write failed and the home stopped, on a
+    /// filesystem so full that no other IOM could keep a vote: the cluster
+    /// served nothing, deletes included.
+    fn room_to_grow(&self, r: &Replica) -> Result<(), Error> {
+        let l = self.l();
+        let bs = l.block_size as u64;
+        let full = r.journal.short_of_space()
+            || l.storage.journal.short_of_space()
+            || l.storage.store.space().0 < bs
+            || self.mirror_room.load(Ordering::Relaxed) < bs;
+        if full {
+            return Err(Error::NoSpace);
+        }
+        Ok(())
+    }
+
     /// Waits until a committed batch is held by two servers (mirror applied
     /// it), or durable locally when there is no mirror.
     async fn settle(&self, lsn: u64) {
@@ -462,6 +488,9 @@ impl Namespace {
             r.sessions.touch(client, at);
             if let Some(prev) = r.state.drc.get(&(client, seq)) {
                 return Ok(prev.clone());
+            }
+            if matches!(req, MetaReq::Create { .. } | MetaReq::Link { .. } | MetaReq::SetXattr { .. }) {
+                self.room_to_grow(r)?;
             }
             let s = &r.state;
             let sessions = &r.sessions;
@@ -952,6 +981,9 @@ impl Namespace {
             }
         });
         let all: Vec<_> = futures::future::join_all(calls).await.into_iter().flatten().collect();
+        let mirror = l.member.current().meta_mirror();
+        let room = mirror.and_then(|m| all.iter().find(|s| s.iom == m.0)).map(|s| s.room_bytes);
+        self.mirror_room.store(room.unwrap_or(u64::MAX), Ordering::Relaxed);
         // Users see what they can store: the filesystem that fills first
         // bounds it, one shared by several IOMs counted once.
         let (free, total) = common::wire::IomStats::usable(&all, (w - 1) as u32);
