@@ -775,6 +775,82 @@ fn a_stand_in_write_refused_for_a_full_disk_does_not_keep_its_iom_from_coming_ba
     c.must_scrub_clean();
 }
 
+/// The IOMs' filesystem filled to the last byte by another tenant, then
+/// an IOM dies: the others must still vote it down and its proxy stand
+/// in (degraded reads), and it comes back once there is room. Before, a
+/// vote and a new map were kept on disk by writing a new file and renaming
+/// it, which a full filesystem refuses: no IOM could vote or adopt a map
+/// ("cannot keep a vote on disk … not voting"), so nobody stood in (with a
+/// tenant that takes every byte freed; without one, the IOMs' tails given
+/// back left room for the votes).
+#[test]
+fn an_iom_lost_on_a_disk_filled_to_the_last_byte_is_still_declared_down() {
+    let _g = serial();
+    let disk = integration::Tmpfs::new(64);
+    let mut c = Cluster::init_at(disk.path(), 3, &[]);
+    c.start_all();
+    wait_healthy(&c, Duration::from_secs(30));
+    let m = c.mount("mnt", &[]);
+    let data = Rng(51).bytes(1 << 20);
+    fs::write(m.join("f"), &data).unwrap();
+    // Another tenant takes every byte, and every byte freed later (the
+    // IOMs give their preallocated tails back when the disk is full).
+    let tenant = disk.path().join("tenant");
+    let hog = Hog::start(&tenant);
+    c.kill(2);
+    let s = wait_status(&c, "down (proxied by", Duration::from_secs(30));
+    assert!(s.contains("IOM 2"), "{s}");
+    assert!(read_past_cache(&m.join("f")) == data, "degraded read on the full disk differs");
+    drop(hog);
+    fs::remove_file(&tenant).unwrap();
+    c.start(2);
+    wait_healthy(&c, Duration::from_secs(60));
+    assert!(read_past_cache(&m.join("f")) == data, "the file differs after the rejoin");
+    c.must_scrub_clean();
+}
+
+/// A tenant of the IOMs' filesystem that takes every byte, and every byte
+/// freed later, until dropped (also when a test fails: the tmpfs can be
+/// unmounted only once its file is closed).
+struct Hog {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Hog {
+    /// Starts it, and returns once the filesystem is full.
+    fn start(file: &Path) -> Hog {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (full_tx, full_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let (file, stop) = (file.to_path_buf(), stop.clone());
+            std::thread::spawn(move || {
+                let mut t = fs::File::create(&file).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    for size in [1 << 16, 4096, 1] {
+                        let block = vec![1u8; size];
+                        while t.write_all(&block).is_ok() {}
+                    }
+                    let _ = full_tx.send(());
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
+        full_rx.recv().unwrap();
+        Hog { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// One atomic write of block 0 of `obj` for role `role`, sent once to IOM
 /// `to` (no retry elsewhere, unlike the client's write).
 async fn one_write(

@@ -26,6 +26,94 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
     sync_dir(dir)
 }
 
+/// Small state kept in place (the cluster map, the vote): the file holds
+/// two slots of `SLOT` bytes, each `IOMFSSLT`, a sequence number (u64 LE),
+/// the body's length (u32 LE), crc32c of those and the body (u32 LE), then
+/// the body. A write goes over the slot not holding the newest copy and is
+/// made durable with `fdatasync`: a torn write spoils only that slot, and
+/// the other still holds the copy before it. Unlike [`write_atomic`] it
+/// needs no new room on the filesystem once the file exists (on a
+/// filesystem that does not copy on write), so a vote or a map change is
+/// still kept when another tenant took every byte (`write_atomic` needs a
+/// new file, which a full filesystem refuses: no IOM could vote).
+const SLOT: usize = 16 << 10;
+const SLOT_MAGIC: &[u8; 8] = b"IOMFSSLT";
+const SLOT_HEAD: usize = 24;
+
+/// The sequence number and body of a valid slot.
+fn slot_parse(b: &[u8]) -> Option<(u64, &[u8])> {
+    if b.len() < SLOT_HEAD || &b[..8] != SLOT_MAGIC {
+        return None;
+    }
+    let seq = u64::from_le_bytes(b[8..16].try_into().ok()?);
+    let len = u32::from_le_bytes(b[16..20].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(b[20..24].try_into().ok()?);
+    let body = b.get(SLOT_HEAD..SLOT_HEAD.checked_add(len)?)?;
+    (common::codec::crc_extend(common::codec::crc(&b[8..20]), body) == crc).then_some((seq, body))
+}
+
+fn slot_image(seq: u64, body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(SLOT_HEAD + body.len());
+    v.extend_from_slice(SLOT_MAGIC);
+    v.extend_from_slice(&seq.to_le_bytes());
+    v.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    let crc = common::codec::crc_extend(common::codec::crc(&v[8..20]), body);
+    v.extend_from_slice(&crc.to_le_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+/// The newest copy in a file written by [`write_in_place`]: `None` if the
+/// file does not exist; a file of any other size is an older format, read
+/// whole (written by `write_atomic`); `Damaged` if neither slot is valid.
+pub fn read_in_place(path: &Path) -> Result<Option<Vec<u8>>, Error> {
+    let b = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
+    };
+    if b.len() != 2 * SLOT {
+        return Ok(Some(b));
+    }
+    match (slot_parse(&b[..SLOT]), slot_parse(&b[SLOT..])) {
+        (Some((s0, b0)), Some((s1, b1))) => Ok(Some(if s0 >= s1 { b0 } else { b1 }.to_vec())),
+        (Some((_, body)), None) | (None, Some((_, body))) => Ok(Some(body.to_vec())),
+        (None, None) => Err(Error::Damaged(format!("{}: both copies are damaged", path.display()))),
+    }
+}
+
+/// Whether `path` is a file written by [`write_in_place`].
+pub fn is_in_place(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|m| m.len() == 2 * SLOT as u64)
+}
+
+/// Keeps `body` in `path` (see `SLOT`): over the older slot in place, or,
+/// when the file is missing or of an older format, as a new file of two
+/// slots (`write_atomic`, the one write that needs room).
+pub fn write_in_place(path: &Path, body: &[u8]) -> Result<(), Error> {
+    use std::os::unix::fs::FileExt;
+    if SLOT_HEAD + body.len() > SLOT {
+        return Err(Error::Damaged(format!("{}: {} bytes do not fit a {SLOT}-byte slot", path.display(), body.len())));
+    }
+    let err = |e| Error::io(format!("write {}", path.display()), e);
+    if let Ok(f) = OpenOptions::new().read(true).write(true).open(path) {
+        if f.metadata().map_err(err)?.len() == 2 * SLOT as u64 {
+            let mut b = vec![0u8; 2 * SLOT];
+            f.read_exact_at(&mut b, 0).map_err(err)?;
+            let s0 = slot_parse(&b[..SLOT]).map(|(s, _)| s);
+            let s1 = slot_parse(&b[SLOT..]).map(|(s, _)| s);
+            let newest = s0.max(s1).unwrap_or(0);
+            // Over the slot that is not the newest valid copy.
+            let at = if s0.is_some() && s0 >= s1 { SLOT } else { 0 };
+            f.write_all_at(&slot_image(newest + 1, body), at as u64).map_err(err)?;
+            return f.sync_data().map_err(err);
+        }
+    }
+    let mut whole = slot_image(1, body);
+    whole.resize(2 * SLOT, 0);
+    write_atomic(path, &whole)
+}
+
 /// Runs `f` (file writes, fsyncs) on tokio's blocking pool, so the event
 /// loop that answers heartbeats is never held up by the disk.
 pub async fn off_loop<T: Send + 'static>(
@@ -234,6 +322,43 @@ pub fn injected_error(arg: &str) -> std::io::Error {
 
 #[cfg(test)]
 mod tests {
+    /// In-place state: each write goes over the older slot, a torn write
+    /// leaves the copy before it, an older-format file reads whole, and
+    /// only two damaged slots are an error.
+    #[test]
+    fn in_place_slots_alternate_and_a_torn_write_keeps_the_copy_before() {
+        use super::{read_in_place, write_in_place, SLOT};
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("state");
+        assert_eq!(read_in_place(&p).unwrap(), None);
+        std::fs::write(&p, b"old format").unwrap();
+        assert_eq!(read_in_place(&p).unwrap().unwrap(), b"old format");
+        write_in_place(&p, b"one").unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 2 * SLOT as u64);
+        let ino = std::fs::metadata(&p).unwrap().ino();
+        for body in [&b"two"[..], b"", b"three"] {
+            write_in_place(&p, body).unwrap();
+            assert_eq!(read_in_place(&p).unwrap().unwrap(), body);
+        }
+        // In place: the same file, never a new one.
+        assert_eq!(std::fs::metadata(&p).unwrap().ino(), ino);
+        // Spoil the slot holding the newest copy, "three".
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        let mut b = vec![0u8; 2 * SLOT];
+        f.read_exact_at(&mut b, 0).unwrap();
+        let newest = if super::slot_parse(&b[..SLOT]).is_some_and(|(_, x)| x == b"three") { 0 } else { SLOT };
+        f.write_all_at(b"torn", (newest + 10) as u64).unwrap();
+        assert_eq!(read_in_place(&p).unwrap().unwrap(), b"", "a torn newest copy must give the one before");
+        // The next write goes over the spoilt slot.
+        write_in_place(&p, b"four").unwrap();
+        assert_eq!(read_in_place(&p).unwrap().unwrap(), b"four");
+        f.write_all_at(b"torn", 10).unwrap();
+        f.write_all_at(b"torn", (SLOT + 10) as u64).unwrap();
+        assert!(read_in_place(&p).is_err(), "two damaged slots read as {:?}", read_in_place(&p));
+        assert!(write_in_place(&p, &vec![0u8; SLOT]).is_err(), "a body larger than a slot was taken");
+    }
+
     #[test]
     fn replace() {
         let d = tempfile::tempdir().unwrap();

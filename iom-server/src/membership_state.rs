@@ -17,17 +17,19 @@ const FORMAT: Format = Format { magic: b"IOMFSCST", version: FORMAT_VERSION, old
 
 pub fn load(dir: &Path) -> Result<Option<ClusterMap>, Error> {
     let p = dir.join(FILE);
-    let b = match std::fs::read(&p) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(format!("read {}", p.display()), e)),
-    };
-    decode(&b).map(Some).map_err(|m| {
+    let hint = |m: String| {
         Error::Damaged(format!(
             "{}: {m}; move it away and start the IOM again: it learns the current map from the other IOMs",
             p.display()
         ))
-    })
+    };
+    let b = match crate::fsutil::read_in_place(&p) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(None),
+        Err(Error::Damaged(m)) => return Err(hint(m)),
+        Err(e) => return Err(e),
+    };
+    decode(&b).map(Some).map_err(hint)
 }
 
 fn decode(b: &[u8]) -> Result<ClusterMap, String> {
@@ -47,8 +49,32 @@ fn encode(m: &ClusterMap) -> Result<Vec<u8>, Error> {
     Ok(FORMAT.seal(&body))
 }
 
+/// Keeps the map (in place: `fsutil::write_in_place`).
 pub fn save(dir: &Path, m: &ClusterMap) -> Result<(), Error> {
-    crate::fsutil::write_atomic(&dir.join(FILE), &encode(m)?)
+    crate::fsutil::write_in_place(&dir.join(FILE), &encode(m)?)
+}
+
+/// At the start, while there is room: both files in the in-place format
+/// (each with what it held, else `map` and no vote), so that no
+/// later vote or map change needs new room on the filesystem. A file of
+/// an older format is rewritten with the same contents.
+pub fn prepare(dir: &Path, map: &ClusterMap) {
+    let made = (|| {
+        for (f, none) in [(FILE, encode(map)?), (VOTE_FILE, Vec::new())] {
+            let p = dir.join(f);
+            if !crate::fsutil::is_in_place(&p) {
+                let before = crate::fsutil::read_in_place(&p)?.unwrap_or(none);
+                crate::fsutil::write_in_place(&p, &before)?;
+            }
+        }
+        Ok::<_, Error>(())
+    })();
+    if let Err(e) = made {
+        tracing::warn!(
+            "cannot prepare the cluster map and vote files in {}: {e}; a vote may need room later",
+            dir.display()
+        );
+    }
 }
 
 /// File keeping the vote this IOM gave last: `epoch proposer round`.
@@ -58,9 +84,18 @@ pub const VOTE_FILE: &str = "vote";
 /// reported and taken as none, as before votes were kept).
 pub fn load_vote(dir: &Path) -> Option<(common::wire::Ballot, u64)> {
     let p = dir.join(VOTE_FILE);
-    let s = std::fs::read_to_string(&p).ok()?;
+    let b = match crate::fsutil::read_in_place(&p) {
+        Ok(b) => b?,
+        Err(e) => {
+            tracing::error!("{e}; the vote is taken as none");
+            return None;
+        }
+    };
+    let s = String::from_utf8_lossy(&b);
     let f: Vec<u64> = s.split_whitespace().filter_map(|w| w.parse().ok()).collect();
     match f[..] {
+        // Made ahead of a first vote (`save`).
+        [] if s.trim().is_empty() => None,
         [e, p_, r] if p_ <= u32::MAX as u64 => {
             Some((common::wire::Ballot { epoch: common::Epoch(e), proposer: common::IomId(p_ as u32) }, r))
         }
@@ -74,7 +109,7 @@ pub fn load_vote(dir: &Path) -> Option<(common::wire::Ballot, u64)> {
 /// Keeps a vote on disk before it is given: a voter that restarts between
 /// granting a proposal and its commit must not grant another of that epoch.
 pub fn save_vote(dir: &Path, b: common::wire::Ballot, round: u64) -> Result<(), Error> {
-    crate::fsutil::write_atomic(&dir.join(VOTE_FILE), format!("{} {} {round}\n", b.epoch.0, b.proposer.0).as_bytes())
+    crate::fsutil::write_in_place(&dir.join(VOTE_FILE), format!("{} {} {round}\n", b.epoch.0, b.proposer.0).as_bytes())
 }
 
 #[cfg(test)]
@@ -86,6 +121,32 @@ mod tests {
         let mut m = ClusterMap::initial(5, common::IomId(0));
         m.epoch = common::Epoch(7);
         m
+    }
+
+    /// Files of the format before (written whole) are read, and rewritten
+    /// in slots at the start with the same contents; a vote kept after
+    /// that is read back.
+    #[test]
+    fn files_of_the_format_before_are_kept_and_rewritten_in_place() {
+        let d = tempfile::tempdir().unwrap();
+        crate::fsutil::write_atomic(&d.path().join(FILE), &encode(&map()).unwrap()).unwrap();
+        crate::fsutil::write_atomic(&d.path().join(VOTE_FILE), b"7 3 2\n").unwrap();
+        let ballot = common::wire::Ballot { epoch: common::Epoch(7), proposer: common::IomId(3) };
+        assert_eq!(load_vote(d.path()), Some((ballot, 2)));
+        prepare(d.path(), &ClusterMap::initial(5, common::IomId(0)));
+        for f in [FILE, VOTE_FILE] {
+            assert!(crate::fsutil::is_in_place(&d.path().join(f)), "{f} not rewritten");
+        }
+        assert_eq!(load(d.path()).unwrap().unwrap(), map(), "prepare must keep the map it found");
+        assert_eq!(load_vote(d.path()), Some((ballot, 2)));
+        let next = common::wire::Ballot { epoch: common::Epoch(8), proposer: common::IomId(1) };
+        save_vote(d.path(), next, 0).unwrap();
+        assert_eq!(load_vote(d.path()), Some((next, 0)));
+        // A fresh directory: a map, and no vote.
+        let e = tempfile::tempdir().unwrap();
+        prepare(e.path(), &map());
+        assert_eq!(load(e.path()).unwrap().unwrap(), map());
+        assert_eq!(load_vote(e.path()), None);
     }
 
     #[test]

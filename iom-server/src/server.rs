@@ -104,6 +104,7 @@ impl Iom {
 
         let state_map = crate::membership_state::load(&data_dir)?
             .unwrap_or_else(|| ClusterMap::initial(cfg.width(), IomId(cfg.meta_home)));
+        crate::membership_state::prepare(&data_dir, &state_map);
         let member = Arc::new(Membership::new(
             opts.id,
             state_map,
