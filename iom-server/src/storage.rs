@@ -270,7 +270,10 @@ impl Storage {
     pub async fn install_data(&self, key: BlockKey, version: Version, bytes: Bytes) -> Result<(), Error> {
         let addr = if bytes.is_empty() { None } else { Some(self.store.alloc()?) };
         if let Some(a) = addr {
-            self.store.write(a, &bytes)?;
+            if let Err(e) = self.store.write(a, &bytes) {
+                self.store.free(a);
+                return Err(e);
+            }
         }
         let ver = VerRef { version, addr, len: bytes.len() as u32, crc: codec::crc(&bytes) };
         if addr.is_some() {
@@ -289,7 +292,10 @@ impl Storage {
         let prev = self.map.parity_head(&g);
         let addr = if bytes.is_empty() { None } else { Some(self.store.alloc()?) };
         if let Some(a) = addr {
-            self.store.write(a, &bytes)?;
+            if let Err(e) = self.store.write(a, &bytes) {
+                self.store.free(a);
+                return Err(e);
+            }
         }
         let ver =
             PVerRef { seq: self.map.next_pseq(), addr, len: bytes.len() as u32, crc: codec::crc(&bytes), members };

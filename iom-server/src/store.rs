@@ -278,7 +278,12 @@ impl Store {
     /// a2 / b5: a new disk address.
     pub fn alloc(&self) -> Result<DiskAddr, Error> {
         let (a, hole) = self.alloc_slot().ok_or(Error::NoSpace)?;
-        if hole {
+        // A hole, or a slot past the preallocated end (the capacity taken
+        // from `statvfs` counts a tail given back as room, and the file's
+        // length still covers it), gets its disk blocks first: a write
+        // into it then cannot fail for lack of space.
+        let end = self.prealloc.end.load(std::sync::atomic::Ordering::Acquire);
+        if hole || self.offset(a) + self.block_size as u64 > end {
             self.back_hole(a)?;
         }
         self.reserve_ahead(self.offset(a) + self.block_size as u64);

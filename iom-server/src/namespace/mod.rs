@@ -489,7 +489,14 @@ impl Namespace {
             if let Some(prev) = r.state.drc.get(&(client, seq)) {
                 return Ok(prev.clone());
             }
-            if matches!(req, MetaReq::Create { .. } | MetaReq::Link { .. } | MetaReq::SetXattr { .. }) {
+            let grows = match &req {
+                // A name that exists: the plan's EEXIST, not ENOSPC.
+                MetaReq::Create { parent, name, .. } => r.state.lookup(*parent, name).is_err(),
+                MetaReq::Link { new_parent, new_name, .. } => r.state.lookup(*new_parent, new_name).is_err(),
+                MetaReq::SetXattr { .. } => true,
+                _ => false,
+            };
+            if grows {
                 self.room_to_grow(r)?;
             }
             let s = &r.state;

@@ -220,8 +220,8 @@ impl StandIn {
         crate::crash_point!(self, "standin::before-mark");
         // Marked only while still serving `owner` (see `mark_if_serving`):
         // nothing below runs for a role taken back meanwhile. The mark it
-        // replaces is what a refused write puts back (no other stand-in
-        // write of this block runs: the block is locked).
+        // replaces is what a refused write puts back, at least at `v`
+        // (no other stand-in write of this block runs: it is locked).
         let (before, mark) = self.handover.mark_if_serving(
             owner,
             || self.member.is_standin_for(owner),
@@ -255,7 +255,17 @@ impl StandIn {
             if refused.discard {
                 let _ = self.links.discard(parity, TxRef { iom: self.me, tx }).await;
             }
-            let undo = Record::MarkUndone { owner, key, version: next, back_to: before };
+            // Back to a version the parity holds (`v`, or the mark
+            // before if higher), never to no mark: a returning IOM that
+            // fetched its marks meanwhile rolled back its own open write
+            // of this block, trusting the rebuild to install what the
+            // parity covers. Only a block never written (`v` 0, no mark
+            // before) has nothing to rebuild.
+            let back_to = match before {
+                None if v == Version(0) => None,
+                b => Some(b.map_or(v, |b| b.max(v))),
+            };
+            let undo = Record::MarkUndone { owner, key, version: next, back_to };
             if let Some(u) = self.storage.commit(&undo, false, Wait::Written) {
                 let _ = u.await;
             }
