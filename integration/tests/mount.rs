@@ -617,6 +617,37 @@ fn a_mount_point_with_a_space_and_a_backslash_works() {
     assert!(!integration::is_mounted(&m), "still reported as mounted after unmount");
 }
 
+/// Writes `chunk` to a new file `p` again and again until a write fails
+/// (at most 200 MiB: the tests' disks are smaller); the bytes acknowledged
+/// and the error.
+fn fill_until_error(p: &Path, chunk: &[u8]) -> (usize, std::io::Error) {
+    let mut f = File::create(p).unwrap();
+    let mut acked = 0usize;
+    loop {
+        match f.write_all(chunk) {
+            Ok(()) => acked += chunk.len(),
+            Err(e) => return (acked, e),
+        }
+        assert!(acked < 200 << 20, "wrote 200 MiB into a smaller disk without an error");
+    }
+}
+
+/// Writes `data` to `p` once the disk has room again: ENOSPC is retried
+/// for up to 15 s (deletes free their space in the background); any other
+/// error, or ENOSPC past that, fails with `what`.
+fn write_once_room_is_back(p: &Path, data: &[u8], what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match fs::write(p, data) {
+            Ok(()) => return,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
 /// A real full disk: a 3-IOM cluster on a 96 MiB tmpfs. A writer that
 /// fills it gets ENOSPC (not EIO, and at once, not after a stall); what
 /// was written before reads right; an unlink works at 100 % full; the space
@@ -634,19 +665,10 @@ fn a_full_disk_gives_enospc_and_deleting_makes_room_again() {
     fs::write(m.join("early"), &early).unwrap();
 
     let t = std::time::Instant::now();
-    let mut f = File::create(m.join("fill")).unwrap();
     let chunk = Rng(32).bytes(1 << 20);
-    let mut acked = 0usize;
-    let err = loop {
-        match f.write_all(&chunk) {
-            Ok(()) => acked += chunk.len(),
-            Err(e) => break e,
-        }
-        assert!(acked < 200 << 20, "wrote 200 MiB into a 96 MiB disk without an error");
-    };
+    let (acked, err) = fill_until_error(&m.join("fill"), &chunk);
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "a full disk gave {err} instead of ENOSPC");
     assert!(t.elapsed() < Duration::from_secs(20), "ENOSPC came only after {:?}", t.elapsed());
-    drop(f);
     // 96 MiB raw over 3 IOMs hold 64 MiB of data, less reserve, journals and
     // the 8 MiB file: 35-46 MiB fit here; far less means space is lost.
     assert!(acked >= 16 << 20, "only {acked} bytes fitted before ENOSPC");
@@ -665,16 +687,7 @@ fn a_full_disk_gives_enospc_and_deleting_makes_room_again() {
     // At 100 % full an unlink works, and its space comes back.
     fs::remove_file(m.join("early")).unwrap();
     let again = Rng(33).bytes(4 << 20);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        match fs::write(m.join("again"), &again) {
-            Ok(()) => break,
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(200))
-            }
-            Err(e) => panic!("writing after a delete freed space: {e}"),
-        }
-    }
+    write_once_room_is_back(&m.join("again"), &again, "writing after a delete freed space");
     assert!(fs::read(m.join("again")).unwrap() == again);
     let st = c.iomfs(&["status"]);
     assert!(st.status.success(), "not healthy after the disk filled:\n{}", String::from_utf8_lossy(&st.stdout));
@@ -1037,15 +1050,8 @@ fn creates_on_a_full_disk_get_enospc_and_the_namespace_keeps_serving() {
     c.start_all();
     let m = c.mount("mnt", &[]);
     fs::create_dir(m.join("d")).unwrap();
-    let mut f = File::create(m.join("fill")).unwrap();
-    let chunk = Rng(95).bytes(1 << 20);
-    let err = loop {
-        if let Err(e) = f.write_all(&chunk) {
-            break e;
-        }
-    };
+    let (_, err) = fill_until_error(&m.join("fill"), &Rng(95).bytes(1 << 20));
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "filling the disk gave {err}");
-    drop(f);
     let value = vec![b'a'; 3000];
     let name = std::ffi::CString::new("user.big").unwrap();
     let t = std::time::Instant::now();
@@ -1077,16 +1083,7 @@ fn creates_on_a_full_disk_get_enospc_and_the_namespace_keeps_serving() {
     // Deletes work, and make room for creates again.
     fs::remove_dir_all(m.join("d")).unwrap();
     fs::remove_file(m.join("fill")).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        match fs::write(m.join("after"), b"room again") {
-            Ok(()) => break,
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(200))
-            }
-            Err(e) => panic!("a create after deleting gave {e}"),
-        }
-    }
+    write_once_room_is_back(&m.join("after"), b"room again", "a create after deleting");
     let st = c.iomfs(&["status"]);
     assert!(
         st.status.success(),
