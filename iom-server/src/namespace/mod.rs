@@ -467,6 +467,13 @@ impl Namespace {
                 self.refresh_stats().await;
             }
         }
+        // The mirror's room is refreshed every ~2 s; a figure that says
+        // full is asked again before a create is refused for it (room made
+        // since, e.g. by a delete, must not get ENOSPC).
+        let grows = matches!(req, MetaReq::Create { .. } | MetaReq::Link { .. } | MetaReq::SetXattr { .. });
+        if grows && self.mirror_room.load(Ordering::Relaxed) < l.block_size as u64 {
+            self.refresh_stats().await;
+        }
         // Directories whose entries this request changes: their attributes
         // go back with the reply.
         let dirs: Vec<Ino> = match &req {
