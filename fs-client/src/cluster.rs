@@ -13,7 +13,7 @@ use common::config::{ClusterConfig, ClusterPaths};
 use common::meta::{MetaReq, MetaResp};
 use common::wire::{
     AdminReq, AdminResp, DataReq, DataResp, ErrorCode, Hello, MemberReq, MemberResp, MetaCall, PeerKind, ReadPiece,
-    Reply, Request, Route, WireError, WritePiece,
+    Reply, Request, Route, WireError, WritePiece, MAX_PIECES,
 };
 use common::{BlockKey, BlockNo, GroupNo, IomId, Layout, ObjectId, Toughness};
 use net::{NetError, Pool};
@@ -572,35 +572,69 @@ impl ClusterClient {
         toughness: Toughness,
         fresh_from: u64,
     ) -> Result<()> {
-        self.written.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        metrics::counter!("iomfs_client_written_bytes_total").increment(data.len() as u64);
-        let pieces = self.layout.split(offset, data.len());
-        let mut per_group = std::collections::HashMap::<GroupNo, u8>::new();
-        for p in &pieces {
-            *per_group.entry(self.layout.group_of(p.block)).or_default() += 1;
+        self.write_runs(object, &[(offset, data)], toughness, fresh_from).await
+    }
+
+    /// `write_from` of several runs `(offset, bytes)` of one object (the
+    /// runs of a `buffered` flush), as one client write: one request per
+    /// IOM role for all of them, so the pieces of one block that several
+    /// runs touch reach its data IOM together, which writes them as one
+    /// new version of the block (`handle_write_many` on the IOMs). The runs
+    /// must not overlap.
+    pub async fn write_runs(
+        &self,
+        object: ObjectId,
+        runs: &[(u64, Bytes)],
+        toughness: Toughness,
+        fresh_from: u64,
+    ) -> Result<()> {
+        let bytes: u64 = runs.iter().map(|(_, d)| d.len() as u64).sum();
+        self.written.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!("iomfs_client_written_bytes_total").increment(bytes);
+        let mut stripes = Vec::new();
+        let mut split = Vec::with_capacity(runs.len());
+        for (offset, data) in runs {
+            let pieces = self.layout.split(*offset, data.len());
+            stripes.extend(self.stripes_for(&pieces, data, fresh_from).await);
+            split.push((pieces, data));
         }
-        let stripes = self.stripes_for(&pieces, &data, fresh_from).await;
+        // The group hint counts the blocks of each group the write
+        // touches (their pieces are one transaction each on the IOMs).
+        let mut blocks = std::collections::BTreeSet::new();
+        for (pieces, _) in &split {
+            blocks.extend(pieces.iter().map(|p| p.block));
+        }
+        let mut per_group = std::collections::HashMap::<GroupNo, u8>::new();
+        for b in blocks {
+            let n = per_group.entry(self.layout.group_of(b)).or_default();
+            *n = n.saturating_add(1);
+        }
         // One request per IOM role: the pieces it holds, their bytes in
         // order, and each piece's stripe (0: none).
+        // At most `MAX_PIECES` pieces in one request: a role with more
+        // gets several (a block's pieces split between two requests are
+        // two transactions, which is only slower).
         let mut per_role: Vec<RoleWrite> = Vec::new();
-        for p in &pieces {
-            let role = self.layout.data_iom(object, p.block);
-            let group = self.layout.group_of(p.block);
-            let piece = WritePiece {
-                key: BlockKey { object, block: p.block },
-                offset: p.offset,
-                len: p.len,
-                group_hint: per_group[&group],
-            };
-            let stripe = stripes.iter().find(|s| s.group == group).map_or(0, |s| s.id);
-            let bytes = data.slice(p.buf_offset..p.buf_offset + p.len as usize);
-            match per_role.iter_mut().find(|(r, _, _, _)| *r == role) {
-                Some((_, ps, bs, ss)) => {
-                    ps.push(piece);
-                    bs.push(bytes);
-                    ss.push(stripe);
+        for (pieces, data) in &split {
+            for p in pieces {
+                let role = self.layout.data_iom(object, p.block);
+                let group = self.layout.group_of(p.block);
+                let piece = WritePiece {
+                    key: BlockKey { object, block: p.block },
+                    offset: p.offset,
+                    len: p.len,
+                    group_hint: per_group[&group],
+                };
+                let stripe = stripes.iter().find(|s| s.group == group).map_or(0, |s| s.id);
+                let bytes = data.slice(p.buf_offset..p.buf_offset + p.len as usize);
+                match per_role.iter_mut().rev().find(|(r, ps, _, _)| *r == role && ps.len() < MAX_PIECES) {
+                    Some((_, ps, bs, ss)) => {
+                        ps.push(piece);
+                        bs.push(bytes);
+                        ss.push(stripe);
+                    }
+                    None => per_role.push((role, vec![piece], vec![bytes], vec![stripe])),
                 }
-                None => per_role.push((role, vec![piece], vec![bytes], vec![stripe])),
             }
         }
         // The pieces first: they reach their parity IOMs about when the

@@ -630,3 +630,103 @@ fn a_scrub_sets_aside_an_object_whose_drop_is_under_way() {
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
 }
+
+/// Block versions held by every IOM of `c` (5 IOMs), by block number of `obj`.
+async fn versions(client: &fs_client::ClusterClient, obj: ObjectId) -> std::collections::HashMap<u64, u64> {
+    use common::wire::{DataReq, DataResp, Reply, Request};
+    let mut out = std::collections::HashMap::new();
+    for i in 0..5 {
+        let req = Request::Data(DataReq::ListBlocks { after: None, limit: 100_000 });
+        let (r, _) = client.call_iom(common::IomId(i), &req, Bytes::new()).await.unwrap();
+        let Reply::Data(DataResp::Blocks(blocks)) = r else { panic!("listing of IOM {i}: {r:?}") };
+        out.extend(blocks.into_iter().filter(|b| b.key.object == obj).map(|b| (b.key.block.0, b.version.0)));
+    }
+    out
+}
+
+/// Scattered runs over `[0, size)`: sorted, not overlapping, of any length
+/// and alignment, several in most blocks, some crossing block boundaries.
+fn scattered(rng: &mut Rng, size: usize) -> Vec<(u64, Bytes)> {
+    let mut runs = Vec::new();
+    let mut at = rng.below(5000) as usize;
+    while at < size {
+        let len = (1 + rng.below(9000) as usize).min(size - at);
+        runs.push((at as u64, Bytes::from(rng.bytes(len))));
+        at += len + 1 + rng.below(12_000) as usize;
+    }
+    runs
+}
+
+/// A `buffered` flush sends the scattered runs it holds as one write
+/// (`ClusterClient::write_runs`): the pieces of one block reach its data
+/// IOM in one request and are written there as one new version of the
+/// block, over blocks present and absent, and by a stand-in for a failed
+/// IOM too; the bytes, the parity and the rebuild stay right.
+#[test]
+fn the_pieces_one_write_sends_to_a_block_become_one_version_of_it_there_and_at_a_stand_in() {
+    let _g = serial();
+    let mut c = Cluster::init(5);
+    c.start_all();
+    let rt = rt();
+    let bs = 65536usize;
+    let size = 8 * 4 * bs;
+    let obj = ObjectId(3000);
+    let mut model = vec![0u8; size];
+    let mut rng = Rng(0x5ca7);
+    let client = rt.block_on(async {
+        let client = c.client().await;
+        // Every other block present before the runs come.
+        for b in (0..size / bs).step_by(2) {
+            let d = rng.bytes(bs - 100 * (b % 3));
+            client.write(obj, (b * bs) as u64, Bytes::from(d.clone()), Toughness::Atomic).await.unwrap();
+            model[b * bs..b * bs + d.len()].copy_from_slice(&d);
+        }
+        let before = versions(&client, obj).await;
+        let runs = scattered(&mut rng, size);
+        let mut pieces = std::collections::HashMap::<u64, u32>::new();
+        for (o, d) in &runs {
+            for b in *o as usize / bs..=(*o as usize + d.len() - 1) / bs {
+                *pieces.entry(b as u64).or_default() += 1;
+            }
+            model[*o as usize..*o as usize + d.len()].copy_from_slice(d);
+        }
+        assert!(pieces.values().filter(|&&n| n > 1).count() > 20, "the runs must put several pieces in blocks");
+        client.write_runs(obj, &runs, Toughness::Atomic, u64::MAX).await.unwrap();
+        let after = versions(&client, obj).await;
+        for (b, n) in &pieces {
+            let was = before.get(b).copied().unwrap_or(0);
+            assert_eq!(after.get(b).copied(), Some(was + 1), "block {b}, written by {n} pieces of one write");
+        }
+        assert!(client.read(obj, 0, size).await.unwrap()[..] == model[..], "read back differs from the model");
+        client
+    });
+    c.must_scrub_clean();
+
+    // IOM 2 down: its stand-in merges the pieces of its blocks too.
+    c.kill(2);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !String::from_utf8_lossy(&c.iomfs(&["status"]).stdout).contains("down (proxied") {
+        assert!(std::time::Instant::now() < deadline, "IOM 2 never declared down");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    rt.block_on(async {
+        client.refresh_map().await;
+        let runs = scattered(&mut rng, size);
+        for (o, d) in &runs {
+            model[*o as usize..*o as usize + d.len()].copy_from_slice(d);
+        }
+        client.write_runs(obj, &runs, Toughness::Atomic, u64::MAX).await.unwrap();
+        assert!(client.read(obj, 0, size).await.unwrap()[..] == model[..], "degraded read back differs");
+    });
+    c.start(2);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !c.iomfs(&["status"]).status.success() {
+        assert!(std::time::Instant::now() < deadline, "IOM 2 never came back");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    rt.block_on(async {
+        assert!(client.read(obj, 0, size).await.unwrap()[..] == model[..], "read back after the rebuild differs");
+        client.close();
+    });
+    c.must_scrub_clean();
+}

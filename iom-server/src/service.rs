@@ -507,8 +507,11 @@ async fn handle_data(router: &Arc<Router>, req: DataReq, payload: Bytes) -> Resu
     }
 }
 
+/// One block's transaction in a `WriteMany`: its parts, group hint and stripe.
+type BlockWrite = (BlockKey, Vec<(u32, Bytes)>, u8, Option<u64>);
+
 /// `WriteMany` and `WriteStriped`: the pieces of one client write that
-/// this IOM holds, each its own transaction; `stripes[i]` (if given) names
+/// this IOM holds, one transaction per block; `stripes[i]` (if given) names
 /// piece i's client stripe (0: none), used only for this IOM's own blocks.
 async fn handle_write_many(
     router: &Arc<Router>,
@@ -530,13 +533,28 @@ async fn handle_write_many(
             payload.len()
         )));
     }
+    // The pieces of one block go as one transaction (one new version),
+    // in the order sent; a block in a stripe is written whole, by one piece.
+    let mut blocks: Vec<BlockWrite> = Vec::new();
+    let mut unstriped = std::collections::HashMap::<BlockKey, usize>::new();
     let mut at = 0usize;
-    let writes = pieces.into_iter().enumerate().map(|(i, p)| {
-        let op = Op::Write { offset: p.offset, data: payload.slice(at..at + p.len as usize) };
+    for (i, p) in pieces.into_iter().enumerate() {
+        let data = payload.slice(at..at + p.len as usize);
         at += p.len as usize;
         let stripe = stripes.get(i).copied().filter(|&s| s != 0);
-        plane.write(router, p.key, op, toughness, p.group_hint, stripe)
-    });
+        match (stripe, unstriped.get(&p.key)) {
+            (None, Some(&b)) => blocks[b].1.push((p.offset, data)),
+            _ => {
+                if stripe.is_none() {
+                    unstriped.insert(p.key, blocks.len());
+                }
+                blocks.push((p.key, vec![(p.offset, data)], p.group_hint, stripe));
+            }
+        }
+    }
+    let writes = blocks
+        .into_iter()
+        .map(|(key, parts, hint, stripe)| plane.write(router, key, Op::from_parts(parts), toughness, hint, stripe));
     futures::future::try_join_all(writes).await?;
     Ok((DataResp::WrittenAll, Bytes::new()))
 }

@@ -27,8 +27,32 @@ use tokio::sync::{oneshot, watch};
 pub enum Op {
     /// Merge `data` at `offset`.
     Write { offset: u32, data: Bytes },
+    /// Merge several `(offset, data)` parts, in order (a later part wins
+    /// where two overlap): the pieces of one block in one `WriteMany`,
+    /// written as one new version.
+    Extents { parts: Vec<(u32, Bytes)> },
     /// Keep `[0, keep)`; `keep == 0` deletes the block.
     Truncate { keep: u32 },
+}
+
+impl Op {
+    /// The op writing `parts` of one block: a plain write for one part.
+    pub fn from_parts(mut parts: Vec<(u32, Bytes)>) -> Op {
+        if parts.len() == 1 {
+            let (offset, data) = parts.pop().expect("one part");
+            return Op::Write { offset, data };
+        }
+        Op::Extents { parts }
+    }
+
+    /// The byte ranges `(offset, len)` the op writes.
+    fn writes(&self) -> Vec<(u32, usize)> {
+        match self {
+            Op::Write { offset, data } => vec![(*offset, data.len())],
+            Op::Extents { parts } => parts.iter().map(|(o, d)| (*o, d.len())).collect(),
+            Op::Truncate { .. } => Vec::new(),
+        }
+    }
 }
 
 /// a3 + a7: the new block (old block with the request merged in) and the
@@ -55,6 +79,24 @@ pub fn build_new(old: &Bytes, op: &Op) -> (Bytes, u32, Bytes) {
                 d.freeze()
             };
             (new, *offset, delta)
+        }
+        Op::Extents { parts } => {
+            let lo = parts.iter().map(|(o, _)| *o as usize).min().unwrap_or(0);
+            let hi = parts.iter().map(|(o, d)| *o as usize + d.len()).max().unwrap_or(lo);
+            let mut b = BytesMut::zeroed(old.len().max(hi));
+            b[..old.len()].copy_from_slice(old);
+            for (o, d) in parts {
+                b[*o as usize..*o as usize + d.len()].copy_from_slice(d);
+            }
+            let new = b.freeze();
+            // old XOR new over the span of the parts (bytes between them
+            // are unchanged: their delta is zero).
+            let mut delta = BytesMut::from(&new[lo..hi]);
+            if lo < old.len() {
+                let o = &old[lo..old.len().min(hi)];
+                xor_into(&mut delta[..o.len()], o);
+            }
+            (new, lo as u32, delta.freeze())
         }
         Op::Truncate { keep } => {
             let keep = (*keep as usize).min(old.len());
@@ -116,11 +158,10 @@ impl DataSide {
             return Err(Error::Shutdown);
         }
         let bs = self.block_size;
-        if let Op::Write { offset, data } = &op {
-            if *offset as u64 + data.len() as u64 > bs as u64 || data.is_empty() {
+        for (offset, len) in op.writes() {
+            if offset as u64 + len as u64 > bs as u64 || len == 0 {
                 return Err(Error::BadRequest(format!(
-                    "write of {} bytes at offset {offset} does not fit a {bs}-byte block",
-                    data.len()
+                    "write of {len} bytes at offset {offset} does not fit a {bs}-byte block"
                 )));
             }
         }
@@ -395,5 +436,33 @@ mod tests {
         let (new, _, delta) = build_new(&Bytes::new(), &Op::Write { offset: 5, data: Bytes::from_static(b"ab") });
         assert_eq!(&new[..], b"\0\0\0\0\0ab");
         assert_eq!(&delta[..], b"ab");
+    }
+
+    #[test]
+    fn parts_merged_into_one_version_equal_the_writes_one_after_another() {
+        let part = |o: u32, len: usize, seed: u8| {
+            (o, Bytes::from((0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<_>>()))
+        };
+        let cases: Vec<(usize, Vec<(u32, Bytes)>)> = vec![
+            (100, vec![part(0, 4, 1), part(50, 10, 2)]),
+            (100, vec![part(90, 4, 3), part(10, 5, 4)]),
+            (100, vec![part(95, 20, 5), part(130, 3, 6)]),
+            (0, vec![part(8, 4, 7), part(0, 2, 8)]),
+            (30, vec![part(40, 4, 9), part(60, 4, 10)]),
+            (100, vec![part(10, 20, 11), part(15, 5, 12)]),
+        ];
+        for (old_len, parts) in cases {
+            let old = Bytes::from((0..old_len).map(|i| (i * 7 + 3) as u8).collect::<Vec<_>>());
+            let mut one_by_one = old.clone();
+            for (o, d) in &parts {
+                one_by_one = build_new(&one_by_one, &Op::Write { offset: *o, data: d.clone() }).0;
+            }
+            let (new, doff, delta) = build_new(&old, &Op::Extents { parts: parts.clone() });
+            assert_eq!(new, one_by_one, "{parts:?}");
+            let full = xor(&old, &new);
+            let mut placed = vec![0u8; full.len()];
+            placed[doff as usize..doff as usize + delta.len()].copy_from_slice(&delta);
+            assert_eq!(full, placed, "{parts:?}");
+        }
     }
 }

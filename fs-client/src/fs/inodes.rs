@@ -603,11 +603,10 @@ impl Inner {
             Instant::now() + Duration::from_secs(self.c.cfg.tuning.stopped_wait_s).max(Duration::from_secs(30));
         loop {
             self.flush_lease(session).await?;
-            let writes =
-                wave.iter().map(|(o, d)| self.c.write_from(object, *o, d.clone(), Toughness::Atomic, fresh_from));
+            let writes = self.c.write_runs(object, wave, Toughness::Atomic, fresh_from);
             let until = (Instant::now() + self.lease_left()).min(give_up);
-            match tokio::time::timeout_at(until.into(), futures::future::try_join_all(writes)).await {
-                Ok(r) => return r.map(|_| ()).map_err(|e| e.errno()),
+            match tokio::time::timeout_at(until.into(), writes).await {
+                Ok(r) => return r.map_err(|e| e.errno()),
                 Err(_) if Instant::now() >= give_up => {
                     tracing::warn!("buffered writes not done within the writes' retries");
                     return Err(libc::EIO);
