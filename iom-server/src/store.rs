@@ -626,6 +626,28 @@ impl Store {
         }
     }
 
+    /// Starts writing a version just written at `a` to the disk without
+    /// waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), for a write
+    /// someone will soon wait to be durable: the block file's fdatasync
+    /// before its record then finds the write done or under way, and the
+    /// disk works while the protocol's messages travel. Advisory: an
+    /// error here is the later fdatasync's to report.
+    pub fn start_writeback(&self, a: DiskAddr, len: usize) {
+        if power_loss::on() || len == 0 {
+            return;
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain system call on a file descriptor this store owns.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                self.offset(a) as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+
     /// Reads `len` bytes of the version at `a`. An error is the caller's:
     /// reads heal from the group (`read_path::Iom::heal_block`).
     pub fn read(&self, a: DiskAddr, len: u32) -> Result<Vec<u8>, Error> {

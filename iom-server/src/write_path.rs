@@ -233,6 +233,10 @@ impl DataSide {
                 self.storage.store.free(a);
                 return Err(e);
             }
+            if urgent {
+                // `durable`: the disk writes while the delta travels.
+                self.storage.store.start_writeback(a, new_bytes.len());
+            }
         }
         let new =
             VerRef { version: old.version.next(), addr, len: new_bytes.len() as u32, crc: codec::crc(&new_bytes) };

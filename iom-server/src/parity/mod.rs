@@ -1002,6 +1002,9 @@ impl ParitySide {
         // b8: issue the write of the new parity at the new address.
         let bytes = buf.freeze();
         self.storage.store.write(addr, &bytes)?;
+        if urgent {
+            self.storage.store.start_writeback(addr, bytes.len());
+        }
         self.writes.fetch_add(1, Ordering::Relaxed);
         crash_point!(self, "parity::after-b8");
         let new = PVerRef {
