@@ -334,3 +334,79 @@ fn nix_statvfs(p: &Path) -> (u64, u64) {
     assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
     (s.f_bavail as u64, s.f_frsize as u64)
 }
+
+/// An fsync of `buffered` overwrites sends them as `durable` writes side
+/// by side with the namespace's part (no flush of their IOMs after them):
+/// what it acknowledged survives a power cut of every IOM (the IOMs run
+/// in the power-loss test mode: a kill loses every write not yet synced).
+/// A write that grows the file is fsynced the other way (sent first), in
+/// the same run (not the last round: its flush of every IOM it wrote to
+/// would make the rounds before it durable too). The IOMs sync lazily
+/// only every 10 s here, so nothing else makes a round durable.
+#[test]
+fn fsynced_buffered_overwrites_survive_a_power_cut_of_every_iom() {
+    let _g = serial();
+    let mut c = Cluster::init(3);
+    c.server_bin = integration::bin("iom-server-failpoints");
+    for e in c.env.iter_mut() {
+        *e = vec![("IOMFS_TEST_POWER_LOSS".into(), "1".into())];
+    }
+    // Nothing made durable in the background meanwhile: only what an
+    // fsync made durable survives the cut.
+    c.set_tuning("journal_flush_ms", 10_000);
+    c.start_all();
+    let m = c.mount("mnt", &["toughness=buffered,buffer_age=60"]);
+    let w = c.mount("w", &[]);
+    let p = m.join("f");
+    let mut want = Rng(50).bytes(2 * MIB);
+    let mut f = File::create(&p).unwrap();
+    f.write_all(&want).unwrap();
+    f.sync_all().unwrap();
+    let mut rng = Rng(51);
+    for round in 0..8 {
+        // Past the 100 ms in which a flush of the rounds before (the
+        // create's, the growing write's) has the IOMs sync every record
+        // at once (`flush_hurry`): a round's bytes are durable only if its
+        // own fsync made them so.
+        std::thread::sleep(Duration::from_millis(200));
+        // Scattered overwrites, several in some blocks, then fsync.
+        for _ in 0..24 {
+            let off = rng.below((2 * MIB - 5000) as u64) as usize;
+            let len = 1 + rng.below(4999) as usize;
+            let data = rng.bytes(len);
+            f.write_all_at(&data, off as u64).unwrap();
+            want[off..off + data.len()].copy_from_slice(&data);
+        }
+        if round == 3 {
+            // And one that grows the file.
+            let tail = rng.bytes(70_000);
+            f.write_all_at(&tail, want.len() as u64).unwrap();
+            want.extend_from_slice(&tail);
+        }
+        f.sync_all().unwrap();
+        assert!(fs::read(w.join("f")).unwrap() == want, "round {round}: the witness reads other bytes after fsync");
+    }
+    for i in 0..3 {
+        c.kill(i);
+    }
+    drop(f);
+    for mnt in [&w, &m] {
+        let _ = Command::new("umount").arg("-l").arg(mnt).status();
+    }
+    c.start_all();
+    let m = c.mount("again", &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let got = loop {
+        match fs::read(m.join("f")) {
+            Ok(b) => break b,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("read after the restart: {e}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => panic!("read after the power cut: {e}"),
+        }
+    };
+    assert_eq!(got.len(), want.len(), "the size fsynced was lost in the power cut");
+    assert!(got == want, "bytes fsynced were lost in the power cut");
+    c.must_scrub_clean();
+}

@@ -260,14 +260,37 @@ impl Inner {
     /// Publishes, and with `sync` makes every namespace change durable in
     /// the same round trip (fsync).
     pub(super) async fn publish_and(&self, ino: Ino, sync: bool) -> R<()> {
+        self.publish_inner(ino, sync, true).await
+    }
+
+    /// `publish_and`; without `send_first` the buffered bytes of `ino` are
+    /// not sent before unless they grow the file (an fsync sends them side
+    /// by side with this: an mtime may go ahead of its bytes, a size never).
+    async fn publish_inner(&self, ino: Ino, sync: bool, send_first: bool) -> R<()> {
         // A size is never published ahead of its bytes.
-        self.send_buffered(ino).await;
+        if send_first {
+            self.send_buffered(ino).await;
+        }
         // The local size stays in force until the namespace has the new one:
         // a getattr answered meanwhile must not report the old, smaller size
         // (the kernel would drop the file's tail from its page cache).
-        let dirty = self.nodes.lock().get(&ino).and_then(|n| {
-            (n.dirty_mtime.is_some() || n.has_times()).then_some((n.dirty_end, n.dirty_mtime, n.atime_set, n.mtime_set))
-        });
+        let dirty_of = || {
+            self.nodes.lock().get(&ino).and_then(|n| {
+                (n.dirty_mtime.is_some() || n.has_times()).then_some((
+                    n.dirty_end,
+                    n.dirty_mtime,
+                    n.atime_set,
+                    n.mtime_set,
+                    n.attr.size,
+                ))
+            })
+        };
+        let mut dirty = dirty_of();
+        if !send_first && dirty.is_some_and(|d| d.0 > d.4) {
+            self.send_buffered(ino).await;
+            dirty = dirty_of();
+        }
+        let dirty = dirty.map(|(end, mtime, atime_set, mtime_set, _)| (end, mtime, atime_set, mtime_set));
         let (end, mtime, atime_set, mtime_set) = match dirty {
             Some(d) => d,
             None if sync => {
@@ -494,13 +517,28 @@ impl Inner {
     /// state is durable (its new mtime is published later, at close or
     /// the next fsync).
     pub(super) async fn fsync(&self, ino: Ino, datasync: bool) -> R<()> {
-        self.flush_buffered(ino).await?;
+        // Buffered bytes that do not grow the file go as `durable` writes
+        // (no flush of their IOMs after them), side by side with the
+        // namespace's part; bytes that grow it go first, as `atomic`, as a
+        // size is never published ahead of its bytes.
+        let overwrites = self.wb.holds(ino) && self.nodes.lock().get(&ino).is_some_and(|n| n.dirty_end <= n.attr.size);
+        if !overwrites {
+            self.flush_buffered(ino).await?;
+        }
         let n = self.known(ino).await?;
         // Data and metadata are made durable side by side: nothing is
         // promised until both are done.
         let data = async {
+            if overwrites {
+                self.send_buffered_at(ino, Toughness::Durable).await;
+                if let Some(e) = self.wb.take_error(ino) {
+                    return Err(Errno::from_i32(e));
+                }
+            }
             // Only the IOMs this client's writes to the file touched since
-            // the last fsync (their data and parity IOMs).
+            // the last fsync (their data and parity IOMs). Taken after the
+            // send above, which waited for any flush of the file under way
+            // (its IOMs are counted by then).
             let roles = self.nodes.lock().get_mut(&ino).map(|n| std::mem::take(&mut n.unsynced)).unwrap_or(0);
             if n.attr.kind == FileKind::Regular && roles != 0 {
                 if let Err(e) = self.c.flush_roles(roles).await {
@@ -519,7 +557,7 @@ impl Inner {
             if datasync && only_mtime {
                 return Ok(());
             }
-            self.publish_and(ino, true).await
+            self.publish_inner(ino, true, !overwrites).await
         };
         futures::future::try_join(data, meta).await.map(|_| ())
     }
@@ -552,6 +590,12 @@ impl Inner {
     /// one flush of a file at a time. An error is kept for the file's next
     /// fsync or close ([`Inner::flush_buffered`]) and its bytes dropped.
     pub(super) async fn send_buffered(&self, ino: Ino) {
+        self.send_buffered_at(ino, Toughness::Atomic).await
+    }
+
+    /// `send_buffered` at `toughness`: `durable` for an fsync, whose
+    /// bytes then need no flush of their IOMs afterwards.
+    async fn send_buffered_at(&self, ino: Ino, toughness: Toughness) {
         if !self.wb.holds(ino) {
             return;
         }
@@ -562,14 +606,16 @@ impl Inner {
         let mut sent = Ok(());
         let fresh_from = self.nodes.lock().get(&ino).map_or(u64::MAX, |n| n.attr.size);
         for wave in super::writeback::waves(b.runs) {
-            sent = self.send_wave(b.session, b.object, &wave, fresh_from).await;
+            sent = self.send_wave(b.session, b.object, &wave, fresh_from, toughness).await;
             if sent.is_err() {
                 break;
             }
         }
         match sent {
             Ok(()) => {
-                self.mark_unsynced(ino, roles);
+                if toughness != Toughness::Durable {
+                    self.mark_unsynced(ino, roles);
+                }
                 self.wb.sent(ino, None);
             }
             Err(e) => {
@@ -598,12 +644,13 @@ impl Inner {
         object: common::ObjectId,
         wave: &[(u64, bytes::Bytes)],
         fresh_from: u64,
+        toughness: Toughness,
     ) -> Result<(), i32> {
         let give_up =
             Instant::now() + Duration::from_secs(self.c.cfg.tuning.stopped_wait_s).max(Duration::from_secs(30));
         loop {
             self.flush_lease(session).await?;
-            let writes = self.c.write_runs(object, wave, Toughness::Atomic, fresh_from);
+            let writes = self.c.write_runs(object, wave, toughness, fresh_from);
             let until = (Instant::now() + self.lease_left()).min(give_up);
             match tokio::time::timeout_at(until.into(), writes).await {
                 Ok(r) => return r.map_err(|e| e.errno()),
