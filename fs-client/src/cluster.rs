@@ -599,7 +599,9 @@ impl ClusterClient {
             split.push((pieces, data));
         }
         // The group hint counts the blocks of each group the write
-        // touches (their pieces are one transaction each on the IOMs).
+        // touches: a block's pieces in one request are one transaction on
+        // the IOMs (an older IOM, or pieces split between two requests,
+        // send more deltas than that: the parity IOM then waits less).
         let mut blocks = std::collections::BTreeSet::new();
         for (pieces, _) in &split {
             blocks.extend(pieces.iter().map(|p| p.block));

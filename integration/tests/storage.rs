@@ -683,40 +683,31 @@ fn the_pieces_one_write_sends_to_a_block_become_one_version_of_it_there_and_at_a
         }
         let before = versions(&client, obj).await;
         let runs = scattered(&mut rng, size);
-        let mut pieces = std::collections::HashMap::<u64, u32>::new();
-        for (o, d) in &runs {
-            for b in *o as usize / bs..=(*o as usize + d.len() - 1) / bs {
-                *pieces.entry(b as u64).or_default() += 1;
-            }
-            model[*o as usize..*o as usize + d.len()].copy_from_slice(d);
-        }
+        let pieces = pieces_and_model(&runs, &mut model);
         assert!(pieces.values().filter(|&&n| n > 1).count() > 20, "the runs must put several pieces in blocks");
         client.write_runs(obj, &runs, Toughness::Atomic, u64::MAX).await.unwrap();
-        let after = versions(&client, obj).await;
-        for (b, n) in &pieces {
-            let was = before.get(b).copied().unwrap_or(0);
-            assert_eq!(after.get(b).copied(), Some(was + 1), "block {b}, written by {n} pieces of one write");
-        }
+        one_version_more(&before, &versions(&client, obj).await, &pieces, "");
         assert!(client.read(obj, 0, size).await.unwrap()[..] == model[..], "read back differs from the model");
         client
     });
     c.must_scrub_clean();
 
-    // IOM 2 down: its stand-in merges the pieces of its blocks too.
+    // IOM 2 down: its stand-in merges the pieces of its blocks too (the
+    // versions it wrote are those IOM 2 is rebuilt at).
+    let before = rt.block_on(versions(&client, obj));
     c.kill(2);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !String::from_utf8_lossy(&c.iomfs(&["status"]).stdout).contains("down (proxied") {
         assert!(std::time::Instant::now() < deadline, "IOM 2 never declared down");
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    rt.block_on(async {
+    let pieces = rt.block_on(async {
         client.refresh_map().await;
         let runs = scattered(&mut rng, size);
-        for (o, d) in &runs {
-            model[*o as usize..*o as usize + d.len()].copy_from_slice(d);
-        }
+        let pieces = pieces_and_model(&runs, &mut model);
         client.write_runs(obj, &runs, Toughness::Atomic, u64::MAX).await.unwrap();
         assert!(client.read(obj, 0, size).await.unwrap()[..] == model[..], "degraded read back differs");
+        pieces
     });
     c.start(2);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -726,7 +717,34 @@ fn the_pieces_one_write_sends_to_a_block_become_one_version_of_it_there_and_at_a
     }
     rt.block_on(async {
         assert!(client.read(obj, 0, size).await.unwrap()[..] == model[..], "read back after the rebuild differs");
+        one_version_more(&before, &versions(&client, obj).await, &pieces, " (IOM 2's through its stand-in)");
         client.close();
     });
     c.must_scrub_clean();
+}
+
+/// How many pieces of `runs` each 64 KiB block gets; `model` updated.
+fn pieces_and_model(runs: &[(u64, Bytes)], model: &mut [u8]) -> std::collections::HashMap<u64, u32> {
+    let bs = 65536;
+    let mut pieces = std::collections::HashMap::new();
+    for (o, d) in runs {
+        for b in *o as usize / bs..=(*o as usize + d.len() - 1) / bs {
+            *pieces.entry(b as u64).or_default() += 1;
+        }
+        model[*o as usize..*o as usize + d.len()].copy_from_slice(d);
+    }
+    pieces
+}
+
+/// Every block the write's pieces touched went up exactly one version.
+fn one_version_more(
+    before: &std::collections::HashMap<u64, u64>,
+    after: &std::collections::HashMap<u64, u64>,
+    pieces: &std::collections::HashMap<u64, u32>,
+    what: &str,
+) {
+    for (b, n) in pieces {
+        let was = before.get(b).copied().unwrap_or(0);
+        assert_eq!(after.get(b).copied(), Some(was + 1), "block {b}{what}, written by {n} pieces of one write");
+    }
 }

@@ -637,6 +637,8 @@ impl Store {
             return;
         }
         use std::os::fd::AsRawFd;
+        // Counted as a disk operation: it can block on a full queue.
+        let _op = crate::fsutil::DiskOp::start();
         // SAFETY: a plain system call on a file descriptor this store owns.
         unsafe {
             libc::sync_file_range(

@@ -559,7 +559,10 @@ impl Inner {
             }
             self.publish_inner(ino, true, !overwrites).await
         };
-        futures::future::try_join(data, meta).await.map(|_| ())
+        // Both run to their end: a failed publish must not drop the data
+        // side with its bytes half sent or its IOMs taken from `unsynced`.
+        let (data, meta) = futures::future::join(data, meta).await;
+        data.and(meta)
     }
 
     /// posix_fallocate(3) (mode 0 only): the file grows to `offset + length`
@@ -584,6 +587,28 @@ impl Inner {
     }
 }
 
+/// A flush whose future is dropped before its end (its caller was
+/// cancelled) still ends: its bytes leave the buffer's count and the file
+/// keeps EIO for its next fsync or close, as after any failed flush (some
+/// of its writes may have reached the IOMs, some not).
+struct SendEnd<'a> {
+    wb: &'a super::writeback::WriteBack,
+    ino: Ino,
+    ended: bool,
+}
+
+impl Drop for SendEnd<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            tracing::error!(
+                ino = self.ino.0,
+                "a flush of buffered writes was cancelled; the file's next fsync or close reports EIO"
+            );
+            self.wb.sent(self.ino, Some(libc::EIO));
+        }
+    }
+}
+
 /// The `buffered` level: flushes of the write-back buffer (`writeback`).
 impl Inner {
     /// Sends the buffered bytes of `ino` to the IOMs as `atomic` writes,
@@ -602,6 +627,7 @@ impl Inner {
         let gate = self.wb.gate(ino);
         let _one = gate.lock().await;
         let Some(b) = self.wb.take(ino) else { return };
+        let mut ending = SendEnd { wb: &self.wb, ino, ended: false };
         let roles = b.runs.iter().fold(0u64, |m, (o, d)| m | self.c.write_roles(b.object, *o, d.len()));
         let mut sent = Ok(());
         let fresh_from = self.nodes.lock().get(&ino).map_or(u64::MAX, |n| n.attr.size);
@@ -611,6 +637,7 @@ impl Inner {
                 break;
             }
         }
+        ending.ended = true;
         match sent {
             Ok(()) => {
                 if toughness != Toughness::Durable {

@@ -1,6 +1,8 @@
 //! The `buffered` level's write-back buffer: `write()` of a `buffered`
 //! file returns once its bytes are here; a flush sends them to the IOMs as
-//! `atomic` writes.
+//! `atomic` writes (an fsync sends bytes that do not grow the file as
+//! `durable` ones), all the runs of a wave as one write
+//! (`ClusterClient::write_runs`: a block's pieces are one transaction).
 //!
 //! A file's bytes are flushed before anything that would let another
 //! client or the kernel see past them: before its size is published

@@ -20,8 +20,10 @@ pub struct Queued {
     pub index: u32,
     pub old: Version,
     pub new: Version,
-    /// How many deltas of this group its writer sent together (a
-    /// full-stripe write): worth waiting once for the rest.
+    /// How many blocks of this group its writer wrote together (a
+    /// full-stripe write): worth waiting once for the rest. (Each is one
+    /// delta, unless a block's pieces came in two requests: then more
+    /// deltas come than the hint says, and the wait is only shorter.)
     pub hint: u8,
     /// The client stripe whose piece carries this delta (`stripes`): a
     /// stripe's deltas are applied in one batch or not at all.
