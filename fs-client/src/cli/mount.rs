@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 pub fn parse_options(opts: &[String]) -> Result<(FsOptions, bool)> {
     let mut o = FsOptions::default();
     let mut debug = false;
+    let mut file_share_given = false;
     for raw in opts.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
         let (k, v) = raw.split_once('=').map(|(k, v)| (k, Some(v))).unwrap_or((raw, None));
         let secs = |v: Option<&str>| -> Result<Duration> {
@@ -36,7 +37,10 @@ pub fn parse_options(opts: &[String]) -> Result<(FsOptions, bool)> {
         };
         match k {
             "buffer_mb" => o.buffer.total = mib(v)?,
-            "buffer_file_mb" => o.buffer.per_file = mib(v)?,
+            "buffer_file_mb" => {
+                o.buffer.per_file = mib(v)?;
+                file_share_given = true;
+            }
             "buffer_age" => o.buffer.age = secs(v)?,
             "toughness" => {
                 let v = v.context("-o toughness needs a value: buffered, fast, atomic or durable")?;
@@ -78,6 +82,10 @@ pub fn parse_options(opts: &[String]) -> Result<(FsOptions, bool)> {
                  noauto, nofail, _netdev, user, x-* are ignored)"
             ),
         }
+    }
+    // The default share of one file is at most the whole buffer asked for.
+    if !file_share_given {
+        o.buffer.per_file = o.buffer.per_file.min(o.buffer.total);
     }
     anyhow::ensure!(
         o.buffer.per_file <= o.buffer.total,
@@ -332,6 +340,16 @@ mod tests {
 
     fn opts(s: &str) -> Result<FsOptions> {
         parse_options(&[s.to_string()]).map(|(o, _)| o)
+    }
+
+    #[test]
+    fn a_smaller_buffer_takes_the_default_file_share_down_but_an_explicit_one_must_fit() {
+        let (o, _) = parse_options(&["buffer_mb=32".to_string()]).unwrap();
+        assert_eq!((o.buffer.total, o.buffer.per_file), (32 << 20, 32 << 20));
+        let (o, _) = parse_options(&[String::new()]).unwrap();
+        assert!(o.buffer.per_file < o.buffer.total);
+        let e = parse_options(&["buffer_mb=32,buffer_file_mb=64".to_string()]).unwrap_err().to_string();
+        assert!(e.contains("buffer_file_mb (64 MiB) is more than buffer_mb (32 MiB)"), "{e}");
     }
 
     #[test]

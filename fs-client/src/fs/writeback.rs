@@ -45,7 +45,7 @@ pub struct BufferCaps {
 
 impl Default for BufferCaps {
     fn default() -> Self {
-        BufferCaps { total: 256 << 20, per_file: 64 << 20, age: Duration::from_secs(1) }
+        BufferCaps { total: 256 << 20, per_file: 96 << 20, age: Duration::from_secs(1) }
     }
 }
 
