@@ -628,7 +628,7 @@ impl Inner {
         let _one = gate.lock().await;
         let Some(b) = self.wb.take(ino) else { return };
         let mut ending = SendEnd { wb: &self.wb, ino, ended: false };
-        let roles = b.runs.iter().fold(0u64, |m, (o, d)| m | self.c.write_roles(b.object, *o, d.len()));
+        let roles = b.runs.iter().fold(0u64, |m, (o, _, len)| m | self.c.write_roles(b.object, *o, *len));
         let mut sent = Ok(());
         let fresh_from = self.nodes.lock().get(&ino).map_or(u64::MAX, |n| n.attr.size);
         for wave in super::writeback::waves(b.runs) {

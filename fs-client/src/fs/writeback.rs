@@ -83,10 +83,10 @@ impl FileBuf {
     }
 }
 
-/// What a flush must send: contiguous runs `(offset, bytes)`.
+/// What a flush must send: contiguous runs, not joined yet (`waves`).
 pub(super) struct Batch {
     pub(super) object: ObjectId,
-    pub(super) runs: Vec<(u64, Bytes)>,
+    pub(super) runs: Vec<Run>,
     pub(super) bytes: usize,
     /// The session the bytes were buffered under (`WriteBack::session`).
     pub(super) session: u64,
@@ -144,9 +144,14 @@ fn overlay(map: &BTreeMap<u64, Bytes>, off: u64, out: &mut [u8]) {
     }
 }
 
-/// Joins the contiguous ranges of `map` into runs of at most `RUN_MAX`.
-fn runs(map: BTreeMap<u64, Bytes>) -> Vec<(u64, Bytes)> {
-    let mut out: Vec<(u64, Vec<Bytes>, usize)> = Vec::new();
+/// A run before its parts are joined: its offset, its parts in order, and
+/// its length.
+pub(super) type Run = (u64, Vec<Bytes>, usize);
+
+/// Cuts the contiguous ranges of `map` into runs of at most `RUN_MAX`
+/// (nothing copied: the parts are shared).
+fn runs(map: BTreeMap<u64, Bytes>) -> Vec<Run> {
+    let mut out: Vec<Run> = Vec::new();
     for (o, b) in map {
         match out.last_mut() {
             Some((start, parts, len)) if *start + *len as u64 == o && *len + b.len() <= RUN_MAX => {
@@ -156,34 +161,38 @@ fn runs(map: BTreeMap<u64, Bytes>) -> Vec<(u64, Bytes)> {
             _ => out.push((o, vec![b.clone()], b.len())),
         }
     }
-    out.into_iter()
-        .map(|(o, parts, len)| {
-            if parts.len() == 1 {
-                return (o, parts.into_iter().next().expect("one"));
-            }
-            let mut m = BytesMut::with_capacity(len);
-            for p in parts {
-                m.extend_from_slice(&p);
-            }
-            (o, m.freeze())
-        })
-        .collect()
+    out
 }
 
-/// Splits a flush's runs into waves (see `WAVE_BYTES`).
-pub(super) fn waves(runs: Vec<(u64, Bytes)>) -> Vec<Vec<(u64, Bytes)>> {
-    let mut out: Vec<Vec<(u64, Bytes)>> = Vec::new();
+/// A run's parts as one buffer (copied only when there are several).
+fn join((o, parts, len): Run) -> (u64, Bytes) {
+    if parts.len() == 1 {
+        return (o, parts.into_iter().next().expect("one"));
+    }
+    let mut m = BytesMut::with_capacity(len);
+    for p in parts {
+        m.extend_from_slice(&p);
+    }
+    (o, m.freeze())
+}
+
+/// Splits a flush's runs into waves (see `WAVE_BYTES`), each joined only
+/// when the flush reaches it: a flush holds the joined copies of one wave
+/// at a time, not of everything it sends (whose parts the buffer keeps
+/// anyway, for reads, until the flush ends).
+pub(super) fn waves(runs: Vec<Run>) -> impl Iterator<Item = Vec<(u64, Bytes)>> {
+    let mut out: Vec<Vec<Run>> = Vec::new();
     let mut bytes = 0;
     for r in runs {
-        let fits = out.last().is_some_and(|w| w.len() < WAVE_RUNS && bytes + r.1.len() <= WAVE_BYTES);
+        let fits = out.last().is_some_and(|w| w.len() < WAVE_RUNS && bytes + r.2 <= WAVE_BYTES);
         if !fits {
             out.push(Vec::new());
             bytes = 0;
         }
-        bytes += r.1.len();
+        bytes += r.2;
         out.last_mut().expect("a wave").push(r);
     }
-    out
+    out.into_iter().map(|w| w.into_iter().map(join).collect())
 }
 
 impl WriteBack {
@@ -406,7 +415,7 @@ mod tests {
         insert(&mut m, 0, Bytes::from_static(b"ab"));
         insert(&mut m, 2, Bytes::from_static(b"cd"));
         insert(&mut m, 10, Bytes::from_static(b"z"));
-        let r = runs(m);
+        let r: Vec<(u64, Bytes)> = runs(m).into_iter().map(join).collect();
         assert_eq!(r.len(), 2);
         assert_eq!((r[0].0, &r[0].1[..]), (0, &b"abcd"[..]));
         assert_eq!((r[1].0, &r[1].1[..]), (10, &b"z"[..]));
@@ -414,12 +423,17 @@ mod tests {
 
     #[test]
     fn waves_hold_at_most_four_mib_or_256_runs() {
-        let small: Vec<(u64, Bytes)> = (0..600u64).map(|i| (i * 8192, Bytes::from(vec![0u8; 4096]))).collect();
-        let w = waves(small);
+        let run = |o: u64, len: usize| -> Run { (o, vec![Bytes::from(vec![0u8; len])], len) };
+        let small: Vec<Run> = (0..600u64).map(|i| run(i * 8192, 4096)).collect();
+        let w: Vec<_> = waves(small).collect();
         assert_eq!(w.iter().map(Vec::len).collect::<Vec<_>>(), vec![256, 256, 88]);
-        let big: Vec<(u64, Bytes)> = (0..5u64).map(|i| (i << 23, Bytes::from(vec![0u8; 3 << 20]))).collect();
-        assert!(waves(big).iter().all(|w| w.len() == 1));
-        assert!(waves(Vec::new()).is_empty());
+        let big: Vec<Run> = (0..5u64).map(|i| run(i << 23, 3 << 20)).collect();
+        assert!(waves(big).all(|w| w.len() == 1));
+        assert!(waves(Vec::new()).next().is_none());
+        // A run of several parts is joined when its wave is reached.
+        let parts = vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")];
+        let w: Vec<_> = waves(vec![(7, parts, 4)]).collect();
+        assert_eq!((w[0][0].0, &w[0][0].1[..]), (7, &b"abcd"[..]));
     }
 
     #[test]
