@@ -530,10 +530,7 @@ impl Inner {
         // promised until both are done.
         let data = async {
             if overwrites {
-                self.send_buffered_at(ino, Toughness::Durable).await;
-                if let Some(e) = self.wb.take_error(ino) {
-                    return Err(Errno::from_i32(e));
-                }
+                self.flush_buffered_at(ino, Toughness::Durable).await?;
             }
             // Only the IOMs this client's writes to the file touched since
             // the last fsync (their data and parity IOMs). Taken after the
@@ -703,7 +700,12 @@ impl Inner {
     /// Sends the buffered bytes of `ino` and reports the error of this or
     /// any earlier flush of it not reported yet (fsync, close).
     pub(super) async fn flush_buffered(&self, ino: Ino) -> R<()> {
-        self.send_buffered(ino).await;
+        self.flush_buffered_at(ino, Toughness::Atomic).await
+    }
+
+    /// `flush_buffered`, sending at `toughness`.
+    async fn flush_buffered_at(&self, ino: Ino, toughness: Toughness) -> R<()> {
+        self.send_buffered_at(ino, toughness).await;
         match self.wb.take_error(ino) {
             Some(e) => Err(Errno::from_i32(e)),
             None => Ok(()),
